@@ -1,0 +1,21 @@
+"""ComfyUI nodes of Probe-Select: thin node classes over `probes/` and the split-sampling helpers."""
+from comfy_api.latest import ComfyExtension, io
+
+from .sampling import ProbeSelectEarlySampler, ProbeSelectResume, ProbeSelectSampler
+from .selection import ProbeSelectLoadProbe, ProbeSelectScore, ProbeSelectTopK
+from .tap import ProbeSelectTap
+
+NODES: list[type[io.ComfyNode]] = [
+    ProbeSelectTap,
+    ProbeSelectEarlySampler,
+    ProbeSelectLoadProbe,
+    ProbeSelectScore,
+    ProbeSelectTopK,
+    ProbeSelectResume,
+    ProbeSelectSampler,
+]
+
+
+class ProbeSelectExtension(ComfyExtension):
+    async def get_node_list(self) -> list[type[io.ComfyNode]]:
+        return NODES

@@ -1,0 +1,194 @@
+"""Split sampling nodes: ProbeSelectEarlySampler, ProbeSelectResume, and the one-box ProbeSelectSampler."""
+from __future__ import annotations
+
+import comfy.samplers
+from comfy_api.latest import io, ui
+
+from . import split_sampling
+from .errors import ProbeSelectError
+from .noise import UNSPLITTABLE_SAMPLERS, splittable_samplers
+from .types import CATEGORY, Activations, Probe, Scores
+
+MAX_SEED = 0xFFFFFFFFFFFFFFFF
+
+
+def _progress(total: int):
+    import comfy.utils
+
+    bar = comfy.utils.ProgressBar(total)
+    return lambda step, _total: bar.update_absolute(step, total)
+
+
+def validate_early(node_id: str, latent: dict, candidates: int, steps: int, checkpoint: float, sampler_name: str,
+                   seed: int) -> int:
+    """Check what a split run needs; returns the stop step s."""
+    if candidates < 1:
+        raise ProbeSelectError(node_id, f"candidates is {candidates}.", "set candidates (N) to 1 or more.")
+    if steps < 2:
+        raise ProbeSelectError(node_id, f"steps is {steps}; a split run needs at least 2.", "raise steps.")
+    if not 0.0 < checkpoint < 1.0:
+        raise ProbeSelectError(node_id, f"checkpoint ratio {checkpoint} is outside (0, 1).",
+                               "use a ratio such as 0.2 (20% of the steps).")
+    s = split_sampling.checkpoint_step(steps, checkpoint)
+    if s <= 0 or s >= steps:
+        raise ProbeSelectError(
+            node_id, f"checkpoint ratio {checkpoint} of {steps} steps rounds to step {s}, so there is no "
+                     "early phase or nothing left to finish.",
+            f"pick a ratio whose step lies between 1 and {steps - 1} (e.g. {max(1, round(0.2 * steps)) / steps:.2f}) "
+            "or use more steps.")
+    if sampler_name in UNSPLITTABLE_SAMPLERS:
+        raise ProbeSelectError(node_id, f"sampler {sampler_name} chooses its own steps and can't stop at a checkpoint.",
+                               "use another sampler (euler, dpmpp_2m, ...).")
+    batch = latent["samples"].shape[0]
+    if batch not in (1, candidates):
+        raise ProbeSelectError(node_id, f"the latent has a batch of {batch}, but {candidates} candidates were asked for.",
+                               "give a batch-1 latent (it is repeated for every candidate) or one row per candidate.")
+    if seed + candidates - 1 > MAX_SEED:
+        raise ProbeSelectError(node_id, f"seed {seed} + {candidates} candidates overflows the seed range.",
+                               "use a smaller seed.")
+    return s
+
+
+def early_inputs():
+    return [
+        io.Model.Input("model", tooltip="Put ProbeSelectTap before this node to capture activations for a probe."),
+        io.Conditioning.Input("positive"),
+        io.Conditioning.Input("negative"),
+        io.Latent.Input("latent_image", tooltip="Batch 1 (repeated for every candidate) or one row per candidate."),
+        io.Int.Input("seed", default=0, min=0, max=MAX_SEED, control_after_generate=True,
+                     tooltip="Candidate i uses seed + i: a plain KSampler with that seed reproduces it."),
+        io.Int.Input("candidates", default=5, min=1, max=4096, tooltip="N, the number of seeds started."),
+        io.Int.Input("steps", default=20, min=2, max=10000),
+        io.Float.Input("cfg", default=7.0, min=0.0, max=100.0, step=0.1, round=0.01),
+        io.Combo.Input("sampler_name", options=splittable_samplers(), default="euler"),
+        io.Combo.Input("scheduler", options=comfy.samplers.SCHEDULER_NAMES, default="normal"),
+        io.Float.Input("checkpoint", default=0.2, min=0.0, max=1.0, step=0.01,
+                       tooltip="Fraction of the steps run for every candidate before scoring (0.2 = 20%)."),
+        io.Float.Input("denoise", default=1.0, min=0.0, max=1.0, step=0.01, optional=True),
+    ]
+
+
+class ProbeSelectEarlySampler(io.ComfyNode):
+    @classmethod
+    def define_schema(cls):
+        return io.Schema(
+            node_id="ProbeSelectEarlySampler",
+            display_name="Probe-Select Early Sampler",
+            category=CATEGORY,
+            description="Runs N candidate seeds to the checkpoint step in one batch. Outputs the early latents "
+                        "(with what ProbeSelectResume needs to finish them), the x0 prediction at the checkpoint "
+                        "for previews, and the tapped activations.",
+            inputs=early_inputs(),
+            outputs=[
+                io.Latent.Output(display_name="early latent"),
+                io.Latent.Output(display_name="x0 preview"),
+                Activations.Output(display_name="activations"),
+            ],
+        )
+
+    @classmethod
+    def execute(cls, model, positive, negative, latent_image, seed, candidates, steps, cfg, sampler_name, scheduler,
+                checkpoint, denoise=1.0) -> io.NodeOutput:
+        s = validate_early(cls.__name__, latent_image, candidates, steps, checkpoint, sampler_name, seed)
+        result = split_sampling.run_early(model, positive, negative, latent_image, seed, candidates, steps, cfg,
+                                          sampler_name, scheduler, checkpoint, denoise, callback=_progress(s))
+        return io.NodeOutput(result.latent, result.x0, result.activations)
+
+
+def validate_resumable(node_id: str, latent: dict) -> dict:
+    meta = latent.get(split_sampling.PACK_KEY) if isinstance(latent, dict) else None
+    if meta is None:
+        raise ProbeSelectError(node_id, "this LATENT did not come from ProbeSelectEarlySampler, so there is "
+                                        "nothing to resume.",
+                               "connect the 'kept' output of ProbeSelectTopK (or the early latent itself).")
+    if meta.get("version") != split_sampling.METADATA_VERSION:
+        raise ProbeSelectError(node_id, f"the latent's split-sampling metadata has version {meta.get('version')}, "
+                                        f"this pack reads version {split_sampling.METADATA_VERSION}.",
+                               "re-run the early sampler with this version of the pack.")
+    if latent["samples"].shape[0] == 0:
+        raise ProbeSelectError(node_id, "the latent has no rows to finish.", "keep at least one candidate (K >= 1).")
+    return meta
+
+
+def resume_or_fail(node_id: str, model, positive, negative, latent: dict, cfg: float) -> dict:
+    meta = validate_resumable(node_id, latent)
+    try:
+        return split_sampling.resume(model, positive, negative, latent, cfg,
+                                     callback=_progress(meta["steps"] - meta["stop_step"]))
+    except ValueError as e:
+        if "noise schedule differs" in str(e):
+            raise ProbeSelectError(node_id, "this model's noise schedule differs from the one the candidates were "
+                                            "started with.",
+                                   "give ProbeSelectResume the same model (and model patches such as "
+                                   "ModelSamplingSD3 shift) as the early sampler.") from None
+        raise
+
+
+class ProbeSelectResume(io.ComfyNode):
+    @classmethod
+    def define_schema(cls):
+        return io.Schema(
+            node_id="ProbeSelectResume",
+            display_name="Probe-Select Resume",
+            category=CATEGORY,
+            description="Finishes the kept candidates from their checkpoint. Steps, sampler, scheduler, seeds and "
+                        "noise state come from the latent, so they always match the early run.",
+            inputs=[
+                io.Model.Input("model"),
+                io.Conditioning.Input("positive"),
+                io.Conditioning.Input("negative"),
+                io.Latent.Input("latent", tooltip="The kept output of ProbeSelectTopK."),
+                io.Float.Input("cfg", default=7.0, min=0.0, max=100.0, step=0.1, round=0.01),
+            ],
+            outputs=[io.Latent.Output(display_name="finished latent")],
+        )
+
+    @classmethod
+    def execute(cls, model, positive, negative, latent, cfg) -> io.NodeOutput:
+        return io.NodeOutput(resume_or_fail(cls.__name__, model, positive, negative, latent, cfg))
+
+
+class ProbeSelectSampler(io.ComfyNode):
+    """The whole pipeline in one box: early sampling, probe scoring, top-K, resume."""
+
+    @classmethod
+    def define_schema(cls):
+        inputs = early_inputs()
+        inputs.insert(4, Probe.Input("probe", tooltip="From ProbeSelectLoadProbe. Its tap is applied to the model "
+                                                       "automatically when the model has none."))
+        inputs.insert(7, io.Int.Input("keep", default=1, min=1, max=4096, tooltip="K, the candidates finished."))
+        return io.Schema(
+            node_id="ProbeSelectSampler",
+            display_name="Probe-Select Sampler (N -> K)",
+            category=CATEGORY,
+            description="Runs N seeds to the checkpoint, scores them with the probe, and finishes only the best K.",
+            inputs=inputs,
+            outputs=[
+                io.Latent.Output(display_name="finished latent"),
+                Scores.Output(display_name="scores"),
+                io.String.Output(display_name="kept seeds"),
+            ],
+        )
+
+    @classmethod
+    def execute(cls, model, positive, negative, latent_image, probe, seed, candidates, keep, steps, cfg,
+                sampler_name, scheduler, checkpoint, denoise=1.0) -> io.NodeOutput:
+        from .capture import find_tap
+        from .selection import score_or_fail, top_k_or_fail
+        from .tap import apply_tap
+
+        node_id = cls.__name__
+        s = validate_early(node_id, latent_image, candidates, steps, checkpoint, sampler_name, seed)
+        tapped = model
+        tap = find_tap(model)
+        if tap is None or tap.path != probe.metadata.tap:
+            tapped = apply_tap(model, probe.metadata.tap, probe.metadata.feature_shape[-1], node_id)
+        early = split_sampling.run_early(tapped, positive, negative, latent_image, seed, candidates, steps, cfg,
+                                         sampler_name, scheduler, checkpoint, denoise, callback=_progress(s))
+        scores = score_or_fail(node_id, probe, early.activations, None)
+        kept, _pruned, kept_indices = top_k_or_fail(node_id, early.latent, scores, keep)
+        finished = resume_or_fail(node_id, model, positive, negative, kept, cfg)
+        kept_seeds = ",".join(str(scores.seeds[i]) for i in kept_indices)
+        from .selection import scores_text
+
+        return io.NodeOutput(finished, scores, kept_seeds, ui=ui.PreviewText(scores_text(scores, kept_indices)))

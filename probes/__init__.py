@@ -1,0 +1,47 @@
+"""Probe-Select library: early quality probes for diffusion candidates, in pure PyTorch.
+
+A probe reads pooled denoiser activations of each candidate at an early checkpoint t and predicts
+the score an evaluator would give the finished image, so that only the best candidates are
+finished. This package never imports ComfyUI; the nodes in ``nodes/`` call into it.
+
+- :mod:`.features`: activations -> fixed-size fp16 feature maps; :class:`ActivationSet`.
+- :mod:`.model`: :class:`ProbeConfig`, :class:`Probe`, :func:`build_probe`.
+- :mod:`.io`: self-describing safetensors probe files.
+- :mod:`.scoring`: compatibility checks and :func:`score_candidates`.
+- :mod:`.atomic`: :func:`atomic_write` for any file the pack writes.
+"""
+from .atomic import atomic_write
+from .features import FEATURE_DTYPE, ActivationSet, pool_feature_map, tokens_to_grid
+from .io import (
+    FORMAT_NAME,
+    FORMAT_VERSION,
+    ProbeFileError,
+    ProbeMetadata,
+    load_probe,
+    read_probe_metadata,
+    save_probe,
+)
+from .model import Probe, ProbeConfig, build_probe
+from .scoring import CandidateScores, ProbeCompatibilityError, check_compatible, score_candidates
+
+__all__ = [
+    "FEATURE_DTYPE",
+    "ActivationSet",
+    "pool_feature_map",
+    "tokens_to_grid",
+    "ProbeConfig",
+    "Probe",
+    "build_probe",
+    "FORMAT_NAME",
+    "FORMAT_VERSION",
+    "ProbeFileError",
+    "ProbeMetadata",
+    "save_probe",
+    "load_probe",
+    "read_probe_metadata",
+    "atomic_write",
+    "ProbeCompatibilityError",
+    "CandidateScores",
+    "check_compatible",
+    "score_candidates",
+]

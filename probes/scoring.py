@@ -1,0 +1,178 @@
+"""Scoring candidates with a probe, and the checks that the probe fits the activations.
+
+Scores are in evaluator units, obtained with the probe's fixed normalisation
+(``pred * score_std + score_mean``). Nothing is normalised across the candidates: a candidate's
+score is the same whether it is scored alone or among N others, so scores from different runs and
+batch sizes can be compared.
+"""
+from __future__ import annotations
+
+import dataclasses
+import logging
+import math
+from dataclasses import dataclass
+from typing import Optional
+
+import torch
+from torch import Tensor
+
+from .features import ActivationSet
+from .io import ProbeMetadata
+from .model import Probe
+
+__all__ = ["ProbeCompatibilityError", "CandidateScores", "check_compatible", "score_candidates"]
+
+logger = logging.getLogger(__name__)
+
+
+class ProbeCompatibilityError(ValueError):
+    """The probe was trained on a different kind of activations than the ones given."""
+
+
+def check_compatible(meta: ProbeMetadata, acts: ActivationSet, t_tolerance: float = 0.1) -> None:
+    """Raise :class:`ProbeCompatibilityError` unless the probe described by ``meta`` can read ``acts``.
+
+    Checked: backbone family, tap path, feature shape ``(C, P, P)``, checkpoint t (within
+    ``t_tolerance``; a smaller non-zero difference only logs a warning, since the probe is
+    time-conditioned but was trained at one t), and, for a probe with a text branch, the presence
+    and width of the text embedding.
+    """
+    if acts.family != meta.backbone_family:
+        raise ProbeCompatibilityError(
+            f"probe was trained on backbone family '{meta.backbone_family}' but the activations come "
+            f"from '{acts.family}'; use a probe trained for '{acts.family}' or sample with a "
+            f"'{meta.backbone_family}' model."
+        )
+    if acts.tap != meta.tap:
+        raise ProbeCompatibilityError(
+            f"probe reads tap '{meta.tap}' but the activations were captured at tap '{acts.tap}'; "
+            f"tap '{meta.tap}' when sampling, or use a probe trained on '{acts.tap}'."
+        )
+    if tuple(acts.feature_shape) != tuple(meta.feature_shape):
+        raise ProbeCompatibilityError(
+            f"probe expects features of shape (C, P, P) = {tuple(meta.feature_shape)} but the "
+            f"activations have {tuple(acts.feature_shape)} (tap '{acts.tap}'); pool the activations to "
+            f"{meta.feature_shape[1]}x{meta.feature_shape[2]} or use a probe trained on this shape."
+        )
+    t_gap = abs(acts.t - meta.checkpoint_t)
+    if t_gap > t_tolerance:
+        suggested_step = round(meta.checkpoint_t * acts.steps)
+        raise ProbeCompatibilityError(
+            f"probe was trained at checkpoint t={meta.checkpoint_t:.3f} but the activations are at "
+            f"t={acts.t:.3f} (step {acts.step} of {acts.steps}), more than {t_tolerance} apart; stop "
+            f"the early sampler at step {suggested_step} of {acts.steps}, or use a probe trained at "
+            f"t={acts.t:.3f}."
+        )
+    if t_gap > 1e-6:
+        logger.warning(
+            "probe trained at t=%.3f scores activations at t=%.3f (step %d of %d); rankings may be "
+            "less reliable",
+            meta.checkpoint_t, acts.t, acts.step, acts.steps,
+        )
+    text_dim = meta.config.text_dim
+    if text_dim:
+        if acts.text_embedding is None:
+            raise ProbeCompatibilityError(
+                f"probe ({meta.evaluator}) has a text branch of width {text_dim} but the activations "
+                f"carry no text embedding; connect the positive conditioning or pass a text embedding."
+            )
+        if acts.text_embedding.shape[-1] != text_dim:
+            raise ProbeCompatibilityError(
+                f"probe ({meta.evaluator}) expects a text embedding of width {text_dim} but got width "
+                f"{acts.text_embedding.shape[-1]}; use the text encoder the probe was trained with."
+            )
+
+
+@dataclass
+class CandidateScores:
+    """One score per candidate, in evaluator units.
+
+    Attributes:
+        scores: ``[N]`` float32 CPU scores (higher is better).
+        evaluator: the evaluator whose score the probe predicts.
+        run_id: run the candidates belong to (matches the activations and latents).
+        seeds: seed of each candidate, aligned with ``scores``.
+    """
+
+    scores: Tensor
+    evaluator: str
+    run_id: str
+    seeds: list[int]
+
+    def __post_init__(self) -> None:
+        if self.scores.ndim != 1:
+            raise ValueError(f"CandidateScores.scores must be [N], got shape {tuple(self.scores.shape)}")
+        self.seeds = [int(seed) for seed in self.seeds]
+        if len(self.seeds) != len(self):
+            raise ValueError(f"CandidateScores: {len(self)} scores but {len(self.seeds)} seeds")
+
+    def __len__(self) -> int:
+        return self.scores.shape[0]
+
+    def order(self, descending: bool = True) -> Tensor:
+        """Candidate indices from best to worst (or worst to best), ``[N]`` int64.
+
+        The sort is stable: tied candidates keep their original order, so selection is
+        deterministic. NaN scores rank last in either direction.
+        """
+        key = self.scores.float().clone()
+        key[torch.isnan(key)] = -math.inf if descending else math.inf
+        return torch.sort(key, descending=descending, stable=True).indices
+
+
+def score_candidates(
+    probe: Probe,
+    meta: ProbeMetadata,
+    acts: ActivationSet,
+    text_embedding: Optional[Tensor] = None,
+    batch_size: int = 64,
+    t_tolerance: float = 0.1,
+) -> CandidateScores:
+    """Score every candidate of ``acts`` with ``probe``.
+
+    Args:
+        probe: the probe; runs on its own device and dtype.
+        meta: its metadata (compatibility and score normalisation).
+        acts: activations of the N candidates.
+        text_embedding: ``[N, D]`` or ``[1, D]`` text embedding that overrides
+            ``acts.text_embedding``; a single row is shared by all candidates.
+        batch_size: candidates per forward pass (memory bound only; results do not depend on it).
+        t_tolerance: largest accepted gap between the probe's and the activations' checkpoint t.
+
+    Returns:
+        :class:`CandidateScores` with ``pred * meta.score_std + meta.score_mean`` per candidate.
+
+    Raises:
+        ProbeCompatibilityError: if the probe cannot read these activations.
+    """
+    if batch_size < 1:
+        raise ValueError(f"score_candidates: batch_size must be >= 1, got {batch_size}")
+    if text_embedding is not None:
+        acts = dataclasses.replace(acts, text_embedding=text_embedding)  # re-validates the rows
+    if probe.config != meta.config:
+        raise ProbeCompatibilityError(
+            f"the probe's config {probe.config} differs from the one in its metadata {meta.config}; "
+            f"pass the metadata returned by load_probe together with its probe."
+        )
+    check_compatible(meta, acts, t_tolerance=t_tolerance)
+    text = acts.text_embedding if probe.config.has_text else None
+
+    predictions = []
+    was_training = probe.training
+    probe.eval()
+    try:
+        with torch.no_grad():
+            for start in range(0, len(acts), batch_size):
+                end = min(start + batch_size, len(acts))
+                chunk_text = None
+                if text is not None:
+                    chunk_text = text if text.shape[0] == 1 else text[start:end]
+                pred = probe(acts.features[start:end], acts.t, chunk_text)
+                predictions.append(pred.float().cpu())
+    finally:
+        probe.train(was_training)
+    pred = torch.cat(predictions) if predictions else torch.zeros(0)
+    scores = pred * meta.score_std + meta.score_mean
+    if not torch.isfinite(scores).all():
+        logger.warning("probe produced non-finite scores for %d of %d candidates", int((~torch.isfinite(scores)).sum()), len(acts))
+    return CandidateScores(scores=scores, evaluator=meta.evaluator, run_id=acts.run_id, seeds=list(acts.seeds))

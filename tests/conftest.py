@@ -1,0 +1,77 @@
+"""Test bootstrap: make ComfyUI importable in-process and load this pack the way ComfyUI does.
+
+sys.path order matters: ComfyUI's folder comes first so that `import nodes` is ComfyUI's nodes.py,
+and the repository root comes last so that `import probes` (the pure-PyTorch library) works without
+shadowing anything. The pack itself is loaded as the package `probe_select` from its __init__.py,
+exactly like ComfyUI's custom node loader does, so its relative imports resolve.
+"""
+import importlib.util
+import os
+import sys
+from pathlib import Path
+
+# One thread per torch process: on a 2-core machine with any other load, more threads make tiny
+# models slower by an order of magnitude.
+os.environ.setdefault("OMP_NUM_THREADS", "1")
+
+import pytest
+
+ROOT = Path(__file__).resolve().parents[1]
+TESTS = Path(__file__).resolve().parent
+
+
+def comfyui_dir() -> Path:
+    env = os.environ.get("COMFYUI_DIR")
+    if env:
+        return Path(env)
+    marker = ROOT / ".venv" / "comfyui_dir"
+    if marker.exists():
+        return Path(marker.read_text().strip())
+    return ROOT / ".comfyui" / "ComfyUI"
+
+
+COMFY_DIR = comfyui_dir()
+
+
+def _bootstrap_comfy() -> None:
+    if "comfy.cli_args" in sys.modules:
+        return
+    sys.path.insert(0, str(COMFY_DIR))
+    if str(ROOT) not in sys.path:
+        sys.path.append(str(ROOT))
+    argv, sys.argv = sys.argv, [sys.argv[0], "--cpu", "--disable-api-nodes"]
+    try:
+        import comfy.options
+
+        comfy.options.enable_args_parsing()
+        import comfy.cli_args  # noqa: F401  (parses the argv above)
+    finally:
+        sys.argv = argv
+    # ComfyUI's top-level `utils` package must win over comfy/utils.py (main.py does the same).
+    import utils.extra_config  # noqa: F401
+    import torch
+
+    torch.set_num_threads(1)
+
+
+def _load_pack():
+    if "probe_select" in sys.modules:
+        return sys.modules["probe_select"]
+    spec = importlib.util.spec_from_file_location(
+        "probe_select", ROOT / "__init__.py", submodule_search_locations=[str(ROOT)]
+    )
+    module = importlib.util.module_from_spec(spec)
+    sys.modules["probe_select"] = module
+    spec.loader.exec_module(module)
+    return module
+
+
+_bootstrap_comfy()
+if str(TESTS) not in sys.path:
+    sys.path.insert(1, str(TESTS))
+
+
+@pytest.fixture(scope="session")
+def pack():
+    """The pack, imported as ComfyUI imports a custom node folder."""
+    return _load_pack()

@@ -188,3 +188,19 @@ def test_build_tiny_returns_independent_clones():
     assert "model_function_wrapper" in t1.patcher.model_options
     assert "model_function_wrapper" not in t2.patcher.model_options
     assert "model_function_wrapper" not in build_tiny("sd1", seed=0).patcher.model_options
+
+
+def test_flux_guidance_from_conditioning():
+    """Flux takes guidance from the conditioning dict ("guidance", default 3.5) via extra_conds."""
+    tm = build_tiny("flux", seed=0)
+    model = tm.patcher.model
+    x = torch.randn(1, 16, 16, 16, generator=torch.Generator().manual_seed(3))
+    cond, extras = tm.conditioning(1)[0]
+    assert extras["guidance"] == 3.5
+    outs = []
+    for g in (1.0, 3.5):
+        conds = model.extra_conds(cross_attn=cond, device=x.device, noise=x, **{**extras, "guidance": g})
+        assert float(conds["guidance"].cond) == g
+        with torch.no_grad():
+            outs.append(model.apply_model(x, torch.tensor([0.5]), **{k: v.cond for k, v in conds.items()}))
+    assert float((outs[0] - outs[1]).abs().max()) > 1e-3

@@ -6,7 +6,10 @@ the early latent with zero noise and `sigmas[s:]`, which reconstructs x_s exactl
 models (ComfyUI's noise scaling with zero noise is the identity on the latent).
 
 What the resume needs travels in the LATENT under `PACK_KEY`, row-aligned with the samples, so a
-user can't finish a candidate with other steps or another scheduler than it started with.
+user can't finish a candidate with other steps or another scheduler than it started with. That
+includes the sampler's internal state x_s: a LATENT holds x_s after `inverse_noise_scaling` and
+`process_latent_out`, whose float round trip costs ~1e-7 relative error that some models amplify
+over the remaining steps; resuming from the stored x_s makes the split exact.
 """
 from __future__ import annotations
 
@@ -72,6 +75,37 @@ def _per_sample(value, n_old: int, n_new: int):
     return value
 
 
+def _keeping_final_state(sampler, holder: dict):
+    """Record the sampler's own final x (model space, before ComfyUI's output scaling)."""
+    function = sampler.sampler_function
+
+    def run(model, x, sigmas, *args, **kwargs):
+        out = function(model, x, sigmas, *args, **kwargs)
+        holder["x"] = out.detach().to("cpu", torch.float32, copy=True)
+        return out
+    sampler.sampler_function = run
+    return sampler
+
+
+def _starting_from_state(sampler, state: torch.Tensor):
+    """Start the sampler at a recorded x instead of ComfyUI's scaled (noise, latent)."""
+    function = sampler.sampler_function
+
+    def run(model, x, sigmas, *args, **kwargs):
+        return function(model, state.to(x.device, x.dtype), sigmas, *args, **kwargs)
+    sampler.sampler_function = run
+    return sampler
+
+
+def _stored_state_matches(model, samples: torch.Tensor, state: torch.Tensor, sigma: torch.Tensor) -> bool:
+    """Whether `samples` are still the early latents that `state` was recorded with."""
+    inner = model.model
+    rebuilt = inner.model_sampling.noise_scaling(sigma, torch.zeros_like(samples),
+                                                 inner.process_latent_in(samples.float()))
+    scale = state.abs().max().clamp_min(1e-6)
+    return rebuilt.shape == state.shape and bool(((rebuilt - state).abs().max() / scale) < 1e-4)
+
+
 @dataclass
 class EarlyResult:
     latent: dict               # N rows at step s, with PACK_KEY metadata
@@ -98,7 +132,8 @@ def run_early(model, positive, negative, latent: dict, seed: int, candidates: in
 
     noise = initial_noise(rows, seeds)
     noise_sampler = build_noise_sampler(sampler_name, rows.to(model.load_device), seeds, sigmas)
-    sampler = sampler_object(sampler_name, noise_sampler)
+    final_state = {}
+    sampler = _keeping_final_state(sampler_object(sampler_name, noise_sampler), final_state)
 
     run_id = uuid.uuid4().hex
     tap = find_tap(model)
@@ -142,6 +177,7 @@ def run_early(model, positive, negative, latent: dict, seed: int, candidates: in
         "cfg": cfg, "sigmas": sigmas.tolist(),
         "noise_kind": getattr(noise_sampler, "kind", "none"),
         "noise_states": noise_sampler.states() if noise_sampler is not None else None,
+        "state": final_state["x"],
     }
     x0 = x0_holder["x0"].to("cpu")
     x0_latent = {"samples": model.model.process_latent_out(x0)}
@@ -162,6 +198,8 @@ def select_rows(latent: dict, indices: list[int]) -> dict:
             for name in ("seeds", "row_ids", "noise_states"):
                 if meta.get(name) is not None:
                     meta[name] = [meta[name][i] for i in indices]
+            if isinstance(meta.get("state"), torch.Tensor):
+                meta["state"] = meta["state"].index_select(0, index)
             out[key] = meta
         elif isinstance(value, torch.Tensor) and value.ndim > 0 and value.shape[0] == n and n > 1:
             out[key] = value.index_select(0, index.to(value.device))   # e.g. a per-candidate noise_mask
@@ -189,6 +227,11 @@ def resume(model, positive, negative, latent: dict, cfg: float,
     noise_sampler = build_noise_sampler(meta["sampler"], rows.to(model.load_device), seeds, sigmas,
                                         states=meta.get("noise_states"))
     sampler = sampler_object(meta["sampler"], noise_sampler)
+    state = meta.get("state")
+    if isinstance(state, torch.Tensor) and _stored_state_matches(model, rows, state, sigmas[s]):
+        sampler = _starting_from_state(sampler, state)
+    else:
+        log.info("Probe-Select: the early latent was changed after sampling; resuming from it as given")
 
     def on_step(step, x0, x, total_steps):
         comfy.model_management.throw_exception_if_processing_interrupted()

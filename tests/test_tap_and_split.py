@@ -119,19 +119,31 @@ def test_kept_candidate_matches_plain_ksampler(mods, sampler):
         assert max_rel_diff(finished[row:row + 1], ref["samples"]) <= 1e-5, (sampler, s)
 
 
-@pytest.mark.parametrize("family", ["sd2", "sd3", "flux"])
-def test_resume_reproduces_ksampler_on_other_families(mods, family):
+@pytest.mark.parametrize("family", ["sd2", "sdxl", "sd3", "flux"])
+@pytest.mark.parametrize("sampler", ["euler_ancestral", "heun"])
+def test_resume_reproduces_ksampler_on_other_families(mods, family, sampler):
     import nodes
 
     tiny = build_tiny(family)
     size = 16 if tiny.latent_channels == 16 else 8
     latent = tiny.empty_latent(1, size)
     pos, neg = tiny.conditioning(1), tiny.conditioning(2)
-    early = mods.split.run_early(tiny.patcher, pos, neg, latent, 7, 2, 6, 3.0, "euler_ancestral", "simple", 0.34)
+    early = mods.split.run_early(tiny.patcher, pos, neg, latent, 7, 2, 6, 3.0, sampler, "simple", 0.34)
     kept = mods.split.select_rows(early.latent, [1])
     finished = mods.split.resume(tiny.patcher, pos, neg, kept, 3.0)["samples"]
-    (ref,) = nodes.common_ksampler(tiny.patcher, 8, 6, 3.0, "euler_ancestral", "simple", pos, neg, latent)
+    (ref,) = nodes.common_ksampler(tiny.patcher, 8, 6, 3.0, sampler, "simple", pos, neg, latent)
     assert max_rel_diff(finished, ref["samples"]) <= 1e-5
+
+
+def test_resume_follows_a_latent_changed_after_early_sampling(mods):
+    tiny = build_tiny("sd1")
+    latent = tiny.empty_latent(1, 8)
+    pos, neg = tiny.conditioning(1), tiny.conditioning(2)
+    early = mods.split.run_early(tiny.patcher, pos, neg, latent, 3, 2, 6, 3.0, "euler", "normal", 0.5)
+    as_is = mods.split.resume(tiny.patcher, pos, neg, early.latent, 3.0)["samples"]
+    changed = dict(early.latent, samples=early.latent["samples"] * 1.5)
+    edited = mods.split.resume(tiny.patcher, pos, neg, changed, 3.0)["samples"]
+    assert max_rel_diff(edited, as_is) > 1e-3
 
 
 def test_denoiser_evaluations_are_n_s_plus_k_rest(mods):

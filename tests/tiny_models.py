@@ -298,13 +298,13 @@ def _eps_identity_path(dm: torch.nn.Module, channels: int) -> None:
 
         last = dm.output_blocks[-1]
         res = last[0]
-        ch = res.out_layers[-1].weight.shape[0]
         skip = res.skip_connection
+        # the block input is cat([h, hs[0]]); hs[0] is the conv_in output, so it is the tail
+        offset = skip.weight.shape[1] - conv_in.weight.shape[0]
         skip.weight[:k].zero_()
         skip.bias[:k].zero_()
         for i in range(k):
-            # the block input is cat([h, hs[0]]): hs[0] (the conv_in output) starts at channel ch
-            skip.weight[i, ch + i, 0, 0] = 1.0
+            skip.weight[i, offset + i, 0, 0] = 1.0
         res.out_layers[-1].weight[:k].zero_()
         res.out_layers[-1].bias[:k].zero_()
         for sub in list(last)[1:]:

@@ -1,7 +1,7 @@
 """ComfyUI nodes of Probe-Select: thin node classes over `probes/` and the split-sampling helpers."""
 from comfy_api.latest import ComfyExtension, io
 
-from .sampling import ProbeSelectEarlySampler, ProbeSelectResume, ProbeSelectSampler
+from .sampling import ProbeSelectCollectSampler, ProbeSelectEarlySampler, ProbeSelectResume, ProbeSelectSampler
 from .selection import ProbeSelectLoadProbe, ProbeSelectScore, ProbeSelectTopK
 from .tap import ProbeSelectTap
 
@@ -13,6 +13,7 @@ NODES: list[type[io.ComfyNode]] = [
     ProbeSelectTopK,
     ProbeSelectResume,
     ProbeSelectSampler,
+    ProbeSelectCollectSampler,
 ]
 
 

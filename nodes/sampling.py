@@ -192,3 +192,62 @@ class ProbeSelectSampler(io.ComfyNode):
         from .selection import scores_text
 
         return io.NodeOutput(finished, scores, kept_seeds, ui=ui.PreviewText(scores_text(scores, kept_indices)))
+
+
+def parse_checkpoints(node_id: str, text: str, steps: int) -> list[int]:
+    """'0.1, 0.2' -> checkpoint steps [round(0.1*T), round(0.2*T)], each strictly inside (0, T)."""
+    try:
+        ratios = [float(part) for part in text.replace(";", ",").split(",") if part.strip()]
+    except ValueError:
+        raise ProbeSelectError(node_id, f"checkpoints '{text}' is not a list of numbers.",
+                               "write ratios separated by commas, e.g. 0.1,0.2,0.3,0.4,0.6.") from None
+    if not ratios:
+        raise ProbeSelectError(node_id, "no checkpoints given.", "write ratios such as 0.1,0.2,0.3,0.4,0.6.")
+    result = []
+    for ratio in ratios:
+        k = split_sampling.checkpoint_step(steps, ratio)
+        if not 0.0 < ratio < 1.0 or not 0 < k < steps:
+            raise ProbeSelectError(node_id, f"checkpoint {ratio} of {steps} steps rounds to step {k}, outside "
+                                            f"1..{steps - 1}.", "use ratios inside (0, 1), or more steps.")
+        result.append(k)
+    if len(set(result)) != len(result):
+        raise ProbeSelectError(node_id, f"checkpoints {ratios} round to the same step with {steps} steps "
+                                        f"({result}).", "use more steps or ratios further apart.")
+    return sorted(result)
+
+
+class ProbeSelectCollectSampler(io.ComfyNode):
+    """Full runs of N seeds that also record the tap at several checkpoints: the data for training."""
+
+    @classmethod
+    def define_schema(cls):
+        inputs = [i for i in early_inputs() if i.id != "checkpoint"]
+        inputs.insert(-1, io.String.Input("checkpoints", default="0.1,0.2,0.3,0.4,0.6",
+                                          tooltip="Ratios of the steps at which activations are recorded, "
+                                                  "so one dataset serves probes for any of them."))
+        return io.Schema(
+            node_id="ProbeSelectCollectSampler",
+            display_name="Probe-Select Collect Sampler",
+            category=CATEGORY,
+            description="Finishes all N candidates (seed + i each, like the early sampler) and records the tapped "
+                        "block at several checkpoints, for ProbeSelectDatasetWriter.",
+            inputs=inputs,
+            outputs=[io.Latent.Output(display_name="finished latent"),
+                     Activations.Output(display_name="activations")],
+        )
+
+    @classmethod
+    def execute(cls, model, positive, negative, latent_image, seed, candidates, steps, cfg, sampler_name, scheduler,
+                checkpoints, denoise=1.0) -> io.NodeOutput:
+        from .capture import find_tap
+
+        node_id = cls.__name__
+        validate_early(node_id, latent_image, candidates, steps, 0.5, sampler_name, seed)
+        capture_at = parse_checkpoints(node_id, checkpoints, steps)
+        if find_tap(model) is None:
+            raise ProbeSelectError(node_id, "the model has no activation tap, so nothing would be recorded.",
+                                   "insert ProbeSelectTap between the model loader and this node.")
+        result = split_sampling.run_candidates(model, positive, negative, latent_image, seed, candidates, steps, cfg,
+                                               sampler_name, scheduler, stop_step=steps, capture_at=capture_at,
+                                               denoise=denoise, callback=_progress(steps))
+        return io.NodeOutput(result.latent, result.activations)

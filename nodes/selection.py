@@ -7,6 +7,7 @@ from dataclasses import dataclass
 import torch
 from comfy_api.latest import io, ui
 
+from ..probes.features import ActivationSeries
 from ..probes.io import ProbeFileError, ProbeMetadata, load_probe
 from ..probes.scoring import CandidateScores, ProbeCompatibilityError, score_candidates
 from . import split_sampling
@@ -67,6 +68,8 @@ def score_or_fail(node_id: str, probe: LoadedProbe, activations, positive=None) 
         raise ProbeSelectError(node_id, "the model given to the early sampler has no activation tap, so there are "
                                         "no activations to score.",
                                "insert ProbeSelectTap between the model loader and ProbeSelectEarlySampler.")
+    if isinstance(activations, ActivationSeries):       # from the collect sampler: use the probe's checkpoint
+        activations = activations.at(probe.metadata.checkpoint_t)
     text = split_sampling.text_embedding_from_conditioning(positive) if positive is not None else None
     try:
         return score_candidates(probe.model, probe.metadata, activations, text_embedding=text)

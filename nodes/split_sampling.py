@@ -16,11 +16,11 @@ from __future__ import annotations
 import logging
 import uuid
 from dataclasses import dataclass
-from typing import Callable, Optional
+from typing import Callable, Optional, Sequence
 
 import torch
 
-from ..probes.features import ActivationSet
+from ..probes.features import ActivationSeries, ActivationSet
 from .capture import RUN_KEY, find_tap
 from .families import model_family
 from .noise import UNSPLITTABLE_SAMPLERS, build_noise_sampler, initial_noise, sampler_object
@@ -120,15 +120,30 @@ def run_early(model, positive, negative, latent: dict, seed: int, candidates: in
 
     Arguments are validated by the node; this raises ValueError/LookupError on what it can't run.
     """
+    s = checkpoint_step(steps, checkpoint)
+    return run_candidates(model, positive, negative, latent, seed, candidates, steps, cfg, sampler_name, scheduler,
+                          stop_step=s, capture_at=(s,), denoise=denoise, callback=callback, disable_pbar=disable_pbar)
+
+
+def run_candidates(model, positive, negative, latent: dict, seed: int, candidates: int, steps: int, cfg: float,
+                   sampler_name: str, scheduler: str, stop_step: int, capture_at: Sequence[int],
+                   denoise: float = 1.0, callback: Optional[Callable[[int, int], None]] = None,
+                   disable_pbar: bool = True) -> EarlyResult:
+    """Sample the candidates to `stop_step` (== steps: to the end), capturing at each step of `capture_at`.
+
+    A checkpoint k means "k steps done": the tap reads the last denoiser evaluation before it,
+    the one at sigma_{k-1} that produces x_k, so no extra evaluation is spent on capturing. With
+    several checkpoints `activations` is an ActivationSeries, with one an ActivationSet.
+    """
     import comfy.sample
     import comfy.model_management
 
-    s = checkpoint_step(steps, checkpoint)
     seeds = [int(seed) + i for i in range(candidates)]
     rows = _rows_for(latent, model, candidates)
     sigmas = full_sigmas(model, steps, sampler_name, scheduler, denoise)
     if sampler_name in UNSPLITTABLE_SAMPLERS:
         raise ValueError(f"sampler {sampler_name} picks its own steps and can't be split")
+    capture_at = sorted(set(int(k) for k in capture_at))
 
     noise = initial_noise(rows, seeds)
     noise_sampler = build_noise_sampler(sampler_name, rows.to(model.load_device), seeds, sigmas)
@@ -139,7 +154,7 @@ def run_early(model, positive, negative, latent: dict, seed: int, candidates: in
     tap = find_tap(model)
     work_model = model.clone()
     work_model.model_options.setdefault("transformer_options", {})[RUN_KEY] = run_id
-    session = tap.open_session(run_id, (s - 1,)) if tap is not None else None
+    session = tap.open_session(run_id, tuple(k - 1 for k in capture_at)) if tap is not None else None
     x0_holder = {}
 
     def on_step(step, x0, x, total_steps):
@@ -152,7 +167,7 @@ def run_early(model, positive, negative, latent: dict, seed: int, candidates: in
 
     try:
         samples = comfy.sample.sample_custom(
-            work_model, noise, cfg, sampler, sigmas[: s + 1].clone(), positive, negative, rows,
+            work_model, noise, cfg, sampler, sigmas[: stop_step + 1].clone(), positive, negative, rows,
             noise_mask=latent.get("noise_mask"), callback=on_step, disable_pbar=disable_pbar, seed=seeds[0])
     finally:
         if tap is not None:
@@ -161,24 +176,28 @@ def run_early(model, positive, negative, latent: dict, seed: int, candidates: in
     family = model_family(model)
     activations = None
     if session is not None:
-        features = session.features.get(s - 1)
-        if features is None:
-            raise RuntimeError(f"the tap on {tap.path} did not fire at step {s - 1}")
-        activations = ActivationSet(
-            features=features, family=family, tap=tap.path, step=s, steps=steps,
-            sigma=session.sigmas[s - 1], seeds=seeds, run_id=run_id,
-            text_embedding=text_embedding_from_conditioning(positive), pooling="adaptive_avg")
+        text = text_embedding_from_conditioning(positive)
+        sets = []
+        for k in capture_at:
+            features = session.features.get(k - 1)
+            if features is None:
+                raise RuntimeError(f"the tap on {tap.path} did not fire at step {k - 1}")
+            sets.append(ActivationSet(
+                features=features, family=family, tap=tap.path, step=k, steps=steps, sigma=session.sigmas[k - 1],
+                seeds=seeds, run_id=run_id, text_embedding=text, pooling="adaptive_avg"))
+        activations = sets[0] if len(sets) == 1 else ActivationSeries(tuple(sets))
 
     out = {k: _per_sample(v, latent["samples"].shape[0], candidates) for k, v in latent.items()}
     out["samples"] = samples
-    out[PACK_KEY] = {
-        "version": METADATA_VERSION, "run_id": run_id, "family": family, "seeds": seeds, "row_ids": list(range(candidates)),
-        "steps": steps, "stop_step": s, "sampler": sampler_name, "scheduler": scheduler, "denoise": denoise,
-        "cfg": cfg, "sigmas": sigmas.tolist(),
-        "noise_kind": getattr(noise_sampler, "kind", "none"),
-        "noise_states": noise_sampler.states() if noise_sampler is not None else None,
-        "state": final_state["x"],
-    }
+    if stop_step < steps:
+        out[PACK_KEY] = {
+            "version": METADATA_VERSION, "run_id": run_id, "family": family, "seeds": seeds,
+            "row_ids": list(range(candidates)), "steps": steps, "stop_step": stop_step, "sampler": sampler_name,
+            "scheduler": scheduler, "denoise": denoise, "cfg": cfg, "sigmas": sigmas.tolist(),
+            "noise_kind": getattr(noise_sampler, "kind", "none"),
+            "noise_states": noise_sampler.states() if noise_sampler is not None else None,
+            "state": final_state["x"],
+        }
     x0 = x0_holder["x0"].to("cpu")
     x0_latent = {"samples": model.model.process_latent_out(x0)}
     return EarlyResult(latent=out, x0=x0_latent, activations=activations)

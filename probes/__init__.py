@@ -11,7 +11,7 @@ finished. This package never imports ComfyUI; the nodes in ``nodes/`` call into 
 - :mod:`.atomic`: :func:`atomic_write` for any file the pack writes.
 """
 from .atomic import atomic_write
-from .features import FEATURE_DTYPE, ActivationSet, pool_feature_map, tokens_to_grid
+from .features import FEATURE_DTYPE, ActivationSeries, ActivationSet, pool_feature_map, tokens_to_grid
 from .io import (
     FORMAT_NAME,
     FORMAT_VERSION,
@@ -27,6 +27,7 @@ from .scoring import CandidateScores, ProbeCompatibilityError, check_compatible,
 __all__ = [
     "FEATURE_DTYPE",
     "ActivationSet",
+    "ActivationSeries",
     "pool_feature_map",
     "tokens_to_grid",
     "ProbeConfig",

@@ -16,7 +16,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
-__all__ = ["FEATURE_DTYPE", "ActivationSet", "pool_feature_map", "tokens_to_grid"]
+__all__ = ["FEATURE_DTYPE", "ActivationSet", "ActivationSeries", "pool_feature_map", "tokens_to_grid"]
 
 # fp16 halves memory and shard size; pooled activations are averages of O(1) values and lose
 # nothing the probe can use at this precision.
@@ -157,3 +157,45 @@ class ActivationSet:
             seeds=[self.seeds[i] for i in index.tolist()],
             text_embedding=text,
         )
+
+
+@dataclass
+class ActivationSeries:
+    """Activations of one run at several checkpoints (for datasets and quality-versus-t studies).
+
+    Every member shares the run, the candidates and the tap; they differ only in the step.
+    """
+
+    sets: tuple
+
+    def __post_init__(self) -> None:
+        self.sets = tuple(sorted(self.sets, key=lambda s: s.step))
+        if not self.sets:
+            raise ValueError("ActivationSeries needs at least one ActivationSet")
+        first = self.sets[0]
+        for other in self.sets[1:]:
+            if (other.run_id, other.seeds, other.tap, other.family) != (first.run_id, first.seeds, first.tap,
+                                                                         first.family):
+                raise ValueError("ActivationSeries members must come from one run, one tap and the same candidates")
+
+    def __len__(self) -> int:
+        return len(self.sets[0])
+
+    @property
+    def checkpoints(self) -> list[float]:
+        return [s.t for s in self.sets]
+
+    @property
+    def run_id(self) -> str:
+        return self.sets[0].run_id
+
+    @property
+    def seeds(self) -> list[int]:
+        return self.sets[0].seeds
+
+    def at(self, t: float) -> ActivationSet:
+        """The member whose checkpoint is nearest to ``t``."""
+        return min(self.sets, key=lambda s: abs(s.t - t))
+
+    def select(self, indices) -> "ActivationSeries":
+        return ActivationSeries(tuple(s.select(indices) for s in self.sets))

@@ -215,3 +215,28 @@ def test_interrupt_during_early_sampling_stops_cleanly(sd1, tapped):
     first, _, acts = _early(sd1, tapped, n=3, steps=20, checkpoint=0.5)
     again, _, acts2 = _early(sd1, tapped, n=3, steps=20, checkpoint=0.5)
     assert torch.equal(first["samples"], again["samples"]) and torch.equal(acts.features, acts2.features)
+
+
+def test_collect_sampler_records_the_same_activations_as_inference(sd1, tapped):
+    """Training data must match what the early sampler shows the probe at inference time."""
+    import nodes
+    from probe_select.nodes.errors import ProbeSelectError
+    from probe_select.probes.features import ActivationSeries
+    _, sampling, _ = _nodes()
+    pos, neg, latent = sd1.conditioning(1), sd1.conditioning(2), sd1.empty_latent(1, 8)
+    finished, series = sampling.ProbeSelectCollectSampler.execute(
+        tapped, pos, neg, latent, 30, 3, 10, 4.0, "euler_ancestral", "normal", "0.1, 0.2,0.4").result
+    assert isinstance(series, ActivationSeries) and series.checkpoints == [0.1, 0.2, 0.4]
+    assert "probe_select" not in finished
+    early, _, acts = _early(sd1, tapped, n=3, steps=10, checkpoint=0.2, seed=30, sampler="euler_ancestral")
+    assert torch.equal(series.at(0.2).features, acts.features)
+    for i in range(3):            # every candidate is finished exactly as a batch-1 KSampler would
+        (ref,) = nodes.common_ksampler(sd1.patcher, 30 + i, 10, 4.0, "euler_ancestral", "normal", pos, neg, latent)
+        diff = (finished["samples"][i] - ref["samples"][0]).abs().max() / ref["samples"].abs().max()
+        assert diff <= 1e-5
+    with pytest.raises(ProbeSelectError, match="round to the same step"):
+        sampling.ProbeSelectCollectSampler.execute(tapped, pos, neg, latent, 0, 2, 10, 4.0, "euler", "normal",
+                                                   "0.2,0.21")
+    with pytest.raises(ProbeSelectError, match="no activation tap"):
+        sampling.ProbeSelectCollectSampler.execute(sd1.patcher, pos, neg, latent, 0, 2, 10, 4.0, "euler", "normal",
+                                                   "0.2")

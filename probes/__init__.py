@@ -9,6 +9,8 @@ finished. This package never imports ComfyUI; the nodes in ``nodes/`` call into 
 - :mod:`.io`: self-describing safetensors probe files.
 - :mod:`.scoring`: compatibility checks and :func:`score_candidates`.
 - :mod:`.atomic`: :func:`atomic_write` for any file the pack writes.
+- :mod:`.dataset`: activation datasets (manifest + shards), :class:`DatasetWriter`,
+  :class:`ProbeDataset`, :func:`split_by_prompt`.
 """
 from .atomic import atomic_write
 from .features import FEATURE_DTYPE, ActivationSeries, ActivationSet, pool_feature_map, tokens_to_grid
@@ -23,6 +25,17 @@ from .io import (
 )
 from .model import Probe, ProbeConfig, build_probe
 from .scoring import CandidateScores, ProbeCompatibilityError, check_compatible, score_candidates
+from .dataset import (
+    CandidateRows,
+    DatasetArrays,
+    DatasetError,
+    DatasetManifest,
+    DatasetWriter,
+    ProbeDataset,
+    check_probe_matches,
+    read_manifest,
+    split_by_prompt,
+)
 
 __all__ = [
     "FEATURE_DTYPE",
@@ -45,4 +58,13 @@ __all__ = [
     "CandidateScores",
     "check_compatible",
     "score_candidates",
+    "DatasetError",
+    "DatasetManifest",
+    "CandidateRows",
+    "DatasetWriter",
+    "ProbeDataset",
+    "DatasetArrays",
+    "read_manifest",
+    "split_by_prompt",
+    "check_probe_matches",
 ]

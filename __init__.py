@@ -10,6 +10,7 @@ import os
 import folder_paths
 
 from .nodes import ProbeSelectExtension
+from .nodes.evaluators import register_evaluators_folder
 
 WEB_DIRECTORY = "./js"
 PROBES_FOLDER = "probes"
@@ -25,6 +26,7 @@ def _register_probes_folder() -> None:
 
 
 _register_probes_folder()
+register_evaluators_folder()
 
 
 async def comfy_entrypoint() -> ProbeSelectExtension:

@@ -1,9 +1,12 @@
 """ComfyUI nodes of Probe-Select: thin node classes over `probes/` and the split-sampling helpers."""
 from comfy_api.latest import ComfyExtension, io
 
+from .dataset import ProbeSelectDatasetWriter
+from .evaluators import EVALUATOR_NODES
 from .sampling import ProbeSelectCollectSampler, ProbeSelectEarlySampler, ProbeSelectResume, ProbeSelectSampler
 from .selection import ProbeSelectLoadProbe, ProbeSelectScore, ProbeSelectTopK
 from .tap import ProbeSelectTap
+from .training import ProbeSelectEvaluateProbe, ProbeSelectTrain
 
 NODES: list[type[io.ComfyNode]] = [
     ProbeSelectTap,
@@ -14,6 +17,10 @@ NODES: list[type[io.ComfyNode]] = [
     ProbeSelectResume,
     ProbeSelectSampler,
     ProbeSelectCollectSampler,
+    *EVALUATOR_NODES,
+    ProbeSelectDatasetWriter,
+    ProbeSelectTrain,
+    ProbeSelectEvaluateProbe,
 ]
 
 

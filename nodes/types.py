@@ -6,3 +6,5 @@ Probe = io.Custom("PS_PROBE")               # nodes.selection.LoadedProbe
 Scores = io.Custom("PS_SCORES")             # probes.scoring.CandidateScores
 
 CATEGORY = "sampling/probe_select"
+EvaluatorModel = io.Custom("PS_EVALUATOR")      # probes.evaluators.ImageEvaluator (a loaded model)
+ImageScoresType = io.Custom("PS_IMAGE_SCORES")  # probes.evaluators.ImageScores

@@ -68,3 +68,43 @@ __all__ = [
     "split_by_prompt",
     "check_probe_matches",
 ]
+
+# Training: losses, metrics and the trainer (see probes/losses.py, probes/metrics.py, probes/train.py).
+from .losses import LossTerms, ProbeLoss, anneal, combined_loss, info_nce_loss, listwise_ranking_loss, pearson_loss
+from .metrics import (
+    bootstrap_ci,
+    global_spearman,
+    kendall_tau,
+    per_group_spearman,
+    rankdata,
+    selection_summary,
+    spearman,
+    top1_hit_rate,
+    within_prompt_spearman,
+)
+from .train import TrainArrays, TrainConfig, TrainResult, evaluate_probe, predict, train_probe
+
+__all__ += [
+    "listwise_ranking_loss",
+    "anneal",
+    "info_nce_loss",
+    "pearson_loss",
+    "LossTerms",
+    "combined_loss",
+    "ProbeLoss",
+    "rankdata",
+    "spearman",
+    "kendall_tau",
+    "per_group_spearman",
+    "within_prompt_spearman",
+    "global_spearman",
+    "top1_hit_rate",
+    "selection_summary",
+    "bootstrap_ci",
+    "TrainConfig",
+    "TrainArrays",
+    "TrainResult",
+    "train_probe",
+    "predict",
+    "evaluate_probe",
+]

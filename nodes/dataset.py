@@ -1,0 +1,109 @@
+"""ProbeSelectDatasetWriter: append candidates' activations and their final scores to a dataset."""
+from __future__ import annotations
+
+import logging
+import os
+import re
+
+import torch
+from comfy_api.latest import io, ui
+
+from ..probes.dataset import CandidateRows, DatasetError, DatasetManifest, DatasetWriter
+from ..probes.features import ActivationSeries
+from .errors import ProbeSelectError
+from .types import Activations, CATEGORY
+
+log = logging.getLogger(__name__)
+
+DATASETS_SUBFOLDER = "probe_select_datasets"
+_NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]{0,127}$")
+
+
+def datasets_root() -> str:
+    import folder_paths
+
+    return os.path.join(folder_paths.get_output_directory(), DATASETS_SUBFOLDER)
+
+
+def dataset_path(node_id: str, name: str) -> str:
+    name = name.strip()
+    if not _NAME.match(name) or ".." in name:
+        raise ProbeSelectError(node_id, f"dataset name '{name}' is not a plain folder name.",
+                               "use letters, digits, '.', '_' or '-' (no slashes).")
+    return os.path.join(datasets_root(), name)
+
+
+def list_datasets() -> list[str]:
+    root = datasets_root()
+    if not os.path.isdir(root):
+        return []
+    return sorted(d for d in os.listdir(root) if os.path.isfile(os.path.join(root, d, "manifest.json")))
+
+
+def rows_from(node_id: str, activations, image_scores: list, prompt: str) -> tuple[DatasetManifest, CandidateRows]:
+    """One dataset row per candidate: its activations at every checkpoint and each evaluator's score."""
+    if activations is None:
+        raise ProbeSelectError(node_id, "no activations: the sampler's model has no activation tap.",
+                               "insert ProbeSelectTap before ProbeSelectCollectSampler.")
+    sets = list(activations.sets) if isinstance(activations, ActivationSeries) else [activations]
+    n = len(sets[0])
+    names = [s.evaluator for s in image_scores]
+    if len(set(names)) != len(names):
+        raise ProbeSelectError(node_id, f"two score inputs come from the same evaluator ({names}).",
+                               "connect each evaluator once.")
+    for scores in image_scores:
+        if len(scores.scores) != n:
+            raise ProbeSelectError(node_id, f"{len(scores.scores)} '{scores.evaluator}' scores for {n} candidates.",
+                                   "score the finished images of the same sampler run (one image per candidate).")
+    first = sets[0]
+    text = first.text_embedding
+    if text is not None:
+        text = text.expand(n, -1) if text.shape[0] == 1 else text
+    manifest = DatasetManifest(
+        backbone_family=first.family, tap=first.tap, feature_shape=first.feature_shape, pooling=first.pooling,
+        checkpoints=[s.t for s in sets], evaluators=sorted(names), text_dim=0 if text is None else text.shape[1])
+    rows = CandidateRows(
+        features=torch.stack([s.features for s in sets], dim=1), seeds=first.seeds, prompts=[prompt] * n,
+        text_embedding=text, scores={s.evaluator: s.scores.float() for s in image_scores})
+    return manifest, rows
+
+
+class ProbeSelectDatasetWriter(io.ComfyNode):
+    @classmethod
+    def define_schema(cls):
+        from .types import ImageScoresType
+
+        return io.Schema(
+            node_id="ProbeSelectDatasetWriter",
+            display_name="Probe-Select Dataset Writer",
+            category=CATEGORY + "/train",
+            description="Appends one shard to a dataset under output/probe_select_datasets/<name>: every "
+                        "candidate's activations with the evaluator scores of its finished image. Safe to use from "
+                        "several ComfyUI instances at once; an interrupted write never damages earlier shards.",
+            inputs=[
+                Activations.Input("activations", tooltip="From ProbeSelectCollectSampler (several checkpoints) or "
+                                                         "ProbeSelectEarlySampler."),
+                ImageScoresType.Input("scores", tooltip="Per-image scores of the finished candidates."),
+                ImageScoresType.Input("scores_2", optional=True),
+                ImageScoresType.Input("scores_3", optional=True),
+                io.String.Input("prompt", multiline=True, tooltip="The prompt the candidates were made from; "
+                                                                  "datasets are split by prompt."),
+                io.String.Input("dataset_name", default="probe_dataset"),
+            ],
+            outputs=[io.Int.Output(display_name="rows")],
+            is_output_node=True,
+        )
+
+    @classmethod
+    def execute(cls, activations, scores, prompt, dataset_name, scores_2=None, scores_3=None) -> io.NodeOutput:
+        node_id = cls.__name__
+        path = dataset_path(node_id, dataset_name)
+        image_scores = [s for s in (scores, scores_2, scores_3) if s is not None]
+        manifest, rows = rows_from(node_id, activations, image_scores, prompt)
+        try:
+            total = DatasetWriter(path, manifest).append(rows)
+        except DatasetError as e:
+            raise ProbeSelectError(node_id, str(e), "write to a new dataset name, or collect with the same model, "
+                                                    "tap, checkpoints and evaluators.") from None
+        log.info("Probe-Select: dataset %s has %d rows", dataset_name, total)
+        return io.NodeOutput(total, ui=ui.PreviewText(f"{dataset_name}: {total} rows ({len(rows)} added)"))

@@ -1,0 +1,89 @@
+"""How good a probe is on held-out data, measured the way it matters for seed selection.
+
+Selection happens among the seeds of one prompt, so the headline figures are within-prompt:
+Spearman and Kendall tau averaged over prompts, how often the probe's top-1 is the best seed, and
+the score of the seed it selects against the average seed and the best seed. Global Spearman
+(across prompts) is reported too, labelled as such: a probe can rank prompts by difficulty and
+still not tell seeds apart.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import numpy as np
+import torch
+
+from .dataset import DatasetArrays
+from .io import ProbeMetadata
+from .metrics import global_spearman, kendall_tau, per_group_spearman, selection_summary, within_prompt_spearman
+from .model import Probe
+
+__all__ = ["ProbeEvaluation", "evaluate_probe_on", "format_report"]
+
+
+@dataclass
+class ProbeEvaluation:
+    metrics: dict
+    predicted: np.ndarray      # evaluator units
+    actual: np.ndarray
+    group: np.ndarray          # prompt index per row
+
+
+def _within_prompt_kendall(pred: np.ndarray, target: np.ndarray, group: np.ndarray) -> float:
+    taus = []
+    for g in np.unique(group):
+        rows = group == g
+        if rows.sum() >= 2 and np.ptp(target[rows]) > 0:
+            taus.append(kendall_tau(pred[rows], target[rows]))
+    return float(np.nanmean(taus)) if taus else float("nan")
+
+
+def evaluate_probe_on(probe: Probe, metadata: ProbeMetadata, arrays: DatasetArrays,
+                      batch_size: int = 256) -> ProbeEvaluation:
+    """Score every row of `arrays` with the probe and compare with the evaluator's scores."""
+    device = next(probe.parameters()).device
+    preds = []
+    with torch.no_grad():
+        for start in range(0, len(arrays), batch_size):
+            rows = slice(start, start + batch_size)
+            features = arrays.features[rows].to(device)
+            t = torch.full((features.shape[0],), float(arrays.t), device=device)
+            text = None
+            if probe.config.text_dim and arrays.text_embedding is not None:
+                text = arrays.text_embedding[rows].to(device).float()
+            preds.append(probe(features, t, text).float().cpu())
+    predicted = (torch.cat(preds) * metadata.score_std + metadata.score_mean).numpy().astype(np.float64)
+    actual = arrays.scores.double().numpy()
+    group = arrays.prompt_groups().numpy()
+    summary = selection_summary(predicted, actual, group)
+    per_prompt = per_group_spearman(predicted, actual, group)
+    metrics = {
+        "rows": int(len(actual)),
+        "prompts": int(len(np.unique(group))),
+        "within_prompt_spearman": within_prompt_spearman(predicted, actual, group),
+        "within_prompt_kendall": _within_prompt_kendall(predicted, actual, group),
+        "global_spearman": global_spearman(predicted, actual),
+        "global_kendall": kendall_tau(predicted, actual),
+        "top1_hit_rate": summary["top1_hit_rate"],
+        "selected_score": summary["selected"],
+        "mean_score": summary["mean"],
+        "best_score": summary["best"],
+        "oracle_gain_fraction": summary["oracle_gain_fraction"],
+        "prompts_ranked": int(np.isfinite(per_prompt).sum()),
+    }
+    return ProbeEvaluation(metrics, predicted, actual, group)
+
+
+def format_report(metrics: dict, evaluator: str, title: str = "Probe evaluation") -> str:
+    m = metrics
+    return "\n".join([
+        f"{title}: {m['rows']} candidates of {m['prompts']} prompts ({evaluator})",
+        f"within-prompt Spearman   {m['within_prompt_spearman']:.3f}   (headline: ranking seeds of one prompt)",
+        f"within-prompt Kendall    {m['within_prompt_kendall']:.3f}",
+        f"top-1 hit rate           {m['top1_hit_rate']:.3f}   (probe's pick is the prompt's best seed)",
+        f"selected score           {m['selected_score']:.4f}   vs mean seed {m['mean_score']:.4f}, "
+        f"best seed {m['best_score']:.4f}",
+        f"oracle gain captured     {m['oracle_gain_fraction']:.3f}   ((selected - mean) / (best - mean))",
+        f"global Spearman          {m['global_spearman']:.3f}   (across prompts; says little about seed choice)",
+        f"global Kendall           {m['global_kendall']:.3f}",
+    ])

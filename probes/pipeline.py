@@ -1,0 +1,76 @@
+"""Dataset -> probe and probe + dataset -> report: the steps shared by the nodes and the command line."""
+from __future__ import annotations
+
+import logging
+from dataclasses import replace
+from pathlib import Path
+from typing import Callable, Optional
+
+from .dataset import DatasetArrays, ProbeDataset, check_probe_matches, split_by_prompt
+from .evaluation import ProbeEvaluation, evaluate_probe_on
+from .io import ProbeMetadata
+from .model import Probe, ProbeConfig
+from .train import TrainArrays, TrainConfig, TrainResult, train_probe
+
+log = logging.getLogger(__name__)
+
+__all__ = ["default_evaluator", "train_arrays", "train_from_dataset", "evaluate_on_dataset"]
+
+SPLIT_FRACTIONS = (0.8, 0.1, 0.1)
+
+
+def default_evaluator(dataset: ProbeDataset, evaluator: str = "") -> str:
+    names = dataset.manifest.evaluators
+    if not evaluator:
+        return names[0]
+    if evaluator not in names:
+        raise ValueError(f"dataset {dataset.root} has no '{evaluator}' scores; it has {names}")
+    return evaluator
+
+
+def train_arrays(arrays: DatasetArrays, use_text: bool) -> TrainArrays:
+    return TrainArrays(features=arrays.features, t=float(arrays.t), group=arrays.prompt_ids,
+                       target=arrays.scores, text=arrays.text_embedding if use_text else None)
+
+
+def train_from_dataset(dataset: ProbeDataset, checkpoint_t: float, evaluator: str, out_path, *,
+                       train_config: TrainConfig, use_text: bool = True, split_seed: int = 0,
+                       probe_config: Optional[ProbeConfig] = None, state_dir=None,
+                       on_epoch: Optional[Callable[[int, dict], None]] = None,
+                       should_stop: Optional[Callable[[], bool]] = None) -> tuple[TrainResult, dict]:
+    """Train a probe on the dataset's train split (by prompt), validating on its val split."""
+    evaluator = default_evaluator(dataset, evaluator)
+    arrays = dataset.arrays(checkpoint_t=checkpoint_t, evaluator=evaluator)
+    splits = split_by_prompt(arrays.prompt_ids, SPLIT_FRACTIONS, seed=split_seed)
+    if len(splits["train"]) == 0 or len(splits["val"]) == 0:
+        raise ValueError(f"dataset {dataset.root} has too few prompts ({len(set(arrays.prompt_ids))}) for a "
+                         "train/val/test split; collect more prompts")
+    manifest = dataset.manifest
+    use_text = use_text and manifest.text_dim > 0 and arrays.text_embedding is not None
+    channels, size = manifest.feature_shape[0], manifest.feature_shape[-1]
+    if probe_config is None:
+        probe_config = ProbeConfig(in_channels=channels, feature_size=size)
+    probe_config = replace(probe_config, in_channels=channels, feature_size=size,
+                           text_dim=manifest.text_dim if use_text else 0)
+    metadata_base = {"backbone_family": manifest.backbone_family, "tap": manifest.tap,
+                     "checkpoint_t": float(arrays.t), "feature_shape": tuple(manifest.feature_shape),
+                     "pooling": manifest.pooling, "evaluator": evaluator}
+    result = train_probe(train_arrays(arrays.select(splits["train"]), use_text),
+                         train_arrays(arrays.select(splits["val"]), use_text),
+                         probe_config, train_config, metadata_base, Path(out_path), state_dir=state_dir,
+                         on_epoch=on_epoch, should_stop=should_stop)
+    sizes = {name: int(len(rows)) for name, rows in splits.items()}
+    return result, sizes
+
+
+def evaluate_on_dataset(probe: Probe, metadata: ProbeMetadata, dataset: ProbeDataset, split: str = "test",
+                        split_seed: int = 0) -> ProbeEvaluation:
+    """Evaluate on one split ("train", "val", "test") or "all" rows; the dataset must fit the probe."""
+    check_probe_matches(dataset.manifest, metadata)
+    arrays = dataset.arrays(checkpoint_t=metadata.checkpoint_t, evaluator=metadata.evaluator)
+    if split != "all":
+        rows = split_by_prompt(arrays.prompt_ids, SPLIT_FRACTIONS, seed=split_seed)[split]
+        if len(rows) == 0:
+            raise ValueError(f"the {split} split of {dataset.root} is empty; collect more prompts or use 'all'")
+        arrays = arrays.select(rows)
+    return evaluate_probe_on(probe, metadata, arrays)

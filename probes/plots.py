@@ -1,0 +1,90 @@
+"""Small, dependency-free plots (PIL + numpy) for training curves and predicted-vs-actual scatters.
+
+matplotlib is not a dependency of ComfyUI or of this pack; these plots only need to be legible in a
+node preview, so they are drawn directly.
+"""
+from __future__ import annotations
+
+import math
+from typing import Optional, Sequence
+
+import numpy as np
+from PIL import Image, ImageDraw
+
+__all__ = ["line_plot", "scatter_plot"]
+
+COLORS = [(31, 119, 180), (255, 127, 14), (44, 160, 44), (214, 39, 40), (148, 103, 189), (140, 86, 75)]
+MARGIN = (56, 28, 20, 40)   # left, top, right, bottom
+
+
+def _range(values: np.ndarray) -> tuple[float, float]:
+    finite = values[np.isfinite(values)]
+    if finite.size == 0:
+        return 0.0, 1.0
+    lo, hi = float(finite.min()), float(finite.max())
+    if math.isclose(lo, hi):
+        lo, hi = lo - 0.5, hi + 0.5
+    pad = 0.05 * (hi - lo)
+    return lo - pad, hi + pad
+
+
+class _Axes:
+    def __init__(self, panel: ImageDraw.ImageDraw, box: tuple[int, int, int, int], xr, yr, title: str):
+        self.draw, self.box, self.xr, self.yr = panel, box, xr, yr
+        x0, y0, x1, y1 = box
+        panel.rectangle(box, outline=(90, 90, 90))
+        panel.text((x0, y0 - 16), title, fill=(0, 0, 0))
+        for frac in (0.0, 0.5, 1.0):
+            yv = yr[0] + frac * (yr[1] - yr[0])
+            panel.text((x0 - 52, self.y(yv) - 6), f"{yv:.3g}", fill=(60, 60, 60))
+            xv = xr[0] + frac * (xr[1] - xr[0])
+            panel.text((self.x(xv) - 10, y1 + 4), f"{xv:.3g}", fill=(60, 60, 60))
+
+    def x(self, v: float) -> float:
+        x0, _, x1, _ = self.box
+        return x0 + (v - self.xr[0]) / (self.xr[1] - self.xr[0]) * (x1 - x0)
+
+    def y(self, v: float) -> float:
+        _, y0, _, y1 = self.box
+        return y1 - (v - self.yr[0]) / (self.yr[1] - self.yr[0]) * (y1 - y0)
+
+
+def line_plot(panels: Sequence[dict[str, Sequence[float]]], titles: Sequence[str], width: int = 640,
+              panel_height: int = 220) -> Image.Image:
+    """One panel per dict of named series (x = index), stacked vertically, with a legend."""
+    image = Image.new("RGB", (width, panel_height * len(panels)), "white")
+    draw = ImageDraw.Draw(image)
+    for p, (series, title) in enumerate(zip(panels, titles)):
+        top = p * panel_height
+        box = (MARGIN[0], top + MARGIN[1], width - MARGIN[2], top + panel_height - MARGIN[3])
+        values = [np.asarray(v, dtype=np.float64) for v in series.values()]
+        n = max((len(v) for v in values), default=1)
+        ys = np.concatenate(values) if values else np.zeros(1)
+        axes = _Axes(draw, box, (0.0, max(n - 1, 1)), _range(ys), title)
+        for i, (name, v) in enumerate(series.items()):
+            color = COLORS[i % len(COLORS)]
+            points = [(axes.x(j), axes.y(float(val))) for j, val in enumerate(v) if np.isfinite(val)]
+            if len(points) > 1:
+                draw.line(points, fill=color, width=2)
+            for px, py in points[-1:]:
+                draw.ellipse((px - 2, py - 2, px + 2, py + 2), fill=color)
+            draw.text((box[2] - 150, box[1] + 4 + 12 * i), name, fill=color)
+    return image
+
+
+def scatter_plot(x: Sequence[float], y: Sequence[float], title: str, x_label: str, y_label: str,
+                 group: Optional[Sequence[int]] = None, size: int = 480) -> Image.Image:
+    """Predicted (x) vs actual (y); points coloured by group when given."""
+    xs, ys = np.asarray(x, dtype=np.float64), np.asarray(y, dtype=np.float64)
+    image = Image.new("RGB", (size, size), "white")
+    draw = ImageDraw.Draw(image)
+    box = (MARGIN[0], MARGIN[1], size - MARGIN[2], size - MARGIN[3])
+    axes = _Axes(draw, box, _range(xs), _range(ys), title)
+    groups = np.zeros(len(xs), dtype=np.int64) if group is None else np.asarray(group)
+    for xv, yv, g in zip(xs, ys, groups):
+        color = COLORS[int(g) % len(COLORS)]
+        px, py = axes.x(xv), axes.y(yv)
+        draw.ellipse((px - 2, py - 2, px + 2, py + 2), fill=color)
+    draw.text((box[0] + (box[2] - box[0]) // 2 - 30, size - 18), x_label, fill=(0, 0, 0))
+    draw.text((4, box[1] - 16), y_label, fill=(0, 0, 0))
+    return image

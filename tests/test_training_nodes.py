@@ -1,0 +1,107 @@
+"""Training path inside ComfyUI: collect -> dataset writer -> train -> load -> score -> evaluate."""
+import os
+
+import pytest
+import torch
+
+from tiny_models import build_tiny
+
+PROMPTS = 16
+SEEDS = 4
+
+
+@pytest.fixture(scope="module")
+def comfy_dirs(pack, tmp_path_factory):
+    import folder_paths
+
+    out = tmp_path_factory.mktemp("output")
+    probes = tmp_path_factory.mktemp("probes_train")
+    old_out = folder_paths.get_output_directory()
+    folder_paths.set_output_directory(str(out))
+    folder_paths.add_model_folder_path("probes", str(probes), is_default=True)
+    yield out, probes
+    folder_paths.set_output_directory(old_out)
+
+
+def _nodes():
+    from probe_select.nodes import dataset, evaluators, sampling, selection, tap, training
+    return tap, sampling, dataset, evaluators, selection, training
+
+
+@pytest.fixture(scope="module")
+def collected(comfy_dirs):
+    """A small dataset whose score is a property of each finished image (mean latent brightness)."""
+    tap, sampling, dataset, evaluators, _, _ = _nodes()
+    sd1 = build_tiny("sd1")
+    tapped = tap.ProbeSelectTap.execute(sd1.patcher, "auto", 4).result[0]
+    total = 0
+    for p in range(PROMPTS):
+        positive, negative = sd1.conditioning(100 + p), sd1.conditioning(2)
+        finished, acts = sampling.ProbeSelectCollectSampler.execute(
+            tapped, positive, negative, sd1.empty_latent(1, 8), 1000 * p, SEEDS, 10, 3.0, "euler", "normal",
+            "0.2,0.4").result
+        values = finished["samples"][:, 0].mean(dim=(1, 2)).tolist()
+        (scores,) = evaluators.ProbeSelectScoresFromFloats.execute(values, ["brightness"], [f"prompt {p}"]).result
+        total = dataset.ProbeSelectDatasetWriter.execute(acts, scores, f"prompt {p}", "tiny_ds").result[0]
+    return sd1, tapped, total
+
+
+def test_writer_fills_a_dataset(comfy_dirs, collected):
+    from probe_select.probes.dataset import ProbeDataset
+    _, _, total = collected
+    assert total == PROMPTS * SEEDS
+    ds = ProbeDataset(os.path.join(comfy_dirs[0], "probe_select_datasets", "tiny_ds"))
+    assert len(ds) == PROMPTS * SEEDS and ds.manifest.checkpoints == [0.2, 0.4]
+    assert ds.manifest.evaluators == ["brightness"] and ds.manifest.backbone_family == "sd1"
+    assert ds.features(0.4).shape[1:] == tuple(ds.manifest.feature_shape)
+
+
+def test_train_load_score_evaluate_round_trip(comfy_dirs, collected):
+    tap, sampling, dataset, evaluators, selection, training = _nodes()
+    sd1, tapped, _ = collected
+    probe, curves, report = training.ProbeSelectTrain.execute(
+        "tiny_ds", 0.2, "", "tiny_probe", 3, 4, 1e-3, 0.2, 10.0, True, 0, 0).result
+    assert os.path.isfile(os.path.join(comfy_dirs[1], "tiny_probe.safetensors"))
+    assert curves.ndim == 4 and curves.shape[-1] == 3 and float(curves.std()) > 0
+    assert "epochs run: 3" in report and probe.metadata.checkpoint_t == pytest.approx(0.2)
+    assert probe.metadata.evaluator == "brightness" and probe.metadata.training
+
+    loaded = selection.ProbeSelectLoadProbe.execute("tiny_probe.safetensors").result[0]
+    early, _, acts = sampling.ProbeSelectEarlySampler.execute(
+        tapped, sd1.conditioning(100), sd1.conditioning(2), sd1.empty_latent(1, 8), 0, 4, 10, 3.0, "euler",
+        "normal", 0.2).result
+    scores = selection.ProbeSelectScore.execute(loaded, acts).result[0]
+    assert scores.scores.shape == (4,) and torch.isfinite(scores.scores).all()
+
+    report, scatter = training.ProbeSelectEvaluateProbe.execute(loaded, "tiny_ds", "all", 0).result
+    assert "within-prompt Spearman" in report and f"{PROMPTS * SEEDS} candidates of {PROMPTS} prompts" in report
+    assert scatter.shape[0] == 1 and scatter.shape[-1] == 3
+
+
+def test_dataset_for_another_tap_is_refused(comfy_dirs, collected):
+    from probe_select.nodes.errors import ProbeSelectError
+    from probe_select.probes.io import ProbeMetadata
+    from probe_select.probes.model import ProbeConfig, build_probe
+    _, _, _, _, selection, training = _nodes()
+    config = ProbeConfig(in_channels=64, feature_size=4, stem_width=16, widths=(16,), embed_dim=16,
+                         time_embed_dim=16, head_hidden=(16,), mlp_hidden=16)
+    meta = ProbeMetadata(backbone_family="sd1", tap="output_blocks.0.0", checkpoint_t=0.2, feature_shape=(64, 4, 4),
+                         pooling="adaptive_avg", evaluator="brightness", config=config)
+    other = selection.LoadedProbe(build_probe(config), meta, "other.safetensors")
+    with pytest.raises(ProbeSelectError, match=r"\[ProbeSelectEvaluateProbe\].*tap"):
+        training.ProbeSelectEvaluateProbe.execute(other, "tiny_ds", "all", 0)
+
+
+def test_writer_refuses_mismatched_scores(comfy_dirs, collected):
+    from probe_select.nodes.errors import ProbeSelectError
+    tap, sampling, dataset, evaluators, _, _ = _nodes()
+    sd1, tapped, _ = collected
+    _, acts = sampling.ProbeSelectCollectSampler.execute(
+        tapped, sd1.conditioning(5), sd1.conditioning(2), sd1.empty_latent(1, 8), 0, 3, 10, 3.0, "euler", "normal",
+        "0.2,0.4").result
+    (two,) = evaluators.ProbeSelectScoresFromFloats.execute([0.1, 0.2], ["brightness"], ["p"]).result
+    with pytest.raises(ProbeSelectError, match="2 'brightness' scores for 3 candidates"):
+        dataset.ProbeSelectDatasetWriter.execute(acts, two, "p", "tiny_ds")
+    (three,) = evaluators.ProbeSelectScoresFromFloats.execute([0.1, 0.2, 0.3], ["brightness"], ["p"]).result
+    with pytest.raises(ProbeSelectError, match="plain folder name"):
+        dataset.ProbeSelectDatasetWriter.execute(acts, three, "p", "../escape")

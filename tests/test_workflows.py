@@ -79,7 +79,8 @@ def check_widget_value(where: str, kind: str, options: dict, value) -> None:
         assert isinstance(value, str), f"{where}: {value!r} is not a STRING"
     elif kind == "BOOLEAN":
         assert isinstance(value, bool), f"{where}: {value!r} is not a BOOLEAN"
-    elif kind == "COMBO" and not str(value).endswith(MODEL_FILE_SUFFIXES):    # file lists depend on the install
+    elif kind == "COMBO" and not str(value).endswith(MODEL_FILE_SUFFIXES) and options.get("options"):
+        # File and dataset lists depend on the install (an empty list here means none on this machine).
         assert value in options.get("options", []), f"{where}: {value!r} is not one of {options.get('options')}"
     if kind in ("INT", "FLOAT"):
         assert options.get("min", value) <= value <= options.get("max", value), f"{where}: {value} out of range"

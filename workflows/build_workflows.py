@@ -167,6 +167,59 @@ def one_box() -> Workflow:
     ])
 
 
+COLLECT = {"seed": 0, "candidates": 8, "steps": 20, "cfg": 7.0, "sampler_name": "euler", "scheduler": "normal",
+           "checkpoints": "0.1,0.2,0.3,0.4,0.6", "denoise": 1.0}
+
+
+@workflow("collect_dataset")
+def collect_dataset() -> Workflow:
+    # The command-line collector (python -m probes.cli collect) replaces {prompt} in every string input.
+    nodes = text_to_image_inputs()
+    nodes[1] = Node(2, "CLIPTextEncode", {"text": (5, 0), "clip": (1, 1)}, title="Positive prompt", color="green")
+    return Workflow([
+        *nodes,
+        Node(5, "PrimitiveStringMultiline", {"value": "{prompt}"}, title="prompt", color="green"),
+        Node(6, "ProbeSelectTap", {"model": (1, 0), "block": "auto", "feature_size": 16}),
+        Node(7, "ProbeSelectCollectSampler", {"model": (6, 0), "positive": (2, 0), "negative": (3, 0),
+                                              "latent_image": (4, 0), **COLLECT}),
+        Node(8, "VAEDecode", {"samples": (7, 0), "vae": (1, 2)}),
+        Node(9, "ProbeSelectCLIPScore", {"model_name": "ViT-L-14", "weights": "open_clip_vit_l_14.safetensors"}),
+        Node(10, "ProbeSelectEvaluateImages", {"images": (8, 0), "prompt": (5, 0), "evaluator": (9, 0)}),
+        Node(11, "ProbeSelectDatasetWriter", {"activations": (7, 1), "scores": (10, 0), "prompt": (5, 0),
+                                              "dataset_name": "sd15_clipscore"}),
+        Node(12, "PreviewImage", {"images": (8, 0)}),
+        Note(13, "## Collect a probe-training dataset\n\n"
+                 "Every candidate (seed, seed+1, ...) is finished; the tapped block is recorded at each "
+                 "checkpoint, the finished images are scored, and one shard is appended to "
+                 "`output/probe_select_datasets/<dataset_name>`.\n\n"
+                 "- Type the prompt in the **prompt** box (it feeds the text encoder, the evaluator and the "
+                 "dataset). Queue once per prompt; use many prompts (hundreds) for a useful probe.\n"
+                 "- For big jobs: `python -m probes.cli collect --server http://127.0.0.1:8188 --prompts "
+                 "prompts.txt --dataset NAME --output-dir ComfyUI/output` sends this workflow once per "
+                 "prompt, to one or several servers, and resumes where it stopped.\n"
+                 "- CLIPScore needs open_clip weights in `models/evaluators` (or the open_clip cache).",
+             title="About this workflow", size=(420, 330)),
+    ])
+
+
+@workflow("train_probe")
+def train_probe() -> Workflow:
+    return Workflow([
+        Node(1, "ProbeSelectTrain", {"dataset": "sd15_clipscore", "checkpoint": 0.2, "evaluator": "",
+                                     "probe_name": "sd15_clipscore_t02", "epochs": 30}),
+        Node(2, "PreviewImage", {"images": (1, 1)}, title="Loss and validation curves"),
+        Node(3, "ProbeSelectEvaluateProbe", {"probe": (1, 0), "dataset": "sd15_clipscore", "split": "test"}),
+        Node(4, "PreviewImage", {"images": (3, 1)}, title="Predicted vs actual (test prompts)"),
+        Note(5, "## Train and evaluate a probe\n\n"
+                "Trains on the dataset's training prompts (listwise ranking within prompt + InfoNCE text "
+                "alignment), keeps the epoch with the best validation within-prompt Spearman, and saves "
+                "`models/probes/<probe_name>.safetensors`. Cancel stops and keeps the best probe so far.\n\n"
+                "The evaluation uses held-out test prompts: within-prompt Spearman and top-1 hit rate are "
+                "what matter for picking seeds.",
+             title="About this workflow", size=(400, 260)),
+    ])
+
+
 # ---- node schemas (ComfyUI's /object_info, in-process) --------------------------------------------
 
 FRONTEND_ONLY = {"MarkdownNote", "Note"}        # virtual nodes: no schema, never in the API format
@@ -324,6 +377,18 @@ def _widget_value(where: str, spec: InputSpec, value: Any) -> Any:
     return value
 
 
+_EMPTY_WIDGET = {"STRING": "", "INT": 0, "FLOAT": 0.0, "BOOLEAN": False}
+
+
+def _unlinked_value(spec) -> Any:
+    """What the frontend keeps in widgets_values for a widget whose input is linked: its default."""
+    if "default" in spec.options:
+        return spec.options["default"]
+    if spec.type == "COMBO":
+        return (spec.options.get("options") or [""])[0]
+    return _EMPTY_WIDGET.get(spec.type)
+
+
 def _resolve(node: Node, schemas: Schemas) -> dict:
     """name -> literal value or link, every widget filled (schema default when left out), checked."""
     specs = input_specs(schemas[node.class_type])
@@ -472,7 +537,7 @@ def build(name: str, wf: Workflow, schemas: Schemas) -> tuple[dict, dict]:
         widgets_values = []
         for spec in specs:
             if spec.widget:
-                widgets_values.append(values[spec.name] if spec.name not in linked else spec.options.get("default"))
+                widgets_values.append(values[spec.name] if spec.name not in linked else _unlinked_value(spec))
                 if spec.control:
                     widgets_values.append(node.control)
         outputs = [{"name": out_name, "type": out_type, "links": out_links.get((node.id, slot))}

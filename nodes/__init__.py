@@ -3,6 +3,7 @@ from comfy_api.latest import ComfyExtension, io
 
 from .dataset import ProbeSelectDatasetWriter
 from .evaluators import EVALUATOR_NODES
+from .preview_score import ProbeSelectPreviewScore
 from .sampling import ProbeSelectCollectSampler, ProbeSelectEarlySampler, ProbeSelectResume, ProbeSelectSampler
 from .selection import ProbeSelectLoadProbe, ProbeSelectScore, ProbeSelectTopK
 from .tap import ProbeSelectTap
@@ -13,6 +14,7 @@ NODES: list[type[io.ComfyNode]] = [
     ProbeSelectEarlySampler,
     ProbeSelectLoadProbe,
     ProbeSelectScore,
+    ProbeSelectPreviewScore,
     ProbeSelectTopK,
     ProbeSelectResume,
     ProbeSelectSampler,

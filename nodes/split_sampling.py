@@ -28,6 +28,7 @@ from .noise import UNSPLITTABLE_SAMPLERS, build_noise_sampler, initial_noise, sa
 log = logging.getLogger(__name__)
 
 PACK_KEY = "probe_select"
+X0_KEY = "probe_select_x0"
 METADATA_VERSION = 1
 
 
@@ -199,7 +200,9 @@ def run_candidates(model, positive, negative, latent: dict, seed: int, candidate
             "state": final_state["x"],
         }
     x0 = x0_holder["x0"].to("cpu")
-    x0_latent = {"samples": model.model.process_latent_out(x0)}
+    # The run id and seeds travel with the previews so that preview-based scores can be matched to the
+    # early latent by ProbeSelectTopK, like probe scores are.
+    x0_latent = {"samples": model.model.process_latent_out(x0), X0_KEY: {"run_id": run_id, "seeds": seeds}}
     return EarlyResult(latent=out, x0=x0_latent, activations=activations)
 
 

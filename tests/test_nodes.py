@@ -240,3 +240,30 @@ def test_collect_sampler_records_the_same_activations_as_inference(sd1, tapped):
     with pytest.raises(ProbeSelectError, match="no activation tap"):
         sampling.ProbeSelectCollectSampler.execute(sd1.patcher, pos, neg, latent, 0, 2, 10, 4.0, "euler", "normal",
                                                    "0.2")
+
+
+class _BrightnessEvaluator:
+    """Stands in for an evaluator model: the mean of each image."""
+
+    def score(self, images, prompts):
+        from probe_select.probes.evaluators import ImageScores
+        return ImageScores(images.mean(dim=(1, 2, 3)), "brightness", [prompts] * images.shape[0])
+
+
+class _SigmoidVAE:
+    def decode(self, samples):
+        return torch.sigmoid(samples[:, :3]).movedim(1, -1)
+
+
+def test_preview_score_ranks_by_the_decoded_x0(sd1, tapped):
+    from probe_select.nodes.errors import ProbeSelectError
+    from probe_select.nodes.preview_score import ProbeSelectPreviewScore
+    _, _, selection = _nodes()
+    early, x0, _ = _early(sd1, tapped, n=4)
+    scores = ProbeSelectPreviewScore.execute(x0, _SigmoidVAE(), _BrightnessEvaluator(), "a prompt").result[0]
+    expected = torch.sigmoid(x0["samples"][:, :3]).mean(dim=(1, 2, 3))
+    assert torch.allclose(scores.scores, expected) and scores.seeds == [10, 11, 12, 13]
+    kept, _, best, _, idx = selection.ProbeSelectTopK.execute(early, scores, 1).result
+    assert idx == str(int(expected.argmax())) and best == 10 + int(expected.argmax())
+    with pytest.raises(ProbeSelectError, match="x0 preview"):
+        ProbeSelectPreviewScore.execute({"samples": x0["samples"]}, _SigmoidVAE(), _BrightnessEvaluator(), "p")

@@ -6,7 +6,10 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parents[1]
 PUBLIC_NODE_IDS = {
     "ProbeSelectTap", "ProbeSelectEarlySampler", "ProbeSelectLoadProbe", "ProbeSelectScore",
-    "ProbeSelectTopK", "ProbeSelectResume", "ProbeSelectSampler",
+    "ProbeSelectTopK", "ProbeSelectResume", "ProbeSelectSampler", "ProbeSelectCollectSampler",
+    "ProbeSelectDatasetWriter", "ProbeSelectTrain", "ProbeSelectEvaluateProbe", "ProbeSelectCLIPScore",
+    "ProbeSelectImageReward", "ProbeSelectHPSv2", "ProbeSelectPickScore", "ProbeSelectEvaluateImages",
+    "ProbeSelectScoresFromFloats", "ProbeSelectPreviewScore",
 }
 
 

@@ -15,8 +15,10 @@ test: setup
 test-fast: setup
 	$(PY) -m pytest -m "not server" $(PYTEST_ARGS)
 
+# Benchmarks write their figures to bench/results/ (not timed tests).
 bench: setup
 	$(PY) bench/bench_core.py
+	$(PY) bench/bench_train.py
 
 clean:
 	rm -rf .venv .comfyui .pytest_cache

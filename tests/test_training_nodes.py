@@ -105,3 +105,19 @@ def test_writer_refuses_mismatched_scores(comfy_dirs, collected):
     (three,) = evaluators.ProbeSelectScoresFromFloats.execute([0.1, 0.2, 0.3], ["brightness"], ["p"]).result
     with pytest.raises(ProbeSelectError, match="plain folder name"):
         dataset.ProbeSelectDatasetWriter.execute(acts, three, "p", "../escape")
+
+
+def test_cancel_stops_training_and_keeps_a_probe(comfy_dirs, collected):
+    import comfy.model_management as mm
+    from probe_select.probes.io import load_probe
+    *_, training = _nodes()
+    mm.interrupt_current_processing(True)           # what the Cancel button does
+    try:
+        with pytest.raises(mm.InterruptProcessingException):
+            training.ProbeSelectTrain.execute("tiny_ds", 0.2, "", "cancelled_probe", 50, 4, 1e-3, 0.2, 10.0, True,
+                                              0, 0)
+    finally:
+        mm.interrupt_current_processing(False)
+    path = os.path.join(comfy_dirs[1], "cancelled_probe.safetensors")
+    _, meta = load_probe(path)                     # the best probe so far is on disk and loads
+    assert meta.training["stopped"] == "should_stop" and meta.training["epochs_run"] < 50

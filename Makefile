@@ -3,7 +3,7 @@ PY := .venv/bin/python
 export OMP_NUM_THREADS ?= 1
 PYTEST_ARGS ?=
 
-.PHONY: setup test test-fast bench clean
+.PHONY: setup test test-fast bench lint clean
 
 setup:
 	@bash scripts/setup_env.sh
@@ -22,3 +22,6 @@ bench: setup
 
 clean:
 	rm -rf .venv .comfyui .pytest_cache
+
+lint: setup
+	$(PY) -m ruff check --select F,E9 --line-length 120 nodes probes tests __init__.py bench workflows

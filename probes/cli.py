@@ -222,21 +222,10 @@ def cmd_evaluate(args: argparse.Namespace) -> int:
     return EXIT_OK
 
 
-def _json_safe(value: Any) -> Any:
-    """NaN and infinities become null (strict JSON has no NaN)."""
-    if isinstance(value, float):
-        return value if math.isfinite(value) else None
-    if isinstance(value, dict):
-        return {str(k): _json_safe(v) for k, v in value.items()}
-    if isinstance(value, (list, tuple)):
-        return [_json_safe(v) for v in value]
-    if hasattr(value, "item") and callable(value.item):       # numpy / torch scalars
-        return _json_safe(value.item())
-    return value
-
-
 def _write_json(target: str, data: dict) -> None:
-    text = json.dumps(_json_safe(data), indent=2, allow_nan=False) + "\n"
+    from .train import json_safe
+
+    text = json.dumps(json_safe(data), indent=2, allow_nan=False) + "\n"
     if target == "-":
         sys.stdout.write(text)
         sys.stdout.flush()

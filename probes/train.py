@@ -26,7 +26,7 @@ import logging
 import math
 import os
 import time
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Callable, Optional, Union
 
@@ -398,7 +398,7 @@ def _save_state(state_dir: Path, tensors: dict[str, Tensor], info: dict) -> None
     tensors = {key: value.detach().to("cpu").contiguous() for key, value in tensors.items()}
     atomic_write(state_dir / name, lambda temp: save_file(tensors, str(temp), metadata={"format": STATE_FORMAT}))
     info = {**info, "format": STATE_FORMAT, "version": STATE_VERSION, "tensors": name}
-    text = json.dumps(_json_safe(info), indent=1, sort_keys=True)
+    text = json.dumps(json_safe(info), indent=1, sort_keys=True)
     atomic_write(state_dir / STATE_JSON, lambda temp: temp.write_text(text, encoding="utf-8"))
     for old in state_dir.glob("train_state_e*.safetensors"):
         if old.name != name:
@@ -451,16 +451,16 @@ def _load_optimizer(optimizer: torch.optim.Optimizer, tensors: dict[str, Tensor]
     optimizer.load_state_dict({"state": state, "param_groups": optimizer.state_dict()["param_groups"]})
 
 
-def _json_safe(value: Any) -> Any:
-    """NaN/inf become None so that the JSON is standard."""
+def json_safe(value: Any) -> Any:
+    """NaN and infinities become None (strict JSON has no NaN); numpy / torch scalars become numbers."""
     if isinstance(value, float):
         return value if math.isfinite(value) else None
     if isinstance(value, dict):
-        return {str(k): _json_safe(v) for k, v in value.items()}
+        return {str(k): json_safe(v) for k, v in value.items()}
     if isinstance(value, (list, tuple)):
-        return [_json_safe(v) for v in value]
-    if isinstance(value, (np.floating, np.integer)):
-        return _json_safe(value.item())
+        return [json_safe(v) for v in value]
+    if isinstance(value, (np.generic, Tensor)) and getattr(value, "ndim", 0) == 0:
+        return json_safe(value.item())
     return value
 
 
@@ -620,7 +620,7 @@ def _train(
             logger.info("resuming training from %s after epoch %d", state_dir, start_epoch - 1)
 
     def training_summary(epochs_run: int, stopped: str) -> dict:
-        return _json_safe({
+        return json_safe({
             **summary_base, "epochs_run": epochs_run, "best_epoch": best_epoch, "stopped": stopped,
             "val": {key: best_metrics.get(key) for key in ("within_spearman", "global_spearman", "top1", "oracle_gain")},
         })
@@ -699,12 +699,12 @@ def _train(
             "seconds": seconds,
             "samples_per_s": rows_seen / seconds if seconds > 0 else math.nan,
         }
-        entry = _json_safe(entry)
+        entry = json_safe(entry)
         history.append(entry)
         key = metrics["within_spearman"]
         key = -math.inf if key is None or math.isnan(key) else key
         if best_state is None or key > best_key + config.min_delta:
-            best_key, best_epoch, best_metrics = key, epoch, _json_safe(metrics)
+            best_key, best_epoch, best_metrics = key, epoch, json_safe(metrics)
             best_state = snapshot(ema)
             epochs_since_best = 0
             write_probe(best_state, epoch + 1, "running")

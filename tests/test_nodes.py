@@ -97,7 +97,6 @@ def test_load_score_topk_resume_pipeline(sd1, tapped, probe):
 def test_topk_keeps_per_sample_entries_aligned_and_ties_stable(sd1, tapped):
     from probe_select.probes.scoring import CandidateScores
     _, _, selection = _nodes()
-    latent = sd1.empty_latent(1, 8)
     early, _, acts = _early(sd1, tapped, n=4)
     early = dict(early)
     early["noise_mask"] = torch.arange(4, dtype=torch.float32).reshape(4, 1, 1, 1).expand(4, 1, 8, 8).clone()

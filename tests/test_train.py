@@ -14,7 +14,6 @@ import math
 
 import pytest
 import torch
-from safetensors import safe_open
 from safetensors.torch import load_file
 
 from probes.features import ActivationSet

@@ -173,3 +173,17 @@ def test_x0_preview_is_the_denoised_estimate(mods):
     assert x0.shape == xs.shape
     assert not torch.allclose(x0, xs)
     assert result.activations is None            # no tap on this model
+
+
+@pytest.mark.parametrize("family", ["sd1", "flux"])
+def test_single_candidate_split_is_bit_identical_to_ksampler(mods, family):
+    """With N=1 nothing is batched differently, so the split run is exactly one KSampler run."""
+    import nodes
+
+    tiny = build_tiny(family)
+    latent = tiny.empty_latent(1, 16 if tiny.latent_channels == 16 else 8)
+    pos, neg = tiny.conditioning(1), tiny.conditioning(2)
+    early = mods.split.run_early(tiny.patcher, pos, neg, latent, 52, 1, 10, 4.0, "heun", "normal", 0.2)
+    finished = mods.split.resume(tiny.patcher, pos, neg, early.latent, 4.0)["samples"]
+    (ref,) = nodes.common_ksampler(tiny.patcher, 52, 10, 4.0, "heun", "normal", pos, neg, latent)
+    assert torch.equal(finished, ref["samples"])

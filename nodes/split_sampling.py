@@ -112,6 +112,7 @@ class EarlyResult:
     latent: dict               # N rows at step s, with PACK_KEY metadata
     x0: dict                   # the model's x0 prediction at the last early step (LATENT)
     activations: Optional[ActivationSet]
+    x0_at: Optional[dict] = None   # checkpoint step k -> x0 prediction (LATENT samples) of the step reaching k
 
 
 def run_early(model, positive, negative, latent: dict, seed: int, candidates: int, steps: int, cfg: float,
@@ -157,9 +158,12 @@ def run_candidates(model, positive, negative, latent: dict, seed: int, candidate
     work_model.model_options.setdefault("transformer_options", {})[RUN_KEY] = run_id
     session = tap.open_session(run_id, tuple(k - 1 for k in capture_at)) if tap is not None else None
     x0_holder = {}
+    x0_at = {}
 
     def on_step(step, x0, x, total_steps):
         x0_holder["x0"] = x0
+        if step + 1 in capture_at:
+            x0_at[step + 1] = x0.detach().to("cpu", copy=True)
         if session is not None:
             session.step = step + 1
         comfy.model_management.throw_exception_if_processing_interrupted()
@@ -203,7 +207,8 @@ def run_candidates(model, positive, negative, latent: dict, seed: int, candidate
     # The run id and seeds travel with the previews so that preview-based scores can be matched to the
     # early latent by ProbeSelectTopK, like probe scores are.
     x0_latent = {"samples": model.model.process_latent_out(x0), X0_KEY: {"run_id": run_id, "seeds": seeds}}
-    return EarlyResult(latent=out, x0=x0_latent, activations=activations)
+    x0_at = {k: model.model.process_latent_out(v) for k, v in x0_at.items()}
+    return EarlyResult(latent=out, x0=x0_latent, activations=activations, x0_at=x0_at)
 
 
 def select_rows(latent: dict, indices: list[int]) -> dict:

@@ -187,3 +187,15 @@ def test_single_candidate_split_is_bit_identical_to_ksampler(mods, family):
     finished = mods.split.resume(tiny.patcher, pos, neg, early.latent, 4.0)["samples"]
     (ref,) = nodes.common_ksampler(tiny.patcher, 52, 10, 4.0, "heun", "normal", pos, neg, latent)
     assert torch.equal(finished, ref["samples"])
+
+
+def test_x0_previews_at_every_checkpoint(mods):
+    tiny = build_tiny("sd1")
+    latent = tiny.empty_latent(1, 8)
+    pos, neg = tiny.conditioning(1), tiny.conditioning(2)
+    full = mods.split.run_candidates(tiny.patcher, pos, neg, latent, 5, 2, 10, 3.0, "euler", "normal",
+                                     stop_step=10, capture_at=(2, 4))
+    assert sorted(full.x0_at) == [2, 4]
+    early = mods.split.run_early(tiny.patcher, pos, neg, latent, 5, 2, 10, 3.0, "euler", "normal", 0.4)
+    assert torch.allclose(full.x0_at[4], early.x0["samples"], atol=1e-6)
+    assert not torch.allclose(full.x0_at[2], full.x0_at[4])

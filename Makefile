@@ -3,7 +3,7 @@ PY := .venv/bin/python
 export OMP_NUM_THREADS ?= 1
 PYTEST_ARGS ?=
 
-.PHONY: setup test test-fast bench lint clean
+.PHONY: setup test test-fast bench bench-proxy demo lint clean
 
 setup:
 	@bash scripts/setup_env.sh
@@ -25,3 +25,14 @@ clean:
 
 lint: setup
 	$(PY) -m ruff check --select F,E9 --line-length 120 nodes probes tests __init__.py bench workflows
+
+# Probe-Select measured end to end in the proxy world (trains the proxy models first if needed).
+bench-proxy: setup
+	@for f in unet dit; do \
+	  $(PY) -c "import sys; sys.path[:0] = ['tests', '.']; import conftest; from bench.proxy_world import models; models.weights_path('$$f')" 2>/dev/null \
+	    || $(PY) bench/proxy_world/train_models.py --family $$f; \
+	done
+	$(PY) bench/proxy_bench.py
+
+demo: setup
+	$(PY) bench/demo.py

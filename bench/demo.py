@@ -1,0 +1,203 @@
+"""`make demo`: the Probe-Select workflow, run by ComfyUI's own execution engine, in the proxy world.
+
+    make demo                                  # or: .venv/bin/python bench/demo.py [--family dit] [--out out/demo]
+
+Loads ComfyUI in-process with this pack and the bench-only proxy-world nodes as custom nodes, queues
+the selection workflow (tap -> early sampler -> probe score -> top-K -> resume) through
+`execution.PromptExecutor` (what the server runs), and writes to the output folder:
+- `candidates.png`: the N early candidates (x0 previews at the checkpoint) with their probe scores,
+  kept ones framed in green, next to the finished image(s);
+- `summary.txt`: the evaluator score of the kept image vs the mean of all candidates (each finished
+  with a plain KSampler for comparison only), and the compute saved.
+Needs the proxy models and the demo probe (bench/proxy_world/weights/ or bench/cache/).
+"""
+from __future__ import annotations
+
+import argparse
+import asyncio
+import logging
+import os
+import shutil
+import sys
+import time
+from pathlib import Path
+
+os.environ.setdefault("OMP_NUM_THREADS", "1")
+ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT / "tests"))
+sys.path.append(str(ROOT))          # last: ComfyUI's `nodes` must win over the pack's nodes/
+
+import conftest  # noqa: E402
+
+import torch  # noqa: E402
+from PIL import Image, ImageDraw  # noqa: E402
+
+log = logging.getLogger("demo")
+PROMPT = "a red circle left of a blue square"
+
+
+def probe_file(family: str) -> Path:
+    for folder in (ROOT / "bench" / "proxy_world" / "weights", ROOT / "bench" / "cache" / "proxy_bench"):
+        path = folder / f"{family}_t0.2.safetensors"
+        if path.exists():
+            return path
+    raise SystemExit(f"no demo probe for {family}: run `make bench-proxy` first (it trains one)")
+
+
+def workflow(family: str, probe_name: str, n: int, k: int, seed: int, steps: int, prompt: str) -> dict:
+    size = 256 if family == "unet" else 128        # EmptyLatentImage is in pixels / 8
+    return {
+        "1": {"class_type": "ProxyWorldLoader", "inputs": {"family": family}},
+        "2": {"class_type": "ProxyWorldEncode", "inputs": {"text_encoder": ["1", 1], "prompt": prompt}},
+        "3": {"class_type": "ProxyWorldEncode", "inputs": {"text_encoder": ["1", 1], "prompt": ""}},
+        "4": {"class_type": "EmptyLatentImage", "inputs": {"width": size, "height": size, "batch_size": 1}},
+        "5": {"class_type": "ProbeSelectTap", "inputs": {"model": ["1", 0], "block": "auto", "feature_size": 8}},
+        "6": {"class_type": "ProbeSelectEarlySampler", "inputs": {
+            "model": ["5", 0], "positive": ["2", 0], "negative": ["3", 0], "latent_image": ["4", 0], "seed": seed,
+            "candidates": n, "steps": steps, "cfg": 4.0, "sampler_name": "euler", "scheduler": "normal",
+            "checkpoint": 0.2, "denoise": 1.0}},
+        "7": {"class_type": "ProbeSelectLoadProbe", "inputs": {"probe_name": probe_name}},
+        "8": {"class_type": "ProbeSelectScore", "inputs": {"probe": ["7", 0], "activations": ["6", 2]}},
+        "9": {"class_type": "ProbeSelectTopK", "inputs": {"early_latent": ["6", 0], "scores": ["8", 0], "keep": k}},
+        "10": {"class_type": "ProbeSelectResume", "inputs": {"model": ["1", 0], "positive": ["2", 0],
+                                                              "negative": ["3", 0], "latent": ["9", 0], "cfg": 4.0}},
+        "11": {"class_type": "ProxyWorldDecode", "inputs": {"samples": ["10", 0], "family": family}},
+        "12": {"class_type": "SaveImage", "inputs": {"images": ["11", 0], "filename_prefix": "demo_kept"}},
+        "13": {"class_type": "ProxyWorldDecode", "inputs": {"samples": ["6", 1], "family": family}},
+        "14": {"class_type": "SaveImage", "inputs": {"images": ["13", 0], "filename_prefix": "demo_candidates"}},
+    }
+
+
+class _Server:
+    """What PromptExecutor needs of PromptServer: it only sends progress messages here."""
+    client_id = None
+    last_node_id = None
+    last_prompt_id = None
+
+    def send_sync(self, event, data, sid=None):
+        pass
+
+
+def _load_nodes(out_dir: Path, probes_dir: Path) -> None:
+    import folder_paths
+    import nodes
+
+    folder_paths.set_output_directory(str(out_dir))
+    asyncio.run(nodes.init_extra_nodes(init_custom_nodes=False, init_api_nodes=False))
+    asyncio.run(nodes.load_custom_node(str(ROOT), module_parent="custom_nodes"))
+    asyncio.run(nodes.load_custom_node(str(ROOT / "bench" / "proxy_world" / "comfy_nodes"),
+                                       module_parent="custom_nodes"))
+    folder_paths.add_model_folder_path("probes", str(probes_dir), is_default=True)
+    missing = [n for n in ("ProbeSelectTap", "ProxyWorldLoader") if n not in nodes.NODE_CLASS_MAPPINGS]
+    if missing:
+        raise SystemExit(f"custom nodes failed to load: {missing}")
+
+
+def _grid(previews: torch.Tensor, scores: list[float], kept: list[int], finished: torch.Tensor,
+          cell: int = 128) -> Image.Image:
+    n = previews.shape[0]
+    canvas = Image.new("RGB", ((n + 1 + finished.shape[0]) * (cell + 8) + 8, cell + 48), (24, 24, 28))
+    draw = ImageDraw.Draw(canvas)
+    to_pil = lambda img: Image.fromarray((img.clamp(0, 1).numpy() * 255).astype("uint8")).resize(  # noqa: E731
+        (cell, cell), Image.NEAREST)
+    for i in range(n):
+        x = 8 + i * (cell + 8)
+        canvas.paste(to_pil(previews[i]), (x, 28))
+        if i in kept:
+            draw.rectangle((x - 3, 25, x + cell + 2, 28 + cell + 2), outline=(60, 220, 90), width=3)
+        draw.text((x, 6), f"#{i} {scores[i]:+.2f}" + (" kept" if i in kept else ""), fill=(230, 230, 230))
+    x0 = 8 + (n + 1) * (cell + 8)
+    for j in range(finished.shape[0]):
+        canvas.paste(to_pil(finished[j]), (x0 + j * (cell + 8), 28))
+        draw.text((x0 + j * (cell + 8), 6), f"finished #{kept[j]}", fill=(120, 230, 140))
+    return canvas
+
+
+def main(argv=None) -> dict:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--family", choices=["unet", "dit"], default="unet")
+    parser.add_argument("--out", type=Path, default=ROOT / "out" / "demo")
+    parser.add_argument("--prompt", default=PROMPT)
+    parser.add_argument("--candidates", type=int, default=8)
+    parser.add_argument("--keep", type=int, default=1)
+    parser.add_argument("--seed", type=int, default=7)
+    parser.add_argument("--steps", type=int, default=20)
+    args = parser.parse_args(argv)
+    logging.basicConfig(level=logging.INFO, format="%(message)s")
+    started = time.perf_counter()
+    args.out.mkdir(parents=True, exist_ok=True)
+    probes_dir = args.out / "probes"
+    probes_dir.mkdir(exist_ok=True)
+    source = probe_file(args.family)
+    shutil.copy(source, probes_dir / source.name)
+
+    log.info("[demo] loading ComfyUI, the pack and the proxy-world nodes ...")
+    pack = conftest._load_pack()
+    del pack
+    _load_nodes(args.out, probes_dir)
+    import execution
+    import nodes
+
+    prompt_graph = workflow(args.family, source.name, args.candidates, args.keep, args.seed, args.steps, args.prompt)
+    valid = asyncio.run(execution.validate_prompt("demo", prompt_graph, None))
+    if not valid[0]:
+        raise SystemExit(f"workflow invalid: {valid[1]} {valid[3]}")
+    log.info("[demo] running the Probe-Select workflow (N=%d, K=%d, checkpoint 0.2, %d steps) through ComfyUI's "
+             "executor ...", args.candidates, args.keep, args.steps)
+    executor = execution.PromptExecutor(_Server(), cache_type=execution.CacheType.CLASSIC,
+                                        cache_args={"lru": 0, "ram": 0})
+    executor.execute(prompt_graph, "demo", {}, valid[2])
+    if not executor.success:
+        raise SystemExit(f"workflow failed: {executor.status_messages[-1:]}")
+    outputs = executor.history_result["outputs"]
+    ranking_text = outputs["9"]["text"][0]
+    log.info("[demo] %s", ranking_text.replace("\n", "\n[demo] "))
+
+    # Read the run back from the executor's output cache, for the picture and the summary.
+    def output(node: str, index: int):
+        entry = executor.caches.outputs.get(node)
+        values = entry.outputs if hasattr(entry, "outputs") else entry     # CacheEntry on 0.3.75
+        return values[index][0]
+
+    early_latent = output("6", 0)
+    scores = output("8", 0)
+    kept_indices = [int(i) for i in output("9", 4).split(",")]
+    previews = output("13", 0)
+    finished = output("11", 0)
+    grid = _grid(previews, scores.scores.tolist(), kept_indices, finished)
+    grid.save(args.out / "candidates.png")
+
+    log.info("[demo] finishing every candidate with a plain KSampler, for comparison only ...")
+    from bench.proxy_world import models
+    from bench.proxy_world.evaluator import score as proxy_score
+    from bench.proxy_world.grammar import parse_prompt
+    patcher, text = models.load(args.family)
+    pos, neg = text.conditioning(args.prompt), text.conditioning("")
+    latent = models.empty_latent(args.family, 1)
+    finals = []
+    for s in early_latent["probe_select"]["seeds"]:
+        (done,) = nodes.common_ksampler(patcher, s, args.steps, 4.0, "euler", "normal", pos, neg, latent)
+        finals.append(done["samples"])
+    final_scores = proxy_score(models.latent_to_image(torch.cat(finals), args.family),
+                               [parse_prompt(args.prompt)] * args.candidates)
+    kept_score = float(final_scores[kept_indices].mean())
+    s = early_latent["probe_select"]["stop_step"]
+    spent = args.candidates * s + args.keep * (args.steps - s)
+    summary = "\n".join([
+        f"prompt: {args.prompt} ({args.family}, N={args.candidates}, K={args.keep}, seeds {args.seed}..)",
+        f"evaluator score of the kept image(s): {kept_score:.3f}",
+        f"mean over all {args.candidates} candidates: {float(final_scores.mean()):.3f}; best: "
+        f"{float(final_scores.max()):.3f}",
+        f"denoiser evaluations: {spent} instead of {args.candidates * args.steps} "
+        f"({1 - spent / (args.candidates * args.steps):.0%} saved)",
+        f"wrote {args.out / 'candidates.png'} and the SaveImage outputs in {args.out}",
+        f"total time {time.perf_counter() - started:.1f} s",
+    ])
+    (args.out / "summary.txt").write_text(summary + "\n")
+    for line in summary.splitlines():
+        log.info("[demo] %s", line)
+    return {"kept_score": kept_score, "mean_score": float(final_scores.mean()), "kept": kept_indices}
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,374 @@
+"""Probe-Select measured end to end in the proxy world: quality of early selection and its cost.
+
+    make bench-proxy                               # the full report (both models)
+    .venv/bin/python bench/proxy_bench.py --quick  # a reduced setting (what the tests smoke-run)
+
+For each proxy model (an SD1.x-family UNet and an SD3-family DiT, bench/proxy_world/models.py):
+1. Collect: every prompt's candidates (seed + i) are finished with the pack's own split sampler,
+   recording the tapped block at each checkpoint t and the x0 prediction there. Finished images and
+   x0 previews are scored by the analytic evaluator. Rows go to Probe-Select datasets (train prompts,
+   held-out prompts) in bench/cache/proxy_bench/.
+2. Train one probe per checkpoint on the training prompts (the pack's trainer).
+3. On held-out prompts: within-prompt Spearman (headline) and global Spearman of the probe, of the
+   x0-preview scorer and of random scores, with bootstrap 95% intervals over prompts; the fraction of
+   the oracle gain that top-1 of N captures.
+4. Cost in one run: generate-all-then-select vs Probe-Select vs the x0-preview scorer at N=5, K=1,
+   t=0.2 and other settings, in denoiser evaluations and wall-clock.
+Writes bench/results/REPORT.md, bench/results/proxy_bench.json and PNG plots.
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import logging
+import math
+import os
+import platform
+import shutil
+import sys
+import time
+from dataclasses import dataclass
+from pathlib import Path
+
+os.environ.setdefault("OMP_NUM_THREADS", "1")
+ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT / "tests"))
+sys.path.append(str(ROOT))          # last: ComfyUI's `nodes` must win over the pack's nodes/
+
+import conftest  # noqa: E402  (bootstraps ComfyUI in-process, as the tests do)
+
+import numpy as np  # noqa: E402
+import torch  # noqa: E402
+
+log = logging.getLogger("proxy_bench")
+RESULTS = ROOT / "bench" / "results"
+CACHE = ROOT / "bench" / "cache" / "proxy_bench"
+EVALUATOR = "proxy"
+
+
+@dataclass
+class Setting:
+    train_prompts: int
+    heldout_prompts: int
+    train_seeds: int
+    heldout_seeds: int
+    steps: int
+    cfg: float
+    checkpoints: tuple
+    epochs: int
+    feature_size: int
+    bootstrap: int
+    cost_repeats: int
+
+
+FULL = Setting(train_prompts=320, heldout_prompts=80, train_seeds=16, heldout_seeds=20, steps=20, cfg=4.0,
+               checkpoints=(0.1, 0.2, 0.3, 0.4, 0.6), epochs=40, feature_size=8, bootstrap=1000, cost_repeats=3)
+QUICK = Setting(train_prompts=16, heldout_prompts=8, train_seeds=4, heldout_seeds=6, steps=10, cfg=4.0,
+                checkpoints=(0.2, 0.4), epochs=2, feature_size=4, bootstrap=50, cost_repeats=1)
+
+
+UNTRAINED = False     # --untrained: random-initialised proxy models (smoke tests of the pipeline only)
+
+
+def load_model(family: str):
+    from bench.proxy_world import models
+    if UNTRAINED:
+        return models.build(family), models.build_text_encoder(family)
+    return models.load(family)
+
+
+def _modules():
+    pack = conftest._load_pack()
+    from bench.proxy_world import evaluator, grammar, models
+    return pack, grammar, models, evaluator
+
+
+# ---- 1. collection -------------------------------------------------------------------------------
+
+def collect(family: str, prompts: list[str], seeds: int, setting: Setting, dataset_dir: Path, seed_base: int) -> dict:
+    """Run every prompt's candidates to the end; write a dataset; return preview scores per t."""
+    pack, grammar, models, evaluator = _modules()
+    from probe_select.nodes import split_sampling
+    from probe_select.nodes.tap import apply_tap
+    from probe_select.probes.dataset import CandidateRows, DatasetManifest, DatasetWriter
+
+    patcher, text = load_model(family)
+    tapped = apply_tap(patcher, "auto", setting.feature_size)
+    negative = text.conditioning("")
+    steps = setting.steps
+    capture = [split_sampling.checkpoint_step(steps, t) for t in setting.checkpoints]
+    if dataset_dir.exists():
+        shutil.rmtree(dataset_dir)
+    writer = None
+    previews = {t: [] for t in setting.checkpoints}
+    for p, prompt in enumerate(prompts):
+        positive = text.conditioning(prompt)
+        scene = grammar.parse_prompt(prompt)
+        result = split_sampling.run_candidates(
+            tapped, positive, negative, models.empty_latent(family, 1), seed_base + p * 1000, seeds, steps,
+            setting.cfg, "euler", "normal", stop_step=steps, capture_at=capture)
+        final = evaluator.score(models.latent_to_image(result.latent["samples"], family), [scene] * seeds)
+        sets = result.activations.sets if hasattr(result.activations, "sets") else (result.activations,)
+        scores = {EVALUATOR: torch.as_tensor(final, dtype=torch.float32)}
+        for t, k in zip(setting.checkpoints, capture):
+            preview = evaluator.score(models.latent_to_image(result.x0_at[k], family), [scene] * seeds)
+            scores[f"x0@{t:g}"] = torch.as_tensor(preview, dtype=torch.float32)
+        if writer is None:
+            first = sets[0]
+            manifest = DatasetManifest(
+                backbone_family=first.family, tap=first.tap, feature_shape=first.feature_shape,
+                pooling=first.pooling, checkpoints=[s.t for s in sets], evaluators=sorted(scores),
+                text_dim=0 if first.text_embedding is None else first.text_embedding.shape[1])
+            writer = DatasetWriter(dataset_dir, manifest, writer_id="bench")
+        text_rows = sets[0].text_embedding.expand(seeds, -1) if sets[0].text_embedding is not None else None
+        writer.append(CandidateRows(features=torch.stack([s.features for s in sets], 1), seeds=sets[0].seeds,
+                                    prompts=[prompt] * seeds, text_embedding=text_rows, scores=scores))
+        if (p + 1) % 20 == 0 or p + 1 == len(prompts):
+            log.info("  %s: collected %d/%d prompts", family, p + 1, len(prompts))
+    return {"rows": len(prompts) * seeds, "tap": tapped_path(tapped)}
+
+
+def tapped_path(model) -> str:
+    from probe_select.nodes.capture import find_tap
+    return find_tap(model).path
+
+
+# ---- 2./3. probes and metrics ----------------------------------------------------------------------
+
+def within_ci(pred: np.ndarray, target: np.ndarray, group: np.ndarray, n_boot: int) -> dict:
+    from probe_select.probes.metrics import bootstrap_ci, global_spearman, per_group_spearman
+    per_prompt = per_group_spearman(pred, target, group)
+    ci = bootstrap_ci(per_prompt[np.isfinite(per_prompt)], n=n_boot, seed=0)
+    return {"within": ci["mean"], "low": ci["low"], "high": ci["high"], "global": global_spearman(pred, target)}
+
+
+def oracle_gain(pred: np.ndarray, target: np.ndarray, group: np.ndarray, n: int, draws: int = 20) -> float:
+    """Mean over prompts and random N-subsets of (selected - mean) / (best - mean) for top-1 of N."""
+    rng = np.random.default_rng(0)
+    gains = []
+    for g in np.unique(group):
+        rows = np.flatnonzero(group == g)
+        if len(rows) < n:
+            continue
+        for _ in range(draws):
+            sub = rng.choice(rows, n, replace=False)
+            best, mean = target[sub].max(), target[sub].mean()
+            if best - mean < 1e-9:
+                continue
+            gains.append((target[sub[np.argmax(pred[sub])]] - mean) / (best - mean))
+    return float(np.mean(gains)) if gains else float("nan")
+
+
+def evaluate_family(family: str, setting: Setting, train_dir: Path, heldout_dir: Path) -> dict:
+    _modules()
+    from probe_select.probes.dataset import ProbeDataset
+    from probe_select.probes.evaluation import evaluate_probe_on
+    from probe_select.probes.io import load_probe
+    from probe_select.probes.model import ProbeConfig
+    from probe_select.probes.pipeline import train_from_dataset
+    from probe_select.probes.train import TrainConfig
+
+    train_ds, held_ds = ProbeDataset(train_dir), ProbeDataset(heldout_dir)
+    rows = {}
+    channels = train_ds.manifest.feature_shape[0]
+    for t in setting.checkpoints:
+        out = CACHE / f"{family}_t{t:g}.safetensors"
+        config = ProbeConfig(in_channels=channels, feature_size=setting.feature_size, stem_width=32, widths=(64, 128),
+                             embed_dim=128, mlp_hidden=256, head_hidden=(128,), attention=False, pooled_size=2)
+        started = time.perf_counter()
+        result, sizes = train_from_dataset(train_ds, t, EVALUATOR, out, use_text=False, probe_config=config,
+                                           train_config=TrainConfig(epochs=setting.epochs, batch_prompts=16, lr=1e-3,
+                                                                    patience=10, seed=0, lambda_align=0.0))
+        train_seconds = time.perf_counter() - started
+        probe, meta = load_probe(out)
+        arrays = held_ds.arrays(checkpoint_t=t, evaluator=EVALUATOR)
+        evaluation = evaluate_probe_on(probe, meta, arrays)
+        target, group = evaluation.actual, evaluation.group
+        preview = held_ds.scores(f"x0@{t:g}").double().numpy()
+        random = np.random.default_rng(1).random(len(target))
+        row = {"train_rows": sizes["train"], "train_seconds": round(train_seconds, 1),
+               "best_epoch": result.best_epoch}
+        for name, pred in (("probe", evaluation.predicted), ("x0_preview", preview), ("random", random)):
+            row[name] = within_ci(pred, target, group, setting.bootstrap)
+            row[name]["oracle_gain"] = {n: oracle_gain(pred, target, group, n) for n in (2, 5, 10, 20)}
+        rows[t] = row
+        log.info("  %s t=%g: probe %.3f [%.3f, %.3f], x0-preview %.3f, random %.3f", family, t,
+                 row["probe"]["within"], row["probe"]["low"], row["probe"]["high"], row["x0_preview"]["within"],
+                 row["random"]["within"])
+    finals = held_ds.scores(EVALUATOR).double().numpy()
+    groups = held_ds.arrays(checkpoint_t=setting.checkpoints[0], evaluator=EVALUATOR).prompt_groups().numpy()
+    spread = float(np.mean([finals[groups == g].std() for g in np.unique(groups)]))
+    return {"by_t": rows, "heldout_mean_score": float(finals.mean()), "within_prompt_sd": spread,
+            "semantic_failure_rate": float((finals < 0.5).mean())}
+
+
+# ---- 4. cost ----------------------------------------------------------------------------------------
+
+def cost(family: str, setting: Setting, n: int, k: int, t: float, repeats: int) -> dict:
+    """Wall-clock and denoiser evaluations of the three ways to pick K of N, in one run."""
+    pack, grammar, models, evaluator = _modules()
+    from probe_select.nodes import split_sampling
+    from probe_select.nodes.tap import apply_tap
+    from probe_select.probes.io import load_probe
+    from probe_select.probes.scoring import score_candidates
+    import nodes as comfy_nodes
+
+    patcher, text = load_model(family)
+    tapped = apply_tap(patcher, "auto", setting.feature_size)
+    probe, meta = load_probe(CACHE / f"{family}_t{min(setting.checkpoints, key=lambda c: abs(c - t)):g}.safetensors")
+    prompt = grammar.all_prompts(limit=1, seed=99)[0]
+    scene = grammar.parse_prompt(prompt)
+    pos, neg = text.conditioning(prompt), text.conditioning("")
+    steps = setting.steps
+    latent = models.empty_latent(family, 1)
+
+    def decode_and_score(samples):
+        return evaluator.score(models.latent_to_image(samples, family), [scene] * samples.shape[0])
+
+    def generate_all():
+        out = split_sampling.run_candidates(patcher, pos, neg, latent, 0, n, steps, setting.cfg, "euler", "normal",
+                                            stop_step=steps, capture_at=())
+        scores = decode_and_score(out.latent["samples"])
+        return int(torch.as_tensor(scores).argmax())
+
+    def probe_select():
+        early = split_sampling.run_early(tapped, pos, neg, latent, 0, n, steps, setting.cfg, "euler", "normal", t)
+        scores = score_candidates(probe, meta, early.activations)
+        kept = split_sampling.select_rows(early.latent, scores.order()[:k].tolist())
+        final = split_sampling.resume(patcher, pos, neg, kept, setting.cfg)
+        decode_and_score(final["samples"])
+
+    def x0_preview():
+        early = split_sampling.run_early(patcher, pos, neg, latent, 0, n, steps, setting.cfg, "euler", "normal", t)
+        order = torch.as_tensor(decode_and_score(early.x0["samples"])).argsort(descending=True, stable=True)
+        kept = split_sampling.select_rows(early.latent, order[:k].tolist())
+        final = split_sampling.resume(patcher, pos, neg, kept, setting.cfg)
+        decode_and_score(final["samples"])
+
+    del comfy_nodes
+    times = {"generate_all": [], "probe_select": [], "x0_preview": []}
+    generate_all(), probe_select(), x0_preview()          # warm-up
+    for _ in range(repeats):
+        for name, fn in (("generate_all", generate_all), ("probe_select", probe_select), ("x0_preview", x0_preview)):
+            started = time.perf_counter()
+            fn()
+            times[name].append(time.perf_counter() - started)
+    med = {name: float(np.median(v)) for name, v in times.items()}
+    s = split_sampling.checkpoint_step(steps, t)
+    return {"N": n, "K": k, "t": t, "steps": steps, "seconds": {k_: round(v, 4) for k_, v in med.items()},
+            "wallclock_ratio_probe": round(med["probe_select"] / med["generate_all"], 3),
+            "wallclock_ratio_x0_preview": round(med["x0_preview"] / med["generate_all"], 3),
+            "denoiser_evals": {"generate_all": n * steps, "probe_select": n * s + k * (steps - s),
+                               "x0_preview": n * s + k * (steps - s)},
+            "denoiser_ratio": round((n * s + k * (steps - s)) / (n * steps), 3)}
+
+
+# ---- report -----------------------------------------------------------------------------------------
+
+def plots(results: dict, setting: Setting) -> list[str]:
+    from probe_select.probes.plots import line_plot
+    names = []
+    for family, res in results["families"].items():
+        ts = list(res["by_t"])
+        panels = [{name: [res["by_t"][t][name]["within"] for t in ts] for name in ("probe", "x0_preview", "random")},
+                  {name: [res["by_t"][min(ts, key=lambda c: abs(c - 0.2))][name]["oracle_gain"][n]
+                          for n in (2, 5, 10, 20)] for name in ("probe", "x0_preview", "random")}]
+        image = line_plot(panels, [f"{family}: within-prompt Spearman at t = {', '.join(f'{t:g}' for t in ts)}",
+                                   f"{family}: oracle gain captured by top-1 of N = 2, 5, 10, 20 (t=0.2)"])
+        name = f"proxy_{family}.png"
+        image.save(RESULTS / name)
+        names.append(name)
+    return names
+
+
+def write_report(results: dict, setting: Setting, command: str, images: list[str]) -> None:
+    lines = [
+        "# Probe-Select in the proxy world", "",
+        f"Command: `{command}`. Machine: {os.cpu_count()} cores ({platform.machine()}), torch {torch.__version__} "
+        f"on CPU, {torch.get_num_threads()} thread(s). Generated {time.strftime('%Y-%m-%d %H:%M UTC', time.gmtime())}.",
+        "",
+        f"Setting: {setting.train_prompts} training prompts x {setting.train_seeds} seeds, {setting.heldout_prompts} "
+        f"held-out prompts x {setting.heldout_seeds} seeds, {setting.steps} euler steps, CFG {setting.cfg}, "
+        f"checkpoints {', '.join(f'{t:g}' for t in setting.checkpoints)}; evaluator: the analytic proxy evaluator "
+        "(bench/proxy_world/evaluator.py). Within-prompt Spearman is the headline (it is what seed selection "
+        "needs); global Spearman, across prompts, is shown for reference only. Intervals: bootstrap 95% over "
+        "held-out prompts.", "",
+    ]
+    for family, res in results["families"].items():
+        lines += [f"## {family} ({res['collect']['tap']})", "",
+                  f"Held-out finished images: mean score {res['heldout_mean_score']:.3f}, within-prompt SD "
+                  f"{res['within_prompt_sd']:.3f}, semantic failures (score < 0.5) {res['semantic_failure_rate']:.1%}.",
+                  "",
+                  "| t | probe within-prompt [95% CI] | x0-preview within-prompt [95% CI] | random within-prompt "
+                  "[95% CI] | probe global | x0-preview global |",
+                  "| --- | --- | --- | --- | --- | --- |"]
+        for t, row in res["by_t"].items():
+            cell = lambda r: f"{r['within']:.3f} [{r['low']:.3f}, {r['high']:.3f}]"  # noqa: E731
+            lines.append(f"| {t:g} | {cell(row['probe'])} | {cell(row['x0_preview'])} | {cell(row['random'])} | "
+                         f"{row['probe']['global']:.3f} | {row['x0_preview']['global']:.3f} |")
+        t02 = res["by_t"][min(res["by_t"], key=lambda c: abs(c - 0.2))]
+        lines += ["", "Fraction of the oracle gain captured by top-1 of N (t=0.2):", "",
+                  "| scorer | N=2 | N=5 | N=10 | N=20 |", "| --- | --- | --- | --- | --- |"]
+        for name in ("probe", "x0_preview", "random"):
+            g = t02[name]["oracle_gain"]
+            lines.append(f"| {name} | " + " | ".join(f"{g[n]:.3f}" for n in (2, 5, 10, 20)) + " |")
+        beats = t02["probe"]["within"] > t02["x0_preview"]["within"]
+        above_random = t02["probe"]["low"] > 0
+        lines += ["", f"At t=0.2 the probe {'beats' if beats else 'does NOT beat'} the x0-preview scorer "
+                      f"({t02['probe']['within']:.3f} vs {t02['x0_preview']['within']:.3f}) and its 95% interval "
+                      f"{'excludes' if above_random else 'does NOT exclude'} 0.", ""]
+        lines += ["Cost (one run each, median wall-clock; decode + evaluator included):", "",
+                  "| N | K | t | generate-all s | Probe-Select s | x0-preview s | Probe-Select / all (wall) | "
+                  "x0-preview / all (wall) | denoiser evals all -> selected |",
+                  "| --- | --- | --- | --- | --- | --- | --- | --- | --- |"]
+        for c in res["cost"]:
+            s = c["seconds"]
+            lines.append(f"| {c['N']} | {c['K']} | {c['t']:g} | {s['generate_all']} | {s['probe_select']} | "
+                         f"{s['x0_preview']} | {c['wallclock_ratio_probe']} | {c['wallclock_ratio_x0_preview']} | "
+                         f"{c['denoiser_evals']['generate_all']} -> {c['denoiser_evals']['probe_select']} "
+                         f"({c['denoiser_ratio']}) |")
+        lines.append("")
+    lines += [f"![{name}]({name})" for name in images]
+    (RESULTS / "REPORT.md").write_text("\n".join(lines) + "\n")
+
+
+def main(argv=None) -> dict:
+    global RESULTS, CACHE, UNTRAINED
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--quick", action="store_true", help="reduced setting (smoke test)")
+    parser.add_argument("--families", nargs="+", default=["unet", "dit"])
+    parser.add_argument("--out", type=Path, default=RESULTS)
+    parser.add_argument("--cache", type=Path, default=CACHE, help="datasets and probes (default bench/cache/)")
+    parser.add_argument("--untrained", action="store_true", help="random proxy models: test the pipeline only")
+    args = parser.parse_args(argv)
+    logging.basicConfig(level=logging.INFO, format="%(message)s")
+    setting = QUICK if args.quick else FULL
+    RESULTS, CACHE, UNTRAINED = args.out, args.cache, args.untrained
+    RESULTS.mkdir(parents=True, exist_ok=True)
+    CACHE.mkdir(parents=True, exist_ok=True)
+    _, grammar, _, _ = _modules()
+    prompts = grammar.all_prompts(seed=0)
+    train_prompts, held = grammar.split_prompts(prompts, seed=0)
+    results = {"setting": setting.__dict__, "families": {}}
+    for family in args.families:
+        log.info("%s: collecting", family)
+        train_dir, held_dir = CACHE / f"{family}_train", CACHE / f"{family}_heldout"
+        info = collect(family, train_prompts[: setting.train_prompts], setting.train_seeds, setting, train_dir, 0)
+        collect(family, held[: setting.heldout_prompts], setting.heldout_seeds, setting, held_dir, 10_000_000)
+        log.info("%s: training probes and evaluating", family)
+        res = evaluate_family(family, setting, train_dir, held_dir)
+        res["collect"] = info
+        res["cost"] = [cost(family, setting, n, k, t, setting.cost_repeats)
+                       for n, k, t in ((5, 1, 0.2), (10, 2, 0.2), (5, 1, 0.4))
+                       if not args.quick or (n, k, t) == (5, 1, 0.2)]
+        results["families"][family] = res
+    images = plots(results, setting)
+    command = "make bench-proxy" if not args.quick else "bench/proxy_bench.py --quick"
+    (RESULTS / "proxy_bench.json").write_text(json.dumps(results, indent=2, default=float) + "\n")
+    write_report(results, setting, command, images)
+    log.info("wrote %s", RESULTS / "REPORT.md")
+    return results
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,347 @@
+"""Two small proxy-world text-to-image diffusion models, built from ComfyUI's own model classes.
+
+* ``"unet"``: an SD1.x-family UNet: ``comfy.supported_models.SD15`` config, ``comfy.model_base.BaseModel``
+  (EPS prediction, discrete 1000-step sigmas), ComfyUI's ``UNetModel``; 32 -> 16 -> 8 pixels, attention
+  (self + cross) at 8x8 only. The pack's taps, samplers and ``auto`` tap (``output_blocks.3.0``) run
+  on it unchanged.
+* ``"dit"``: an SD3-family MMDiT: ``comfy.supported_models.SD3`` config, ``comfy.model_base.SD3``
+  (FLOW / CONST sampling with SD3's shift 3.0), ComfyUI's ``OpenAISignatureMMDITWrapper``; hidden
+  128, 2 heads, 4 joint blocks, patch 2 on a 16x16 latent (64 image tokens). ``auto`` tap:
+  ``joint_blocks.3``.
+
+There is no autoencoder: the latent is the image itself, in pixel space.
+
+* SD1.x (4 latent channels, 32x32): the model works on ``data`` = RGB in [-1, 1] plus one zero
+  channel. ComfyUI's SD15 latent format multiplies the LATENT by 0.18215 before the model sees it
+  (``process_latent_in``), so the LATENT a user handles is ``data / 0.18215``.
+* SD3 (16 latent channels, 16x16): ``data`` = pixel-unshuffle(2) of the [-1, 1] RGB image
+  (32x32x3 -> 16x16x12) plus 4 zero channels; SD3's latent format is ``process_in(latent) =
+  (latent - 0.0609) * 1.5305``, so the LATENT is ``data / 1.5305 + 0.0609``.
+
+:func:`image_to_latent` and :func:`latent_to_image` convert between images ``[B, 3, H, W]`` in 0..1
+and LATENT tensors (exact inverses on the RGB part, up to float rounding). The model-side ``data``
+has std ~0.5-1 (a dark background at -0.9 with bright objects).
+
+ComfyUI's layers skip weight initialisation, so :func:`build` initialises every parameter
+deterministically from ``seed`` (N(0, 1/fan_in) matrices, zero biases, unit norms, SD3's fixed
+sin-cos ``pos_embed``) and zeroes the usual "zero modules" (UNet residual output convs, transformer
+``proj_out`` and the output conv; MMDiT adaLN modulations and final linear), so that training starts
+from identity residual branches. :func:`load` reads a trained weights file (diffusion model and the
+jointly trained :class:`~.text.TextEncoder`) written by ``train_models.py``; committed weights in
+``bench/proxy_world/weights/`` are preferred over the git-ignored ``bench/cache/proxy_world/``.
+
+ComfyUI must be importable (in-process: ``import conftest`` from ``tests/``, see bench/bench_core.py).
+"""
+from __future__ import annotations
+
+import copy
+import json
+import logging
+import math
+import zlib
+from pathlib import Path
+from typing import Dict, Optional, Tuple
+
+import torch
+import torch.nn.functional as F
+
+import comfy.latent_formats
+import comfy.model_base
+import comfy.model_management as mm
+import comfy.model_patcher
+import comfy.supported_models
+
+from .text import CONTEXT_DIM, POOLED_DIM, TEXT_LENGTH, TextEncoder
+
+log = logging.getLogger(__name__)
+
+FAMILIES = ("unet", "dit")
+COMFY_FAMILY = {"unet": "sd1", "dit": "sd3"}       # the pack's family ids (nodes/families.py)
+IMAGE_SIZE = 32
+LATENT_CHANNELS = {"unet": 4, "dit": 16}
+LATENT_DOWNSCALE = {"unet": 1, "dit": 2}           # latent pixels per image pixel (per side)
+
+ROOT = Path(__file__).resolve().parents[2]
+COMMITTED_WEIGHTS = Path(__file__).resolve().parent / "weights"
+CACHE_WEIGHTS = ROOT / "bench" / "cache" / "proxy_world"
+WEIGHTS_NAME = "proxy_{family}.safetensors"
+FORMAT_VERSION = 1
+
+# ----------------------------------------------------------------------------------------------
+# configs
+# ----------------------------------------------------------------------------------------------
+
+UNET_CONFIG = {
+    "use_checkpoint": False,
+    "image_size": IMAGE_SIZE,
+    "use_spatial_transformer": True,
+    "legacy": False,
+    "adm_in_channels": None,
+    "in_channels": 4,
+    "out_channels": 4,
+    "model_channels": 32,
+    "num_res_blocks": [1, 1, 1],
+    "channel_mult": [1, 2, 2],
+    # attention (self + cross to the text) only at the 8x8 level: relations are decided there
+    "transformer_depth": [0, 0, 1],
+    "transformer_depth_middle": 1,
+    "transformer_depth_output": [0, 0, 0, 0, 1, 1],
+    "use_linear_in_transformer": False,
+    "context_dim": CONTEXT_DIM,
+    "use_temporal_resblock": False,
+    "use_temporal_attention": False,
+}
+
+DIT_POS_EMBED_MAX = 16   # token grid up to 16x16: images up to 64x64 pixels
+DIT_CONFIG = {
+    "in_channels": 16,
+    "out_channels": 16,
+    "patch_size": 2,
+    "depth": 2,          # MMDiT: hidden = 64 * depth = 128, heads = depth
+    "num_blocks": 4,
+    "input_size": None,
+    "adm_in_channels": POOLED_DIM,
+    "context_embedder_config": {
+        "target": "torch.nn.Linear",
+        "params": {"in_features": CONTEXT_DIM, "out_features": 128},
+    },
+    "num_patches": DIT_POS_EMBED_MAX * DIT_POS_EMBED_MAX,
+    "pos_embed_max_size": DIT_POS_EMBED_MAX,
+    "pos_embed_scaling_factor": None,
+    "x_block_self_attn_layers": [],
+}
+
+TEXT_CONFIG = {"width": CONTEXT_DIM, "pooled_dim": POOLED_DIM, "length": TEXT_LENGTH}
+
+
+def default_config(family: str) -> dict:
+    """Deep copy of the network config of ``family`` (ComfyUI pops from its lists)."""
+    _check_family(family)
+    return copy.deepcopy(UNET_CONFIG if family == "unet" else DIT_CONFIG)
+
+
+def _check_family(family: str) -> None:
+    if family not in FAMILIES:
+        raise ValueError(f"unknown proxy-world model family {family!r}; expected one of {FAMILIES}")
+
+
+def model_config(family: str, config: Optional[dict] = None):
+    """The ComfyUI config object (``supported_models.SD15`` / ``SD3``), fp32."""
+    c = copy.deepcopy(config) if config is not None else default_config(family)
+    cfg = comfy.supported_models.SD15(c) if family == "unet" else comfy.supported_models.SD3(c)
+    cfg.set_inference_dtype(torch.float32, None)
+    return cfg
+
+
+def latent_format(family: str):
+    _check_family(family)
+    return comfy.latent_formats.SD15() if family == "unet" else comfy.latent_formats.SD3()
+
+
+# ----------------------------------------------------------------------------------------------
+# latents <-> images
+# ----------------------------------------------------------------------------------------------
+
+def image_to_data(images: torch.Tensor, family: str) -> torch.Tensor:
+    """Images ``[B, 3, H, W]`` in 0..1 -> what the model is trained on (after ``process_latent_in``)."""
+    _check_family(family)
+    if images.ndim != 4 or images.shape[1] != 3:
+        raise ValueError(f"images must be [B, 3, H, W], got {tuple(images.shape)}")
+    x = images.float() * 2.0 - 1.0
+    b, _, h, w = x.shape
+    if family == "unet":
+        return torch.cat([x, x.new_zeros(b, 1, h, w)], 1)
+    if h % 2 or w % 2:
+        raise ValueError(f"dit images need even sides, got {h}x{w}")
+    x = F.pixel_unshuffle(x, 2)                                   # [B, 12, H/2, W/2]
+    return torch.cat([x, x.new_zeros(b, 4, h // 2, w // 2)], 1)
+
+
+def data_to_image(data: torch.Tensor, family: str, clamp: bool = True) -> torch.Tensor:
+    """Inverse of :func:`image_to_data` on the RGB part (the zero channels are dropped)."""
+    _check_family(family)
+    if family == "unet":
+        x = data[:, :3]
+    else:
+        x = F.pixel_shuffle(data[:, :12], 2)
+    img = (x.float() + 1.0) / 2.0
+    return img.clamp(0.0, 1.0) if clamp else img
+
+
+def image_to_latent(images: torch.Tensor, family: str) -> torch.Tensor:
+    """Images ``[B, 3, H, W]`` in 0..1 -> LATENT samples (what ``{"samples": ...}`` holds)."""
+    return latent_format(family).process_out(image_to_data(images, family))
+
+
+def latent_to_image(latent: torch.Tensor, family: str, clamp: bool = True) -> torch.Tensor:
+    """LATENT samples -> images ``[B, 3, H, W]`` in 0..1 (clamped unless ``clamp=False``)."""
+    if isinstance(latent, dict):
+        latent = latent["samples"]
+    return data_to_image(latent_format(family).process_in(latent.float()), family, clamp=clamp)
+
+
+def empty_latent(family: str, batch: int = 1, size: int = IMAGE_SIZE) -> dict:
+    """``{"samples": zeros}`` of the right shape for ``size`` x ``size`` images."""
+    _check_family(family)
+    s = size // LATENT_DOWNSCALE[family]
+    return {"samples": torch.zeros(batch, LATENT_CHANNELS[family], s, s)}
+
+
+# ----------------------------------------------------------------------------------------------
+# building
+# ----------------------------------------------------------------------------------------------
+
+def _is_zero_module(family: str, name: str) -> bool:
+    if family == "unet":
+        return (".out_layers.3." in name or ".proj_out." in name or name.startswith("out.2."))
+    return "adaLN_modulation.1." in name or name.startswith("final_layer.linear.")
+
+
+def _seed_for(family: str, seed: int) -> int:
+    return (int(seed) * 1_000_003 + zlib.crc32(family.encode())) & 0xFFFFFFFFFFFF
+
+
+def init_weights(model: "comfy.model_base.BaseModel", family: str, generator: torch.Generator) -> None:
+    """Deterministic initialisation of every parameter and floating buffer (see the module doc)."""
+    dm = model.diffusion_model
+    with torch.no_grad():
+        for name, p in dm.named_parameters():
+            if _is_zero_module(family, name) or name.endswith("bias"):
+                p.zero_()
+            elif p.ndim <= 1:
+                p.fill_(1.0)
+            else:
+                fan_in = math.prod(p.shape[1:])
+                p.copy_(torch.randn(p.shape, generator=generator, dtype=torch.float32) / math.sqrt(fan_in))
+        pos = getattr(dm, "pos_embed", None)
+        if isinstance(pos, torch.Tensor):
+            from comfy.ldm.modules.diffusionmodules.mmdit import get_2d_sincos_pos_embed
+
+            table = get_2d_sincos_pos_embed(dm.hidden_size, dm.pos_embed_max_size)
+            pos.copy_(torch.from_numpy(table).to(pos.dtype).reshape(pos.shape))
+        for name, b in dm.named_buffers():
+            if b.is_floating_point() and not torch.isfinite(b).all():
+                raise RuntimeError(f"uninitialised buffer {name}")
+
+
+def _make_model(family: str, config: Optional[dict] = None) -> "comfy.model_base.BaseModel":
+    cfg = model_config(family, config)
+    model = cfg.get_model({}, "")   # unet: BaseModel (EPS); dit: model_base.SD3 (FLOW)
+    if family == "unet" and model.model_type != comfy.model_base.ModelType.EPS:
+        raise RuntimeError(f"expected an EPS model, got {model.model_type}")
+    return model
+
+
+def _patcher(model) -> "comfy.model_patcher.ModelPatcher":
+    return comfy.model_patcher.ModelPatcher(model, load_device=mm.get_torch_device(),
+                                            offload_device=mm.unet_offload_device())
+
+
+def build(family: str, seed: int = 0, config: Optional[dict] = None) -> "comfy.model_patcher.ModelPatcher":
+    """A freshly initialised (untrained) proxy-world model, as a ComfyUI MODEL (ModelPatcher)."""
+    _check_family(family)
+    model = _make_model(family, config)
+    init_weights(model, family, torch.Generator().manual_seed(_seed_for(family, seed)))
+    return _patcher(model)
+
+
+def build_text_encoder(family: str, seed: int = 0, config: Optional[dict] = None) -> TextEncoder:
+    """A freshly initialised text encoder for ``family`` (deterministic in ``seed``)."""
+    _check_family(family)
+    enc = TextEncoder(**(config or TEXT_CONFIG))
+    enc.init_weights(torch.Generator().manual_seed(_seed_for("text-" + family, seed)))
+    return enc.eval()
+
+
+def param_count(module) -> int:
+    if isinstance(module, comfy.model_patcher.ModelPatcher):
+        module = module.model.diffusion_model
+    return sum(p.numel() for p in module.parameters())
+
+
+# ----------------------------------------------------------------------------------------------
+# weights files
+# ----------------------------------------------------------------------------------------------
+
+def weights_candidates(family: str):
+    """Committed weights first, then the git-ignored cache."""
+    _check_family(family)
+    name = WEIGHTS_NAME.format(family=family)
+    return [COMMITTED_WEIGHTS / name, CACHE_WEIGHTS / name]
+
+
+def weights_path(family: str) -> Path:
+    """The weights file :func:`load` reads (committed preferred); raises if there is none."""
+    for path in weights_candidates(family):
+        if path.is_file():
+            return path
+    shown = " or ".join(str(p) for p in weights_candidates(family))
+    raise FileNotFoundError(
+        f"no trained proxy-world {family} weights ({shown}); train them with "
+        f"`.venv/bin/python bench/proxy_world/train_models.py --family {family}`")
+
+
+def save(path, patcher, text_encoder: TextEncoder, family: str, info: Optional[dict] = None,
+         config: Optional[dict] = None) -> Path:
+    """Write the diffusion model and the text encoder to one safetensors file (atomic)."""
+    from safetensors.torch import save_file
+
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    model = patcher.model if isinstance(patcher, comfy.model_patcher.ModelPatcher) else patcher
+    tensors: Dict[str, torch.Tensor] = {}
+    for k, v in model.diffusion_model.state_dict().items():
+        tensors[f"diffusion_model.{k}"] = v.detach().float().cpu().contiguous().clone()
+    for k, v in text_encoder.state_dict().items():
+        tensors[f"text_encoder.{k}"] = v.detach().float().cpu().contiguous().clone()
+    meta = {
+        "format": "probe_select_proxy_world_model",
+        "format_version": str(FORMAT_VERSION),
+        "family": family,
+        "comfy_family": COMFY_FAMILY[family],
+        "model_config": json.dumps(config if config is not None else default_config(family)),
+        "text_config": json.dumps(TEXT_CONFIG),
+        "info": json.dumps(info or {}),
+    }
+    tmp = path.with_name(path.name + ".tmp")
+    save_file(tensors, str(tmp), metadata=meta)
+    tmp.replace(path)
+    return path
+
+
+def read_info(path) -> dict:
+    """The metadata of a weights file (training info decoded)."""
+    from safetensors import safe_open
+
+    with safe_open(str(path), framework="pt") as f:
+        meta = dict(f.metadata() or {})
+    for key in ("info", "model_config", "text_config"):
+        if key in meta:
+            meta[key] = json.loads(meta[key])
+    return meta
+
+
+def load(family: str, path=None) -> Tuple["comfy.model_patcher.ModelPatcher", TextEncoder]:
+    """(MODEL, text encoder) of the trained ``family`` model from ``path`` or :func:`weights_path`."""
+    from safetensors.torch import load_file
+
+    _check_family(family)
+    path = Path(path) if path is not None else weights_path(family)
+    meta = read_info(path)
+    if meta.get("format") != "probe_select_proxy_world_model":
+        raise ValueError(f"{path} is not a proxy-world model file")
+    if meta.get("family") != family:
+        raise ValueError(f"{path} holds a {meta.get('family')} model, not {family}")
+    if int(meta.get("format_version", 0)) > FORMAT_VERSION:
+        raise ValueError(f"{path} has format version {meta.get('format_version')}; this code reads "
+                         f"{FORMAT_VERSION}")
+    state = load_file(str(path), device="cpu")
+    model = _make_model(family, meta["model_config"])
+    dm_state = {k[len("diffusion_model."):]: v for k, v in state.items() if k.startswith("diffusion_model.")}
+    model.diffusion_model.load_state_dict(dm_state, strict=True)
+    enc = TextEncoder(**meta["text_config"])
+    enc.load_state_dict({k[len("text_encoder."):]: v for k, v in state.items() if k.startswith("text_encoder.")},
+                        strict=True)
+    enc.eval()
+    log.debug("loaded proxy-world %s from %s", family, path)
+    return _patcher(model), enc

@@ -1,0 +1,32 @@
+"""Smoke run of the proxy-world benchmark pipeline on a reduced setting, with untrained proxy models.
+
+It checks the mechanics (collection through the pack's sampler, datasets, probe training, metrics,
+cost, report), not the figures: those come from `make bench-proxy` with the trained models.
+"""
+import json
+import sys
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+def test_proxy_bench_quick_writes_a_report(pack, tmp_path):
+    sys.path.append(str(ROOT / "bench"))     # after ComfyUI: the pack's nodes/ must not shadow ComfyUI's nodes
+    import proxy_bench
+
+    results = proxy_bench.main(["--quick", "--untrained", "--families", "unet", "--out", str(tmp_path / "results"),
+                                "--cache", str(tmp_path / "cache")])
+    unet = results["families"]["unet"]
+    assert set(unet["by_t"]) == {0.2, 0.4}
+    for row in unet["by_t"].values():
+        for scorer in ("probe", "x0_preview", "random"):
+            assert -1.0 <= row[scorer]["within"] <= 1.0 and row[scorer]["low"] <= row[scorer]["high"]
+            assert set(row[scorer]["oracle_gain"]) == {2, 5, 10, 20}
+    cost = unet["cost"][0]
+    assert cost["denoiser_evals"] == {"generate_all": 50, "probe_select": 18, "x0_preview": 18}
+    assert cost["seconds"]["generate_all"] > 0
+    report = (tmp_path / "results" / "REPORT.md").read_text()
+    assert "within-prompt" in report and "| 0.2 |" in report and "proxy_unet.png" in report
+    assert (tmp_path / "results" / "proxy_unet.png").stat().st_size > 1000
+    saved = json.loads((tmp_path / "results" / "proxy_bench.json").read_text())
+    assert saved["setting"]["train_prompts"] == proxy_bench.QUICK.train_prompts

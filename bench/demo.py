@@ -185,9 +185,9 @@ def main(argv=None) -> dict:
     spent = args.candidates * s + args.keep * (args.steps - s)
     summary = "\n".join([
         f"prompt: {args.prompt} ({args.family}, N={args.candidates}, K={args.keep}, seeds {args.seed}..)",
-        f"evaluator score of the kept image(s): {kept_score:.3f}",
-        f"mean over all {args.candidates} candidates: {float(final_scores.mean()):.3f}; best: "
-        f"{float(final_scores.max()):.3f}",
+        f"evaluator score of the kept image(s): {kept_score:.4g}",
+        f"mean over all {args.candidates} candidates: {float(final_scores.mean()):.4g}; best: "
+        f"{float(final_scores.max()):.4g}",
         f"denoiser evaluations: {spent} instead of {args.candidates * args.steps} "
         f"({1 - spent / (args.candidates * args.steps):.0%} saved)",
         f"wrote {args.out / 'candidates.png'} and the SaveImage outputs in {args.out}",

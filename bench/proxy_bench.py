@@ -63,6 +63,8 @@ class Setting:
 
 FULL = Setting(train_prompts=320, heldout_prompts=80, train_seeds=16, heldout_seeds=20, steps=20, cfg=4.0,
                checkpoints=(0.1, 0.2, 0.3, 0.4, 0.6), epochs=40, feature_size=8, bootstrap=1000, cost_repeats=3)
+MEDIUM = Setting(train_prompts=96, heldout_prompts=32, train_seeds=12, heldout_seeds=20, steps=20, cfg=4.0,
+                 checkpoints=(0.1, 0.2, 0.3, 0.4, 0.6), epochs=30, feature_size=8, bootstrap=1000, cost_repeats=2)
 QUICK = Setting(train_prompts=16, heldout_prompts=8, train_seeds=4, heldout_seeds=6, steps=10, cfg=4.0,
                 checkpoints=(0.2, 0.4), epochs=2, feature_size=4, bootstrap=50, cost_repeats=1)
 
@@ -336,13 +338,14 @@ def main(argv=None) -> dict:
     global RESULTS, CACHE, UNTRAINED
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--quick", action="store_true", help="reduced setting (smoke test)")
+    parser.add_argument("--medium", action="store_true", help="fewer prompts than the full report (~15 min a model)")
     parser.add_argument("--families", nargs="+", default=["unet", "dit"])
     parser.add_argument("--out", type=Path, default=RESULTS)
     parser.add_argument("--cache", type=Path, default=CACHE, help="datasets and probes (default bench/cache/)")
     parser.add_argument("--untrained", action="store_true", help="random proxy models: test the pipeline only")
     args = parser.parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(message)s")
-    setting = QUICK if args.quick else FULL
+    setting = QUICK if args.quick else MEDIUM if args.medium else FULL
     RESULTS, CACHE, UNTRAINED = args.out, args.cache, args.untrained
     RESULTS.mkdir(parents=True, exist_ok=True)
     CACHE.mkdir(parents=True, exist_ok=True)
@@ -363,7 +366,7 @@ def main(argv=None) -> dict:
                        if not args.quick or (n, k, t) == (5, 1, 0.2)]
         results["families"][family] = res
     images = plots(results, setting)
-    command = "make bench-proxy" if not args.quick else "bench/proxy_bench.py --quick"
+    command = "bench/proxy_bench.py " + " ".join(argv if argv is not None else sys.argv[1:])
     (RESULTS / "proxy_bench.json").write_text(json.dumps(results, indent=2, default=float) + "\n")
     write_report(results, setting, command, images)
     log.info("wrote %s", RESULTS / "REPORT.md")

@@ -38,6 +38,7 @@ import copy
 import json
 import logging
 import math
+import os
 import zlib
 from pathlib import Path
 from typing import Dict, Optional, Tuple
@@ -305,6 +306,7 @@ def save(path, patcher, text_encoder: TextEncoder, family: str, info: Optional[d
     }
     tmp = path.with_name(path.name + ".tmp")
     save_file(tensors, str(tmp), metadata=meta)
+    os.chmod(tmp, 0o644)
     tmp.replace(path)
     return path
 

@@ -1,0 +1,267 @@
+"""Sample the trained proxy-world models with ComfyUI's own sampling and score them.
+
+    .venv/bin/python bench/proxy_world/sample.py            # both families -> bench/results/proxy_models.{md,json}
+
+For each family: 40 held-out prompts (the first 40 of ``train_models.prompt_split()[1]``) x 8 seeds
+(seed i = ``--seed + i``, each row drawn from its own seed, so a row equals a batch-1 KSampler run
+with that seed), ``comfy.sample.sample`` with euler, 20 steps, the "normal" scheduler and CFG against
+the empty prompt. Images are scored by the proxy-world evaluator (``evaluator.score_terms``).
+
+Figures: mean score; within-prompt score SD (sample SD over the 8 seeds of a prompt, averaged over
+prompts); the fraction of samples with a semantic failure (score < 0.5) and, for those, which factor
+is lowest (presence, count, shape, extra object, relation); the per-prompt best-minus-mean gap (what
+picking the best of 8 seeds gains over a random seed); and the fraction of prompts whose 8 seeds
+contain both a failure and a success (where seed selection matters).
+
+``--cfg-sweep`` also scores a few CFG values on 16 other held-out prompts (prompts 40-55, 4 seeds):
+that is how the default CFG was chosen, without looking at the 40 reported prompts.
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import logging
+import os
+import platform
+import sys
+import time
+from pathlib import Path
+from typing import Dict, List, Optional, Sequence
+
+ROOT = Path(__file__).resolve().parents[2]
+if __name__ == "__main__":
+    os.environ.setdefault("OMP_NUM_THREADS", "2")
+    # Idle OpenMP threads sleep instead of spinning: on 2 cores shared with other processes a
+    # spinning second thread made a step ~8x slower than one thread.
+    os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
+    sys.path.insert(0, str(ROOT / "tests"))
+    import conftest  # noqa: F401,E402
+
+import numpy as np  # noqa: E402
+import torch  # noqa: E402
+
+from bench.proxy_world import models  # noqa: E402
+from bench.proxy_world.evaluator import score_terms  # noqa: E402
+from bench.proxy_world.grammar import parse_prompt  # noqa: E402
+from bench.proxy_world.train_models import prompt_split  # noqa: E402
+
+log = logging.getLogger("proxy_world.sample")
+RESULTS = ROOT / "bench" / "results"
+
+STEPS = 20
+SAMPLER = "euler"
+SCHEDULER = "normal"
+DEFAULT_CFG = {"unet": 4.0, "dit": 4.0}
+FAIL_BELOW = 0.5
+FACTORS = ("presence", "count", "shape", "extra", "relation")
+
+
+def per_seed_noise(latent: torch.Tensor, seeds: Sequence[int]) -> torch.Tensor:
+    """Row i drawn from ``seeds[i]`` alone (what a batch-1 KSampler run with that seed draws)."""
+    import comfy.sample
+
+    return torch.cat([comfy.sample.prepare_noise(latent[:1], int(s)) for s in seeds], 0)
+
+
+def generate(patcher, text_encoder, family: str, prompt: str, seeds: Sequence[int], cfg: float,
+             steps: int = STEPS, sampler: str = SAMPLER, scheduler: str = SCHEDULER) -> torch.Tensor:
+    """Images ``[len(seeds), 3, 32, 32]`` in 0..1 of ``prompt``, one per seed."""
+    import comfy.sample
+
+    pos = text_encoder.conditioning(prompt)
+    neg = text_encoder.conditioning("")
+    latent = models.empty_latent(family, batch=len(seeds))["samples"]
+    noise = per_seed_noise(latent, seeds)
+    with torch.inference_mode():
+        samples = comfy.sample.sample(patcher, noise, steps, cfg, sampler, scheduler, pos, neg, latent,
+                                      disable_pbar=True, seed=int(seeds[0]))
+    return models.latent_to_image(samples, family)
+
+
+def evaluate(patcher, text_encoder, family: str, prompts: Sequence[str], n_seeds: int, cfg: float,
+             seed: int = 0, steps: int = STEPS) -> Dict:
+    """Sample every prompt with seeds ``seed .. seed + n_seeds - 1``; return the figures and rows."""
+    seeds = [seed + i for i in range(n_seeds)]
+    scores, factors, images = [], {k: [] for k in FACTORS}, []
+    t0 = time.perf_counter()
+    for prompt in prompts:
+        imgs = generate(patcher, text_encoder, family, prompt, seeds, cfg, steps)
+        terms = score_terms(imgs, parse_prompt(prompt))
+        scores.append(terms["score"].float().numpy())
+        for k in FACTORS:
+            factors[k].append(terms[k].float().numpy())
+        images.append(imgs)
+    wall = time.perf_counter() - t0
+    s = np.stack(scores)                                    # [P, S]
+    fac = {k: np.stack(v) for k, v in factors.items()}       # [P, S]
+    fail = s < FAIL_BELOW
+    lowest = np.stack([fac[k] for k in FACTORS], -1).argmin(-1)   # [P, S]
+    fail_kinds = {k: float(np.mean(fail & (lowest == i))) for i, k in enumerate(FACTORS)}
+    kinds = [parse_prompt(p).kind for p in prompts]
+    by_kind = {}
+    for kind in ("relation", "count"):
+        rows = [i for i, k in enumerate(kinds) if k == kind]
+        if rows:
+            by_kind[kind] = {"prompts": len(rows), "mean_score": float(s[rows].mean()),
+                             "failure_fraction": float(fail[rows].mean())}
+    gap = s.max(1) - s.mean(1)
+    out = {
+        "family": family, "comfy_family": models.COMFY_FAMILY[family], "prompts": len(prompts),
+        "seeds_per_prompt": n_seeds, "cfg": cfg, "steps": steps, "sampler": SAMPLER, "scheduler": SCHEDULER,
+        "mean_score": float(s.mean()),
+        "within_prompt_sd": float(s.std(1, ddof=1).mean()),
+        "failure_fraction": float(fail.mean()),
+        "failure_by_lowest_factor": fail_kinds,
+        "best_minus_mean_gap": float(gap.mean()),
+        "best_minus_mean_gap_median": float(np.median(gap)),
+        "best_of_n_mean_score": float(s.max(1).mean()),
+        "prompts_with_mixed_outcomes": float(np.mean(fail.any(1) & (~fail).any(1))),
+        "by_kind": by_kind,
+        "sampling_wall_s": round(wall, 1),
+        "per_prompt": [{"prompt": p, "scores": [round(float(v), 4) for v in row]} for p, row in zip(prompts, s)],
+    }
+    out["_images"] = torch.stack(images)                   # [P, S, 3, H, W], not written to JSON
+    return out
+
+
+def save_grid(images: torch.Tensor, path: Path, rows: int = 12) -> None:
+    """A PNG of the first ``rows`` prompts (one row each, one column per seed)."""
+    from PIL import Image
+
+    imgs = images[:rows]
+    p, s, c, h, w = imgs.shape
+    grid = imgs.permute(0, 3, 1, 4, 2).reshape(p * h, s * w, c)
+    arr = (grid.clamp(0, 1).numpy() * 255).round().astype(np.uint8)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    Image.fromarray(arr).resize((s * w * 3, p * h * 3), Image.NEAREST).save(path)
+
+
+def cfg_sweep(patcher, enc, family: str, prompts: Sequence[str], values: Sequence[float]) -> List[Dict]:
+    rows = []
+    for cfg in values:
+        r = evaluate(patcher, enc, family, prompts, 4, cfg, seed=1000)
+        rows.append({"cfg": cfg, "mean_score": round(r["mean_score"], 4),
+                     "within_prompt_sd": round(r["within_prompt_sd"], 4),
+                     "failure_fraction": round(r["failure_fraction"], 4),
+                     "best_minus_mean_gap": round(r["best_minus_mean_gap"], 4)})
+        log.info("%s cfg sweep %s", family, rows[-1])
+    return rows
+
+
+def _markdown(results: Dict, command: str) -> str:
+    lines = [
+        "# Proxy-world diffusion models: sample quality",
+        "",
+        "Two small text-to-image models trained on the proxy world (bench/proxy_world), built from ComfyUI's own "
+        "model classes, sampled in-process with ComfyUI's sampling (`comfy.sample.sample`, euler, 20 steps, "
+        "normal scheduler, CFG against the empty prompt), scored by the proxy-world evaluator.",
+        "",
+        f"Reproduce: `{command}`",
+        "",
+        f"Machine: {results['machine']}; torch {results['torch']}, {results['threads']} threads.",
+        "",
+        "| family | ComfyUI class | params (diffusion + text) | training | final loss | CFG | mean score | "
+        "within-prompt SD | failures (score < 0.5) | best-minus-mean gap | best of 8 | prompts with mixed seeds |",
+        "| --- | --- | --- | --- | --- | --- | --- | --- | --- | --- | --- | --- |",
+    ]
+    for fam, r in results["families"].items():
+        t = r["training"]
+        lines.append(
+            f"| {fam} | {r['comfy_class']} | {t.get('params_diffusion', 0) / 1e6:.2f} M + "
+            f"{t.get('params_text', 0) / 1e6:.3f} M | {t.get('steps_done')} steps x {t.get('batch_size')}, "
+            f"{t.get('wall_s', 0) / 60:.1f} min | {t.get('final_loss')} | {r['cfg']} | {r['mean_score']:.3f} | "
+            f"{r['within_prompt_sd']:.3f} | {100 * r['failure_fraction']:.1f}% | {r['best_minus_mean_gap']:.3f} "
+            f"(median {r['best_minus_mean_gap_median']:.3f}) | {r['best_of_n_mean_score']:.3f} | "
+            f"{100 * r['prompts_with_mixed_outcomes']:.0f}% |")
+    lines += ["", f"{results['prompts']} held-out prompts x {results['seeds']} seeds per family. Within-prompt SD: "
+              "sample SD over a prompt's seeds, averaged over prompts. Gap: max over a prompt's seeds minus their "
+              "mean, averaged over prompts. Mixed: prompts with at least one failed and one successful seed.", ""]
+    lines += ["## Failures by their lowest evaluator factor (fraction of all samples)", "",
+              "| family | " + " | ".join(FACTORS) + " |", "| --- |" + " --- |" * len(FACTORS)]
+    for fam, r in results["families"].items():
+        lines.append(f"| {fam} | " + " | ".join(f"{100 * r['failure_by_lowest_factor'][k]:.1f}%" for k in FACTORS)
+                     + " |")
+    lines += ["", "## By scene kind", "", "| family | kind | prompts | mean score | failures |",
+              "| --- | --- | --- | --- | --- |"]
+    for fam, r in results["families"].items():
+        for kind, v in r["by_kind"].items():
+            lines.append(f"| {fam} | {kind} | {v['prompts']} | {v['mean_score']:.3f} | "
+                         f"{100 * v['failure_fraction']:.1f}% |")
+    if any(r.get("cfg_sweep") for r in results["families"].values()):
+        lines += ["", "## CFG sweep (16 other held-out prompts x 4 seeds; chose the default CFG)", "",
+                  "| family | CFG | mean score | within-prompt SD | failures | gap |", "| --- | --- | --- | --- | --- | --- |"]
+        for fam, r in results["families"].items():
+            for row in r.get("cfg_sweep") or []:
+                lines.append(f"| {fam} | {row['cfg']} | {row['mean_score']:.3f} | {row['within_prompt_sd']:.3f} | "
+                             f"{100 * row['failure_fraction']:.1f}% | {row['best_minus_mean_gap']:.3f} |")
+    lines += ["", "## Training", ""]
+    for fam, r in results["families"].items():
+        t = r["training"]
+        lines.append(f"- {fam}: weights `{r['weights']}`; {t.get('steps_done')} of {t.get('steps')} steps, batch "
+                     f"{t.get('batch_size')}, {t.get('wall_s')} s wall / {t.get('cpu_s')} s CPU on "
+                     f"{t.get('threads')} threads; loss (mean of the last {t.get('final_loss_window')} steps) "
+                     f"{t.get('final_loss')} (first 100 steps {t.get('first_loss')}).")
+    lines.append("")
+    return "\n".join(lines)
+
+
+def main(argv=None) -> int:
+    ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    ap.add_argument("--family", choices=models.FAMILIES, action="append",
+                    help="repeat for several (default: both)")
+    ap.add_argument("--prompts", type=int, default=40)
+    ap.add_argument("--seeds", type=int, default=8)
+    ap.add_argument("--seed", type=int, default=0)
+    ap.add_argument("--cfg", type=float, default=None, help="default: per family (unet %s, dit %s)" % (
+        DEFAULT_CFG["unet"], DEFAULT_CFG["dit"]))
+    ap.add_argument("--cfg-sweep", type=str, default="", help="comma-separated CFG values to compare first")
+    ap.add_argument("--threads", type=int, default=2)
+    ap.add_argument("--out", type=Path, default=RESULTS / "proxy_models")
+    ap.add_argument("--grid-dir", type=Path, default=models.CACHE_WEIGHTS,
+                    help="where sample grids (PNG) go (default: the git-ignored cache)")
+    args = ap.parse_args(argv)
+    logging.basicConfig(level=logging.WARNING, format="%(asctime)s %(name)s %(message)s", force=True)
+    log.setLevel(logging.INFO)
+    torch.set_num_threads(args.threads)
+    families = args.family or list(models.FAMILIES)
+    _, held = prompt_split()
+    prompts = held[:args.prompts]
+    sweep_prompts = held[args.prompts:args.prompts + 16]
+    results = {"prompts": len(prompts), "seeds": args.seeds, "machine": f"{platform.machine()} CPU, "
+               f"{os.cpu_count()} cores", "torch": torch.__version__, "threads": torch.get_num_threads(),
+               "families": {}}
+    for fam in families:
+        patcher, enc = models.load(fam)
+        path = models.weights_path(fam)
+        meta = models.read_info(path)
+        r: Dict = {}
+        if args.cfg_sweep:
+            r["cfg_sweep"] = cfg_sweep(patcher, enc, fam, sweep_prompts,
+                                       [float(v) for v in args.cfg_sweep.split(",") if v.strip()])
+        cfg = args.cfg if args.cfg is not None else DEFAULT_CFG[fam]
+        ev = evaluate(patcher, enc, fam, prompts, args.seeds, cfg, seed=args.seed)
+        images = ev.pop("_images")
+        save_grid(images, args.grid_dir / f"samples_{fam}.png")
+        ev.update(r)
+        ev["weights"] = str(path.relative_to(ROOT)) if path.is_relative_to(ROOT) else str(path)
+        ev["comfy_class"] = (f"supported_models.{type(patcher.model.model_config).__name__} / "
+                             f"model_base.{type(patcher.model).__name__} ({patcher.model.model_type.name})")
+        ev["training"] = meta.get("info", {})
+        results["families"][fam] = ev
+        log.info("%s: mean %.3f sd %.3f fail %.3f gap %.3f (%.0f s)", fam, ev["mean_score"],
+                 ev["within_prompt_sd"], ev["failure_fraction"], ev["best_minus_mean_gap"], ev["sampling_wall_s"])
+    command = ".venv/bin/python bench/proxy_world/sample.py" + "".join(
+        f" --family {f}" for f in (args.family or [])) + (f" --cfg {args.cfg}" if args.cfg is not None else "") + (
+        f" --cfg-sweep {args.cfg_sweep}" if args.cfg_sweep else "") + (
+        f" --prompts {args.prompts}" if args.prompts != 40 else "") + (
+        f" --seeds {args.seeds}" if args.seeds != 8 else "")
+    results["command"] = command
+    args.out.parent.mkdir(parents=True, exist_ok=True)
+    args.out.with_suffix(".json").write_text(json.dumps(results, indent=2) + "\n")
+    args.out.with_suffix(".md").write_text(_markdown(results, command))
+    log.info("wrote %s.{md,json}", args.out)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,204 @@
+"""The proxy-world diffusion models (bench/proxy_world/models.py, text.py, train_models.py) and
+their bench-only ComfyUI nodes. Fast: random or freshly saved weights, a few training steps."""
+import importlib.util
+import math
+
+import numpy as np
+import pytest
+import torch
+
+import comfy.latent_formats
+import comfy.model_base
+import comfy.supported_models
+import nodes as comfy_nodes_core
+
+from bench.proxy_world import models, train_models
+from bench.proxy_world.grammar import parse_prompt
+from bench.proxy_world.render import render_batch
+from bench.proxy_world.text import CONTEXT_DIM, POOLED_DIM, TEXT_LENGTH
+
+from conftest import ROOT
+
+PROMPTS = ["a red circle left of a blue square", "two green triangles", "a white cross above a yellow circle"]
+
+
+def _images(n=3, seed=0):
+    scenes = [parse_prompt(PROMPTS[i % len(PROMPTS)]) for i in range(n)]
+    return render_batch(scenes, size=32, rng=seed)
+
+
+@pytest.fixture(scope="module")
+def built():
+    return {fam: (models.build(fam, seed=0), models.build_text_encoder(fam, seed=0)) for fam in models.FAMILIES}
+
+
+@pytest.mark.parametrize("family", models.FAMILIES)
+def test_latent_image_round_trip(family):
+    images = _images(4)
+    latent = models.image_to_latent(images, family)
+    channels, side = (4, 32) if family == "unet" else (16, 16)
+    assert latent.shape == (4, channels, side, side)
+    back = models.latent_to_image(latent, family)
+    torch.testing.assert_close(back, images, rtol=0, atol=1e-6)
+    # and the other way round on the RGB part: latent -> image -> latent
+    again = models.image_to_latent(back, family)
+    torch.testing.assert_close(again, latent, rtol=0, atol=1e-5)
+    # what the model sees (ComfyUI's process_latent_in) is the [-1, 1] image plus zero channels
+    fmt = comfy.latent_formats.SD15() if family == "unet" else comfy.latent_formats.SD3()
+    data = fmt.process_in(latent)
+    torch.testing.assert_close(data, models.image_to_data(images, family), rtol=0, atol=1e-5)
+    rgb = 3 if family == "unet" else 12
+    assert torch.all(data[:, rgb:].abs() < 1e-5)
+    assert data[:, :rgb].min() >= -1 - 1e-5 and data[:, :rgb].max() <= 1 + 1e-5
+    assert 0.3 < float(data[:, :rgb].std()) < 1.5
+
+
+@pytest.mark.parametrize("family", models.FAMILIES)
+def test_models_use_comfy_classes(built, family):
+    patcher, _ = built[family]
+    model = patcher.model
+    assert isinstance(model, comfy.model_base.BaseModel)
+    if family == "unet":
+        assert type(model.model_config) is comfy.supported_models.SD15
+        assert model.model_type == comfy.model_base.ModelType.EPS
+        assert type(model.diffusion_model).__name__ == "UNetModel"
+        assert isinstance(model.latent_format, comfy.latent_formats.SD15)
+    else:
+        assert type(model.model_config) is comfy.supported_models.SD3
+        assert isinstance(model, comfy.model_base.SD3)
+        assert model.model_type == comfy.model_base.ModelType.FLOW
+        assert type(model.diffusion_model).__name__ == "OpenAISignatureMMDITWrapper"
+        assert model.adm_channels == POOLED_DIM
+        assert float(model.model_sampling.shift) == 3.0
+    n = models.param_count(patcher)
+    assert 1_000_000 <= n <= 3_000_000, n
+    for p in model.diffusion_model.parameters():
+        assert torch.isfinite(p).all()
+
+
+def test_pack_sees_the_families(pack, built):
+    from probe_select.nodes.families import auto_tap_path, model_family, resolve_module
+
+    assert model_family(built["unet"][0]) == "sd1"
+    assert model_family(built["dit"][0]) == "sd3"
+    for fam in models.FAMILIES:
+        resolve_module(built[fam][0], auto_tap_path(built[fam][0]))
+
+
+@pytest.mark.parametrize("family", models.FAMILIES)
+def test_random_models_sample_with_common_ksampler(built, family):
+    patcher, enc = built[family]
+    pos, neg = enc.conditioning(PROMPTS[0]), enc.conditioning("")
+    latent = models.empty_latent(family, batch=2)
+    (out,) = comfy_nodes_core.common_ksampler(patcher.clone(), 7, 4, 3.0, "euler", "normal", pos, neg, latent)
+    samples = out["samples"]
+    assert samples.shape == latent["samples"].shape
+    assert torch.isfinite(samples).all()
+    images = models.latent_to_image(samples, family)
+    assert images.shape == (2, 3, 32, 32)
+
+
+def test_conditioning_shapes(built):
+    _, enc = built["dit"]
+    cond = enc.conditioning(PROMPTS[0])
+    assert isinstance(cond, list) and len(cond) == 1 and len(cond[0]) == 2
+    context, extras = cond[0]
+    assert context.shape == (1, TEXT_LENGTH, CONTEXT_DIM)
+    assert extras["pooled_output"].shape == (1, POOLED_DIM)
+    uncond = enc.conditioning("")
+    assert uncond[0][0].shape == context.shape
+    assert not torch.allclose(uncond[0][0], context)
+    # deterministic, and a batch encodes like single prompts
+    torch.testing.assert_close(enc.conditioning(PROMPTS[0])[0][0], context)
+    ctx, pooled = enc.encode(PROMPTS)
+    assert ctx.shape == (3, TEXT_LENGTH, CONTEXT_DIM) and pooled.shape == (3, POOLED_DIM)
+    torch.testing.assert_close(ctx[:1], context, rtol=1e-5, atol=1e-5)
+
+
+def test_training_is_deterministic():
+    for family in models.FAMILIES:
+        cfg = train_models.TrainConfig(family=family, steps=3, batch_size=4, log_every=0)
+        a = train_models.train(cfg)
+        b = train_models.train(cfg)
+        assert a.losses == b.losses
+        assert all(math.isfinite(x) for x in a.losses)
+        for pa, pb in zip(a.patcher.model.diffusion_model.parameters(), b.patcher.model.diffusion_model.parameters()):
+            assert torch.equal(pa, pb)
+
+
+@pytest.mark.parametrize("family", models.FAMILIES)
+def test_loss_decreases_on_a_fixed_batch(family):
+    cfg = train_models.TrainConfig(family=family, steps=30, batch_size=8, warmup=5, fixed_batch=True, log_every=0)
+    losses = train_models.train(cfg).losses
+    assert len(losses) == 30
+    assert np.mean(losses[-5:]) < 0.8 * np.mean(losses[:5]), losses
+
+
+def test_train_split_is_disjoint():
+    train, held = train_models.prompt_split()
+    assert len(train) + len(held) == 1340 and not set(train) & set(held)
+    assert any(parse_prompt(p).kind == "count" for p in held[:40])
+
+
+@pytest.fixture(scope="module")
+def proxy_nodes():
+    """The bench node folder, imported the way ComfyUI imports a custom node folder."""
+    path = ROOT / "bench" / "proxy_world" / "comfy_nodes" / "__init__.py"
+    spec = importlib.util.spec_from_file_location("proxy_world_comfy_nodes", path,
+                                                  submodule_search_locations=[str(path.parent)])
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+def test_nodes_round_trip_through_saved_weights(proxy_nodes, built, tmp_path, monkeypatch, pack):
+    mapping = proxy_nodes.NODE_CLASS_MAPPINGS
+    assert set(mapping) == {"ProxyWorldLoader", "ProxyWorldEncode", "ProxyWorldDecode", "ProxyWorldEvaluator"}
+    assert not set(mapping) & set(getattr(pack, "NODE_CLASS_MAPPINGS", {}) or {})
+    assert mapping["ProxyWorldLoader"].RETURN_TYPES == ("MODEL", "PROXY_TEXT")
+    assert mapping["ProxyWorldEncode"].RETURN_TYPES == ("CONDITIONING",)
+    assert mapping["ProxyWorldDecode"].RETURN_TYPES == ("IMAGE",)
+    assert mapping["ProxyWorldEvaluator"].RETURN_TYPES == ("PS_EVALUATOR",)
+    for cls in mapping.values():
+        cls.INPUT_TYPES()
+        assert callable(getattr(cls(), cls.FUNCTION))
+
+    # The loader reads weights files: point it at files saved from the (random) built models.
+    files = {}
+    for fam in models.FAMILIES:
+        patcher, enc = built[fam]
+        files[fam] = models.save(tmp_path / f"{fam}.safetensors", patcher, enc, fam, {"test": True})
+    monkeypatch.setattr(models, "weights_candidates", lambda fam: [files[fam]])
+
+    for fam in models.FAMILIES:
+        model, text = mapping["ProxyWorldLoader"]().load(fam)
+        ref_patcher, ref_enc = built[fam]
+        for (k, a), (_, b) in zip(model.model.diffusion_model.state_dict().items(),
+                                  ref_patcher.model.diffusion_model.state_dict().items()):
+            assert torch.equal(a, b), k
+        (pos,) = mapping["ProxyWorldEncode"]().encode(text, PROMPTS[1])
+        (neg,) = mapping["ProxyWorldEncode"]().encode(text, "")
+        torch.testing.assert_close(pos[0][0], ref_enc.conditioning(PROMPTS[1])[0][0])
+        (out,) = comfy_nodes_core.common_ksampler(model, 0, 3, 2.0, "euler", "normal", pos, neg,
+                                                  models.empty_latent(fam, batch=2))
+        (images,) = mapping["ProxyWorldDecode"]().decode(out, fam)
+        assert images.shape == (2, 32, 32, 3) and images.min() >= 0 and images.max() <= 1
+        other = "dit" if fam == "unet" else "unet"
+        with pytest.raises(ValueError, match="channels"):
+            mapping["ProxyWorldDecode"]().decode(out, other)
+
+
+def test_evaluator_node(proxy_nodes, pack):
+    (evaluator,) = proxy_nodes.NODE_CLASS_MAPPINGS["ProxyWorldEvaluator"]().make()
+    images = _images(3).permute(0, 2, 3, 1)                        # ComfyUI IMAGE [B, H, W, 3]
+    scores = evaluator.score(images, PROMPTS)
+    assert type(scores).__name__ == "ImageScores"
+    assert scores.scores.shape == (3,) and scores.evaluator == "proxy_world" and scores.prompts == PROMPTS
+    assert float(scores.scores.min()) > 0.5                        # correct renders score high
+    wrong = evaluator.score(images[:1], "two blue squares")
+    assert float(wrong.scores[0]) < 0.5
+    # the pack's evaluate node accepts it
+    from probe_select.nodes.evaluators import ProbeSelectEvaluateImages
+
+    out = ProbeSelectEvaluateImages.execute(images, PROMPTS[0], evaluator)
+    assert len(out.result[0]) == 3

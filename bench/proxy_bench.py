@@ -144,6 +144,19 @@ def within_ci(pred: np.ndarray, target: np.ndarray, group: np.ndarray, n_boot: i
     return {"within": ci["mean"], "low": ci["low"], "high": ci["high"], "global": global_spearman(pred, target)}
 
 
+def random_baseline(target: np.ndarray, group: np.ndarray, n_boot: int, draws: int = 20) -> dict:
+    """Random scores, averaged over draws so that the row shows random selection's expectation."""
+    from probe_select.probes.metrics import bootstrap_ci, global_spearman, per_group_spearman
+    rng = np.random.default_rng(1)
+    preds = [rng.random(len(target)) for _ in range(draws)]
+    per_prompt = np.nanmean([per_group_spearman(p, target, group) for p in preds], axis=0)
+    ci = bootstrap_ci(per_prompt[np.isfinite(per_prompt)], n=n_boot, seed=0)
+    return {"within": ci["mean"], "low": ci["low"], "high": ci["high"],
+            "global": float(np.mean([global_spearman(p, target) for p in preds])),
+            "oracle_gain": {n: float(np.nanmean([oracle_gain(p, target, group, n, draws=2) for p in preds]))
+                            for n in (2, 5, 10, 20)}}
+
+
 def oracle_gain(pred: np.ndarray, target: np.ndarray, group: np.ndarray, n: int, draws: int = 20) -> float:
     """Mean over prompts and random N-subsets of (selected - mean) / (best - mean) for top-1 of N."""
     rng = np.random.default_rng(0)
@@ -187,12 +200,12 @@ def evaluate_family(family: str, setting: Setting, train_dir: Path, heldout_dir:
         evaluation = evaluate_probe_on(probe, meta, arrays)
         target, group = evaluation.actual, evaluation.group
         preview = held_ds.scores(f"x0@{t:g}").double().numpy()
-        random = np.random.default_rng(1).random(len(target))
         row = {"train_rows": sizes["train"], "train_seconds": round(train_seconds, 1),
                "best_epoch": result.best_epoch}
-        for name, pred in (("probe", evaluation.predicted), ("x0_preview", preview), ("random", random)):
+        for name, pred in (("probe", evaluation.predicted), ("x0_preview", preview)):
             row[name] = within_ci(pred, target, group, setting.bootstrap)
             row[name]["oracle_gain"] = {n: oracle_gain(pred, target, group, n) for n in (2, 5, 10, 20)}
+        row["random"] = random_baseline(target, group, setting.bootstrap)
         rows[t] = row
         log.info("  %s t=%g: probe %.3f [%.3f, %.3f], x0-preview %.3f, random %.3f", family, t,
                  row["probe"]["within"], row["probe"]["low"], row["probe"]["high"], row["x0_preview"]["within"],
@@ -343,6 +356,7 @@ def main(argv=None) -> dict:
     parser.add_argument("--out", type=Path, default=RESULTS)
     parser.add_argument("--cache", type=Path, default=CACHE, help="datasets and probes (default bench/cache/)")
     parser.add_argument("--untrained", action="store_true", help="random proxy models: test the pipeline only")
+    parser.add_argument("--reuse-datasets", action="store_true", help="skip collection when the datasets exist")
     args = parser.parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(message)s")
     setting = QUICK if args.quick else MEDIUM if args.medium else FULL
@@ -356,8 +370,12 @@ def main(argv=None) -> dict:
     for family in args.families:
         log.info("%s: collecting", family)
         train_dir, held_dir = CACHE / f"{family}_train", CACHE / f"{family}_heldout"
-        info = collect(family, train_prompts[: setting.train_prompts], setting.train_seeds, setting, train_dir, 0)
-        collect(family, held[: setting.heldout_prompts], setting.heldout_seeds, setting, held_dir, 10_000_000)
+        if args.reuse_datasets and (train_dir / "manifest.json").exists() and (held_dir / "manifest.json").exists():
+            from probe_select.probes.dataset import read_manifest
+            info = {"rows": None, "tap": read_manifest(train_dir).tap}
+        else:
+            info = collect(family, train_prompts[: setting.train_prompts], setting.train_seeds, setting, train_dir, 0)
+            collect(family, held[: setting.heldout_prompts], setting.heldout_seeds, setting, held_dir, 10_000_000)
         log.info("%s: training probes and evaluating", family)
         res = evaluate_family(family, setting, train_dir, held_dir)
         res["collect"] = info

@@ -343,6 +343,20 @@ def write_report(results: dict, setting: Setting, command: str, images: list[str
                          f"{c['denoiser_evals']['generate_all']} -> {c['denoiser_evals']['probe_select']} "
                          f"({c['denoiser_ratio']}) |")
         lines.append("")
+    lines += [
+        "## Status and what was tried", "",
+        "- Both proxy models were trained within the 15-minute CPU budget (bench/proxy_world/train_models.py). "
+        "Their samples carry noisy, colour-cast backgrounds that the strict evaluator counts as extra objects, so "
+        "finished scores are low and nearly every sample is a 'failure'; rankings within a prompt are still "
+        "informative (the x0-preview scorer reaches within-prompt Spearman >= 0.64 at t = 0.6 for both models).",
+        f"- Probe: the pack's default architecture scaled down (stem 32, widths 64/128, no attention), tap `auto`, "
+        f"features pooled to {setting.feature_size}x{setting.feature_size}, listwise ranking loss only (no text "
+        f"alignment: proxy prompts are short grammar strings), {setting.epochs} epochs with early stopping, "
+        f"{setting.train_prompts} training prompts x {setting.train_seeds} seeds.",
+        "- Next: better-trained proxy models (cleaner backgrounds), more training prompts, other taps "
+        "(e.g. the UNet's middle block, earlier DiT blocks) and larger pooled maps; the goals are in issue 4.",
+        "- Tap overhead, probe latency per candidate and activation memory per candidate: bench/results/core.md "
+        "(`make bench`).", ""]
     lines += [f"![{name}]({name})" for name in images]
     (RESULTS / "REPORT.md").write_text("\n".join(lines) + "\n")
 
@@ -357,7 +371,20 @@ def main(argv=None) -> dict:
     parser.add_argument("--cache", type=Path, default=CACHE, help="datasets and probes (default bench/cache/)")
     parser.add_argument("--untrained", action="store_true", help="random proxy models: test the pipeline only")
     parser.add_argument("--reuse-datasets", action="store_true", help="skip collection when the datasets exist")
+    parser.add_argument("--report-only", action="store_true", help="rewrite REPORT.md from proxy_bench.json")
     args = parser.parse_args(argv)
+    if args.report_only:
+        _modules()
+        saved = json.loads((args.out / "proxy_bench.json").read_text())
+        for res in saved["families"].values():
+            res["by_t"] = {float(t): row for t, row in res["by_t"].items()}
+            for row in res["by_t"].values():
+                for scorer in ("probe", "x0_preview", "random"):
+                    row[scorer]["oracle_gain"] = {int(n): v for n, v in row[scorer]["oracle_gain"].items()}
+        setting = Setting(**{k: tuple(v) if k == "checkpoints" else v for k, v in saved["setting"].items()})
+        RESULTS = args.out
+        write_report(saved, setting, saved.get("command", "make bench-proxy"), plots(saved, setting))
+        return saved
     logging.basicConfig(level=logging.INFO, format="%(message)s")
     setting = QUICK if args.quick else MEDIUM if args.medium else FULL
     RESULTS, CACHE, UNTRAINED = args.out, args.cache, args.untrained
@@ -385,6 +412,7 @@ def main(argv=None) -> dict:
         results["families"][family] = res
     images = plots(results, setting)
     command = "bench/proxy_bench.py " + " ".join(argv if argv is not None else sys.argv[1:])
+    results["command"] = command
     (RESULTS / "proxy_bench.json").write_text(json.dumps(results, indent=2, default=float) + "\n")
     write_report(results, setting, command, images)
     log.info("wrote %s", RESULTS / "REPORT.md")

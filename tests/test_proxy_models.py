@@ -43,14 +43,15 @@ def test_latent_image_round_trip(family):
     # and the other way round on the RGB part: latent -> image -> latent
     again = models.image_to_latent(back, family)
     torch.testing.assert_close(again, latent, rtol=0, atol=1e-5)
-    # what the model sees (ComfyUI's process_latent_in) is the [-1, 1] image plus zero channels
+    # what the model sees (ComfyUI's process_latent_in): the standardised image plus zero channels
     fmt = comfy.latent_formats.SD15() if family == "unet" else comfy.latent_formats.SD3()
     data = fmt.process_in(latent)
     torch.testing.assert_close(data, models.image_to_data(images, family), rtol=0, atol=1e-5)
     rgb = 3 if family == "unet" else 12
     assert torch.all(data[:, rgb:].abs() < 1e-5)
-    assert data[:, :rgb].min() >= -1 - 1e-5 and data[:, :rgb].max() <= 1 + 1e-5
-    assert 0.3 < float(data[:, :rgb].std()) < 1.5
+    lo, hi = [models.DATA_SCALE * (v - models.DATA_CENTER) for v in (-1.0, 1.0)]
+    assert data[:, :rgb].min() >= lo - 1e-5 and data[:, :rgb].max() <= hi + 1e-5
+    assert 0.5 < float(data[:, :rgb].std()) < 1.5 and abs(float(data[:, :rgb].mean())) < 0.5
 
 
 @pytest.mark.parametrize("family", models.FAMILIES)

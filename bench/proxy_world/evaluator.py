@@ -161,8 +161,11 @@ _MONOMIALS = [(i, j) for i in range(5) for j in range(5) if i + j <= 4]
 
 @lru_cache(maxsize=8)
 def _basis(h: int, w: int) -> torch.Tensor:
-    pts = _grid(h, w)
-    return torch.stack([pts[:, 0] ** i * pts[:, 1] ** j for i, j in _MONOMIALS], 1)   # [HW,15]
+    # cached across calls: built as a normal tensor even when the first call runs under
+    # inference_mode, so that later calls with autograd can still use it
+    with torch.inference_mode(False):
+        pts = _grid(h, w)
+        return torch.stack([pts[:, 0] ** i * pts[:, 1] ** j for i, j in _MONOMIALS], 1)   # [HW,15]
 
 
 def _raw_moments(weights: torch.Tensor, h: int, w: int):
@@ -273,6 +276,11 @@ def cluster(weights: torch.Tensor, pts: torch.Tensor, k: int):
 def shape_model(size: int = 32) -> Tuple[torch.Tensor, torch.Tensor]:
     """(mean [4,5], std [4,5]) of the descriptor per shape, fitted on 96 jittered single-object
     renders per shape at ``size`` x ``size`` (fixed seed, so deterministic; ~0.3 s once)."""
+    with torch.inference_mode(False), torch.no_grad():    # cached: see _basis
+        return _fit_shape_model(size)
+
+
+def _fit_shape_model(size: int) -> Tuple[torch.Tensor, torch.Tensor]:
     from .render import COUNT_SIZE_RANGE, Placed, REL_SIZE_RANGE, EXTENT, ROT_JITTER, rasterize, _shade
 
     g = np.random.default_rng(12345)

@@ -1,26 +1,30 @@
 """Two small proxy-world text-to-image diffusion models, built from ComfyUI's own model classes.
 
 * ``"unet"``: an SD1.x-family UNet: ``comfy.supported_models.SD15`` config, ``comfy.model_base.BaseModel``
-  (EPS prediction, discrete 1000-step sigmas), ComfyUI's ``UNetModel``; 32 -> 16 -> 8 pixels, attention
-  (self + cross) at 8x8 only. The pack's taps, samplers and ``auto`` tap (``output_blocks.3.0``) run
-  on it unchanged.
+  (EPS prediction, discrete 1000-step sigmas), ComfyUI's ``UNetModel``; 64 channels at 32 -> 16 -> 8
+  pixels, attention (self + cross) at 8x8 only; 1.87 M parameters. The pack's taps, samplers and
+  ``auto`` tap (``output_blocks.3.0``, 16x16) run on it unchanged.
 * ``"dit"``: an SD3-family MMDiT: ``comfy.supported_models.SD3`` config, ``comfy.model_base.SD3``
   (FLOW / CONST sampling with SD3's shift 3.0), ComfyUI's ``OpenAISignatureMMDITWrapper``; hidden
-  128, 2 heads, 4 joint blocks, patch 2 on a 16x16 latent (64 image tokens). ``auto`` tap:
-  ``joint_blocks.3``.
+  128, 2 heads, 4 joint blocks, patch 2 on a 16x16 latent (64 image tokens); 2.29 M parameters.
+  ``auto`` tap: ``joint_blocks.3``.
 
 There is no autoencoder: the latent is the image itself, in pixel space.
 
-* SD1.x (4 latent channels, 32x32): the model works on ``data`` = RGB in [-1, 1] plus one zero
-  channel. ComfyUI's SD15 latent format multiplies the LATENT by 0.18215 before the model sees it
+Let ``rgb`` be the image in [-1, 1]. Over the proxy world its mean is -0.80 and its std only 0.33
+(a dark background with small bright objects), so the model works on the standardised
+``3 * (rgb + 0.8)`` (``DATA_SCALE * (rgb - DATA_CENTER)``: mean ~0, std 0.99, like the latents of
+the real models; the background is -0.3):
+
+* SD1.x (4 latent channels, 32x32): ``data`` = ``3 * (rgb + 0.8)`` plus one zero channel. ComfyUI's
+  SD15 latent format multiplies the LATENT by 0.18215 before the model sees it
   (``process_latent_in``), so the LATENT a user handles is ``data / 0.18215``.
-* SD3 (16 latent channels, 16x16): ``data`` = pixel-unshuffle(2) of the [-1, 1] RGB image
-  (32x32x3 -> 16x16x12) plus 4 zero channels; SD3's latent format is ``process_in(latent) =
-  (latent - 0.0609) * 1.5305``, so the LATENT is ``data / 1.5305 + 0.0609``.
+* SD3 (16 latent channels, 16x16): ``data`` = pixel-unshuffle(2) of ``3 * (rgb + 0.8)`` (32x32x3 ->
+  16x16x12) plus 4 zero channels; SD3's latent format is ``process_in(latent) = (latent - 0.0609) *
+  1.5305``, so the LATENT is ``data / 1.5305 + 0.0609``.
 
 :func:`image_to_latent` and :func:`latent_to_image` convert between images ``[B, 3, H, W]`` in 0..1
-and LATENT tensors (exact inverses on the RGB part, up to float rounding). The model-side ``data``
-has std ~0.5-1 (a dark background at -0.9 with bright objects).
+and LATENT tensors (exact inverses on the RGB part, up to float rounding).
 
 ComfyUI's layers skip weight initialisation, so :func:`build` initialises every parameter
 deterministically from ``seed`` (N(0, 1/fan_in) matrices, zero biases, unit norms, SD3's fixed
@@ -59,6 +63,11 @@ log = logging.getLogger(__name__)
 FAMILIES = ("unet", "dit")
 COMFY_FAMILY = {"unet": "sd1", "dit": "sd3"}       # the pack's family ids (nodes/families.py)
 IMAGE_SIZE = 32
+# data = DATA_SCALE * (rgb - DATA_CENTER), rgb in [-1, 1]: the rendered images have mean -0.80 and
+# std 0.33 there (a dark background), so the model gets data with mean ~0 and std ~1 (0.99), like
+# the latents of the real models. The mean matters for the EPS UNet (see _unet_identity_pairs).
+DATA_SCALE = 3.0
+DATA_CENTER = -0.8
 LATENT_CHANNELS = {"unet": 4, "dit": 16}
 LATENT_DOWNSCALE = {"unet": 1, "dit": 2}           # latent pixels per image pixel (per side)
 
@@ -80,9 +89,12 @@ UNET_CONFIG = {
     "adm_in_channels": None,
     "in_channels": 4,
     "out_channels": 4,
-    "model_channels": 32,
+    # 64 channels at every level: ComfyUI's GroupNorm has 32 groups, and with 32 channels (one per
+    # group) the final norm erases each channel's per-image mean, so the network could not see or
+    # remove the mean of the noise (samples kept a seed-dependent colour cast); two per group can.
+    "model_channels": 64,
     "num_res_blocks": [1, 1, 1],
-    "channel_mult": [1, 2, 2],
+    "channel_mult": [1, 1, 1],
     # attention (self + cross to the text) only at the 8x8 level: relations are decided there
     "transformer_depth": [0, 0, 1],
     "transformer_depth_middle": 1,
@@ -148,7 +160,7 @@ def image_to_data(images: torch.Tensor, family: str) -> torch.Tensor:
     _check_family(family)
     if images.ndim != 4 or images.shape[1] != 3:
         raise ValueError(f"images must be [B, 3, H, W], got {tuple(images.shape)}")
-    x = images.float() * 2.0 - 1.0
+    x = (images.float() * 2.0 - 1.0 - DATA_CENTER) * DATA_SCALE
     b, _, h, w = x.shape
     if family == "unet":
         return torch.cat([x, x.new_zeros(b, 1, h, w)], 1)
@@ -165,7 +177,7 @@ def data_to_image(data: torch.Tensor, family: str, clamp: bool = True) -> torch.
         x = data[:, :3]
     else:
         x = F.pixel_shuffle(data[:, :12], 2)
-    img = (x.float() + 1.0) / 2.0
+    img = (x.float() / DATA_SCALE + DATA_CENTER + 1.0) / 2.0
     return img.clamp(0.0, 1.0) if clamp else img
 
 
@@ -223,6 +235,49 @@ def init_weights(model: "comfy.model_base.BaseModel", family: str, generator: to
         for name, b in dm.named_buffers():
             if b.is_floating_point() and not torch.isfinite(b).all():
                 raise RuntimeError(f"uninitialised buffer {name}")
+    if family == "unet":
+        _unet_identity_pairs(dm)
+
+
+def _unet_identity_pairs(dm) -> None:
+    """Start the UNet with eps ~ its input, carried by +x / -x channel pairs.
+
+    ComfyUI's UNet normalises with GroupNorm(32 groups) before every convolution, down to the
+    output layer, which removes each group's per-image mean. A network built only from such blocks
+    can hardly see the mean of its input, yet an EPS model must, at high noise, predict the mean of
+    the noise almost exactly (x0 = x - sigma * eps): otherwise the image keeps the mean of the initial
+    noise (a seed-dependent colour, a grey background). Here the first 8 top-level channels hold
+    +x_c and -x_c for the 4 input channels, each pair in one GroupNorm group (2 channels per group at
+    64 channels), so the group's mean is 0 and its scale is the rms of x_c: the normalised pair keeps
+    x_c's mean. conv_in writes the pairs, the last output block's skip connection copies them from
+    its skip input (the conv_in output), and the output conv reads SiLU(z) - SiLU(-z) = z. All other
+    weights stay as initialised; training adjusts everything.
+    """
+    conv_in = dm.input_blocks[0][0]
+    c = conv_in.weight.shape[1]
+    k = 2 * c
+    groups = 32
+    if conv_in.weight.shape[0] // groups != 2:
+        raise RuntimeError("identity pairs need exactly 2 channels per GroupNorm group at the top level")
+    with torch.no_grad():
+        my, mx = conv_in.weight.shape[2] // 2, conv_in.weight.shape[3] // 2
+        conv_in.weight[:k].zero_()
+        conv_in.bias[:k].zero_()
+        for i in range(c):
+            conv_in.weight[2 * i, i, my, mx] = 1.0
+            conv_in.weight[2 * i + 1, i, my, mx] = -1.0
+        res = dm.output_blocks[-1][0]
+        skip = res.skip_connection
+        offset = skip.weight.shape[1] - conv_in.weight.shape[0]    # input is cat([h, conv_in output])
+        skip.weight[:k].zero_()
+        skip.bias[:k].zero_()
+        for i in range(k):
+            skip.weight[i, offset + i, 0, 0] = 1.0
+        out = dm.out[-1]
+        oy, ox = out.weight.shape[2] // 2, out.weight.shape[3] // 2
+        for i in range(c):
+            out.weight[i, 2 * i, oy, ox] = 1.0
+            out.weight[i, 2 * i + 1, oy, ox] = -1.0
 
 
 def _make_model(family: str, config: Optional[dict] = None) -> "comfy.model_base.BaseModel":
@@ -300,6 +355,8 @@ def save(path, patcher, text_encoder: TextEncoder, family: str, info: Optional[d
         "format_version": str(FORMAT_VERSION),
         "family": family,
         "comfy_family": COMFY_FAMILY[family],
+        "data_scale": repr(float(DATA_SCALE)),
+        "data_center": repr(float(DATA_CENTER)),
         "model_config": json.dumps(config if config is not None else default_config(family)),
         "text_config": json.dumps(TEXT_CONFIG),
         "info": json.dumps(info or {}),
@@ -337,6 +394,10 @@ def load(family: str, path=None) -> Tuple["comfy.model_patcher.ModelPatcher", Te
     if int(meta.get("format_version", 0)) > FORMAT_VERSION:
         raise ValueError(f"{path} has format version {meta.get('format_version')}; this code reads "
                          f"{FORMAT_VERSION}")
+    if (float(meta.get("data_scale", "nan")) != DATA_SCALE
+            or float(meta.get("data_center", "nan")) != DATA_CENTER):
+        raise ValueError(f"{path} was trained on data = {meta.get('data_scale')} x (rgb - {meta.get('data_center')}); "
+                         f"this code uses {DATA_SCALE} x (rgb - {DATA_CENTER}); retrain it")
     state = load_file(str(path), device="cpu")
     model = _make_model(family, meta["model_config"])
     dm_state = {k[len("diffusion_model."):]: v for k, v in state.items() if k.startswith("diffusion_model.")}

@@ -3,7 +3,7 @@ PY := .venv/bin/python
 export OMP_NUM_THREADS ?= 1
 PYTEST_ARGS ?=
 
-.PHONY: setup test test-fast bench bench-proxy demo lint clean
+.PHONY: setup test test-fast bench bench-core bench-proxy proxy-models demo lint clean
 
 setup:
 	@bash scripts/setup_env.sh
@@ -15,8 +15,12 @@ test: setup
 test-fast: setup
 	$(PY) -m pytest -m "not server" $(PYTEST_ARGS)
 
-# Benchmarks write their figures to bench/results/ (not timed tests).
-bench: setup
+# Benchmarks write their figures to bench/results/ (not timed tests): core.md, train.md and the
+# proxy-world REPORT.md with its plots (about an hour on 2 cores; the proxy models are trained
+# first only if their weights are missing).
+bench: bench-core bench-proxy
+
+bench-core: setup
 	$(PY) bench/bench_core.py
 	$(PY) bench/bench_train.py
 
@@ -26,13 +30,22 @@ clean:
 lint: setup
 	$(PY) -m ruff check --select F,E9 --line-length 120 nodes probes tests __init__.py bench workflows
 
-# Probe-Select measured end to end in the proxy world (trains the proxy models first if needed).
-bench-proxy: setup
+# The proxy-world models: committed weights, or trained here (<= 15 minutes each) when missing.
+proxy-models: setup
 	@for f in unet dit; do \
 	  $(PY) -c "import sys; sys.path[:0] = ['tests', '.']; import conftest; from bench.proxy_world import models; models.weights_path('$$f')" 2>/dev/null \
 	    || $(PY) bench/proxy_world/train_models.py --family $$f; \
 	done
-	$(PY) bench/proxy_bench.py
 
-demo: setup
+# Probe-Select measured end to end in the proxy world: collects the datasets of both models in
+# parallel processes (one per core), then trains the probes and writes bench/results/REPORT.md.
+bench-proxy: proxy-models
+	@for f in unet dit; do \
+	  $(PY) bench/proxy_bench.py --families $$f --collect-only train & train=$$!; \
+	  $(PY) bench/proxy_bench.py --families $$f --collect-only heldout & heldout=$$!; \
+	  wait $$train && wait $$heldout || exit 1; \
+	done
+	$(PY) bench/proxy_bench.py --reuse-datasets
+
+demo: proxy-models
 	$(PY) bench/demo.py

@@ -21,7 +21,6 @@ from __future__ import annotations
 import argparse
 import json
 import logging
-import math
 import os
 import platform
 import shutil
@@ -42,7 +41,8 @@ import torch  # noqa: E402
 
 log = logging.getLogger("proxy_bench")
 RESULTS = ROOT / "bench" / "results"
-CACHE = ROOT / "bench" / "cache" / "proxy_bench"
+CACHE = DEFAULT_CACHE = ROOT / "bench" / "cache" / "proxy_bench"
+DEMO_PROBES = ROOT / "bench" / "proxy_world" / "weights"   # committed next to the proxy models
 EVALUATOR = "proxy"
 # The probes learn log(score): the proxy score is a product of factors, each floored at 0.1, so its
 # log is a sum (one term per factor) and the many failed seeds, whose scores differ by factors of
@@ -67,7 +67,7 @@ class Setting:
     cost_repeats: int
 
 
-FULL = Setting(train_prompts=160, heldout_prompts=48, train_seeds=16, heldout_seeds=20, steps=20, cfg=4.0,
+FULL = Setting(train_prompts=128, heldout_prompts=48, train_seeds=16, heldout_seeds=20, steps=20, cfg=4.0,
                checkpoints=(0.1, 0.2, 0.3, 0.4, 0.6), epochs=40, feature_size=8, bootstrap=1000, cost_repeats=3)
 MEDIUM = Setting(train_prompts=96, heldout_prompts=32, train_seeds=12, heldout_seeds=20, steps=20, cfg=4.0,
                  checkpoints=(0.1, 0.2, 0.3, 0.4, 0.6), epochs=30, feature_size=8, bootstrap=1000, cost_repeats=2)
@@ -108,7 +108,6 @@ def collect(family: str, prompts: list[str], seeds: int, setting: Setting, datas
     if dataset_dir.exists():
         shutil.rmtree(dataset_dir)
     writer = None
-    previews = {t: [] for t in setting.checkpoints}
     for p, prompt in enumerate(prompts):
         positive = text.conditioning(prompt)
         scene = grammar.parse_prompt(prompt)
@@ -181,38 +180,53 @@ def oracle_gain(pred: np.ndarray, target: np.ndarray, group: np.ndarray, n: int,
     return float(np.mean(gains)) if gains else float("nan")
 
 
+def probe_config(channels: int, setting: Setting, **overrides):
+    """The pack's default probe scaled down for datasets of a few thousand rows (no attention)."""
+    from probe_select.probes.model import ProbeConfig
+    base = dict(in_channels=channels, feature_size=setting.feature_size, stem_width=32, widths=(64, 128),
+                embed_dim=128, mlp_hidden=256, head_hidden=(128,), attention=False, pooled_size=2)
+    return ProbeConfig(**{**base, **overrides})
+
+
+def train_config(setting: Setting, **overrides):
+    from probe_select.probes.train import TrainConfig
+    base = dict(epochs=setting.epochs, batch_prompts=16, lr=1e-3, patience=10, seed=0, lambda_align=0.0)
+    return TrainConfig(**{**base, **overrides})
+
+
+def train_and_evaluate(train_ds, held_ds, t: float, out: Path, setting: Setting, target: str, config, tcfg) -> dict:
+    """Train a probe at checkpoint t on the training prompts; score it on the held-out prompts."""
+    from probe_select.probes.evaluation import evaluate_probe_on
+    from probe_select.probes.io import load_probe
+    from probe_select.probes.pipeline import train_from_dataset
+
+    started = time.perf_counter()
+    result, sizes = train_from_dataset(train_ds, t, target, out, use_text=False, probe_config=config, train_config=tcfg)
+    train_seconds = time.perf_counter() - started
+    probe, meta = load_probe(out)
+    evaluation = evaluate_probe_on(probe, meta, held_ds.arrays(checkpoint_t=t, evaluator=EVALUATOR))
+    row = {"train_rows": sizes["train"], "train_seconds": round(train_seconds, 1), "best_epoch": result.best_epoch,
+           "probe": within_ci(evaluation.predicted, evaluation.actual, evaluation.group, setting.bootstrap)}
+    row["probe"]["oracle_gain"] = {n: oracle_gain(evaluation.predicted, evaluation.actual, evaluation.group, n)
+                                   for n in (2, 5, 10, 20)}
+    return row, evaluation
+
+
 def evaluate_family(family: str, setting: Setting, train_dir: Path, heldout_dir: Path) -> dict:
     _modules()
     from probe_select.probes.dataset import ProbeDataset
-    from probe_select.probes.evaluation import evaluate_probe_on
-    from probe_select.probes.io import load_probe
-    from probe_select.probes.model import ProbeConfig
-    from probe_select.probes.pipeline import train_from_dataset
-    from probe_select.probes.train import TrainConfig
 
     train_ds, held_ds = ProbeDataset(train_dir), ProbeDataset(heldout_dir)
     rows = {}
     channels = train_ds.manifest.feature_shape[0]
     train_target = TRAIN_TARGET if TRAIN_TARGET in train_ds.manifest.evaluators else EVALUATOR
     for t in setting.checkpoints:
-        out = CACHE / f"{family}_t{t:g}.safetensors"
-        config = ProbeConfig(in_channels=channels, feature_size=setting.feature_size, stem_width=32, widths=(64, 128),
-                             embed_dim=128, mlp_hidden=256, head_hidden=(128,), attention=False, pooled_size=2)
-        started = time.perf_counter()
-        result, sizes = train_from_dataset(train_ds, t, train_target, out, use_text=False, probe_config=config,
-                                           train_config=TrainConfig(epochs=setting.epochs, batch_prompts=16, lr=1e-3,
-                                                                    patience=10, seed=0, lambda_align=0.0))
-        train_seconds = time.perf_counter() - started
-        probe, meta = load_probe(out)
-        arrays = held_ds.arrays(checkpoint_t=t, evaluator=EVALUATOR)
-        evaluation = evaluate_probe_on(probe, meta, arrays)
+        row, evaluation = train_and_evaluate(train_ds, held_ds, t, CACHE / f"{family}_t{t:g}.safetensors", setting,
+                                             train_target, probe_config(channels, setting), train_config(setting))
         target, group = evaluation.actual, evaluation.group
         preview = held_ds.scores(f"x0@{t:g}").double().numpy()
-        row = {"train_rows": sizes["train"], "train_seconds": round(train_seconds, 1),
-               "best_epoch": result.best_epoch}
-        for name, pred in (("probe", evaluation.predicted), ("x0_preview", preview)):
-            row[name] = within_ci(pred, target, group, setting.bootstrap)
-            row[name]["oracle_gain"] = {n: oracle_gain(pred, target, group, n) for n in (2, 5, 10, 20)}
+        row["x0_preview"] = within_ci(preview, target, group, setting.bootstrap)
+        row["x0_preview"]["oracle_gain"] = {n: oracle_gain(preview, target, group, n) for n in (2, 5, 10, 20)}
         row["random"] = random_baseline(target, group, setting.bootstrap)
         rows[t] = row
         log.info("  %s t=%g: probe %.3f [%.3f, %.3f], x0-preview %.3f, random %.3f", family, t,
@@ -223,6 +237,32 @@ def evaluate_family(family: str, setting: Setting, train_dir: Path, heldout_dir:
     spread = float(np.mean([finals[groups == g].std() for g in np.unique(groups)]))
     return {"by_t": rows, "heldout_mean_score": float(finals.mean()), "within_prompt_sd": spread,
             "semantic_failure_rate": float((finals < 0.5).mean())}
+
+
+# What else was tried at t = 0.2, each against the bench probe above (same data, same seed).
+ABLATIONS = {
+    "raw score as the target (not log)": ({}, {}, EVALUATOR),
+    "smaller probe (stem 16, widths 32/64, embed 64)": (
+        dict(stem_width=16, widths=(32, 64), embed_dim=64, mlp_hidden=128, head_hidden=(64,)), {}, TRAIN_TARGET),
+    "ranking loss without margin (alpha 0)": ({}, dict(alpha_max=0.0), TRAIN_TARGET),
+    "ranking + Pearson term (weight 1)": ({}, dict(lambda_pearson=1.0), TRAIN_TARGET),
+}
+
+
+def ablation(family: str, setting: Setting, train_dir: Path, heldout_dir: Path, t: float = 0.2) -> dict:
+    from probe_select.probes.dataset import ProbeDataset
+    train_ds, held_ds = ProbeDataset(train_dir), ProbeDataset(heldout_dir)
+    channels = train_ds.manifest.feature_shape[0]
+    (CACHE / "ablation").mkdir(parents=True, exist_ok=True)
+    out = {}
+    for i, (name, (config_overrides, train_overrides, target)) in enumerate(ABLATIONS.items()):
+        row, _ = train_and_evaluate(train_ds, held_ds, t, CACHE / "ablation" / f"{family}_{i}.safetensors", setting,
+                                    target, probe_config(channels, setting, **config_overrides),
+                                    train_config(setting, **train_overrides))
+        out[name] = row
+        log.info("  %s ablation %r: probe %.3f [%.3f, %.3f]", family, name, row["probe"]["within"],
+                 row["probe"]["low"], row["probe"]["high"])
+    return out
 
 
 # ---- 4. cost ----------------------------------------------------------------------------------------
@@ -286,6 +326,52 @@ def cost(family: str, setting: Setting, n: int, k: int, t: float, repeats: int) 
             "denoiser_ratio": round((n * s + k * (steps - s)) / (n * steps), 3)}
 
 
+def overheads(family: str, setting: Setting, n: int = 5, t: float = 0.2, repeats: int = 7) -> dict:
+    """Tap overhead (early sampling with vs without the tap), probe latency and activation memory per
+    candidate, on this proxy model; runs interleaved so that drift hits both sides alike."""
+    pack, grammar, models, evaluator = _modules()
+    from probe_select.nodes import split_sampling
+    from probe_select.nodes.tap import apply_tap
+    from probe_select.probes.io import load_probe
+    from probe_select.probes.scoring import score_candidates
+
+    patcher, text = load_model(family)
+    tapped = apply_tap(patcher, "auto", setting.feature_size)
+    probe, meta = load_probe(CACHE / f"{family}_t{min(setting.checkpoints, key=lambda c: abs(c - t)):g}.safetensors")
+    prompt = grammar.all_prompts(limit=1, seed=99)[0]
+    pos, neg = text.conditioning(prompt), text.conditioning("")
+    latent = models.empty_latent(family, 1)
+
+    def early(model):
+        return split_sampling.run_early(model, pos, neg, latent, 0, n, setting.steps, setting.cfg, "euler", "normal", t)
+
+    activations = early(tapped).activations
+    early(patcher)                                         # warm-up
+    plain, with_tap, probe_s = [], [], []
+    for _ in range(repeats):
+        for model, times in ((patcher, plain), (tapped, with_tap)):
+            started = time.perf_counter()
+            early(model)
+            times.append(time.perf_counter() - started)
+        started = time.perf_counter()
+        score_candidates(probe, meta, activations)
+        probe_s.append(time.perf_counter() - started)
+    plain_med, tap_med = float(np.median(plain)), float(np.median(with_tap))
+    return {"N": n, "t": t, "repeats": repeats, "early_plain_s": round(plain_med, 4), "early_tap_s": round(tap_med, 4),
+            "tap_overhead_pct": round(100 * (tap_med - plain_med) / plain_med, 2),
+            "probe_ms_per_candidate": round(1000 * float(np.median(probe_s)) / n, 3),
+            "denoiser_step_ms_per_candidate": round(1000 * plain_med / (n * split_sampling.checkpoint_step(setting.steps, t)), 3),
+            "activation_bytes_per_candidate": int(activations.features[0].numel() * activations.features.element_size()),
+            "activation_shape": list(activations.features.shape[1:]), "activation_dtype": str(activations.features.dtype)}
+
+
+def write_demo_probe(family: str, t: float = 0.2) -> Path:
+    """The t=0.2 probe of the full run, in fp16 (1.5 MB), where `make demo` finds it on a fresh clone."""
+    from probe_select.probes.io import load_probe, save_probe
+    probe, meta = load_probe(CACHE / f"{family}_t{t:g}.safetensors")
+    return save_probe(DEMO_PROBES / f"{family}_t{t:g}.safetensors", probe, meta, dtype=torch.float16)
+
+
 # ---- report -----------------------------------------------------------------------------------------
 
 def plots(results: dict, setting: Setting) -> list[str]:
@@ -302,6 +388,10 @@ def plots(results: dict, setting: Setting) -> list[str]:
         image.save(RESULTS / name)
         names.append(name)
     return names
+
+
+def cell(r: dict) -> str:
+    return f"{r['within']:.3f} [{r['low']:.3f}, {r['high']:.3f}]"
 
 
 def write_report(results: dict, setting: Setting, command: str, images: list[str]) -> None:
@@ -326,7 +416,6 @@ def write_report(results: dict, setting: Setting, command: str, images: list[str
                   "[95% CI] | probe global | x0-preview global |",
                   "| --- | --- | --- | --- | --- | --- |"]
         for t, row in res["by_t"].items():
-            cell = lambda r: f"{r['within']:.3f} [{r['low']:.3f}, {r['high']:.3f}]"  # noqa: E731
             lines.append(f"| {t:g} | {cell(row['probe'])} | {cell(row['x0_preview'])} | {cell(row['random'])} | "
                          f"{row['probe']['global']:.3f} | {row['x0_preview']['global']:.3f} |")
         t02 = res["by_t"][min(res["by_t"], key=lambda c: abs(c - 0.2))]
@@ -340,6 +429,23 @@ def write_report(results: dict, setting: Setting, command: str, images: list[str
         lines += ["", f"At t=0.2 the probe {'beats' if beats else 'does NOT beat'} the x0-preview scorer "
                       f"({t02['probe']['within']:.3f} vs {t02['x0_preview']['within']:.3f}) and its 95% interval "
                       f"{'excludes' if above_random else 'does NOT exclude'} 0.", ""]
+        if res.get("ablation"):
+            lines += ["What else was tried at t=0.2 (same data, same seed; held-out within-prompt Spearman):", "",
+                      "| probe variant | within-prompt [95% CI] | oracle gain N=5 | best epoch |",
+                      "| --- | --- | --- | --- |",
+                      f"| the bench probe above (log(score) target) | {cell(t02['probe'])} | "
+                      f"{t02['probe']['oracle_gain'][5]:.3f} | {t02['best_epoch']} |"]
+            for name, row in res["ablation"].items():
+                lines.append(f"| {name} | {cell(row['probe'])} | {row['probe']['oracle_gain'][5]:.3f} | "
+                             f"{row['best_epoch']} |")
+            lines.append("")
+        o = res["overheads"]
+        lines += [f"Overheads (N={o['N']}, early sampling to t={o['t']:g}, medians of {o['repeats']} interleaved runs): "
+                  f"tap overhead {o['tap_overhead_pct']}% ({o['early_plain_s']} s without the tap, {o['early_tap_s']} s "
+                  f"with it); probe {o['probe_ms_per_candidate']} ms per candidate against "
+                  f"{o['denoiser_step_ms_per_candidate']} ms per denoiser step per candidate; captured activations "
+                  f"{o['activation_bytes_per_candidate'] / 1024:.1f} KiB per candidate ({o['activation_dtype']}, "
+                  f"{'x'.join(str(d) for d in o['activation_shape'])}).", ""]
         lines += ["Cost (one run each, median wall-clock; decode + evaluator included):", "",
                   "| N | K | t | generate-all s | Probe-Select s | x0-preview s | Probe-Select / all (wall) | "
                   "x0-preview / all (wall) | denoiser evals all -> selected |",
@@ -380,6 +486,9 @@ def main(argv=None) -> dict:
     parser.add_argument("--untrained", action="store_true", help="random proxy models: test the pipeline only")
     parser.add_argument("--reuse-datasets", action="store_true", help="skip collection when the datasets exist")
     parser.add_argument("--report-only", action="store_true", help="rewrite REPORT.md from proxy_bench.json")
+    parser.add_argument("--collect-only", choices=["train", "heldout"],
+                        help="only collect this dataset and stop (run the two in parallel processes, then "
+                             "the report with --reuse-datasets)")
     args = parser.parse_args(argv)
     if args.report_only:
         _modules()
@@ -389,6 +498,8 @@ def main(argv=None) -> dict:
             for row in res["by_t"].values():
                 for scorer in ("probe", "x0_preview", "random"):
                     row[scorer]["oracle_gain"] = {int(n): v for n, v in row[scorer]["oracle_gain"].items()}
+            for row in res.get("ablation", {}).values():
+                row["probe"]["oracle_gain"] = {int(n): v for n, v in row["probe"]["oracle_gain"].items()}
         setting = Setting(**{k: tuple(v) if k == "checkpoints" else v for k, v in saved["setting"].items()})
         RESULTS = args.out
         write_report(saved, setting, saved.get("command", "make bench-proxy"), plots(saved, setting))
@@ -405,6 +516,12 @@ def main(argv=None) -> dict:
     for family in args.families:
         log.info("%s: collecting", family)
         train_dir, held_dir = CACHE / f"{family}_train", CACHE / f"{family}_heldout"
+        if args.collect_only:
+            prompts_, seeds_, dir_, base_ = ((train_prompts[: setting.train_prompts], setting.train_seeds, train_dir, 0)
+                                            if args.collect_only == "train" else
+                                            (held[: setting.heldout_prompts], setting.heldout_seeds, held_dir, 10_000_000))
+            collect(family, prompts_, seeds_, setting, dir_, base_)
+            continue
         if args.reuse_datasets and (train_dir / "manifest.json").exists() and (held_dir / "manifest.json").exists():
             from probe_select.probes.dataset import read_manifest
             info = {"rows": None, "tap": read_manifest(train_dir).tap}
@@ -414,10 +531,16 @@ def main(argv=None) -> dict:
         log.info("%s: training probes and evaluating", family)
         res = evaluate_family(family, setting, train_dir, held_dir)
         res["collect"] = info
+        res["ablation"] = ablation(family, setting, train_dir, held_dir)
         res["cost"] = [cost(family, setting, n, k, t, setting.cost_repeats)
                        for n, k, t in ((5, 1, 0.2), (10, 2, 0.2), (5, 1, 0.4))
                        if not args.quick or (n, k, t) == (5, 1, 0.2)]
+        res["overheads"] = overheads(family, setting, repeats=2 if args.quick else 7)
+        if setting is FULL and not args.untrained and args.cache == DEFAULT_CACHE:
+            res["demo_probe"] = str(write_demo_probe(family).relative_to(ROOT))
         results["families"][family] = res
+    if args.collect_only:
+        return results
     images = plots(results, setting)
     command = "bench/proxy_bench.py " + " ".join(argv if argv is not None else sys.argv[1:])
     results["command"] = command

@@ -27,7 +27,7 @@ import math
 import os
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Union
+from typing import Optional, Union
 
 import torch
 from safetensors import safe_open
@@ -232,8 +232,12 @@ def read_probe_metadata(path: PathLike) -> ProbeMetadata:
     return _metadata_from_header(_read_header(path), path)
 
 
-def save_probe(path: PathLike, probe: Probe, metadata: ProbeMetadata) -> Path:
+def save_probe(path: PathLike, probe: Probe, metadata: ProbeMetadata, dtype: Optional[torch.dtype] = None) -> Path:
     """Write ``probe`` and ``metadata`` to ``path`` (a ``.safetensors`` file) atomically.
+
+    ``dtype`` (e.g. ``torch.float16``) stores the floating-point weights in that precision, half the
+    file for fp16 (for probes shipped with a repository or a workflow); :func:`load_probe` always
+    returns a float32 probe. None keeps the probe's own dtype.
 
     Raises:
         ValueError: if the metadata does not describe this probe (config or feature shape differ)
@@ -251,7 +255,10 @@ def save_probe(path: PathLike, probe: Probe, metadata: ProbeMetadata) -> Path:
             f"which reads (in_channels, feature_size, feature_size) = {expected_shape}"
         )
     header = _metadata_to_header(metadata)
-    tensors = {name: tensor.detach().to("cpu").contiguous() for name, tensor in probe.state_dict().items()}
+    if dtype is not None and not dtype.is_floating_point:
+        raise ValueError(f"save_probe: dtype must be a floating-point dtype, got {dtype}")
+    tensors = {name: tensor.detach().to("cpu", dtype=dtype if dtype is not None and tensor.is_floating_point() else None)
+               .contiguous() for name, tensor in probe.state_dict().items()}
     path = atomic_write(path, lambda temp_path: save_file(tensors, str(temp_path), metadata=header))
     logger.info("saved probe (%s, %s) to %s", metadata.backbone_family, metadata.evaluator, path)
     return path

@@ -75,6 +75,24 @@ def test_round_trip_outputs_and_metadata(saved):
     assert read_probe_metadata(path) == metadata
 
 
+def test_half_precision_file_is_half_the_size_and_loads_as_float32(saved, tmp_path):
+    path, probe, metadata = saved
+    half = save_probe(tmp_path / "half.safetensors", probe, metadata, dtype=torch.float16)
+    stored = load_file(str(half))
+    assert all(t.dtype == torch.float16 for t in stored.values() if t.is_floating_point())
+    assert 0.45 < half.stat().st_size / path.stat().st_size < 0.6
+    loaded, loaded_meta = load_probe(half)
+    assert loaded_meta == metadata
+    assert all(t.dtype == torch.float32 for t in loaded.state_dict().values() if t.is_floating_point())
+    for name, tensor in probe.state_dict().items():
+        torch.testing.assert_close(loaded.state_dict()[name], tensor.half().float(), rtol=0, atol=0)
+    x, text = torch.randn(4, 8, 8, 8).half(), torch.randn(4, 12)
+    with torch.no_grad():
+        torch.testing.assert_close(loaded(x, 0.2, text), probe.eval()(x, 0.2, text), rtol=2e-2, atol=2e-2)
+    with pytest.raises(ValueError, match="floating-point"):
+        save_probe(tmp_path / "int.safetensors", probe, metadata, dtype=torch.int8)
+
+
 def test_header_keys_and_values(saved):
     path, probe, metadata = saved
     with safe_open(str(path), framework="pt") as handle:

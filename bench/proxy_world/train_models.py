@@ -34,7 +34,6 @@ together stay under 20 MB, also to ``bench/proxy_world/weights/`` (committed; lo
 from __future__ import annotations
 
 import argparse
-import copy
 import json
 import logging
 import math

@@ -194,14 +194,16 @@ def train_config(setting: Setting, **overrides):
     return TrainConfig(**{**base, **overrides})
 
 
-def train_and_evaluate(train_ds, held_ds, t: float, out: Path, setting: Setting, target: str, config, tcfg) -> dict:
+def train_and_evaluate(train_ds, held_ds, t: float, out: Path, setting: Setting, target: str, config, tcfg,
+                       use_text: bool = False) -> dict:
     """Train a probe at checkpoint t on the training prompts; score it on the held-out prompts."""
     from probe_select.probes.evaluation import evaluate_probe_on
     from probe_select.probes.io import load_probe
     from probe_select.probes.pipeline import train_from_dataset
 
     started = time.perf_counter()
-    result, sizes = train_from_dataset(train_ds, t, target, out, use_text=False, probe_config=config, train_config=tcfg)
+    result, sizes = train_from_dataset(train_ds, t, target, out, use_text=use_text, probe_config=config,
+                                       train_config=tcfg)
     train_seconds = time.perf_counter() - started
     probe, meta = load_probe(out)
     evaluation = evaluate_probe_on(probe, meta, held_ds.arrays(checkpoint_t=t, evaluator=EVALUATOR))

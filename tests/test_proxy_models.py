@@ -187,6 +187,16 @@ def test_nodes_round_trip_through_saved_weights(proxy_nodes, built, tmp_path, mo
         other = "dit" if fam == "unet" else "unet"
         with pytest.raises(ValueError, match="channels"):
             mapping["ProxyWorldDecode"]().decode(out, other)
+        # The DiT samples with the proxy world's shift, patched on a clone by ComfyUI's own
+        # ModelSamplingSD3 node (an object patch; SD3's own default is 3.0).
+        sampling = model.get_model_object("model_sampling")
+        if fam == "dit":
+            assert "model_sampling" in model.object_patches and sampling.shift == models.DIT_SAMPLING_SHIFT != 3.0
+            t = torch.tensor([0.8])
+            torch.testing.assert_close(sampling.sigma(t * 1000), t * models.DIT_SAMPLING_SHIFT /
+                                       (1 + (models.DIT_SAMPLING_SHIFT - 1) * t))
+        else:
+            assert "model_sampling" not in model.object_patches
 
 
 def test_evaluator_node(proxy_nodes, pack):

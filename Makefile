@@ -37,14 +37,16 @@ proxy-models: setup
 	    || $(PY) bench/proxy_world/train_models.py --family $$f; \
 	done
 
-# Probe-Select measured end to end in the proxy world: collects the datasets of both models in
-# parallel processes (one per core), then trains the probes and writes bench/results/REPORT.md.
+# Probe-Select measured end to end in the proxy world: collects the four datasets in two parallel
+# lanes (the UNet's training set alone; the rest in turn), then trains the probes and writes
+# bench/results/REPORT.md.
 bench-proxy: proxy-models
-	@for f in unet dit; do \
-	  $(PY) bench/proxy_bench.py --families $$f --collect-only train & train=$$!; \
-	  $(PY) bench/proxy_bench.py --families $$f --collect-only heldout & heldout=$$!; \
-	  wait $$train && wait $$heldout || exit 1; \
-	done
+	@set -e; \
+	$(PY) bench/proxy_bench.py --families unet --collect-only train & lane1=$$!; \
+	( $(PY) bench/proxy_bench.py --families unet --collect-only heldout && \
+	  $(PY) bench/proxy_bench.py --families dit --collect-only train && \
+	  $(PY) bench/proxy_bench.py --families dit --collect-only heldout ) & lane2=$$!; \
+	wait $$lane1; wait $$lane2
 	$(PY) bench/proxy_bench.py --reuse-datasets
 
 demo: proxy-models

@@ -94,22 +94,34 @@ def _load_nodes(out_dir: Path, probes_dir: Path) -> None:
 
 
 def _grid(previews: torch.Tensor, scores: list[float], kept: list[int], finished: torch.Tensor,
-          cell: int = 128) -> Image.Image:
+          all_finished: torch.Tensor, final_scores: list[float], cell: int = 128) -> Image.Image:
+    """Top row: the early candidates (x0 previews) with their probe scores, kept ones framed, then the
+    finished kept image(s). Bottom row: every candidate finished by a plain KSampler (comparison
+    only) with its evaluator score, the best one marked."""
     n = previews.shape[0]
-    canvas = Image.new("RGB", ((n + 1 + finished.shape[0]) * (cell + 8) + 8, cell + 48), (24, 24, 28))
+    row_h = cell + 36
+    canvas = Image.new("RGB", ((n + 1 + finished.shape[0]) * (cell + 8) + 8, 2 * row_h + 40), (24, 24, 28))
     draw = ImageDraw.Draw(canvas)
     to_pil = lambda img: Image.fromarray((img.clamp(0, 1).numpy() * 255).astype("uint8")).resize(  # noqa: E731
         (cell, cell), Image.NEAREST)
+    best = max(range(n), key=lambda i: final_scores[i])
+    draw.text((8, 4), "early candidates at the checkpoint (x0 previews), probe score; kept: green frame",
+              fill=(200, 200, 200))
+    draw.text((8, row_h + 24), "every candidate finished, for comparison only: evaluator score (best: *)",
+              fill=(200, 200, 200))
     for i in range(n):
         x = 8 + i * (cell + 8)
-        canvas.paste(to_pil(previews[i]), (x, 28))
+        canvas.paste(to_pil(previews[i]), (x, 36))
         if i in kept:
-            draw.rectangle((x - 3, 25, x + cell + 2, 28 + cell + 2), outline=(60, 220, 90), width=3)
-        draw.text((x, 6), f"#{i} {scores[i]:+.2f}" + (" kept" if i in kept else ""), fill=(230, 230, 230))
+            draw.rectangle((x - 3, 33, x + cell + 2, 36 + cell + 2), outline=(60, 220, 90), width=3)
+        draw.text((x, 20), f"#{i} {scores[i]:+.2f}" + (" kept" if i in kept else ""), fill=(230, 230, 230))
+        canvas.paste(to_pil(all_finished[i]), (x, row_h + 56))
+        draw.text((x, row_h + 40), f"#{i} {final_scores[i]:.3g}" + (" *" if i == best else ""),
+                  fill=(120, 230, 140) if i in kept else (230, 230, 230))
     x0 = 8 + (n + 1) * (cell + 8)
     for j in range(finished.shape[0]):
-        canvas.paste(to_pil(finished[j]), (x0 + j * (cell + 8), 28))
-        draw.text((x0 + j * (cell + 8), 6), f"finished #{kept[j]}", fill=(120, 230, 140))
+        canvas.paste(to_pil(finished[j]), (x0 + j * (cell + 8), 36))
+        draw.text((x0 + j * (cell + 8), 20), f"finished #{kept[j]}", fill=(120, 230, 140))
     return canvas
 
 
@@ -164,9 +176,6 @@ def main(argv=None) -> dict:
     kept_indices = [int(i) for i in output("9", 4).split(",")]
     previews = output("13", 0)
     finished = output("11", 0)
-    grid = _grid(previews, scores.scores.tolist(), kept_indices, finished)
-    grid.save(args.out / "candidates.png")
-
     log.info("[demo] finishing every candidate with a plain KSampler, for comparison only ...")
     from bench.proxy_world import models
     from bench.proxy_world.evaluator import score as proxy_score
@@ -180,6 +189,10 @@ def main(argv=None) -> dict:
         finals.append(done["samples"])
     final_scores = proxy_score(models.latent_to_image(torch.cat(finals), args.family),
                                [parse_prompt(args.prompt)] * args.candidates)
+    all_finished = models.latent_to_image(torch.cat(finals), args.family).permute(0, 2, 3, 1)
+    grid = _grid(previews, scores.scores.tolist(), kept_indices, finished, all_finished,
+                 [float(v) for v in final_scores])
+    grid.save(args.out / "candidates.png")
     kept_score = float(final_scores[kept_indices].mean())
     s = early_latent["probe_select"]["stop_step"]
     spent = args.candidates * s + args.keep * (args.steps - s)

@@ -34,11 +34,15 @@ def atomic_write(path: Union[str, os.PathLike], write_fn: Callable[[Path], None]
         temp_path = directory / f".{path.name}.{os.getpid()}.{secrets.token_hex(4)}.tmp"
         try:
             os.close(os.open(temp_path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o666))
+            mode = os.stat(temp_path).st_mode & 0o777      # 0o666 less the umask
             break
         except FileExistsError:
             continue
     try:
         write_fn(temp_path)
+        # A writer may replace the temp file with its own, private one (safetensors writes 0600):
+        # give the result the permissions any new file of this user gets.
+        os.chmod(temp_path, mode)
         # Flush the data to disk before the rename makes it visible: otherwise a power loss can
         # leave a renamed but empty file.
         fd = os.open(temp_path, os.O_RDWR)

@@ -1,6 +1,8 @@
 """Probe files: round trip, header keys, refusal of pickles and damaged files, atomic writes."""
 import json
+import os
 import re
+import stat
 
 import pytest
 import torch
@@ -277,6 +279,21 @@ def test_atomic_write_success_replaces(tmp_path):
     assert atomic_write(target, lambda temp_path: temp_path.write_bytes(b"new content")) == target
     assert target.read_bytes() == b"new content"
     assert [p.name for p in tmp_path.iterdir()] == ["shard.bin"]
+
+
+def test_atomic_write_gives_the_usual_permissions(tmp_path):
+    umask = os.umask(0o022)
+    try:
+        def private_writer(temp_path):        # replaces the file with a 0600 one, as safetensors does
+            temp_path.unlink()
+            fd = os.open(temp_path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
+            os.write(fd, b"data")
+            os.close(fd)
+
+        target = atomic_write(tmp_path / "probe.safetensors", private_writer)
+        assert stat.S_IMODE(target.stat().st_mode) == 0o644
+    finally:
+        os.umask(umask)
 
 
 def test_save_probe_failure_keeps_old_probe(saved, monkeypatch):

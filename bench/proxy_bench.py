@@ -407,8 +407,9 @@ def plots(results: dict, setting: Setting) -> list[str]:
         panels = [{name: [res["by_t"][t][name]["within"] for t in ts] for name in ("probe", "x0_preview", "random")},
                   {name: [res["by_t"][min(ts, key=lambda c: abs(c - 0.2))][name]["oracle_gain"][n]
                           for n in (2, 5, 10, 20)] for name in ("probe", "x0_preview", "random")}]
-        image = line_plot(panels, [f"{family}: within-prompt Spearman at t = {', '.join(f'{t:g}' for t in ts)}",
-                                   f"{family}: oracle gain captured by top-1 of N = 2, 5, 10, 20 (t=0.2)"])
+        image = line_plot(panels, [f"{family}: within-prompt Spearman (held-out prompts) against the checkpoint t",
+                                   f"{family}: fraction of the oracle gain captured by top-1 of N (t=0.2)"],
+                          x_values=[ts, [2, 5, 10, 20]])
         name = f"proxy_{family}.png"
         image.save(RESULTS / name)
         names.append(name)

@@ -29,15 +29,19 @@ def _range(values: np.ndarray) -> tuple[float, float]:
 
 
 class _Axes:
-    def __init__(self, panel: ImageDraw.ImageDraw, box: tuple[int, int, int, int], xr, yr, title: str):
+    def __init__(self, panel: ImageDraw.ImageDraw, box: tuple[int, int, int, int], xr, yr, title: str,
+                 x_ticks: Optional[Sequence[float]] = None):
         self.draw, self.box, self.xr, self.yr = panel, box, xr, yr
         x0, y0, x1, y1 = box
         panel.rectangle(box, outline=(90, 90, 90))
         panel.text((x0, y0 - 16), title, fill=(0, 0, 0))
+        if yr[0] < 0 < yr[1]:       # the zero line: where "better than chance" starts for correlations
+            panel.line((x0, self.y(0.0), x1, self.y(0.0)), fill=(200, 200, 200), width=1)
         for frac in (0.0, 0.5, 1.0):
             yv = yr[0] + frac * (yr[1] - yr[0])
             panel.text((x0 - 52, self.y(yv) - 6), f"{yv:.3g}", fill=(60, 60, 60))
-            xv = xr[0] + frac * (xr[1] - xr[0])
+        ticks = x_ticks if x_ticks is not None else [xr[0] + f * (xr[1] - xr[0]) for f in (0.0, 0.5, 1.0)]
+        for xv in ticks:
             panel.text((self.x(xv) - 10, y1 + 4), f"{xv:.3g}", fill=(60, 60, 60))
 
     def x(self, v: float) -> float:
@@ -50,8 +54,12 @@ class _Axes:
 
 
 def line_plot(panels: Sequence[dict[str, Sequence[float]]], titles: Sequence[str], width: int = 640,
-              panel_height: int = 220) -> Image.Image:
-    """One panel per dict of named series (x = index), stacked vertically, with a legend."""
+              panel_height: int = 220, x_values: Optional[Sequence[Optional[Sequence[float]]]] = None) -> Image.Image:
+    """One panel per dict of named series, stacked vertically, with a legend.
+
+    ``x_values[p]`` gives the x of every point of panel p (ticks at those values, a marker on every
+    point); without it x is the index and only the last point is marked.
+    """
     image = Image.new("RGB", (width, panel_height * len(panels)), "white")
     draw = ImageDraw.Draw(image)
     for p, (series, title) in enumerate(zip(panels, titles)):
@@ -60,14 +68,20 @@ def line_plot(panels: Sequence[dict[str, Sequence[float]]], titles: Sequence[str
         values = [np.asarray(v, dtype=np.float64) for v in series.values()]
         n = max((len(v) for v in values), default=1)
         ys = np.concatenate(values) if values else np.zeros(1)
-        axes = _Axes(draw, box, (0.0, max(n - 1, 1)), _range(ys), title)
+        xs = None if x_values is None or x_values[p] is None else [float(x) for x in x_values[p]]
+        if xs is not None and any(len(v) != len(xs) for v in values):
+            raise ValueError(f"line_plot: panel {p} has {len(xs)} x values but series of lengths "
+                             f"{[len(v) for v in values]}")
+        xr = (min(xs), max(xs)) if xs and max(xs) > min(xs) else (0.0, float(max(n - 1, 1)))
+        axes = _Axes(draw, box, xr, _range(ys), title, x_ticks=xs)
         for i, (name, v) in enumerate(series.items()):
             color = COLORS[i % len(COLORS)]
-            points = [(axes.x(j), axes.y(float(val))) for j, val in enumerate(v) if np.isfinite(val)]
+            at = xs if xs is not None else range(len(v))
+            points = [(axes.x(x), axes.y(float(val))) for x, val in zip(at, v) if np.isfinite(val)]
             if len(points) > 1:
                 draw.line(points, fill=color, width=2)
-            for px, py in points[-1:]:
-                draw.ellipse((px - 2, py - 2, px + 2, py + 2), fill=color)
+            for px, py in (points if xs is not None else points[-1:]):
+                draw.ellipse((px - 3, py - 3, px + 3, py + 3), fill=color)
             draw.text((box[2] - 150, box[1] + 4 + 12 * i), name, fill=color)
     return image
 

@@ -29,6 +29,7 @@ sys.path.append(str(ROOT))          # last: ComfyUI's `nodes` must win over the 
 
 import conftest  # noqa: E402
 
+import numpy as np  # noqa: E402
 import torch  # noqa: E402
 from PIL import Image, ImageDraw  # noqa: E402
 
@@ -125,6 +126,45 @@ def _grid(previews: torch.Tensor, scores: list[float], kept: list[int], finished
     return canvas
 
 
+def run_workflow(executor, args, probe_name: str, prompt: str, seed: int) -> dict:
+    """Queue the selection workflow for one prompt; finish every candidate with a plain KSampler for
+    comparison; return what the picture and the summary need."""
+    import execution
+    import nodes
+    from bench.proxy_world import models
+    from bench.proxy_world.evaluator import score as proxy_score
+    from bench.proxy_world.grammar import parse_prompt
+
+    graph = workflow(args.family, probe_name, args.candidates, args.keep, seed, args.steps, prompt)
+    valid = asyncio.run(execution.validate_prompt("demo", graph, None))
+    if not valid[0]:
+        raise SystemExit(f"workflow invalid: {valid[1]} {valid[3]}")
+    executor.execute(graph, "demo", {}, valid[2])
+    if not executor.success:
+        raise SystemExit(f"workflow failed: {executor.status_messages[-1:]}")
+
+    # Read the run back from the executor's output cache, for the picture and the summary.
+    def output(node: str, index: int):
+        entry = executor.caches.outputs.get(node)
+        values = entry.outputs if hasattr(entry, "outputs") else entry     # CacheEntry on 0.3.75
+        return values[index][0]
+
+    early_latent = output("6", 0)
+    patcher, text = models.load(args.family)
+    pos, neg = text.conditioning(prompt), text.conditioning("")
+    latent = models.empty_latent(args.family, 1)
+    finals = [nodes.common_ksampler(patcher, s, args.steps, 4.0, "euler", "normal", pos, neg, latent)[0]["samples"]
+              for s in early_latent["probe_select"]["seeds"]]
+    all_finished = models.latent_to_image(torch.cat(finals), args.family)
+    final_scores = [float(v) for v in proxy_score(all_finished, [parse_prompt(prompt)] * args.candidates)]
+    kept = [int(i) for i in output("9", 4).split(",")]
+    return {"ranking_text": executor.history_result["outputs"]["9"]["text"][0], "early_latent": early_latent,
+            "probe_scores": output("8", 0).scores.tolist(), "kept": kept, "previews": output("13", 0),
+            "finished": output("11", 0), "all_finished": all_finished.permute(0, 2, 3, 1),
+            "final_scores": final_scores, "kept_score": float(np.mean([final_scores[i] for i in kept])),
+            "mean_score": float(np.mean(final_scores)), "best_score": float(max(final_scores))}
+
+
 def main(argv=None) -> dict:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--family", choices=["unet", "dit"], default="unet")
@@ -134,6 +174,8 @@ def main(argv=None) -> dict:
     parser.add_argument("--keep", type=int, default=1)
     parser.add_argument("--seed", type=int, default=7)
     parser.add_argument("--steps", type=int, default=20)
+    parser.add_argument("--more-prompts", type=int, default=12,
+                        help="also run this many held-out prompts for the kept-vs-mean summary (one is noisy)")
     args = parser.parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(message)s")
     started = time.perf_counter()
@@ -148,59 +190,38 @@ def main(argv=None) -> dict:
     del pack
     _load_nodes(args.out, probes_dir)
     import execution
-    import nodes
 
-    prompt_graph = workflow(args.family, source.name, args.candidates, args.keep, args.seed, args.steps, args.prompt)
-    valid = asyncio.run(execution.validate_prompt("demo", prompt_graph, None))
-    if not valid[0]:
-        raise SystemExit(f"workflow invalid: {valid[1]} {valid[3]}")
     log.info("[demo] running the Probe-Select workflow (N=%d, K=%d, checkpoint 0.2, %d steps) through ComfyUI's "
-             "executor ...", args.candidates, args.keep, args.steps)
+             "executor, and finishing every candidate with a plain KSampler for comparison only ...",
+             args.candidates, args.keep, args.steps)
     executor = execution.PromptExecutor(_Server(), cache_type=execution.CacheType.CLASSIC,
                                         cache_args={"lru": 0, "ram": 0})
-    executor.execute(prompt_graph, "demo", {}, valid[2])
-    if not executor.success:
-        raise SystemExit(f"workflow failed: {executor.status_messages[-1:]}")
-    outputs = executor.history_result["outputs"]
-    ranking_text = outputs["9"]["text"][0]
-    log.info("[demo] %s", ranking_text.replace("\n", "\n[demo] "))
-
-    # Read the run back from the executor's output cache, for the picture and the summary.
-    def output(node: str, index: int):
-        entry = executor.caches.outputs.get(node)
-        values = entry.outputs if hasattr(entry, "outputs") else entry     # CacheEntry on 0.3.75
-        return values[index][0]
-
-    early_latent = output("6", 0)
-    scores = output("8", 0)
-    kept_indices = [int(i) for i in output("9", 4).split(",")]
-    previews = output("13", 0)
-    finished = output("11", 0)
-    log.info("[demo] finishing every candidate with a plain KSampler, for comparison only ...")
-    from bench.proxy_world import models
-    from bench.proxy_world.evaluator import score as proxy_score
-    from bench.proxy_world.grammar import parse_prompt
-    patcher, text = models.load(args.family)
-    pos, neg = text.conditioning(args.prompt), text.conditioning("")
-    latent = models.empty_latent(args.family, 1)
-    finals = []
-    for s in early_latent["probe_select"]["seeds"]:
-        (done,) = nodes.common_ksampler(patcher, s, args.steps, 4.0, "euler", "normal", pos, neg, latent)
-        finals.append(done["samples"])
-    final_scores = proxy_score(models.latent_to_image(torch.cat(finals), args.family),
-                               [parse_prompt(args.prompt)] * args.candidates)
-    all_finished = models.latent_to_image(torch.cat(finals), args.family).permute(0, 2, 3, 1)
-    grid = _grid(previews, scores.scores.tolist(), kept_indices, finished, all_finished,
-                 [float(v) for v in final_scores])
+    run = run_workflow(executor, args, source.name, args.prompt, args.seed)
+    log.info("[demo] %s", run["ranking_text"].replace("\n", "\n[demo] "))
+    grid = _grid(run["previews"], run["probe_scores"], run["kept"], run["finished"], run["all_finished"],
+                 run["final_scores"])
     grid.save(args.out / "candidates.png")
-    kept_score = float(final_scores[kept_indices].mean())
-    s = early_latent["probe_select"]["stop_step"]
+
+    runs = [run]
+    if args.more_prompts > 0:
+        from bench.proxy_world.train_models import prompt_split
+        more = [p for p in prompt_split()[1] if p != args.prompt][: args.more_prompts]
+        log.info("[demo] the same workflow on %d more held-out prompts (one prompt's pick is noisy) ...", len(more))
+        for i, prompt in enumerate(more):
+            runs.append(run_workflow(executor, args, source.name, prompt, args.seed + 1000 * (i + 1)))
+    kept = np.array([r["kept_score"] for r in runs])
+    mean = np.array([r["mean_score"] for r in runs])
+    best = np.array([r["best_score"] for r in runs])
+    gain = float(np.mean((kept - mean) / np.maximum(best - mean, 1e-12)))
+    s = run["early_latent"]["probe_select"]["stop_step"]
     spent = args.candidates * s + args.keep * (args.steps - s)
     summary = "\n".join([
         f"prompt: {args.prompt} ({args.family}, N={args.candidates}, K={args.keep}, seeds {args.seed}..)",
-        f"evaluator score of the kept image(s): {kept_score:.4g}",
-        f"mean over all {args.candidates} candidates: {float(final_scores.mean()):.4g}; best: "
-        f"{float(final_scores.max()):.4g}",
+        f"evaluator score of the kept image(s): {run['kept_score']:.4g}",
+        f"mean over all {args.candidates} candidates: {run['mean_score']:.4g}; best: {run['best_score']:.4g}",
+        f"over {len(runs)} prompts: kept {kept.mean():.4g} vs mean candidate {mean.mean():.4g} (best {best.mean():.4g}); "
+        f"kept beat the mean candidate on {int((kept > mean).sum())} of {len(runs)}; "
+        f"fraction of the best-minus-mean gain captured: {gain:.2f}",
         f"denoiser evaluations: {spent} instead of {args.candidates * args.steps} "
         f"({1 - spent / (args.candidates * args.steps):.0%} saved)",
         f"wrote {args.out / 'candidates.png'} and the SaveImage outputs in {args.out}",
@@ -209,7 +230,8 @@ def main(argv=None) -> dict:
     (args.out / "summary.txt").write_text(summary + "\n")
     for line in summary.splitlines():
         log.info("[demo] %s", line)
-    return {"kept_score": kept_score, "mean_score": float(final_scores.mean()), "kept": kept_indices}
+    return {"kept_score": run["kept_score"], "mean_score": run["mean_score"], "kept": run["kept"],
+            "kept_over_prompts": float(kept.mean()), "mean_over_prompts": float(mean.mean())}
 
 
 if __name__ == "__main__":

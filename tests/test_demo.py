@@ -23,12 +23,12 @@ def test_demo_runs_the_selection_workflow_and_writes_its_outputs(family, tmp_pat
     out = tmp_path / "demo"
     env = dict(os.environ, OMP_NUM_THREADS="1")
     proc = subprocess.run([default_python(), str(ROOT / "bench" / "demo.py"), "--family", family, "--out", str(out),
-                           "--candidates", "4", "--steps", "10"],
+                           "--candidates", "4", "--steps", "10", "--more-prompts", "2"],
                           cwd=ROOT, env=env, capture_output=True, text=True, timeout=600)
     assert proc.returncode == 0, proc.stderr[-3000:]
     log = proc.stderr + proc.stdout
     # it says what it is doing, in order
-    steps = ["loading ComfyUI", "running the Probe-Select workflow", "finishing every candidate"]
+    steps = ["loading ComfyUI", "running the Probe-Select workflow", "the same workflow on 2 more held-out prompts"]
     positions = [log.find("[demo] " + s) for s in steps]
     assert all(p >= 0 for p in positions) and positions == sorted(positions), log[-2000:]
 
@@ -36,12 +36,19 @@ def test_demo_runs_the_selection_workflow_and_writes_its_outputs(family, tmp_pat
     kept = float(re.search(r"kept image\(s\): ([0-9.e+-]+)", summary).group(1))
     mean, best = map(float, re.search(r"candidates: ([0-9.e+-]+); best: ([0-9.e+-]+)", summary).groups())
     assert 0.0 <= kept <= best <= 1.0 and mean <= best
+    over = re.search(r"over 3 prompts: kept ([0-9.e+-]+) vs mean candidate ([0-9.e+-]+) \(best ([0-9.e+-]+)\); "
+                     r"kept beat the mean candidate on (\d) of 3", summary)
+    assert over, summary
+    kept3, mean3, best3 = map(float, over.groups()[:3])
+    assert 0.0 <= kept3 <= best3 and mean3 <= best3 and int(over.group(4)) <= 3
     # N=4, K=1, 10 steps, checkpoint 0.2 -> stop at step 2: 4*2 + 1*8 = 16 of 40
     assert "denoiser evaluations: 16 instead of 40 (60% saved)" in summary
 
     grid = Image.open(out / "candidates.png")
     assert grid.width == (4 + 1 + 1) * (128 + 8) + 8 and grid.height > 2 * 128
     saved = sorted(p.name for p in out.glob("*.png"))
-    assert any(n.startswith("demo_kept") for n in saved) and any(n.startswith("demo_candidates") for n in saved)
+    # one kept image and N candidate previews per prompt (SaveImage numbers its files)
+    assert len([n for n in saved if n.startswith("demo_kept")]) == 3
+    assert len([n for n in saved if n.startswith("demo_candidates")]) == 3 * 4
     kept_png = next(p for p in out.glob("demo_kept*.png"))
     assert Image.open(kept_png).size == (32, 32)

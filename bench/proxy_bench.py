@@ -423,7 +423,10 @@ def cell(r: dict) -> str:
 def write_report(results: dict, setting: Setting, command: str, images: list[str]) -> None:
     lines = [
         "# Probe-Select in the proxy world", "",
-        f"Command: `{command}`. Machine: {os.cpu_count()} cores ({platform.machine()}), torch {torch.__version__} "
+        f"Command: `{command}`"
+        + (" (the last step of `make bench-proxy`, whose `--collect-only` steps built the datasets)"
+           if "--reuse-datasets" in command else "")
+        + f". Machine: {os.cpu_count()} cores ({platform.machine()}), torch {torch.__version__} "
         f"on CPU, {torch.get_num_threads()} thread(s). Generated {time.strftime('%Y-%m-%d %H:%M UTC', time.gmtime())}.",
         "",
         f"Setting: {setting.train_prompts} training prompts x {setting.train_seeds} seeds, {setting.heldout_prompts} "

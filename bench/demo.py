@@ -167,7 +167,8 @@ def run_workflow(executor, args, probe_name: str, prompt: str, seed: int) -> dic
 
 def main(argv=None) -> dict:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--family", choices=["unet", "dit"], default="unet")
+    parser.add_argument("--family", choices=["unet", "dit"], default="dit",
+                        help="dit (default; the faster one) or unet")
     parser.add_argument("--out", type=Path, default=ROOT / "out" / "demo")
     parser.add_argument("--prompt", default=PROMPT)
     parser.add_argument("--candidates", type=int, default=8)

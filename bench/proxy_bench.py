@@ -509,8 +509,9 @@ def write_report(results: dict, setting: Setting, command: str, images: list[str
         "scores are small. Seeds of a prompt still differ semantically (count, relation, which colour goes where, "
         "how shape-like each blob is), and that is what the within-prompt rankings measure.",
         "- The DiT samples with flow shift 1.0 (ComfyUI's ModelSamplingSD3, applied by the loader): with SD3's "
-        "default 3.0, meant for 1024 px, the first 20% of the steps of a 32 px image stay above sigma 0.92 and "
-        "the t=0.2 probe was within noise of random in earlier runs of this benchmark.",
+        "default 3.0, meant for 1024 px, the first 20% of the steps of a 32 px image stay above sigma 0.92; in an "
+        "earlier run of this benchmark (then with the CNN probe of the tables) the t=0.2 probe reached 0.019 "
+        "[-0.039, 0.077] and the x0-preview scorer 0.292.",
         f"- Bench probe: the pack's Probe class without down blocks (1x1 stem, global average pool, small MLPs; "
         f"chosen by validation Spearman, see the tables), tap `auto`, features pooled to "
         f"{setting.feature_size}x{setting.feature_size}, listwise ranking loss on log(score) "

@@ -16,7 +16,7 @@ test-fast: setup
 	$(PY) -m pytest -m "not server" $(PYTEST_ARGS)
 
 # Benchmarks write their figures to bench/results/ (not timed tests): core.md, train.md and the
-# proxy-world REPORT.md with its plots (about an hour on 2 cores; the proxy models are trained
+# proxy-world REPORT.md with its plots (about 40 minutes on 2 cores; the proxy models are trained
 # first only if their weights are missing).
 bench: bench-core bench-proxy
 

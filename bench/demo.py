@@ -126,7 +126,7 @@ def _grid(previews: torch.Tensor, scores: list[float], kept: list[int], finished
     return canvas
 
 
-def run_workflow(executor, args, probe_name: str, prompt: str, seed: int) -> dict:
+def run_workflow(executor, args, probe_name: str, prompt: str, seed: int, patcher, text) -> dict:
     """Queue the selection workflow for one prompt; finish every candidate with a plain KSampler for
     comparison; return what the picture and the summary need."""
     import execution
@@ -150,7 +150,6 @@ def run_workflow(executor, args, probe_name: str, prompt: str, seed: int) -> dic
         return values[index][0]
 
     early_latent = output("6", 0)
-    patcher, text = models.load(args.family)
     pos, neg = text.conditioning(prompt), text.conditioning("")
     latent = models.empty_latent(args.family, 1)
     finals = [nodes.common_ksampler(patcher, s, args.steps, 4.0, "euler", "normal", pos, neg, latent)[0]["samples"]
@@ -197,7 +196,10 @@ def main(argv=None) -> dict:
              args.candidates, args.keep, args.steps)
     executor = execution.PromptExecutor(_Server(), cache_type=execution.CacheType.CLASSIC,
                                         cache_args={"lru": 0, "ram": 0})
-    run = run_workflow(executor, args, source.name, args.prompt, args.seed)
+    # the same model as the workflow's loader, for the comparison runs; loaded once for all prompts
+    from bench.proxy_world import models
+    patcher, text = models.load(args.family)
+    run = run_workflow(executor, args, source.name, args.prompt, args.seed, patcher, text)
     log.info("[demo] %s", run["ranking_text"].replace("\n", "\n[demo] "))
     grid = _grid(run["previews"], run["probe_scores"], run["kept"], run["finished"], run["all_finished"],
                  run["final_scores"])
@@ -209,7 +211,7 @@ def main(argv=None) -> dict:
         more = [p for p in prompt_split()[1] if p != args.prompt][: args.more_prompts]
         log.info("[demo] the same workflow on %d more held-out prompts (one prompt's pick is noisy) ...", len(more))
         for i, prompt in enumerate(more):
-            runs.append(run_workflow(executor, args, source.name, prompt, args.seed + 1000 * (i + 1)))
+            runs.append(run_workflow(executor, args, source.name, prompt, args.seed + 1000 * (i + 1), patcher, text))
     kept = np.array([r["kept_score"] for r in runs])
     mean = np.array([r["mean_score"] for r in runs])
     best = np.array([r["best_score"] for r in runs])

@@ -218,7 +218,7 @@ def train_and_evaluate(train_ds, held_ds, t: float, out: Path, setting: Setting,
     best = result.history[result.best_epoch] if 0 <= result.best_epoch < len(result.history) else {}
     row = {"train_rows": sizes["train"], "train_seconds": round(train_seconds, 1), "best_epoch": result.best_epoch,
            "val_within": float(best.get("val_within_spearman", float("nan"))),
-           "probe_parameters": sum(p.numel() for p in load_probe(out)[0].parameters()),
+           "probe_parameters": sum(p.numel() for p in probe.parameters()),
            "probe": within_ci(evaluation.predicted, evaluation.actual, evaluation.group, setting.bootstrap)}
     row["probe"]["oracle_gain"] = {n: oracle_gain(evaluation.predicted, evaluation.actual, evaluation.group, n)
                                    for n in (2, 5, 10, 20)}
@@ -292,23 +292,31 @@ def ablation(family: str, setting: Setting, train_dir: Path, heldout_dir: Path, 
 
 # ---- 4. cost ----------------------------------------------------------------------------------------
 
-def cost(family: str, setting: Setting, n: int, k: int, t: float, repeats: int) -> dict:
-    """Wall-clock and denoiser evaluations of the three ways to pick K of N, in one run."""
-    pack, grammar, models, evaluator = _modules()
-    from probe_select.nodes import split_sampling
+def timing_setup(family: str, setting: Setting, t: float):
+    """What the timed runs share: the model, its tapped clone, the probe trained nearest t, one fixed
+    prompt (not a training or held-out one) with its conditioning, and an empty latent."""
+    _, grammar, models, _ = _modules()
     from probe_select.nodes.tap import apply_tap
     from probe_select.probes.io import load_probe
-    from probe_select.probes.scoring import score_candidates
-    import nodes as comfy_nodes
 
     patcher, text = load_model(family)
     tapped = apply_tap(patcher, "auto", setting.feature_size)
     probe, meta = load_probe(CACHE / f"{family}_t{min(setting.checkpoints, key=lambda c: abs(c - t)):g}.safetensors")
     prompt = grammar.all_prompts(limit=1, seed=99)[0]
+    return (patcher, tapped, probe, meta, prompt, text.conditioning(prompt), text.conditioning(""),
+            models.empty_latent(family, 1))
+
+
+def cost(family: str, setting: Setting, n: int, k: int, t: float, repeats: int) -> dict:
+    """Wall-clock and denoiser evaluations of the three ways to pick K of N, in one run."""
+    pack, grammar, models, evaluator = _modules()
+    from probe_select.nodes import split_sampling
+    from probe_select.probes.scoring import score_candidates
+    import nodes as comfy_nodes
+
+    patcher, tapped, probe, meta, prompt, pos, neg, latent = timing_setup(family, setting, t)
     scene = grammar.parse_prompt(prompt)
-    pos, neg = text.conditioning(prompt), text.conditioning("")
     steps = setting.steps
-    latent = models.empty_latent(family, 1)
 
     def decode_and_score(samples):
         return evaluator.score(models.latent_to_image(samples, family), [scene] * samples.shape[0])
@@ -354,18 +362,11 @@ def cost(family: str, setting: Setting, n: int, k: int, t: float, repeats: int) 
 def overheads(family: str, setting: Setting, n: int = 5, t: float = 0.2, repeats: int = 7) -> dict:
     """Tap overhead (early sampling with vs without the tap), probe latency and activation memory per
     candidate, on this proxy model; runs interleaved so that drift hits both sides alike."""
-    pack, grammar, models, evaluator = _modules()
+    _modules()
     from probe_select.nodes import split_sampling
-    from probe_select.nodes.tap import apply_tap
-    from probe_select.probes.io import load_probe
     from probe_select.probes.scoring import score_candidates
 
-    patcher, text = load_model(family)
-    tapped = apply_tap(patcher, "auto", setting.feature_size)
-    probe, meta = load_probe(CACHE / f"{family}_t{min(setting.checkpoints, key=lambda c: abs(c - t)):g}.safetensors")
-    prompt = grammar.all_prompts(limit=1, seed=99)[0]
-    pos, neg = text.conditioning(prompt), text.conditioning("")
-    latent = models.empty_latent(family, 1)
+    patcher, tapped, probe, meta, _, pos, neg, latent = timing_setup(family, setting, t)
 
     def early(model):
         return split_sampling.run_early(model, pos, neg, latent, 0, n, setting.steps, setting.cfg, "euler", "normal", t)

@@ -40,3 +40,27 @@ def test_registry_metadata():
     # ComfyUI-Manager must never be asked to install torch.
     assert not any(line.split("=")[0].split(">")[0].strip() in {"torch", "torchvision", "torchaudio", "torchsde"}
                    for line in requirements.splitlines() if line and not line.startswith("#"))
+
+
+def test_suite_runs_in_a_checkout_named_like_the_readme_clones_it(tmp_path):
+    """`git clone ... probe-select`: pytest must not import the pack's __init__.py as a package
+    named after a folder that is not an identifier (every test errored at set-up)."""
+    import os
+    import shutil
+    import subprocess
+    import sys
+
+    from conftest import COMFY_DIR
+
+    checkout = tmp_path / "probe-select"
+    (checkout / "tests").mkdir(parents=True)
+    for name in ("__init__.py", "pytest.ini"):
+        shutil.copy(ROOT / name, checkout / name)
+    for name in ("nodes", "probes"):
+        shutil.copytree(ROOT / name, checkout / name, ignore=shutil.ignore_patterns("__pycache__"))
+    for name in ("conftest.py", "test_plots.py"):
+        shutil.copy(ROOT / "tests" / name, checkout / "tests" / name)
+    env = dict(os.environ, COMFYUI_DIR=str(COMFY_DIR))
+    proc = subprocess.run([sys.executable, "-m", "pytest", "-q", "-p", "no:cacheprovider", "tests/test_plots.py"],
+                          cwd=checkout, env=env, capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 0 and "2 passed" in proc.stdout, proc.stdout[-3000:] + proc.stderr[-2000:]

@@ -28,12 +28,12 @@ clean:
 	rm -rf .venv .comfyui .pytest_cache
 
 lint: setup
-	$(PY) -m ruff check --select F,E9 --line-length 120 nodes probes tests __init__.py bench workflows
+	$(PY) -m ruff check --select F,E9 --line-length 120 nodes probes tools devtools scripts tests __init__.py bench
 
 # The proxy-world models: committed weights, or trained here (<= 15 minutes each) when missing.
 proxy-models: setup
 	@for f in unet dit; do \
-	  $(PY) -c "import sys; sys.path[:0] = ['tests', '.']; import conftest; from bench.proxy_world import models; models.weights_path('$$f')" 2>/dev/null \
+	  $(PY) -c "from devtools import bootstrap_comfy; bootstrap_comfy(); from bench.proxy_world import models; models.weights_path('$$f')" 2>/dev/null \
 	    || $(PY) bench/proxy_world/train_models.py --family $$f; \
 	done
 

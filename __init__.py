@@ -10,7 +10,7 @@ import os
 import folder_paths
 
 from .nodes import ProbeSelectExtension
-from .nodes.evaluators import register_evaluators_folder
+from .nodes.nodes_evaluators import register_evaluators_folder
 
 WEB_DIRECTORY = "./js"
 PROBES_FOLDER = "probes"

@@ -20,9 +20,9 @@ from pathlib import Path
 
 os.environ.setdefault("OMP_NUM_THREADS", "1")
 ROOT = Path(__file__).resolve().parents[1]
-sys.path.insert(0, str(ROOT / "tests"))
+sys.path.append(str(ROOT))          # last: ComfyUI's `nodes` must win over the pack's nodes/
 
-import conftest  # noqa: E402  (bootstraps ComfyUI in-process, exactly as the tests do)
+from devtools import load_pack  # noqa: E402  (bootstraps ComfyUI in-process, exactly as the tests do)
 
 import torch  # noqa: E402
 
@@ -70,8 +70,8 @@ def timed(fn, repeats):
 
 
 def tap_overhead(pack, repeats: int) -> dict:
-    from probe_select.nodes import split_sampling
-    from probe_select.nodes.tap import apply_tap
+    from probe_select.nodes.engine import split_sampling
+    from probe_select.nodes.nodes_tap import apply_tap
     from probe_select.probes.io import ProbeMetadata
     from probe_select.probes.model import ProbeConfig, build_probe
     from probe_select.probes.scoring import score_candidates
@@ -127,8 +127,8 @@ def tap_overhead(pack, repeats: int) -> dict:
 def reproducibility(pack) -> list[dict]:
     """max relative difference: kept candidate finished by resume vs a batch-1 KSampler with its seed."""
     import nodes
-    from probe_select.nodes import split_sampling
-    from tiny_models import build_tiny
+    from probe_select.nodes.engine import split_sampling
+    from devtools.tiny_models import build_tiny
 
     rows = []
     for family in ("sd1", "flux"):
@@ -186,7 +186,7 @@ def main() -> None:
     parser.add_argument("--repeats", type=int, default=7)
     args = parser.parse_args()
     logging.basicConfig(level=logging.INFO, format="%(message)s")
-    pack = conftest._load_pack()
+    pack = load_pack()
     log.info("measuring tap overhead and probe latency (%d repeats)...", args.repeats)
     core = tap_overhead(pack, args.repeats)
     log.info("%s", json.dumps(core))

@@ -31,9 +31,11 @@ sys.path.insert(0, str(ROOT))
 
 import torch  # noqa: E402
 
-from probes.losses import ProbeLoss  # noqa: E402
-from probes.model import ProbeConfig, build_probe  # noqa: E402
-from probes.train import TrainArrays, TrainConfig, _ema_update, _make_optimizer, train_probe  # noqa: E402
+import tools  # noqa: E402,F401  (registers the package probe_select, the library's one import name)
+
+from probe_select.probes.training.losses import ProbeLoss  # noqa: E402
+from probe_select.probes.model import ProbeConfig, build_probe  # noqa: E402
+from probe_select.probes.training.train import TrainArrays, TrainConfig, _ema_update, _make_optimizer, train_probe  # noqa: E402
 
 log = logging.getLogger("bench_train")
 RESULTS = ROOT / "bench" / "results"

@@ -24,10 +24,9 @@ from pathlib import Path
 
 os.environ.setdefault("OMP_NUM_THREADS", "1")
 ROOT = Path(__file__).resolve().parents[1]
-sys.path.insert(0, str(ROOT / "tests"))
 sys.path.append(str(ROOT))          # last: ComfyUI's `nodes` must win over the pack's nodes/
 
-import conftest  # noqa: E402
+from devtools import load_pack  # noqa: E402
 
 import numpy as np  # noqa: E402
 import torch  # noqa: E402
@@ -186,7 +185,7 @@ def main(argv=None) -> dict:
     shutil.copy(source, probes_dir / source.name)
 
     log.info("[demo] loading ComfyUI, the pack and the proxy-world nodes ...")
-    pack = conftest._load_pack()
+    pack = load_pack()
     del pack
     _load_nodes(args.out, probes_dir)
     import execution

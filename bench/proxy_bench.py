@@ -31,10 +31,9 @@ from pathlib import Path
 
 os.environ.setdefault("OMP_NUM_THREADS", "1")
 ROOT = Path(__file__).resolve().parents[1]
-sys.path.insert(0, str(ROOT / "tests"))
 sys.path.append(str(ROOT))          # last: ComfyUI's `nodes` must win over the pack's nodes/
 
-import conftest  # noqa: E402  (bootstraps ComfyUI in-process, as the tests do)
+from devtools import load_pack  # noqa: E402  (bootstraps ComfyUI in-process, as the tests do)
 
 import numpy as np  # noqa: E402
 import torch  # noqa: E402
@@ -86,7 +85,7 @@ def load_model(family: str):
 
 
 def _modules():
-    pack = conftest._load_pack()
+    pack = load_pack()
     from bench.proxy_world import evaluator, grammar, models
     return pack, grammar, models, evaluator
 
@@ -96,9 +95,9 @@ def _modules():
 def collect(family: str, prompts: list[str], seeds: int, setting: Setting, dataset_dir: Path, seed_base: int) -> dict:
     """Run every prompt's candidates to the end; write a dataset; return preview scores per t."""
     pack, grammar, models, evaluator = _modules()
-    from probe_select.nodes import split_sampling
-    from probe_select.nodes.tap import apply_tap
-    from probe_select.probes.dataset import CandidateRows, DatasetManifest, DatasetWriter
+    from probe_select.nodes.engine import split_sampling
+    from probe_select.nodes.nodes_tap import apply_tap
+    from probe_select.probes.training.dataset import CandidateRows, DatasetManifest, DatasetWriter
 
     patcher, text = load_model(family)
     tapped = apply_tap(patcher, "auto", setting.feature_size)
@@ -137,14 +136,14 @@ def collect(family: str, prompts: list[str], seeds: int, setting: Setting, datas
 
 
 def tapped_path(model) -> str:
-    from probe_select.nodes.capture import find_tap
+    from probe_select.nodes.engine.capture import find_tap
     return find_tap(model).path
 
 
 # ---- 2./3. probes and metrics ----------------------------------------------------------------------
 
 def within_ci(pred: np.ndarray, target: np.ndarray, group: np.ndarray, n_boot: int) -> dict:
-    from probe_select.probes.metrics import bootstrap_ci, global_spearman, per_group_spearman
+    from probe_select.probes.training.metrics import bootstrap_ci, global_spearman, per_group_spearman
     per_prompt = per_group_spearman(pred, target, group)
     ci = bootstrap_ci(per_prompt[np.isfinite(per_prompt)], n=n_boot, seed=0)
     return {"within": ci["mean"], "low": ci["low"], "high": ci["high"], "global": global_spearman(pred, target)}
@@ -152,7 +151,7 @@ def within_ci(pred: np.ndarray, target: np.ndarray, group: np.ndarray, n_boot: i
 
 def random_baseline(target: np.ndarray, group: np.ndarray, n_boot: int, draws: int = 20) -> dict:
     """Random scores, averaged over draws so that the row shows random selection's expectation."""
-    from probe_select.probes.metrics import bootstrap_ci, global_spearman, per_group_spearman
+    from probe_select.probes.training.metrics import bootstrap_ci, global_spearman, per_group_spearman
     rng = np.random.default_rng(1)
     preds = [rng.random(len(target)) for _ in range(draws)]
     per_prompt = np.nanmean([per_group_spearman(p, target, group) for p in preds], axis=0)
@@ -197,7 +196,7 @@ def probe_config(channels: int, setting: Setting, **overrides):
 
 
 def train_config(setting: Setting, **overrides):
-    from probe_select.probes.train import TrainConfig
+    from probe_select.probes.training.train import TrainConfig
     base = dict(epochs=setting.epochs, batch_prompts=16, lr=1e-3, patience=10, seed=0, lambda_align=0.0)
     return TrainConfig(**{**base, **overrides})
 
@@ -205,9 +204,9 @@ def train_config(setting: Setting, **overrides):
 def train_and_evaluate(train_ds, held_ds, t: float, out: Path, setting: Setting, target: str, config, tcfg,
                        use_text: bool = False) -> dict:
     """Train a probe at checkpoint t on the training prompts; score it on the held-out prompts."""
-    from probe_select.probes.evaluation import evaluate_probe_on
+    from probe_select.probes.training.evaluation import evaluate_probe_on
     from probe_select.probes.io import load_probe
-    from probe_select.probes.pipeline import train_from_dataset
+    from probe_select.probes.training.pipeline import train_from_dataset
 
     started = time.perf_counter()
     result, sizes = train_from_dataset(train_ds, t, target, out, use_text=use_text, probe_config=config,
@@ -227,7 +226,7 @@ def train_and_evaluate(train_ds, held_ds, t: float, out: Path, setting: Setting,
 
 def evaluate_family(family: str, setting: Setting, train_dir: Path, heldout_dir: Path) -> dict:
     _modules()
-    from probe_select.probes.dataset import ProbeDataset
+    from probe_select.probes.training.dataset import ProbeDataset
 
     train_ds, held_ds = ProbeDataset(train_dir), ProbeDataset(heldout_dir)
     rows = {}
@@ -272,7 +271,7 @@ ABLATIONS = {
 
 
 def ablation(family: str, setting: Setting, train_dir: Path, heldout_dir: Path, t: float = 0.2) -> dict:
-    from probe_select.probes.dataset import ProbeDataset
+    from probe_select.probes.training.dataset import ProbeDataset
     train_ds, held_ds = ProbeDataset(train_dir), ProbeDataset(heldout_dir)
     channels = train_ds.manifest.feature_shape[0]
     (CACHE / "ablation").mkdir(parents=True, exist_ok=True)
@@ -296,7 +295,7 @@ def timing_setup(family: str, setting: Setting, t: float):
     """What the timed runs share: the model, its tapped clone, the probe trained nearest t, one fixed
     prompt (not a training or held-out one) with its conditioning, and an empty latent."""
     _, grammar, models, _ = _modules()
-    from probe_select.nodes.tap import apply_tap
+    from probe_select.nodes.nodes_tap import apply_tap
     from probe_select.probes.io import load_probe
 
     patcher, text = load_model(family)
@@ -310,7 +309,7 @@ def timing_setup(family: str, setting: Setting, t: float):
 def cost(family: str, setting: Setting, n: int, k: int, t: float, repeats: int) -> dict:
     """Wall-clock and denoiser evaluations of the three ways to pick K of N, in one run."""
     pack, grammar, models, evaluator = _modules()
-    from probe_select.nodes import split_sampling
+    from probe_select.nodes.engine import split_sampling
     from probe_select.probes.scoring import score_candidates
     import nodes as comfy_nodes
 
@@ -363,7 +362,7 @@ def overheads(family: str, setting: Setting, n: int = 5, t: float = 0.2, repeats
     """Tap overhead (early sampling with vs without the tap), probe latency and activation memory per
     candidate, on this proxy model; runs interleaved so that drift hits both sides alike."""
     _modules()
-    from probe_select.nodes import split_sampling
+    from probe_select.nodes.engine import split_sampling
     from probe_select.probes.scoring import score_candidates
 
     patcher, tapped, probe, meta, _, pos, neg, latent = timing_setup(family, setting, t)
@@ -577,7 +576,7 @@ def main(argv=None) -> dict:
             collect(family, prompts_, seeds_, setting, dir_, base_)
             continue
         if args.reuse_datasets and (train_dir / "manifest.json").exists() and (held_dir / "manifest.json").exists():
-            from probe_select.probes.dataset import read_manifest
+            from probe_select.probes.training.dataset import read_manifest
             info = {"rows": None, "tap": read_manifest(train_dir).tap}
         else:
             info = collect(family, train_prompts[: setting.train_prompts], setting.train_seeds, setting, train_dir, 0)

@@ -1,13 +1,13 @@
 """ComfyUI nodes of Probe-Select: thin node classes over `probes/` and the split-sampling helpers."""
 from comfy_api.latest import ComfyExtension, io
 
-from .dataset import ProbeSelectDatasetWriter
-from .evaluators import EVALUATOR_NODES
-from .preview_score import ProbeSelectPreviewScore
-from .sampling import ProbeSelectCollectSampler, ProbeSelectEarlySampler, ProbeSelectResume, ProbeSelectSampler
-from .selection import ProbeSelectLoadProbe, ProbeSelectScore, ProbeSelectTopK
-from .tap import ProbeSelectTap
-from .training import ProbeSelectEvaluateProbe, ProbeSelectTrain
+from .nodes_dataset import ProbeSelectDatasetWriter
+from .nodes_evaluators import EVALUATOR_NODES
+from .nodes_preview_score import ProbeSelectPreviewScore
+from .nodes_sampling import ProbeSelectCollectSampler, ProbeSelectEarlySampler, ProbeSelectResume, ProbeSelectSampler
+from .nodes_selection import ProbeSelectLoadProbe, ProbeSelectScore, ProbeSelectTopK
+from .nodes_tap import ProbeSelectTap
+from .nodes_training import ProbeSelectEvaluateProbe, ProbeSelectTrain
 
 NODES: list[type[io.ComfyNode]] = [
     ProbeSelectTap,

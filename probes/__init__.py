@@ -25,7 +25,7 @@ from .io import (
 )
 from .model import Probe, ProbeConfig, build_probe
 from .scoring import CandidateScores, ProbeCompatibilityError, check_compatible, score_candidates
-from .dataset import (
+from .training.dataset import (
     CandidateRows,
     DatasetArrays,
     DatasetError,
@@ -70,8 +70,8 @@ __all__ = [
 ]
 
 # Training: losses, metrics and the trainer (see probes/losses.py, probes/metrics.py, probes/train.py).
-from .losses import LossTerms, ProbeLoss, anneal, combined_loss, info_nce_loss, listwise_ranking_loss, pearson_loss
-from .metrics import (
+from .training.losses import LossTerms, ProbeLoss, anneal, combined_loss, info_nce_loss, listwise_ranking_loss, pearson_loss
+from .training.metrics import (
     bootstrap_ci,
     global_spearman,
     kendall_tau,
@@ -82,7 +82,7 @@ from .metrics import (
     top1_hit_rate,
     within_prompt_spearman,
 )
-from .train import TrainArrays, TrainConfig, TrainResult, evaluate_probe, predict, train_probe
+from .training.train import TrainArrays, TrainConfig, TrainResult, evaluate_probe, predict, train_probe
 
 __all__ += [
     "listwise_ranking_loss",

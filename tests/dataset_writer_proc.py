@@ -28,8 +28,9 @@ if str(ROOT) not in sys.path:
 
 import torch  # noqa: E402
 
-from probes import dataset as dataset_module  # noqa: E402
-from probes.dataset import CandidateRows, DatasetManifest, DatasetWriter  # noqa: E402
+import tools  # noqa: E402,F401  (registers the package probe_select, the library's one import name)
+from probe_select.probes.training import dataset as dataset_module  # noqa: E402
+from probe_select.probes.training.dataset import CandidateRows, DatasetManifest, DatasetWriter  # noqa: E402
 
 CHECKPOINTS = [0.1, 0.2, 0.4]
 EVALUATORS = ["clipscore", "imagereward"]

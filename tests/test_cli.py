@@ -1,4 +1,4 @@
-"""The command line (`python -m probes.cli`): collect with running ComfyUI servers, train, evaluate.
+"""The command line (`python -m tools.cli`): collect with running ComfyUI servers, train, evaluate.
 
 Unit tests (no ComfyUI): prompt files (plain and MS-COCO captions), workflow checks and filling,
 per-prompt seeds, reading which prompts a dataset holds, the worker loop's retry on another server,
@@ -32,8 +32,8 @@ from typing import Callable, Optional
 import pytest
 import torch
 
-from probes import collect as C
-from probes.dataset import (
+from tools import collect as C
+from probe_select.probes.training.dataset import (
     CandidateRows,
     DatasetManifest,
     DatasetWriter,
@@ -229,7 +229,7 @@ def test_pending_prompts_from_the_dataset(tmp_path, caplog):
     # counts as missing, so it is collected again).
     write_prompt_rows(root, prompts[2], 0, 2)
     (root / "shards" / "shard-zz-000000.safetensors").write_bytes(b"\x10\x00\x00\x00\x00\x00\x00\x00{broken")
-    with caplog.at_level(logging.WARNING, logger="probes.collect"):
+    with caplog.at_level(logging.WARNING, logger="tools.collect"):
         assert index.has_prompt(prompts[2])
     assert index.unreadable == [root / "shards" / "shard-zz-000000.safetensors"]
     assert "cannot read shard" in caplog.text
@@ -445,7 +445,7 @@ def test_collect_with_fake_servers_resumes_and_retries_elsewhere(tmp_path, fakes
     fail_once, reject_once = first_time("thing 4"), first_time("thing 7")
     a = fakes(fail=lambda p: "CUDA out of memory" if fail_once(p) else None, reject=reject_once)
     b = fakes(fail=lambda p: "CUDA out of memory" if fail_once(p) else None, reject=reject_once, delay=0.08)
-    with caplog.at_level(logging.INFO, logger="probes.collect"):
+    with caplog.at_level(logging.INFO, logger="tools.collect"):
         summary = C.collect([a.url, b.url + "/"], prompts, WORKFLOW, candidates=CANDIDATES, dataset_name="fake_ds",
                             output_dir=output, poll=0.02, progress=False)
     assert summary.ok and summary.failed == [] and summary.not_sent == 0
@@ -500,7 +500,7 @@ def _closed_port() -> int:
 
 
 def test_cli_rejects_bad_arguments(tmp_path):
-    from probes.cli import main, resolve_checkpoint
+    from tools.cli import main, resolve_checkpoint
 
     assert resolve_checkpoint([1 / 6, 0.5], 0.2) == pytest.approx(1 / 6)
     assert resolve_checkpoint([0.2, 0.5], 0.5) == 0.5
@@ -517,7 +517,7 @@ def test_cli_rejects_bad_arguments(tmp_path):
 # ---- acceptance: two real servers, a killed run, a resumed run, train, evaluate ----------------
 
 def cli(*args: str) -> list[str]:
-    return [sys.executable, "-m", "probes.cli", *args]
+    return [sys.executable, "-m", "tools.cli", *args]
 
 
 def cli_env() -> dict:
@@ -560,7 +560,7 @@ def wait_queues_empty(servers, timeout: float = 60.0) -> None:
 
 @pytest.fixture(scope="module")
 def two_servers(tmp_path_factory):
-    from make_checkpoint import cached_tiny_sd15_checkpoint
+    from devtools.make_checkpoint import cached_tiny_sd15_checkpoint
     from server_utils import ComfyServer, REPO_ROOT
 
     checkpoint = cached_tiny_sd15_checkpoint(CACHE_DIR)
@@ -687,7 +687,7 @@ def test_collect_cli_on_two_servers_resumes_then_train_and_evaluate(two_servers,
     assert train.returncode == 0, train.stdout + train.stderr
     assert probe.is_file() and probe.stat().st_size > 0
     assert re.search(r"epoch 3/3: loss", train.stderr) and "best epoch" in train.stderr, train.stderr
-    from probes.io import read_probe_metadata
+    from probe_select.probes.io import read_probe_metadata
 
     meta = read_probe_metadata(probe)
     assert meta.evaluator == EVALUATOR and meta.checkpoint_t == pytest.approx(1 / 6)     # 0.2 of 6 steps

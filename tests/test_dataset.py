@@ -18,7 +18,7 @@ import torch
 from safetensors import safe_open
 
 from dataset_writer_proc import CHECKPOINTS, EVALUATORS, FEATURE_SHAPE, TEXT_DIM, make_manifest, make_rows, row_key
-from probes.dataset import (
+from probe_select.probes.training.dataset import (
     CandidateRows,
     DatasetArrays,
     DatasetError,
@@ -31,8 +31,8 @@ from probes.dataset import (
     read_manifest,
     split_by_prompt,
 )
-from probes.io import ProbeMetadata
-from probes.model import ProbeConfig
+from probe_select.probes.io import ProbeMetadata
+from probe_select.probes.model import ProbeConfig
 
 HELPER = Path(__file__).resolve().parent / "dataset_writer_proc.py"
 
@@ -311,7 +311,7 @@ def test_corrupt_shard_is_named_and_can_be_skipped(tmp_path, caplog):
     with pytest.raises(DatasetError) as info:
         ProbeDataset(root)
     assert bad.name in str(info.value) and "skip_corrupt=True" in str(info.value)
-    with caplog.at_level(logging.WARNING, logger="probes.dataset"):
+    with caplog.at_level(logging.WARNING, logger="probe_select.probes.training.dataset"):
         ds = ProbeDataset(root, skip_corrupt=True)
     assert ds.skipped == [bad] and bad.name in caplog.text
     assert len(ds) == 4
@@ -347,7 +347,7 @@ def test_duplicate_rows_are_dropped_once(tmp_path, caplog):
     other_prompt = CandidateRows(features=first.features[:1], seeds=first.seeds[:1], prompts=["a different prompt"],
                                  text_embedding=first.text_embedding[:1], scores={k: v[:1] for k, v in first.scores.items()})
     DatasetWriter(root, make_manifest(), writer_id="c").append(other_prompt)
-    with caplog.at_level(logging.INFO, logger="probes.dataset"):
+    with caplog.at_level(logging.INFO, logger="probe_select.probes.training.dataset"):
         ds = ProbeDataset(root)
     assert ds.duplicates_dropped == 3 and "dropped 3 duplicate rows" in caplog.text
     assert len(ds) == 6 + 2 + 1

@@ -72,7 +72,7 @@ def flux_dev():
     (flux_dev, "flux", "single_blocks.19", "SingleStreamBlock"),
 ])
 def test_auto_tap_on_real_architectures(pack, build, family, expected, module):
-    from probe_select.nodes.families import auto_tap_path, model_family, resolve_module
+    from probe_select.nodes.engine.families import auto_tap_path, model_family, resolve_module
 
     patcher = build()
     assert model_family(patcher) == family

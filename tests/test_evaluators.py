@@ -12,7 +12,7 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-from probes import evaluators as ev
+from probe_select.probes import evaluators as ev
 
 PROMPT = "a photo of a red apple on a wooden table"
 OTHER = "an astronaut riding a horse on the moon"
@@ -453,7 +453,7 @@ def test_scores_from_floats():
 
 
 def _evaluator_nodes():
-    from probe_select.nodes import evaluators as nodes_ev
+    from probe_select.nodes import nodes_evaluators as nodes_ev
     return nodes_ev
 
 

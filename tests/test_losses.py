@@ -4,7 +4,7 @@ import math
 import pytest
 import torch
 
-from probes.losses import (
+from probe_select.probes.training.losses import (
     ProbeLoss,
     anneal,
     combined_loss,
@@ -12,7 +12,7 @@ from probes.losses import (
     listwise_ranking_loss,
     pearson_loss,
 )
-from probes.model import ProbeConfig, build_probe
+from probe_select.probes.model import ProbeConfig, build_probe
 
 log, exp = math.log, math.exp
 

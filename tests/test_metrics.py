@@ -6,7 +6,7 @@ import numpy as np
 import pytest
 import torch
 
-from probes.metrics import (
+from probe_select.probes.training.metrics import (
     bootstrap_ci,
     global_spearman,
     kendall_tau,

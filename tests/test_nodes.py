@@ -5,7 +5,7 @@ import struct
 import pytest
 import torch
 
-from tiny_models import build_tiny
+from devtools.tiny_models import build_tiny
 
 
 @pytest.fixture(scope="module")
@@ -23,7 +23,7 @@ def sd1(pack):
 
 
 def _nodes():
-    from probe_select.nodes import sampling, selection, tap
+    from probe_select.nodes import nodes_sampling as sampling, nodes_selection as selection, nodes_tap as tap
     return tap, sampling, selection
 
 
@@ -55,7 +55,7 @@ def tapped(sd1):
 
 @pytest.fixture(scope="module")
 def probe(probes_dir, tapped):
-    from probe_select.nodes.capture import find_tap
+    from probe_select.nodes.engine.capture import find_tap
     tap, _, selection = _nodes()
     t = find_tap(tapped)
     channels = tapped.model.diffusion_model.get_submodule(t.path).out_channels
@@ -154,7 +154,7 @@ def test_selection_errors(sd1, tapped, probe, probes_dir):
     ("channels", 7, "7"),
 ])
 def test_probe_for_another_model_is_refused(sd1, tapped, probes_dir, field, value, needle):
-    from probe_select.nodes.capture import find_tap
+    from probe_select.nodes.engine.capture import find_tap
     from probe_select.nodes.errors import ProbeSelectError
     _, _, selection = _nodes()
     t = find_tap(tapped)
@@ -192,7 +192,7 @@ def test_bad_probe_files_are_clear_errors(probes_dir, probe):
 def test_interrupt_during_early_sampling_stops_cleanly(sd1, tapped):
     import comfy.model_management as mm
     import comfy.patcher_extension
-    from probe_select.nodes.capture import find_tap
+    from probe_select.nodes.engine.capture import find_tap
 
     calls = []
 
@@ -256,7 +256,7 @@ class _SigmoidVAE:
 
 def test_preview_score_ranks_by_the_decoded_x0(sd1, tapped):
     from probe_select.nodes.errors import ProbeSelectError
-    from probe_select.nodes.preview_score import ProbeSelectPreviewScore
+    from probe_select.nodes.nodes_preview_score import ProbeSelectPreviewScore
     _, _, selection = _nodes()
     early, x0, _ = _early(sd1, tapped, n=4)
     scores = ProbeSelectPreviewScore.execute(x0, _SigmoidVAE(), _BrightnessEvaluator(), "a prompt").result[0]

@@ -50,13 +50,13 @@ def test_suite_runs_in_a_checkout_named_like_the_readme_clones_it(tmp_path):
     import subprocess
     import sys
 
-    from conftest import COMFY_DIR
+    from devtools import COMFY_DIR
 
     checkout = tmp_path / "probe-select"
     (checkout / "tests").mkdir(parents=True)
     for name in ("__init__.py", "pytest.ini"):
         shutil.copy(ROOT / name, checkout / name)
-    for name in ("nodes", "probes"):
+    for name in ("nodes", "probes", "devtools", "tools"):
         shutil.copytree(ROOT / name, checkout / name, ignore=shutil.ignore_patterns("__pycache__"))
     for name in ("conftest.py", "test_plots.py"):
         shutil.copy(ROOT / "tests" / name, checkout / "tests" / name)

@@ -1,7 +1,7 @@
 """The dependency-free plots of probes/plots.py: points land where their values say."""
 import pytest
 
-from probes.plots import COLORS, MARGIN, line_plot
+from probe_select.probes.plots import COLORS, MARGIN, line_plot
 
 
 def test_line_plot_places_every_point_at_its_x_value():

@@ -9,8 +9,8 @@ import torch
 from safetensors import safe_open
 from safetensors.torch import load_file, save_file
 
-from probes import atomic_write
-from probes.io import (
+from probe_select.probes import atomic_write
+from probe_select.probes.io import (
     FORMAT_NAME,
     FORMAT_VERSION,
     ProbeFileError,
@@ -19,7 +19,7 @@ from probes.io import (
     read_probe_metadata,
     save_probe,
 )
-from probes.model import ProbeConfig, build_probe
+from probe_select.probes.model import ProbeConfig, build_probe
 
 HEADER_KEYS = {"format", "format_version", "backbone_family", "tap", "checkpoint_t", "feature_shape",
                "pooling", "evaluator", "score_norm", "training", "probe_config"}
@@ -305,7 +305,7 @@ def test_save_probe_failure_keeps_old_probe(saved, monkeypatch):
             handle.write(b"partial")
         raise RuntimeError("interrupted")
 
-    monkeypatch.setattr("probes.io.save_file", broken_save_file)
+    monkeypatch.setattr("probe_select.probes.io.save_file", broken_save_file)
     with pytest.raises(RuntimeError, match="interrupted"):
         save_probe(path, build_probe(probe.config, seed=99), metadata)
     assert path.read_bytes() == before

@@ -6,7 +6,7 @@ import pytest
 import torch
 from torch import nn
 
-from probes.model import Probe, ProbeConfig, build_probe, timestep_embedding
+from probe_select.probes.model import Probe, ProbeConfig, build_probe, timestep_embedding
 
 logger = logging.getLogger(__name__)
 

@@ -6,10 +6,10 @@ import logging
 import pytest
 import torch
 
-from probes.features import FEATURE_DTYPE, ActivationSet, pool_feature_map, tokens_to_grid
-from probes.io import ProbeMetadata
-from probes.model import ProbeConfig, build_probe
-from probes.scoring import CandidateScores, ProbeCompatibilityError, check_compatible, score_candidates
+from probe_select.probes.features import FEATURE_DTYPE, ActivationSet, pool_feature_map, tokens_to_grid
+from probe_select.probes.io import ProbeMetadata
+from probe_select.probes.model import ProbeConfig, build_probe
+from probe_select.probes.scoring import CandidateScores, ProbeCompatibilityError, check_compatible, score_candidates
 
 C, P, TEXT = 8, 8, 12
 
@@ -181,10 +181,10 @@ def test_compatibility_errors(overrides, names):
 
 def test_small_t_gap_warns(caplog):
     _, meta = make_probe()
-    with caplog.at_level(logging.WARNING, logger="probes.scoring"):
+    with caplog.at_level(logging.WARNING, logger="probe_select.probes.scoring"):
         check_compatible(meta, make_acts(step=4, steps=20))
     assert not caplog.records
-    with caplog.at_level(logging.WARNING, logger="probes.scoring"):
+    with caplog.at_level(logging.WARNING, logger="probe_select.probes.scoring"):
         check_compatible(meta, make_acts(step=5, steps=20))
     assert any("t=0.250" in record.getMessage() for record in caplog.records)
     with pytest.raises(ProbeCompatibilityError, match="t=0.250"):

@@ -78,7 +78,7 @@ def test_models_use_comfy_classes(built, family):
 
 
 def test_pack_sees_the_families(pack, built):
-    from probe_select.nodes.families import auto_tap_path, model_family, resolve_module
+    from probe_select.nodes.engine.families import auto_tap_path, model_family, resolve_module
 
     assert model_family(built["unet"][0]) == "sd1"
     assert model_family(built["dit"][0]) == "sd3"
@@ -209,7 +209,7 @@ def test_evaluator_node(proxy_nodes, pack):
     wrong = evaluator.score(images[:1], "two blue squares")
     assert float(wrong.scores[0]) < 0.5
     # the pack's evaluate node accepts it
-    from probe_select.nodes.evaluators import ProbeSelectEvaluateImages
+    from probe_select.nodes.nodes_evaluators import ProbeSelectEvaluateImages
 
     out = ProbeSelectEvaluateImages.execute(images, PROMPTS[0], evaluator)
     assert len(out.result[0]) == 3

@@ -7,8 +7,8 @@ import comfy.model_sampling
 import comfy.supported_models
 import nodes
 
-import tiny_models
-from tiny_models import FAMILIES, TinyModel, build_tiny
+from devtools import tiny_models
+from devtools.tiny_models import FAMILIES, TinyModel, build_tiny
 
 UNETS = ("sd1", "sd2", "sdxl")
 # latent size (in latent pixels) used for sampling: tiny for the UNets, 16 for the DiTs

@@ -16,12 +16,12 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
-from probes.features import ActivationSet
-from probes.io import load_probe, read_probe_metadata
-from probes.metrics import global_spearman, within_prompt_spearman
-from probes.model import ProbeConfig
-from probes.scoring import score_candidates
-from probes.train import TrainArrays, TrainConfig, evaluate_probe, predict, train_probe
+from probe_select.probes.features import ActivationSet
+from probe_select.probes.io import load_probe, read_probe_metadata
+from probe_select.probes.training.metrics import global_spearman, within_prompt_spearman
+from probe_select.probes.model import ProbeConfig
+from probe_select.probes.scoring import score_candidates
+from probe_select.probes.training.train import TrainArrays, TrainConfig, evaluate_probe, predict, train_probe
 
 C, P, K = 8, 8, 4
 META = dict(backbone_family="sd2", tap="output_blocks.7.0", checkpoint_t=0.2, pooling="adaptive_avg",

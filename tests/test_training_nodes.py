@@ -4,7 +4,7 @@ import os
 import pytest
 import torch
 
-from tiny_models import build_tiny
+from devtools.tiny_models import build_tiny
 
 PROMPTS = 16
 SEEDS = 4
@@ -24,7 +24,9 @@ def comfy_dirs(pack, tmp_path_factory):
 
 
 def _nodes():
-    from probe_select.nodes import dataset, evaluators, sampling, selection, tap, training
+    from probe_select.nodes import (nodes_dataset as dataset, nodes_evaluators as evaluators,
+                                    nodes_sampling as sampling, nodes_selection as selection, nodes_tap as tap,
+                                    nodes_training as training)
     return tap, sampling, dataset, evaluators, selection, training
 
 
@@ -47,7 +49,7 @@ def collected(comfy_dirs):
 
 
 def test_writer_fills_a_dataset(comfy_dirs, collected):
-    from probe_select.probes.dataset import ProbeDataset
+    from probe_select.probes.training.dataset import ProbeDataset
     _, _, total = collected
     assert total == PROMPTS * SEEDS
     ds = ProbeDataset(os.path.join(comfy_dirs[0], "probe_select_datasets", "tiny_ds"))

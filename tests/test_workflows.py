@@ -1,7 +1,7 @@
-"""The example workflows in workflows/: UI files valid against the node schemas, API twins in step.
+"""The example workflows in example_workflows/: UI files valid against the node schemas, API twins in step.
 
 In-process, no server: the schemas are ComfyUI's /object_info entries computed the way server.py
-computes them (workflows/build_workflows.py `Schemas`). The checks on the UI files re-derive the
+computes them (scripts/build_workflows.py `Schemas`). The checks on the UI files re-derive the
 frontend's rules here (which inputs are widgets, which get a control_after_generate value) instead
 of reusing the generator's, so a mistake in one shows up against the other.
 """
@@ -17,7 +17,7 @@ from pathlib import Path
 import pytest
 
 ROOT = Path(__file__).resolve().parents[1]
-WORKFLOWS_DIR = ROOT / "workflows"
+WORKFLOWS_DIR = ROOT / "example_workflows"
 API_DIR = WORKFLOWS_DIR / "api"
 UI_FILES = sorted(WORKFLOWS_DIR.glob("*.json"))
 FRONTEND_ONLY = {"MarkdownNote", "Note"}
@@ -27,7 +27,7 @@ TITLE_BAR = 30
 
 
 def _load_generator():
-    spec = importlib.util.spec_from_file_location("build_workflows", WORKFLOWS_DIR / "build_workflows.py")
+    spec = importlib.util.spec_from_file_location("build_workflows", ROOT / "scripts" / "build_workflows.py")
     module = importlib.util.module_from_spec(spec)
     sys.modules[spec.name] = module                 # dataclasses look their module up there
     spec.loader.exec_module(module)
@@ -97,7 +97,7 @@ def test_every_declared_workflow_has_a_ui_file_and_an_api_twin():
 
 @pytest.mark.parametrize("path", [ui_param(p) for p in UI_FILES])
 def test_ui_file_is_litegraph_format(path):
-    # ComfyUI serves every workflows/*.json as a template: each must be a UI-format graph.
+    # ComfyUI serves every example_workflows/*.json as a template: each must be a UI-format graph.
     ui = load(path)
     assert ui["version"] == 0.4 and isinstance(ui["nodes"], list) and isinstance(ui["links"], list)
     ids = [n["id"] for n in ui["nodes"]]
@@ -184,12 +184,12 @@ def test_api_twin_is_the_converted_ui_file(path, schemas):
 
 def test_files_are_up_to_date(schemas):
     stale = bw.stale(bw.render(schemas))
-    assert stale == [], f"stale: {[str(p.relative_to(ROOT)) for p in stale]}; run workflows/build_workflows.py"
+    assert stale == [], f"stale: {[str(p.relative_to(ROOT)) for p in stale]}; run scripts/build_workflows.py"
 
 
 def test_check_command_passes():
     env = {**os.environ, "OMP_NUM_THREADS": "1"}
-    run = subprocess.run([sys.executable, str(WORKFLOWS_DIR / "build_workflows.py"), "--check"], cwd=ROOT,
+    run = subprocess.run([sys.executable, str(ROOT / "scripts" / "build_workflows.py"), "--check"], cwd=ROOT,
                          env=env, capture_output=True, text=True, timeout=300)
     assert run.returncode == 0, run.stdout + run.stderr
 

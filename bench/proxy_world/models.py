@@ -34,7 +34,7 @@ from identity residual branches. :func:`load` reads a trained weights file (diff
 jointly trained :class:`~.text.TextEncoder`) written by ``train_models.py``; committed weights in
 ``bench/proxy_world/weights/`` are preferred over the git-ignored ``bench/cache/proxy_world/``.
 
-ComfyUI must be importable (in-process: ``import conftest`` from ``tests/``, see bench/bench_core.py).
+ComfyUI must be importable (in-process: ``devtools.bootstrap_comfy()``, see bench/bench_core.py).
 """
 from __future__ import annotations
 

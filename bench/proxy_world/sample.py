@@ -34,8 +34,10 @@ if __name__ == "__main__":
     # Idle OpenMP threads sleep instead of spinning: on 2 cores shared with other processes a
     # spinning second thread made a step ~8x slower than one thread.
     os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
-    sys.path.insert(0, str(ROOT / "tests"))
-    import conftest  # noqa: F401,E402
+    sys.path.append(str(ROOT))      # last: ComfyUI's `nodes` must win over the pack's nodes/
+    from devtools import bootstrap_comfy
+
+    bootstrap_comfy()
 
 import numpy as np  # noqa: E402
 import torch  # noqa: E402

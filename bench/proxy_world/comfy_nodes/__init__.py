@@ -34,11 +34,14 @@ EVALUATOR_NAME = "proxy_world"
 
 def _evaluators_module():
     """The pack's ``probes.evaluators`` as ComfyUI loaded it (so ImageScores is the pack's own
-    class); the repository's top-level ``probes`` package when the pack is not loaded."""
+    class; ComfyUI imports the pack under its folder's name); ``probe_select.probes.evaluators``
+    (the library's one import name outside ComfyUI) when the pack is not loaded."""
     for name, module in list(sys.modules.items()):
         if name.endswith(".probes.evaluators") and hasattr(module, "ImageEvaluator") and hasattr(module, "ImageScores"):
             return module
-    import probes.evaluators as module
+    # Imported here: only needed when no ComfyUI-loaded pack provides the module.
+    import tools  # noqa: F401  (registers the package probe_select)
+    import probe_select.probes.evaluators as module
 
     return module
 

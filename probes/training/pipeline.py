@@ -8,8 +8,8 @@ from typing import Callable, Optional
 
 from .dataset import DatasetArrays, ProbeDataset, check_probe_matches, split_by_prompt
 from .evaluation import ProbeEvaluation, evaluate_probe_on
-from .io import ProbeMetadata
-from .model import Probe, ProbeConfig
+from ..io import ProbeMetadata
+from ..model import Probe, ProbeConfig
 from .train import TrainArrays, TrainConfig, TrainResult, train_probe
 
 log = logging.getLogger(__name__)

@@ -1,15 +1,15 @@
 """Command line for jobs too big for a graph: collect a dataset with running ComfyUI servers, train a
 probe on it, evaluate a probe. Run from the pack folder (the repository root)::
 
-    python -m probes.cli collect --server http://127.0.0.1:8188 --server http://127.0.0.1:8189 \\
+    python -m tools.cli collect --server http://127.0.0.1:8188 --server http://127.0.0.1:8189 \\
         --coco-captions captions_train2017.json --limit 5000 --dataset coco5k --candidates 8 \\
         --output-dir /path/to/ComfyUI/output
-    python -m probes.cli train --dataset /path/to/ComfyUI/output/probe_select_datasets/coco5k \\
+    python -m tools.cli train --dataset /path/to/ComfyUI/output/probe_select_datasets/coco5k \\
         --checkpoint 0.2 --out models/probes/sd15_coco5k_t02.safetensors
-    python -m probes.cli evaluate --probe models/probes/sd15_coco5k_t02.safetensors \\
+    python -m tools.cli evaluate --probe models/probes/sd15_coco5k_t02.safetensors \\
         --dataset /path/to/ComfyUI/output/probe_select_datasets/coco5k --json metrics.json
 
-The work is done by :mod:`probes.collect` and :mod:`probes.pipeline`; this module only parses
+The work is done by :mod:`tools.collect` and :mod:`probe_select.probes.training.pipeline`; this module only parses
 arguments, sets up logging and maps errors to exit codes (0 ok, 1 failed, 2 bad arguments or set-up,
 130 stopped with Ctrl-C). Messages go to stderr through logging; ``evaluate --json -`` writes the
 metrics to stdout.
@@ -27,7 +27,7 @@ import threading
 from pathlib import Path
 from typing import Any, Optional, Sequence
 
-logger = logging.getLogger("probes.cli")
+logger = logging.getLogger(__name__)
 
 EXIT_OK, EXIT_FAILED, EXIT_USAGE, EXIT_INTERRUPTED = 0, 1, 2, 130
 # A requested checkpoint this close to a stored one picks it (steps round: t = 0.2 of 6 steps is 1/6).
@@ -137,10 +137,10 @@ def _fmt(value: Any) -> str:
 
 
 def cmd_train(args: argparse.Namespace) -> int:
-    from .dataset import DatasetError, ProbeDataset
-    from .model import ProbeConfig
-    from .pipeline import train_from_dataset
-    from .train import TrainConfig
+    from probe_select.probes.training.dataset import DatasetError, ProbeDataset
+    from probe_select.probes.model import ProbeConfig
+    from probe_select.probes.training.pipeline import train_from_dataset
+    from probe_select.probes.training.train import TrainConfig
 
     try:
         probe_config = None
@@ -170,7 +170,7 @@ def cmd_train(args: argparse.Namespace) -> int:
 
     # The trainer logs its own (longer) epoch line; keep ours only unless -v.
     if not args.verbose:
-        logging.getLogger("probes.train").setLevel(logging.WARNING)
+        logging.getLogger("probe_select.probes.training.train").setLevel(logging.WARNING)
     try:
         with _StopOnSigint() as sigint:
             result, sizes = train_from_dataset(
@@ -198,10 +198,10 @@ def cmd_train(args: argparse.Namespace) -> int:
 # ---- evaluate -------------------------------------------------------------------------------------
 
 def cmd_evaluate(args: argparse.Namespace) -> int:
-    from .dataset import DatasetError, ProbeDataset
-    from .evaluation import format_report
-    from .io import ProbeFileError, load_probe
-    from .pipeline import evaluate_on_dataset
+    from probe_select.probes.training.dataset import DatasetError, ProbeDataset
+    from probe_select.probes.training.evaluation import format_report
+    from probe_select.probes.io import ProbeFileError, load_probe
+    from probe_select.probes.training.pipeline import evaluate_on_dataset
 
     try:
         probe, metadata = load_probe(args.probe, device=args.device)
@@ -223,14 +223,14 @@ def cmd_evaluate(args: argparse.Namespace) -> int:
 
 
 def _write_json(target: str, data: dict) -> None:
-    from .train import json_safe
+    from probe_select.probes.training.train import json_safe
 
     text = json.dumps(json_safe(data), indent=2, allow_nan=False) + "\n"
     if target == "-":
         sys.stdout.write(text)
         sys.stdout.flush()
         return
-    from .atomic import atomic_write
+    from probe_select.probes.atomic import atomic_write
 
     path = Path(target)
     path.parent.mkdir(parents=True, exist_ok=True)
@@ -248,7 +248,7 @@ def build_parser() -> argparse.ArgumentParser:
     common.add_argument("-q", "--quiet", action="store_true", help="warnings and errors only")
 
     parser = argparse.ArgumentParser(
-        prog="python -m probes.cli",
+        prog="python -m tools.cli",
         description="Probe-Select: collect activation datasets with running ComfyUI servers, train and evaluate "
                     "probes. Run from the pack folder.")
     sub = parser.add_subparsers(dest="command", metavar="{collect,train,evaluate}")
@@ -269,7 +269,7 @@ def build_parser() -> argparse.ArgumentParser:
                    help="ComfyUI base URL, e.g. http://127.0.0.1:8188; repeat for more servers (one worker each)")
     p.add_argument("--limit", type=int, metavar="N", help="use the first N prompts (after de-duplication)")
     p.add_argument("--workflow", metavar="FILE", default=None,
-                   help="API-format collect workflow (default: workflows/api/collect_dataset.json of the pack)")
+                   help="API-format collect workflow (default: example_workflows/api/collect_dataset.json of the pack)")
     p.add_argument("--dataset", metavar="NAME", help="dataset name (default: the writer node's dataset_name)")
     p.add_argument("--candidates", type=int, metavar="N", help="seeds per prompt (default: the workflow's)")
     p.add_argument("--output-dir", metavar="DIR",

@@ -35,11 +35,11 @@ import torch
 from safetensors.torch import load_file, save_file
 from torch import Tensor
 
-from .atomic import atomic_write
-from .io import ProbeMetadata, save_probe
+from ..atomic import atomic_write
+from ..io import ProbeMetadata, save_probe
 from .losses import ProbeLoss, anneal
 from .metrics import global_spearman, selection_summary, within_prompt_spearman
-from .model import Probe, ProbeConfig, build_probe
+from ..model import Probe, ProbeConfig, build_probe
 
 __all__ = ["TrainConfig", "TrainArrays", "TrainResult", "train_probe", "predict", "evaluate_probe"]
 

@@ -8,7 +8,7 @@ import re
 import torch
 from comfy_api.latest import io, ui
 
-from ..probes.dataset import CandidateRows, DatasetError, DatasetManifest, DatasetWriter
+from ..probes.training.dataset import CandidateRows, DatasetError, DatasetManifest, DatasetWriter
 from ..probes.features import ActivationSeries
 from .errors import ProbeSelectError
 from .types import Activations, CATEGORY

@@ -10,9 +10,9 @@ from __future__ import annotations
 from comfy_api.latest import io, ui
 
 from ..probes.scoring import CandidateScores
-from . import split_sampling
+from .engine import split_sampling
 from .errors import ProbeSelectError
-from .selection import scores_text
+from .nodes_selection import scores_text
 from .types import CATEGORY, EvaluatorModel, Scores
 
 

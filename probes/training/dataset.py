@@ -48,9 +48,9 @@ from safetensors import safe_open
 from safetensors.torch import save_file
 from torch import Tensor
 
-from .atomic import _fsync_directory, atomic_write
-from .features import FEATURE_DTYPE
-from .io import ProbeMetadata
+from ..atomic import _fsync_directory, atomic_write
+from ..features import FEATURE_DTYPE
+from ..io import ProbeMetadata
 
 __all__ = [
     "DATASET_FORMAT",

@@ -23,7 +23,7 @@ from typing import Optional
 import torch
 import torch.nn as nn
 
-from ..probes.features import pool_feature_map, tokens_to_grid
+from ...probes.features import pool_feature_map, tokens_to_grid
 
 log = logging.getLogger(__name__)
 

@@ -4,9 +4,9 @@ from __future__ import annotations
 import comfy.samplers
 from comfy_api.latest import io, ui
 
-from . import split_sampling
+from .engine import split_sampling
 from .errors import ProbeSelectError
-from .noise import UNSPLITTABLE_SAMPLERS, splittable_samplers
+from .engine.noise import UNSPLITTABLE_SAMPLERS, splittable_samplers
 from .types import CATEGORY, Activations, Probe, Scores
 
 MAX_SEED = 0xFFFFFFFFFFFFFFFF
@@ -173,9 +173,9 @@ class ProbeSelectSampler(io.ComfyNode):
     @classmethod
     def execute(cls, model, positive, negative, latent_image, probe, seed, candidates, keep, steps, cfg,
                 sampler_name, scheduler, checkpoint, denoise=1.0) -> io.NodeOutput:
-        from .capture import find_tap
-        from .selection import score_or_fail, top_k_or_fail
-        from .tap import apply_tap
+        from .engine.capture import find_tap
+        from .nodes_selection import score_or_fail, top_k_or_fail
+        from .nodes_tap import apply_tap
 
         node_id = cls.__name__
         s = validate_early(node_id, latent_image, candidates, steps, checkpoint, sampler_name, seed)
@@ -189,7 +189,7 @@ class ProbeSelectSampler(io.ComfyNode):
         kept, _pruned, kept_indices = top_k_or_fail(node_id, early.latent, scores, keep)
         finished = resume_or_fail(node_id, model, positive, negative, kept, cfg)
         kept_seeds = ",".join(str(scores.seeds[i]) for i in kept_indices)
-        from .selection import scores_text
+        from .nodes_selection import scores_text
 
         return io.NodeOutput(finished, scores, kept_seeds, ui=ui.PreviewText(scores_text(scores, kept_indices)))
 
@@ -239,7 +239,7 @@ class ProbeSelectCollectSampler(io.ComfyNode):
     @classmethod
     def execute(cls, model, positive, negative, latent_image, seed, candidates, steps, cfg, sampler_name, scheduler,
                 checkpoints, denoise=1.0) -> io.NodeOutput:
-        from .capture import find_tap
+        from .engine.capture import find_tap
 
         node_id = cls.__name__
         validate_early(node_id, latent_image, candidates, steps, 0.5, sampler_name, seed)

@@ -14,9 +14,9 @@ import numpy as np
 import torch
 
 from .dataset import DatasetArrays
-from .io import ProbeMetadata
+from ..io import ProbeMetadata
 from .metrics import global_spearman, kendall_tau, per_group_spearman, selection_summary, within_prompt_spearman
-from .model import Probe
+from ..model import Probe
 
 __all__ = ["ProbeEvaluation", "evaluate_probe_on", "format_report"]
 

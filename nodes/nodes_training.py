@@ -9,15 +9,15 @@ import numpy as np
 import torch
 from comfy_api.latest import io, ui
 
-from ..probes.dataset import DatasetError, ProbeDataset
-from ..probes.evaluation import format_report
+from ..probes.training.dataset import DatasetError, ProbeDataset
+from ..probes.training.evaluation import format_report
 from ..probes.io import load_probe
-from ..probes.pipeline import evaluate_on_dataset, train_from_dataset
+from ..probes.training.pipeline import evaluate_on_dataset, train_from_dataset
 from ..probes.plots import line_plot, scatter_plot
-from ..probes.train import TrainConfig
-from .dataset import dataset_path, list_datasets
+from ..probes.training.train import TrainConfig
+from .nodes_dataset import dataset_path, list_datasets
 from .errors import ProbeSelectError
-from .selection import PROBES_FOLDER, LoadedProbe
+from .nodes_selection import PROBES_FOLDER, LoadedProbe
 from .types import CATEGORY, Probe
 
 log = logging.getLogger(__name__)

@@ -1,17 +1,18 @@
 #!/usr/bin/env python
 """The example workflows of Probe-Select, declared once here and written in two formats.
 
-    workflows/<name>.json      UI format: what ComfyUI's templates browser lists and loads
-                               (nodes, links, widgets_values; the pack folder `workflows/` is served
-                               as templates, `*.json` one level deep only).
-    workflows/api/<name>.json  API format: what POST /prompt takes; the tests run these.
+    example_workflows/<name>.json      UI format: what ComfyUI's templates browser lists and loads
+                                       (nodes, links, widgets_values; the pack folder
+                                       `example_workflows/` is served as templates, `*.json` one
+                                       level deep only).
+    example_workflows/api/<name>.json  API format: what POST /prompt takes; the tests run these.
 
-    .venv/bin/python workflows/build_workflows.py            # (re)write every file
-    .venv/bin/python workflows/build_workflows.py --check    # exit 1 if any file is missing or stale
+    .venv/bin/python scripts/build_workflows.py            # (re)write every file
+    .venv/bin/python scripts/build_workflows.py --check    # exit 1 if any file is missing or stale
 
 Node schemas (input order, which inputs are widgets, output types) are ComfyUI's own `/object_info`
-entries, computed in-process the way server.py computes them: ComfyUI is bootstrapped like
-tests/conftest.py does, the pack is imported like ComfyUI imports it. No server, no network; the
+entries, computed in-process the way server.py computes them: ComfyUI is bootstrapped by
+devtools/ (as the tests do), the pack is imported like ComfyUI imports it. No server, no network; the
 files depend only on this script, ComfyUI's version and the pack's node schemas, and a second run
 gives byte-identical files.
 
@@ -43,7 +44,6 @@ from __future__ import annotations
 
 import argparse
 import asyncio
-import importlib.util
 import json
 import sys
 import uuid
@@ -51,9 +51,9 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Callable, Optional
 
-HERE = Path(__file__).resolve().parent
-ROOT = HERE.parent
-API_DIR = HERE / "api"
+ROOT = Path(__file__).resolve().parents[1]
+WORKFLOWS_DIR = ROOT / "example_workflows"
+API_DIR = WORKFLOWS_DIR / "api"
 PACK_NAME = "probe-select"          # the Comfy Registry id (pyproject.toml [project] name)
 
 # ---- declarations ------------------------------------------------------------------------------
@@ -92,7 +92,7 @@ WORKFLOWS: dict[str, Callable[[], Workflow]] = {}
 
 
 def workflow(name: str):
-    """Register a function returning a Workflow; written as workflows/<name>.json and api/<name>.json."""
+    """Register a function returning a Workflow; written as example_workflows/<name>.json and api/<name>.json."""
     def register(fn):
         if name in WORKFLOWS:
             raise ValueError(f"two workflows named {name}")
@@ -173,7 +173,7 @@ COLLECT = {"seed": 0, "candidates": 8, "steps": 20, "cfg": 7.0, "sampler_name": 
 
 @workflow("collect_dataset")
 def collect_dataset() -> Workflow:
-    # The command-line collector (python -m probes.cli collect) replaces {prompt} in every string input.
+    # The command-line collector (python -m tools.cli collect) replaces {prompt} in every string input.
     nodes = text_to_image_inputs()
     nodes[1] = Node(2, "CLIPTextEncode", {"text": (5, 0), "clip": (1, 1)}, title="Positive prompt", color="green")
     return Workflow([
@@ -194,7 +194,7 @@ def collect_dataset() -> Workflow:
                  "`output/probe_select_datasets/<dataset_name>`.\n\n"
                  "- Type the prompt in the **prompt** box (it feeds the text encoder, the evaluator and the "
                  "dataset). Queue once per prompt; use many prompts (hundreds) for a useful probe.\n"
-                 "- For big jobs: `python -m probes.cli collect --server http://127.0.0.1:8188 --prompts "
+                 "- For big jobs: `python -m tools.cli collect --server http://127.0.0.1:8188 --prompts "
                  "prompts.txt --dataset NAME --output-dir ComfyUI/output` sends this workflow once per "
                  "prompt, to one or several servers, and resumes where it stopped.\n"
                  "- CLIPScore needs open_clip weights in `models/evaluators` (or the open_clip cache).",
@@ -233,25 +233,21 @@ COLORS = {  # LiteGraph's node palette
 }
 
 
-def _conftest():
-    """tests/conftest.py: its bootstrap of ComfyUI and its loader of the pack (both idempotent)."""
-    path = ROOT / "tests" / "conftest.py"
-    module = sys.modules.get("conftest")
-    if module is not None and Path(getattr(module, "__file__", "")).resolve() == path:
-        return module
-    spec = importlib.util.spec_from_file_location("conftest", path)
-    module = importlib.util.module_from_spec(spec)
-    sys.modules["conftest"] = module
-    spec.loader.exec_module(module)
-    return module
+def _load_pack():
+    """ComfyUI bootstrapped and the pack loaded as ComfyUI loads it (devtools/; both idempotent)."""
+    if str(ROOT) not in sys.path:
+        sys.path.append(str(ROOT))      # last: ComfyUI's `nodes` must win over the pack's nodes/
+    # Imported here: `devtools` is importable only once the repository root is on sys.path.
+    from devtools import load_pack
+
+    return load_pack()
 
 
 class Schemas:
     """class_type -> the node's /object_info entry, for ComfyUI core, its comfy_extras and this pack."""
 
     def __init__(self):
-        conftest = _conftest()
-        pack = conftest._load_pack()
+        pack = _load_pack()
         import nodes
 
         self._nodes = nodes
@@ -667,7 +663,7 @@ def render(schemas: Optional[Schemas] = None) -> dict[Path, str]:
     files = {}
     for name, declare in WORKFLOWS.items():
         ui, api = build(name, declare(), schemas)
-        files[HERE / f"{name}.json"] = dumps(ui) + "\n"
+        files[WORKFLOWS_DIR / f"{name}.json"] = dumps(ui) + "\n"
         files[API_DIR / f"{name}.json"] = dumps(api) + "\n"
     return files
 

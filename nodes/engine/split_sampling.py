@@ -20,7 +20,7 @@ from typing import Callable, Optional, Sequence
 
 import torch
 
-from ..probes.features import ActivationSeries, ActivationSet
+from ...probes.features import ActivationSeries, ActivationSet
 from .capture import RUN_KEY, find_tap
 from .families import model_family
 from .noise import UNSPLITTABLE_SAMPLERS, build_noise_sampler, initial_noise, sampler_object

@@ -10,7 +10,7 @@ from comfy_api.latest import io, ui
 from ..probes.features import ActivationSeries
 from ..probes.io import ProbeFileError, ProbeMetadata, load_probe
 from ..probes.scoring import CandidateScores, ProbeCompatibilityError, score_candidates
-from . import split_sampling
+from .engine import split_sampling
 from .errors import ProbeSelectError
 from .types import CATEGORY, Activations, Probe, Scores
 

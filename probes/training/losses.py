@@ -20,7 +20,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
-from .model import Probe
+from ..model import Probe
 
 __all__ = [
     "listwise_ranking_loss",

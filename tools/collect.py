@@ -1,6 +1,6 @@
 """Collect a training dataset with one or more running ComfyUI servers, for jobs too big for a graph.
 
-``python -m probes.cli collect`` drives this module. For every prompt it fills an API-format
+``python -m tools.cli collect`` drives this module. For every prompt it fills an API-format
 collect workflow (ProbeSelectCollectSampler -> evaluator -> ProbeSelectDatasetWriter), POSTs it to
 a server's ``/prompt`` and polls ``/history/<id>`` until it has finished. Each server is one worker
 thread with one job in flight, so N servers sample N prompts at once and share the work.
@@ -49,7 +49,9 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Callable, Iterable, Optional, Sequence, Union
 
-from .dataset import list_shards, prompt_id
+from probe_select.probes.training.dataset import list_shards, prompt_id
+
+from . import PACK_ROOT
 
 __all__ = [
     "PROMPT_PLACEHOLDER",
@@ -93,7 +95,7 @@ SAMPLER_CLASS = "ProbeSelectCollectSampler"
 WRITER_CLASS = "ProbeSelectDatasetWriter"
 # The writer node's folder under the server's output directory (nodes/dataset.py).
 DATASETS_SUBFOLDER = "probe_select_datasets"
-DEFAULT_WORKFLOW = Path(__file__).resolve().parents[1] / "workflows" / "api" / "collect_dataset.json"
+DEFAULT_WORKFLOW = PACK_ROOT / "example_workflows" / "api" / "collect_dataset.json"
 # Seeds are < 2**48, so seed + candidate index stays far below ComfyUI's maximum seed (2**64 - 1).
 SEED_SPACE = 2**48
 # Same rule as the writer node's dataset_name (nodes/dataset.py).
@@ -209,7 +211,7 @@ def load_workflow(path: PathLike) -> dict:
     except FileNotFoundError:
         hint = ""
         if path.resolve() == DEFAULT_WORKFLOW:
-            hint = " (generate it with `.venv/bin/python workflows/build_workflows.py`, or pass --workflow)"
+            hint = " (generate it with `.venv/bin/python scripts/build_workflows.py`, or pass --workflow)"
         raise WorkflowError(f"workflow file {path} does not exist{hint}") from None
     except OSError as error:
         raise WorkflowError(f"cannot read the workflow {path}: {error}") from None
@@ -217,7 +219,7 @@ def load_workflow(path: PathLike) -> dict:
         raise WorkflowError(f"{path} is not valid JSON ({error})") from None
     if isinstance(workflow, dict) and "nodes" in workflow and "links" in workflow:
         raise WorkflowError(
-            f"{path} is a UI-format workflow; the tool needs the API format (the twin under workflows/api/, "
+            f"{path} is a UI-format workflow; the tool needs the API format (the twin under example_workflows/api/, "
             f"or the UI's 'Export (API)')")
     if isinstance(workflow, dict) and isinstance(workflow.get("prompt"), dict) and "class_type" not in workflow["prompt"]:
         workflow = workflow["prompt"]     # a saved POST /prompt payload

@@ -3,9 +3,9 @@ from __future__ import annotations
 
 from comfy_api.latest import io
 
-from .capture import WRAPPER_KEY, ActivationTap
+from .engine.capture import WRAPPER_KEY, ActivationTap
 from .errors import ProbeSelectError
-from .families import auto_tap_path, model_family, resolve_module
+from .engine.families import auto_tap_path, model_family, resolve_module
 from .types import CATEGORY
 
 DEFAULT_FEATURE_SIZE = 16

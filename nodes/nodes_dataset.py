@@ -69,12 +69,14 @@ def rows_from(node_id: str, activations, image_scores: list, prompt: str) -> tup
 
 
 class ProbeSelectDatasetWriter(io.ComfyNode):
+    NODE_ID = "ProbeSelectDatasetWriter"
+
     @classmethod
-    def define_schema(cls):
+    def define_schema(cls) -> io.Schema:
         from .types import ImageScoresType
 
         return io.Schema(
-            node_id="ProbeSelectDatasetWriter",
+            node_id=cls.NODE_ID,
             display_name="Probe-Select Dataset Writer",
             category=CATEGORY + "/train",
             description="Appends one shard to a dataset under output/probe_select_datasets/<name>: every "
@@ -96,7 +98,7 @@ class ProbeSelectDatasetWriter(io.ComfyNode):
 
     @classmethod
     def execute(cls, activations, scores, prompt, dataset_name, scores_2=None, scores_3=None) -> io.NodeOutput:
-        node_id = cls.__name__
+        node_id = cls.NODE_ID
         path = dataset_path(node_id, dataset_name)
         image_scores = [s for s in (scores, scores_2, scores_3) if s is not None]
         manifest, rows = rows_from(node_id, activations, image_scores, prompt)

@@ -118,10 +118,12 @@ def _device_input():
 
 
 class ProbeSelectCLIPScore(io.ComfyNode):
+    NODE_ID = "ProbeSelectCLIPScore"
+
     @classmethod
-    def define_schema(cls):
+    def define_schema(cls) -> io.Schema:
         return io.Schema(
-            node_id="ProbeSelectCLIPScore",
+            node_id=cls.NODE_ID,
             display_name="Probe-Select CLIPScore Evaluator",
             category=EVAL_CATEGORY,
             description="Loads an open_clip model for CLIPScore = 100 * max(cos(image, text), 0), per image. "
@@ -144,7 +146,7 @@ class ProbeSelectCLIPScore(io.ComfyNode):
 
     @classmethod
     def execute(cls, model_name, weights, device, pretrained_tag="") -> io.NodeOutput:
-        node_id = "ProbeSelectCLIPScore"
+        node_id = cls.NODE_ID
         path = resolve_weights(node_id, weights, (EVALUATORS_FOLDER, "clip"), f"the {model_name} checkpoint")
         source = path or (pretrained_tag or "").strip() or None
         compute, offload = resolve_device(device)
@@ -154,10 +156,12 @@ class ProbeSelectCLIPScore(io.ComfyNode):
 
 
 class ProbeSelectImageReward(io.ComfyNode):
+    NODE_ID = "ProbeSelectImageReward"
+
     @classmethod
-    def define_schema(cls):
+    def define_schema(cls) -> io.Schema:
         return io.Schema(
-            node_id="ProbeSelectImageReward",
+            node_id=cls.NODE_ID,
             display_name="Probe-Select ImageReward Evaluator",
             category=EVAL_CATEGORY,
             description="Loads ImageReward v1.0 (needs `pip install image-reward`). Put ImageReward.safetensors and "
@@ -173,7 +177,7 @@ class ProbeSelectImageReward(io.ComfyNode):
 
     @classmethod
     def execute(cls, weights, device) -> io.NodeOutput:
-        node_id = "ProbeSelectImageReward"
+        node_id = cls.NODE_ID
         path = resolve_weights(node_id, weights, (EVALUATORS_FOLDER,), "ImageReward.safetensors")
         compute, offload = resolve_device(device)
         evaluator = build_or_fail(node_id, lambda: ImageRewardEvaluator(path, device=compute, offload_device=offload))
@@ -181,10 +185,12 @@ class ProbeSelectImageReward(io.ComfyNode):
 
 
 class ProbeSelectHPSv2(io.ComfyNode):
+    NODE_ID = "ProbeSelectHPSv2"
+
     @classmethod
-    def define_schema(cls):
+    def define_schema(cls) -> io.Schema:
         return io.Schema(
-            node_id="ProbeSelectHPSv2",
+            node_id=cls.NODE_ID,
             display_name="Probe-Select HPSv2 Evaluator",
             category=EVAL_CATEGORY,
             description="Loads Human Preference Score v2.0 or v2.1 (needs `pip install hpsv2`); score = 100 * cosine. "
@@ -202,7 +208,7 @@ class ProbeSelectHPSv2(io.ComfyNode):
 
     @classmethod
     def execute(cls, weights, version, device) -> io.NodeOutput:
-        node_id = "ProbeSelectHPSv2"
+        node_id = cls.NODE_ID
         path = resolve_weights(node_id, weights, (EVALUATORS_FOLDER,), f"the HPS {version} weights")
         compute, offload = resolve_device(device)
         evaluator = build_or_fail(node_id, lambda: HPSv2Evaluator(path, version=version, device=compute,
@@ -229,10 +235,12 @@ def _local_or_cached(name: str) -> str:
 
 
 class ProbeSelectPickScore(io.ComfyNode):
+    NODE_ID = "ProbeSelectPickScore"
+
     @classmethod
-    def define_schema(cls):
+    def define_schema(cls) -> io.Schema:
         return io.Schema(
-            node_id="ProbeSelectPickScore",
+            node_id=cls.NODE_ID,
             display_name="Probe-Select PickScore Evaluator",
             category=EVAL_CATEGORY,
             description="Loads PickScore v1 with transformers; score = logit_scale * cosine per image (never the "
@@ -251,7 +259,7 @@ class ProbeSelectPickScore(io.ComfyNode):
 
     @classmethod
     def execute(cls, model, processor, device) -> io.NodeOutput:
-        node_id = "ProbeSelectPickScore"
+        node_id = cls.NODE_ID
         model_dir = _local_or_cached(model)
         processor_dir = _local_or_cached(processor) or None
         compute, offload = resolve_device(device)
@@ -279,10 +287,12 @@ def _make_room(evaluator: ImageEvaluator) -> None:
 
 
 class ProbeSelectEvaluateImages(io.ComfyNode):
+    NODE_ID = "ProbeSelectEvaluateImages"
+
     @classmethod
-    def define_schema(cls):
+    def define_schema(cls) -> io.Schema:
         return io.Schema(
-            node_id="ProbeSelectEvaluateImages",
+            node_id=cls.NODE_ID,
             display_name="Probe-Select Evaluate Images",
             category=EVAL_CATEGORY,
             description="Scores each image of the batch against the prompt with an evaluator. One score per image, "
@@ -298,7 +308,7 @@ class ProbeSelectEvaluateImages(io.ComfyNode):
 
     @classmethod
     def execute(cls, images, prompt, evaluator) -> io.NodeOutput:
-        node_id = "ProbeSelectEvaluateImages"
+        node_id = cls.NODE_ID
         if not callable(getattr(evaluator, "score", None)):
             raise ProbeSelectError(node_id, f"the evaluator input is a {type(evaluator).__name__}, not an evaluator.",
                                    "connect a Probe-Select evaluator loader (CLIPScore, ImageReward, HPSv2, PickScore).")
@@ -325,10 +335,12 @@ def _as_list(value) -> list:
 
 
 class ProbeSelectScoresFromFloats(io.ComfyNode):
+    NODE_ID = "ProbeSelectScoresFromFloats"
+
     @classmethod
-    def define_schema(cls):
+    def define_schema(cls) -> io.Schema:
         return io.Schema(
-            node_id="ProbeSelectScoresFromFloats",
+            node_id=cls.NODE_ID,
             display_name="Probe-Select Scores From Floats",
             category=EVAL_CATEGORY,
             description="Turns the FLOAT scores of any other pack's scorer (one per image, a list or single values) "
@@ -346,7 +358,7 @@ class ProbeSelectScoresFromFloats(io.ComfyNode):
 
     @classmethod
     def execute(cls, scores, evaluator_name, prompt) -> io.NodeOutput:
-        node_id = "ProbeSelectScoresFromFloats"
+        node_id = cls.NODE_ID
         names = _as_list(evaluator_name)
         prompts = [str(p) for p in _as_list(prompt)]
         try:

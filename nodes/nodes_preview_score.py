@@ -30,10 +30,12 @@ def preview_scores(node_id: str, x0_preview: dict, vae, evaluator, prompt: str) 
 
 
 class ProbeSelectPreviewScore(io.ComfyNode):
+    NODE_ID = "ProbeSelectPreviewScore"
+
     @classmethod
-    def define_schema(cls):
+    def define_schema(cls) -> io.Schema:
         return io.Schema(
-            node_id="ProbeSelectPreviewScore",
+            node_id=cls.NODE_ID,
             display_name="Probe-Select Preview Score",
             category=CATEGORY,
             description="Scores each candidate without a probe: decodes its x0 prediction at the checkpoint and "
@@ -49,5 +51,5 @@ class ProbeSelectPreviewScore(io.ComfyNode):
 
     @classmethod
     def execute(cls, x0_preview, vae, evaluator, prompt) -> io.NodeOutput:
-        scores = preview_scores(cls.__name__, x0_preview, vae, evaluator, prompt)
+        scores = preview_scores(cls.NODE_ID, x0_preview, vae, evaluator, prompt)
         return io.NodeOutput(scores, ui=ui.PreviewText(scores_text(scores)))

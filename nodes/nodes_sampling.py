@@ -6,6 +6,7 @@ from comfy_api.latest import io, ui
 
 from .engine import split_sampling
 from .errors import ProbeSelectError
+from .engine.families import model_family
 from .engine.noise import UNSPLITTABLE_SAMPLERS, splittable_samplers
 from .types import CATEGORY, Activations, Probe, Scores
 
@@ -69,10 +70,12 @@ def early_inputs():
 
 
 class ProbeSelectEarlySampler(io.ComfyNode):
+    NODE_ID = "ProbeSelectEarlySampler"
+
     @classmethod
-    def define_schema(cls):
+    def define_schema(cls) -> io.Schema:
         return io.Schema(
-            node_id="ProbeSelectEarlySampler",
+            node_id=cls.NODE_ID,
             display_name="Probe-Select Early Sampler",
             category=CATEGORY,
             description="Runs N candidate seeds to the checkpoint step in one batch. Outputs the early latents "
@@ -89,7 +92,7 @@ class ProbeSelectEarlySampler(io.ComfyNode):
     @classmethod
     def execute(cls, model, positive, negative, latent_image, seed, candidates, steps, cfg, sampler_name, scheduler,
                 checkpoint, denoise=1.0) -> io.NodeOutput:
-        s = validate_early(cls.__name__, latent_image, candidates, steps, checkpoint, sampler_name, seed)
+        s = validate_early(cls.NODE_ID, latent_image, candidates, steps, checkpoint, sampler_name, seed)
         result = split_sampling.run_early(model, positive, negative, latent_image, seed, candidates, steps, cfg,
                                           sampler_name, scheduler, checkpoint, denoise, callback=_progress(s))
         return io.NodeOutput(result.latent, result.x0, result.activations)
@@ -125,10 +128,12 @@ def resume_or_fail(node_id: str, model, positive, negative, latent: dict, cfg: f
 
 
 class ProbeSelectResume(io.ComfyNode):
+    NODE_ID = "ProbeSelectResume"
+
     @classmethod
-    def define_schema(cls):
+    def define_schema(cls) -> io.Schema:
         return io.Schema(
-            node_id="ProbeSelectResume",
+            node_id=cls.NODE_ID,
             display_name="Probe-Select Resume",
             category=CATEGORY,
             description="Finishes the kept candidates from their checkpoint. Steps, sampler, scheduler, seeds and "
@@ -145,20 +150,22 @@ class ProbeSelectResume(io.ComfyNode):
 
     @classmethod
     def execute(cls, model, positive, negative, latent, cfg) -> io.NodeOutput:
-        return io.NodeOutput(resume_or_fail(cls.__name__, model, positive, negative, latent, cfg))
+        return io.NodeOutput(resume_or_fail(cls.NODE_ID, model, positive, negative, latent, cfg))
 
 
 class ProbeSelectSampler(io.ComfyNode):
     """The whole pipeline in one box: early sampling, probe scoring, top-K, resume."""
 
+    NODE_ID = "ProbeSelectSampler"
+
     @classmethod
-    def define_schema(cls):
+    def define_schema(cls) -> io.Schema:
         inputs = early_inputs()
         inputs.insert(4, Probe.Input("probe", tooltip="From ProbeSelectLoadProbe. Its tap is applied to the model "
                                                        "automatically when the model has none."))
         inputs.insert(7, io.Int.Input("keep", default=1, min=1, max=4096, tooltip="K, the candidates finished."))
         return io.Schema(
-            node_id="ProbeSelectSampler",
+            node_id=cls.NODE_ID,
             display_name="Probe-Select Sampler (N -> K)",
             category=CATEGORY,
             description="Runs N seeds to the checkpoint, scores them with the probe, and finishes only the best K.",
@@ -177,12 +184,21 @@ class ProbeSelectSampler(io.ComfyNode):
         from .nodes_selection import score_or_fail, top_k_or_fail
         from .nodes_tap import apply_tap
 
-        node_id = cls.__name__
+        node_id = cls.NODE_ID
         s = validate_early(node_id, latent_image, candidates, steps, checkpoint, sampler_name, seed)
+        family = model_family(model)
+        if probe.metadata.backbone_family != family:
+            # Checked before tapping: the probe's block may not exist (or mean something else) in this model.
+            raise ProbeSelectError(
+                node_id, f"probe '{probe.name}' was trained on {probe.metadata.backbone_family} activations "
+                         f"(block {probe.metadata.tap}), but this model is {family}.",
+                f"load a probe trained for {family} in ProbeSelectLoadProbe, or connect a "
+                f"{probe.metadata.backbone_family} model.")
         tapped = model
         tap = find_tap(model)
         if tap is None or tap.path != probe.metadata.tap:
-            tapped = apply_tap(model, probe.metadata.tap, probe.metadata.feature_shape[-1], node_id)
+            tapped = apply_tap(model, probe.metadata.tap, probe.metadata.feature_shape[-1], node_id,
+                               fix=f"load a probe trained for this {family} model in ProbeSelectLoadProbe.")
         early = split_sampling.run_early(tapped, positive, negative, latent_image, seed, candidates, steps, cfg,
                                          sampler_name, scheduler, checkpoint, denoise, callback=_progress(s))
         scores = score_or_fail(node_id, probe, early.activations, None)
@@ -219,14 +235,16 @@ def parse_checkpoints(node_id: str, text: str, steps: int) -> list[int]:
 class ProbeSelectCollectSampler(io.ComfyNode):
     """Full runs of N seeds that also record the tap at several checkpoints: the data for training."""
 
+    NODE_ID = "ProbeSelectCollectSampler"
+
     @classmethod
-    def define_schema(cls):
+    def define_schema(cls) -> io.Schema:
         inputs = [i for i in early_inputs() if i.id != "checkpoint"]
         inputs.insert(-1, io.String.Input("checkpoints", default="0.1,0.2,0.3,0.4,0.6",
                                           tooltip="Ratios of the steps at which activations are recorded, "
                                                   "so one dataset serves probes for any of them."))
         return io.Schema(
-            node_id="ProbeSelectCollectSampler",
+            node_id=cls.NODE_ID,
             display_name="Probe-Select Collect Sampler",
             category=CATEGORY,
             description="Finishes all N candidates (seed + i each, like the early sampler) and records the tapped "
@@ -241,7 +259,7 @@ class ProbeSelectCollectSampler(io.ComfyNode):
                 checkpoints, denoise=1.0) -> io.NodeOutput:
         from .engine.capture import find_tap
 
-        node_id = cls.__name__
+        node_id = cls.NODE_ID
         validate_early(node_id, latent_image, candidates, steps, 0.5, sampler_name, seed)
         capture_at = parse_checkpoints(node_id, checkpoints, steps)
         if find_tap(model) is None:

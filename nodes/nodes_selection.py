@@ -35,10 +35,12 @@ def probe_files() -> list[str]:
 
 
 class ProbeSelectLoadProbe(io.ComfyNode):
+    NODE_ID = "ProbeSelectLoadProbe"
+
     @classmethod
-    def define_schema(cls):
+    def define_schema(cls) -> io.Schema:
         return io.Schema(
-            node_id="ProbeSelectLoadProbe",
+            node_id=cls.NODE_ID,
             display_name="Probe-Select Load Probe",
             category=CATEGORY,
             description="Loads a probe (.safetensors) from models/probes. The file says which model family, "
@@ -53,12 +55,12 @@ class ProbeSelectLoadProbe(io.ComfyNode):
 
         path = folder_paths.get_full_path(PROBES_FOLDER, probe_name)
         if path is None:
-            raise ProbeSelectError(cls.__name__, f"probe file '{probe_name}' is not in models/probes.",
+            raise ProbeSelectError(cls.NODE_ID, f"probe file '{probe_name}' is not in models/probes.",
                                    "put the .safetensors file in ComfyUI/models/probes and refresh.")
         try:
             model, metadata = load_probe(path)
         except ProbeFileError as e:
-            raise ProbeSelectError(cls.__name__, str(e)) from None
+            raise ProbeSelectError(cls.NODE_ID, str(e)) from None
         model.eval()
         return io.NodeOutput(LoadedProbe(model, metadata, probe_name))
 
@@ -87,10 +89,12 @@ def scores_text(scores: CandidateScores, kept: list[int] | None = None) -> str:
 
 
 class ProbeSelectScore(io.ComfyNode):
+    NODE_ID = "ProbeSelectScore"
+
     @classmethod
-    def define_schema(cls):
+    def define_schema(cls) -> io.Schema:
         return io.Schema(
-            node_id="ProbeSelectScore",
+            node_id=cls.NODE_ID,
             display_name="Probe-Select Score",
             category=CATEGORY,
             description="Predicts each candidate's final evaluator score from its early activations. Scores are "
@@ -107,7 +111,7 @@ class ProbeSelectScore(io.ComfyNode):
 
     @classmethod
     def execute(cls, probe, activations, positive=None) -> io.NodeOutput:
-        scores = score_or_fail(cls.__name__, probe, activations, positive)
+        scores = score_or_fail(cls.NODE_ID, probe, activations, positive)
         return io.NodeOutput(scores, ui=ui.PreviewText(scores_text(scores)))
 
 
@@ -133,10 +137,12 @@ def top_k_or_fail(node_id: str, latent: dict, scores: CandidateScores, keep: int
 
 
 class ProbeSelectTopK(io.ComfyNode):
+    NODE_ID = "ProbeSelectTopK"
+
     @classmethod
-    def define_schema(cls):
+    def define_schema(cls) -> io.Schema:
         return io.Schema(
-            node_id="ProbeSelectTopK",
+            node_id=cls.NODE_ID,
             display_name="Probe-Select Top-K",
             category=CATEGORY,
             description="Keeps the K best-scored candidates (best first; ties keep candidate order). "
@@ -157,7 +163,7 @@ class ProbeSelectTopK(io.ComfyNode):
 
     @classmethod
     def execute(cls, early_latent, scores, keep) -> io.NodeOutput:
-        kept, pruned, indices = top_k_or_fail(cls.__name__, early_latent, scores, keep)
+        kept, pruned, indices = top_k_or_fail(cls.NODE_ID, early_latent, scores, keep)
         seeds = [scores.seeds[i] for i in indices]
         return io.NodeOutput(kept, pruned, seeds[0], ",".join(map(str, seeds)), ",".join(map(str, indices)),
                              ui=ui.PreviewText(scores_text(scores, indices)))

@@ -11,15 +11,22 @@ from .types import CATEGORY
 DEFAULT_FEATURE_SIZE = 16
 
 
-def apply_tap(model, block: str, feature_size: int, node_id: str = "ProbeSelectTap"):
-    """A clone of `model` with an ActivationTap on `block` ("auto" = the family's default)."""
+TAP_NODE_ID = "ProbeSelectTap"
+BLOCK_FIX = "use 'auto' or one of the listed paths."
+
+
+def apply_tap(model, block: str, feature_size: int, node_id: str = TAP_NODE_ID, fix: str = BLOCK_FIX):
+    """A clone of `model` with an ActivationTap on `block` ("auto" = the family's default).
+
+    `node_id` and `fix` are those of the calling node: the one-box sampler has no block input, so
+    it offers another fix than the tap node."""
     import comfy.patcher_extension
 
     try:
         path = auto_tap_path(model) if block.strip() in ("", "auto") else block.strip()
         module_path, _ = resolve_module(model, path)
     except LookupError as e:
-        raise ProbeSelectError(node_id, str(e), "use 'auto' or one of the listed paths.") from None
+        raise ProbeSelectError(node_id, str(e), fix) from None
     tapped = model.clone()
     tapped.remove_wrappers_with_key(comfy.patcher_extension.WrappersMP.APPLY_MODEL, WRAPPER_KEY)
     tap = ActivationTap(model_family(model), module_path, feature_size)
@@ -28,10 +35,12 @@ def apply_tap(model, block: str, feature_size: int, node_id: str = "ProbeSelectT
 
 
 class ProbeSelectTap(io.ComfyNode):
+    NODE_ID = TAP_NODE_ID
+
     @classmethod
-    def define_schema(cls):
+    def define_schema(cls) -> io.Schema:
         return io.Schema(
-            node_id="ProbeSelectTap",
+            node_id=cls.NODE_ID,
             display_name="Probe-Select Activation Tap",
             category=CATEGORY,
             description="Records the output of one denoiser block (UNet or DiT) at the checkpoint step of "

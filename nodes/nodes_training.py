@@ -51,10 +51,12 @@ def _probe_path(node_id: str, name: str) -> str:
 
 
 class ProbeSelectTrain(io.ComfyNode):
+    NODE_ID = "ProbeSelectTrain"
+
     @classmethod
-    def define_schema(cls):
+    def define_schema(cls) -> io.Schema:
         return io.Schema(
-            node_id="ProbeSelectTrain",
+            node_id=cls.NODE_ID,
             display_name="Probe-Select Train Probe",
             category=CATEGORY + "/train",
             description="Trains a probe on a dataset (listwise ranking within prompt + InfoNCE text alignment), "
@@ -89,7 +91,7 @@ class ProbeSelectTrain(io.ComfyNode):
         import comfy.utils
         import folder_paths
 
-        node_id = cls.__name__
+        node_id = cls.NODE_ID
         data = _open_dataset(node_id, dataset)
         out_path = _probe_path(node_id, probe_name)
         state_dir = os.path.join(folder_paths.get_output_directory(), "probe_select_training",
@@ -127,10 +129,12 @@ class ProbeSelectTrain(io.ComfyNode):
 
 
 class ProbeSelectEvaluateProbe(io.ComfyNode):
+    NODE_ID = "ProbeSelectEvaluateProbe"
+
     @classmethod
-    def define_schema(cls):
+    def define_schema(cls) -> io.Schema:
         return io.Schema(
-            node_id="ProbeSelectEvaluateProbe",
+            node_id=cls.NODE_ID,
             display_name="Probe-Select Evaluate Probe",
             category=CATEGORY + "/train",
             description="Measures a probe on held-out prompts of a dataset: within-prompt and global Spearman, "
@@ -148,7 +152,7 @@ class ProbeSelectEvaluateProbe(io.ComfyNode):
 
     @classmethod
     def execute(cls, probe, dataset, split, split_seed) -> io.NodeOutput:
-        node_id = cls.__name__
+        node_id = cls.NODE_ID
         data = _open_dataset(node_id, dataset)
         try:
             evaluation = evaluate_on_dataset(probe.model, probe.metadata, data, split, split_seed)

@@ -266,3 +266,51 @@ def test_preview_score_ranks_by_the_decoded_x0(sd1, tapped):
     assert idx == str(int(expected.argmax())) and best == 10 + int(expected.argmax())
     with pytest.raises(ProbeSelectError, match="x0 preview"):
         ProbeSelectPreviewScore.execute({"samples": x0["samples"]}, _SigmoidVAE(), _BrightnessEvaluator(), "p")
+
+
+def test_errors_name_the_node_id_when_comfyui_runs_a_clone_of_the_class(sd1, tapped, probe, probes_dir):
+    """ComfyUI executes a V3 node through PREPARE_CLASS_CLONE, a copy of the class named `<Class>Clone`:
+    the messages must carry the node id the user sees in the graph, never the class name."""
+    from probe_select.nodes import NODES
+    from probe_select.nodes.errors import ProbeSelectError
+    _, sampling, selection = _nodes()
+    assert all(cls.NODE_ID == cls.GET_SCHEMA().node_id for cls in NODES)
+    early_clone = sampling.ProbeSelectEarlySampler.PREPARE_CLASS_CLONE({})
+    assert early_clone.__name__ == "ProbeSelectEarlySamplerClone"
+    with pytest.raises(ProbeSelectError) as err:
+        early_clone.execute(tapped, sd1.conditioning(1), sd1.conditioning(2), sd1.empty_latent(1, 8), 10, 2, 8, 4.0,
+                            "euler", "normal", 0.0)
+    assert str(err.value).startswith("[ProbeSelectEarlySampler] checkpoint") and "Clone" not in str(err.value)
+    with pytest.raises(ProbeSelectError) as err:
+        selection.ProbeSelectLoadProbe.PREPARE_CLASS_CLONE({}).execute("missing.safetensors")
+    assert str(err.value).startswith("[ProbeSelectLoadProbe] ")
+    early, _, acts = _early(sd1, tapped, n=2)
+    scores = selection.ProbeSelectScore.PREPARE_CLASS_CLONE({}).execute(probe, acts).result[0]
+    with pytest.raises(ProbeSelectError) as err:
+        selection.ProbeSelectTopK.PREPARE_CLASS_CLONE({}).execute(early, scores, 0)
+    assert str(err.value).startswith("[ProbeSelectTopK] keep is 0")
+
+
+def test_one_box_sampler_names_a_family_mismatch_and_a_fix_it_offers(sd1, probes_dir):
+    """A probe saved for SDXL output_blocks.4.0 on an SD1 model: the message says the families and
+    offers what the one-box node has (another probe), not a block input it does not have."""
+    from probe_select.nodes.errors import ProbeSelectError
+    _, sampling, selection = _nodes()
+    pos, neg, latent = sd1.conditioning(1), sd1.conditioning(2), sd1.empty_latent(1, 8)
+    sdxl = selection.ProbeSelectLoadProbe.execute(
+        _save_probe(probes_dir / "sdxl_probe.safetensors", "sdxl", "output_blocks.4.0", 640)).result[0]
+    with pytest.raises(ProbeSelectError) as err:
+        sampling.ProbeSelectSampler.execute(sd1.patcher, pos, neg, latent, sdxl, 10, 2, 1, 8, 4.0, "euler", "normal",
+                                            0.25)
+    message = str(err.value)
+    assert message.startswith("[ProbeSelectSampler]") and "sdxl" in message and "this model is sd1" in message
+    assert "Fix: load a probe trained for sd1 in ProbeSelectLoadProbe" in message and "'auto'" not in message
+    # Same family, a block this model does not have: the fix is again another probe.
+    missing = selection.ProbeSelectLoadProbe.execute(
+        _save_probe(probes_dir / "sd1_missing_block.safetensors", "sd1", "output_blocks.40.0", 32)).result[0]
+    with pytest.raises(ProbeSelectError) as err:
+        sampling.ProbeSelectSampler.execute(sd1.patcher, pos, neg, latent, missing, 10, 2, 1, 8, 4.0, "euler",
+                                            "normal", 0.25)
+    message = str(err.value)
+    assert message.startswith("[ProbeSelectSampler]") and "output_blocks.40.0" in message
+    assert "ProbeSelectLoadProbe" in message and "'auto'" not in message

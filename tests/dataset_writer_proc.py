@@ -18,6 +18,7 @@ from __future__ import annotations
 import argparse
 import json
 import os
+import secrets
 import sys
 import time
 from pathlib import Path
@@ -78,17 +79,20 @@ def _wait_for(condition, what: str, timeout: float = 60.0) -> None:
 
 
 def _hang_mid_write(marker: Path):
-    """A stand-in for safetensors' save_file that writes half the file, reports, then hangs."""
+    """A stand-in for safetensors' save_file that dies as the real one would half-way: the real one
+    writes to a ``.tmpXXXXXX`` sibling and renames it onto ``filename`` when complete; this one
+    writes half the bytes there, reports both paths, then hangs."""
     from safetensors.torch import save
 
     def partial_save_file(tensors, filename, metadata=None):
         data = save(tensors, metadata=metadata)
-        with open(filename, "wb") as handle:
+        sibling = Path(filename).with_name(".tmp" + secrets.token_hex(3))
+        with open(sibling, "wb") as handle:
             handle.write(data[: len(data) // 2])
             handle.flush()
             os.fsync(handle.fileno())
         temp = marker.with_name(marker.name + ".part")
-        temp.write_text(json.dumps({"temp": str(filename), "size": len(data)}))
+        temp.write_text(json.dumps({"temp": str(filename), "sibling": str(sibling), "size": len(data)}))
         os.replace(temp, marker)
         time.sleep(300)  # the parent kills this process with SIGKILL now
 

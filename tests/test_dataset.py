@@ -19,6 +19,7 @@ from safetensors import safe_open
 
 from dataset_writer_proc import CHECKPOINTS, EVALUATORS, FEATURE_SHAPE, TEXT_DIM, make_manifest, make_rows, row_key
 from probe_select.probes.training.dataset import (
+    STALE_TEMP_SECONDS,
     CandidateRows,
     DatasetArrays,
     DatasetError,
@@ -284,9 +285,11 @@ def test_writer_killed_mid_write_leaves_no_visible_shard(tmp_path):
     assert proc.returncode == -signal.SIGKILL
     partial = json.loads(marker.read_text())
     temp = Path(partial["temp"])
-    # The half-written file is still there, but only as a hidden temp file next to the shards.
+    sibling = Path(partial["sibling"])
+    # The half-written bytes are still there, but only in hidden temp files next to the shards.
     assert temp.parent == root / "shards" and temp.name.startswith(".") and temp.name.endswith(".tmp")
-    assert 0 < temp.stat().st_size < partial["size"]
+    assert sibling.parent == root / "shards" and re.fullmatch(r"\.tmp\w{6}", sibling.name)
+    assert temp.is_file() and 0 < sibling.stat().st_size < partial["size"]
     assert [p.name for p in list_shards(root)] == [f"shard-killed-{i:06d}.safetensors" for i in range(3)]
 
     ds = ProbeDataset(root)
@@ -298,6 +301,35 @@ def test_writer_killed_mid_write_leaves_no_visible_shard(tmp_path):
     assert DatasetWriter(root, make_manifest()).append(make_rows("L", 0, 1)) == 9
     ds = ProbeDataset(root)
     assert len(ds) == 9 and ds.prompts[:8] == make_rows("K", 0, 8).prompts
+    # Fresh temporaries may belong to a live writer: kept. Once stale, the next writer removes them.
+    assert temp.is_file() and sibling.is_file()
+
+
+def _age(path: Path, seconds: float) -> None:
+    then = time.time() - seconds
+    os.utime(path, (then, then))
+
+
+@pytest.mark.parametrize("opener", ["writer", "reader"])
+def test_stale_temporaries_of_killed_writers_are_removed(tmp_path, opener):
+    root = tmp_path / "ds"
+    DatasetWriter(root, make_manifest(), writer_id="w").append(make_rows("A", 0, 2))
+    shards = root / "shards"
+    killed = [shards / ".shard-w-000001.safetensors.4242.0a1b2c3d.tmp", shards / ".tmpZ9y8X7"]
+    live = [shards / ".shard-v-000000.safetensors.4243.0f0f0f0f.tmp", shards / ".tmpLiVe01"]
+    for path in killed + live:
+        path.write_bytes(b"\0" * 1024)
+    for path in killed:
+        _age(path, STALE_TEMP_SECONDS + 60)
+    for path in live:
+        _age(path, STALE_TEMP_SECONDS - 60)
+    if opener == "writer":
+        assert DatasetWriter(root, make_manifest(), writer_id="w").append(make_rows("A", 2, 2)) == 4
+    else:
+        assert len(ProbeDataset(root)) == 2
+    assert not any(path.exists() for path in killed)
+    assert all(path.is_file() for path in live)
+    assert [p.name for p in list_shards(root)] == [f"shard-w-{i:06d}.safetensors" for i in range(1 + (opener == "writer"))]
 
 
 def test_corrupt_shard_is_named_and_can_be_skipped(tmp_path, caplog):

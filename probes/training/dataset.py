@@ -9,7 +9,8 @@ Why shards: collecting data means sampling, finishing and scoring for hours, oft
 ComfyUI instances (or machines on a shared disk) at once, and any job may be killed at any moment.
 Each append writes one new file, under a name no other writer uses, atomically (temporary file in
 the same folder, then a rename). So a crash never leaves a visible partial shard (only a hidden
-``.*.tmp`` file, which readers ignore), concurrent writers never touch each other's files, and no
+``.*.tmp`` file and safetensors' ``.tmpXXXXXX``, which readers ignore and the next writer or
+reader deletes once stale: :func:`remove_stale_temporaries`), concurrent writers never touch each other's files, and no
 lock is needed. Shards are never modified once visible. Readers list the shards in name order, so
 rows come in the same order every time, and drop repeated ``(prompt_id, seed)`` rows, which is what
 re-running a crashed collection job produces.
@@ -438,6 +439,48 @@ def list_shards(root: PathLike) -> list[Path]:
     return [shard_dir / name for name in names]
 
 
+# An unfinished write older than this is a writer's leftover (killed mid-append), not a live
+# write: a shard takes seconds to write, and a live writer's files are modified while it writes.
+# Age, not pid, because writers on other machines share the folder.
+STALE_TEMP_SECONDS = 15 * 60
+# Hidden temporaries in the shard folder: atomic_write's ``.<name>.<pid>.<random>.tmp`` and the
+# ``.tmpXXXXXX`` file safetensors writes first and renames onto it when complete.
+_TEMP_PATTERN = re.compile(r"\.(?:tmp[A-Za-z0-9_]{6}|.+\.tmp)")
+
+
+def remove_stale_temporaries(root: PathLike, max_age: float = STALE_TEMP_SECONDS) -> list[Path]:
+    """Delete the unfinished writes of killed writers from the dataset at ``root``.
+
+    A killed writer leaves its hidden ``.tmp`` file and, when it died inside safetensors' save, a
+    full-size ``.tmpXXXXXX`` beside it; neither ever becomes a shard. Files not modified for
+    ``max_age`` seconds are removed (a live writer's temporaries are younger). Returns the removed
+    paths; a file that cannot be removed (read-only dataset) is logged and left.
+    """
+    shard_dir = Path(root) / SHARD_DIR
+    try:
+        entries = list(os.scandir(shard_dir))
+    except FileNotFoundError:
+        return []
+    now = time.time()
+    removed = []
+    for entry in entries:
+        if not _TEMP_PATTERN.fullmatch(entry.name):
+            continue
+        try:
+            if not entry.is_file(follow_symlinks=False) or now - entry.stat().st_mtime < max_age:
+                continue
+            os.unlink(entry.path)
+        except FileNotFoundError:
+            continue                    # another writer or reader removed it first
+        except OSError as error:
+            logger.warning("could not remove stale temporary file %s: %s", entry.path, error)
+            continue
+        removed.append(Path(entry.path))
+    if removed:
+        logger.info("removed %d stale temporary file(s) of killed writers from %s", len(removed), shard_dir)
+    return removed
+
+
 class DatasetWriter:
     """Appends rows to a dataset, creating it on first use.
 
@@ -465,6 +508,7 @@ class DatasetWriter:
         self.writer_id = writer_id
         self.shard_dir = self.root / SHARD_DIR
         self.shard_dir.mkdir(parents=True, exist_ok=True)
+        remove_stale_temporaries(self.root)
         manifest_path = self.root / MANIFEST_NAME
         if not manifest_path.exists() and _create_manifest(manifest_path, manifest.to_json()):
             logger.info("created dataset %s (%s, %s)", self.root, manifest.backbone_family, manifest.tap)
@@ -783,6 +827,7 @@ class ProbeDataset:
     def __init__(self, root: PathLike, skip_corrupt: bool = False):
         self.root = Path(root)
         self.manifest = read_manifest(self.root)
+        remove_stale_temporaries(self.root)
         self.skipped: list[Path] = []
         shards = []
         for path in list_shards(self.root):

@@ -23,6 +23,7 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path.append(str(ROOT))          # last: ComfyUI's `nodes` must win over the pack's nodes/
 
 from devtools import load_pack  # noqa: E402  (bootstraps ComfyUI in-process, exactly as the tests do)
+from probe_select.probes.checkpoints import checkpoint_step  # noqa: E402  (devtools registered probe_select)
 
 import torch  # noqa: E402
 
@@ -88,7 +89,7 @@ def tap_overhead(pack, repeats: int) -> dict:
         for m, times in (first, second):
             times += timed(lambda: run(m), 1)
     acts = run(tapped).activations
-    s = split_sampling.checkpoint_step(steps, checkpoint)
+    s = checkpoint_step(steps, checkpoint)
 
     # One denoiser step for the N candidates under CFG (cond + uncond in one batch).
     x = torch.randn(2 * n, 4, size, size)

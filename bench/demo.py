@@ -55,7 +55,7 @@ def workflow(family: str, probe_name: str, n: int, k: int, seed: int, steps: int
         "6": {"class_type": "ProbeSelectEarlySampler", "inputs": {
             "model": ["5", 0], "positive": ["2", 0], "negative": ["3", 0], "latent_image": ["4", 0], "seed": seed,
             "candidates": n, "steps": steps, "cfg": 4.0, "sampler_name": "euler", "scheduler": "normal",
-            "checkpoint": 0.2, "denoise": 1.0}},
+            "checkpoint_percent": 0.2, "denoise": 1.0}},
         "7": {"class_type": "ProbeSelectLoadProbe", "inputs": {"probe_name": probe_name}},
         "8": {"class_type": "ProbeSelectScore", "inputs": {"probe": ["7", 0], "activations": ["6", 2]}},
         "9": {"class_type": "ProbeSelectTopK", "inputs": {"early_latent": ["6", 0], "scores": ["8", 0], "keep": k}},

@@ -34,6 +34,7 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path.append(str(ROOT))          # last: ComfyUI's `nodes` must win over the pack's nodes/
 
 from devtools import load_pack  # noqa: E402  (bootstraps ComfyUI in-process, as the tests do)
+from probe_select.probes.checkpoints import checkpoint_step  # noqa: E402  (devtools registered probe_select)
 
 import numpy as np  # noqa: E402
 import torch  # noqa: E402
@@ -103,7 +104,7 @@ def collect(family: str, prompts: list[str], seeds: int, setting: Setting, datas
     tapped = apply_tap(patcher, "auto", setting.feature_size)
     negative = text.conditioning("")
     steps = setting.steps
-    capture = [split_sampling.checkpoint_step(steps, t) for t in setting.checkpoints]
+    capture = [checkpoint_step(steps, t) for t in setting.checkpoints]
     if dataset_dir.exists():
         shutil.rmtree(dataset_dir)
     writer = None
@@ -349,7 +350,7 @@ def cost(family: str, setting: Setting, n: int, k: int, t: float, repeats: int) 
             fn()
             times[name].append(time.perf_counter() - started)
     med = {name: float(np.median(v)) for name, v in times.items()}
-    s = split_sampling.checkpoint_step(steps, t)
+    s = checkpoint_step(steps, t)
     return {"N": n, "K": k, "t": t, "steps": steps, "seconds": {k_: round(v, 4) for k_, v in med.items()},
             "wallclock_ratio_probe": round(med["probe_select"] / med["generate_all"], 3),
             "wallclock_ratio_x0_preview": round(med["x0_preview"] / med["generate_all"], 3),
@@ -385,7 +386,7 @@ def overheads(family: str, setting: Setting, n: int = 5, t: float = 0.2, repeats
     return {"N": n, "t": t, "repeats": repeats, "early_plain_s": round(plain_med, 4), "early_tap_s": round(tap_med, 4),
             "tap_overhead_pct": round(100 * (tap_med - plain_med) / plain_med, 2),
             "probe_ms_per_candidate": round(1000 * float(np.median(probe_s)) / n, 3),
-            "denoiser_step_ms_per_candidate": round(1000 * plain_med / (n * split_sampling.checkpoint_step(setting.steps, t)), 3),
+            "denoiser_step_ms_per_candidate": round(1000 * plain_med / (n * checkpoint_step(setting.steps, t)), 3),
             "activation_bytes_per_candidate": int(activations.features[0].numel() * activations.features.element_size()),
             "activation_shape": list(activations.features.shape[1:]), "activation_dtype": str(activations.features.dtype)}
 

@@ -4,6 +4,7 @@ from __future__ import annotations
 import comfy.samplers
 from comfy_api.latest import io, ui
 
+from ..probes.checkpoints import checkpoint_step
 from .engine import split_sampling
 from .errors import ProbeSelectError
 from .engine.families import model_family
@@ -28,12 +29,12 @@ def validate_early(node_id: str, latent: dict, candidates: int, steps: int, chec
     if steps < 2:
         raise ProbeSelectError(node_id, f"steps is {steps}; a split run needs at least 2.", "raise steps.")
     if not 0.0 < checkpoint < 1.0:
-        raise ProbeSelectError(node_id, f"checkpoint ratio {checkpoint} is outside (0, 1).",
+        raise ProbeSelectError(node_id, f"checkpoint_percent {checkpoint} is outside (0, 1).",
                                "use a ratio such as 0.2 (20% of the steps).")
-    s = split_sampling.checkpoint_step(steps, checkpoint)
+    s = checkpoint_step(steps, checkpoint)
     if s <= 0 or s >= steps:
         raise ProbeSelectError(
-            node_id, f"checkpoint ratio {checkpoint} of {steps} steps rounds to step {s}, so there is no "
+            node_id, f"checkpoint_percent {checkpoint} of {steps} steps rounds to step {s}, so there is no "
                      "early phase or nothing left to finish.",
             f"pick a ratio whose step lies between 1 and {steps - 1} (e.g. {max(1, round(0.2 * steps)) / steps:.2f}) "
             "or use more steps.")
@@ -63,8 +64,9 @@ def early_inputs():
         io.Float.Input("cfg", default=7.0, min=0.0, max=100.0, step=0.1, round=0.01),
         io.Combo.Input("sampler_name", options=splittable_samplers(), default="euler"),
         io.Combo.Input("scheduler", options=comfy.samplers.SCHEDULER_NAMES, default="normal"),
-        io.Float.Input("checkpoint", default=0.2, min=0.0, max=1.0, step=0.01,
-                       tooltip="Fraction of the steps run for every candidate before scoring (0.2 = 20%)."),
+        io.Float.Input("checkpoint_percent", default=0.2, min=0.0, max=1.0, step=0.01,
+                       tooltip="Fraction of the steps run for every candidate before scoring (0.2 = 20%; "
+                               "0.2 of 6 steps stops at step 1, t = 1/6)."),
         io.Float.Input("denoise", default=1.0, min=0.0, max=1.0, step=0.01, optional=True),
     ]
 
@@ -91,10 +93,10 @@ class ProbeSelectEarlySampler(io.ComfyNode):
 
     @classmethod
     def execute(cls, model, positive, negative, latent_image, seed, candidates, steps, cfg, sampler_name, scheduler,
-                checkpoint, denoise=1.0) -> io.NodeOutput:
-        s = validate_early(cls.NODE_ID, latent_image, candidates, steps, checkpoint, sampler_name, seed)
+                checkpoint_percent, denoise=1.0) -> io.NodeOutput:
+        s = validate_early(cls.NODE_ID, latent_image, candidates, steps, checkpoint_percent, sampler_name, seed)
         result = split_sampling.run_early(model, positive, negative, latent_image, seed, candidates, steps, cfg,
-                                          sampler_name, scheduler, checkpoint, denoise, callback=_progress(s))
+                                          sampler_name, scheduler, checkpoint_percent, denoise, callback=_progress(s))
         return io.NodeOutput(result.latent, result.x0, result.activations)
 
 
@@ -179,13 +181,13 @@ class ProbeSelectSampler(io.ComfyNode):
 
     @classmethod
     def execute(cls, model, positive, negative, latent_image, probe, seed, candidates, keep, steps, cfg,
-                sampler_name, scheduler, checkpoint, denoise=1.0) -> io.NodeOutput:
+                sampler_name, scheduler, checkpoint_percent, denoise=1.0) -> io.NodeOutput:
         from .engine.capture import find_tap
         from .nodes_selection import score_or_fail, top_k_or_fail
         from .nodes_tap import apply_tap
 
         node_id = cls.NODE_ID
-        s = validate_early(node_id, latent_image, candidates, steps, checkpoint, sampler_name, seed)
+        s = validate_early(node_id, latent_image, candidates, steps, checkpoint_percent, sampler_name, seed)
         family = model_family(model)
         if probe.metadata.backbone_family != family:
             # Checked before tapping: the probe's block may not exist (or mean something else) in this model.
@@ -200,7 +202,7 @@ class ProbeSelectSampler(io.ComfyNode):
             tapped = apply_tap(model, probe.metadata.tap, probe.metadata.feature_shape[-1], node_id,
                                fix=f"load a probe trained for this {family} model in ProbeSelectLoadProbe.")
         early = split_sampling.run_early(tapped, positive, negative, latent_image, seed, candidates, steps, cfg,
-                                         sampler_name, scheduler, checkpoint, denoise, callback=_progress(s))
+                                         sampler_name, scheduler, checkpoint_percent, denoise, callback=_progress(s))
         scores = score_or_fail(node_id, probe, early.activations, None)
         kept, _pruned, kept_indices = top_k_or_fail(node_id, early.latent, scores, keep)
         finished = resume_or_fail(node_id, model, positive, negative, kept, cfg)
@@ -221,7 +223,7 @@ def parse_checkpoints(node_id: str, text: str, steps: int) -> list[int]:
         raise ProbeSelectError(node_id, "no checkpoints given.", "write ratios such as 0.1,0.2,0.3,0.4,0.6.")
     result = []
     for ratio in ratios:
-        k = split_sampling.checkpoint_step(steps, ratio)
+        k = checkpoint_step(steps, ratio)
         if not 0.0 < ratio < 1.0 or not 0 < k < steps:
             raise ProbeSelectError(node_id, f"checkpoint {ratio} of {steps} steps rounds to step {k}, outside "
                                             f"1..{steps - 1}.", "use ratios inside (0, 1), or more steps.")
@@ -239,8 +241,8 @@ class ProbeSelectCollectSampler(io.ComfyNode):
 
     @classmethod
     def define_schema(cls) -> io.Schema:
-        inputs = [i for i in early_inputs() if i.id != "checkpoint"]
-        inputs.insert(-1, io.String.Input("checkpoints", default="0.1,0.2,0.3,0.4,0.6",
+        inputs = [i for i in early_inputs() if i.id != "checkpoint_percent"]
+        inputs.insert(-1, io.String.Input("checkpoint_percents", default="0.1,0.2,0.3,0.4,0.6",
                                           tooltip="Ratios of the steps at which activations are recorded, "
                                                   "so one dataset serves probes for any of them."))
         return io.Schema(
@@ -256,12 +258,12 @@ class ProbeSelectCollectSampler(io.ComfyNode):
 
     @classmethod
     def execute(cls, model, positive, negative, latent_image, seed, candidates, steps, cfg, sampler_name, scheduler,
-                checkpoints, denoise=1.0) -> io.NodeOutput:
+                checkpoint_percents, denoise=1.0) -> io.NodeOutput:
         from .engine.capture import find_tap
 
         node_id = cls.NODE_ID
         validate_early(node_id, latent_image, candidates, steps, 0.5, sampler_name, seed)
-        capture_at = parse_checkpoints(node_id, checkpoints, steps)
+        capture_at = parse_checkpoints(node_id, checkpoint_percents, steps)
         if find_tap(model) is None:
             raise ProbeSelectError(node_id, "the model has no activation tap, so nothing would be recorded.",
                                    "insert ProbeSelectTap between the model loader and this node.")

@@ -64,8 +64,9 @@ class ProbeSelectTrain(io.ComfyNode):
                         "Cancel stops training and keeps the best probe so far.",
             inputs=[
                 io.Combo.Input("dataset", options=list_datasets()),
-                io.Float.Input("checkpoint", default=0.2, min=0.01, max=0.99, step=0.01,
-                               tooltip="Which recorded checkpoint the probe reads."),
+                io.Float.Input("checkpoint_percent", default=0.2, min=0.01, max=0.99, step=0.01,
+                               tooltip="Which recorded checkpoint the probe reads: the stored one nearest this "
+                                       "fraction (0.2 of 6 steps was stored as 1/6)."),
                 io.String.Input("evaluator", default="", tooltip="Score to predict; empty = the dataset's first."),
                 io.String.Input("probe_name", default="my_probe"),
                 io.Int.Input("epochs", default=30, min=1, max=10000),
@@ -85,7 +86,7 @@ class ProbeSelectTrain(io.ComfyNode):
         )
 
     @classmethod
-    def execute(cls, dataset, checkpoint, evaluator, probe_name, epochs, batch_prompts, lr, alpha_max, lambda_align,
+    def execute(cls, dataset, checkpoint_percent, evaluator, probe_name, epochs, batch_prompts, lr, alpha_max, lambda_align,
                 use_text, patience, seed) -> io.NodeOutput:
         import comfy.model_management as mm
         import comfy.utils
@@ -101,7 +102,7 @@ class ProbeSelectTrain(io.ComfyNode):
                              lambda_align=lambda_align, patience=patience, seed=seed)
         try:
             result, sizes = train_from_dataset(
-                data, checkpoint, evaluator, out_path, train_config=config, use_text=use_text, split_seed=seed,
+                data, checkpoint_percent, evaluator, out_path, train_config=config, use_text=use_text, split_seed=seed,
                 state_dir=state_dir, on_epoch=lambda epoch, _m: bar.update_absolute(epoch + 1, epochs),
                 should_stop=mm.processing_interrupted)
         except (ValueError, DatasetError) as e:
@@ -116,14 +117,14 @@ class ProbeSelectTrain(io.ComfyNode):
               "val top-1": [h["val_top1"] for h in history]}],
             ["training loss", "validation (by epoch)"])
         best = result.best_metrics
+        model, metadata = load_probe(out_path)
         report = "\n".join([
             f"probe {os.path.basename(out_path)}: {data.manifest.backbone_family} {data.manifest.tap} "
-            f"t={checkpoint}",
+            f"t={metadata.checkpoint_t:.4f}",
             f"rows train/val/test: {sizes['train']}/{sizes['val']}/{sizes['test']}  "
             f"epochs run: {len(history)} ({result.stopped}), best epoch {result.best_epoch + 1}",
             "best validation: " + json.dumps({k: round(v, 4) if isinstance(v, float) else v for k, v in best.items()}),
         ])
-        model, metadata = load_probe(out_path)
         loaded = LoadedProbe(model.eval(), metadata, os.path.basename(out_path))
         return io.NodeOutput(loaded, _image(curves), report, ui=ui.PreviewText(report))
 

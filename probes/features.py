@@ -16,6 +16,8 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
+from .checkpoints import checkpoint_index
+
 __all__ = ["FEATURE_DTYPE", "ActivationSet", "ActivationSeries", "pool_feature_map", "tokens_to_grid"]
 
 # fp16 halves memory and shard size; pooled activations are averages of O(1) values and lose
@@ -194,8 +196,12 @@ class ActivationSeries:
         return self.sets[0].seeds
 
     def at(self, t: float) -> ActivationSet:
-        """The member whose checkpoint is nearest to ``t``."""
-        return min(self.sets, key=lambda s: abs(s.t - t))
+        """The member recorded at the stored checkpoint for ``t`` (:func:`.checkpoints.checkpoint_index`).
+
+        Raises:
+            CheckpointError: if no member is within the tolerance of ``t``.
+        """
+        return self.sets[checkpoint_index([s.t for s in self.sets], t)]
 
     def select(self, indices) -> "ActivationSeries":
         return ActivationSeries(tuple(s.select(indices) for s in self.sets))

@@ -16,6 +16,7 @@ from typing import Optional
 import torch
 from torch import Tensor
 
+from .checkpoints import CHECKPOINT_TOLERANCE
 from .features import ActivationSet
 from .io import ProbeMetadata
 from .model import Probe
@@ -29,7 +30,7 @@ class ProbeCompatibilityError(ValueError):
     """The probe was trained on a different kind of activations than the ones given."""
 
 
-def check_compatible(meta: ProbeMetadata, acts: ActivationSet, t_tolerance: float = 0.1) -> None:
+def check_compatible(meta: ProbeMetadata, acts: ActivationSet, t_tolerance: float = CHECKPOINT_TOLERANCE) -> None:
     """Raise :class:`ProbeCompatibilityError` unless the probe described by ``meta`` can read ``acts``.
 
     Checked: backbone family, tap path, feature shape ``(C, P, P)``, checkpoint t (within
@@ -126,7 +127,7 @@ def score_candidates(
     acts: ActivationSet,
     text_embedding: Optional[Tensor] = None,
     batch_size: int = 64,
-    t_tolerance: float = 0.1,
+    t_tolerance: float = CHECKPOINT_TOLERANCE,
 ) -> CandidateScores:
     """Score every candidate of ``acts`` with ``probe``.
 

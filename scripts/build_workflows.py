@@ -101,19 +101,19 @@ def workflow(name: str):
     return register
 
 
-# Defaults shared by the examples (the SD1.5 checkpoint of ComfyUI's own default workflow).
-CHECKPOINT = "v1-5-pruned-emaonly-fp16.safetensors"
+# Defaults shared by the examples (the SD1.5 model file of ComfyUI's own default workflow).
+MODEL_FILE = "v1-5-pruned-emaonly-fp16.safetensors"
 PROBE = "sd15_imagereward.safetensors"
 POSITIVE = "a photo of a red fox in the snow"
 NEGATIVE = "blurry, low quality"
 SAMPLING = {"seed": 42, "candidates": 5, "steps": 20, "cfg": 7.0, "sampler_name": "euler",
-            "scheduler": "normal", "checkpoint": 0.2, "denoise": 1.0}
+            "scheduler": "normal", "checkpoint_percent": 0.2, "denoise": 1.0}
 
 
 def text_to_image_inputs(width: int = 512, height: int = 512, batch_size: int = 1) -> list:
-    """Nodes 1-4: checkpoint loader (MODEL 0, CLIP 1, VAE 2), positive (2), negative (3), empty latent (4)."""
+    """Nodes 1-4: model file loader (MODEL 0, CLIP 1, VAE 2), positive (2), negative (3), empty latent (4)."""
     return [
-        Node(1, "CheckpointLoaderSimple", {"ckpt_name": CHECKPOINT}, title="Load Checkpoint"),
+        Node(1, "CheckpointLoaderSimple", {"ckpt_name": MODEL_FILE}, title="Load Checkpoint"),
         Node(2, "CLIPTextEncode", {"text": POSITIVE, "clip": (1, 1)}, title="Positive prompt", color="green"),
         Node(3, "CLIPTextEncode", {"text": NEGATIVE, "clip": (1, 1)}, title="Negative prompt", color="red"),
         Node(4, "EmptyLatentImage", {"width": width, "height": height, "batch_size": batch_size}),
@@ -168,7 +168,7 @@ def one_box() -> Workflow:
 
 
 COLLECT = {"seed": 0, "candidates": 8, "steps": 20, "cfg": 7.0, "sampler_name": "euler", "scheduler": "normal",
-           "checkpoints": "0.1,0.2,0.3,0.4,0.6", "denoise": 1.0}
+           "checkpoint_percents": "0.1,0.2,0.3,0.4,0.6", "denoise": 1.0}
 
 
 @workflow("collect_dataset")
@@ -205,7 +205,7 @@ def collect_dataset() -> Workflow:
 @workflow("train_probe")
 def train_probe() -> Workflow:
     return Workflow([
-        Node(1, "ProbeSelectTrain", {"dataset": "sd15_clipscore", "checkpoint": 0.2, "evaluator": "",
+        Node(1, "ProbeSelectTrain", {"dataset": "sd15_clipscore", "checkpoint_percent": 0.2, "evaluator": "",
                                      "probe_name": "sd15_clipscore_t02", "epochs": 30}),
         Node(2, "PreviewImage", {"images": (1, 1)}, title="Loss and validation curves"),
         Node(3, "ProbeSelectEvaluateProbe", {"probe": (1, 0), "dataset": "sd15_clipscore", "split": "test"}),

@@ -66,7 +66,7 @@ WORKFLOW = {
     SAMPLER: {"class_type": "ProbeSelectCollectSampler", "inputs": {
         "model": [TAP, 0], "positive": [POS, 0], "negative": [NEG, 0], "latent_image": [LATENT, 0], "seed": 0,
         "candidates": 1, "steps": STEPS, "cfg": 7.0, "sampler_name": "euler", "scheduler": "normal",
-        "checkpoints": "0.2,0.5", "denoise": 1.0}},
+        "checkpoint_percents": "0.2,0.5", "denoise": 1.0}},
     DECODE: {"class_type": "VAEDecode", "inputs": {"samples": [SAMPLER, 0], "vae": [CKPT, 2]}},
     BRIGHT: {"class_type": "ProbeSelectTestBrightness", "inputs": {"images": [DECODE, 0]}},
     SCORES: {"class_type": "ProbeSelectScoresFromFloats", "inputs": {
@@ -500,12 +500,13 @@ def _closed_port() -> int:
 
 
 def test_cli_rejects_bad_arguments(tmp_path):
-    from tools.cli import main, resolve_checkpoint
+    from probe_select.probes.checkpoints import CheckpointError, stored_checkpoint
+    from tools.cli import main
 
-    assert resolve_checkpoint([1 / 6, 0.5], 0.2) == pytest.approx(1 / 6)
-    assert resolve_checkpoint([0.2, 0.5], 0.5) == 0.5
-    with pytest.raises(ValueError, match="not in the dataset"):
-        resolve_checkpoint([0.1, 0.5], 0.3)
+    assert stored_checkpoint([1 / 6, 0.5], 0.2) == pytest.approx(1 / 6)
+    assert stored_checkpoint([0.2, 0.5], 0.5) == 0.5
+    with pytest.raises(CheckpointError, match="not stored"):
+        stored_checkpoint([0.1, 0.5], 0.3)
     with pytest.raises(SystemExit) as exit_:
         main(["collect", "--server", "http://x"])           # neither --prompts nor --coco-captions
     assert exit_.value.code == 2

@@ -173,7 +173,7 @@ class Cancel(Exception):
 
 def test_resume_equals_uninterrupted_run(world, tmp_path):
     train, val = _short(world)
-    config = TrainConfig(**SHORT, checkpoint_every=1)
+    config = TrainConfig(**SHORT, save_state_every=1)
     full = train_probe(train, val, small_config(8), config, META, tmp_path / "full.safetensors", state_dir=tmp_path / "full_state")
 
     def cancel_after_epoch_1(epoch, metrics):

@@ -123,3 +123,58 @@ def test_cancel_stops_training_and_keeps_a_probe(comfy_dirs, collected):
     path = os.path.join(comfy_dirs[1], "cancelled_probe.safetensors")
     _, meta = load_probe(path)                     # the best probe so far is on disk and loads
     assert meta.training["stopped"] == "should_stop" and meta.training["epochs_run"] < 50
+
+
+@pytest.fixture(scope="module")
+def six_step_dataset(comfy_dirs, collected):
+    """Collected with 6 steps at 0.2 and 0.5: stored as t = 1/6 (step 1) and 0.5 (step 3)."""
+    tap, sampling, dataset, evaluators, _, _ = _nodes()
+    sd1, tapped, _ = collected
+    for p in range(PROMPTS):
+        finished, acts = sampling.ProbeSelectCollectSampler.execute(
+            tapped, sd1.conditioning(100 + p), sd1.conditioning(2), sd1.empty_latent(1, 8), 1000 * p, 2, 6, 3.0,
+            "euler", "normal", "0.2,0.5").result
+        values = finished["samples"][:, 0].mean(dim=(1, 2)).tolist()
+        (scores,) = evaluators.ProbeSelectScoresFromFloats.execute(values, ["brightness"], [f"prompt {p}"]).result
+        dataset.ProbeSelectDatasetWriter.execute(acts, scores, f"prompt {p}", "six_steps")
+    return os.path.join(comfy_dirs[0], "probe_select_datasets", "six_steps")
+
+
+def test_cli_train_node_and_scoring_pick_the_same_stored_checkpoint(comfy_dirs, collected, six_step_dataset, tmp_path):
+    """One rule (probes/checkpoints.py): a fraction the command line accepts is accepted by the Train
+    node and by scoring, and all pick the same stored value (0.2 of 6 steps is stored as 1/6)."""
+    from probe_select.nodes.errors import ProbeSelectError
+    from probe_select.probes.io import read_probe_metadata
+    from probe_select.probes.training.dataset import ProbeDataset
+    from tools.cli import EXIT_OK, EXIT_USAGE, main
+
+    _, sampling, _, _, selection, training = _nodes()
+    sd1, tapped, _ = collected
+    stored = ProbeDataset(six_step_dataset).manifest.checkpoints
+    assert stored == [pytest.approx(1 / 6), 0.5]
+
+    cli_probe = tmp_path / "cli_probe.safetensors"
+    assert main(["train", "--dataset", six_step_dataset, "--checkpoint", "0.2", "--out", str(cli_probe),
+                 "--epochs", "1"]) == EXIT_OK
+    node_probe = training.ProbeSelectTrain.execute("six_steps", 0.2, "", "six_steps_probe", 1, 4, 1e-3, 0.2, 10.0,
+                                                   True, 0, 0).result[0]
+    assert read_probe_metadata(cli_probe).checkpoint_t == node_probe.metadata.checkpoint_t == stored[0]
+
+    # Scoring: the early sampler at 0.2 of 6 steps stops at step 1; a collect series gives the same member.
+    early, _, acts = sampling.ProbeSelectEarlySampler.execute(
+        tapped, sd1.conditioning(100), sd1.conditioning(2), sd1.empty_latent(1, 8), 0, 2, 6, 3.0, "euler", "normal",
+        0.2).result
+    assert acts.t == stored[0] and acts.step == 1
+    scores = selection.ProbeSelectScore.execute(node_probe, acts).result[0]
+    assert scores.scores.shape == (2,)
+    _, series = sampling.ProbeSelectCollectSampler.execute(
+        tapped, sd1.conditioning(100), sd1.conditioning(2), sd1.empty_latent(1, 8), 0, 2, 6, 3.0, "euler", "normal",
+        "0.2,0.5").result
+    assert series.at(0.2).t == stored[0]
+    assert torch.equal(selection.ProbeSelectScore.execute(node_probe, series).result[0].scores, scores.scores)
+
+    # A fraction the command line refuses (no stored value near 0.33) is refused by the node too.
+    assert main(["train", "--dataset", six_step_dataset, "--checkpoint", "0.33", "--out",
+                 str(tmp_path / "refused.safetensors"), "--epochs", "1"]) == EXIT_USAGE
+    with pytest.raises(ProbeSelectError, match=r"\[ProbeSelectTrain\].*t=0.33"):
+        training.ProbeSelectTrain.execute("six_steps", 0.33, "", "refused", 1, 4, 1e-3, 0.2, 10.0, True, 0, 0)

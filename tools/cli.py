@@ -30,8 +30,6 @@ from typing import Any, Optional, Sequence
 logger = logging.getLogger(__name__)
 
 EXIT_OK, EXIT_FAILED, EXIT_USAGE, EXIT_INTERRUPTED = 0, 1, 2, 130
-# A requested checkpoint this close to a stored one picks it (steps round: t = 0.2 of 6 steps is 1/6).
-CHECKPOINT_SNAP = 0.05
 
 
 # ---- collect --------------------------------------------------------------------------------------
@@ -89,24 +87,6 @@ def _logging_with_progress_bar(enabled: bool):
 
 # ---- train ----------------------------------------------------------------------------------------
 
-def resolve_checkpoint(stored: Sequence[float], requested: float) -> float:
-    """The stored checkpoint t nearest ``requested``, if within CHECKPOINT_SNAP of it.
-
-    Samplers record at whole steps, so ``0.2`` of 6 steps is stored as 1/6; asking for 0.2 then
-    picks 0.1667 (logged). Raises ValueError listing the stored ones when none is near.
-    """
-    if not stored:
-        raise ValueError("the dataset stores no checkpoints")
-    nearest = min(stored, key=lambda t: abs(t - requested))
-    if abs(nearest - requested) > CHECKPOINT_SNAP:
-        raise ValueError(f"checkpoint t={requested} is not in the dataset; it stores t in "
-                         f"{[round(t, 4) for t in stored]}")
-    if abs(nearest - requested) > 1e-6:
-        logger.info("checkpoint t=%s is stored as t=%.4f (whole steps); training at t=%.4f",
-                    requested, nearest, nearest)
-    return nearest
-
-
 class _StopOnSigint:
     """First Ctrl-C: stop training after the current batch and keep the best probe; second: abort."""
 
@@ -137,6 +117,7 @@ def _fmt(value: Any) -> str:
 
 
 def cmd_train(args: argparse.Namespace) -> int:
+    from probe_select.probes.checkpoints import stored_checkpoint
     from probe_select.probes.training.dataset import DatasetError, ProbeDataset
     from probe_select.probes.model import ProbeConfig
     from probe_select.probes.training.pipeline import train_from_dataset
@@ -152,7 +133,7 @@ def cmd_train(args: argparse.Namespace) -> int:
         config = TrainConfig(epochs=args.epochs, batch_prompts=args.batch_prompts, lr=args.lr, seed=args.seed,
                              patience=args.patience, device=args.device)
         dataset = ProbeDataset(args.dataset)
-        t = resolve_checkpoint(dataset.manifest.checkpoints, args.checkpoint)
+        t = stored_checkpoint(dataset.manifest.checkpoints, args.checkpoint)
     except (ValueError, TypeError, DatasetError) as error:
         logger.error("%s", error)
         return EXIT_USAGE

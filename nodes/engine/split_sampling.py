@@ -20,6 +20,7 @@ from typing import Callable, Optional, Sequence
 
 import torch
 
+from ...probes.checkpoints import checkpoint_step
 from ...probes.features import ActivationSeries, ActivationSet
 from .capture import RUN_KEY, find_tap
 from .families import model_family
@@ -30,11 +31,6 @@ log = logging.getLogger(__name__)
 PACK_KEY = "probe_select"
 X0_KEY = "probe_select_x0"
 METADATA_VERSION = 1
-
-
-def checkpoint_step(steps: int, ratio: float) -> int:
-    """Step s at which the early phase stops: round(ratio * steps)."""
-    return int(round(ratio * steps))
 
 
 def full_sigmas(model, steps: int, sampler_name: str, scheduler: str, denoise: float) -> torch.Tensor:

@@ -50,6 +50,7 @@ from safetensors.torch import save_file
 from torch import Tensor
 
 from ..atomic import _fsync_directory, atomic_write
+from ..checkpoints import CheckpointError, checkpoint_index
 from ..features import FEATURE_DTYPE
 from ..io import ProbeMetadata
 
@@ -200,14 +201,15 @@ class DatasetManifest:
             raise DatasetError(f"{source} has an invalid manifest ({error}). Restore it or recreate the dataset.") from None
 
     def checkpoint_index(self, checkpoint_t: float) -> int:
-        """Position of ``checkpoint_t`` on the K axis; raises :class:`DatasetError` if not stored."""
-        for index, t in enumerate(self.checkpoints):
-            if abs(t - float(checkpoint_t)) <= _T_TOLERANCE:
-                return index
-        raise DatasetError(
-            f"checkpoint t={checkpoint_t} is not in this dataset; it holds checkpoints "
-            f"{self.checkpoints}. Pick one of those, or collect a dataset at t={checkpoint_t}."
-        )
+        """Position on the K axis of the stored checkpoint for ``checkpoint_t`` (one rule:
+        :func:`~probe_select.probes.checkpoints.checkpoint_index`); :class:`DatasetError` if none."""
+        try:
+            return checkpoint_index(self.checkpoints, checkpoint_t)
+        except CheckpointError:
+            raise DatasetError(
+                f"checkpoint t={checkpoint_t} is not in this dataset; it holds checkpoints "
+                f"{self.checkpoints}. Pick one of those, or collect a dataset at t={checkpoint_t}."
+            ) from None
 
     def compatible_with(self, other: "DatasetManifest") -> list[str]:
         """Differences that stop rows described by ``other`` from sharing a dataset with ``self``.
@@ -1058,7 +1060,7 @@ def check_probe_matches(
     if text_dim and text_dim != manifest.text_dim:
         stored = f"width {manifest.text_dim}" if manifest.text_dim else "none"
         problems.append(f"text embedding: probe reads width {text_dim}, dataset stores {stored}")
-    if require_checkpoint and not any(abs(t - meta.checkpoint_t) <= _T_TOLERANCE for t in manifest.checkpoints):
+    if require_checkpoint and not _stores(manifest.checkpoints, meta.checkpoint_t):
         problems.append(f"checkpoint: probe t={meta.checkpoint_t}, dataset has t in {manifest.checkpoints}")
     if require_evaluator and meta.evaluator not in manifest.evaluators:
         problems.append(f"evaluator: probe {meta.evaluator!r}, dataset scores {manifest.evaluators}")
@@ -1068,6 +1070,14 @@ def check_probe_matches(
             f"{where}: {'; '.join(problems)}. Use a probe trained on this backbone and tap, or a "
             f"dataset collected with the probe's settings."
         )
+
+
+def _stores(checkpoints: Sequence[float], checkpoint_t: float) -> bool:
+    try:
+        checkpoint_index(checkpoints, checkpoint_t)
+    except CheckpointError:
+        return False
+    return True
 
 
 def _is_int(value) -> bool:

@@ -81,7 +81,7 @@ class TrainConfig:
         min_delta: an improvement must exceed the best so far by more than this.
         seed: seeds the initial weights and the prompt order.
         device: torch device to train on.
-        checkpoint_every: with a ``state_dir``, save the training state every this many epochs
+        save_state_every: with a ``state_dir``, save the training state every this many epochs
             (and after the last one).
         score_mean, score_std: fixed normalisation of the evaluator score (e.g. ImageReward
             0.3594, 0.9424). None: the mean / standard deviation of the training targets.
@@ -106,13 +106,13 @@ class TrainConfig:
     min_delta: float = 0.0
     seed: int = 0
     device: str = "cpu"
-    checkpoint_every: int = 1
+    save_state_every: int = 1
     score_mean: Optional[float] = None
     score_std: Optional[float] = None
     eval_batch_size: int = 256
 
     def __post_init__(self) -> None:
-        for name in ("epochs", "batch_prompts", "checkpoint_every", "eval_batch_size"):
+        for name in ("epochs", "batch_prompts", "save_state_every", "eval_batch_size"):
             value = getattr(self, name)
             if isinstance(value, bool) or not isinstance(value, int) or value < 1:
                 raise ValueError(f"TrainConfig.{name} must be an integer >= 1, got {value!r}")
@@ -380,7 +380,7 @@ def _ema_decay(config: TrainConfig, updates: int) -> float:
 
 def _fingerprint(train: _Split, val: _Split, probe_config: ProbeConfig, config: TrainConfig, mean: float, std: float) -> str:
     """Identifies a run: a state is only resumed into the run that wrote it."""
-    settings = {k: v for k, v in config.to_dict().items() if k not in ("device", "checkpoint_every", "eval_batch_size")}
+    settings = {k: v for k, v in config.to_dict().items() if k not in ("device", "save_state_every", "eval_batch_size")}
     digest = hashlib.sha256()
     digest.update(json.dumps({"train": settings, "probe": probe_config.to_dict(), "norm": [mean, std]}, sort_keys=True).encode())
     for split in (train, val):
@@ -504,7 +504,7 @@ def train_probe(
             (default ``"adaptive_avg"``), ``evaluator``; ``feature_shape`` (optional) must match.
         out_path: the probe file (``.safetensors``), rewritten atomically whenever validation
             improves, so an interrupted run always leaves the best probe so far.
-        state_dir: folder for a resumable training state, saved every ``checkpoint_every`` epochs;
+        state_dir: folder for a resumable training state, saved every ``save_state_every`` epochs;
             a state already there (from the same run) is resumed.
         on_epoch: ``callback(epoch, metrics)`` after every epoch (``metrics`` is that epoch's
             history entry); an exception raised there propagates and ends training, with the best
@@ -723,7 +723,7 @@ def _train(
         elif epoch + 1 == config.epochs:
             finished = stopped = "completed"
 
-        if state_dir is not None and ((epoch + 1) % config.checkpoint_every == 0 or finished):
+        if state_dir is not None and ((epoch + 1) % config.save_state_every == 0 or finished):
             tensors = {
                 **{f"model.{k}": v for k, v in model.state_dict().items()},
                 **{f"ema.{k}": v for k, v in ema.state_dict().items()},

@@ -11,18 +11,12 @@ from comfy_api.latest import io, ui
 from ..probes.training.dataset import CandidateRows, DatasetError, DatasetManifest, DatasetWriter
 from ..probes.features import ActivationSeries
 from .errors import ProbeSelectError
-from .types import Activations, CATEGORY
+from .folders import datasets_root
+from .types import CATEGORY, Activations, ImageScoresType
 
 log = logging.getLogger(__name__)
 
-DATASETS_SUBFOLDER = "probe_select_datasets"
 _NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]{0,127}$")
-
-
-def datasets_root() -> str:
-    import folder_paths
-
-    return os.path.join(folder_paths.get_output_directory(), DATASETS_SUBFOLDER)
 
 
 def dataset_path(node_id: str, name: str) -> str:
@@ -73,8 +67,6 @@ class ProbeSelectDatasetWriter(io.ComfyNode):
 
     @classmethod
     def define_schema(cls) -> io.Schema:
-        from .types import ImageScoresType
-
         return io.Schema(
             node_id=cls.NODE_ID,
             display_name="Probe-Select Dataset Writer",

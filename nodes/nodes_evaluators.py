@@ -5,7 +5,7 @@ the device, and turn `EvaluatorUnavailable` into a `ProbeSelectError` that names
 nodes output the evaluator object (PS_EVALUATOR): ComfyUI caches node outputs, so the model is
 loaded once and reused until its inputs change.
 
-Weights are looked up in `models/evaluators` (registered by `register_evaluators_folder()`) and,
+Weights are looked up in `models/evaluators` (registered by `folders.register_model_folders()`) and,
 for CLIPScore, also in `models/clip`. Nothing is downloaded.
 """
 from __future__ import annotations
@@ -14,6 +14,10 @@ import logging
 import os
 from typing import Callable, Optional
 
+import comfy.model_management
+import comfy.utils
+import folder_paths
+import torch
 from comfy_api.latest import io, ui
 
 from ..probes.evaluators import (
@@ -27,12 +31,11 @@ from ..probes.evaluators import (
     scores_from_floats,
 )
 from .errors import ProbeSelectError
+from .folders import EVALUATOR_EXTENSIONS, EVALUATORS_FOLDER, model_files
 from .types import CATEGORY, EvaluatorModel, ImageScoresType
 
 log = logging.getLogger(__name__)
 
-EVALUATORS_FOLDER = "evaluators"
-EVALUATOR_EXTENSIONS = {".safetensors", ".sft", ".pt", ".pth", ".bin"}
 EVAL_CATEGORY = f"{CATEGORY}/evaluate"
 NO_FILE = "none"
 CLIP_MODELS = ["ViT-B-32", "ViT-B-32-quickgelu", "ViT-B-16", "ViT-L-14", "ViT-L-14-quickgelu", "ViT-H-14",
@@ -40,44 +43,15 @@ CLIP_MODELS = ["ViT-B-32", "ViT-B-32-quickgelu", "ViT-B-16", "ViT-L-14", "ViT-L-
 DEVICES = ["auto", "cpu"]
 
 
-def register_evaluators_folder() -> None:
-    """Register `models/evaluators` (call at import time, like the `probes` folder).
-
-    Keeps paths that extra_model_paths.yaml already added, and makes sure the weight file
-    extensions are listed.
-    """
-    import folder_paths
-
-    path = os.path.join(folder_paths.models_dir, EVALUATORS_FOLDER)
-    if EVALUATORS_FOLDER in folder_paths.folder_names_and_paths:
-        folder_paths.add_model_folder_path(EVALUATORS_FOLDER, path)
-        _paths, extensions = folder_paths.folder_names_and_paths[EVALUATORS_FOLDER]
-        if extensions:                      # an empty set lists every file; keep it that way
-            extensions.update(EVALUATOR_EXTENSIONS)
-    else:
-        folder_paths.folder_names_and_paths[EVALUATORS_FOLDER] = ([path], set(EVALUATOR_EXTENSIONS))
-
-
-def _files(folder: str) -> list[str]:
-    import folder_paths
-
-    try:
-        return folder_paths.get_filename_list(folder)
-    except KeyError:                        # folder not registered (yet)
-        return []
-
-
 def weight_files(folders: tuple[str, ...] = (EVALUATORS_FOLDER,)) -> list[str]:
     names: list[str] = []
     for folder in folders:
-        names.extend(n for n in _files(folder) if os.path.splitext(n)[1].lower() in EVALUATOR_EXTENSIONS)
+        names.extend(n for n in model_files(folder) if os.path.splitext(n)[1].lower() in EVALUATOR_EXTENSIONS)
     return [NO_FILE] + sorted(dict.fromkeys(names))
 
 
 def resolve_weights(node_id: str, name: str, folders: tuple[str, ...], what: str) -> Optional[str]:
     """Full path of a file picked in a weights combo; None for 'none'."""
-    import folder_paths
-
     if not name or name == NO_FILE:
         return None
     for folder in folders:
@@ -95,11 +69,9 @@ def resolve_weights(node_id: str, name: str, folders: tuple[str, ...], what: str
 def resolve_device(device: str):
     """(compute device, offload device): 'auto' computes on ComfyUI's device and keeps the model on
     the CPU between runs, so it does not hold GPU memory while the diffusion model samples."""
-    import torch
 
     if device == "cpu":
         return torch.device("cpu"), None
-    import comfy.model_management
 
     compute = comfy.model_management.get_torch_device()
     return compute, (torch.device("cpu") if compute.type != "cpu" else None)
@@ -218,8 +190,6 @@ class ProbeSelectHPSv2(io.ComfyNode):
 
 def _local_or_cached(name: str) -> str:
     """A folder under models/evaluators, an absolute folder, or a Hugging Face repo id (cache only)."""
-    import folder_paths
-
     name = (name or "").strip()
     if not name or os.path.isabs(name):
         return name
@@ -281,7 +251,6 @@ def _make_room(evaluator: ImageEvaluator) -> None:
     device = getattr(evaluator, "device", None)
     if device is None or getattr(device, "type", "cpu") == "cpu" or not hasattr(evaluator, "parameter_bytes"):
         return
-    import comfy.model_management
 
     comfy.model_management.free_memory(int(evaluator.parameter_bytes() * 1.5) + (512 << 20), device)
 
@@ -312,8 +281,6 @@ class ProbeSelectEvaluateImages(io.ComfyNode):
         if not callable(getattr(evaluator, "score", None)):
             raise ProbeSelectError(node_id, f"the evaluator input is a {type(evaluator).__name__}, not an evaluator.",
                                    "connect a Probe-Select evaluator loader (CLIPScore, ImageReward, HPSv2, PickScore).")
-        import comfy.model_management
-        import comfy.utils
 
         total = int(images.shape[0])
         bar = comfy.utils.ProgressBar(total)

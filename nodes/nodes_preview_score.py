@@ -12,21 +12,20 @@ from comfy_api.latest import io, ui
 from ..probes.scoring import CandidateScores
 from .engine import split_sampling
 from .errors import ProbeSelectError
-from .nodes_selection import scores_text
+from .engine.selection import scores_text
 from .types import CATEGORY, EvaluatorModel, Scores
 
 
 def preview_scores(node_id: str, x0_preview: dict, vae, evaluator, prompt: str) -> CandidateScores:
-    meta = x0_preview.get(split_sampling.X0_KEY) if isinstance(x0_preview, dict) else None
-    if meta is None:
+    run = split_sampling.preview_run(x0_preview)
+    if run is None:
         raise ProbeSelectError(node_id, "this LATENT is not the x0 preview of ProbeSelectEarlySampler.",
                                "connect the early sampler's 'x0 preview' output.")
     images = vae.decode(x0_preview["samples"])
     if images.ndim == 5:                      # video VAEs: [B, T, H, W, C]; score the first frame
         images = images[:, 0]
     image_scores = evaluator.score(images, prompt)
-    return CandidateScores(image_scores.scores, f"{image_scores.evaluator} (x0 preview)", meta["run_id"],
-                           list(meta["seeds"]))
+    return CandidateScores(image_scores.scores, f"{image_scores.evaluator} (x0 preview)", run.run_id, run.seeds)
 
 
 class ProbeSelectPreviewScore(io.ComfyNode):

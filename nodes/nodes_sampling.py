@@ -2,21 +2,23 @@
 from __future__ import annotations
 
 import comfy.samplers
+import comfy.utils
 from comfy_api.latest import io, ui
 
 from ..probes.checkpoints import checkpoint_step
 from .engine import split_sampling
+from .engine.capture import find_tap
+from .engine.selection import score_or_fail, scores_text, top_k_or_fail
 from .errors import ProbeSelectError
 from .engine.families import model_family
 from .engine.noise import UNSPLITTABLE_SAMPLERS, splittable_samplers
+from .nodes_tap import apply_tap
 from .types import CATEGORY, Activations, Probe, Scores
 
 MAX_SEED = 0xFFFFFFFFFFFFFFFF
 
 
 def _progress(total: int):
-    import comfy.utils
-
     bar = comfy.utils.ProgressBar(total)
     return lambda step, _total: bar.update_absolute(step, total)
 
@@ -100,33 +102,31 @@ class ProbeSelectEarlySampler(io.ComfyNode):
         return io.NodeOutput(result.latent, result.x0, result.activations)
 
 
-def validate_resumable(node_id: str, latent: dict) -> dict:
-    meta = latent.get(split_sampling.PACK_KEY) if isinstance(latent, dict) else None
-    if meta is None:
+def validate_resumable(node_id: str, latent: dict) -> split_sampling.EarlyRun:
+    run = split_sampling.early_run(latent)
+    if run is None:
         raise ProbeSelectError(node_id, "this LATENT did not come from ProbeSelectEarlySampler, so there is "
                                         "nothing to resume.",
                                "connect the 'kept' output of ProbeSelectTopK (or the early latent itself).")
-    if meta.get("version") != split_sampling.METADATA_VERSION:
-        raise ProbeSelectError(node_id, f"the latent's split-sampling metadata has version {meta.get('version')}, "
+    if run.version != split_sampling.METADATA_VERSION:
+        raise ProbeSelectError(node_id, f"the latent's split-sampling metadata has version {run.version}, "
                                         f"this pack reads version {split_sampling.METADATA_VERSION}.",
                                "re-run the early sampler with this version of the pack.")
     if latent["samples"].shape[0] == 0:
         raise ProbeSelectError(node_id, "the latent has no rows to finish.", "keep at least one candidate (K >= 1).")
-    return meta
+    return run
 
 
 def resume_or_fail(node_id: str, model, positive, negative, latent: dict, cfg: float) -> dict:
-    meta = validate_resumable(node_id, latent)
+    run = validate_resumable(node_id, latent)
     try:
         return split_sampling.resume(model, positive, negative, latent, cfg,
-                                     callback=_progress(meta["steps"] - meta["stop_step"]))
-    except ValueError as e:
-        if "noise schedule differs" in str(e):
-            raise ProbeSelectError(node_id, "this model's noise schedule differs from the one the candidates were "
-                                            "started with.",
-                                   "give ProbeSelectResume the same model (and model patches such as "
-                                   "ModelSamplingSD3 shift) as the early sampler.") from None
-        raise
+                                     callback=_progress(run.steps - run.stop_step))
+    except split_sampling.ScheduleMismatchError:
+        raise ProbeSelectError(node_id, "this model's noise schedule differs from the one the candidates were "
+                                        "started with.",
+                               "give ProbeSelectResume the same model (and model patches such as "
+                               "ModelSamplingSD3 shift) as the early sampler.") from None
 
 
 class ProbeSelectResume(io.ComfyNode):
@@ -182,10 +182,6 @@ class ProbeSelectSampler(io.ComfyNode):
     @classmethod
     def execute(cls, model, positive, negative, latent_image, probe, seed, candidates, keep, steps, cfg,
                 sampler_name, scheduler, checkpoint_percent, denoise=1.0) -> io.NodeOutput:
-        from .engine.capture import find_tap
-        from .nodes_selection import score_or_fail, top_k_or_fail
-        from .nodes_tap import apply_tap
-
         node_id = cls.NODE_ID
         s = validate_early(node_id, latent_image, candidates, steps, checkpoint_percent, sampler_name, seed)
         family = model_family(model)
@@ -207,8 +203,6 @@ class ProbeSelectSampler(io.ComfyNode):
         kept, _pruned, kept_indices = top_k_or_fail(node_id, early.latent, scores, keep)
         finished = resume_or_fail(node_id, model, positive, negative, kept, cfg)
         kept_seeds = ",".join(str(scores.seeds[i]) for i in kept_indices)
-        from .nodes_selection import scores_text
-
         return io.NodeOutput(finished, scores, kept_seeds, ui=ui.PreviewText(scores_text(scores, kept_indices)))
 
 
@@ -259,8 +253,6 @@ class ProbeSelectCollectSampler(io.ComfyNode):
     @classmethod
     def execute(cls, model, positive, negative, latent_image, seed, candidates, steps, cfg, sampler_name, scheduler,
                 checkpoint_percents, denoise=1.0) -> io.NodeOutput:
-        from .engine.capture import find_tap
-
         node_id = cls.NODE_ID
         validate_early(node_id, latent_image, candidates, steps, 0.5, sampler_name, seed)
         capture_at = parse_checkpoints(node_id, checkpoint_percents, steps)

@@ -1,6 +1,7 @@
 """ProbeSelectTap: MODEL -> MODEL that records one block's activations during early sampling."""
 from __future__ import annotations
 
+import comfy.patcher_extension
 from comfy_api.latest import io
 
 from .engine.capture import WRAPPER_KEY, ActivationTap
@@ -20,7 +21,6 @@ def apply_tap(model, block: str, feature_size: int, node_id: str = TAP_NODE_ID, 
 
     `node_id` and `fix` are those of the calling node: the one-box sampler has no block input, so
     it offers another fix than the tap node."""
-    import comfy.patcher_extension
 
     try:
         path = auto_tap_path(model) if block.strip() in ("", "auto") else block.strip()

@@ -7,6 +7,9 @@ import os
 
 import numpy as np
 import torch
+import comfy.model_management as mm
+import comfy.utils
+import folder_paths
 from comfy_api.latest import io, ui
 
 from ..probes.training.dataset import DatasetError, ProbeDataset
@@ -17,7 +20,8 @@ from ..probes.plots import line_plot, scatter_plot
 from ..probes.training.train import TrainConfig
 from .nodes_dataset import dataset_path, list_datasets
 from .errors import ProbeSelectError
-from .nodes_selection import PROBES_FOLDER, LoadedProbe
+from .engine.selection import LoadedProbe
+from .folders import PROBES_FOLDER
 from .types import CATEGORY, Probe
 
 log = logging.getLogger(__name__)
@@ -32,7 +36,7 @@ def _open_dataset(node_id: str, name: str) -> ProbeDataset:
     path = dataset_path(node_id, name)
     if not os.path.isfile(os.path.join(path, "manifest.json")):
         raise ProbeSelectError(node_id, f"dataset '{name}' does not exist under output/probe_select_datasets.",
-                               "collect one with ProbeSelectDatasetWriter first (workflows/collect_dataset.json).")
+                               "collect one with ProbeSelectDatasetWriter first (example_workflows/collect_dataset.json).")
     try:
         return ProbeDataset(path)
     except DatasetError as e:
@@ -40,8 +44,6 @@ def _open_dataset(node_id: str, name: str) -> ProbeDataset:
 
 
 def _probe_path(node_id: str, name: str) -> str:
-    import folder_paths
-
     name = name.strip()
     if not name or os.path.basename(name) != name or name.startswith("."):
         raise ProbeSelectError(node_id, f"probe name '{name}' is not a plain file name.", "e.g. sd15_clipscore_t02.")
@@ -88,9 +90,6 @@ class ProbeSelectTrain(io.ComfyNode):
     @classmethod
     def execute(cls, dataset, checkpoint_percent, evaluator, probe_name, epochs, batch_prompts, lr, alpha_max, lambda_align,
                 use_text, patience, seed) -> io.NodeOutput:
-        import comfy.model_management as mm
-        import comfy.utils
-        import folder_paths
 
         node_id = cls.NODE_ID
         data = _open_dataset(node_id, dataset)

@@ -19,7 +19,7 @@ TESTS = Path(__file__).resolve().parent
 if str(ROOT) not in sys.path:
     sys.path.append(str(ROOT))
 
-from devtools import COMFY_DIR, load_pack  # noqa: E402
+from devtools import load_pack  # noqa: E402
 
 load_pack()
 if str(TESTS) not in sys.path:

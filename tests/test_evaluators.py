@@ -528,8 +528,10 @@ def test_evaluators_folder_and_clipscore_node_from_file(pack, small_checkpoint):
     import folder_paths
 
     nodes_ev = _evaluator_nodes()
-    nodes_ev.register_evaluators_folder()
-    nodes_ev.register_evaluators_folder()                      # idempotent
+    from probe_select.nodes.folders import register_model_folders
+
+    register_model_folders()
+    register_model_folders()                                   # idempotent
     paths, extensions = folder_paths.folder_names_and_paths["evaluators"]
     assert os.path.join(folder_paths.models_dir, "evaluators") in paths and paths.count(paths[0]) == 1
     assert {".safetensors", ".pt"} <= extensions

@@ -110,7 +110,7 @@ def test_kept_candidate_matches_plain_ksampler(mods, sampler):
     early = mods.split.run_early(tapped, pos, neg, latent, seed, 4, steps, cfg, sampler, "normal", 0.25)
     scores = CandidateScores(torch.tensor([0.1, 0.3, 0.9, 0.2]), "test", early.latent["probe_select"]["run_id"],
                              [40, 41, 42, 43])
-    from probe_select.nodes.nodes_selection import top_k_or_fail
+    from probe_select.nodes.engine.selection import top_k_or_fail
 
     kept, _, idx = top_k_or_fail("ProbeSelectTopK", early.latent, scores, 2)
     assert idx == [2, 1]
@@ -149,7 +149,7 @@ def test_resume_follows_a_latent_changed_after_early_sampling(mods):
 
 def test_denoiser_evaluations_are_n_s_plus_k_rest(mods):
     from probe_select.probes.scoring import CandidateScores
-    from probe_select.nodes.nodes_selection import top_k_or_fail
+    from probe_select.nodes.engine.selection import top_k_or_fail
 
     tiny = build_tiny("sd1")
     n, k, steps, checkpoint = 5, 1, 10, 0.2

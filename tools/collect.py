@@ -49,7 +49,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Callable, Iterable, Optional, Sequence, Union
 
-from probe_select.probes.training.dataset import list_shards, prompt_id
+from probe_select.probes.training.dataset import DATASETS_SUBFOLDER, list_shards, prompt_id
 
 from . import PACK_ROOT
 
@@ -94,7 +94,6 @@ PROMPT_PLACEHOLDER = "{prompt}"
 SAMPLER_CLASS = "ProbeSelectCollectSampler"
 WRITER_CLASS = "ProbeSelectDatasetWriter"
 # The writer node's folder under the server's output directory (nodes/dataset.py).
-DATASETS_SUBFOLDER = "probe_select_datasets"
 DEFAULT_WORKFLOW = PACK_ROOT / "example_workflows" / "api" / "collect_dataset.json"
 # Seeds are < 2**48, so seed + candidate index stays far below ComfyUI's maximum seed (2**64 - 1).
 SEED_SPACE = 2**48

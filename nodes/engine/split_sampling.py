@@ -33,6 +33,39 @@ X0_KEY = "probe_select_x0"
 METADATA_VERSION = 1
 
 
+class ScheduleMismatchError(ValueError):
+    """The model given to the resume computes other sigmas than the early run recorded."""
+
+
+@dataclass(frozen=True)
+class EarlyRun:
+    """What the early sampler recorded in a LATENT, for the nodes (the rest of the metadata is this
+    module's own). ``version``, ``steps`` and ``stop_step`` are None for an x0 preview."""
+
+    run_id: str
+    seeds: list[int]
+    version: Optional[int] = None
+    steps: Optional[int] = None
+    stop_step: Optional[int] = None
+
+
+def early_run(latent) -> Optional[EarlyRun]:
+    """The run of an early (or kept, or pruned) LATENT; None for a LATENT the early sampler did not make."""
+    meta = latent.get(PACK_KEY) if isinstance(latent, dict) else None
+    if meta is None:
+        return None
+    return EarlyRun(meta.get("run_id"), list(meta.get("seeds", [])), meta.get("version"), meta.get("steps"),
+                    meta.get("stop_step"))
+
+
+def preview_run(latent) -> Optional[EarlyRun]:
+    """The run of the early sampler's x0 preview LATENT; None for any other LATENT."""
+    meta = latent.get(X0_KEY) if isinstance(latent, dict) else None
+    if meta is None:
+        return None
+    return EarlyRun(meta["run_id"], list(meta["seeds"]))
+
+
 def full_sigmas(model, steps: int, sampler_name: str, scheduler: str, denoise: float) -> torch.Tensor:
     import comfy.samplers
 
@@ -244,7 +277,7 @@ def resume(model, positive, negative, latent: dict, cfg: float,
     sigmas = full_sigmas(model, steps, meta["sampler"], meta["scheduler"], meta["denoise"])
     expected = torch.tensor(meta["sigmas"], dtype=torch.float32)
     if sigmas.shape != expected.shape or not torch.allclose(sigmas, expected, rtol=1e-5, atol=1e-6):
-        raise ValueError("noise schedule differs")
+        raise ScheduleMismatchError("noise schedule differs")
     rows = latent["samples"]
     seeds = meta["seeds"]
     noise_sampler = build_noise_sampler(meta["sampler"], rows.to(model.load_device), seeds, sigmas,

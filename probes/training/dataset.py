@@ -82,6 +82,8 @@ MANIFEST_NAME = "manifest.json"
 SHARD_DIR = "shards"
 SHARD_SUFFIX = ".safetensors"
 SPLIT_NAMES = ("train", "val", "test")
+# Where the nodes and the command-line collector keep datasets, under ComfyUI's output directory.
+DATASETS_SUBFOLDER = "probe_select_datasets"
 
 # Checkpoints are fractions of steps done (s / T); two values this close are the same checkpoint.
 _T_TOLERANCE = 1e-6

@@ -35,7 +35,7 @@ import tools  # noqa: E402,F401  (registers the package probe_select, the librar
 
 from probe_select.probes.training.losses import ProbeLoss  # noqa: E402
 from probe_select.probes.model import ProbeConfig, build_probe  # noqa: E402
-from probe_select.probes.training.train import TrainArrays, TrainConfig, _ema_update, _make_optimizer, train_probe  # noqa: E402
+from probe_select.probes.training.train import TrainArrays, TrainConfig, ema_update, make_optimizer, train_probe  # noqa: E402
 
 log = logging.getLogger("bench_train")
 RESULTS = ROOT / "bench" / "results"
@@ -58,7 +58,7 @@ def step_times(config: ProbeConfig, batch_prompts: int, seeds: int, steps: int, 
     data = synthetic(config, batch_prompts, seeds, seed=0)
     model = build_probe(config, seed=0).train()
     ema = build_probe(config, seed=0).eval()
-    optimizer = _make_optimizer(model, TrainConfig())
+    optimizer = make_optimizer(model, TrainConfig())
     loss_fn = ProbeLoss(lambda_align=10.0)
     z = (data.target - data.target.mean()) / data.target.std()
     times = []
@@ -70,7 +70,7 @@ def step_times(config: ProbeConfig, batch_prompts: int, seeds: int, steps: int, 
         if full_step:
             torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
             optimizer.step()
-            _ema_update(ema, model, 0.999)
+            ema_update(ema, model, 0.999)
         if i >= warmup:
             times.append(time.perf_counter() - started)
     return times

@@ -98,7 +98,7 @@ def collect(family: str, prompts: list[str], seeds: int, setting: Setting, datas
     pack, grammar, models, evaluator = _modules()
     from probe_select.nodes.engine import split_sampling
     from probe_select.nodes.nodes_tap import apply_tap
-    from probe_select.probes.training.dataset import CandidateRows, DatasetManifest, DatasetWriter
+    from probe_select.probes.training.dataset import DatasetWriter, rows_from_activations
 
     patcher, text = load_model(family)
     tapped = apply_tap(patcher, "auto", setting.feature_size)
@@ -115,22 +115,15 @@ def collect(family: str, prompts: list[str], seeds: int, setting: Setting, datas
             tapped, positive, negative, models.empty_latent(family, 1), seed_base + p * 1000, seeds, steps,
             setting.cfg, "euler", "normal", stop_step=steps, capture_at=capture)
         final = evaluator.score(models.latent_to_image(result.latent["samples"], family), [scene] * seeds)
-        sets = result.activations.sets if hasattr(result.activations, "sets") else (result.activations,)
         final = torch.as_tensor(final, dtype=torch.float64)
         scores = {EVALUATOR: final.float(), TRAIN_TARGET: final.clamp(min=LOG_FLOOR).log().float()}
         for t, k in zip(setting.checkpoints, capture):
             preview = evaluator.score(models.latent_to_image(result.x0_at[k], family), [scene] * seeds)
             scores[f"x0@{t:g}"] = torch.as_tensor(preview, dtype=torch.float32)
+        manifest, rows = rows_from_activations(result.activations, scores, prompt)
         if writer is None:
-            first = sets[0]
-            manifest = DatasetManifest(
-                backbone_family=first.family, tap=first.tap, feature_shape=first.feature_shape,
-                pooling=first.pooling, checkpoints=[s.t for s in sets], evaluators=sorted(scores),
-                text_dim=0 if first.text_embedding is None else first.text_embedding.shape[1])
             writer = DatasetWriter(dataset_dir, manifest, writer_id="bench")
-        text_rows = sets[0].text_embedding.expand(seeds, -1) if sets[0].text_embedding is not None else None
-        writer.append(CandidateRows(features=torch.stack([s.features for s in sets], 1), seeds=sets[0].seeds,
-                                    prompts=[prompt] * seeds, text_embedding=text_rows, scores=scores))
+        writer.append(rows)
         if (p + 1) % 20 == 0 or p + 1 == len(prompts):
             log.info("  %s: collected %d/%d prompts", family, p + 1, len(prompts))
     return {"rows": len(prompts) * seeds, "tap": tapped_path(tapped)}

@@ -5,10 +5,9 @@ import logging
 import os
 import re
 
-import torch
 from comfy_api.latest import io, ui
 
-from ..probes.training.dataset import CandidateRows, DatasetError, DatasetManifest, DatasetWriter
+from ..probes.training.dataset import CandidateRows, DatasetError, DatasetManifest, DatasetWriter, rows_from_activations
 from ..probes.features import ActivationSeries
 from .errors import ProbeSelectError
 from .folders import datasets_root
@@ -39,8 +38,7 @@ def rows_from(node_id: str, activations, image_scores: list, prompt: str) -> tup
     if activations is None:
         raise ProbeSelectError(node_id, "no activations: the sampler's model has no activation tap.",
                                "insert ProbeSelectTap before ProbeSelectCollectSampler.")
-    sets = list(activations.sets) if isinstance(activations, ActivationSeries) else [activations]
-    n = len(sets[0])
+    n = len(activations.sets[0]) if isinstance(activations, ActivationSeries) else len(activations)
     names = [s.evaluator for s in image_scores]
     if len(set(names)) != len(names):
         raise ProbeSelectError(node_id, f"two score inputs come from the same evaluator ({names}).",
@@ -49,17 +47,7 @@ def rows_from(node_id: str, activations, image_scores: list, prompt: str) -> tup
         if len(scores.scores) != n:
             raise ProbeSelectError(node_id, f"{len(scores.scores)} '{scores.evaluator}' scores for {n} candidates.",
                                    "score the finished images of the same sampler run (one image per candidate).")
-    first = sets[0]
-    text = first.text_embedding
-    if text is not None:
-        text = text.expand(n, -1) if text.shape[0] == 1 else text
-    manifest = DatasetManifest(
-        backbone_family=first.family, tap=first.tap, feature_shape=first.feature_shape, pooling=first.pooling,
-        checkpoints=[s.t for s in sets], evaluators=sorted(names), text_dim=0 if text is None else text.shape[1])
-    rows = CandidateRows(
-        features=torch.stack([s.features for s in sets], dim=1), seeds=first.seeds, prompts=[prompt] * n,
-        text_embedding=text, scores={s.evaluator: s.scores.float() for s in image_scores})
-    return manifest, rows
+    return rows_from_activations(activations, {s.evaluator: s.scores for s in image_scores}, prompt)
 
 
 class ProbeSelectDatasetWriter(io.ComfyNode):

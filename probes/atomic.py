@@ -8,7 +8,7 @@ import secrets
 from pathlib import Path
 from typing import Callable, Union
 
-__all__ = ["atomic_write"]
+__all__ = ["atomic_write", "fsync_directory"]
 
 logger = logging.getLogger(__name__)
 
@@ -59,11 +59,11 @@ def atomic_write(path: Union[str, os.PathLike], write_fn: Callable[[Path], None]
         except OSError as error:  # keep the original exception; just say what is left behind
             logger.warning("could not remove temporary file %s: %s", temp_path, error)
         raise
-    _fsync_directory(directory)
+    fsync_directory(directory)
     return path
 
 
-def _fsync_directory(directory: Path) -> None:
+def fsync_directory(directory: Path) -> None:
     """Persist the rename itself (POSIX); directories cannot be opened for fsync on Windows."""
     if os.name != "posix":
         return

@@ -35,6 +35,8 @@ import torch.nn as nn
 import torch.nn.functional as F
 from torch import Tensor
 
+from .scoring import order_scores
+
 __all__ = [
     "EVALUATORS_DIR_HINT",
     "ImageScores",
@@ -96,9 +98,7 @@ class ImageScores:
 
     def order(self, descending: bool = True) -> Tensor:
         """Image indices from best to worst (stable; NaN last), ``[B]`` int64."""
-        key = self.scores.clone()
-        key[torch.isnan(key)] = -math.inf if descending else math.inf
-        return torch.sort(key, descending=descending, stable=True).indices
+        return order_scores(self.scores, descending)
 
 
 class EvaluatorUnavailable(RuntimeError):

@@ -26,6 +26,14 @@ __all__ = ["ProbeCompatibilityError", "CandidateScores", "check_compatible", "sc
 logger = logging.getLogger(__name__)
 
 
+def order_scores(scores: Tensor, descending: bool = True) -> Tensor:
+    """Indices from best to worst (or worst to best), ``[N]`` int64. Stable: ties keep their
+    original order, so selection is deterministic. NaN scores rank last in either direction."""
+    key = scores.float().clone()
+    key[torch.isnan(key)] = -math.inf if descending else math.inf
+    return torch.sort(key, descending=descending, stable=True).indices
+
+
 class ProbeCompatibilityError(ValueError):
     """The probe was trained on a different kind of activations than the ones given."""
 
@@ -116,9 +124,7 @@ class CandidateScores:
         The sort is stable: tied candidates keep their original order, so selection is
         deterministic. NaN scores rank last in either direction.
         """
-        key = self.scores.float().clone()
-        key[torch.isnan(key)] = -math.inf if descending else math.inf
-        return torch.sort(key, descending=descending, stable=True).indices
+        return order_scores(self.scores, descending)
 
 
 def score_candidates(

@@ -30,6 +30,8 @@ import uuid
 from pathlib import Path
 from typing import Any, Callable, Iterable, Mapping, Optional
 
+from devtools import comfyui_dir
+
 log = logging.getLogger(__name__)
 
 REPO_ROOT = Path(__file__).resolve().parents[1]
@@ -55,15 +57,8 @@ class PromptRejected(ServerError):
         super().__init__(f"POST /prompt was rejected ({status}): {json.dumps(body)[:4000]}")
 
 
-def default_comfyui_dir() -> Path:
-    """$COMFYUI_DIR, else the path recorded in .venv/comfyui_dir, else .comfyui/ComfyUI."""
-    env = os.environ.get("COMFYUI_DIR")
-    if env:
-        return Path(env)
-    marker = REPO_ROOT / ".venv" / "comfyui_dir"
-    if marker.exists():
-        return Path(marker.read_text().strip())
-    return REPO_ROOT / ".comfyui" / "ComfyUI"
+# $COMFYUI_DIR, else the path recorded in .venv/comfyui_dir, else .comfyui/ComfyUI.
+default_comfyui_dir = comfyui_dir
 
 
 def default_python() -> str:

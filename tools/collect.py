@@ -49,7 +49,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Callable, Iterable, Optional, Sequence, Union
 
-from probe_select.probes.training.dataset import DATASETS_SUBFOLDER, list_shards, prompt_id
+from probe_select.probes.training.dataset import DATASETS_SUBFOLDER, list_shards, prompt_id, read_shard_header
 
 from . import PACK_ROOT
 
@@ -342,14 +342,7 @@ def dataset_dir(output_dir: PathLike, name: str) -> Path:
 
 def _shard_prompt_ids(path: Path) -> list[str]:
     """The ``prompt_ids`` of a shard, from its safetensors header only (no tensor is read)."""
-    with open(path, "rb") as handle:
-        head = handle.read(8)
-        if len(head) != 8:
-            raise ValueError("file shorter than a safetensors header")
-        size = int.from_bytes(head, "little")
-        if not 0 < size <= 256 * 1024 * 1024:
-            raise ValueError(f"implausible header size {size}")
-        header = json.loads(handle.read(size))
+    header, _length, _size = read_shard_header(path)
     ids = json.loads((header.get("__metadata__") or {})["prompt_ids"])
     if not isinstance(ids, list) or not all(isinstance(i, str) for i in ids):
         raise ValueError("prompt_ids is not a list of strings")

@@ -49,7 +49,7 @@ from safetensors import safe_open
 from safetensors.torch import save_file
 from torch import Tensor
 
-from ..atomic import _fsync_directory, atomic_write
+from ..atomic import fsync_directory, atomic_write
 from ..checkpoints import CheckpointError, checkpoint_index
 from ..features import FEATURE_DTYPE
 from ..io import ProbeMetadata
@@ -301,7 +301,7 @@ def _create_manifest(path: Path, text: str) -> bool:
         except OSError as error:
             logger.warning("could not remove temporary file %s: %s", temp, error)
     if created:
-        _fsync_directory(path.parent)
+        fsync_directory(path.parent)
     return created
 
 
@@ -641,17 +641,27 @@ class DatasetWriter:
         return tensors, metadata
 
 
-def _header_row_count(path: Path) -> int:
-    """Rows of a shard from its safetensors header alone (a few hundred bytes read, no mmap)."""
+def read_shard_header(path: PathLike) -> tuple[dict, int, int]:
+    """(header, header length, file size) of a shard's safetensors header (no tensor is read).
+
+    Raises:
+        ValueError: if the file is too short or its header length is implausible.
+    """
     with open(path, "rb") as handle:
         prefix = handle.read(8)
         if len(prefix) != 8:
             raise ValueError("file shorter than a safetensors header")
         (length,) = struct.unpack("<Q", prefix)
-        if length > _MAX_HEADER_BYTES:
+        if not 0 < length <= _MAX_HEADER_BYTES:
             raise ValueError(f"header length {length} is implausible")
         header = json.loads(handle.read(length))
         size = os.fstat(handle.fileno()).st_size
+    return header, length, size
+
+
+def _header_row_count(path: Path) -> int:
+    """Rows of a shard from its safetensors header alone (a few hundred bytes read, no mmap)."""
+    header, length, size = read_shard_header(path)
     # Truncation (the usual damage) shows as a file shorter than the header's last tensor end.
     end = max((entry["data_offsets"][1] for key, entry in header.items() if key != "__metadata__"), default=0)
     if size != 8 + length + end:
@@ -1084,3 +1094,21 @@ def _stores(checkpoints: Sequence[float], checkpoint_t: float) -> bool:
 
 def _is_int(value) -> bool:
     return isinstance(value, int) and not isinstance(value, bool)
+
+
+def rows_from_activations(activations, scores: dict[str, Tensor], prompt: str) -> tuple[DatasetManifest, CandidateRows]:
+    """One dataset row per candidate of one run: its activations at every checkpoint (an
+    ActivationSet or ActivationSeries) and each evaluator's score, with the manifest they imply."""
+    sets = list(getattr(activations, "sets", (activations,)))
+    first = sets[0]
+    n = len(first)
+    text = first.text_embedding
+    if text is not None and text.shape[0] == 1:
+        text = text.expand(n, -1)
+    manifest = DatasetManifest(
+        backbone_family=first.family, tap=first.tap, feature_shape=first.feature_shape, pooling=first.pooling,
+        checkpoints=[s.t for s in sets], evaluators=sorted(scores), text_dim=0 if text is None else text.shape[1])
+    rows = CandidateRows(
+        features=torch.stack([s.features for s in sets], dim=1), seeds=first.seeds, prompts=[prompt] * n,
+        text_embedding=text, scores={name: value.float() for name, value in scores.items()})
+    return manifest, rows

@@ -354,7 +354,7 @@ def _lr_at(step: int, total_steps: int, config: TrainConfig) -> float:
     return config.lr * (config.min_lr_ratio + (1.0 - config.min_lr_ratio) * cosine)
 
 
-def _make_optimizer(model: Probe, config: TrainConfig) -> torch.optim.AdamW:
+def make_optimizer(model: Probe, config: TrainConfig) -> torch.optim.AdamW:
     decay, no_decay = [], []
     for param in model.parameters():
         (decay if param.ndim >= 2 else no_decay).append(param)
@@ -364,7 +364,7 @@ def _make_optimizer(model: Probe, config: TrainConfig) -> torch.optim.AdamW:
     )
 
 
-def _ema_update(ema: Probe, model: Probe, decay: float) -> None:
+def ema_update(ema: Probe, model: Probe, decay: float) -> None:
     with torch.no_grad():
         for ema_param, param in zip(ema.parameters(), model.parameters()):
             ema_param.lerp_(param.detach(), 1.0 - decay)
@@ -556,7 +556,7 @@ def _train(
     ema.load_state_dict(model.state_dict())
     for param in ema.parameters():
         param.requires_grad_(False)
-    optimizer = _make_optimizer(model, config)
+    optimizer = make_optimizer(model, config)
     loss_fn = ProbeLoss(lambda_align=config.lambda_align, lambda_pearson=config.lambda_pearson, temperature=config.temperature)
 
     num_prompts = len(train.prompt_rows)
@@ -662,7 +662,7 @@ def _train(
             if config.grad_clip > 0:
                 torch.nn.utils.clip_grad_norm_(model.parameters(), config.grad_clip)
             optimizer.step()
-            _ema_update(ema, model, _ema_decay(config, ema_updates) if config.ema_decay > 0 else 0.0)
+            ema_update(ema, model, _ema_decay(config, ema_updates) if config.ema_decay > 0 else 0.0)
             ema_updates += 1
             global_step += 1
             for key, value in terms.as_floats().items():

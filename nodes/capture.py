@@ -51,7 +51,7 @@ class CaptureSession:
         return self.step in self.capture_steps and (self.step not in self.features or on_schedule)
 
 
-def at_schedule_sigma(t, sample_sigmas, step: int) -> bool:
+def at_schedule_sigma(t: Optional[torch.Tensor], sample_sigmas: Optional[torch.Tensor], step: int) -> bool:
     """Whether a denoiser call at sigma `t` evaluates at `sample_sigmas[step]` (not at a sampler's
     intermediate sigma)."""
     if not isinstance(t, torch.Tensor) or t.numel() == 0 or not isinstance(sample_sigmas, torch.Tensor):
@@ -130,6 +130,7 @@ class ActivationTap:
     def __call__(self, executor, x, t, c_concat=None, c_crossattn=None, control=None,
                  transformer_options={}, **kwargs):
         session = self.sessions.get(transformer_options.get(RUN_KEY)) if self.sessions else None
+        # The step test first: other steps must stay one dict lookup (the sigma test reads a tensor).
         if session is None or session.step not in session.capture_steps or not session.wants_capture(
                 at_schedule_sigma(t, transformer_options.get("sample_sigmas"), session.step)):
             return executor(x, t, c_concat, c_crossattn, control, transformer_options, **kwargs)

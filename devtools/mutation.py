@@ -21,7 +21,7 @@ raises on import) checks that before any mutant runs, and the unmutated baseline
 
 How a run goes, per configured module:
 1. candidates: every place an operator applies (:data:`OPERATORS`), found with ``ast``, skipping
-   docstrings, annotations, f-strings, logging calls, ``__all__`` and lines marked
+   docstrings, annotations, f-strings, logging calls (and `if`s that only log), ``__all__`` and lines marked
    ``# mutation: skip``;
 2. selection: a seeded, round-robin draw over the operators (``random.Random(f"{seed}:{path}")``), so
    the same source and seed always give the same mutants;
@@ -53,9 +53,9 @@ import signal
 import subprocess
 import sys
 import tempfile
+import threading
 import time
 import tomllib
-from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 from typing import Callable, Iterator, Optional
 
@@ -279,6 +279,8 @@ class _CandidateFinder(ast.NodeVisitor):
             return True
         if isinstance(node, ast.If) and "TYPE_CHECKING" in ast.unparse(node.test):
             return True
+        if isinstance(node, ast.If) and not node.orelse and all(_is_logging_call(stmt) for stmt in node.body):
+            return True   # a condition that only decides whether to log
         return False
 
     def _record(self, node: ast.AST) -> None:
@@ -454,6 +456,17 @@ def make_copy(root: Path, destination: Path) -> Path:
     return destination
 
 
+_LIVE: set[subprocess.Popen] = set()   # test runs in progress, ended by Workspace.close
+_LIVE_LOCK = threading.Lock()
+
+
+def _kill(process: subprocess.Popen) -> None:
+    try:
+        os.killpg(process.pid, signal.SIGKILL)
+    except ProcessLookupError:
+        pass
+
+
 @dataclasses.dataclass
 class RunResult:
     status: str          # "killed", "survived", "timeout"
@@ -469,14 +482,24 @@ def run_tests(copy_root: Path, tests: list[str], pytest_args: list[str], timeout
     # would otherwise be served from a stale .pyc (its check is mtime + size).
     env = dict(os.environ, PYTHONDONTWRITEBYTECODE="1", OMP_NUM_THREADS=os.environ.get("OMP_NUM_THREADS", "1"))
     started = time.monotonic()
+    # A session of its own, so a timeout can kill pytest and whatever it started (Ctrl-C does not
+    # reach it either: Workspace.close ends the runs still going).
     process = subprocess.Popen(command, cwd=copy_root, env=env, stdout=subprocess.PIPE,
                                stderr=subprocess.STDOUT, text=True, start_new_session=True)
+    with _LIVE_LOCK:
+        _LIVE.add(process)
     try:
         output, _ = process.communicate(timeout=timeout_s)
     except subprocess.TimeoutExpired:
-        os.killpg(process.pid, signal.SIGKILL)   # pytest and anything it started
+        _kill(process)
         process.communicate()
         return RunResult("timeout", time.monotonic() - started)
+    except BaseException:   # Ctrl-C / SIGTERM while this thread waits: end the run with it
+        _kill(process)
+        raise
+    finally:
+        with _LIVE_LOCK:
+            _LIVE.discard(process)
     seconds = time.monotonic() - started
     if process.returncode in (4, 5):   # usage error / nothing collected: the configuration is wrong
         raise ConfigError(f"pytest exit {process.returncode} for {tests}:\n{output[-2000:]}")
@@ -510,6 +533,9 @@ class Workspace:
             raise
 
     def close(self) -> None:
+        with _LIVE_LOCK:
+            for process in _LIVE:
+                _kill(process)
         shutil.rmtree(self.base, ignore_errors=True)
 
     def __enter__(self) -> "Workspace":
@@ -530,6 +556,45 @@ class Workspace:
         finally:
             target.write_bytes(original)
             self.copies.put(copy_root)
+
+
+def run_in_threads(function: Callable, items: list, jobs: int) -> list:
+    """``[function(item) for item in items]`` on ``jobs`` daemon threads, in order.
+
+    The main thread waits in short joins so that Ctrl-C / SIGTERM reach it at once (a thread pool's
+    blocking wait defers them until a running mutant finishes, and joins its threads at exit); on
+    an interrupt the remaining items are dropped and Workspace.close ends the runs in progress.
+    """
+    results: list = [None] * len(items)
+    todo: queue.Queue = queue.Queue()
+    for index, item in enumerate(items):
+        todo.put((index, item))
+    errors: list[BaseException] = []
+
+    def worker() -> None:
+        while not errors:
+            try:
+                index, item = todo.get_nowait()
+            except queue.Empty:
+                return
+            try:
+                results[index] = function(item)
+            except BaseException as error:   # handed to the main thread below
+                errors.append(error)
+
+    threads = [threading.Thread(target=worker, daemon=True) for _ in range(max(1, jobs))]
+    for thread in threads:
+        thread.start()
+    try:
+        for thread in threads:
+            while thread.is_alive():
+                thread.join(0.5)
+    finally:
+        while not todo.empty():
+            todo.get_nowait()
+    if errors:
+        raise errors[0]
+    return results
 
 
 CANARY = 'raise RuntimeError("mutation canary: the tests must import this copy of the module")\n'
@@ -562,8 +627,7 @@ def run_module(workspace: Workspace, root: Path, module: ModuleConfig, config: C
         progress(f"  {result.status:8s} {result.seconds:5.1f} s  {mutant.module}:{mutant.line}  {mutant.description}")
         return mutant, result
 
-    with ThreadPoolExecutor(max_workers=jobs) as pool:
-        results = list(pool.map(one, mutants))
+    results = run_in_threads(one, mutants, jobs)
     return ModuleReport(module.path, module.tests, len(candidates), baseline.seconds, timeout_s, results)
 
 
@@ -631,6 +695,10 @@ def render_report(reports: list[ModuleReport], equivalents: list[Equivalent], co
     return "\n".join(lines)
 
 
+def _stop(signum: int, frame) -> None:
+    raise KeyboardInterrupt
+
+
 def main(argv: Optional[list[str]] = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--config", type=Path, default=DEFAULT_CONFIG)
@@ -646,6 +714,7 @@ def main(argv: Optional[list[str]] = None) -> int:
     parser.add_argument("--list", action="store_true", help="print the selected mutants and exit")
     args = parser.parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(message)s")
+    signal.signal(signal.SIGTERM, _stop)   # `kill` / `timeout`: clean up the copies as Ctrl-C does
 
     try:
         config = load_config(args.config, ROOT)

@@ -17,6 +17,8 @@ SAMPLE = textwrap.dedent('''\
         if a < b and not xs:
             return a + 1
         logger.info("no %s", a - b)
+        if a > 2 * b:
+            logger.warning("a is large")
         for x in xs:
             if x == 0:
                 continue

@@ -36,6 +36,9 @@ Usage::
     python devtools/mutation.py                         # every module, writes bench/results/mutation.md
     python devtools/mutation.py --module probes/losses.py --max-mutants 10 --jobs 2
     python devtools/mutation.py --list --module nodes/noise.py   # the selected mutants, no test run
+    python devtools/mutation.py --report-from bench/results/mutation.json   # re-render (new equivalents)
+
+A full run also writes ``bench/results/mutation.json`` (every mutant and its result).
 """
 from __future__ import annotations
 
@@ -695,6 +698,42 @@ def render_report(reports: list[ModuleReport], equivalents: list[Equivalent], co
     return "\n".join(lines)
 
 
+def reports_to_json(reports: list[ModuleReport], seed: int, total_s: float, jobs: int) -> dict:
+    """Everything the report is made from, so it can be rendered again (``--report-from``)."""
+    return {"seed": seed, "total_s": total_s, "jobs": jobs, "modules": [
+        {"module": r.module, "tests": r.tests, "candidates": r.candidates, "baseline_s": r.baseline_s,
+         "timeout_s": r.timeout_s, "results": [
+             {**dataclasses.asdict(m), "description": m.description, **dataclasses.asdict(res)}
+             for m, res in r.results]} for r in reports]}
+
+
+def reports_from_json(data: dict) -> list[ModuleReport]:
+    mutant_fields = [field.name for field in dataclasses.fields(Mutant)]
+    result_fields = [field.name for field in dataclasses.fields(RunResult)]
+    return [ModuleReport(
+        module=m["module"], tests=m["tests"], candidates=m["candidates"], baseline_s=m["baseline_s"],
+        timeout_s=m["timeout_s"], results=[
+            (Mutant(**{k: r[k] for k in mutant_fields}), RunResult(**{k: r[k] for k in result_fields}))
+            for r in m["results"]]) for m in data["modules"]]
+
+
+def _shown(path: Path) -> str:
+    resolved = path.resolve()
+    return resolved.relative_to(ROOT).as_posix() if resolved.is_relative_to(ROOT) else str(path)
+
+
+def _write(text: str, output: Optional[Path]) -> None:
+    """The report to ``output`` (atomically) or, without one, to stdout."""
+    if output is None:
+        print(text)
+        return
+    output.parent.mkdir(parents=True, exist_ok=True)
+    temporary = output.with_name(output.name + ".tmp")
+    temporary.write_text(text, encoding="utf-8")
+    os.replace(temporary, output)
+    logger.info("wrote %s", output)
+
+
 def _stop(signum: int, frame) -> None:
     raise KeyboardInterrupt
 
@@ -712,6 +751,8 @@ def main(argv: Optional[list[str]] = None) -> int:
                              "a partial run prints to stdout unless given)")
     parser.add_argument("--json", type=Path, help="also write the raw results as JSON")
     parser.add_argument("--list", action="store_true", help="print the selected mutants and exit")
+    parser.add_argument("--report-from", type=Path, metavar="JSON",
+                        help="render the report again from a run's JSON (after editing the equivalents)")
     args = parser.parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(message)s")
     signal.signal(signal.SIGTERM, _stop)   # `kill` / `timeout`: clean up the copies as Ctrl-C does
@@ -728,6 +769,14 @@ def main(argv: Optional[list[str]] = None) -> int:
                                   f"(configured: {', '.join(c.path for c in modules)})")
             modules = [c for c in modules if c.path in args.module]
         equivalents = load_equivalents(args.equivalents)
+
+        if args.report_from:
+            data = json.loads(args.report_from.read_text(encoding="utf-8"))
+            config.seed = data["seed"]
+            text = render_report(reports_from_json(data), equivalents, config, _shown(args.config),
+                                 data["total_s"], data["jobs"])
+            _write(text, args.output)
+            return 0
 
         if args.list:
             for module in modules:
@@ -752,24 +801,14 @@ def main(argv: Optional[list[str]] = None) -> int:
         logger.error("mutation: stopped; the working tree was never written")
         return 130
 
-    config_path = args.config.resolve().relative_to(ROOT).as_posix() if args.config.resolve().is_relative_to(ROOT) \
-        else str(args.config)
-    text = render_report(reports, equivalents, config, config_path, total_s, args.jobs)
+    text = render_report(reports, equivalents, config, _shown(args.config), total_s, args.jobs)
     partial = bool(args.module) or args.max_mutants is not None
     output = args.output or (None if partial else DEFAULT_OUTPUT)
-    if output is None:
-        print(text)
-    else:
-        output.parent.mkdir(parents=True, exist_ok=True)
-        temporary = output.with_name(output.name + ".tmp")
-        temporary.write_text(text, encoding="utf-8")
-        os.replace(temporary, output)
-        logger.info("wrote %s", output)
-    if args.json:
-        args.json.write_text(json.dumps([
-            {"module": r.module, "baseline_s": r.baseline_s, "timeout_s": r.timeout_s, "results": [
-                {**dataclasses.asdict(m), "description": m.description, **dataclasses.asdict(res)}
-                for m, res in r.results]} for r in reports], indent=1), encoding="utf-8")
+    _write(text, output)
+    json_path = args.json or (None if output != DEFAULT_OUTPUT else DEFAULT_OUTPUT.with_suffix(".json"))
+    if json_path is not None:
+        json_path.write_text(json.dumps(reports_to_json(reports, config.seed, total_s, args.jobs), indent=1),
+                             encoding="utf-8")
     return 0
 
 

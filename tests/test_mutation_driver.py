@@ -4,6 +4,7 @@ No ComfyUI: the operators run on small source samples, and the end-to-end check 
 throwaway two-file project in tmp_path.
 """
 import ast
+import json
 import textwrap
 from pathlib import Path
 
@@ -209,3 +210,25 @@ def test_equivalents_match_on_module_function_and_change_and_the_line_only_when_
     assert anywhere.matches(mutant) and not on_line_7.matches(mutant)
     moved = mutation.Mutant(**{**mutant.__dict__, "module": "n.py"})
     assert not anywhere.matches(moved)
+
+
+def test_report_counts_explains_survivors_and_renders_again_from_its_json(tmp_path):
+    source = "def f(n):\n    if n < 0:\n        return 0\n    return n - 1\n"
+    compare, arithmetic = (mutation.find_candidates("m.py", source, operators=[op])[0]
+                           for op in ("compare", "arithmetic"))
+    negate = mutation.find_candidates("m.py", source, operators=["negate"])[0]
+    report = mutation.ModuleReport("m.py", ["tests/test_m.py"], 9, 1.0, 30.0, [
+        (compare, mutation.RunResult("survived", 2.0)),
+        (arithmetic, mutation.RunResult("survived", 2.0)),
+        (negate, mutation.RunResult("killed", 1.0, "FAILED tests/test_m.py::test_f")),
+    ])
+    equivalents = [mutation.Equivalent("m.py", "f", compare.description, "f(0) is 0 either way")]
+    config = mutation.Config(seed=4, timeout_factor=3.0, timeout_floor_s=30.0, pytest_args=[], modules=[])
+    text = mutation.render_report([report], equivalents, config, "bench/mutation.toml", 60.0, 1)
+    assert "| `m.py` | `test_m.py` | 9 | 3 | 1 | 2 | 0 | 1 | 50% | 1.7 |" in text
+    assert f"{compare.description} - equivalent: f(0) is 0 either way" in text
+    assert f"{arithmetic.description} - **not explained**" in text
+    data = mutation.reports_to_json([report], 4, 60.0, 1)
+    (again,) = mutation.reports_from_json(json.loads(json.dumps(data)))
+    assert again == report
+    assert mutation.render_report([again], equivalents, config, "bench/mutation.toml", 60.0, 1) == text

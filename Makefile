@@ -3,7 +3,7 @@ PY := .venv/bin/python
 export OMP_NUM_THREADS ?= 1
 PYTEST_ARGS ?=
 
-.PHONY: setup test test-fast bench bench-core bench-proxy proxy-models demo lint clean
+.PHONY: setup test test-fast bench bench-core bench-proxy proxy-models demo lint clean mutation
 
 setup:
 	@bash scripts/setup_env.sh
@@ -24,11 +24,18 @@ bench-core: setup
 	$(PY) bench/bench_core.py
 	$(PY) bench/bench_train.py
 
+# Mutation testing (not part of `make test`): the modules and tests in bench/mutation.toml, one mutant
+# at a time in a temporary copy of the repository; writes bench/results/mutation.md. A subset:
+# make mutation MUTATION_ARGS="--module probes/losses.py --max-mutants 10 --output /tmp/m.md"
+MUTATION_ARGS ?=
+mutation: setup
+	$(PY) devtools/mutation.py $(MUTATION_ARGS)
+
 clean:
 	rm -rf .venv .comfyui .pytest_cache
 
 lint: setup
-	$(PY) -m ruff check --select F,E9 --line-length 120 nodes probes tests __init__.py bench workflows
+	$(PY) -m ruff check --select F,E9 --line-length 120 nodes probes tests __init__.py bench workflows devtools
 
 # The proxy-world models: committed weights, or trained here (<= 15 minutes each) when missing.
 proxy-models: setup

@@ -272,7 +272,8 @@ class FeatureAccumulator:
         if len(sizes) != 1:
             raise ValueError(f"feature outputs disagree on the batch size: {sizes}")
         for name, value in features.items():
-            self._chunks.setdefault(name, []).append(value.detach().to("cpu", torch.float32).reshape(value.shape[0], -1))
+            rows = value.detach().to("cpu", torch.float32).reshape(value.shape[0], -1)
+            self._chunks.setdefault(name, []).append(rows)
         self.count += sizes.pop()
         self._cache.clear()
 
@@ -397,7 +398,8 @@ class ReferenceStats:
             raise ReferenceStatsError(
                 f"{where} was made with resize mode '{self.resize_mode}', not '{resize_mode}'; FID and its relatives "
                 "change with the resize.",
-                f"set resize_mode to '{self.resize_mode}', or save the reference statistics again with '{resize_mode}'.")
+                f"set resize_mode to '{self.resize_mode}', or save the reference statistics again with "
+                f"'{resize_mode}'.")
         return self.features[extractor.kind]
 
 

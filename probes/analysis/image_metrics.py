@@ -148,7 +148,8 @@ def frechet_distance(mu1: ArrayLike, sigma1: ArrayLike, mu2: ArrayLike, sigma2: 
     mu1, mu2 = (np.asarray(m, dtype=np.float64).reshape(-1) for m in (mu1, mu2))
     s1, s2 = (np.asarray(s, dtype=np.float64) for s in (sigma1, sigma2))
     if mu1.shape != mu2.shape or s1.shape != s2.shape or s1.shape != (mu1.size, mu1.size):
-        raise ValueError(f"statistics do not match: means {mu1.shape} / {mu2.shape}, covariances {s1.shape} / {s2.shape}")
+        raise ValueError(f"statistics do not match: means {mu1.shape} / {mu2.shape}, "
+                         f"covariances {s1.shape} / {s2.shape}")
     diff = mu1 - mu2
     eigenvalues = np.linalg.eigvals(s1.dot(s2)).astype(np.complex128)
     tr_covmean = np.sum(np.sqrt(eigenvalues)).real

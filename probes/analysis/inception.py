@@ -166,7 +166,8 @@ def sha256_of_file(path: Union[str, os.PathLike], chunk: int = 1 << 20) -> str:
 
 
 def load_fid_inception(path: Optional[Union[str, os.PathLike]], device: Union[str, torch.device] = "cpu",
-                       expected_sha256: str = INCEPTION_SHA256, folder_hint: str = INCEPTION_DIR_HINT) -> FIDInceptionV3:
+                       expected_sha256: str = INCEPTION_SHA256,
+                       folder_hint: str = INCEPTION_DIR_HINT) -> FIDInceptionV3:
     """Build the FID InceptionV3 from the local standard weights file.
 
     Args:

@@ -233,7 +233,8 @@ def load_reference(path: Union[str, os.PathLike], expected_features: Optional[st
     except Exception as e:      # safetensors raises its own error types for foreign files
         raise OODFileError(f"'{path.name}' is not a safetensors file ({type(e).__name__}: {e}).", fix) from None
     if metadata.get("format") != OOD_FORMAT:
-        raise OODFileError(f"'{path.name}' is not a Probe-Select OOD reference (format {metadata.get('format')!r}).", fix)
+        raise OODFileError(f"'{path.name}' is not a Probe-Select OOD reference "
+                           f"(format {metadata.get('format')!r}).", fix)
     if int(metadata.get("format_version", "0")) > OOD_FORMAT_VERSION:
         raise OODFileError(f"'{path.name}' is newer than this pack reads.", "update Probe-Select.")
     features = metadata.get("features", "")

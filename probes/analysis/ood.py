@@ -49,7 +49,7 @@ __all__ = [
 logger = logging.getLogger(__name__)
 
 MIN_REFERENCE_SAMPLES = 100
-CROSS_FIT_FOLDS = 10
+CROSS_FIT_FOLDS = 5
 OOD_FORMAT = "probe-select-ood-reference"
 OOD_FORMAT_VERSION = 1
 LATENT_POOL = 4
@@ -64,6 +64,20 @@ class OODFileError(ValueError):
         super().__init__(f"{problem} Fix: {fix}" if fix else problem)
 
 
+def _shrink(s: np.ndarray, fourth: float, n: int) -> tuple[np.ndarray, float]:
+    """Ledoit-Wolf shrinkage of the maximum-likelihood covariance ``s`` of ``n`` centred rows whose
+    squared norms' squares sum to ``fourth`` (= sum_n |x_n|^4)."""
+    d = s.shape[0]
+    mu = np.trace(s) / d
+    s_sq = (s ** 2).sum()
+    delta_sq = (s_sq - 2.0 * mu * np.trace(s) + d * mu * mu) / d      # |S - mu I|² / d
+    beta_sq = min((fourth / n - s_sq) / (d * n), delta_sq)            # estimated variance of S, / d
+    shrinkage = 0.0 if delta_sq <= 0 else float(max(beta_sq, 0.0) / delta_sq)
+    covariance = (1.0 - shrinkage) * s
+    covariance[np.diag_indices(d)] += shrinkage * mu
+    return covariance, shrinkage
+
+
 def ledoit_wolf(x: np.ndarray) -> tuple[np.ndarray, np.ndarray, float]:
     """(mean, shrunk covariance, shrinkage) of rows ``x`` ``[N, D]`` (Ledoit & Wolf 2004).
 
@@ -73,26 +87,25 @@ def ledoit_wolf(x: np.ndarray) -> tuple[np.ndarray, np.ndarray, float]:
     ``ledoit_wolf_shrinkage``).
     """
     x = np.asarray(x, dtype=np.float64)
-    n, d = x.shape
+    n = x.shape[0]
     mean = x.mean(axis=0)
     xc = x - mean
-    s = xc.T @ xc / n
-    mu = np.trace(s) / d
-    delta = s.copy()
-    delta[np.diag_indices(d)] -= mu
-    delta_sq = (delta ** 2).sum() / d                     # ||S - mu I||² / d
-    x2 = xc ** 2
-    beta_sq = ((x2.T @ x2).sum() / n - (s ** 2).sum()) / (d * n)   # estimated variance of S, / d
-    beta_sq = min(beta_sq, delta_sq)
-    shrinkage = 0.0 if delta_sq == 0 else float(beta_sq / delta_sq)
-    covariance = (1.0 - shrinkage) * s
-    covariance[np.diag_indices(d)] += shrinkage * mu
+    covariance, shrinkage = _shrink(xc.T @ xc / n, float(((xc ** 2).sum(axis=1) ** 2).sum()), n)
     return mean, covariance, shrinkage
 
 
+def _cholesky(covariance: np.ndarray) -> Optional[Tensor]:
+    """Lower Cholesky factor (float64 torch), or None when the matrix is not positive definite."""
+    factor, info = torch.linalg.cholesky_ex(torch.from_numpy(covariance))
+    return factor if int(info) == 0 else None
+
+
 def _precision(covariance: np.ndarray) -> np.ndarray:
-    # Symmetric and (by shrinkage) positive definite: invert through its eigendecomposition, with a
-    # floor against round-off for a degenerate reference (all rows equal).
+    factor = _cholesky(covariance)
+    if factor is not None:
+        return torch.cholesky_inverse(factor).numpy()
+    # Only a degenerate reference (e.g. all rows equal) gets here: invert through the
+    # eigendecomposition with a floor against round-off.
     eigenvalues, eigenvectors = np.linalg.eigh(covariance)
     floor = max(float(eigenvalues.max()) * 1e-12, 1e-300)
     return (eigenvectors / np.maximum(eigenvalues, floor)) @ eigenvectors.T
@@ -101,6 +114,35 @@ def _precision(covariance: np.ndarray) -> np.ndarray:
 def _distances(x: np.ndarray, mean: np.ndarray, precision: np.ndarray) -> np.ndarray:
     centred = x - mean
     return np.sqrt(np.maximum(np.einsum("nd,de,ne->n", centred, precision, centred), 0.0))
+
+
+def _cross_fitted_distances(x: np.ndarray, folds: int, seed: int) -> np.ndarray:
+    """Distance of each row to a Ledoit-Wolf fit on the other folds.
+
+    The folds' covariances come from the full second-moment matrix minus each fold's own, so the
+    cost is one pass over the data plus one Cholesky factorisation per fold.
+    """
+    n = x.shape[0]
+    xg = x - x.mean(axis=0)                    # centred once: keeps the moment differences accurate
+    gram = xg.T @ xg
+    order = np.random.RandomState(seed).permutation(n)
+    distances = np.empty(n)
+    for fold in np.array_split(order, folds):
+        train = np.ones(n, dtype=bool)
+        train[fold] = False
+        n_train = int(train.sum())
+        held = xg[fold]
+        mean = -held.sum(axis=0) / n_train     # the rows of xg sum to zero
+        s = (gram - held.T @ held) / n_train - np.outer(mean, mean)
+        fourth = float((((xg[train] - mean) ** 2).sum(axis=1) ** 2).sum())
+        covariance, _ = _shrink(s, fourth, n_train)
+        factor = _cholesky(covariance)
+        if factor is None:
+            distances[fold] = _distances(held, mean, _precision(covariance))
+        else:
+            white = torch.linalg.solve_triangular(factor, torch.from_numpy(held - mean).T, upper=False)
+            distances[fold] = white.square().sum(dim=0).sqrt().numpy()
+    return distances
 
 
 @dataclass
@@ -172,12 +214,7 @@ def fit_reference(x: Union[Tensor, np.ndarray], features: str, folds: int = CROS
     precision = _precision(covariance)
     folds = max(2, min(folds, n // 2)) if n >= 4 else 1
     if folds >= 2:
-        order = np.random.RandomState(seed).permutation(n)
-        held_out_scores = np.empty(n)
-        for fold in np.array_split(order, folds):
-            train = np.setdiff1d(order, fold, assume_unique=True)
-            m, c, _ = ledoit_wolf(x[train])
-            held_out_scores[fold] = _distances(x[fold], m, _precision(c))
+        held_out_scores = _cross_fitted_distances(x, folds, seed)
     else:
         held_out_scores = _distances(x, mean, precision)
     return OODReference(mean, covariance, precision, np.sort(held_out_scores), shrinkage, n, features,

@@ -23,6 +23,7 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
 import numpy as np  # noqa: E402
+import open_clip  # noqa: E402
 import torch  # noqa: E402
 import torch.nn.functional as F  # noqa: E402
 
@@ -52,8 +53,6 @@ def timed(fn, repeats: int = 1) -> float:
 
 
 def clip_vit_b32() -> feat.ClipExtractor:
-    import open_clip
-
     model, _, _ = open_clip.create_model_and_transforms("ViT-B-32", pretrained=None)
     model.eval()
     return feat.ClipExtractor(model, open_clip.get_tokenizer("ViT-B-32"), "ViT-B-32:random", 224,

@@ -43,6 +43,7 @@ from torch import Tensor
 
 from ..atomic import atomic_write
 from .image_metrics import gaussian_statistics
+from .inception import INCEPTION_INPUT_SIZE
 
 __all__ = [
     "RESIZE_MODES",
@@ -125,8 +126,6 @@ class InceptionExtractor(FeatureExtractor):
     crop = "none"
 
     def __init__(self, model: nn.Module, identity: str, device: Union[str, torch.device] = "cpu"):
-        from .inception import INCEPTION_INPUT_SIZE
-
         self.model = model.to(device).eval()
         self.device = torch.device(device)
         self.input_size = INCEPTION_INPUT_SIZE

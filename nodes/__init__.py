@@ -3,6 +3,8 @@ from comfy_api.latest import ComfyExtension, io
 
 from .dataset import ProbeSelectDatasetWriter
 from .evaluators import EVALUATOR_NODES
+from .nodes_image_metrics import IMAGE_METRICS_NODES
+from .nodes_ood import OOD_NODES
 from .preview_score import ProbeSelectPreviewScore
 from .sampling import ProbeSelectCollectSampler, ProbeSelectEarlySampler, ProbeSelectResume, ProbeSelectSampler
 from .selection import ProbeSelectLoadProbe, ProbeSelectScore, ProbeSelectTopK
@@ -23,6 +25,8 @@ NODES: list[type[io.ComfyNode]] = [
     ProbeSelectDatasetWriter,
     ProbeSelectTrain,
     ProbeSelectEvaluateProbe,
+    *IMAGE_METRICS_NODES,
+    *OOD_NODES,
 ]
 
 

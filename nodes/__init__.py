@@ -3,6 +3,7 @@ from comfy_api.latest import ComfyExtension, io
 
 from .dataset import ProbeSelectDatasetWriter
 from .evaluators import EVALUATOR_NODES
+from .nodes_schedules import SCHEDULE_NODES
 from .preview_score import ProbeSelectPreviewScore
 from .sampling import ProbeSelectCollectSampler, ProbeSelectEarlySampler, ProbeSelectResume, ProbeSelectSampler
 from .selection import ProbeSelectLoadProbe, ProbeSelectScore, ProbeSelectTopK
@@ -23,6 +24,7 @@ NODES: list[type[io.ComfyNode]] = [
     ProbeSelectDatasetWriter,
     ProbeSelectTrain,
     ProbeSelectEvaluateProbe,
+    *SCHEDULE_NODES,
 ]
 
 

@@ -3,6 +3,8 @@ from comfy_api.latest import ComfyExtension, io
 
 from .dataset import ProbeSelectDatasetWriter
 from .evaluators import EVALUATOR_NODES
+from .nodes_activation_pca import PCA_NODES
+from .nodes_latent_probing import LATENT_PROBING_NODES
 from .nodes_schedules import SCHEDULE_NODES
 from .preview_score import ProbeSelectPreviewScore
 from .sampling import ProbeSelectCollectSampler, ProbeSelectEarlySampler, ProbeSelectResume, ProbeSelectSampler
@@ -25,6 +27,8 @@ NODES: list[type[io.ComfyNode]] = [
     ProbeSelectTrain,
     ProbeSelectEvaluateProbe,
     *SCHEDULE_NODES,
+    *PCA_NODES,
+    *LATENT_PROBING_NODES,
 ]
 
 

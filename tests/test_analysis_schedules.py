@@ -178,9 +178,11 @@ def test_node_rejects_unknown_scheduler(schedule_node):
         schedule_node.execute(build_tiny("sd1").patcher, " , ", 8, 0.2)
 
 
-def test_inspector_is_registered_in_the_analysis_category(pack):
+def test_analysis_nodes_are_registered_in_the_analysis_category(pack):
     import asyncio
 
     nodes = asyncio.run(asyncio.run(pack.comfy_entrypoint()).get_node_list())
     schemas = {node.define_schema().node_id: node.define_schema() for node in nodes}
-    assert schemas["ProbeSelectScheduleInspector"].category == "sampling/probe_select/analysis"
+    for node_id in ("ProbeSelectScheduleInspector", "ProbeSelectActivationPCA", "ProbeSelectLatentSlerp",
+                    "ProbeSelectConditioningDirection"):
+        assert schemas[node_id].category == "sampling/probe_select/analysis", node_id

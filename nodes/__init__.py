@@ -4,6 +4,7 @@ from comfy_api.latest import ComfyExtension, io
 from .dataset import ProbeSelectDatasetWriter
 from .evaluators import EVALUATOR_NODES
 from .nodes_activation_pca import PCA_NODES
+from .nodes_attention import ATTENTION_NODES
 from .nodes_latent_probing import LATENT_PROBING_NODES
 from .nodes_schedules import SCHEDULE_NODES
 from .preview_score import ProbeSelectPreviewScore
@@ -29,6 +30,7 @@ NODES: list[type[io.ComfyNode]] = [
     *SCHEDULE_NODES,
     *PCA_NODES,
     *LATENT_PROBING_NODES,
+    *ATTENTION_NODES,
 ]
 
 

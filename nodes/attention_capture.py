@@ -19,7 +19,6 @@ State lives in a closure, not in ``model_options``: ``ModelPatcher.clone()`` dee
 """
 from __future__ import annotations
 
-import logging
 import math
 from dataclasses import dataclass
 
@@ -28,7 +27,6 @@ import torch
 from ..probes.analysis.attention import FLAT, HEADS, AttentionMaps, text_attention_probs, tokens_to_map
 from .families import model_family
 
-log = logging.getLogger(__name__)
 
 OVERRIDE_KEY = "optimized_attention_override"
 UNET, MMDIT, FLUX = "unet", "mmdit", "flux"

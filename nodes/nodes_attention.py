@@ -1,7 +1,6 @@
 """ProbeSelectAttentionMaps: per-word cross-attention heatmaps over the steps, and how sharp they get."""
 from __future__ import annotations
 
-import logging
 
 import comfy.model_management
 import comfy.sample
@@ -20,7 +19,6 @@ from .errors import ProbeSelectError
 from .families import model_family
 from .sampling import MAX_SEED
 
-log = logging.getLogger(__name__)
 
 NODE_ID = "ProbeSelectAttentionMaps"
 LABEL_TOP, LABEL_LEFT = 18, 110
@@ -97,6 +95,12 @@ def parse_resolutions(text: str):
     except ValueError:
         raise ProbeSelectError(NODE_ID, f"resolutions '{text}' is not a list of downsampling factors.",
                                "write 'all' or e.g. '2, 4' (latent / attention-map size).") from None
+
+
+def dit_patch_size(dm) -> int:
+    """Side of a DiT patch (MMDiT stores a tuple, Flux an int)."""
+    size = getattr(dm, "patch_size", 2)
+    return int(size[0] if isinstance(size, (tuple, list)) else size)
 
 
 def _canvas(samples: torch.Tensor, vae) -> torch.Tensor:
@@ -197,8 +201,7 @@ class ProbeSelectAttentionMaps(io.ComfyNode):
             raise ProbeSelectError(NODE_ID, str(e), "name words of the prompt, or token indices like #3.") from None
         shown = parse_steps(show_steps, steps)
         dm = model.model.diffusion_model
-        patch = 1 if kind == UNET else int(getattr(dm, "patch_size", 2) if not isinstance(
-            getattr(dm, "patch_size", 2), (tuple, list)) else dm.patch_size[0])
+        patch = 1 if kind == UNET else dit_patch_size(dm)
         latent = comfy.sample.fix_empty_latent_channels(model, samples)
         spec = RecordingSpec(kind=kind, context_tokens=context_tokens, labels=labels, latent_hw=tuple(latent.shape[-2:]),
                              patch=patch, resolutions=parse_resolutions(resolutions),

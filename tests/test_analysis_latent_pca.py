@@ -223,3 +223,15 @@ def test_direction_node_errors(nodes):
     assert node.execute(c, short, c, "1", "mean", latent).result[0][0][0].shape == (1, 4, 8)
     with pytest.raises(ProbeSelectError, match="batch of 2"):
         node.execute(c, c, c, "1", "per_token", {"samples": torch.zeros(2, 4, 8, 8)})
+
+
+def test_pca_rgb_scales_large_inputs_from_a_subsample(monkeypatch):
+    import probes.analysis.pca as pca_module
+
+    g = torch.Generator().manual_seed(7)
+    maps = [torch.randn(4, 8, 16, 16, generator=g)]
+    (full,), _ = pca_rgb(maps)
+    monkeypatch.setattr(pca_module, "QUANTILE_ROWS", 256)     # 1024 positions -> every 4th
+    (sub,), _ = pca_module.pca_rgb(maps)
+    assert sub.shape == full.shape
+    assert float((sub - full).abs().mean()) < 0.05

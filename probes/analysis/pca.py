@@ -13,6 +13,8 @@ from torch import Tensor
 
 __all__ = ["PCAResult", "fit_pca", "pca_rgb", "rgb_grid"]
 
+QUANTILE_ROWS = 1_000_000
+
 
 @dataclass
 class PCAResult:
@@ -67,8 +69,11 @@ def pca_rgb(maps: Sequence[Tensor], quantile: float = 0.01) -> tuple[list[Tensor
     vectors = torch.cat([m.double().permute(0, 2, 3, 1).reshape(-1, m.shape[1]) for m in maps])
     pca = fit_pca(vectors, 3)
     projected_all = (vectors - pca.mean) @ pca.components.T                 # [M, 3]
-    lo = torch.quantile(projected_all, quantile, dim=0)
-    hi = torch.quantile(projected_all, 1.0 - quantile, dim=0)
+    # torch.quantile refuses inputs above 2^24 elements: an even subsample gives the same scale
+    stride = max(1, projected_all.shape[0] // QUANTILE_ROWS)
+    sample = projected_all[::stride]
+    lo = torch.quantile(sample, quantile, dim=0)
+    hi = torch.quantile(sample, 1.0 - quantile, dim=0)
     span = torch.where(hi > lo, hi - lo, torch.ones_like(hi))
     images = []
     for m in maps:

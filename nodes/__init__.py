@@ -5,6 +5,10 @@ from .dataset import ProbeSelectDatasetWriter
 from .evaluators import EVALUATOR_NODES
 from .nodes_image_metrics import IMAGE_METRICS_NODES
 from .nodes_ood import OOD_NODES
+from .nodes_activation_pca import PCA_NODES
+from .nodes_attention import ATTENTION_NODES
+from .nodes_latent_probing import LATENT_PROBING_NODES
+from .nodes_schedules import SCHEDULE_NODES
 from .preview_score import ProbeSelectPreviewScore
 from .sampling import ProbeSelectCollectSampler, ProbeSelectEarlySampler, ProbeSelectResume, ProbeSelectSampler
 from .selection import ProbeSelectLoadProbe, ProbeSelectScore, ProbeSelectTopK
@@ -27,6 +31,10 @@ NODES: list[type[io.ComfyNode]] = [
     ProbeSelectEvaluateProbe,
     *IMAGE_METRICS_NODES,
     *OOD_NODES,
+    *SCHEDULE_NODES,
+    *PCA_NODES,
+    *LATENT_PROBING_NODES,
+    *ATTENTION_NODES,
 ]
 
 

@@ -60,6 +60,7 @@ from torch.utils.flop_counter import FlopCounterMode  # noqa: E402
 sys.path.insert(0, str(ROOT))
 from bench import flops_model  # noqa: E402
 from probes.atomic import atomic_write  # noqa: E402
+from probes.pruning import checkpoint_step  # noqa: E402
 
 log = logging.getLogger("bench_flops")
 RESULTS = ROOT / "bench" / "results"
@@ -344,7 +345,10 @@ def report(results: dict) -> str:
             lines.append(f"| {label} | {value / 1e9:.2f} | {results[name]['params'] / 1e6:.1f} "
                          f"| {value / step['flops']:.4g} |")
         lines.append("")
-    lines += ["## Compute ratio to generate-all", "", flops_model.FORMULAS, ""]
+    lines += ["## Compute ratio to generate-all", "",
+              f"T = {STEPS} steps, checkpoint t = {CHECKPOINT} (step {checkpoint_step(STEPS, CHECKPOINT)}); "
+              "the columns are each method's compute over generate-all's at the same N.", "",
+              flops_model.FORMULAS, ""]
     for evaluator, label in EVALUATORS:
         lines += [f"### Evaluator: {label}", "",
                   "| family | N | K | generate-all (TFLOP) | Probe-Select | x0-preview, VAE | x0-preview, TAESD "

@@ -42,18 +42,31 @@ class Components:
     evaluator: float
 
 
+def scorer_costs(c: Components) -> dict[str, StageCosts]:
+    """Per-candidate extras of each method in step-equivalents, for `probes.pruning` (costs and planner).
+
+    ``random`` scores for free; ``probe`` runs the probe; ``x0_preview_vae`` / ``x0_preview_taesd``
+    decode the x0 prediction (full VAE / preview decoder) and run the evaluator on it. Every method
+    decodes what it finishes and evaluates the finished candidates when more than one is left.
+    """
+    finish = dict(decode=c.decode / c.step, final_score=c.evaluator / c.step)
+    return {
+        "random": StageCosts(**finish),
+        "probe": StageCosts(score=c.probe / c.step, **finish),
+        "x0_preview_vae": StageCosts(score=(c.decode + c.evaluator) / c.step, **finish),
+        "x0_preview_taesd": StageCosts(score=(c.preview_decode + c.evaluator) / c.step, **finish),
+    }
+
+
 def method_costs(c: Components, candidates: int, keep: int, steps: int, checkpoint: float) -> dict[str, float]:
     """Cost of each method in step-equivalents (units of ``c.step``) for N=``candidates``, K=``keep``."""
     one_stage = PruningSchedule(candidates, (Stage(checkpoint, keep),))
-    everyone = PruningSchedule(candidates, ())
-    finish = dict(decode=c.decode / c.step, final_score=c.evaluator / c.step)
+    extras = scorer_costs(c)
     return {
-        "generate_all": schedule_cost(everyone, steps, StageCosts(**finish)),
-        "probe_select": schedule_cost(one_stage, steps, StageCosts(score=c.probe / c.step, **finish)),
-        "x0_preview_vae": schedule_cost(one_stage, steps,
-                                        StageCosts(score=(c.decode + c.evaluator) / c.step, **finish)),
-        "x0_preview_taesd": schedule_cost(one_stage, steps,
-                                          StageCosts(score=(c.preview_decode + c.evaluator) / c.step, **finish)),
+        "generate_all": schedule_cost(PruningSchedule(candidates), steps, extras["random"]),
+        "probe_select": schedule_cost(one_stage, steps, extras["probe"]),
+        "x0_preview_vae": schedule_cost(one_stage, steps, extras["x0_preview_vae"]),
+        "x0_preview_taesd": schedule_cost(one_stage, steps, extras["x0_preview_taesd"]),
     }
 
 

@@ -153,6 +153,8 @@ def parse_schedule(text: str) -> PruningSchedule:
     if not compact:
         raise ScheduleError("the schedule is empty.")
     head, colon, tail = compact.partition(":")
+    if not colon and "->" in head:
+        raise ScheduleError(f"'{text.strip()}' does not start with the number of candidates N and a ':'.")
     n = _whole(head)
     if n is None or n < 1:
         raise ScheduleError(f"'{head}' before the ':' is not a number of candidates N (a whole number >= 1).")

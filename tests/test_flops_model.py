@@ -1,7 +1,8 @@
 """The compute-ratio formulas behind bench/results/flops.md (bench/flops_model.py), by hand."""
 import pytest
 
-from bench.flops_model import Components, method_costs, method_ratios
+from bench.flops_model import Components, method_costs, method_ratios, scorer_costs
+from probes.pruning import StageCosts
 
 # Made-up component costs in one unit: a step 10, a full decode 15, a preview decode 1, the probe 0.01,
 # the evaluator 2.
@@ -43,3 +44,11 @@ def test_free_extras_reduce_to_the_steps_only_ratio():
     ratios = method_ratios(steps_only, 5, 1, 20, 0.2)
     for name in ("probe_select", "x0_preview_vae", "x0_preview_taesd"):
         assert ratios[name] == pytest.approx(ratios["steps_only"]) == pytest.approx(0.36)
+
+
+def test_scorer_costs_in_step_equivalents():
+    costs = scorer_costs(PARTS)
+    assert costs["random"] == StageCosts(score=0.0, decode=1.5, final_score=0.2)
+    assert costs["probe"] == StageCosts(score=pytest.approx(0.001), decode=1.5, final_score=0.2)
+    assert costs["x0_preview_vae"].score == pytest.approx(1.7)
+    assert costs["x0_preview_taesd"].score == pytest.approx(0.3)

@@ -36,6 +36,7 @@ def test_schedule_text_round_trip():
     ("x: 0.2->1", "'x' before the ':'"),
     ("0: 0.2->1", "'0' before the ':'"),
     ("-3: 0.2->1", "'-3' before the ':'"),
+    ("0.2->8, 0.4->2", "does not start with the number of candidates N and a ':'"),
     ("8: 0.2-1", "stage 1 '0.2-1' has no '->'"),
     ("8: abc->2", "checkpoint 'abc' is not a number"),
     ("8: 0.2->1.5", "keep '1.5' is not a whole number"),

@@ -15,8 +15,12 @@ least the number of candidates still running keeps everyone and is skipped (no s
 A checkpoint t lands on step ``checkpoint_step(T, t) = round(t * T)`` of T (the rounding the split
 sampler uses), so cost in denoiser evaluations (candidate-steps; one per step for one candidate,
 CFG included) is ``N*s1 + K1*(s2 - s1) + ... + K_last*(T - s_last)`` with K taken as
-min(K, running). :class:`StageCosts` adds what scoring and decoding cost, in the same
-step-equivalents.
+min(K, running) (one evaluation per step, as first-order samplers do; a second-order sampler
+doubles every schedule's count alike). :class:`StageCosts` adds what scoring and decoding cost, in
+the same step-equivalents.
+
+When more than one candidate is finished, the one with the best final reward is kept (the
+evaluator decides); that reward is what the planner maximises.
 
 Everything here is pure Python/PyTorch, so schedules can be evaluated on recorded score tables
 (:func:`apply_schedule`) and chosen by simulation (:func:`plan_schedule`).

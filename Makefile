@@ -3,7 +3,7 @@ PY := .venv/bin/python
 export OMP_NUM_THREADS ?= 1
 PYTEST_ARGS ?=
 
-.PHONY: setup test test-fast bench bench-core bench-proxy proxy-models demo lint clean mutation
+.PHONY: setup test test-fast bench bench-core bench-flops bench-proxy proxy-models demo lint clean mutation
 
 setup:
 	@bash scripts/setup_env.sh
@@ -18,7 +18,7 @@ test-fast: setup
 # Benchmarks write their figures to bench/results/ (not timed tests): core.md, train.md and the
 # proxy-world REPORT.md with its plots (about 40 minutes on 2 cores; the proxy models are trained
 # first only if their weights are missing).
-bench: bench-core bench-proxy
+bench: bench-core bench-flops bench-proxy
 
 bench-core: setup
 	$(PY) bench/bench_core.py
@@ -30,6 +30,11 @@ bench-core: setup
 MUTATION_ARGS ?=
 mutation: setup
 	$(PY) devtools/mutation.py $(MUTATION_ARGS)
+
+# FLOPs of the real SD1.5/SDXL/SD3-medium/FLUX.1-dev denoisers, decoders, evaluators and the probe (meta
+# device, about a minute) and the compute ratio of each selection method: bench/results/flops.md.
+bench-flops: setup
+	$(PY) bench/flops.py
 
 clean:
 	rm -rf .venv .comfyui .pytest_cache

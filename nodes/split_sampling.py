@@ -21,6 +21,7 @@ from typing import Callable, Optional, Sequence
 import torch
 
 from ..probes.features import ActivationSeries, ActivationSet
+from ..probes.pruning import checkpoint_step  # noqa: F401  (the one rounding of a checkpoint to a step: see there)
 from .capture import RUN_KEY, find_tap
 from .families import model_family
 from .noise import UNSPLITTABLE_SAMPLERS, build_noise_sampler, initial_noise, sampler_object
@@ -30,11 +31,6 @@ log = logging.getLogger(__name__)
 PACK_KEY = "probe_select"
 X0_KEY = "probe_select_x0"
 METADATA_VERSION = 1
-
-
-def checkpoint_step(steps: int, ratio: float) -> int:
-    """Step s at which the early phase stops: round(ratio * steps)."""
-    return int(round(ratio * steps))
 
 
 def full_sigmas(model, steps: int, sampler_name: str, scheduler: str, denoise: float) -> torch.Tensor:

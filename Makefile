@@ -3,7 +3,7 @@ PY := .venv/bin/python
 export OMP_NUM_THREADS ?= 1
 PYTEST_ARGS ?=
 
-.PHONY: setup test test-fast bench bench-core bench-flops bench-proxy proxy-models demo lint clean mutation
+.PHONY: setup test test-fast bench bench-core bench-flops bench-proxy proxy-models demo lint package clean mutation
 
 setup:
 	@bash scripts/setup_env.sh
@@ -35,6 +35,12 @@ mutation: setup
 # device, about a minute) and the compute ratio of each selection method: bench/results/flops.md.
 bench-flops: setup
 	$(PY) bench/flops.py
+
+# The Comfy Registry archive, built as `comfy node pack` builds it (git-tracked files less
+# .comfyignore): out/probe-select-<version>.zip and out/archive-files.txt. Fails when it would carry
+# weights, tests, bench or dev files, exceed 1 MB, or when the registry's ruff checks would warn.
+package: setup
+	$(PY) -m scripts.package
 
 clean:
 	rm -rf .venv .comfyui .pytest_cache

@@ -3,7 +3,7 @@ PY := .venv/bin/python
 export OMP_NUM_THREADS ?= 1
 PYTEST_ARGS ?=
 
-.PHONY: setup test test-fast bench bench-core bench-proxy proxy-models demo lint clean
+.PHONY: setup test test-fast bench bench-core bench-flops bench-proxy proxy-models demo lint package clean mutation
 
 setup:
 	@bash scripts/setup_env.sh
@@ -18,11 +18,29 @@ test-fast: setup
 # Benchmarks write their figures to bench/results/ (not timed tests): core.md, train.md and the
 # proxy-world REPORT.md with its plots (about 40 minutes on 2 cores; the proxy models are trained
 # first only if their weights are missing).
-bench: bench-core bench-proxy
+bench: bench-core bench-flops bench-proxy
 
 bench-core: setup
 	$(PY) bench/bench_core.py
 	$(PY) bench/bench_train.py
+
+# Mutation testing (not part of `make test`): the modules and tests in bench/mutation.toml, one mutant
+# at a time in a temporary copy of the repository; writes bench/results/mutation.md. A subset:
+# make mutation MUTATION_ARGS="--module probes/losses.py --max-mutants 10 --output /tmp/m.md"
+MUTATION_ARGS ?=
+mutation: setup
+	$(PY) devtools/mutation.py $(MUTATION_ARGS)
+
+# FLOPs of the real SD1.5/SDXL/SD3-medium/FLUX.1-dev denoisers, decoders, evaluators and the probe (meta
+# device, about a minute) and the compute ratio of each selection method: bench/results/flops.md.
+bench-flops: setup
+	$(PY) bench/flops.py
+
+# The Comfy Registry archive, built as `comfy node pack` builds it (git-tracked files less
+# .comfyignore): out/probe-select-<version>.zip and out/archive-files.txt. Fails when it would carry
+# weights, tests, bench or dev files, exceed 1 MB, or when the registry's ruff checks would warn.
+package: setup
+	$(PY) -m scripts.package
 
 clean:
 	rm -rf .venv .comfyui .pytest_cache

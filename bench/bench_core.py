@@ -130,6 +130,7 @@ def reproducibility(pack) -> list[dict]:
     import nodes
     from probe_select.nodes.engine import split_sampling
     from devtools.tiny_models import build_tiny
+    from probe_select.nodes.engine.noise import splittable_samplers
 
     rows = []
     for family in ("sd1", "flux"):
@@ -137,8 +138,7 @@ def reproducibility(pack) -> list[dict]:
         size = 16 if tiny.latent_channels == 16 else 8
         latent = tiny.empty_latent(1, size)
         pos, neg = tiny.conditioning(1), tiny.conditioning(2)
-        for sampler in ("euler", "heun", "ddim", "euler_ancestral", "dpmpp_sde", "dpmpp_2m", "dpmpp_2m_sde", "uni_pc",
-                        "lms"):
+        for sampler in splittable_samplers():      # every sampler ComfyUI lists, but those that choose their own steps
             early = split_sampling.run_early(tiny.patcher, pos, neg, latent, 50, 3, 10, 4.0, sampler, "normal", 0.2)
             kept = split_sampling.select_rows(early.latent, [2])
             finished = split_sampling.resume(tiny.patcher, pos, neg, kept, 4.0)["samples"]

@@ -1,10 +1,16 @@
 """ComfyUI nodes of Probe-Select: thin node classes over `probes/` and the split-sampling helpers."""
 from comfy_api.latest import ComfyExtension, io
 
+from .nodes_activation_pca import PCA_NODES
+from .nodes_attention import ATTENTION_NODES
 from .nodes_dataset import ProbeSelectDatasetWriter
 from .nodes_evaluators import EVALUATOR_NODES
+from .nodes_image_metrics import IMAGE_METRICS_NODES
+from .nodes_latent_probing import LATENT_PROBING_NODES
+from .nodes_ood import OOD_NODES
 from .nodes_preview_score import ProbeSelectPreviewScore
 from .nodes_sampling import ProbeSelectCollectSampler, ProbeSelectEarlySampler, ProbeSelectResume, ProbeSelectSampler
+from .nodes_schedules import SCHEDULE_NODES
 from .nodes_selection import ProbeSelectLoadProbe, ProbeSelectScore, ProbeSelectTopK
 from .nodes_tap import ProbeSelectTap
 from .nodes_training import ProbeSelectEvaluateProbe, ProbeSelectTrain
@@ -23,6 +29,12 @@ NODES: list[type[io.ComfyNode]] = [
     ProbeSelectDatasetWriter,
     ProbeSelectTrain,
     ProbeSelectEvaluateProbe,
+    *IMAGE_METRICS_NODES,
+    *OOD_NODES,
+    *SCHEDULE_NODES,
+    *PCA_NODES,
+    *LATENT_PROBING_NODES,
+    *ATTENTION_NODES,
 ]
 
 

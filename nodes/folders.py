@@ -12,8 +12,11 @@ PROBES_FOLDER = "probes"
 PROBE_EXTENSIONS = {".safetensors"}
 EVALUATORS_FOLDER = "evaluators"
 EVALUATOR_EXTENSIONS = {".safetensors", ".sft", ".pt", ".pth", ".bin"}
+# The FID InceptionV3 weights (pt_inception-2015-12-05-*.pth), read only after a hash check.
+INCEPTION_FOLDER = "inception"
+INCEPTION_EXTENSIONS = {".pth", ".pt"}
 
-__all__ = ["PROBES_FOLDER", "EVALUATORS_FOLDER", "EVALUATOR_EXTENSIONS", "DATASETS_SUBFOLDER",
+__all__ = ["PROBES_FOLDER", "EVALUATORS_FOLDER", "EVALUATOR_EXTENSIONS", "INCEPTION_FOLDER", "DATASETS_SUBFOLDER",
            "register_model_folders", "datasets_root", "model_files"]
 
 
@@ -31,10 +34,11 @@ def _register(name: str, extensions: set[str]) -> None:
 
 
 def register_model_folders() -> None:
-    """Register ``models/probes`` and ``models/evaluators``. Called at import time: ComfyExtension.on_load()
+    """Register ``models/probes``, ``models/evaluators`` and ``models/inception``. Called at import time: ComfyExtension.on_load()
     is not called on every supported ComfyUI version."""
     _register(PROBES_FOLDER, PROBE_EXTENSIONS)
     _register(EVALUATORS_FOLDER, EVALUATOR_EXTENSIONS)
+    _register(INCEPTION_FOLDER, INCEPTION_EXTENSIONS)
 
 
 def model_files(folder: str) -> list[str]:

@@ -148,6 +148,7 @@ def test_resume_follows_a_latent_changed_after_early_sampling(mods):
 
 
 def test_denoiser_evaluations_are_n_s_plus_k_rest(mods):
+    import nodes
     from probe_select.probes.scoring import CandidateScores
     from probe_select.nodes.engine.selection import top_k_or_fail
 
@@ -164,7 +165,12 @@ def test_denoiser_evaluations_are_n_s_plus_k_rest(mods):
     kept, _, _ = top_k_or_fail("ProbeSelectTopK", early.latent, scores, k)
     mods.split.resume(model, pos, neg, kept, 6.0)
     assert recorder.evaluations == n * s + k * (steps - s) == 18
-    assert n * steps == 50          # what generating every candidate costs
+    # What generating every candidate costs, counted the same way: a plain KSampler run of the N seeds.
+    plain = ApplyModelRecorder()
+    nodes.common_ksampler(with_recorder(tiny.patcher, plain), 0, steps, 6.0, "euler", "normal", pos, neg,
+                          tiny.empty_latent(n, 8))
+    assert plain.evaluations == n * steps == 50
+    assert [c["rows"] for c in plain.calls] == [2 * n] * steps       # cond + uncond rows, one call per step
 
 
 def test_x0_preview_is_the_denoised_estimate(mods):

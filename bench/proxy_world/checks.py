@@ -98,14 +98,19 @@ def evaluator_report(n: int = 200, seed: int = 0, size: int = 32) -> Dict:
     lays: List[Layout] = []
     tags = []   # (kind, scene index)
     for i, sc in enumerate(scenes):
-        lays.append(layout_scene(sc)); tags.append(("canonical", i))
-        lays.append(layout_scene(sc, seeds[i][0])); tags.append(("jittered", i))
-        lays.append(layout_scene(sc, seeds[i][1])); tags.append(("jittered2", i))
-        lays.append(layout_scene(sc, seeds[i][2])); tags.append(("jittered3", i))
+        lays.append(layout_scene(sc))
+        tags.append(("canonical", i))
+        lays.append(layout_scene(sc, seeds[i][0]))
+        tags.append(("jittered", i))
+        lays.append(layout_scene(sc, seeds[i][1]))
+        tags.append(("jittered2", i))
+        lays.append(layout_scene(sc, seeds[i][2]))
+        tags.append(("jittered3", i))
         for kind in CORRUPTIONS:
             lay = corrupt(sc, kind, seeds[i][0], g)
             if lay is not None:
-                lays.append(lay); tags.append((kind, i))
+                lays.append(lay)
+                tags.append((kind, i))
     imgs = rasterize(lays, size)
     terms = score_terms(imgs, [scenes[i] for _, i in tags])
     s = terms["score"]

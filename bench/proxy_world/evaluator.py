@@ -354,7 +354,10 @@ def _score_terms(images: torch.Tensor, scenes: List[Scene]) -> Dict[str, torch.T
     for b, sc in enumerate(scenes):
         for obj, n in sc.groups():
             k = COLORS.index(obj.color)
-            gb.append(b); gk.append(k); gs.append(SHAPES.index(obj.shape)); gn.append(n)
+            gb.append(b)
+            gk.append(k)
+            gs.append(SHAPES.index(obj.shape))
+            gn.append(n)
             required[b, k] = 1.0
     gb_t, gk_t, gs_t = torch.tensor(gb), torch.tensor(gk), torch.tensor(gs)
     gn_t = torch.tensor(gn, dtype=torch.float64)

@@ -9,6 +9,11 @@ How it fits ComfyUI (no monkeypatching, composes with other packs):
   callback advances the session's step counter.
 - On a denoiser call at a capture step the wrapper registers a forward hook on the target block,
   calls the model, and removes the hook in `finally`. Other steps cost one dict lookup.
+- Which call of a capture step counts: the callback of step i fires after its first evaluation, so
+  two-evaluation samplers (heun, dpm_2, dpmpp_sde, ...) make their extra evaluation of step i
+  after the counter has moved to i + 1, next to the first evaluation of step i + 1. The tap keeps
+  the last call at the step's own schedule sigma (`sample_sigmas[step]`: step i's first
+  evaluation on x_i, the one the x0 preview of that step also comes from), else the first call.
 - Only the conditional chunk is kept: under CFG the batch is the concatenation of chunks listed in
   `transformer_options["cond_or_uncond"]` (0 = positive), one row per candidate. With cfg 1 there
   is no uncond chunk; under memory pressure cond and uncond arrive in separate calls (the uncond
@@ -40,8 +45,21 @@ class CaptureSession:
     features: dict[int, torch.Tensor] = field(default_factory=dict)   # step -> [N, C, P, P] fp16 CPU
     sigmas: dict[int, float] = field(default_factory=dict)
 
-    def wants_capture(self) -> bool:
-        return self.step in self.capture_steps and self.step not in self.features
+    def wants_capture(self, on_schedule: bool = False) -> bool:
+        """Whether a call now should be captured: the first call of a capture step, or any later one
+        evaluated at the step's schedule sigma (see the module notes)."""
+        return self.step in self.capture_steps and (self.step not in self.features or on_schedule)
+
+
+def at_schedule_sigma(t: Optional[torch.Tensor], sample_sigmas: Optional[torch.Tensor], step: int) -> bool:
+    """Whether a denoiser call at sigma `t` evaluates at `sample_sigmas[step]` (not at a sampler's
+    intermediate sigma)."""
+    if not isinstance(t, torch.Tensor) or t.numel() == 0 or not isinstance(sample_sigmas, torch.Tensor):
+        return False
+    if not 0 <= step < sample_sigmas.shape[0]:
+        return False
+    expected = float(sample_sigmas[step])
+    return abs(float(t.flatten()[0]) - expected) <= 1e-5 * max(abs(expected), 1e-12)
 
 
 def _first_tensor(output) -> torch.Tensor:
@@ -112,7 +130,9 @@ class ActivationTap:
     def __call__(self, executor, x, t, c_concat=None, c_crossattn=None, control=None,
                  transformer_options={}, **kwargs):
         session = self.sessions.get(transformer_options.get(RUN_KEY)) if self.sessions else None
-        if session is None or not session.wants_capture():
+        # The step test first: other steps must stay one dict lookup (the sigma test reads a tensor).
+        if session is None or session.step not in session.capture_steps or not session.wants_capture(
+                at_schedule_sigma(t, transformer_options.get("sample_sigmas"), session.step)):
             return executor(x, t, c_concat, c_crossattn, control, transformer_options, **kwargs)
 
         flags = list(transformer_options.get("cond_or_uncond", [0]))

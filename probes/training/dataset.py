@@ -80,6 +80,7 @@ DATASET_FORMAT = "probe-select-dataset"
 DATASET_FORMAT_VERSION = 1
 MANIFEST_NAME = "manifest.json"
 SHARD_DIR = "shards"
+SHARD_PREFIX = "shard-"
 SHARD_SUFFIX = ".safetensors"
 SPLIT_NAMES = ("train", "val", "test")
 # Where the nodes and the command-line collector keep datasets, under ComfyUI's output directory.
@@ -325,8 +326,10 @@ class CandidateRows:
     Attributes:
         features: ``[R, K, C, P, P]`` pooled activations at the manifest's K checkpoints (in its
             order); stored as float16.
-        seeds: ``[R]`` seeds. ComfyUI seeds go up to 2**64 - 1; values of 2**63 and above are
+        seeds: ``[R]`` seeds. ComfyUI seeds go from 0 to 2**64 - 1; values of 2**63 and above are
             stored as their two's-complement int64 (``seed - 2**64``), which keeps them distinct.
+            Python ints outside that range are refused (2**64 would be stored as 0, -1 as
+            2**64 - 1); an int64 tensor is taken as already stored that way.
         prompts: the R prompt texts.
         prompt_ids: R prompt ids; defaults to :func:`prompt_id` of each prompt.
         text_embedding: ``[R, D]`` pooled text embedding, or None; stored as float16.
@@ -393,8 +396,11 @@ def _seeds_to_int64(seeds) -> Tensor:
     values = []
     for seed in seeds:
         seed = int(seed)
-        if not -(2**63) <= seed < 2**64:
-            raise ValueError(f"CandidateRows.seeds: {seed} does not fit in 64 bits")
+        if not 0 <= seed < 2**64:
+            raise ValueError(
+                f"CandidateRows.seeds: {seed} is outside ComfyUI's seed range 0 .. 2**64 - 1; "
+                f"pass the seeds the sampler used"
+            )
         values.append(seed - 2**64 if seed >= 2**63 else seed)
     return torch.tensor(values, dtype=torch.int64)
 
@@ -428,7 +434,8 @@ def list_shards(root: PathLike) -> list[Path]:
     """Visible shard files of the dataset at ``root``, sorted by name (the row order).
 
     Dot-files and ``*.tmp`` are skipped: they are unfinished writes (a writer killed mid-append
-    leaves exactly such a file, which never becomes a shard).
+    leaves exactly such a file, which never becomes a shard). So is anything not named
+    ``shard-*.safetensors`` (a note, a copied model file): :class:`ProbeDataset` warns about those.
     """
     shard_dir = Path(root) / SHARD_DIR
     try:
@@ -438,7 +445,7 @@ def list_shards(root: PathLike) -> list[Path]:
     names = sorted(
         entry.name
         for entry in entries
-        if entry.name.endswith(SHARD_SUFFIX) and not entry.name.startswith(".") and entry.is_file()
+        if _is_shard_name(entry.name) and entry.is_file()
     )
     return [shard_dir / name for name in names]
 
@@ -483,6 +490,19 @@ def remove_stale_temporaries(root: PathLike, max_age: float = STALE_TEMP_SECONDS
     if removed:
         logger.info("removed %d stale temporary file(s) of killed writers from %s", len(removed), shard_dir)
     return removed
+
+
+def _is_shard_name(name: str) -> bool:
+    return name.startswith(SHARD_PREFIX) and name.endswith(SHARD_SUFFIX)
+
+
+def _stray_files(root: PathLike) -> list[str]:
+    """Visible entries of ``<root>/shards`` that are not shards (hidden ones are unfinished writes)."""
+    try:
+        entries = list(os.scandir(Path(root) / SHARD_DIR))
+    except FileNotFoundError:
+        return []
+    return sorted(e.name for e in entries if not e.name.startswith(".") and not (_is_shard_name(e.name) and e.is_file()))
 
 
 class DatasetWriter:
@@ -843,6 +863,10 @@ class ProbeDataset:
         self.manifest = read_manifest(self.root)
         remove_stale_temporaries(self.root)
         self.skipped: list[Path] = []
+        stray = _stray_files(self.root)
+        if stray:
+            logger.warning("dataset %s: ignoring %d files in %s/ that are not shards: %s",
+                           self.root, len(stray), SHARD_DIR, ", ".join(stray))
         shards = []
         for path in list_shards(self.root):
             try:
@@ -924,6 +948,8 @@ class ProbeDataset:
 
     def features(self, checkpoint_t: float) -> Tensor:
         """``[N, C, P, P]`` float16 features at ``checkpoint_t``, read from the shards now.
+
+        A dataset without rows gives an empty ``[0, C, P, P]`` tensor, like its other arrays.
 
         Raises:
             DatasetError: if ``checkpoint_t`` is not one of the manifest's checkpoints (they are

@@ -1,0 +1,119 @@
+"""Pins on datasets and scoring (issue 11): mismatched writers, stray files, empty datasets, the seed
+range, and chunked scoring with a shared text embedding."""
+import logging
+
+import pytest
+import torch
+
+from dataset_writer_proc import CHECKPOINTS, FEATURE_SHAPE, TEXT_DIM, make_manifest, make_rows
+from probe_select.probes.training.dataset import CandidateRows, DatasetError, DatasetWriter, ProbeDataset, list_shards
+from probe_select.probes.features import FEATURE_DTYPE, ActivationSet
+from probe_select.probes.io import ProbeMetadata
+from probe_select.probes.model import ProbeConfig, build_probe
+from probe_select.probes.scoring import score_candidates
+
+# ---- datasets -------------------------------------------------------------------------------
+
+
+def test_writer_with_one_other_checkpoint_is_refused(tmp_path):
+    root = tmp_path / "ds"
+    DatasetWriter(root, make_manifest(), writer_id="w1").append(make_rows("a", 0, 2))
+    assert CHECKPOINTS == [0.1, 0.2, 0.4]
+    other = make_manifest(checkpoints=[0.1, 0.2, 0.5])          # same count, last one differs
+    assert make_manifest().compatible_with(other) == ["checkpoints differ ([0.1, 0.2, 0.4] vs [0.1, 0.2, 0.5])"]
+    with pytest.raises(DatasetError, match=r"checkpoints differ"):
+        DatasetWriter(root, other, writer_id="w2")
+    assert make_manifest().compatible_with(make_manifest(checkpoints=[0.1, 0.2, 0.4 + 1e-9])) == []
+
+
+def test_stray_files_in_shards_are_ignored_with_a_warning(tmp_path, caplog):
+    root = tmp_path / "ds"
+    writer = DatasetWriter(root, make_manifest(), writer_id="w")
+    writer.append(make_rows("a", 0, 3))
+    shards = root / "shards"
+    (shards / "notes.txt").write_text("collected on the big box\n")
+    (shards / "model.safetensors").write_bytes(b"not a shard")
+    (shards / "backup").mkdir()
+    (shards / ".shard-w-000009.safetensors.1.ab.tmp").write_bytes(b"partial")   # an unfinished write: silent
+    with caplog.at_level(logging.WARNING, logger="probe_select.probes.training.dataset"):
+        ds = ProbeDataset(root)
+    assert len(ds) == 3 and ds.shards == [shards / "shard-w-000000.safetensors"]
+    warning = [r.getMessage() for r in caplog.records if r.levelno == logging.WARNING]
+    assert len(warning) == 1
+    assert "3 files" in warning[0] and "backup, model.safetensors, notes.txt" in warning[0] and ".tmp" not in warning[0]
+    assert torch.equal(ds.features(0.2), make_rows("a", 0, 3).features[:, 1])
+    # Writers count only shards too, and keep numbering their own.
+    assert writer.append(make_rows("a", 3, 2)) == 5
+    assert [p.name for p in list_shards(root)] == ["shard-w-000000.safetensors", "shard-w-000001.safetensors"]
+
+
+def test_empty_dataset_gives_empty_arrays_of_the_right_shape(tmp_path):
+    root = tmp_path / "ds"
+    DatasetWriter(root, make_manifest(), writer_id="w")
+    ds = ProbeDataset(root)
+    assert len(ds) == 0
+    features = ds.features(0.2)
+    assert features.shape == (0, *FEATURE_SHAPE) and features.dtype == FEATURE_DTYPE
+    arrays = ds.arrays(0.4, "clipscore")
+    assert len(arrays) == 0 and arrays.t == 0.4
+    assert arrays.seeds.shape == (0,) and arrays.scores.shape == (0,)
+    assert arrays.text_embedding.shape == (0, TEXT_DIM)
+    assert arrays.prompt_groups().shape == (0,)
+
+
+def test_seeds_outside_comfyuis_range_are_refused(tmp_path):
+    good = make_rows("a", 0, 2)
+
+    def rows(seeds):
+        return CandidateRows(features=good.features, seeds=seeds, prompts=good.prompts, scores=good.scores)
+
+    assert rows([0, 2**64 - 1]).seeds.tolist() == [0, -1]            # the full range stays distinct
+    assert rows([2**63 - 1, 2**63]).seeds.tolist() == [2**63 - 1, -(2**63)]
+    with pytest.raises(ValueError, match=r"18446744073709551616 is outside ComfyUI's seed range 0 \.\. 2\*\*64 - 1"):
+        rows([0, 2**64])                                             # would be stored as 0
+    with pytest.raises(ValueError, match=r"-1 is outside ComfyUI's seed range"):
+        rows([-1, 5])                                                # would be stored as 2**64 - 1
+    # Stored int64 seeds (two's complement) pass through unchanged.
+    assert rows(torch.tensor([-1, 5])).seeds.tolist() == [-1, 5]
+
+
+# ---- scoring --------------------------------------------------------------------------------
+
+
+C, P, TEXT = 8, 4, 12
+
+
+def _probe_and_acts(n):
+    config = ProbeConfig(in_channels=C, feature_size=P, stem_width=8, widths=(8,), pooled_size=2,
+                         embed_dim=8, time_embed_dim=8, head_hidden=(8,), mlp_hidden=16, text_dim=TEXT)
+    probe = build_probe(config, seed=3).eval()
+    meta = ProbeMetadata(backbone_family="sd2", tap="output_blocks.7.0", checkpoint_t=0.2,
+                         feature_shape=(C, P, P), pooling="adaptive_avg", evaluator="imagereward",
+                         score_mean=0.5, score_std=2.0, config=config)
+    generator = torch.Generator().manual_seed(0)
+    acts = ActivationSet(features=torch.randn(n, C, P, P, generator=generator).to(FEATURE_DTYPE), family="sd2",
+                         tap="output_blocks.7.0", step=4, steps=20, sigma=7.5, seeds=list(range(n)), run_id="r",
+                         text_embedding=torch.randn(1, TEXT, generator=generator))
+    return probe, meta, acts
+
+
+def test_shared_text_row_is_used_by_every_batch():
+    """More candidates than one batch (64) with one [1, D] text row: every batch reads that row."""
+    probe, meta, acts = _probe_and_acts(70)
+    shared = score_candidates(probe, meta, acts).scores
+    assert shared.shape == (70,) and torch.isfinite(shared).all()
+    per_row = score_candidates(probe, meta, acts, text_embedding=acts.text_embedding.expand(70, -1).clone()).scores
+    torch.testing.assert_close(shared, per_row, rtol=0, atol=1e-5)
+    with torch.no_grad():
+        direct = probe(acts.features, acts.t, acts.text_embedding.expand(70, -1)) * 2.0 + 0.5
+    torch.testing.assert_close(shared, direct, rtol=0, atol=1e-5)
+
+
+def test_batch_size_one_scores_like_one_batch():
+    probe, meta, acts = _probe_and_acts(5)
+    one_by_one = score_candidates(probe, meta, acts, batch_size=1).scores
+    together = score_candidates(probe, meta, acts, batch_size=5).scores
+    assert one_by_one.shape == (5,) and one_by_one.std() > 0
+    torch.testing.assert_close(one_by_one, together, rtol=0, atol=1e-5)
+    with pytest.raises(ValueError, match="batch_size must be >= 1, got 0"):
+        score_candidates(probe, meta, acts, batch_size=0)

@@ -61,10 +61,12 @@ def labelled_grid(sets: list[ActivationSet], cell: int) -> tuple[Image.Image, st
 
 
 class ProbeSelectActivationPCA(io.ComfyNode):
+    NODE_ID = "ProbeSelectActivationPCA"
+
     @classmethod
     def define_schema(cls) -> io.Schema:
         return io.Schema(
-            node_id="ProbeSelectActivationPCA",
+            node_id=cls.NODE_ID,
             display_name="Probe-Select Activation PCA",
             category=ANALYSIS_CATEGORY,
             description="Shows tapped activations as RGB (R, G, B = first three principal components, fitted on all "

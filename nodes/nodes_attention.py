@@ -136,10 +136,12 @@ def overlay_grid(canvas: torch.Tensor, recorder: AttentionRecorder, shown: list[
 
 
 class ProbeSelectAttentionMaps(io.ComfyNode):
+    NODE_ID = "ProbeSelectAttentionMaps"
+
     @classmethod
     def define_schema(cls) -> io.Schema:
         return io.Schema(
-            node_id="ProbeSelectAttentionMaps",
+            node_id=cls.NODE_ID,
             display_name="Probe-Select Attention Maps",
             category=ANALYSIS_CATEGORY,
             description="Samples once and records which image regions each chosen word attends to (text attention "

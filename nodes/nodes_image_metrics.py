@@ -203,10 +203,12 @@ def expand_prompts(node_id: str, prompts: str, count: int) -> list[str]:
 
 
 class ProbeSelectLoadInception(io.ComfyNode):
+    NODE_ID = "ProbeSelectLoadInception"
+
     @classmethod
     def define_schema(cls):
         return io.Schema(
-            node_id="ProbeSelectLoadInception",
+            node_id=cls.NODE_ID,
             display_name="Probe-Select Load FID Inception",
             category=ANALYSIS_CATEGORY,
             description=f"Loads the standard FID InceptionV3 ({INCEPTION_FILENAME}) from models/inception, checked "
@@ -264,10 +266,12 @@ def _resize_input():
 
 
 class ProbeSelectImageMetrics(io.ComfyNode):
+    NODE_ID = "ProbeSelectImageMetrics"
+
     @classmethod
     def define_schema(cls):
         return io.Schema(
-            node_id="ProbeSelectImageMetrics",
+            node_id=cls.NODE_ID,
             display_name="Probe-Select Image Metrics",
             category=ANALYSIS_CATEGORY,
             description="FID, KID, Inception Score, precision/recall, density/coverage, CMMD and CLIPScore of the "
@@ -400,10 +404,12 @@ def float_outputs(values: list[MetricValue]) -> list[float]:
 
 
 class ProbeSelectSaveReferenceStats(io.ComfyNode):
+    NODE_ID = "ProbeSelectSaveReferenceStats"
+
     @classmethod
     def define_schema(cls):
         return io.Schema(
-            node_id="ProbeSelectSaveReferenceStats",
+            node_id=cls.NODE_ID,
             display_name="Probe-Select Save Reference Stats",
             category=ANALYSIS_CATEGORY,
             description="Extracts the reference set's features once (Inception and/or CLIP) and saves them with the "

@@ -43,10 +43,12 @@ def _plain_latent(latent: dict) -> dict:
 
 
 class ProbeSelectLatentSlerp(io.ComfyNode):
+    NODE_ID = "ProbeSelectLatentSlerp"
+
     @classmethod
     def define_schema(cls) -> io.Schema:
         return io.Schema(
-            node_id="ProbeSelectLatentSlerp",
+            node_id=cls.NODE_ID,
             display_name="Probe-Select Latent Slerp",
             category=ANALYSIS_CATEGORY,
             description="Spherical interpolation in `count` steps, exact at both ends and norm-keeping. "
@@ -110,10 +112,12 @@ def _single_entry(node_id: str, name: str, conditioning: list) -> tuple[torch.Te
 
 
 class ProbeSelectConditioningDirection(io.ComfyNode):
+    NODE_ID = "ProbeSelectConditioningDirection"
+
     @classmethod
     def define_schema(cls) -> io.Schema:
         return io.Schema(
-            node_id="ProbeSelectConditioningDirection",
+            node_id=cls.NODE_ID,
             display_name="Probe-Select Conditioning Direction",
             category=ANALYSIS_CATEGORY,
             description="Adds strength x (toward - away_from) to a conditioning, one batch row per strength, and "

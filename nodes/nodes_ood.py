@@ -98,10 +98,12 @@ def _resize_input():
 
 
 class ProbeSelectOODFit(io.ComfyNode):
+    NODE_ID = "ProbeSelectOODFit"
+
     @classmethod
     def define_schema(cls):
         return io.Schema(
-            node_id="ProbeSelectOODFit",
+            node_id=cls.NODE_ID,
             display_name="Probe-Select OOD Fit",
             category=ANALYSIS_CATEGORY,
             description="Fits a reference for out-of-distribution scores: mean and Ledoit-Wolf shrinkage covariance "
@@ -139,10 +141,12 @@ class ProbeSelectOODFit(io.ComfyNode):
 
 
 class ProbeSelectOODScore(io.ComfyNode):
+    NODE_ID = "ProbeSelectOODScore"
+
     @classmethod
     def define_schema(cls):
         return io.Schema(
-            node_id="ProbeSelectOODScore",
+            node_id=cls.NODE_ID,
             display_name="Probe-Select OOD Score",
             category=ANALYSIS_CATEGORY,
             description="Mahalanobis distance of each sample to a fitted reference and its percentile within the "

@@ -45,10 +45,12 @@ def model_schedules(node_id: str, model, label: str, scheduler_names: list[str],
 
 
 class ProbeSelectScheduleInspector(io.ComfyNode):
+    NODE_ID = "ProbeSelectScheduleInspector"
+
     @classmethod
     def define_schema(cls) -> io.Schema:
         return io.Schema(
-            node_id="ProbeSelectScheduleInspector",
+            node_id=cls.NODE_ID,
             display_name="Probe-Select Schedule Inspector",
             category=ANALYSIS_CATEGORY,
             description="Plots sigma, signal fraction (alpha_cumprod, or its flow analogue) and log-SNR per step for "

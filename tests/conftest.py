@@ -21,12 +21,14 @@ TESTS = Path(__file__).resolve().parent
 
 
 def comfyui_dir() -> Path:
+    """$COMFYUI_DIR, else the ComfyUI recorded by scripts/setup_env.sh in the running environment
+    (.venv for 0.3.75, .venv-0.33 for 0.33.0, ...), else in .venv, else .comfyui/ComfyUI."""
     env = os.environ.get("COMFYUI_DIR")
     if env:
         return Path(env)
-    marker = ROOT / ".venv" / "comfyui_dir"
-    if marker.exists():
-        return Path(marker.read_text().strip())
+    for marker in (Path(sys.prefix) / "comfyui_dir", ROOT / ".venv" / "comfyui_dir"):
+        if marker.exists():
+            return Path(marker.read_text().strip())
     return ROOT / ".comfyui" / "ComfyUI"
 
 

@@ -56,18 +56,22 @@ class PromptRejected(ServerError):
 
 
 def default_comfyui_dir() -> Path:
-    """$COMFYUI_DIR, else the path recorded in .venv/comfyui_dir, else .comfyui/ComfyUI."""
+    """$COMFYUI_DIR, else the path recorded in the running environment's comfyui_dir (or .venv's),
+    else .comfyui/ComfyUI."""
     env = os.environ.get("COMFYUI_DIR")
     if env:
         return Path(env)
-    marker = REPO_ROOT / ".venv" / "comfyui_dir"
-    if marker.exists():
-        return Path(marker.read_text().strip())
+    for marker in (Path(sys.prefix) / "comfyui_dir", REPO_ROOT / ".venv" / "comfyui_dir"):
+        if marker.exists():
+            return Path(marker.read_text().strip())
     return REPO_ROOT / ".comfyui" / "ComfyUI"
 
 
 def default_python() -> str:
-    """The venv's interpreter when there is one, else the one running the tests."""
+    """The interpreter running the tests when it is a virtual environment's (.venv, .venv-0.33, ...),
+    else .venv's when there is one, else the running one."""
+    if sys.prefix != sys.base_prefix:
+        return sys.executable
     venv = REPO_ROOT / ".venv" / "bin" / "python"
     return str(venv) if venv.exists() else sys.executable
 

@@ -65,7 +65,7 @@ or COMFYUI_DIR=<an existing ComfyUI checkout>."
   if [ -z "$VERSION" ]; then
     VERSION=$found
   elif [ "$VERSION" != "$found" ]; then
-    die "COMFYUI_VERSION=$VERSION but $SRC holds ComfyUI $found"
+    die "COMFYUI_VERSION=$VERSION but $SRC holds ComfyUI $found (pass COMFYUI_VERSION=$found)"
   fi
   COMFY="$ROOT/.comfyui/ComfyUI-$VERSION"
   VENV=${VENV:-"$ROOT/.venv-${VERSION%.*}"}

@@ -1,5 +1,10 @@
-# Every target sets up .venv (torch, ComfyUI 0.3.75 or $COMFYUI_DIR, requirements) first; idempotent.
-PY := .venv/bin/python
+# Every target sets up its environment (torch, ComfyUI, requirements) first; idempotent.
+# ComfyUI 0.3.75 (default) lives in .venv + .comfyui/ComfyUI; another version, built from a source
+# tarball (COMFYUI_VERSION=0.33.0, optionally COMFYUI_SRC=<tarball>), in .venv-0.33 + .comfyui/ComfyUI-0.33.0.
+COMFYUI_VERSION ?= 0.3.75
+VENV ?= $(if $(filter 0.3.75,$(COMFYUI_VERSION)),.venv,.venv-$(basename $(COMFYUI_VERSION)))
+export COMFYUI_VERSION VENV
+PY := $(VENV)/bin/python
 export OMP_NUM_THREADS ?= 1
 PYTEST_ARGS ?=
 
@@ -43,7 +48,7 @@ package: setup
 	$(PY) -m scripts.package
 
 clean:
-	rm -rf .venv .comfyui .pytest_cache
+	rm -rf .venv .venv-* .comfyui .pytest_cache
 
 lint: setup
 	$(PY) -m ruff check --select F,E9 --line-length 120 nodes probes tools devtools scripts tests __init__.py bench

@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import inspect
 import logging
 import os
 import shutil
@@ -145,6 +146,8 @@ def run_workflow(executor, args, probe_name: str, prompt: str, seed: int, patche
     # Read the run back from the executor's output cache, for the picture and the summary.
     def output(node: str, index: int):
         entry = executor.caches.outputs.get(node)
+        if inspect.isawaitable(entry):                                     # the cache is async on 0.33
+            entry = asyncio.run(entry)
         values = entry.outputs if hasattr(entry, "outputs") else entry     # CacheEntry on 0.3.75
         return values[index][0]
 
@@ -193,8 +196,10 @@ def main(argv=None) -> dict:
     log.info("[demo] running the Probe-Select workflow (N=%d, K=%d, checkpoint 0.2, %d steps) through ComfyUI's "
              "executor, and finishing every candidate with a plain KSampler for comparison only ...",
              args.candidates, args.keep, args.steps)
+    # cache_args as ComfyUI's main.py (prompt_worker) builds them for --cache-classic: every key it
+    # passes, since executors read them unconditionally (0.33 added "ram_inactive").
     executor = execution.PromptExecutor(_Server(), cache_type=execution.CacheType.CLASSIC,
-                                        cache_args={"lru": 0, "ram": 0})
+                                        cache_args={"lru": 0, "ram": 0, "ram_inactive": 0})
     # the same model as the workflow's loader, for the comparison runs; loaded once for all prompts
     from bench.proxy_world import models
     patcher, text = models.load(args.family)

@@ -23,13 +23,14 @@ ROOT = PACK_ROOT
 
 
 def comfyui_dir() -> Path:
-    """The ComfyUI checkout: $COMFYUI_DIR, else the one scripts/setup_env.sh recorded or unpacked."""
+    """The ComfyUI checkout: $COMFYUI_DIR, else the one scripts/setup_env.sh recorded in the running
+    environment (.venv for 0.3.75, .venv-0.33 for 0.33.0, ...) or in .venv, else .comfyui/ComfyUI."""
     env = os.environ.get("COMFYUI_DIR")
     if env:
         return Path(env)
-    marker = ROOT / ".venv" / "comfyui_dir"
-    if marker.exists():
-        return Path(marker.read_text().strip())
+    for marker in (Path(sys.prefix) / "comfyui_dir", ROOT / ".venv" / "comfyui_dir"):
+        if marker.exists():
+            return Path(marker.read_text().strip())
     return ROOT / ".comfyui" / "ComfyUI"
 
 

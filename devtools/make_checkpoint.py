@@ -50,48 +50,61 @@ def _rand_init(module, gen) -> None:
                 p.zero_()
 
 
+class _StateDictVAE:
+    """What `comfy.sd.save_checkpoint` reads from a VAE (`get_sd()`), for a bare TAESD state dict."""
+
+    def __init__(self, state_dict):
+        self.state_dict = state_dict
+
+    def get_sd(self):
+        return self.state_dict
+
+
 def write_tiny_sd15_checkpoint(path, seed: int = DEFAULT_SEED) -> Path:
     """Write the tiny SD1.x checkpoint to `path` (atomically) and return the path."""
     import torch
 
+    import comfy.model_patcher
     import comfy.sd
     import comfy.supported_models
     import comfy.taesd.taesd
-    import comfy.utils
 
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     t0 = time.monotonic()
     gen = torch.Generator().manual_seed(seed)
 
+    # fp16 weights from the start (copying the fp32 draws into them rounds as a cast would), so that
+    # ComfyUI's own saver writes the file as it is.
     config = comfy.supported_models.SD15(dict(TINY_SD15_UNET))
-    config.set_inference_dtype(torch.float32, None)
+    config.set_inference_dtype(torch.float16, None)
     model = config.get_model({}, "")
     _rand_init(model.diffusion_model, gen)
+    cpu = torch.device("cpu")
+    patcher = comfy.model_patcher.ModelPatcher(model, load_device=cpu, offload_device=cpu)
 
-    clip = comfy.sd.CLIP(config.clip_target(), model_options={"dtype": torch.float32})
+    clip = comfy.sd.CLIP(config.clip_target(), model_options={"dtype": torch.float16})
     _rand_init(clip.cond_stage_model, gen)
-    clip_sd = clip.get_sd()
 
     vae = comfy.taesd.taesd.TAESD()
     _rand_init(vae, gen)
     with torch.no_grad():
         vae.vae_scale.fill_(1.0)      # TAESD's scalar parameters: scale 1, shift 0
         vae.vae_shift.fill_(0.0)
-    vae_sd = vae.state_dict()
+    vae_sd = {k: v.to(torch.float16) for k, v in vae.state_dict().items()}
 
-    sd = model.state_dict_for_saving(clip_sd, vae_sd)
-    sd = {k: (v.to(torch.float16) if v.is_floating_point() else v).contiguous() for k, v in sd.items()}
     tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
     try:
-        comfy.utils.save_torch_file(sd, str(tmp))
+        # ComfyUI's own checkpoint saver (what its CheckpointSave node calls): the state-dict methods
+        # under it changed their arguments between versions (0.33 takes the UNet's state dict first).
+        comfy.sd.save_checkpoint(str(tmp), patcher, clip, _StateDictVAE(vae_sd))
         os.chmod(tmp, 0o644)          # safetensors creates files 0600; the cache may be shared
         os.replace(tmp, path)
     finally:
         if tmp.exists():
             tmp.unlink()
-    log.info("wrote tiny SD1.x checkpoint %s (%.1f MB, %d tensors) in %.1f s", path,
-             path.stat().st_size / 2**20, len(sd), time.monotonic() - t0)
+    log.info("wrote tiny SD1.x checkpoint %s (%.1f MB) in %.1f s", path,
+             path.stat().st_size / 2**20, time.monotonic() - t0)
     return path
 
 

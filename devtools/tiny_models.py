@@ -47,6 +47,7 @@ from dataclasses import dataclass
 import torch
 
 import comfy.model_base
+import comfy.model_detection
 import comfy.model_management as mm
 import comfy.model_patcher
 import comfy.supported_models
@@ -191,23 +192,31 @@ def _config_sd3():
 
 
 def _config_flux():
-    c = {
-        "image_model": "flux",
-        "guidance_embed": True,
-        "in_channels": 16,
-        "out_channels": 16,
-        "patch_size": 2,
-        "vec_in_dim": _POOLED_DIM["flux"],
-        "context_in_dim": _CONTEXT_DIM["flux"],
-        "hidden_size": 64,
-        "mlp_ratio": 4.0,
-        "num_heads": 4,
-        "depth": 3,
-        "depth_single_blocks": 3,
-        "axes_dim": [4, 6, 6],  # sums to hidden_size / num_heads = 16
-        "theta": 10000,
-        "qkv_bias": True,
+    # The config ComfyUI's own model detection gives a Flux.1 checkpoint with the tiny sizes (only key
+    # names and shapes are read), so fields a version adds are filled as for a real checkpoint (0.33's
+    # FluxParams requires txt_ids_dims); detection fixes axes and heads at full size, hence ours on top.
+    hidden, double_blocks, single_blocks = 64, 3, 3
+    shapes = {
+        "img_in.weight": (hidden, _LATENT_CHANNELS["flux"] * 2 * 2),
+        "txt_in.weight": (hidden, _CONTEXT_DIM["flux"]),
+        "vector_in.in_layer.weight": (hidden, _POOLED_DIM["flux"]),
+        "guidance_in.in_layer.weight": (hidden, 256),
+        **{f"double_blocks.{i}.img_attn.norm.key_norm.scale": (16,) for i in range(double_blocks)},
+        **{f"single_blocks.{i}.norm.key_norm.scale": (16,) for i in range(single_blocks)},
     }
+    keys = {name: torch.empty(shape, device="meta") for name, shape in shapes.items()}
+    c = comfy.model_detection.detect_unet_config(keys, "")
+    c.update({
+        "num_heads": 4,
+        "axes_dim": [4, 6, 6],  # sums to hidden_size / num_heads = 16
+    })
+    expected = {"image_model": "flux", "guidance_embed": True, "in_channels": 16, "out_channels": 16,
+                "patch_size": 2, "hidden_size": hidden, "depth": double_blocks,
+                "depth_single_blocks": single_blocks, "vec_in_dim": _POOLED_DIM["flux"],
+                "context_in_dim": _CONTEXT_DIM["flux"]}
+    got = {k: c.get(k) for k in expected}
+    if got != expected:
+        raise RuntimeError(f"ComfyUI's detection of the tiny Flux changed: {got} != {expected}")
     return comfy.supported_models.Flux(c)
 
 

@@ -668,8 +668,39 @@ def render(schemas: Optional[Schemas] = None) -> dict[Path, str]:
     return files
 
 
-def stale(files: dict[Path, str]) -> list[Path]:
-    return [path for path, text in files.items() if not path.exists() or path.read_text() != text]
+def essence(workflow: Any) -> Any:
+    """What a workflow file means to whoever runs it, for the staleness check.
+
+    A UI-format graph: its nodes' ids, types, titles, modes and widget values, which input each link
+    arrives at, and the links (ends and type). Layout, sizes and the list of outputs are left out, so
+    an output that ComfyUI adds upstream (0.33's SaveImage) does not make the files stale. Anything else
+    (an API-format file) counts whole.
+    """
+    if not (isinstance(workflow, dict) and isinstance(workflow.get("nodes"), list)
+            and isinstance(workflow.get("links"), list)):
+        return workflow
+    nodes = sorted(
+        (node["id"], node["type"], node.get("title"), node.get("mode", 0), json.dumps(node.get("widgets_values")),
+         json.dumps([[slot["name"], slot.get("link")] for slot in node.get("inputs", [])]))
+        for node in workflow["nodes"])
+    return {"nodes": nodes, "links": sorted(tuple(link) for link in workflow["links"])}
+
+
+def _same_essence(text_a: str, text_b: str) -> bool:
+    try:
+        return essence(json.loads(text_a)) == essence(json.loads(text_b))
+    except json.JSONDecodeError:
+        return False
+
+
+def stale(files: dict[Path, str], exact: bool = False) -> list[Path]:
+    """The files that are missing or whose `essence` differs from the rendered text's (any byte: `exact`)."""
+    out = []
+    for path, text in files.items():
+        current = path.read_text() if path.exists() else None
+        if current != text and (current is None or exact or not _same_essence(current, text)):
+            out.append(path)
+    return out
 
 
 def main(argv: Optional[list] = None) -> int:
@@ -677,7 +708,9 @@ def main(argv: Optional[list] = None) -> int:
     parser.add_argument("--check", action="store_true", help="write nothing; exit 1 if a file is missing or stale")
     args = parser.parse_args(argv)
     files = render()
-    out_of_date = stale(files)
+    # --check asks whether a file means something else than its declaration; a rewrite also brings
+    # layout and outputs up to date with the ComfyUI it runs on.
+    out_of_date = stale(files, exact=not args.check)
     if args.check:
         for path in out_of_date:
             print(f"stale: {path.relative_to(ROOT)} (run {Path(__file__).relative_to(ROOT)})", file=sys.stderr)

@@ -62,7 +62,10 @@ default_comfyui_dir = comfyui_dir
 
 
 def default_python() -> str:
-    """The venv's interpreter when there is one, else the one running the tests."""
+    """The interpreter running the tests when it is a virtual environment's (.venv, .venv-0.33, ...),
+    else .venv's when there is one, else the running one."""
+    if sys.prefix != sys.base_prefix:
+        return sys.executable
     venv = REPO_ROOT / ".venv" / "bin" / "python"
     return str(venv) if venv.exists() else sys.executable
 

@@ -57,11 +57,17 @@ def sd3_medium():
 
 
 def flux_dev():
-    import comfy.supported_models as sm
-    return _patcher(sm.Flux({
-        "image_model": "flux", "guidance_embed": True, "in_channels": 16, "out_channels": 16, "patch_size": 2,
-        "vec_in_dim": 768, "context_in_dim": 4096, "hidden_size": 3072, "mlp_ratio": 4.0, "num_heads": 24,
-        "depth": 19, "depth_single_blocks": 38, "axes_dim": [16, 56, 56], "theta": 10000, "qkv_bias": True}))
+    # FLUX.1-dev as ComfyUI's checkpoint loader configures it from the file's key names and shapes (meta
+    # tensors: nothing allocated), so the fields each version needs (0.33's txt_ids_dims) are its own.
+    import comfy.model_detection
+    shapes = {"img_in.weight": (3072, 64), "txt_in.weight": (3072, 4096), "vector_in.in_layer.weight": (3072, 768),
+              "guidance_in.in_layer.weight": (3072, 256),
+              **{f"double_blocks.{i}.img_attn.norm.key_norm.scale": (128,) for i in range(19)},
+              **{f"single_blocks.{i}.norm.key_norm.scale": (128,) for i in range(38)}}
+    config = comfy.model_detection.model_config_from_unet(
+        {name: torch.empty(shape, device="meta") for name, shape in shapes.items()}, "")
+    assert type(config).__name__ == "Flux" and config.unet_config["hidden_size"] == 3072
+    return _patcher(config)
 
 
 @pytest.mark.parametrize("build, family, expected, module", [

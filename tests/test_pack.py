@@ -30,6 +30,17 @@ def test_probes_models_folder_is_registered(pack):
     assert ".safetensors" in extensions
 
 
+def test_the_comfyui_under_test_is_in_the_supported_range(pack):
+    # packaging comes with ComfyUI's requirements (transformers needs it).
+    from packaging.specifiers import SpecifierSet
+    import comfyui_version
+
+    supported = SpecifierSet(tomllib.loads((ROOT / "pyproject.toml").read_text())["tool"]["comfy"]["requires-comfyui"])
+    assert comfyui_version.__version__ in supported, (comfyui_version.__version__, str(supported))
+    assert "0.3.75" in supported and "0.33.0" in supported          # the versions .ci/run tests
+    assert "0.3.74" not in supported                                  # older than the V3 schema the pack uses
+
+
 def test_registry_metadata():
     project = tomllib.loads((ROOT / "pyproject.toml").read_text())
     assert "comfyui" not in project["project"]["name"].lower()

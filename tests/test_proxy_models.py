@@ -135,6 +135,20 @@ def test_loss_decreases_on_a_fixed_batch(family):
     assert np.mean(losses[-5:]) < 0.8 * np.mean(losses[:5]), losses
 
 
+def test_training_fails_loudly_when_nothing_would_train():
+    patcher = models.build("unet", seed=0)
+    enc = models.build_text_encoder("unet", seed=0)
+    with pytest.raises(RuntimeError, match="no parameter of the denoiser received a gradient"):
+        train_models.require_gradients("unet", patcher.model.diffusion_model, enc)
+    for p in patcher.model.diffusion_model.parameters():
+        p.grad = torch.zeros_like(p)
+    with pytest.raises(RuntimeError, match="no parameter of the text encoder received a gradient"):
+        train_models.require_gradients("unet", patcher.model.diffusion_model, enc)
+    first = next(enc.parameters())
+    first.grad = torch.zeros_like(first)
+    train_models.require_gradients("unet", patcher.model.diffusion_model, enc)
+
+
 def test_train_split_is_disjoint():
     train, held = train_models.prompt_split()
     assert len(train) + len(held) == 1340 and not set(train) & set(held)

@@ -274,6 +274,10 @@ def test_cancel_during_early_sampling_then_next_run_works(server, tiny_checkpoin
         # Interrupt only once the early sampler itself is stepping (not while models load).
         events.wait_for(lambda m: m["type"] == "progress" and m["data"].get("prompt_id") == prompt_id
                         and m["data"].get("node") == EARLY and m["data"]["value"] >= 2, timeout=60)
+        # Ask ComfyUI to drop its output cache once this prompt ends (POST /free: the worker resets its
+        # executor after the running prompt), so the run after the cancel really re-executes the pack's
+        # nodes: 0.33's default RAM-pressure cache would otherwise serve them from the run before.
+        server.request("POST", "/free", {"free_memory": True})
         interrupted_at = time.monotonic()
         server.interrupt(prompt_id)
         entry = server.wait(prompt_id, timeout=60)

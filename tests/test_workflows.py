@@ -203,6 +203,40 @@ def test_stale_detects_missing_and_changed_files(tmp_path):
     assert bw.stale({path: "{}\n"}) == []
 
 
+def test_stale_ignores_layout_and_outputs_but_not_what_the_graph_means(tmp_path):
+    """An output ComfyUI adds upstream (0.33's SaveImage) or a moved node is not stale; a changed node
+    type, widget value or link is; a rewrite (exact) still brings every byte up to date."""
+    text = (WORKFLOWS_DIR / "probe_select_basic.json").read_text()
+    path = tmp_path / "w.json"
+
+    def stale_after(edit, exact=False):
+        ui = json.loads(text)
+        edit(ui)
+        path.write_text(bw.dumps(ui) + "\n")
+        return bw.stale({path: text}, exact=exact) == [path]
+
+    def add_output(ui):
+        ui["nodes"][-1]["outputs"].append({"name": "IMAGE", "type": "IMAGE", "links": None})
+        ui["nodes"][-1]["size"][1] += 20
+        ui["nodes"][0]["pos"][0] += 10
+
+    assert not stale_after(add_output) and stale_after(add_output, exact=True)
+    assert not stale_after(lambda ui: None, exact=True)
+    first = next(n for n in json.loads(text)["nodes"] if n["widgets_values"] and n["type"] not in FRONTEND_ONLY)
+    index = [n["id"] for n in json.loads(text)["nodes"]].index(first["id"])
+
+    def change_widget(ui):
+        ui["nodes"][index]["widgets_values"][0] = "something else"
+
+    def change_type(ui):
+        ui["nodes"][index]["type"] = "SomethingElse"
+
+    def change_link(ui):
+        ui["links"][0][4] += 1
+
+    assert stale_after(change_widget) and stale_after(change_type) and stale_after(change_link)
+
+
 def test_basic_api_twin_keeps_what_test_server_edits():
     api = load(API_DIR / "probe_select_basic.json")
     expected = {"1": ("CheckpointLoaderSimple", "ckpt_name"), "4": ("EmptyLatentImage", "width"),

@@ -167,6 +167,15 @@ def _ema_update(ema: List[torch.Tensor], params: List[torch.Tensor], decay: floa
         e.mul_(decay).add_(p.detach(), alpha=1 - decay)
 
 
+def require_gradients(family: str, denoiser: torch.nn.Module, text_encoder: torch.nn.Module) -> None:
+    """Fail loudly when a backward pass left the denoiser or the text encoder without any gradient
+    (a run would otherwise "train" for its whole budget and save its initial weights)."""
+    for name, module in (("denoiser", denoiser), ("text encoder", text_encoder)):
+        if not any(p.grad is not None for p in module.parameters()):
+            raise RuntimeError(f"{family}: no parameter of the {name} received a gradient, so nothing would "
+                               f"train; check that its weights require grad and that the loss depends on them")
+
+
 def train(cfg: TrainConfig) -> TrainResult:
     """Train ``cfg.family`` from a fresh deterministic initialisation; see the module docstring."""
     family = cfg.family
@@ -176,7 +185,11 @@ def train(cfg: TrainConfig) -> TrainResult:
     enc = models.build_text_encoder(family, seed=cfg.seed)
     model.diffusion_model.train()
     enc.train()
-    params = [p for p in list(model.diffusion_model.parameters()) + list(enc.parameters()) if p.requires_grad]
+    # Everything trains. Said explicitly: ComfyUI 0.33 builds its layers with frozen weights
+    # (requires_grad False), where picking the parameters that require a gradient trained nothing.
+    params = list(model.diffusion_model.parameters()) + list(enc.parameters())
+    for p in params:
+        p.requires_grad_(True)
     ema = [p.detach().clone() for p in params]
     opt = torch.optim.AdamW(params, lr=cfg.lr, betas=(0.9, 0.99), weight_decay=cfg.weight_decay)
 
@@ -213,6 +226,8 @@ def train(cfg: TrainConfig) -> TrainResult:
             loss = diffusion_loss(model, enc, family, x0, prompts, noise, sigma).mean()
             opt.zero_grad(set_to_none=True)
             loss.backward()
+            if step == 0:
+                require_gradients(family, model.diffusion_model, enc)
             if cfg.grad_clip:
                 torch.nn.utils.clip_grad_norm_(params, cfg.grad_clip)
             opt.step()

@@ -3,9 +3,11 @@
 ComfyUI draws a batch's noise from one generator, so row i of a batch is not what a batch-1 run
 with seed i draws. Here every row has its own source, built the way a batch-1 KSampler builds it:
 - initial noise: `comfy.sample.prepare_noise(row, seed_i)`;
-- ancestral / stochastic samplers that default to `default_noise_sampler`: one torch.Generator per
-  row on the model's device, seeded with seed_i. Its state after the early phase goes into the
-  LATENT metadata, so the resumed run continues the very same stream;
+- ancestral / stochastic samplers that default to `default_noise_sampler`: ComfyUI's own
+  `default_noise_sampler(row, seed_i)` per row, so however it seeds its generator (0.33 adds 1 to the
+  seed on the CPU, 0.3.75 does not) the candidate follows. How many draws the early phase took goes
+  into the LATENT metadata; the resumed run rebuilds the same source and skips that many draws, so it
+  continues the very same stream;
 - SDE samplers that default to a Brownian tree: one tree per row over the FULL schedule's sigma
   range, queried in both phases (the tree is a pure function of seed and interval).
 Samplers that draw no noise need nothing; `dpm_fast` and `dpm_adaptive` choose their own steps
@@ -38,29 +40,33 @@ def initial_noise(rows: torch.Tensor, seeds: list[int]) -> torch.Tensor:
 
 
 class PerRowGaussianNoise:
-    """`default_noise_sampler`, one generator per candidate; resumable from saved states."""
+    """`default_noise_sampler`, one per candidate; resumable from the number of draws already taken.
+
+    The sources are ComfyUI's own function rather than a copy of its seeding, so a change upstream
+    (such as 0.33's seed + 1 on the CPU) is followed. Its generator is private to a closure, so a
+    resume replays the early phase's draws (one latent-sized `randn` each) instead of restoring a state.
+    """
 
     kind = "gaussian"
 
-    def __init__(self, x: torch.Tensor, seeds: list[int], states: Optional[list[torch.Tensor]] = None):
-        self.shape = (1,) + tuple(x.shape[1:])
-        self.dtype, self.device, self.layout = x.dtype, x.device, x.layout
-        self.generators = []
-        for i, seed in enumerate(seeds):
-            generator = torch.Generator(device=x.device)
-            generator.manual_seed(seed)
-            if states is not None:
-                generator.set_state(states[i])
-            self.generators.append(generator)
+    def __init__(self, x: torch.Tensor, seeds: list[int], states: Optional[list[int]] = None):
+        from comfy.k_diffusion.sampling import default_noise_sampler
+
+        self.sources = [default_noise_sampler(x[i:i + 1], seed=seed) for i, seed in enumerate(seeds)]
+        self.draws = 0
+        taken = {int(n) for n in states or ()}
+        if len(taken) > 1:
+            raise ValueError(f"candidates of one batch took different numbers of noise draws: {sorted(taken)}")
+        for _ in range(taken.pop() if taken else 0):
+            self(None, None)
 
     def __call__(self, sigma, sigma_next):
-        return torch.cat([
-            torch.randn(self.shape, dtype=self.dtype, layout=self.layout, device=self.device, generator=g)
-            for g in self.generators
-        ])
+        self.draws += 1
+        return torch.cat([source(sigma, sigma_next) for source in self.sources])
 
-    def states(self) -> list[torch.Tensor]:
-        return [g.get_state().clone() for g in self.generators]
+    def states(self) -> list[int]:
+        """Per candidate: how many draws its stream has given so far."""
+        return [self.draws] * len(self.sources)
 
 
 class PerRowBrownianNoise:

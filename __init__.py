@@ -11,6 +11,7 @@ import folder_paths
 
 from .nodes import ProbeSelectExtension
 from .nodes.evaluators import register_evaluators_folder
+from .nodes.pick_server import register_routes
 
 WEB_DIRECTORY = "./js"
 PROBES_FOLDER = "probes"
@@ -27,6 +28,7 @@ def _register_probes_folder() -> None:
 
 _register_probes_folder()
 register_evaluators_folder()
+register_routes()      # pause-and-pick: the server adds custom routes only before it starts
 
 
 async def comfy_entrypoint() -> ProbeSelectExtension:

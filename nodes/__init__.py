@@ -3,6 +3,7 @@ from comfy_api.latest import ComfyExtension, io
 
 from .dataset import ProbeSelectDatasetWriter
 from .evaluators import EVALUATOR_NODES
+from .nodes_pick import ProbeSelectPickCandidates
 from .preview_score import ProbeSelectPreviewScore
 from .sampling import ProbeSelectCollectSampler, ProbeSelectEarlySampler, ProbeSelectResume, ProbeSelectSampler
 from .selection import ProbeSelectLoadProbe, ProbeSelectScore, ProbeSelectTopK
@@ -16,6 +17,7 @@ NODES: list[type[io.ComfyNode]] = [
     ProbeSelectScore,
     ProbeSelectPreviewScore,
     ProbeSelectTopK,
+    ProbeSelectPickCandidates,
     ProbeSelectResume,
     ProbeSelectSampler,
     ProbeSelectCollectSampler,

@@ -2,9 +2,9 @@
 from __future__ import annotations
 
 import comfy.samplers
-from comfy_api.latest import io, ui
+from comfy_api.latest import io
 
-from . import split_sampling
+from . import gallery, split_sampling
 from .errors import ProbeSelectError
 from .noise import UNSPLITTABLE_SAMPLERS, splittable_samplers
 from .types import CATEGORY, Activations, Probe, Scores
@@ -92,7 +92,9 @@ class ProbeSelectEarlySampler(io.ComfyNode):
         s = validate_early(cls.__name__, latent_image, candidates, steps, checkpoint, sampler_name, seed)
         result = split_sampling.run_early(model, positive, negative, latent_image, seed, candidates, steps, cfg,
                                           sampler_name, scheduler, checkpoint, denoise, callback=_progress(s))
-        return io.NodeOutput(result.latent, result.x0, result.activations)
+        meta = result.latent[split_sampling.PACK_KEY]
+        previews = gallery.previews_payload(model, result.x0, meta["run_id"], meta["seeds"])
+        return io.NodeOutput(result.latent, result.x0, result.activations, ui={gallery.PREVIEWS_KEY: [previews]})
 
 
 def validate_resumable(node_id: str, latent: dict) -> dict:
@@ -191,7 +193,11 @@ class ProbeSelectSampler(io.ComfyNode):
         kept_seeds = ",".join(str(scores.seeds[i]) for i in kept_indices)
         from .selection import scores_text
 
-        return io.NodeOutput(finished, scores, kept_seeds, ui=ui.PreviewText(scores_text(scores, kept_indices)))
+        previews = gallery.previews_payload(model, early.x0, scores.run_id, scores.seeds)
+        shown = gallery.selection_ui(scores_text(scores, kept_indices),
+                                     gallery.gallery_payload(scores.run_id, scores.seeds, kept_indices, "top_k", scores),
+                                     previews)
+        return io.NodeOutput(finished, scores, kept_seeds, ui=shown)
 
 
 def parse_checkpoints(node_id: str, text: str, steps: int) -> list[int]:

@@ -10,7 +10,7 @@ from comfy_api.latest import io, ui
 from ..probes.features import ActivationSeries
 from ..probes.io import ProbeFileError, ProbeMetadata, load_probe
 from ..probes.scoring import CandidateScores, ProbeCompatibilityError, score_candidates
-from . import split_sampling
+from . import gallery, split_sampling
 from .errors import ProbeSelectError
 from .types import CATEGORY, Activations, Probe, Scores
 
@@ -159,5 +159,6 @@ class ProbeSelectTopK(io.ComfyNode):
     def execute(cls, early_latent, scores, keep) -> io.NodeOutput:
         kept, pruned, indices = top_k_or_fail(cls.__name__, early_latent, scores, keep)
         seeds = [scores.seeds[i] for i in indices]
-        return io.NodeOutput(kept, pruned, seeds[0], ",".join(map(str, seeds)), ",".join(map(str, indices)),
-                             ui=ui.PreviewText(scores_text(scores, indices)))
+        shown = gallery.selection_ui(scores_text(scores, indices),
+                                     gallery.gallery_payload(scores.run_id, scores.seeds, indices, "top_k", scores))
+        return io.NodeOutput(kept, pruned, seeds[0], ",".join(map(str, seeds)), ",".join(map(str, indices)), ui=shown)

@@ -17,6 +17,8 @@ from __future__ import annotations
 import logging
 import math
 import os
+import threading
+from collections import OrderedDict
 from typing import Optional, Sequence
 
 from ..probes.atomic import atomic_write
@@ -29,6 +31,26 @@ GALLERY_KEY = "probe_select_gallery"
 TEXT_KEY = "text"
 THUMBNAIL_MAX_SIDE = 128
 TEMP_SUBFOLDER = "probe_select"
+RUNS_REMEMBERED = 32
+
+# run id -> previews payload of the latest early runs. The selection nodes send the thumbnails again
+# with their own result because ComfyUI does not re-send the UI output of a cached early sampler
+# (a re-run with another K, or a pick, would show no pictures). File names only, bounded.
+_recent_previews: "OrderedDict[str, dict]" = OrderedDict()
+_recent_lock = threading.Lock()
+
+
+def remember_previews(payload: dict) -> None:
+    with _recent_lock:
+        _recent_previews[payload["run_id"]] = payload
+        _recent_previews.move_to_end(payload["run_id"])
+        while len(_recent_previews) > RUNS_REMEMBERED:
+            _recent_previews.popitem(last=False)
+
+
+def previews_for(run_id: str) -> Optional[dict]:
+    with _recent_lock:
+        return _recent_previews.get(run_id)
 
 
 def prompt_server():
@@ -90,7 +112,10 @@ def previews_payload(model, x0_latent: dict, run_id: str, seeds: Sequence[int]) 
     except (OSError, RuntimeError, ValueError) as e:   # a preview must never fail the sampling
         log.warning("Probe-Select: no x0 preview thumbnails for this run: %s", e)
         images = []
-    return {"run_id": run_id, "seeds": [int(s) for s in seeds], "images": images}
+    payload = {"run_id": run_id, "seeds": [int(s) for s in seeds], "images": images}
+    if images:
+        remember_previews(payload)
+    return payload
 
 
 def gallery_payload(run_id: str, seeds: Sequence[int], kept: Sequence[int], mode: str,
@@ -107,8 +132,9 @@ def gallery_payload(run_id: str, seeds: Sequence[int], kept: Sequence[int], mode
 
 
 def selection_ui(text: str, gallery: dict, previews: Optional[dict] = None) -> dict:
-    """The UI output of a node that selects candidates: full ranking text, gallery, previews if it has them."""
+    """The UI output of a node that selects candidates: full ranking text, gallery, previews if known."""
     ui = {TEXT_KEY: [text], GALLERY_KEY: [gallery]}
+    previews = previews or previews_for(gallery["run_id"])
     if previews is not None:
         ui[PREVIEWS_KEY] = [previews]
     return ui

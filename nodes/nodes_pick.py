@@ -57,7 +57,7 @@ def await_pick(node_id: str, meta: dict, scores: Optional[CandidateScores], pres
         pick_server.send_to_client(pick_server.PICK_EVENT, {
             "node_id": node_id, "request_id": request.request_id,
             "gallery": gallery.gallery_payload(meta["run_id"], meta["seeds"], preselected, "picking", scores),
-            "keep": keep, "timeout": timeout,
+            "keep": keep, "timeout": timeout, "previews": gallery.previews_for(meta["run_id"]),
         })
         picked = pick_server.REGISTRY.wait(request, comfy.model_management.throw_exception_if_processing_interrupted)
         reason = "timeout" if picked is None else "picked"

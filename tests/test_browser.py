@@ -210,6 +210,17 @@ GRAPH_PROBLEMS = """(wf) => {
 }"""
 
 
+OPENING_VIEW = """() => {
+  const canvas = app.canvas, rect = canvas.canvas.getBoundingClientRect();
+  const nodes = app.graph.nodes ?? app.graph._nodes;
+  const left = Math.min(...nodes.map(n => n.pos[0]));
+  const bar = document.querySelector('.side-tool-bar-container');
+  return {scale: canvas.ds.scale, lowQuality: !!canvas.low_quality,
+          leftmost: rect.left + (left + canvas.ds.offset[0]) * canvas.ds.scale,
+          sidebarRight: bar ? bar.getBoundingClientRect().right : rect.left};
+}"""
+
+
 def _load_and_check(page: Page, workflow: dict) -> list[str]:
     page.load(workflow)
     return page.js(GRAPH_PROBLEMS, workflow)
@@ -226,6 +237,11 @@ def test_every_example_workflow_loads_cleanly(page):
         assert problems == [], f"{path.name}: {problems}"
         # Every node the file names is in the graph, with its widget values.
         assert page.js("() => (app.graph.nodes ?? app.graph._nodes).length") == len(workflow["nodes"]), path.name
+        page.page.wait_for_timeout(200)                  # one frame drawn at the workflow's own view
+        view = page.js(OPENING_VIEW)
+        assert not view["lowQuality"], f"{path.name} opens at zoom {view['scale']}, too small for any text"
+        assert view["leftmost"] >= view["sidebarRight"], f"{path.name}: its first column is under the sidebar {view}"
+        page.screenshot(f"open_{path.stem}.png")
     page.page.wait_for_timeout(300)
     assert page.pack_messages() == [], page.pack_messages()
 

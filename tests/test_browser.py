@@ -448,3 +448,13 @@ def test_cancel_during_a_pause_leaves_the_server_clean(page, server, tiny_checkp
     page.page.wait_for_selector(".probe-select-pick-finish", state="detached", timeout=10_000)
     assert all(t["state"] == "early" for t in page.js(TILES, pick_id))
     assert page.pack_messages() == [], page.pack_messages()
+
+
+def test_a_missing_browser_skips_here_and_fails_in_ci(monkeypatch):
+    monkeypatch.setitem(globals(), "CHROMIUM", "/nonexistent/chromium")
+    monkeypatch.delenv("CI", raising=False)
+    with pytest.raises(pytest.skip.Exception, match="Chromium at /nonexistent/chromium"):
+        _require_browser()
+    monkeypatch.setenv("CI", "true")
+    with pytest.raises(pytest.fail.Exception, match="Chromium at /nonexistent/chromium"):
+        _require_browser()

@@ -19,7 +19,10 @@ import math
 import os
 import threading
 from collections import OrderedDict
-from typing import Optional, Sequence
+from typing import Any, Optional, Sequence
+
+import folder_paths
+import latent_preview
 
 from ..probes.atomic import atomic_write
 from ..probes.scoring import CandidateScores
@@ -53,7 +56,7 @@ def previews_for(run_id: str) -> Optional[dict]:
         return _recent_previews.get(run_id)
 
 
-def prompt_server():
+def prompt_server() -> Optional[Any]:
     """The running PromptServer, or None in-process (tests, scripts) where none was created."""
     import server   # local: ComfyUI's server module pulls in its whole web stack, needed only here
 
@@ -62,8 +65,6 @@ def prompt_server():
 
 def _previewer(model):
     """ComfyUI's latent-to-RGB previewer for this model's latent format, or None if it has no factors."""
-    import latent_preview
-
     latent_format = model.model.latent_format
     factors = getattr(latent_format, "latent_rgb_factors", None)
     if factors is None:
@@ -90,8 +91,6 @@ def preview_thumbnails(model, x0_latent: dict) -> list:
 
 def save_thumbnails(images: Sequence, run_id: str, temp_dir: Optional[str] = None) -> list[dict]:
     """Write the thumbnails to ComfyUI's temp folder; the `/view` records the frontend loads them by."""
-    import folder_paths
-
     folder = os.path.join(temp_dir or folder_paths.get_temp_directory(), TEMP_SUBFOLDER)
     os.makedirs(folder, exist_ok=True)
     records = []

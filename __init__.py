@@ -7,10 +7,12 @@ time (nodes/folders.py) because ComfyExtension.on_load() is not called on every 
 """
 from .nodes import ProbeSelectExtension
 from .nodes.folders import register_model_folders
+from .nodes.engine.pick_server import register_routes
 
 WEB_DIRECTORY = "./js"
 
 register_model_folders()
+register_routes()      # pause-and-pick: the server adds custom routes only before it starts
 
 
 async def comfy_entrypoint() -> ProbeSelectExtension:

@@ -8,6 +8,7 @@ from .nodes_evaluators import EVALUATOR_NODES
 from .nodes_image_metrics import IMAGE_METRICS_NODES
 from .nodes_latent_probing import LATENT_PROBING_NODES
 from .nodes_ood import OOD_NODES
+from .nodes_pick import ProbeSelectPickCandidates
 from .nodes_preview_score import ProbeSelectPreviewScore
 from .nodes_sampling import ProbeSelectCollectSampler, ProbeSelectEarlySampler, ProbeSelectResume, ProbeSelectSampler
 from .nodes_schedules import SCHEDULE_NODES
@@ -22,6 +23,7 @@ NODES: list[type[io.ComfyNode]] = [
     ProbeSelectScore,
     ProbeSelectPreviewScore,
     ProbeSelectTopK,
+    ProbeSelectPickCandidates,
     ProbeSelectResume,
     ProbeSelectSampler,
     ProbeSelectCollectSampler,

@@ -3,10 +3,10 @@ from __future__ import annotations
 
 import comfy.samplers
 import comfy.utils
-from comfy_api.latest import io, ui
+from comfy_api.latest import io
 
 from ..probes.checkpoints import checkpoint_step
-from .engine import split_sampling
+from .engine import gallery, split_sampling
 from .engine.capture import find_tap
 from .engine.selection import score_or_fail, scores_text, top_k_or_fail
 from .errors import ProbeSelectError
@@ -99,7 +99,9 @@ class ProbeSelectEarlySampler(io.ComfyNode):
         s = validate_early(cls.NODE_ID, latent_image, candidates, steps, checkpoint_percent, sampler_name, seed)
         result = split_sampling.run_early(model, positive, negative, latent_image, seed, candidates, steps, cfg,
                                           sampler_name, scheduler, checkpoint_percent, denoise, callback=_progress(s))
-        return io.NodeOutput(result.latent, result.x0, result.activations)
+        run = split_sampling.early_run(result.latent)
+        previews = gallery.previews_payload(model, result.x0, run.run_id, run.seeds)
+        return io.NodeOutput(result.latent, result.x0, result.activations, ui={gallery.PREVIEWS_KEY: [previews]})
 
 
 def validate_resumable(node_id: str, latent: dict) -> split_sampling.EarlyRun:
@@ -203,7 +205,11 @@ class ProbeSelectSampler(io.ComfyNode):
         kept, _pruned, kept_indices = top_k_or_fail(node_id, early.latent, scores, keep)
         finished = resume_or_fail(node_id, model, positive, negative, kept, cfg)
         kept_seeds = ",".join(str(scores.seeds[i]) for i in kept_indices)
-        return io.NodeOutput(finished, scores, kept_seeds, ui=ui.PreviewText(scores_text(scores, kept_indices)))
+        previews = gallery.previews_payload(model, early.x0, scores.run_id, scores.seeds)
+        shown = gallery.selection_ui(scores_text(scores, kept_indices),
+                                     gallery.gallery_payload(scores.run_id, scores.seeds, kept_indices, "top_k", scores),
+                                     previews)
+        return io.NodeOutput(finished, scores, kept_seeds, ui=shown)
 
 
 def parse_checkpoints(node_id: str, text: str, steps: int) -> list[int]:

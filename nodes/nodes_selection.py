@@ -7,6 +7,7 @@ import folder_paths
 from comfy_api.latest import io, ui
 
 from ..probes.io import ProbeFileError, load_probe
+from .engine import gallery
 from .engine.selection import LoadedProbe, score_or_fail, scores_text, top_k_or_fail
 from .errors import ProbeSelectError
 from .folders import PROBES_FOLDER
@@ -104,5 +105,6 @@ class ProbeSelectTopK(io.ComfyNode):
     def execute(cls, early_latent, scores, keep) -> io.NodeOutput:
         kept, pruned, indices = top_k_or_fail(cls.NODE_ID, early_latent, scores, keep)
         seeds = [scores.seeds[i] for i in indices]
-        return io.NodeOutput(kept, pruned, seeds[0], ",".join(map(str, seeds)), ",".join(map(str, indices)),
-                             ui=ui.PreviewText(scores_text(scores, indices)))
+        shown = gallery.selection_ui(scores_text(scores, indices),
+                                     gallery.gallery_payload(scores.run_id, scores.seeds, indices, "top_k", scores))
+        return io.NodeOutput(kept, pruned, seeds[0], ",".join(map(str, seeds)), ",".join(map(str, indices)), ui=shown)

@@ -56,6 +56,18 @@ WORKFLOWS_DIR = ROOT / "example_workflows"
 API_DIR = WORKFLOWS_DIR / "api"
 PACK_NAME = "probe-select"          # the Comfy Registry id (pyproject.toml [project] name)
 
+# How a workflow opens: the frontend draws nodes without text below ~0.57 zoom (its 8 px minimum font
+# size for detail over 14 px node text), so never open below MIN_OPENING_SCALE even if the graph is
+# then wider than the screen; the offset (graph units) keeps the first column clear of the sidebar
+# and of the workflow-name bar at the top left.
+MIN_OPENING_SCALE = 0.65
+OPENING_OFFSET = (100, 120)
+
+
+def opening_scale(graph_width: float) -> float:
+    return round(max(MIN_OPENING_SCALE, min(1.0, 1800 / graph_width)), 2)
+
+
 # ---- declarations ------------------------------------------------------------------------------
 
 @dataclass(frozen=True)
@@ -581,7 +593,7 @@ def build(name: str, wf: Workflow, schemas: Schemas) -> tuple[dict, dict]:
         "links": links,
         "groups": [],
         "config": {},
-        "extra": {"ds": {"scale": round(min(1.0, 1800 / right), 2), "offset": [0, 0]}},
+        "extra": {"ds": {"scale": opening_scale(right), "offset": list(OPENING_OFFSET)}},
         "version": 0.4,
     }
 

@@ -134,4 +134,18 @@ if [ ! -f "$stamp" ] || [ "$(cat "$stamp")" != "$want" ]; then
   pip_install $TORCH_SPEC -r "$COMFY/requirements.txt" -r "$ROOT/requirements.txt" -r "$ROOT/requirements-dev.txt"
   printf '%s' "$want" > "$stamp"
 fi
+
+# 4. Browser tests (tests/test_browser.py): Debian's chromium, driven by the playwright package of
+#    requirements-dev.txt (never `playwright install`: no browser download). apt runs only when
+#    chromium is missing; PROBE_SELECT_NO_BROWSER=1 skips this step.
+if [ -z "${PROBE_SELECT_NO_BROWSER:-}" ] && [ ! -x /usr/bin/chromium ]; then
+  if [ "$(id -u)" = 0 ]; then SUDO=""; else SUDO="sudo -n"; fi
+  if command -v apt-get >/dev/null 2>&1 && $SUDO true 2>/dev/null; then
+    log "installing chromium (apt) for the browser tests"
+    $SUDO apt-get update -qq
+    $SUDO env DEBIAN_FRONTEND=noninteractive apt-get install -y -qq chromium >/dev/null
+  else
+    log "chromium is missing and apt can't run here: the browser tests will skip (and fail under CI=true)"
+  fi
+fi
 log "ready: $VPY, ComfyUI $VERSION at $COMFY"

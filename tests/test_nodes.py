@@ -80,7 +80,7 @@ def test_load_score_topk_resume_pipeline(sd1, tapped, probe):
     assert torch.equal(kept["samples"], early["samples"][order[:2]])
     assert torch.equal(pruned["samples"], early["samples"][order[2:]])
     assert kept["probe_select"]["seeds"] == [10 + i for i in order[:2]]
-    assert "candidate" in out.ui.as_dict()["text"][0]
+    assert "candidate" in out.ui["text"][0]
 
     finished = sampling.ProbeSelectResume.execute(sd1.patcher, sd1.conditioning(1), sd1.conditioning(2), kept,
                                                   4.0).result[0]

@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import ast
 import re
+import subprocess
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -150,8 +151,10 @@ def _readme_layout() -> str:
 def test_readme_layout_matches_the_tree():
     layout = _readme_layout()
     named = set(re.findall(r"^([A-Za-z_][\w./-]*)/", layout, flags=re.M))
-    top_level = {p.name for p in ROOT.iterdir() if p.is_dir() and not p.name.startswith((".", "_"))
-                 and any(p.rglob("*.*"))} - {"build", "dist"}
+    # The tracked tree: untracked or ignored folders (out/, build outputs) are not part of the layout.
+    tracked = subprocess.run(["git", "ls-files"], cwd=ROOT, capture_output=True, text=True, check=True).stdout
+    top_level = {line.split("/", 1)[0] for line in tracked.splitlines() if "/" in line}
+    top_level = {name for name in top_level if not name.startswith((".", "_"))}
     nested = {n for n in named if "/" in n}
     assert top_level <= named, f"folders missing from the README layout: {sorted(top_level - named)}"
     assert all((ROOT / n).is_dir() for n in named), [n for n in named if not (ROOT / n).is_dir()]

@@ -4,7 +4,6 @@ A kept candidate, resumed, equals a plain SamplerCustomAdvanced run with RandomN
 guider, sampler and sigmas: with a CFG guider on the tiny SD1 model and Flux's BasicGuider with
 FluxGuidance on the tiny Flux model.
 """
-import comfy.samplers
 import pytest
 import torch
 from comfy_extras import nodes_custom_sampler as ccs
@@ -148,14 +147,25 @@ def test_dual_cfg_guider_and_custom_sigmas_with_sampler_options(split, nodes_cus
                                                     latent)) > 1e-3   # the sampler's options matter
 
 
-def test_early_phase_evaluates_only_to_the_checkpoint(nodes_custom):
-    """Denoiser calls: N candidates x s steps in the early phase (CFG: cond and uncond in one call each)."""
-    tiny, latent, sigmas = _setup("sd1")
+@pytest.mark.parametrize("family", ["sd1", "flux"])
+def test_early_phase_evaluates_to_the_checkpoint_and_captures_the_tap(pack, nodes_custom, family):
+    """Denoiser calls: N candidates x s steps (SD1 CFG: cond and uncond in one call each; Flux: cond only).
+    A tap on the guider's model gives one activation row per candidate at the checkpoint, and the node
+    sends the gallery its previews."""
+    from probe_select.nodes.engine.gallery import PREVIEWS_KEY
+    from probe_select.nodes.nodes_tap import apply_tap
+
+    tiny, latent, sigmas = _setup(family)
     recorder = ApplyModelRecorder()
-    guider = _guider("sd1", with_recorder(tiny.patcher, recorder), tiny)
-    _early(nodes_custom, guider, _sampler("euler"), sigmas, latent)
+    guider = _guider(family, with_recorder(apply_tap(tiny.patcher, "auto", 2), recorder), tiny)
+    output = _early(nodes_custom, guider, _sampler("euler"), sigmas, latent)
+    _early_latent, _x0, activations = output.args
     assert recorder.evaluations == CANDIDATES * STOP
-    assert all(call["rows"] == 2 * CANDIDATES and sorted(call["flags"]) == [0, 1] for call in recorder.calls)
+    flags = [0, 1] if family == "sd1" else [0]
+    assert all(call["rows"] == len(flags) * CANDIDATES and sorted(call["flags"]) == flags for call in recorder.calls)
+    assert activations.seeds == [SEED, SEED + 1, SEED + 2] and activations.step == STOP
+    assert activations.features.shape[0] == CANDIDATES and activations.steps == STEPS
+    assert PREVIEWS_KEY in output.ui
 
 
 def test_ksampler_form_and_custom_form_share_the_engine(split, nodes_custom):

@@ -19,8 +19,8 @@ s..T-1.
 
 What the resume needs travels in the LATENT under `PACK_KEY`, row-aligned with the samples, so a
 user can't finish a candidate with other steps or another scheduler than it started with. A LATENT
-changed after the early phase (or a resume with another cfg) can't be replayed; it restarts from the
-given latent at sigma_s, which is exact only for single-step samplers.
+changed after the early phase (or a resume with another cfg or guider setting) can't be replayed; it
+restarts from the given latent at sigma_s, which is exact only for single-step samplers.
 
 Both forms of the graph share one implementation: the engine samples through a guider
 (`comfy.samplers.CFGGuider` or a subclass), a SAMPLER object and a sigma tensor. The KSampler form

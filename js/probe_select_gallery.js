@@ -7,7 +7,7 @@ import { app } from "../../scripts/app.js";
 import { api } from "../../scripts/api.js";
 import { fitNode, widgetMargin } from "./probe_select_scores.js";
 
-const PREVIEW_NODES = new Set(["ProbeSelectEarlySampler", "ProbeSelectSampler"]);
+const PREVIEW_NODES = new Set(["ProbeSelectEarlySampler", "ProbeSelectEarlySamplerCustom", "ProbeSelectSampler"]);
 const GALLERY_NODES = new Set(["ProbeSelectTopK", "ProbeSelectSampler", "ProbeSelectPickCandidates"]);
 const WIDGET_NAME = "probe_select_gallery";
 const TILE_WIDTH = 104;

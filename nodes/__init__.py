@@ -3,6 +3,7 @@ from comfy_api.latest import ComfyExtension, io
 
 from .nodes_activation_pca import PCA_NODES
 from .nodes_attention import ATTENTION_NODES
+from .nodes_custom_sampling import ProbeSelectEarlySamplerCustom, ProbeSelectResumeCustom
 from .nodes_dataset import ProbeSelectDatasetWriter
 from .nodes_evaluators import EVALUATOR_NODES
 from .nodes_image_metrics import IMAGE_METRICS_NODES
@@ -25,6 +26,8 @@ NODES: list[type[io.ComfyNode]] = [
     ProbeSelectTopK,
     ProbeSelectPickCandidates,
     ProbeSelectResume,
+    ProbeSelectEarlySamplerCustom,
+    ProbeSelectResumeCustom,
     ProbeSelectSampler,
     ProbeSelectCollectSampler,
     *EVALUATOR_NODES,

@@ -124,6 +124,9 @@ def resume_or_fail(node_id: str, model, positive, negative, latent: dict, cfg: f
     try:
         return split_sampling.resume(model, positive, negative, latent, cfg,
                                      callback=_progress(run.steps - run.stop_step))
+    except split_sampling.FormMismatchError:
+        raise ProbeSelectError(node_id, "these candidates were started by ProbeSelectEarlySamplerCustom.",
+                               "finish them with ProbeSelectResumeCustom.") from None
     except split_sampling.ScheduleMismatchError:
         raise ProbeSelectError(node_id, "this model's noise schedule differs from the one the candidates were "
                                         "started with.",

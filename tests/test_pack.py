@@ -9,7 +9,7 @@ PUBLIC_NODE_IDS = {
     "ProbeSelectTopK", "ProbeSelectResume", "ProbeSelectSampler", "ProbeSelectCollectSampler",
     "ProbeSelectDatasetWriter", "ProbeSelectTrain", "ProbeSelectEvaluateProbe", "ProbeSelectCLIPScore",
     "ProbeSelectImageReward", "ProbeSelectHPSv2", "ProbeSelectPickScore", "ProbeSelectEvaluateImages",
-    "ProbeSelectScoresFromFloats", "ProbeSelectPreviewScore",
+    "ProbeSelectScoresFromFloats", "ProbeSelectPreviewScore", "ProbeSelectEarlySamplerCustom", "ProbeSelectResumeCustom",
 }
 
 

@@ -15,6 +15,7 @@ and can't be split.
 """
 from __future__ import annotations
 
+import copy
 import inspect
 from typing import Optional
 
@@ -31,6 +32,23 @@ def splittable_samplers() -> list[str]:
     import comfy.samplers
 
     return [name for name in comfy.samplers.SAMPLER_NAMES if name not in UNSPLITTABLE_SAMPLERS]
+
+
+def initial_noise_from(noise_source, rows: torch.Tensor, seeds: list[int], latent: dict) -> torch.Tensor:
+    """Initial noise from a SamplerCustomAdvanced NOISE (RandomNoise-style: a `seed` and `generate_noise`):
+    row i is what a copy of the source with seed i draws for a batch-1 latent, so any NOISE that seeds
+    itself from `seed` is followed, however it draws."""
+    batch = latent["samples"].shape[0]
+    out = []
+    for i, seed in enumerate(seeds):
+        source = copy.copy(noise_source)
+        source.seed = seed
+        row_latent = {"samples": rows[i:i + 1]}
+        batch_index = latent.get("batch_index")
+        if isinstance(batch_index, list) and len(batch_index) == batch:
+            row_latent["batch_index"] = batch_index[:1] if batch == 1 else batch_index[i:i + 1]
+        out.append(source.generate_noise(row_latent).to(rows.dtype))
+    return torch.cat(out)
 
 
 def initial_noise(rows: torch.Tensor, seeds: list[int]) -> torch.Tensor:
@@ -116,3 +134,26 @@ def sampler_object(sampler_name: str, noise_sampler=None):
     if noise_sampler is None:
         return comfy.samplers.sampler_object(sampler_name)
     return comfy.samplers.ksampler(sampler_name, {"noise_sampler": noise_sampler})
+
+
+# The functions ComfyUI's `ksampler()` wraps around the samplers that choose their own steps.
+_OWN_STEP_FUNCTIONS = {"dpm_fast_function": "dpm_fast", "dpm_adaptive_function": "dpm_adaptive"}
+
+
+def sampler_name_of(sampler) -> str:
+    """The ComfyUI sampler name of a SAMPLER object (`KSAMPLER` over `sample_<name>`), for its noise source."""
+    function = getattr(sampler, "sampler_function", None)
+    if function is None:
+        raise TypeError(f"{type(sampler).__name__} is not a KSAMPLER")
+    name = getattr(function, "__name__", "")
+    if name in _OWN_STEP_FUNCTIONS:
+        return _OWN_STEP_FUNCTIONS[name]
+    return name[len("sample_"):] if name.startswith("sample_") else name
+
+
+def with_noise_source(sampler, noise_sampler=None):
+    """A copy of a user's SAMPLER (its options kept) that draws from our per-row noise source."""
+    out = copy.copy(sampler)
+    if noise_sampler is not None:
+        out.extra_options = {**sampler.extra_options, "noise_sampler": noise_sampler}
+    return out

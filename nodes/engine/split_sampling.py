@@ -19,13 +19,19 @@ s..T-1.
 
 What the resume needs travels in the LATENT under `PACK_KEY`, row-aligned with the samples, so a
 user can't finish a candidate with other steps or another scheduler than it started with. A LATENT
-changed after the early phase (or a resume with another cfg) can't be replayed; it restarts from the
-given latent at sigma_s, which is exact only for single-step samplers.
+changed after the early phase (or a resume with another cfg or guider setting) can't be replayed; it
+restarts from the given latent at sigma_s, which is exact only for single-step samplers.
+
+Both forms of the graph share one implementation: the engine samples through a guider
+(`comfy.samplers.CFGGuider` or a subclass), a SAMPLER object and a sigma tensor. The KSampler form
+builds them the way `comfy.samplers.sample` does (a CFGGuider with positive, negative and cfg; the
+sampler by name; the sigmas from steps, scheduler and denoise); the custom form
+(`SamplerCustomAdvanced`'s NOISE, GUIDER, SAMPLER, SIGMAS) passes the user's own.
 """
 from __future__ import annotations
 
+import copy
 import logging
-import math
 import uuid
 from dataclasses import dataclass
 from typing import Callable, Optional, Sequence
@@ -36,19 +42,28 @@ from ...probes.checkpoints import checkpoint_step
 from ...probes.features import ActivationSeries, ActivationSet
 from .capture import RUN_KEY, find_tap
 from .families import model_family
-from .noise import UNSPLITTABLE_SAMPLERS, build_noise_sampler, initial_noise, sampler_object
+from .noise import (UNSPLITTABLE_SAMPLERS, build_noise_sampler, initial_noise, initial_noise_from, sampler_name_of,
+                    sampler_object, with_noise_source)
 
 log = logging.getLogger(__name__)
 
 PACK_KEY = "probe_select"
 X0_KEY = "probe_select_x0"
-METADATA_VERSION = 2
+METADATA_VERSION = 3
 RECORD_KEY = "probe_select_record"
 REPLAY_KEY = "probe_select_replay"
 
 
 class ScheduleMismatchError(ValueError):
-    """The model given to the resume computes other sigmas than the early run recorded."""
+    """The model (or SIGMAS) given to the resume gives other sigmas than the early run recorded."""
+
+
+class SamplerMismatchError(ValueError):
+    """The SAMPLER given to the custom resume is not the one the early run used."""
+
+
+class FormMismatchError(ValueError):
+    """A LATENT started by the custom early sampler given to the KSampler-form resume."""
 
 
 @dataclass(frozen=True)
@@ -278,6 +293,53 @@ class EarlyResult:
     x0_at: Optional[dict] = None   # checkpoint step k -> x0 prediction (LATENT samples) of the step reaching k
 
 
+def cfg_guider(model, positive, negative, cfg: float):
+    """The guider a KSampler samples with (what `comfy.samplers.sample` builds)."""
+    import comfy.samplers
+
+    guider = comfy.samplers.CFGGuider(model)
+    guider.set_conds(positive, negative)
+    guider.set_cfg(cfg)
+    return guider
+
+
+def guidance_of(guider) -> dict:
+    """The guider's class and plain settings (cfg; DualCFGGuider's cfg1, cfg2, nested): what the recorded
+    per-conditioning outputs were combined with, so a resume can tell whether it may replay them."""
+    settings = {k: v for k, v in sorted(vars(guider).items()) if isinstance(v, (bool, int, float, str))}
+    return {"class": type(guider).__name__, **settings}
+
+
+def _guider_on_clone(guider, run_id: Optional[str], wrappers: Sequence[tuple[str, object]] = ()):
+    """A copy of `guider` on a clone of its model, with the run id and our CALC_COND_BATCH wrappers.
+
+    The user's guider and model are left untouched; a guider's own model_options (which may differ
+    from its patcher's) are carried over.
+    """
+    import comfy.patcher_extension
+
+    work_model = guider.model_patcher.clone()
+    if guider.model_options is not guider.model_patcher.model_options:
+        work_model.model_options = copy.deepcopy(guider.model_options)
+    if run_id is not None:
+        work_model.model_options.setdefault("transformer_options", {})[RUN_KEY] = run_id
+    for key, wrapper in wrappers:
+        work_model.add_wrapper_with_key(comfy.patcher_extension.WrappersMP.CALC_COND_BATCH, key, wrapper)
+    guided = copy.copy(guider)
+    guided.model_patcher, guided.model_options = work_model, work_model.model_options
+    return guided
+
+
+def _sample(guider, noise: torch.Tensor, rows: torch.Tensor, sampler, sigmas: torch.Tensor, latent: dict,
+            callback, disable_pbar: bool, seed: int) -> torch.Tensor:
+    """What `comfy.sample.sample_custom` and SamplerCustomAdvanced do with a guider."""
+    import comfy.model_management
+
+    samples = guider.sample(noise, rows, sampler, sigmas.clone(), denoise_mask=latent.get("noise_mask"),
+                            callback=callback, disable_pbar=disable_pbar, seed=seed)
+    return samples.to(comfy.model_management.intermediate_device())
+
+
 def run_early(model, positive, negative, latent: dict, seed: int, candidates: int, steps: int, cfg: float,
               sampler_name: str, scheduler: str, checkpoint: float, denoise: float = 1.0,
               callback: Optional[Callable[[int, int], None]] = None, disable_pbar: bool = True) -> EarlyResult:
@@ -294,36 +356,78 @@ def run_candidates(model, positive, negative, latent: dict, seed: int, candidate
                    sampler_name: str, scheduler: str, stop_step: int, capture_at: Sequence[int],
                    denoise: float = 1.0, callback: Optional[Callable[[int, int], None]] = None,
                    disable_pbar: bool = True) -> EarlyResult:
+    """The KSampler form of `run_guided`: a CFGGuider, the sampler by name, sigmas from the scheduler."""
+    if sampler_name in UNSPLITTABLE_SAMPLERS:
+        raise ValueError(f"sampler {sampler_name} picks its own steps and can't be split")
+    seeds = [int(seed) + i for i in range(candidates)]
+    return run_guided(
+        cfg_guider(model, positive, negative, cfg), latent, seeds, lambda rows: initial_noise(rows, seeds),
+        sampler_name, lambda noise_sampler: sampler_object(sampler_name, noise_sampler),
+        full_sigmas(model, steps, sampler_name, scheduler, denoise), stop_step, capture_at,
+        text_embedding_from_conditioning(positive),
+        {"form": "ksampler", "scheduler": scheduler, "denoise": denoise, "cfg": cfg},
+        callback=callback, disable_pbar=disable_pbar)
+
+
+def run_custom(guider, noise_source, sampler, sigmas: torch.Tensor, latent: dict, candidates: int, stop_step: int,
+               callback: Optional[Callable[[int, int], None]] = None, disable_pbar: bool = True) -> EarlyResult:
+    """The SamplerCustomAdvanced form of `run_guided`: the user's guider, SAMPLER and sigmas; candidate i
+    starts from the noise `noise_source` draws with seed + i for a batch-1 latent (see noise.py)."""
+    name = sampler_name_of(sampler)
+    if name in UNSPLITTABLE_SAMPLERS:
+        raise ValueError(f"sampler {name} picks its own steps and can't be split")
+    seeds = [int(noise_source.seed) + i for i in range(candidates)]
+    return run_guided(
+        guider, latent, seeds, lambda rows: initial_noise_from(noise_source, rows, seeds, latent),
+        name, lambda noise_sampler: with_noise_source(sampler, noise_sampler),
+        sigmas.detach().to("cpu", torch.float32).clone(), stop_step, (stop_step,),
+        text_embedding_from_guider(guider), {"form": "custom"}, callback=callback, disable_pbar=disable_pbar)
+
+
+def text_embedding_from_guider(guider) -> Optional[torch.Tensor]:
+    """`text_embedding_from_conditioning` for a guider's (converted) positive conditioning."""
+    conds = guider.original_conds.get("positive") if hasattr(guider, "original_conds") else None
+    if not conds:
+        return None
+    first = conds[0]
+    return text_embedding_from_conditioning([[first.get("cross_attn"), first]])
+
+
+def run_guided(guider, latent: dict, seeds: list[int], draw_noise: Callable[[torch.Tensor], torch.Tensor],
+               sampler_name: str, make_sampler: Callable, sigmas: torch.Tensor, stop_step: int,
+               capture_at: Sequence[int], text_embedding: Optional[torch.Tensor], form: dict,
+               callback: Optional[Callable[[int, int], None]] = None, disable_pbar: bool = True) -> EarlyResult:
     """Sample the candidates to `stop_step` (== steps: to the end), capturing at each step of `capture_at`.
+
+    `draw_noise(rows)` gives the candidates' initial noise, `make_sampler(noise_sampler)` the SAMPLER with
+    our per-row noise source (None for samplers that draw none), `sigmas` the full schedule; `form` goes
+    into the metadata (how the resume rebuilds the schedule).
 
     A checkpoint k means "k steps done": the tap reads the last denoiser evaluation before it,
     the one at sigma_{k-1} that produces x_k, so no extra evaluation is spent on capturing. With
     several checkpoints `activations` is an ActivationSeries, with one an ActivationSet.
     """
-    import comfy.sample
     import comfy.model_management
-    import comfy.patcher_extension
 
-    seeds = [int(seed) + i for i in range(candidates)]
+    model = guider.model_patcher
+    candidates = len(seeds)
+    steps = sigmas.shape[-1] - 1
     rows = _rows_for(latent, model, candidates)
-    sigmas = full_sigmas(model, steps, sampler_name, scheduler, denoise)
-    if sampler_name in UNSPLITTABLE_SAMPLERS:
-        raise ValueError(f"sampler {sampler_name} picks its own steps and can't be split")
     capture_at = sorted(set(int(k) for k in capture_at))
 
-    noise = initial_noise(rows, seeds)
+    noise = draw_noise(rows)
     noise_sampler = build_noise_sampler(sampler_name, rows.to(model.load_device), seeds, sigmas)
-    sampler = sampler_object(sampler_name, noise_sampler)
+    sampler = make_sampler(noise_sampler)
     stopped = {}
     recorder = _ModelOutputRecorder()
 
     run_id = uuid.uuid4().hex
     tap = find_tap(model)
-    work_model = model.clone()
-    work_model.model_options.setdefault("transformer_options", {})[RUN_KEY] = run_id
+    wrappers = ()
     if stop_step < steps:
         sampler = _stopping_at_step(sampler, stop_step, recorder, stopped)
-        work_model.add_wrapper_with_key(comfy.patcher_extension.WrappersMP.CALC_COND_BATCH, RECORD_KEY, recorder)
+        wrappers = ((RECORD_KEY, recorder),)
+    guided = _guider_on_clone(guider, run_id, wrappers)
     session = tap.open_session(run_id, tuple(k - 1 for k in capture_at)) if tap is not None else None
     x0_holder = {}
     x0_at = {}
@@ -339,9 +443,7 @@ def run_candidates(model, positive, negative, latent: dict, seed: int, candidate
             callback(step + 1, total_steps)
 
     try:
-        samples = comfy.sample.sample_custom(
-            work_model, noise, cfg, sampler, sigmas.clone(), positive, negative, rows,
-            noise_mask=latent.get("noise_mask"), callback=on_step, disable_pbar=disable_pbar, seed=seeds[0])
+        samples = _sample(guided, noise, rows, sampler, sigmas, latent, on_step, disable_pbar, seeds[0])
     finally:
         if tap is not None:
             tap.close_session(run_id)
@@ -349,7 +451,6 @@ def run_candidates(model, positive, negative, latent: dict, seed: int, candidate
     family = model_family(model)
     activations = None
     if session is not None:
-        text = text_embedding_from_conditioning(positive)
         sets = []
         for k in capture_at:
             features = session.features.get(k - 1)
@@ -357,7 +458,7 @@ def run_candidates(model, positive, negative, latent: dict, seed: int, candidate
                 raise RuntimeError(f"the tap on {tap.path} did not fire at step {k - 1}")
             sets.append(ActivationSet(
                 features=features, family=family, tap=tap.path, step=k, steps=steps, sigma=session.sigmas[k - 1],
-                seeds=seeds, run_id=run_id, text_embedding=text, pooling="adaptive_avg"))
+                seeds=seeds, run_id=run_id, text_embedding=text_embedding, pooling="adaptive_avg"))
         activations = sets[0] if len(sets) == 1 else ActivationSeries(tuple(sets))
 
     out = {k: _per_sample(v, latent["samples"].shape[0], candidates) for k, v in latent.items()}
@@ -367,7 +468,7 @@ def run_candidates(model, positive, negative, latent: dict, seed: int, candidate
         out[PACK_KEY] = {
             "version": METADATA_VERSION, "run_id": run_id, "family": family, "seeds": seeds,
             "row_ids": list(range(candidates)), "steps": steps, "stop_step": stop_step, "sampler": sampler_name,
-            "scheduler": scheduler, "denoise": denoise, "cfg": cfg, "sigmas": sigmas.tolist(),
+            **form, "guidance": guidance_of(guider), "sigmas": sigmas.tolist(),
             "noise_kind": getattr(noise_sampler, "kind", "none"),
             "noise_states": noise_sampler.states() if noise_sampler is not None else None,
             "state": stopped["x"], "start": stopped["start"],
@@ -412,63 +513,89 @@ def select_rows(latent: dict, indices: list[int]) -> dict:
     return out
 
 
-def _replayable(model, meta: dict, rows: torch.Tensor, cfg: float, sigma: torch.Tensor) -> bool:
-    """Whether the recorded early phase can be replayed: same latent and cfg as when it was recorded."""
+def _replayable(model, meta: dict, rows: torch.Tensor, guidance: dict, sigma: torch.Tensor) -> bool:
+    """Whether the recorded early phase can be replayed: same latent and guider settings as when recorded."""
     state = meta.get("state")
     if not isinstance(state, torch.Tensor) or meta.get("calls") is None or meta.get("start") is None:
         return False
     if not _stored_state_matches(model, rows, state, sigma):
         log.info("Probe-Select: the early latent was changed after sampling; resuming from it as given")
         return False
-    if not math.isclose(float(cfg), float(meta["cfg"]), rel_tol=1e-9, abs_tol=1e-9):
-        log.info("Probe-Select: resuming with cfg %s instead of the early phase's %s; the early steps can't be "
-                 "replayed, so the candidates continue from their early latents", cfg, meta["cfg"])
+    if guidance != meta.get("guidance"):
+        log.info("Probe-Select: resuming with guider settings %s instead of the early phase's %s; the early steps "
+                 "can't be replayed, so the candidates continue from their early latents", guidance,
+                 meta.get("guidance"))
         return False
     return True
 
 
 def resume(model, positive, negative, latent: dict, cfg: float,
            callback: Optional[Callable[[int, int], None]] = None, disable_pbar: bool = True) -> dict:
+    """The KSampler form of `resume_guided`: the schedule and sampler named in the latent, a CFGGuider."""
+    meta = latent[PACK_KEY]
+    if meta.get("form") != "ksampler":
+        raise FormMismatchError("the latent was started with the custom sampler")
+    sigmas = full_sigmas(model, meta["steps"], meta["sampler"], meta["scheduler"], meta["denoise"])
+    expected = torch.tensor(meta["sigmas"], dtype=torch.float32)
+    if sigmas.shape != expected.shape or not torch.allclose(sigmas, expected, rtol=1e-5, atol=1e-6):
+        raise ScheduleMismatchError("noise schedule differs")
+    return resume_guided(cfg_guider(model, positive, negative, cfg), latent,
+                         lambda noise_sampler: sampler_object(meta["sampler"], noise_sampler), sigmas,
+                         callback=callback, disable_pbar=disable_pbar)
+
+
+def resume_custom(guider, sampler, latent: dict, sigmas: Optional[torch.Tensor] = None,
+                  callback: Optional[Callable[[int, int], None]] = None, disable_pbar: bool = True) -> dict:
+    """The SamplerCustomAdvanced form of `resume_guided`: the user's guider and SAMPLER; the sigmas are the
+    latent's own (given ones must equal them)."""
+    meta = latent[PACK_KEY]
+    expected = torch.tensor(meta["sigmas"], dtype=torch.float32)
+    if sigmas is not None:
+        given = sigmas.detach().to("cpu", torch.float32)
+        if given.shape != expected.shape or not torch.allclose(given, expected, rtol=1e-5, atol=1e-6):
+            raise ScheduleMismatchError("sigmas differ")
+    name = sampler_name_of(sampler)
+    if name != meta["sampler"]:
+        raise SamplerMismatchError(f"the candidates were started with sampler {meta['sampler']}, not {name}")
+    return resume_guided(guider, latent, lambda noise_sampler: with_noise_source(sampler, noise_sampler), expected,
+                         callback=callback, disable_pbar=disable_pbar)
+
+
+def resume_guided(guider, latent: dict, make_sampler: Callable, sigmas: torch.Tensor,
+                  callback: Optional[Callable[[int, int], None]] = None, disable_pbar: bool = True) -> dict:
     """Finish the rows of a split-sampling LATENT from their stop step to the end.
 
     Replays the recorded early phase (no model evaluation) so the sampler's history is rebuilt, then
     evaluates the model for steps s..T-1; see the module docstring.
     """
-    import comfy.sample
     import comfy.model_management
-    import comfy.patcher_extension
 
+    model = guider.model_patcher
     meta = latent[PACK_KEY]
     steps, s = meta["steps"], meta["stop_step"]
-    sigmas = full_sigmas(model, steps, meta["sampler"], meta["scheduler"], meta["denoise"])
-    expected = torch.tensor(meta["sigmas"], dtype=torch.float32)
-    if sigmas.shape != expected.shape or not torch.allclose(sigmas, expected, rtol=1e-5, atol=1e-6):
-        raise ScheduleMismatchError("noise schedule differs")
     rows = latent["samples"]
     seeds = meta["seeds"]
     replay = None
-    if _replayable(model, meta, rows, cfg, sigmas[s]):
+    if _replayable(model, meta, rows, guidance_of(guider), sigmas[s]):
         # Fresh noise sources: the replayed early steps draw the early phase's noise again, in order.
         noise_sampler = build_noise_sampler(meta["sampler"], rows.to(model.load_device), seeds, sigmas)
-        sampler = _starting_from_state(sampler_object(meta["sampler"], noise_sampler), meta["start"])
+        sampler = _starting_from_state(make_sampler(noise_sampler), meta["start"])
         replay = _ModelOutputReplay(meta["calls"], meta["call_sigmas"])
-        work_model = model.clone()
-        work_model.add_wrapper_with_key(comfy.patcher_extension.WrappersMP.CALC_COND_BATCH, REPLAY_KEY, replay)
+        guided = _guider_on_clone(guider, None, ((REPLAY_KEY, replay),))
         run_sigmas, first_step = sigmas, s
     else:
         noise_sampler = build_noise_sampler(meta["sampler"], rows.to(model.load_device), seeds, sigmas,
                                             states=meta.get("noise_states"))
-        sampler = sampler_object(meta["sampler"], noise_sampler)
-        work_model, run_sigmas, first_step = model, sigmas[s:], 0
+        sampler = make_sampler(noise_sampler)
+        guided, run_sigmas, first_step = guider, sigmas[s:], 0
 
     def on_step(step, x0, x, total_steps):
         comfy.model_management.throw_exception_if_processing_interrupted()
         if callback is not None and step >= first_step:
             callback(step - first_step + 1, steps - s)
 
-    samples = comfy.sample.sample_custom(
-        work_model, torch.zeros_like(rows), cfg, sampler, run_sigmas.clone(), positive, negative, rows,
-        noise_mask=latent.get("noise_mask"), callback=on_step, disable_pbar=disable_pbar, seed=seeds[0])
+    samples = _sample(guided, torch.zeros_like(rows), rows, sampler, run_sigmas, latent, on_step, disable_pbar,
+                      seeds[0])
     if replay is not None and replay.replayed != len(meta["calls"]):
         raise RuntimeError(f"the sampler replayed {replay.replayed} of the {len(meta['calls'])} recorded model calls")
     out = {k: v for k, v in latent.items() if k != PACK_KEY}

@@ -206,7 +206,9 @@ def test_progress_reaches_the_total_and_cancel_stops(nodes, dirs, tmp_path):
                 reference_folder=str(folder), fid=True, batch_size=4)
     finally:
         comfy.utils.set_progress_bar_global_hook(old_hook)
-    assert seen[-1] == (17, 17) and [v for v, _ in seen] == sorted(v for v, _ in seen) and len(seen) == 5
+    # Every batch updates the bar (5 updates on 0.3.75); 0.33 throttles updates to the hook, so only
+    # the order, an intermediate value and the final total are the same on every version.
+    assert seen[-1] == (17, 17) and [v for v, _ in seen] == sorted(v for v, _ in seen) and 2 <= len(seen) <= 5
     mm.interrupt_current_processing(True)            # what the Cancel button does
     try:
         with pytest.raises(mm.InterruptProcessingException):

@@ -10,7 +10,7 @@ from probe_select.probes.training.dataset import CandidateRows, DatasetError, Da
 from probe_select.probes.features import FEATURE_DTYPE, ActivationSet
 from probe_select.probes.io import ProbeMetadata
 from probe_select.probes.model import ProbeConfig, build_probe
-from probe_select.probes.scoring import score_candidates
+from probe_select.probes.scoring import CandidateScores, score_candidates
 
 # ---- datasets -------------------------------------------------------------------------------
 
@@ -117,3 +117,40 @@ def test_batch_size_one_scores_like_one_batch():
     torch.testing.assert_close(one_by_one, together, rtol=0, atol=1e-5)
     with pytest.raises(ValueError, match="batch_size must be >= 1, got 0"):
         score_candidates(probe, meta, acts, batch_size=0)
+
+
+# ---- pins from the second mutation run (issue 11) -------------------------------------------
+
+
+def test_default_batches_are_64_candidates():
+    """The default chunk (64 rows a forward pass) bounds memory: 70 candidates take two passes."""
+    probe, meta, acts = _probe_and_acts(70)
+    batches = []
+    handle = probe.register_forward_hook(lambda _m, inputs, _o: batches.append(inputs[0].shape[0]))
+    try:
+        score_candidates(probe, meta, acts)
+        assert batches == [64, 6]
+        batches.clear()
+        score_candidates(probe, meta, acts, batch_size=30)
+        assert batches == [30, 30, 10]
+    finally:
+        handle.remove()
+
+
+def test_scoring_restores_the_probe_mode_and_handles_no_candidates():
+    probe, meta, acts = _probe_and_acts(3)
+    probe.train()
+    score_candidates(probe, meta, acts)
+    assert probe.training                                   # a probe being trained stays in training mode
+    probe.eval()
+    score_candidates(probe, meta, acts)
+    assert not probe.training
+    empty = acts.select([])
+    result = score_candidates(probe, meta, empty)
+    assert result.scores.shape == (0,) and result.seeds == [] and result.order().tolist() == []
+
+
+def test_candidate_scores_must_be_one_dimensional():
+    with pytest.raises(ValueError, match=r"scores must be \[N\], got shape \(2, 1\)"):
+        CandidateScores(scores=torch.zeros(2, 1), evaluator="x", run_id="r", seeds=[1, 2])
+    assert len(CandidateScores(scores=torch.zeros(2), evaluator="x", run_id="r", seeds=[1, 2])) == 2

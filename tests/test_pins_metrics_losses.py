@@ -232,6 +232,8 @@ def test_undefined_cases_are_quiet_nans():
     with warnings.catch_warnings():
         warnings.simplefilter("error")
         assert math.isnan(spearman([], []))
+        assert math.isnan(spearman([1.0, 1.0, 1.0], [2.0, 3.0, 1.0]))       # a constant side: 0 / 0
+        assert per_group_spearman([0.5, 0.5], [1.0, 2.0], [0, 0]).tolist() == [0.0]
         assert math.isnan(kendall_tau([1.0], [2.0]))
         assert math.isnan(kendall_tau([], []))
         summary = selection_summary([1.0, 2.0], [3.0, 4.0], [0, 1])      # no prompt with two rows

@@ -478,8 +478,12 @@ class RunResult:
 
 
 def run_tests(copy_root: Path, tests: list[str], pytest_args: list[str], timeout_s: float,
-              python: str = sys.executable) -> RunResult:
-    """Runs the tests in ``copy_root``; exit 0 -> survived, any failure -> killed, too slow -> timeout."""
+              python: str = sys.executable, mutated: bool = True) -> RunResult:
+    """Runs the tests in ``copy_root``; exit 0 -> survived, any failure -> killed, too slow -> timeout.
+
+    Exit 4 (pytest could not load the tests) is a configuration error for the unmutated source, but
+    for a mutated one it is a detection: tests/conftest.py imports the whole pack, so a mutant (or
+    the canary) that raises on import stops pytest before any test runs."""
     command = [python, "-m", "pytest", "-x", "-q", "-p", "no:cacheprovider", *pytest_args, *tests]
     # No bytecode: a mutant of the same size written within the same second as the previous file
     # would otherwise be served from a stale .pyc (its check is mtime + size).
@@ -504,6 +508,9 @@ def run_tests(copy_root: Path, tests: list[str], pytest_args: list[str], timeout
         with _LIVE_LOCK:
             _LIVE.discard(process)
     seconds = time.monotonic() - started
+    if process.returncode == 4 and mutated:
+        error = next((line for line in output.splitlines() if line.startswith("E ")), "")
+        return RunResult("killed", seconds, f"tests could not be loaded: {error.strip()}"[:200])
     if process.returncode in (4, 5):   # usage error / nothing collected: the configuration is wrong
         raise ConfigError(f"pytest exit {process.returncode} for {tests}:\n{output[-2000:]}")
     if process.returncode == 0:
@@ -610,15 +617,16 @@ def run_module(workspace: Workspace, root: Path, module: ModuleConfig, config: C
     count = module.mutants if max_mutants is None else min(module.mutants, max_mutants)
     mutants = select_mutants(candidates, count, config.seed, module.path)
 
-    def run(timeout_s: float) -> Callable[[Path], RunResult]:
-        return lambda copy_root: run_tests(copy_root, module.tests, config.pytest_args, timeout_s)
+    def run(timeout_s: float, mutated: bool = True) -> Callable[[Path], RunResult]:
+        return lambda copy_root: run_tests(copy_root, module.tests, config.pytest_args, timeout_s, mutated=mutated)
 
-    baseline = workspace.run_with(module.path, None, run(3600.0))
+    baseline = workspace.run_with(module.path, None, run(3600.0, mutated=False))
     if baseline.status != "survived":
         raise ConfigError(f"{module.path}: the unmutated tests fail ({baseline.detail or baseline.status}); "
                           "fix them before mutation testing")
     timeout_s = max(config.timeout_floor_s, config.timeout_factor * baseline.seconds)
-    canary = workspace.run_with(module.path, CANARY + source, run(timeout_s))
+    # At the end, so that `from __future__` imports stay first: the module still raises on import.
+    canary = workspace.run_with(module.path, source + "\n" + CANARY, run(timeout_s))
     if canary.status == "survived":
         raise ConfigError(f"{module.path}: a module that raises on import passes {module.tests}: the tests do "
                           "not import this file (wrong tests configured, or they import another copy)")

@@ -232,3 +232,18 @@ def test_report_counts_explains_survivors_and_renders_again_from_its_json(tmp_pa
     (again,) = mutation.reports_from_json(json.loads(json.dumps(data)))
     assert again == report
     assert mutation.render_report([again], equivalents, config, "bench/mutation.toml", 60.0, 1) == text
+
+
+def test_a_mutant_that_stops_the_tests_from_loading_is_killed(tmp_path):
+    """tests/conftest.py imports the whole pack: a mutant (or the canary) that raises on import makes
+    pytest exit 4 before any test runs. That is a detection; for the unmutated source it is a
+    configuration error."""
+    project = tmp_path / "project"
+    write_project(project)
+    (project / "tests" / "conftest.py").write_text("import sys\nsys.path.insert(0, '.')\nimport calc  # noqa\n")
+    (project / "calc.py").write_text("from __future__ import annotations\n" + (project / "calc.py").read_text()
+                                     + "raise RuntimeError('broken on import')\n")
+    result = mutation.run_tests(project, ["tests/test_calc.py"], [], 60.0)
+    assert result.status == "killed" and "broken on import" in result.detail
+    with pytest.raises(mutation.ConfigError, match="pytest exit 4"):
+        mutation.run_tests(project, ["tests/test_calc.py"], [], 60.0, mutated=False)

@@ -1,16 +1,20 @@
 """Pins on datasets and scoring (issue 11): mismatched writers, stray files, empty datasets, the seed
 range, and chunked scoring with a shared text embedding."""
+import json
 import logging
 
 import pytest
 import torch
+from safetensors import safe_open
+from safetensors.torch import save_file
 
 from dataset_writer_proc import CHECKPOINTS, FEATURE_SHAPE, TEXT_DIM, make_manifest, make_rows
-from probe_select.probes.training.dataset import CandidateRows, DatasetError, DatasetWriter, ProbeDataset, list_shards
-from probe_select.probes.features import FEATURE_DTYPE, ActivationSet
+from probe_select.probes.training.dataset import (CandidateRows, DatasetError, DatasetWriter, ProbeDataset, list_shards,
+                                                 rows_from_activations, split_by_prompt)
+from probe_select.probes.features import FEATURE_DTYPE, ActivationSeries, ActivationSet
 from probe_select.probes.io import ProbeMetadata
 from probe_select.probes.model import ProbeConfig, build_probe
-from probe_select.probes.scoring import score_candidates
+from probe_select.probes.scoring import CandidateScores, score_candidates
 
 # ---- datasets -------------------------------------------------------------------------------
 
@@ -117,3 +121,111 @@ def test_batch_size_one_scores_like_one_batch():
     torch.testing.assert_close(one_by_one, together, rtol=0, atol=1e-5)
     with pytest.raises(ValueError, match="batch_size must be >= 1, got 0"):
         score_candidates(probe, meta, acts, batch_size=0)
+
+
+# ---- pins from the second mutation run (issue 11) -------------------------------------------
+
+
+def test_default_batches_are_64_candidates():
+    """The default chunk (64 rows a forward pass) bounds memory: 70 candidates take two passes."""
+    probe, meta, acts = _probe_and_acts(70)
+    batches = []
+    handle = probe.register_forward_hook(lambda _m, inputs, _o: batches.append(inputs[0].shape[0]))
+    try:
+        score_candidates(probe, meta, acts)
+        assert batches == [64, 6]
+        batches.clear()
+        score_candidates(probe, meta, acts, batch_size=30)
+        assert batches == [30, 30, 10]
+    finally:
+        handle.remove()
+
+
+def test_scoring_restores_the_probe_mode_and_handles_no_candidates():
+    probe, meta, acts = _probe_and_acts(3)
+    probe.train()
+    score_candidates(probe, meta, acts)
+    assert probe.training                                   # a probe being trained stays in training mode
+    probe.eval()
+    score_candidates(probe, meta, acts)
+    assert not probe.training
+    empty = acts.select([])
+    result = score_candidates(probe, meta, empty)
+    assert result.scores.shape == (0,) and result.seeds == [] and result.order().tolist() == []
+
+
+def test_candidate_scores_must_be_one_dimensional():
+    with pytest.raises(ValueError, match=r"scores must be \[N\], got shape \(2, 1\)"):
+        CandidateScores(scores=torch.zeros(2, 1), evaluator="x", run_id="r", seeds=[1, 2])
+    assert len(CandidateScores(scores=torch.zeros(2), evaluator="x", run_id="r", seeds=[1, 2])) == 2
+
+
+def test_manifest_refuses_bad_fields():
+    for overrides, message in [
+        (dict(tap=""), "tap must be a non-empty string"),
+        (dict(feature_shape=(4, 4)), "feature_shape must be three positive ints"),
+        (dict(checkpoints=[0.1, 1.5]), r"checkpoints must be fractions of steps in \[0, 1\]"),
+        (dict(checkpoints=[0.4, 0.2]), "checkpoints must be strictly increasing"),
+        (dict(evaluators=["clipscore", ""]), "evaluators must be a non-empty list of names"),
+    ]:
+        with pytest.raises(ValueError, match=message):
+            make_manifest(**overrides)
+    # The manifest file is indented JSON (read by people and other tools), one key a line.
+    text = make_manifest().to_json()
+    assert text == json.dumps(json.loads(text), indent=2) + "\n" and '\n  "tap": "output_blocks.7.0",\n' in text
+
+
+def test_rows_refuse_non_finite_text():
+    good = make_rows("a", 0, 2)
+    text = good.text_embedding.clone()
+    text[1, 0] = float("nan")
+    with pytest.raises(ValueError, match="text_embedding"):
+        CandidateRows(features=good.features, seeds=good.seeds, prompts=good.prompts, scores=good.scores, text_embedding=text)
+
+
+def _rewrite_shard(root, name, metadata=None, tensors=None, drop=()):
+    """A copy of the dataset's first shard under ``name`` with metadata / tensors replaced or dropped."""
+    with safe_open(str(list_shards(root)[0]), framework="pt") as handle:
+        meta = dict(handle.metadata())
+        data = {key: handle.get_tensor(key) for key in handle.keys()}
+    meta.update(metadata or {})
+    data.update(tensors or {})
+    for key in drop:
+        meta.pop(key, None)
+        data.pop(key, None)
+    path = root / "shards" / name
+    save_file(data, str(path), metadata=meta)
+    return path
+
+
+@pytest.mark.parametrize("change, message", [
+    (dict(drop=("writer",)), r"metadata \['writer'\] missing"),
+    (dict(metadata={"prompts": json.dumps(["a prompt 0", 5])}), "metadata prompts is not a list of 2 strings"),
+    (dict(tensors={"features": make_rows("a", 0, 2).features.float()}), "features are F32"),
+    (dict(tensors={"text_embedding": torch.zeros(2, TEXT_DIM + 1)}), rf"text_embedding is torch.float32 \[2, {TEXT_DIM + 1}\]"),
+])
+def test_shard_disagreeing_with_the_manifest_is_refused(tmp_path, change, message):
+    root = tmp_path / "ds"
+    DatasetWriter(root, make_manifest(), writer_id="w").append(make_rows("a", 0, 2))
+    stray = _rewrite_shard(root, "shard-zz-000000.safetensors", **change)
+    with pytest.raises(DatasetError, match=message):
+        ProbeDataset(root)
+    assert ProbeDataset(root, skip_corrupt=True).skipped == [stray]
+
+
+def test_split_fractions_must_all_be_non_negative():
+    with pytest.raises(ValueError, match="fractions must be three non-negative numbers"):
+        split_by_prompt(["a", "b"], (0.8, -0.1, 0.3))
+    assert split_by_prompt(["a", "b", "a"], (1.0, 0.0, 0.0))["train"].tolist() == [0, 1, 2]
+
+
+def test_rows_from_activations_share_one_text_row():
+    generator = torch.Generator().manual_seed(0)
+    sets = [ActivationSet(features=torch.randn(3, *FEATURE_SHAPE, generator=generator).to(FEATURE_DTYPE), family="sd2",
+                          tap="output_blocks.7.0", step=step, steps=20, sigma=1.0, seeds=[5, 6, 7], run_id="r",
+                          text_embedding=torch.randn(1, TEXT_DIM, generator=generator)) for step in (2, 4)]
+    manifest, rows = rows_from_activations(ActivationSeries(tuple(sets)), {"clipscore": torch.tensor([1.0, 2.0, 3.0])}, "a cat")
+    assert manifest.text_dim == TEXT_DIM and manifest.checkpoints == [0.1, 0.2]
+    assert rows.text_embedding.shape == (3, TEXT_DIM)
+    assert torch.equal(rows.text_embedding, sets[0].text_embedding.expand(3, -1).to(rows.text_embedding.dtype))
+    assert rows.features.shape == (3, 2, *FEATURE_SHAPE) and rows.prompts == ["a cat"] * 3

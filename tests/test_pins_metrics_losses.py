@@ -1,12 +1,14 @@
 """Pins on the metrics and losses (issue 11): values a mutation of probes/metrics.py or
 probes/losses.py would change while the hand-computed tests still pass."""
 import math
+import warnings
 
 import pytest
 import torch
 
-from probe_select.probes.training.losses import ProbeLoss, combined_loss, info_nce_loss, listwise_ranking_loss
-from probe_select.probes.training.metrics import per_group_spearman, selection_summary, spearman, top1_hit_rate, within_prompt_spearman
+from probe_select.probes.training.losses import ProbeLoss, anneal, combined_loss, info_nce_loss, listwise_ranking_loss, pearson_loss
+from probe_select.probes.training.metrics import (bootstrap_ci, kendall_tau, per_group_spearman, selection_summary, spearman,
+                                                 top1_hit_rate, within_prompt_spearman)
 from probe_select.probes.model import ProbeConfig, build_probe
 
 # ---- metrics --------------------------------------------------------------------------------
@@ -128,3 +130,136 @@ def test_tied_targets_do_not_push_each_other_down():
     tied = pred.clone().requires_grad_(True)
     listwise_ranking_loss(tied, torch.tensor([1.0, 1.0]), group, tau=1.0, alpha=0.0).backward()
     assert torch.equal(tied.grad, torch.zeros(2))
+
+
+# ---- pins from the second mutation run (issue 11) -------------------------------------------
+
+
+def test_ranking_loss_and_anneal_refuse_bad_arguments():
+    pred, target, group = torch.tensor([0.1, 0.2, 0.3]), torch.tensor([1.0, 0.0, 2.0]), torch.zeros(3)
+    with pytest.raises(ValueError, match="tau must be > 0, got 0"):
+        listwise_ranking_loss(pred, target, group, tau=0.0, alpha=0.0)
+    with pytest.raises(ValueError, match="alpha must be >= 0, got -0.1"):
+        listwise_ranking_loss(pred, target, group, tau=1.0, alpha=-0.1)
+    with pytest.raises(ValueError, match="listwise_ranking_loss: inputs must share their first dimension"):
+        listwise_ranking_loss(pred, torch.tensor([1.0, 0.0]), group, tau=1.0, alpha=0.0)
+    with pytest.raises(ValueError, match=r"pred must be \[B\], got \(3, 1\)"):
+        listwise_ranking_loss(pred[:, None], target, group, tau=1.0, alpha=0.0)
+    with pytest.raises(ValueError, match="epochs must be >= 1, got 0"):
+        anneal(0, 0, 1.0)
+    for epoch in (-1, 4):
+        with pytest.raises(ValueError, match=r"epoch must be in \[0, 4\)"):
+            anneal(epoch, 4, 1.0)
+
+
+def test_anneal_schedule_by_value():
+    assert anneal(0, 1, 2.0) == (1.0, 2.0)                       # a one-epoch run is allowed
+    assert anneal(0, 10, 2.0) == (1.0, 2.0)
+    tau, alpha = anneal(5, 10, 2.0)
+    assert tau == pytest.approx(0.5) and alpha == pytest.approx(1.0)
+    tau, alpha = anneal(9, 10, 2.0)                               # floor at the default tau_min 0.1
+    assert tau == pytest.approx(0.1) and alpha == pytest.approx(0.2)
+    assert anneal(19, 20, 1.0)[0] == pytest.approx(0.1)          # 1/20 < 0.1: the floor wins
+    assert anneal(19, 20, 1.0, tau_min=0.01)[0] == pytest.approx(0.05)
+
+
+def test_info_nce_and_pearson_refuse_mismatched_shapes():
+    with pytest.raises(ValueError, match="u and text must be"):
+        info_nce_loss(U, torch.ones(4, 3), GROUP)                 # same rows, other width
+    with pytest.raises(ValueError, match="temperature must be > 0"):
+        info_nce_loss(U, TEXT, GROUP, temperature=0.0)
+    with pytest.raises(ValueError, match="pearson_loss: inputs must share their first dimension"):
+        pearson_loss(PRED, TARGET[:3])
+
+
+def test_pearson_term_by_value():
+    expected = pearson_loss(PRED, TARGET)
+    p, y = PRED - PRED.mean(), TARGET - TARGET.mean()
+    assert expected.item() == pytest.approx(1.0 - (p * y).sum().item() / math.sqrt((p * p).sum().item() * (y * y).sum().item()), rel=1e-5)
+    ranking = listwise_ranking_loss(PRED, TARGET, GROUP, 0.5, 0.0)
+    terms = combined_loss(PRED, TARGET, GROUP, 0.5, 0.0, lambda_align=0.0, lambda_pearson=0.5)
+    assert terms.pearson.item() == pytest.approx(expected.item(), rel=1e-6)
+    assert terms.total.item() == pytest.approx(ranking.item() + 0.5 * expected.item(), rel=1e-6)
+    # Without u / text_proj the alignment term is off whatever its weight.
+    terms = combined_loss(PRED, TARGET, GROUP, 0.5, 0.0, lambda_align=10.0)
+    assert terms.align.item() == 0.0 and terms.pearson.item() == 0.0
+    assert terms.total.item() == pytest.approx(ranking.item(), rel=1e-6)
+    # InfoNCE is not symmetric in (u, text): the image side is the one normalised per row.
+    assert info_nce_loss(U, TEXT, GROUP).item() != pytest.approx(info_nce_loss(TEXT, U, GROUP).item(), rel=1e-3)
+
+
+def test_probe_loss_defaults_and_text_free_probe():
+    assert ProbeLoss() == ProbeLoss(lambda_align=10.0, lambda_pearson=0.0, temperature=0.07)   # documented defaults
+    config = ProbeConfig(in_channels=4, feature_size=8, stem_width=16, widths=(16,), pooled_size=2,
+                         embed_dim=8, time_embed_dim=8, head_hidden=(8,), mlp_hidden=16, text_dim=0)
+    probe = build_probe(config, seed=0)
+    generator = torch.Generator().manual_seed(1)
+    x = torch.randn(4, 4, 8, 8, generator=generator)
+    text = torch.randn(4, 6, generator=generator)
+    # A probe without a text branch ignores a given text and never aligns, whatever lambda_align.
+    for loss in (ProbeLoss(), ProbeLoss(lambda_align=0.0)):
+        for given in (text, None):
+            pred, terms = loss(probe, x, 0.2, TARGET, GROUP, 0.5, 0.1, given)
+            assert terms.align.item() == 0.0
+            # The ranking term compares the predictions with the targets (in that order).
+            expected = listwise_ranking_loss(pred, TARGET, GROUP, 0.5, 0.1)
+            assert terms.ranking.item() == pytest.approx(expected.item(), rel=1e-6)
+            assert listwise_ranking_loss(TARGET, pred, GROUP, 0.5, 0.1).item() != pytest.approx(expected.item(), rel=1e-3)
+
+
+def test_probe_loss_leaves_no_hooks_behind():
+    config = ProbeConfig(in_channels=4, feature_size=8, stem_width=16, widths=(16,), pooled_size=2,
+                         embed_dim=8, time_embed_dim=8, head_hidden=(8,), mlp_hidden=16, text_dim=6)
+    probe = build_probe(config, seed=0)
+    generator = torch.Generator().manual_seed(1)
+    x, text = torch.randn(4, 4, 8, 8, generator=generator), torch.randn(4, 6, generator=generator)
+    _, terms = ProbeLoss()(probe, x, 0.2, TARGET, GROUP, 0.5, 0.0, text)
+    assert terms.align.item() > 0
+    assert len(probe.image_mlp._forward_hooks) == 0 and len(probe.text_mlp._forward_hooks) == 0
+
+
+def test_metrics_refuse_mismatched_inputs():
+    with pytest.raises(ValueError, match="x and y must have the same length, got 3 and 4"):
+        spearman([1.0, 2.0, 3.0], [1.0, 2.0, 3.0, 4.0])
+    with pytest.raises(ValueError, match="group must be 1-D with 3 entries"):
+        per_group_spearman([1.0, 2.0, 3.0], [1.0, 2.0, 3.0], [0, 0])
+    with pytest.raises(ValueError, match="group must be 1-D with 3 entries"):
+        top1_hit_rate([1.0, 2.0, 3.0], [1.0, 2.0, 3.0], [0, 0, 0, 0])
+
+
+def test_undefined_cases_are_quiet_nans():
+    """Empty inputs give NaN (or the empty summary) without numpy's empty-slice warnings."""
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        assert math.isnan(spearman([], []))
+        assert math.isnan(spearman([1.0, 1.0, 1.0], [2.0, 3.0, 1.0]))       # a constant side: 0 / 0
+        assert per_group_spearman([0.5, 0.5], [1.0, 2.0], [0, 0]).tolist() == [0.0]
+        assert math.isnan(kendall_tau([1.0], [2.0]))
+        assert math.isnan(kendall_tau([], []))
+        summary = selection_summary([1.0, 2.0], [3.0, 4.0], [0, 1])      # no prompt with two rows
+        assert summary["n_prompts"] == 0
+        assert all(math.isnan(summary[k]) for k in ("selected", "mean", "best", "oracle_gain_fraction", "top1_hit_rate"))
+        assert math.isnan(top1_hit_rate([1.0, 2.0], [3.0, 4.0], [0, 1]))
+        ci = bootstrap_ci([math.nan, math.nan])
+        assert ci["n_groups"] == 0 and math.isnan(ci["low"]) and math.isnan(ci["high"])
+
+
+def test_top1_picks_by_prediction_and_checks_the_target():
+    # Tied best targets: the prediction picks row 1, whose target is a best one: a hit. Picking by
+    # target instead (first maximum, row 0) and checking its prediction (0.1, not the top 0.9) misses.
+    assert top1_hit_rate([0.1, 0.9], [5.0, 5.0], [0, 0]) == 1.0
+    assert top1_hit_rate([5.0, 5.0], [0.1, 0.9], [0, 0]) == 0.0
+
+
+def test_bootstrap_ci_bounds_and_arguments():
+    values = [0.1, 0.4, 0.2, 0.9, 0.5, 0.3]
+    ci = bootstrap_ci(values, n=200, seed=1, confidence=0.5)
+    wide = bootstrap_ci(values, n=200, seed=1, confidence=0.99)
+    assert ci["low"] < ci["mean"] < ci["high"] and ci["n_groups"] == 6
+    assert wide["low"] < ci["low"] and ci["high"] < wide["high"]
+    assert bootstrap_ci([0.7], n=1) == {"mean": 0.7, "low": 0.7, "high": 0.7, "n_groups": 1}
+    for confidence in (0.0, 1.0, 1.5):
+        with pytest.raises(ValueError, match="confidence must be in"):
+            bootstrap_ci(values, confidence=confidence)
+    with pytest.raises(ValueError, match="n must be >= 1, got 0"):
+        bootstrap_ci(values, n=0)

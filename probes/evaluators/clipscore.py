@@ -102,7 +102,7 @@ def _cached_pretrained(open_clip, model_name: str, tag: str, cache_dir: Optional
             names = [filename] if ext == ".safetensors" else [stem + ".safetensors", filename]
         else:
             names = ["open_clip_model.safetensors", "open_clip_pytorch_model.bin"]
-        try:
+        try:    # local: optional (open_clip's own dependency), and only needed to look up a pretrained tag
             from huggingface_hub import try_to_load_from_cache
         except ImportError:
             try_to_load_from_cache = None

@@ -78,8 +78,6 @@ class ProbeSelectDatasetWriter(io.ComfyNode):
 
     @classmethod
     def validate_inputs(cls, dataset_name: str | None = None) -> bool | str:
-        if dataset_name is None:        # linked: checked when the node runs
-            return True
         return problem_or_true(dataset_path, cls.NODE_ID, dataset_name)
 
     @classmethod

@@ -139,8 +139,6 @@ class ProbeSelectConditioningDirection(io.ComfyNode):
 
     @classmethod
     def validate_inputs(cls, strengths: str | None = None) -> bool | str:
-        if strengths is None:           # linked: checked when the node runs
-            return True
         return problem_or_true(parse_strengths, DIRECTION_ID, strengths)
 
     @classmethod

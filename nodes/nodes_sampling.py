@@ -68,10 +68,7 @@ def validate_early(node_id: str, latent: dict, candidates: int, steps: int, chec
 
 def validate_split_inputs(node_id: str, seed: int | None, candidates: int | None, steps: int | None,
                           checkpoint: float | None) -> bool | str:
-    """``validate_inputs`` of the split-run nodes. A linked input arrives as None (its value is not
-    known before the run) and is checked by ``execute``."""
-    if None in (seed, candidates, steps, checkpoint):
-        return True
+    """``validate_inputs`` of the split-run nodes (a linked input, None here, is checked by ``execute``)."""
     return problem_or_true(check_split_numbers, node_id, seed, candidates, steps, checkpoint)
 
 
@@ -294,9 +291,8 @@ class ProbeSelectCollectSampler(io.ComfyNode):
                         checkpoint_percents: str | None = None) -> bool | str:
         # The split numbers with a checkpoint that is always valid (this node runs to the end), then the list.
         checked = validate_split_inputs(cls.NODE_ID, seed, candidates, steps, 0.5)
-        if checked is not True or checkpoint_percents is None or steps is None:
-            return checked
-        return problem_or_true(parse_checkpoints, cls.NODE_ID, checkpoint_percents, steps)
+        return checked if checked is not True else problem_or_true(parse_checkpoints, cls.NODE_ID,
+                                                                    checkpoint_percents, steps)
 
     @classmethod
     def execute(cls, model, positive, negative, latent_image: dict, seed: int, candidates: int, steps: int, cfg: float,

@@ -79,9 +79,8 @@ class ProbeSelectScheduleInspector(io.ComfyNode):
 
     @classmethod
     def validate_inputs(cls, schedulers: str | None = None) -> bool | str:
-        if schedulers is None:          # linked: checked when the node runs
-            return True
-        return problem_or_true(check_scheduler_names, NODE_ID, parse_name_list(schedulers))
+        names = None if schedulers is None else parse_name_list(schedulers)     # None: a linked input
+        return problem_or_true(check_scheduler_names, NODE_ID, names)
 
     @classmethod
     def execute(cls, model, schedulers: str, steps: int, checkpoint_percent: float, sigmas=None,

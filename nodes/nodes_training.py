@@ -89,8 +89,6 @@ class ProbeSelectTrain(io.ComfyNode):
 
     @classmethod
     def validate_inputs(cls, probe_name: str | None = None) -> bool | str:
-        if probe_name is None:          # linked: checked when the node runs
-            return True
         return problem_or_true(_probe_path, cls.NODE_ID, probe_name)
 
     @classmethod

@@ -19,7 +19,12 @@ class ProbeSelectError(ValueError):
 
 def problem_or_true(check: Callable[..., object], *args: object) -> bool | str:
     """What a node's ``validate_inputs`` answers for a check that raises :class:`ProbeSelectError`:
-    True when the check passes, else the error's message (ComfyUI shows it before anything runs)."""
+    True when the check passes, else the error's message (ComfyUI shows it before anything runs).
+
+    An argument that is None is a linked input, whose value is not known before the run: the check
+    is then left to ``execute`` (True)."""
+    if any(arg is None for arg in args):
+        return True
     try:
         check(*args)
     except ProbeSelectError as error:

@@ -21,11 +21,11 @@ def sd1(pack):
 
 @pytest.fixture(scope="module")
 def early(sd1):
-    from probe_select.nodes import nodes_sampling
+    from probe_select.nodes import sampling
 
-    return nodes_sampling.ProbeSelectEarlySampler.execute(sd1.patcher, sd1.conditioning(1), sd1.conditioning(2),
-                                                          sd1.empty_latent(1, 8), SEED, N, 8, 4.0, "euler",
-                                                          "normal", 0.25).result
+    return sampling.ProbeSelectEarlySampler.execute(sd1.patcher, sd1.conditioning(1), sd1.conditioning(2),
+                                                    sd1.empty_latent(1, 8), SEED, N, 8, 4.0, "euler", "normal",
+                                                    0.25).result
 
 
 @pytest.fixture
@@ -70,8 +70,8 @@ def _wait_until_waiting(registry, node_id="77", timeout=10.0):
 
 
 def test_pick_outputs_the_clicked_rows_best_first_like_topk(early, scores):
-    from probe_select.nodes.engine import split_sampling
-    from probe_select.nodes.engine.pick_server import REGISTRY
+    from probe_select.nodes import split_sampling
+    from probe_select.nodes.pick_server import REGISTRY
 
     thread, outcome = _run_in_thread(_pick_node(), early_latent=early[0], keep=KEEP, timeout=30, scores=scores)
     waiting = _wait_until_waiting(REGISTRY)
@@ -93,7 +93,7 @@ def test_pick_outputs_the_clicked_rows_best_first_like_topk(early, scores):
 
 def test_pick_timeout_keeps_top_k_with_scores_and_fails_without(early, scores):
     from probe_select.nodes.errors import ProbeSelectError
-    from probe_select.nodes.engine.pick_server import REGISTRY
+    from probe_select.nodes.pick_server import REGISTRY
 
     out = _pick_node().execute(early_latent=early[0], keep=KEEP, timeout=1, scores=scores)
     assert out.result[4] == "3,0" and out.ui["probe_select_gallery"][0]["mode"] == "timeout"
@@ -105,7 +105,7 @@ def test_pick_timeout_keeps_top_k_with_scores_and_fails_without(early, scores):
 
 def test_pick_cancel_ends_the_wait_and_leaves_nothing_waiting(early):
     import comfy.model_management
-    from probe_select.nodes.engine.pick_server import REGISTRY
+    from probe_select.nodes.pick_server import REGISTRY
 
     thread, outcome = _run_in_thread(_pick_node(), early_latent=early[0], keep=1, timeout=60)
     _wait_until_waiting(REGISTRY)
@@ -121,7 +121,7 @@ def test_pick_cancel_ends_the_wait_and_leaves_nothing_waiting(early):
 
 def test_pick_rejects_bad_picks_and_latents(early, scores):
     from probe_select.nodes.errors import ProbeSelectError
-    from probe_select.nodes.engine.pick_server import PickRegistry, PickRejected
+    from probe_select.nodes.pick_server import PickRegistry, PickRejected
 
     registry = PickRegistry()
     request = registry.open("5", "run", 3, timeout=5)
@@ -148,7 +148,7 @@ def test_x0_thumbnails_are_comfyuis_latent_preview(sd1, early, tmp_path):
     import latent_preview
     import numpy as np
     from PIL import Image
-    from probe_select.nodes.engine import gallery
+    from probe_select.nodes import gallery
 
     x0 = early[1]
     images = gallery.preview_thumbnails(sd1.patcher, x0)

@@ -30,10 +30,6 @@ import uuid
 from dataclasses import dataclass
 from typing import Callable, Optional, Sequence
 
-import comfy.model_management
-import comfy.patcher_extension
-import comfy.sample
-import comfy.samplers
 import torch
 
 from ...probes.checkpoints import checkpoint_step
@@ -85,6 +81,8 @@ def preview_run(latent) -> Optional[EarlyRun]:
 
 
 def full_sigmas(model, steps: int, sampler_name: str, scheduler: str, denoise: float) -> torch.Tensor:
+    import comfy.samplers
+
     ksampler = comfy.samplers.KSampler(model, steps=steps, device="cpu", sampler=sampler_name,
                                        scheduler=scheduler, denoise=denoise, model_options=model.model_options)
     return ksampler.sigmas.detach().to("cpu", torch.float32).clone()
@@ -104,6 +102,8 @@ def text_embedding_from_conditioning(conditioning) -> Optional[torch.Tensor]:
 
 
 def _rows_for(latent: dict, model, candidates: int) -> torch.Tensor:
+    import comfy.sample
+
     samples = comfy.sample.fix_empty_latent_channels(model, latent["samples"])
     if samples.shape[0] == candidates:
         return samples
@@ -244,6 +244,8 @@ def _stopping_at_step(sampler, stop_step: int, recorder: _ModelOutputRecorder, h
 
 def _latent_from_state(model, sigma: torch.Tensor, state: torch.Tensor) -> torch.Tensor:
     """The LATENT samples of a run stopped at `sigma` (what KSamplerAdvanced with leftover noise returns)."""
+    import comfy.model_management
+
     model_sampling = model.get_model_object("model_sampling")
     samples = model_sampling.inverse_noise_scaling(sigma, state).to(torch.float32)
     return model.model.process_latent_out(samples).to(comfy.model_management.intermediate_device())
@@ -298,6 +300,10 @@ def run_candidates(model, positive, negative, latent: dict, seed: int, candidate
     the one at sigma_{k-1} that produces x_k, so no extra evaluation is spent on capturing. With
     several checkpoints `activations` is an ActivationSeries, with one an ActivationSet.
     """
+    import comfy.sample
+    import comfy.model_management
+    import comfy.patcher_extension
+
     seeds = [int(seed) + i for i in range(candidates)]
     rows = _rows_for(latent, model, candidates)
     sigmas = full_sigmas(model, steps, sampler_name, scheduler, denoise)
@@ -428,6 +434,10 @@ def resume(model, positive, negative, latent: dict, cfg: float,
     Replays the recorded early phase (no model evaluation) so the sampler's history is rebuilt, then
     evaluates the model for steps s..T-1; see the module docstring.
     """
+    import comfy.sample
+    import comfy.model_management
+    import comfy.patcher_extension
+
     meta = latent[PACK_KEY]
     steps, s = meta["steps"], meta["stop_step"]
     sigmas = full_sigmas(model, steps, meta["sampler"], meta["scheduler"], meta["denoise"])

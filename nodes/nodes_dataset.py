@@ -9,7 +9,7 @@ from comfy_api.latest import io, ui
 
 from ..probes.training.dataset import CandidateRows, DatasetError, DatasetManifest, DatasetWriter, rows_from_activations
 from ..probes.features import ActivationSeries
-from .errors import ProbeSelectError
+from .errors import ProbeSelectError, problem_or_true
 from .folders import datasets_root
 from .types import CATEGORY, Activations, ImageScoresType
 
@@ -77,7 +77,12 @@ class ProbeSelectDatasetWriter(io.ComfyNode):
         )
 
     @classmethod
-    def execute(cls, activations, scores, prompt, dataset_name, scores_2=None, scores_3=None) -> io.NodeOutput:
+    def validate_inputs(cls, dataset_name: str | None = None) -> bool | str:
+        return problem_or_true(dataset_path, cls.NODE_ID, dataset_name)
+
+    @classmethod
+    def execute(cls, activations, scores, prompt: str, dataset_name: str, scores_2=None,
+                scores_3=None) -> io.NodeOutput:
         node_id = cls.NODE_ID
         path = dataset_path(node_id, dataset_name)
         image_scores = [s for s in (scores, scores_2, scores_3) if s is not None]

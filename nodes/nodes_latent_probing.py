@@ -8,7 +8,7 @@ from comfy_api.latest import io, ui
 
 from ..probes.analysis.latent import apply_direction, slerp_path, token_direction
 from .engine.analysis import ANALYSIS_CATEGORY
-from .errors import ProbeSelectError
+from .errors import ProbeSelectError, problem_or_true
 from .nodes_sampling import MAX_SEED
 
 SLERP_ID = "ProbeSelectLatentSlerp"
@@ -138,7 +138,11 @@ class ProbeSelectConditioningDirection(io.ComfyNode):
         )
 
     @classmethod
-    def execute(cls, conditioning, toward, away_from, strengths, mode, latent) -> io.NodeOutput:
+    def validate_inputs(cls, strengths: str | None = None) -> bool | str:
+        return problem_or_true(parse_strengths, DIRECTION_ID, strengths)
+
+    @classmethod
+    def execute(cls, conditioning, toward, away_from, strengths: str, mode: str, latent: dict) -> io.NodeOutput:
         values = parse_strengths(DIRECTION_ID, strengths)
         cond_to, extras_to = _single_entry(DIRECTION_ID, "toward", toward)
         cond_from, extras_from = _single_entry(DIRECTION_ID, "away_from", away_from)

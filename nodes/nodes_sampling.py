@@ -9,13 +9,15 @@ from ..probes.checkpoints import checkpoint_step
 from .engine import gallery, split_sampling
 from .engine.capture import find_tap
 from .engine.selection import score_or_fail, scores_text, top_k_or_fail
-from .errors import ProbeSelectError
+from .errors import ProbeSelectError, problem_or_true
 from .engine.families import model_family
 from .engine.noise import UNSPLITTABLE_SAMPLERS, splittable_samplers
 from .nodes_tap import apply_tap
 from .types import CATEGORY, Activations, Probe, Scores
 
 MAX_SEED = 0xFFFFFFFFFFFFFFFF
+MAX_CANDIDATES = 4096
+MIN_STEPS, MAX_STEPS = 2, 10000
 
 
 def _progress(total: int):
@@ -23,13 +25,17 @@ def _progress(total: int):
     return lambda step, _total: bar.update_absolute(step, total)
 
 
-def validate_early(node_id: str, latent: dict, candidates: int, steps: int, checkpoint: float, sampler_name: str,
-                   seed: int) -> int:
-    """Check what a split run needs; returns the stop step s."""
-    if candidates < 1:
-        raise ProbeSelectError(node_id, f"candidates is {candidates}.", "set candidates (N) to 1 or more.")
-    if steps < 2:
-        raise ProbeSelectError(node_id, f"steps is {steps}; a split run needs at least 2.", "raise steps.")
+def check_split_numbers(node_id: str, seed: int, candidates: int, steps: int, checkpoint: float) -> int:
+    """Check the numbers of a split run (no tensors needed: also run by ``validate_inputs``, which
+    replaces ComfyUI's own min/max checks of these inputs); returns the stop step s."""
+    if not 1 <= candidates <= MAX_CANDIDATES:
+        raise ProbeSelectError(node_id, f"candidates is {candidates}.",
+                               f"set candidates (N) between 1 and {MAX_CANDIDATES}.")
+    if not MIN_STEPS <= steps <= MAX_STEPS:
+        raise ProbeSelectError(node_id, f"steps is {steps}; a split run needs {MIN_STEPS} to {MAX_STEPS}.",
+                               "change steps.")
+    if not 0 <= seed <= MAX_SEED:
+        raise ProbeSelectError(node_id, f"seed {seed} is outside 0..{MAX_SEED}.", "use a seed in that range.")
     if not 0.0 < checkpoint < 1.0:
         raise ProbeSelectError(node_id, f"checkpoint_percent {checkpoint} is outside (0, 1).",
                                "use a ratio such as 0.2 (20% of the steps).")
@@ -40,6 +46,16 @@ def validate_early(node_id: str, latent: dict, candidates: int, steps: int, chec
                      "early phase or nothing left to finish.",
             f"pick a ratio whose step lies between 1 and {steps - 1} (e.g. {max(1, round(0.2 * steps)) / steps:.2f}) "
             "or use more steps.")
+    if seed + candidates - 1 > MAX_SEED:
+        raise ProbeSelectError(node_id, f"seed {seed} + {candidates} candidates overflows the seed range.",
+                               "use a smaller seed.")
+    return s
+
+
+def validate_early(node_id: str, latent: dict, candidates: int, steps: int, checkpoint: float, sampler_name: str,
+                   seed: int) -> int:
+    """Check what a split run needs; returns the stop step s."""
+    s = check_split_numbers(node_id, seed, candidates, steps, checkpoint)
     if sampler_name in UNSPLITTABLE_SAMPLERS:
         raise ProbeSelectError(node_id, f"sampler {sampler_name} chooses its own steps and can't stop at a checkpoint.",
                                "use another sampler (euler, dpmpp_2m, ...).")
@@ -47,10 +63,13 @@ def validate_early(node_id: str, latent: dict, candidates: int, steps: int, chec
     if batch not in (1, candidates):
         raise ProbeSelectError(node_id, f"the latent has a batch of {batch}, but {candidates} candidates were asked for.",
                                "give a batch-1 latent (it is repeated for every candidate) or one row per candidate.")
-    if seed + candidates - 1 > MAX_SEED:
-        raise ProbeSelectError(node_id, f"seed {seed} + {candidates} candidates overflows the seed range.",
-                               "use a smaller seed.")
     return s
+
+
+def validate_split_inputs(node_id: str, seed: int | None, candidates: int | None, steps: int | None,
+                          checkpoint: float | None) -> bool | str:
+    """``validate_inputs`` of the split-run nodes (a linked input, None here, is checked by ``execute``)."""
+    return problem_or_true(check_split_numbers, node_id, seed, candidates, steps, checkpoint)
 
 
 def early_inputs():
@@ -61,8 +80,8 @@ def early_inputs():
         io.Latent.Input("latent_image", tooltip="Batch 1 (repeated for every candidate) or one row per candidate."),
         io.Int.Input("seed", default=0, min=0, max=MAX_SEED, control_after_generate=True,
                      tooltip="Candidate i uses seed + i: a plain KSampler with that seed reproduces it."),
-        io.Int.Input("candidates", default=5, min=1, max=4096, tooltip="N, the number of seeds started."),
-        io.Int.Input("steps", default=20, min=2, max=10000),
+        io.Int.Input("candidates", default=5, min=1, max=MAX_CANDIDATES, tooltip="N, the number of seeds started."),
+        io.Int.Input("steps", default=20, min=MIN_STEPS, max=MAX_STEPS),
         io.Float.Input("cfg", default=7.0, min=0.0, max=100.0, step=0.1, round=0.01),
         io.Combo.Input("sampler_name", options=splittable_samplers(), default="euler"),
         io.Combo.Input("scheduler", options=comfy.samplers.SCHEDULER_NAMES, default="normal"),
@@ -94,8 +113,13 @@ class ProbeSelectEarlySampler(io.ComfyNode):
         )
 
     @classmethod
-    def execute(cls, model, positive, negative, latent_image, seed, candidates, steps, cfg, sampler_name, scheduler,
-                checkpoint_percent, denoise=1.0) -> io.NodeOutput:
+    def validate_inputs(cls, seed: int | None = None, candidates: int | None = None, steps: int | None = None,
+                        checkpoint_percent: float | None = None) -> bool | str:
+        return validate_split_inputs(cls.NODE_ID, seed, candidates, steps, checkpoint_percent)
+
+    @classmethod
+    def execute(cls, model, positive, negative, latent_image: dict, seed: int, candidates: int, steps: int, cfg: float,
+                sampler_name: str, scheduler: str, checkpoint_percent: float, denoise: float = 1.0) -> io.NodeOutput:
         s = validate_early(cls.NODE_ID, latent_image, candidates, steps, checkpoint_percent, sampler_name, seed)
         result = split_sampling.run_early(model, positive, negative, latent_image, seed, candidates, steps, cfg,
                                           sampler_name, scheduler, checkpoint_percent, denoise, callback=_progress(s))
@@ -156,7 +180,7 @@ class ProbeSelectResume(io.ComfyNode):
         )
 
     @classmethod
-    def execute(cls, model, positive, negative, latent, cfg) -> io.NodeOutput:
+    def execute(cls, model, positive, negative, latent: dict, cfg: float) -> io.NodeOutput:
         return io.NodeOutput(resume_or_fail(cls.NODE_ID, model, positive, negative, latent, cfg))
 
 
@@ -170,7 +194,7 @@ class ProbeSelectSampler(io.ComfyNode):
         inputs = early_inputs()
         inputs.insert(4, Probe.Input("probe", tooltip="From ProbeSelectLoadProbe. Its tap is applied to the model "
                                                        "automatically when the model has none."))
-        inputs.insert(7, io.Int.Input("keep", default=1, min=1, max=4096, tooltip="K, the candidates finished."))
+        inputs.insert(7, io.Int.Input("keep", default=1, min=1, max=MAX_CANDIDATES, tooltip="K, the candidates finished."))
         return io.Schema(
             node_id=cls.NODE_ID,
             display_name="Probe-Select Sampler (N -> K)",
@@ -185,8 +209,14 @@ class ProbeSelectSampler(io.ComfyNode):
         )
 
     @classmethod
-    def execute(cls, model, positive, negative, latent_image, probe, seed, candidates, keep, steps, cfg,
-                sampler_name, scheduler, checkpoint_percent, denoise=1.0) -> io.NodeOutput:
+    def validate_inputs(cls, seed: int | None = None, candidates: int | None = None, steps: int | None = None,
+                        checkpoint_percent: float | None = None) -> bool | str:
+        return validate_split_inputs(cls.NODE_ID, seed, candidates, steps, checkpoint_percent)
+
+    @classmethod
+    def execute(cls, model, positive, negative, latent_image: dict, probe, seed: int, candidates: int, keep: int,
+                steps: int, cfg: float, sampler_name: str, scheduler: str, checkpoint_percent: float,
+                denoise: float = 1.0) -> io.NodeOutput:
         node_id = cls.NODE_ID
         s = validate_early(node_id, latent_image, candidates, steps, checkpoint_percent, sampler_name, seed)
         family = model_family(model)
@@ -260,8 +290,16 @@ class ProbeSelectCollectSampler(io.ComfyNode):
         )
 
     @classmethod
-    def execute(cls, model, positive, negative, latent_image, seed, candidates, steps, cfg, sampler_name, scheduler,
-                checkpoint_percents, denoise=1.0) -> io.NodeOutput:
+    def validate_inputs(cls, seed: int | None = None, candidates: int | None = None, steps: int | None = None,
+                        checkpoint_percents: str | None = None) -> bool | str:
+        # The split numbers with a checkpoint that is always valid (this node runs to the end), then the list.
+        checked = validate_split_inputs(cls.NODE_ID, seed, candidates, steps, 0.5)
+        return checked if checked is not True else problem_or_true(parse_checkpoints, cls.NODE_ID,
+                                                                    checkpoint_percents, steps)
+
+    @classmethod
+    def execute(cls, model, positive, negative, latent_image: dict, seed: int, candidates: int, steps: int, cfg: float,
+                sampler_name: str, scheduler: str, checkpoint_percents: str, denoise: float = 1.0) -> io.NodeOutput:
         node_id = cls.NODE_ID
         validate_early(node_id, latent_image, candidates, steps, 0.5, sampler_name, seed)
         capture_at = parse_checkpoints(node_id, checkpoint_percents, steps)

@@ -10,7 +10,7 @@ from comfy_api.latest import io, ui
 
 from ..probes.analysis import schedules
 from .engine.analysis import ANALYSIS_CATEGORY, parse_name_list, pil_to_image
-from .errors import ProbeSelectError
+from .errors import ProbeSelectError, problem_or_true
 
 NODE_ID = "ProbeSelectScheduleInspector"
 
@@ -31,14 +31,19 @@ def shift_text(model) -> str:
     return ""
 
 
-def model_schedules(node_id: str, model, label: str, scheduler_names: list[str], steps: int) -> list:
-    sampling = model.get_model_object("model_sampling")
-    kind = schedule_kind(model)
-    curves = []
+def check_scheduler_names(node_id: str, scheduler_names: list[str]) -> None:
     for name in scheduler_names:
         if name not in comfy.samplers.SCHEDULER_NAMES:
             raise ProbeSelectError(node_id, f"unknown scheduler '{name}'.",
                                    f"use a comma-separated list of: {', '.join(comfy.samplers.SCHEDULER_NAMES)}.")
+
+
+def model_schedules(node_id: str, model, label: str, scheduler_names: list[str], steps: int) -> list:
+    sampling = model.get_model_object("model_sampling")
+    kind = schedule_kind(model)
+    curves = []
+    check_scheduler_names(node_id, scheduler_names)
+    for name in scheduler_names:
         sigmas = comfy.samplers.calculate_sigmas(sampling, name, steps)
         curves.append(schedules.ScheduleCurves(f"{label}{name}", kind, sigmas.cpu()))
     return curves
@@ -73,7 +78,13 @@ class ProbeSelectScheduleInspector(io.ComfyNode):
         )
 
     @classmethod
-    def execute(cls, model, schedulers, steps, checkpoint_percent, sigmas=None, model_2=None) -> io.NodeOutput:
+    def validate_inputs(cls, schedulers: str | None = None) -> bool | str:
+        names = None if schedulers is None else parse_name_list(schedulers)     # None: a linked input
+        return problem_or_true(check_scheduler_names, NODE_ID, names)
+
+    @classmethod
+    def execute(cls, model, schedulers: str, steps: int, checkpoint_percent: float, sigmas=None,
+                model_2=None) -> io.NodeOutput:
         names = parse_name_list(schedulers)
         if not names and sigmas is None:
             raise ProbeSelectError(NODE_ID, "no scheduler named and no SIGMAS connected.",

@@ -19,7 +19,7 @@ from ..probes.training.pipeline import evaluate_on_dataset, train_from_dataset
 from ..probes.plots import line_plot, scatter_plot
 from ..probes.training.train import TrainConfig
 from .nodes_dataset import dataset_path, list_datasets
-from .errors import ProbeSelectError
+from .errors import ProbeSelectError, problem_or_true
 from .engine.selection import LoadedProbe
 from .folders import PROBES_FOLDER
 from .types import CATEGORY, Probe
@@ -88,8 +88,13 @@ class ProbeSelectTrain(io.ComfyNode):
         )
 
     @classmethod
-    def execute(cls, dataset, checkpoint_percent, evaluator, probe_name, epochs, batch_prompts, lr, alpha_max, lambda_align,
-                use_text, patience, seed) -> io.NodeOutput:
+    def validate_inputs(cls, probe_name: str | None = None) -> bool | str:
+        return problem_or_true(_probe_path, cls.NODE_ID, probe_name)
+
+    @classmethod
+    def execute(cls, dataset: str, checkpoint_percent: float, evaluator: str, probe_name: str, epochs: int,
+                batch_prompts: int, lr: float, alpha_max: float, lambda_align: float, use_text: bool, patience: int,
+                seed: int) -> io.NodeOutput:
 
         node_id = cls.NODE_ID
         data = _open_dataset(node_id, dataset)

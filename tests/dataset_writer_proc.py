@@ -30,7 +30,7 @@ if str(ROOT) not in sys.path:
 import torch  # noqa: E402
 
 import tools  # noqa: E402,F401  (registers the package probe_select, the library's one import name)
-from probe_select.probes.training import dataset as dataset_module  # noqa: E402
+from probe_select.probes.training.dataset import writer as writer_module  # noqa: E402
 from probe_select.probes.training.dataset import CandidateRows, DatasetManifest, DatasetWriter  # noqa: E402
 
 CHECKPOINTS = [0.1, 0.2, 0.4]
@@ -127,7 +127,7 @@ def main() -> None:
         totals.append(writer.append(make_rows(args.tag, shard * args.rows, args.rows)))
     print(json.dumps({"writer_id": writer.writer_id, "totals": totals}), flush=True)
     if args.hang:
-        dataset_module.save_file = _hang_mid_write(args.hang)
+        writer_module.save_file = _hang_mid_write(args.hang)
         writer.append(make_rows(args.tag, args.shards * args.rows, 64))
         raise SystemExit("the hanging append returned; it should have been killed")
 

@@ -27,6 +27,22 @@ import threading
 from pathlib import Path
 from typing import Any, Optional, Sequence
 
+from probe_select.probes.atomic import atomic_write
+from probe_select.probes.checkpoints import stored_checkpoint
+from probe_select.probes.io import ProbeFileError, load_probe
+from probe_select.probes.model import ProbeConfig
+from probe_select.probes.training.dataset import DATASETS_SUBFOLDER, DatasetError, ProbeDataset
+from probe_select.probes.training.evaluation import format_report
+from probe_select.probes.training.pipeline import evaluate_on_dataset, train_from_dataset
+from probe_select.probes.training.train import TrainConfig, json_safe
+
+from . import collect
+
+try:                    # optional: without tqdm, progress is logged line by line
+    from tqdm.contrib.logging import logging_redirect_tqdm
+except ImportError:
+    logging_redirect_tqdm = None
+
 logger = logging.getLogger(__name__)
 
 EXIT_OK, EXIT_FAILED, EXIT_USAGE, EXIT_INTERRUPTED = 0, 1, 2, 130
@@ -35,8 +51,6 @@ EXIT_OK, EXIT_FAILED, EXIT_USAGE, EXIT_INTERRUPTED = 0, 1, 2, 130
 # ---- collect --------------------------------------------------------------------------------------
 
 def cmd_collect(args: argparse.Namespace) -> int:
-    from . import collect
-
     try:
         if args.prompts:
             prompts = collect.load_prompts(args.prompts, args.limit)
@@ -74,10 +88,6 @@ def cmd_collect(args: argparse.Namespace) -> int:
 def _logging_with_progress_bar(enabled: bool):
     """Log lines printed above tqdm's bar instead of through it, when tqdm is there."""
     if enabled:
-        try:
-            from tqdm.contrib.logging import logging_redirect_tqdm
-        except ImportError:
-            logging_redirect_tqdm = None
         if logging_redirect_tqdm is not None:
             with logging_redirect_tqdm():
                 yield
@@ -117,12 +127,6 @@ def _fmt(value: Any) -> str:
 
 
 def cmd_train(args: argparse.Namespace) -> int:
-    from probe_select.probes.checkpoints import stored_checkpoint
-    from probe_select.probes.training.dataset import DatasetError, ProbeDataset
-    from probe_select.probes.model import ProbeConfig
-    from probe_select.probes.training.pipeline import train_from_dataset
-    from probe_select.probes.training.train import TrainConfig
-
     try:
         probe_config = None
         if args.probe_config:
@@ -179,11 +183,6 @@ def cmd_train(args: argparse.Namespace) -> int:
 # ---- evaluate -------------------------------------------------------------------------------------
 
 def cmd_evaluate(args: argparse.Namespace) -> int:
-    from probe_select.probes.training.dataset import DatasetError, ProbeDataset
-    from probe_select.probes.training.evaluation import format_report
-    from probe_select.probes.io import ProbeFileError, load_probe
-    from probe_select.probes.training.pipeline import evaluate_on_dataset
-
     try:
         probe, metadata = load_probe(args.probe, device=args.device)
         dataset = ProbeDataset(args.dataset)
@@ -204,15 +203,11 @@ def cmd_evaluate(args: argparse.Namespace) -> int:
 
 
 def _write_json(target: str, data: dict) -> None:
-    from probe_select.probes.training.train import json_safe
-
     text = json.dumps(json_safe(data), indent=2, allow_nan=False) + "\n"
     if target == "-":
         sys.stdout.write(text)
         sys.stdout.flush()
         return
-    from probe_select.probes.atomic import atomic_write
-
     path = Path(target)
     path.parent.mkdir(parents=True, exist_ok=True)
     atomic_write(path, lambda temp: temp.write_text(text, encoding="utf-8"))
@@ -222,8 +217,6 @@ def _write_json(target: str, data: dict) -> None:
 # ---- parser ---------------------------------------------------------------------------------------
 
 def build_parser() -> argparse.ArgumentParser:
-    from .collect import DATASETS_SUBFOLDER
-
     common = argparse.ArgumentParser(add_help=False)
     common.add_argument("-v", "--verbose", action="store_true", help="more log output")
     common.add_argument("-q", "--quiet", action="store_true", help="warnings and errors only")

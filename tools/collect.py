@@ -53,6 +53,11 @@ from probe_select.probes.training.dataset import DATASETS_SUBFOLDER, list_shards
 
 from . import PACK_ROOT
 
+try:                    # optional: without tqdm, progress is a log line per prompt
+    from tqdm import tqdm
+except ImportError:
+    tqdm = None
+
 __all__ = [
     "PROMPT_PLACEHOLDER",
     "DEFAULT_WORKFLOW",
@@ -769,10 +774,6 @@ class _Progress:
         self.count = 0
         self.bar = None
         if enabled and total:
-            try:
-                from tqdm import tqdm
-            except ImportError:
-                tqdm = None
             if tqdm is not None:
                 self.bar = tqdm(total=total, unit="prompt", desc="collect", dynamic_ncols=True)
 

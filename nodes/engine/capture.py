@@ -25,6 +25,7 @@ import logging
 from dataclasses import dataclass, field
 from typing import Optional
 
+import comfy.patcher_extension
 import torch
 import torch.nn as nn
 
@@ -162,7 +163,5 @@ class ActivationTap:
 
 
 def find_tap(model_patcher) -> Optional[ActivationTap]:
-    import comfy.patcher_extension
-
     wrappers = model_patcher.get_wrappers(comfy.patcher_extension.WrappersMP.APPLY_MODEL, WRAPPER_KEY)
     return wrappers[-1] if wrappers else None

@@ -19,6 +19,9 @@ import copy
 import inspect
 from typing import Optional
 
+import comfy.k_diffusion.sampling as kds
+import comfy.sample
+import comfy.samplers
 import torch
 
 BROWNIAN_SAMPLERS = {
@@ -29,8 +32,6 @@ UNSPLITTABLE_SAMPLERS = ("dpm_fast", "dpm_adaptive")
 
 
 def splittable_samplers() -> list[str]:
-    import comfy.samplers
-
     return [name for name in comfy.samplers.SAMPLER_NAMES if name not in UNSPLITTABLE_SAMPLERS]
 
 
@@ -52,8 +53,6 @@ def initial_noise_from(noise_source, rows: torch.Tensor, seeds: list[int], laten
 
 
 def initial_noise(rows: torch.Tensor, seeds: list[int]) -> torch.Tensor:
-    import comfy.sample
-
     return torch.cat([comfy.sample.prepare_noise(rows[i:i + 1], seed) for i, seed in enumerate(seeds)])
 
 
@@ -68,9 +67,7 @@ class PerRowGaussianNoise:
     kind = "gaussian"
 
     def __init__(self, x: torch.Tensor, seeds: list[int], states: Optional[list[int]] = None):
-        from comfy.k_diffusion.sampling import default_noise_sampler
-
-        self.sources = [default_noise_sampler(x[i:i + 1], seed=seed) for i, seed in enumerate(seeds)]
+        self.sources = [kds.default_noise_sampler(x[i:i + 1], seed=seed) for i, seed in enumerate(seeds)]
         self.draws = 0
         taken = {int(n) for n in states or ()}
         if len(taken) > 1:
@@ -93,10 +90,8 @@ class PerRowBrownianNoise:
     kind = "brownian"
 
     def __init__(self, x: torch.Tensor, seeds: list[int], sigma_min: torch.Tensor, sigma_max: torch.Tensor, cpu: bool):
-        from comfy.k_diffusion.sampling import BrownianTreeNoiseSampler
-
         self.trees = [
-            BrownianTreeNoiseSampler(x[i:i + 1], sigma_min, sigma_max, seed=seed, cpu=cpu)
+            kds.BrownianTreeNoiseSampler(x[i:i + 1], sigma_min, sigma_max, seed=seed, cpu=cpu)
             for i, seed in enumerate(seeds)
         ]
 
@@ -108,8 +103,6 @@ class PerRowBrownianNoise:
 
 
 def _accepts_noise_sampler(sampler_name: str) -> bool:
-    import comfy.k_diffusion.sampling as kds
-
     function = getattr(kds, f"sample_{sampler_name}", None)
     return function is not None and "noise_sampler" in inspect.signature(function).parameters
 
@@ -129,8 +122,6 @@ def build_noise_sampler(sampler_name: str, x: torch.Tensor, seeds: list[int], fu
 
 def sampler_object(sampler_name: str, noise_sampler=None):
     """`comfy.samplers.sampler_object(name)` with our noise source passed to the sampler function."""
-    import comfy.samplers
-
     if noise_sampler is None:
         return comfy.samplers.sampler_object(sampler_name)
     return comfy.samplers.ksampler(sampler_name, {"noise_sampler": noise_sampler})

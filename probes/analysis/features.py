@@ -37,13 +37,13 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 from PIL import Image
-from safetensors import safe_open
 from safetensors.torch import save_file
 from torch import Tensor
 
 from ..atomic import atomic_write
 from .image_metrics import gaussian_statistics
 from .inception import INCEPTION_INPUT_SIZE
+from .stored import read_format_file
 
 __all__ = [
     "RESIZE_MODES",
@@ -432,19 +432,9 @@ def save_reference_stats(path: Union[str, os.PathLike], features: dict[str, Feat
 
 def load_reference_stats(path: Union[str, os.PathLike]) -> ReferenceStats:
     """Read a file written by :func:`save_reference_stats` (safetensors only; nothing is unpickled)."""
-    path = Path(path)
-    fix = "select a file written by Probe-Select Save Reference Stats."
-    if not path.is_file():
-        raise ReferenceStatsError(f"reference statistics file '{path}' does not exist.", fix)
-    try:
-        with safe_open(str(path), framework="pt") as f:
-            metadata = f.metadata() or {}
-            tensors = {key: f.get_tensor(key) for key in f.keys()}
-    except Exception as e:      # safetensors raises its own error types for foreign files
-        raise ReferenceStatsError(f"'{path.name}' is not a safetensors file ({type(e).__name__}: {e}).", fix) from None
-    if metadata.get("format") != REFERENCE_FORMAT:
-        raise ReferenceStatsError(f"'{path.name}' is not a Probe-Select reference statistics file "
-                                  f"(format {metadata.get('format')!r}).", fix)
+    path, metadata, tensors = read_format_file(
+        path, REFERENCE_FORMAT, "reference statistics file", "reference statistics file",
+        "select a file written by Probe-Select Save Reference Stats.", ReferenceStatsError)
     version = int(metadata.get("format_version", "0"))
     if version > REFERENCE_FORMAT_VERSION:
         raise ReferenceStatsError(f"'{path.name}' has format version {version}, newer than this pack reads "

@@ -26,11 +26,11 @@ from typing import Optional, Union
 import numpy as np
 import torch
 import torch.nn.functional as F
-from safetensors import safe_open
 from safetensors.torch import save_file
 from torch import Tensor
 
 from ..atomic import atomic_write
+from .stored import read_format_file
 
 __all__ = [
     "MIN_REFERENCE_SAMPLES",
@@ -259,19 +259,8 @@ def save_reference(path: Union[str, os.PathLike], reference: OODReference) -> Pa
 
 def load_reference(path: Union[str, os.PathLike], expected_features: Optional[str] = None) -> OODReference:
     """Read a fit saved by :func:`save_reference`; with ``expected_features``, refuse a fit of other features."""
-    path = Path(path)
-    fix = "select a file written by Probe-Select OOD Fit."
-    if not path.is_file():
-        raise OODFileError(f"OOD reference file '{path}' does not exist.", fix)
-    try:
-        with safe_open(str(path), framework="pt") as f:
-            metadata = f.metadata() or {}
-            tensors = {key: f.get_tensor(key) for key in f.keys()}
-    except Exception as e:      # safetensors raises its own error types for foreign files
-        raise OODFileError(f"'{path.name}' is not a safetensors file ({type(e).__name__}: {e}).", fix) from None
-    if metadata.get("format") != OOD_FORMAT:
-        raise OODFileError(f"'{path.name}' is not a Probe-Select OOD reference "
-                           f"(format {metadata.get('format')!r}).", fix)
+    path, metadata, tensors = read_format_file(path, OOD_FORMAT, "OOD reference file", "OOD reference",
+                                               "select a file written by Probe-Select OOD Fit.", OODFileError)
     if int(metadata.get("format_version", "0")) > OOD_FORMAT_VERSION:
         raise OODFileError(f"'{path.name}' is newer than this pack reads.", "update Probe-Select.")
     features = metadata.get("features", "")

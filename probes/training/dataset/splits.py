@@ -1,0 +1,107 @@
+"""Splitting a dataset by prompt, and checking that a probe fits a dataset."""
+from __future__ import annotations
+
+import hashlib
+import math
+from typing import Sequence, Union
+
+import torch
+from torch import Tensor
+
+from ...checkpoints import CheckpointError, checkpoint_index
+from ...io import ProbeMetadata
+from .manifest import DatasetError, DatasetManifest
+from .reader import ProbeDataset
+
+SPLIT_NAMES = ("train", "val", "test")
+
+
+def split_by_prompt(
+    prompt_ids: Sequence[str],
+    fractions: Sequence[float] = (0.8, 0.1, 0.1),
+    seed: int = 0,
+) -> dict[str, Tensor]:
+    """Row indices of the train / val / test splits, whole prompts at a time.
+
+    Each prompt goes to a split by a hash of ``(seed, prompt_id)``, not by its position: the split
+    is deterministic, no prompt is in two splits (so validation measures generalisation to new
+    prompts, not to new seeds of seen prompts), and when the dataset grows existing prompts keep
+    their split. Fractions are of prompts, normalised to sum 1, and met up to sampling noise.
+
+    Returns:
+        ``{"train": idx, "val": idx, "test": idx}``, each a sorted int64 tensor of row indices.
+    """
+    fractions = [float(f) for f in fractions]
+    if len(fractions) != len(SPLIT_NAMES) or not all(math.isfinite(f) and f >= 0 for f in fractions) or sum(fractions) <= 0:
+        raise ValueError(f"split_by_prompt: fractions must be three non-negative numbers (train, val, test) with a positive sum, got {fractions}")
+    total = sum(fractions)
+    bounds = [sum(fractions[: i + 1]) / total for i in range(len(fractions))]
+    assigned: dict[str, int] = {}
+    rows: list[list[int]] = [[] for _ in SPLIT_NAMES]
+    for row, pid in enumerate(prompt_ids):
+        split = assigned.get(pid)
+        if split is None:
+            digest = hashlib.sha256(f"{int(seed)}\x00{pid}".encode("utf-8")).digest()
+            u = int.from_bytes(digest[:8], "big") / 2.0**64
+            split = next((i for i, bound in enumerate(bounds) if u < bound and fractions[i] > 0), _last_nonzero(fractions))
+            assigned[pid] = split
+        rows[split].append(row)
+    return {name: torch.tensor(indices, dtype=torch.long) for name, indices in zip(SPLIT_NAMES, rows)}
+
+
+def _last_nonzero(fractions: list[float]) -> int:
+    return max(i for i, f in enumerate(fractions) if f > 0)
+
+
+def check_probe_matches(
+    manifest: Union[DatasetManifest, ProbeDataset],
+    probe_metadata: ProbeMetadata,
+    *,
+    require_checkpoint: bool = True,
+    require_evaluator: bool = True,
+) -> None:
+    """Refuse to train, fine-tune or evaluate a probe on a dataset of other activations.
+
+    Checked: backbone family, tap, feature shape ``(C, P, P)``, pooling, the width of the probe's
+    text branch (if any); and, unless disabled, that the dataset holds the probe's checkpoint t and
+    scores of its evaluator.
+
+    Raises:
+        DatasetError: listing every disagreement.
+    """
+    where = "the dataset"
+    if isinstance(manifest, ProbeDataset):
+        where = f"dataset {manifest.root}"
+        manifest = manifest.manifest
+    meta = probe_metadata
+    problems = []
+    if meta.backbone_family != manifest.backbone_family:
+        problems.append(f"backbone family: probe {meta.backbone_family!r}, dataset {manifest.backbone_family!r}")
+    if meta.tap != manifest.tap:
+        problems.append(f"tap: probe {meta.tap!r}, dataset {manifest.tap!r}")
+    if tuple(meta.feature_shape) != tuple(manifest.feature_shape):
+        problems.append(f"feature shape (C, P, P): probe {tuple(meta.feature_shape)}, dataset {tuple(manifest.feature_shape)}")
+    if meta.pooling != manifest.pooling:
+        problems.append(f"pooling: probe {meta.pooling!r}, dataset {manifest.pooling!r}")
+    text_dim = meta.config.text_dim
+    if text_dim and text_dim != manifest.text_dim:
+        stored = f"width {manifest.text_dim}" if manifest.text_dim else "none"
+        problems.append(f"text embedding: probe reads width {text_dim}, dataset stores {stored}")
+    if require_checkpoint and not _stores(manifest.checkpoints, meta.checkpoint_t):
+        problems.append(f"checkpoint: probe t={meta.checkpoint_t}, dataset has t in {manifest.checkpoints}")
+    if require_evaluator and meta.evaluator not in manifest.evaluators:
+        problems.append(f"evaluator: probe {meta.evaluator!r}, dataset scores {manifest.evaluators}")
+    if problems:
+        raise DatasetError(
+            f"the probe ({meta.backbone_family}, tap {meta.tap}, {meta.evaluator}) does not match "
+            f"{where}: {'; '.join(problems)}. Use a probe trained on this backbone and tap, or a "
+            f"dataset collected with the probe's settings."
+        )
+
+
+def _stores(checkpoints: Sequence[float], checkpoint_t: float) -> bool:
+    try:
+        checkpoint_index(checkpoints, checkpoint_t)
+    except CheckpointError:
+        return False
+    return True

@@ -1,0 +1,174 @@
+"""Streaming reader and streamed trainer: the plan is what is trained on, runs are reproducible,
+resuming mid-epoch changes nothing, rows read equal ProbeDataset's, and memory is bounded by batches."""
+from __future__ import annotations
+
+import pytest
+import torch
+from safetensors.torch import load_file
+
+from stream_data import EVALUATORS, make_manifest, shard_rows, tiny_probe_config, write_dataset
+from probe_select.probes.training.dataset import DatasetWriter, ProbeDataset
+from probe_select.probes.training.streaming import (
+    BatchSpec,
+    FeatureReader,
+    StreamConfig,
+    StreamIndex,
+    epoch_plan,
+    make_loader,
+)
+from probe_select.probes.training import streaming as streaming_module
+from probe_select.probes.training.streamed_train import StreamSource, train_streamed
+from probe_select.probes.training.train import TrainConfig
+
+META = {"backbone_family": "sd2", "tap": "output_blocks.7.0", "evaluator": "clipscore"}
+STREAM = StreamConfig(buffer_groups=6)
+
+
+def fast_config(**overrides) -> TrainConfig:
+    fields = dict(epochs=2, batch_prompts=4, lr=3e-3, ema_decay=0.5, patience=0, seed=3)
+    return TrainConfig(**{**fields, **overrides})
+
+
+@pytest.fixture(scope="module")
+def dataset(tmp_path_factory):
+    return write_dataset(tmp_path_factory.mktemp("stream") / "ds", shards=6, prompts_per_shard=6, seeds=3)
+
+
+def source_for(root, text=False) -> StreamSource:
+    index = StreamIndex(root)
+    splits = index.split_groups((0.7, 0.3, 0.0))
+    return StreamSource(index, splits["train"], splits["val"], 0.5, "clipscore", use_text=text)
+
+
+def test_plan_covers_every_group_once_and_depends_on_seed_and_epoch(dataset):
+    index = StreamIndex(dataset)
+    groups = list(range(len(index.groups)))
+    plans = {(seed, epoch): epoch_plan(index, groups, seed=seed, epoch=epoch, batch_prompts=5, buffer_groups=4)
+             for seed in (0, 1) for epoch in (0, 1)}
+    for plan in plans.values():
+        flat = [g for batch in plan for g in batch]
+        assert sorted(flat) == groups
+        assert [len(b) for b in plan[:-1]] == [5] * (len(plan) - 1)
+    assert plans[(0, 0)] == epoch_plan(index, groups, seed=0, epoch=0, batch_prompts=5, buffer_groups=4)
+    assert plans[(0, 0)] != plans[(0, 1)] and plans[(0, 0)] != plans[(1, 0)]
+    # A buffer of 4 groups keeps the stream near shard order: a group leaves at most a few shards late.
+    flat = [g for b in plans[(0, 0)] for g in b]
+    assert flat != sorted(flat)
+
+
+def test_streamed_rows_equal_probe_dataset_rows_with_duplicates_dropped(tmp_path):
+    root = write_dataset(tmp_path / "ds", shards=3, prompts_per_shard=4, seeds=2, text_dim=5)
+    # A re-run job appends shard 1 again: those rows are duplicates and must be dropped once.
+    DatasetWriter(root, make_manifest(5), writer_id="w1").append(shard_rows(1, 4, 2, text_dim=5))
+    index = StreamIndex(root)
+    reference = ProbeDataset(root)
+    assert index.duplicates_dropped == reference.duplicates_dropped == 8
+    assert len(index) == len(reference) == 24
+    position = {(p, s): i for i, (p, s) in enumerate(zip(reference.prompt_ids, reference.seeds.tolist()))}
+    reader = FeatureReader(index, checkpoint_k=1, max_open=1)
+    all_groups = list(range(len(index.groups)))
+    rows = index.group_rows(all_groups)
+    ref_rows = torch.tensor([position[(index.shards[s].prompt_ids[r], int(index.shards[s].seeds[r]))] for s, r in rows])
+    assert torch.equal(reader.features(rows), reference.features(0.5)[ref_rows])
+    assert torch.equal(reader.text(rows), reference.text_embedding[ref_rows])
+    assert torch.equal(index.scores(all_groups, "clipscore"), reference.scores("clipscore")[ref_rows])
+
+
+def test_trainer_visits_exactly_its_plan_and_two_runs_give_identical_probes(dataset, tmp_path):
+    config = fast_config()
+    runs = []
+    for name in ("a", "b"):
+        source = source_for(dataset)
+        train_streamed(source, tiny_probe_config(), config, META, tmp_path / f"{name}.safetensors",
+                       stream_config=STREAM, record_visits=True)
+        runs.append(source)
+    for epoch in range(config.epochs):
+        plan = epoch_plan(runs[0].index, runs[0].train_groups, seed=config.seed, epoch=epoch,
+                          batch_prompts=config.batch_prompts, buffer_groups=STREAM.buffer_groups)
+        assert runs[0].visits[epoch] == plan
+    assert runs[0].visits[0] != runs[0].visits[1]
+    assert runs[0].visits == runs[1].visits
+    a, b = load_file(str(tmp_path / "a.safetensors")), load_file(str(tmp_path / "b.safetensors"))
+    assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
+
+
+def test_resume_mid_epoch_ends_with_the_weights_of_an_uninterrupted_run(dataset, tmp_path):
+    config = fast_config(epochs=2)
+    stream = StreamConfig(buffer_groups=6, state_every_batches=2)
+    whole = source_for(dataset)
+    train_streamed(whole, tiny_probe_config(), config, META, tmp_path / "whole.safetensors", stream_config=stream,
+                   record_visits=True)
+    batches_per_epoch = len(whole.visits[0])
+    calls = {"n": 0}
+
+    def stop_in_epoch_1() -> bool:
+        calls["n"] += 1
+        return calls["n"] > batches_per_epoch + 3
+
+    first = source_for(dataset)
+    result = train_streamed(first, tiny_probe_config(), config, META, tmp_path / "resumed.safetensors",
+                            stream_config=stream, state_dir=tmp_path / "state", should_stop=stop_in_epoch_1,
+                            record_visits=True)
+    assert result.stopped == "should_stop"
+    assert len(first.visits[1]) == 3
+    second = source_for(dataset)
+    result = train_streamed(second, tiny_probe_config(), config, META, tmp_path / "resumed.safetensors",
+                            stream_config=stream, state_dir=tmp_path / "state", record_visits=True)
+    assert result.resumed_from_epoch == 1 and result.stopped == "completed"
+    assert first.visits[1] + second.visits[1] == whole.visits[1]
+    a, b = load_file(str(tmp_path / "whole.safetensors")), load_file(str(tmp_path / "resumed.safetensors"))
+    assert all(torch.equal(a[k], b[k]) for k in a)
+
+
+def test_streamed_training_reads_each_row_once_per_epoch_and_at_most_one_batch_at_a_time(dataset, tmp_path,
+                                                                                           monkeypatch):
+    def refuse(*args, **kwargs):
+        raise AssertionError("the streamed trainer must not load the whole dataset")
+
+    monkeypatch.setattr(ProbeDataset, "features", refuse)
+    reads: list[int] = []
+    original = FeatureReader.features
+
+    def counting(self, rows):
+        reads.append(len(rows))
+        return original(self, rows)
+
+    monkeypatch.setattr(FeatureReader, "features", counting)
+    source = source_for(dataset)
+    config = fast_config(epochs=1)
+    train_streamed(source, tiny_probe_config(), config, META, tmp_path / "p.safetensors", stream_config=STREAM)
+    train_rows = sum(len(source.index.groups[g].rows) for g in source.train_groups)
+    val_rows = sum(len(source.index.groups[g].rows) for g in source.val_groups)
+    seeds = 3
+    assert sum(reads) == train_rows + val_rows            # every row once (training + validation)
+    assert max(reads) <= max(config.batch_prompts * seeds, config.eval_batch_size)
+    # Training reads are one batch of whole prompts each, far fewer rows than the dataset.
+    assert all(n <= config.batch_prompts * seeds for n in reads[:-1]) and max(reads[:-1]) < train_rows / 4
+
+
+def test_reader_maps_at_most_max_open_shards(dataset):
+    index = StreamIndex(dataset)
+    reader = FeatureReader(index, checkpoint_k=0, max_open=2)
+    for group in range(len(index.groups)):
+        reader.features(index.group_rows([group]))
+        assert len(reader._handles) <= 2
+    assert reader.rows_read == len(index)
+
+
+def test_loader_workers_return_batches_in_plan_order(dataset):
+    index = StreamIndex(dataset)
+    plan = epoch_plan(index, list(range(len(index.groups))), seed=5, epoch=0, batch_prompts=3, buffer_groups=5)
+    spec = BatchSpec(index=index, checkpoint_k=1, evaluator=EVALUATORS[0], use_text=False)
+    seen = [(position, batch["group_ids"].tolist()) for position, batch in
+            make_loader(spec, plan, start=2, num_workers=2)]
+    assert seen == [(i, plan[i]) for i in range(2, len(plan))]
+
+
+def test_reader_opened_before_a_shard_disappears_fails_with_a_clear_message(tmp_path):
+    root = write_dataset(tmp_path / "ds", shards=2, prompts_per_shard=2, seeds=2)
+    index = StreamIndex(root)
+    index.shards[1].path.unlink()
+    reader = FeatureReader(index, checkpoint_k=0)
+    reader.features(index.group_rows([0]))
+    with pytest.raises(streaming_module.DatasetError, match="Reopen the dataset"):
+        reader.features(index.group_rows([len(index.groups) - 1]))

@@ -172,3 +172,28 @@ def test_reader_opened_before_a_shard_disappears_fails_with_a_clear_message(tmp_
     reader.features(index.group_rows([0]))
     with pytest.raises(streaming_module.DatasetError, match="Reopen the dataset"):
         reader.features(index.group_rows([len(index.groups) - 1]))
+
+
+def test_streamed_predictions_equal_in_memory_ones_and_auto_streams_only_big_data(dataset, tmp_path, monkeypatch):
+    from probe_select.probes.io import load_probe
+    from probe_select.probes.training import streamed_train
+    from probe_select.probes.training.evaluation import evaluate_probe_on
+
+    index = StreamIndex(dataset)
+    result, sizes = streamed_train.train_from_index(index, 0.5, "clipscore", tmp_path / "p.safetensors",
+                                                    train_config=fast_config(epochs=1), stream_config=STREAM)
+    assert sizes["train"] + sizes["val"] + sizes["test"] == len(index) and result.stopped == "completed"
+    probe, metadata = load_probe(tmp_path / "p.safetensors")
+    assert metadata.checkpoint_t == 0.5 and metadata.feature_shape == (4, 4, 4)
+    groups = list(range(len(index.groups)))
+    predicted, actual, group = streamed_train.predict_on_index(probe, metadata, index, groups, batch_rows=7)
+    reference = evaluate_probe_on(probe, metadata, ProbeDataset(dataset).arrays(0.5, "clipscore"))
+    # Both readers list rows in shard order here (one writer, no duplicates), so rows line up.
+    assert torch.allclose(torch.from_numpy(predicted), torch.from_numpy(reference.predicted), atol=1e-5)
+    assert (actual == reference.actual).all() and (group == reference.group).all()
+    assert not streamed_train.wants_streaming("auto", index) and streamed_train.wants_streaming("on", index)
+    monkeypatch.setattr(streamed_train, "STREAM_AUTO_BYTES", 10)
+    assert streamed_train.wants_streaming("auto", index)
+    monkeypatch.setattr(streamed_train, "STREAM_AUTO_BYTES", 10**12)
+    monkeypatch.setenv("WORLD_SIZE", "2")
+    assert streamed_train.wants_streaming("auto", index)

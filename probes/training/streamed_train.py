@@ -18,16 +18,19 @@ each epoch's batches; rank 0 writes the probe and the state.
 """
 from __future__ import annotations
 
+import dataclasses
 import hashlib
 import json
 import logging
 import math
+import os
 import time
 from contextlib import nullcontext
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Callable, Optional
 
+import numpy as np
 import torch
 from safetensors.torch import load_file, save_file
 from torch import Tensor
@@ -52,7 +55,8 @@ from .train import (
     make_optimizer,
 )
 
-__all__ = ["StreamSource", "train_streamed", "predict_streamed", "autocast_dtype"]
+__all__ = ["StreamSource", "train_streamed", "predict_streamed", "autocast_dtype", "wants_streaming",
+           "train_from_index", "predict_on_index"]
 
 logger = logging.getLogger(__name__)
 
@@ -105,14 +109,14 @@ def predict_streamed(probe: Probe, spec: BatchSpec, group_ids: list[int], device
     preds, raws, groups = [], [], []
     offset = 0
     try:
-        with torch.no_grad(), torch.inference_mode(False):
+        with torch.inference_mode(False), torch.no_grad():
             for group_ids_ in plan:
                 batch = read_batch(reader, spec, group_ids_)
                 on_device = _to_device(batch, device)
                 context = torch.autocast(device.type, dtype=amp_dtype) if amp_dtype else nullcontext()
                 with context:
                     pred = probe(on_device["features"], on_device["t"], on_device.get("text"))
-                preds.append(pred.float().cpu())
+                preds.append(pred.detach().float().cpu())
                 raws.append(batch["raw"])
                 groups.append(batch["group"] + offset)
                 offset += len(group_ids_)
@@ -440,3 +444,66 @@ def _run(source: StreamSource, probe_config: ProbeConfig, config: TrainConfig, s
                        probe_path=out_path, stopped=stopped, score_mean=mean, score_std=std,
                        resumed_from_epoch=resumed_epoch)
 
+
+
+# --------------------------------------------------------------------------------------------
+# Dataset -> probe, probe + dataset -> predictions (what the pipeline, the nodes and the CLI call)
+
+# Stream by default once one checkpoint's features exceed this: below it the in-memory path is as
+# fast and bit-for-bit what it always was; above it a machine of typical RAM cannot hold them.
+STREAM_AUTO_BYTES = 4 * 2**30
+
+
+def features_bytes(index: StreamIndex) -> int:
+    """Bytes of one checkpoint's features of every row (what the in-memory path would hold)."""
+    c, p, q = index.manifest.feature_shape
+    return index.rows * c * p * q * 2
+
+
+def wants_streaming(mode: str, index: StreamIndex) -> bool:
+    """``mode``: ``"on"``, ``"off"`` or ``"auto"`` (stream above :data:`STREAM_AUTO_BYTES`, or always in a
+    several-process job, where each rank reads only its share)."""
+    if mode not in ("auto", "on", "off"):
+        raise ValueError(f"streaming must be 'auto', 'on' or 'off', got {mode!r}")
+    if mode != "auto":
+        return mode == "on"
+    return int(os.environ.get("WORLD_SIZE", "1")) > 1 or features_bytes(index) > STREAM_AUTO_BYTES
+
+
+def train_from_index(index: StreamIndex, checkpoint_t: float, evaluator: str, out_path, *, train_config: TrainConfig,
+                     stream_config: Optional[StreamConfig] = None, use_text: bool = True, split_seed: int = 0,
+                     fractions=(0.8, 0.1, 0.1), probe_config: Optional[ProbeConfig] = None, state_dir=None,
+                     on_epoch=None, should_stop=None) -> tuple[TrainResult, dict]:
+    """Streamed twin of :func:`~.pipeline.train_from_dataset`: the same prompt split (a hash of the
+    prompt id), the same probe settings; returns ``(result, rows per split)``."""
+    manifest = index.manifest
+    splits = index.split_groups(fractions, seed=split_seed)
+    if not splits["train"] or not splits["val"]:
+        raise ValueError(f"dataset {index.root} has too few prompts ({len(index.groups)}) for a train/val/test "
+                         f"split; collect more prompts")
+    use_text = use_text and manifest.text_dim > 0
+    channels, size = manifest.feature_shape[0], manifest.feature_shape[-1]
+    probe_config = dataclasses.replace(probe_config or ProbeConfig(in_channels=channels, feature_size=size),
+                                       in_channels=channels, feature_size=size,
+                                       text_dim=manifest.text_dim if use_text else 0)
+    t = float(manifest.checkpoints[manifest.checkpoint_index(checkpoint_t)])
+    source = StreamSource(index, splits["train"], splits["val"], t, evaluator, use_text=use_text)
+    metadata_base = {"backbone_family": manifest.backbone_family, "tap": manifest.tap, "checkpoint_t": t,
+                     "feature_shape": tuple(manifest.feature_shape), "pooling": manifest.pooling,
+                     "evaluator": evaluator}
+    result = train_streamed(source, probe_config, train_config, metadata_base, out_path, stream_config=stream_config,
+                            state_dir=state_dir, on_epoch=on_epoch, should_stop=should_stop)
+    sizes = {name: sum(len(index.groups[g].rows) for g in ids) for name, ids in splits.items()}
+    return result, sizes
+
+
+def predict_on_index(probe: Probe, metadata: ProbeMetadata, index: StreamIndex, group_ids: list[int],
+                     batch_rows: int = 256) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """``(predicted score in evaluator units, actual score, prompt index)`` per row of the groups,
+    read through the streaming reader (bounded memory, whatever the dataset's size)."""
+    device = next(probe.parameters()).device
+    spec = BatchSpec(index=index, checkpoint_k=index.manifest.checkpoint_index(metadata.checkpoint_t),
+                     evaluator=metadata.evaluator, use_text=bool(probe.config.text_dim and index.manifest.text_dim))
+    pred, raw, group = predict_streamed(probe, spec, group_ids, device, batch_rows)
+    predicted = (pred.double() * metadata.score_std + metadata.score_mean).numpy()
+    return predicted, raw.double().numpy(), group.numpy()

@@ -146,13 +146,23 @@ def test_streamed_training_reads_each_row_once_per_epoch_and_at_most_one_batch_a
     assert all(n <= config.batch_prompts * seeds for n in reads[:-1]) and max(reads[:-1]) < train_rows / 4
 
 
-def test_reader_maps_at_most_max_open_shards(dataset):
+def test_reader_bounds_the_shards_and_bytes_it_keeps_mapped(dataset):
     index = StreamIndex(dataset)
     reader = FeatureReader(index, checkpoint_k=0, max_open=2)
     for group in range(len(index.groups)):
         reader.features(index.group_rows([group]))
         assert len(reader._handles) <= 2
     assert reader.rows_read == len(index)
+    row_bytes = 4 * 4 * 4 * 2
+    budget = 5 * row_bytes                     # fewer rows than one shard holds (18)
+    reader = FeatureReader(index, checkpoint_k=0, max_open=100, max_mapped_bytes=budget)
+    peak = 0
+    for group in range(len(index.groups)):
+        rows = index.group_rows([group])
+        reader.features(rows)
+        peak = max(peak, reader.mapped_bytes)
+        assert reader.mapped_bytes <= budget
+    assert peak > 0 and len(reader._handles) <= 1
 
 
 def test_loader_workers_return_batches_in_plan_order(dataset):

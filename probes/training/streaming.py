@@ -77,6 +77,8 @@ class StreamConfig:
             training process).
         prefetch_batches: batches each worker reads ahead (with ``num_workers > 0``).
         max_open_shards: shards each reader keeps memory-mapped at once.
+        max_mapped_mb: MiB of rows read from the mapped shards after which a reader unmaps the least
+            recently used ones: the bound on resident memory of reading (per reader process).
         state_every_batches: with a ``state_dir``, also save the training state every this many
             batches inside an epoch (0 = only at the end of epochs); a resume continues from there.
         amp: ``"auto"`` (bf16 autocast on a GPU that supports it, else fp16; off on CPU), ``"off"``,
@@ -89,12 +91,13 @@ class StreamConfig:
     num_workers: int = 0
     prefetch_batches: int = 2
     max_open_shards: int = 4
+    max_mapped_mb: int = 512
     state_every_batches: int = 0
     amp: str = "auto"
     dist_timeout_s: float = 300.0
 
     def __post_init__(self) -> None:
-        for name in ("buffer_groups", "prefetch_batches", "max_open_shards"):
+        for name in ("buffer_groups", "prefetch_batches", "max_open_shards", "max_mapped_mb"):
             value = getattr(self, name)
             if isinstance(value, bool) or not isinstance(value, int) or value < 1:
                 raise ValueError(f"StreamConfig.{name} must be an integer >= 1, got {value!r}")
@@ -270,20 +273,30 @@ def epoch_plan(index: StreamIndex, group_ids: Sequence[int], *, seed: int, epoch
 class FeatureReader:
     """Reads rows' features (one checkpoint) and text embeddings from memory-mapped shards.
 
-    At most ``max_open`` shards are mapped at once (least recently used is closed), so pages
-    touched in earlier shards are unmapped and resident memory stays bounded. Shards are checked
-    against the index (size and modification time) when mapped: a shard replaced or removed since
-    the index was built (e.g. by compaction) raises a :class:`DatasetError` saying to reopen.
+    ``safetensors.safe_open`` maps a shard; a read copies only the requested rows out of the map.
+    Pages read through a map stay in the process's resident memory while the map lives, so the
+    reader bounds what it keeps mapped: at most ``max_open`` shards, and once the rows read from
+    the open shards exceed ``max_mapped_bytes``, the least recently used shards are unmapped. The
+    resident memory of reading is therefore bounded by that budget plus the batch, whatever the
+    dataset's or the shards' size.
 
-    ``rows_read`` counts rows copied out so far and ``max_rows_per_read`` the largest single read:
-    the bound on features held by the reader.
+    Shards are checked against the index (size and modification time) when mapped: a shard
+    replaced or removed since the index was built (e.g. by compaction) raises a
+    :class:`DatasetError` saying to reopen. A shard already mapped keeps reading (POSIX keeps an
+    unlinked file's data while it is mapped).
+
+    ``rows_read`` counts rows copied out so far and ``max_rows_per_read`` the largest single read.
     """
 
-    def __init__(self, index: StreamIndex, checkpoint_k: int, max_open: int = 4):
+    def __init__(self, index: StreamIndex, checkpoint_k: int, max_open: int = 4, max_mapped_bytes: int = 512 * 2**20):
         self.index = index
         self.checkpoint_k = checkpoint_k
         self.max_open = max_open
+        self.max_mapped_bytes = max_mapped_bytes
         self._handles: OrderedDict[int, Any] = OrderedDict()
+        self._touched: dict[int, int] = {}
+        c, p, q = index.manifest.feature_shape
+        self._row_bytes = c * p * q * 2
         self.rows_read = 0
         self.max_rows_per_read = 0
 
@@ -304,18 +317,35 @@ class FeatureReader:
                 f"opened (compacted or edited). Reopen the dataset (start the training or evaluation again)."
             ) from None
         self._handles[shard_index] = handle
+        self._touched[shard_index] = 0
         while len(self._handles) > self.max_open:
-            self._handles.popitem(last=False)
+            self._unmap_oldest()
         return handle
+
+    def _unmap_oldest(self) -> None:
+        shard_index, _ = self._handles.popitem(last=False)
+        self._touched.pop(shard_index, None)
+
+    def _account(self, shard_index: int, rows: int) -> None:
+        self._touched[shard_index] = self._touched.get(shard_index, 0) + rows * self._row_bytes
+        while self._handles and sum(self._touched.values()) > self.max_mapped_bytes:
+            self._unmap_oldest()
+
+    @property
+    def mapped_bytes(self) -> int:
+        """Bytes of rows read from the shards mapped now (an upper bound of their resident pages)."""
+        return sum(self._touched.values())
 
     def close(self) -> None:
         self._handles.clear()
+        self._touched.clear()
 
     def _read(self, rows: Sequence[tuple[int, int]], key: str, pick_k: bool) -> Tensor:
         # Contiguous runs within a shard are one slice each (a prompt's seeds are usually adjacent).
         order = sorted(range(len(rows)), key=lambda i: rows[i])
         parts: list[Tensor] = []
         positions: list[int] = []
+        runs: list[tuple[int, int, int]] = []
         i = 0
         while i < len(order):
             shard, first = rows[order[i]]
@@ -325,7 +355,10 @@ class FeatureReader:
             piece = self._handle(shard).get_slice(key)
             parts.append(piece[first:first + (j - i), self.checkpoint_k] if pick_k else piece[first:first + (j - i)])
             positions.extend(order[i:j])
+            runs.append((shard, first, j - i))
             i = j
+        for shard, first, count in runs:
+            self._account(shard, count)
         stacked = torch.cat(parts)
         out = torch.empty_like(stacked)
         out[torch.tensor(positions, dtype=torch.long)] = stacked
@@ -353,6 +386,7 @@ class BatchSpec:
     score_mean: float = 0.0
     score_std: float = 1.0
     max_open_shards: int = 4
+    max_mapped_bytes: int = 512 * 2**20
 
 
 def read_batch(reader: FeatureReader, spec: BatchSpec, group_ids: Sequence[int]) -> dict[str, Tensor]:
@@ -394,7 +428,8 @@ class PlannedBatches(IterableDataset):
     def __iter__(self) -> Iterator[tuple[int, dict[str, Tensor]]]:
         info = get_worker_info()
         worker, workers = (0, 1) if info is None else (info.id, info.num_workers)
-        reader = FeatureReader(self.spec.index, self.spec.checkpoint_k, self.spec.max_open_shards)
+        reader = FeatureReader(self.spec.index, self.spec.checkpoint_k, self.spec.max_open_shards,
+                               self.spec.max_mapped_bytes)
         try:
             for position in range(self.start + worker, len(self.plan), workers):
                 yield position, read_batch(reader, self.spec, self.plan[position])

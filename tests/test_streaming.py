@@ -17,7 +17,10 @@ from probe_select.probes.training.streaming import (
     make_loader,
 )
 from probe_select.probes.training import streaming as streaming_module
-from probe_select.probes.training.streamed_train import StreamSource, train_streamed
+from probe_select.probes.io import load_probe
+from probe_select.probes.training import streamed_train
+from probe_select.probes.training.evaluation import evaluate_probe_on
+from probe_select.probes.training.streamed_train import StreamSource, autocast_dtype, train_streamed
 from probe_select.probes.training.train import TrainConfig
 
 META = {"backbone_family": "sd2", "tap": "output_blocks.7.0", "evaluator": "clipscore"}
@@ -185,10 +188,6 @@ def test_reader_opened_before_a_shard_disappears_fails_with_a_clear_message(tmp_
 
 
 def test_streamed_predictions_equal_in_memory_ones_and_auto_streams_only_big_data(dataset, tmp_path, monkeypatch):
-    from probe_select.probes.io import load_probe
-    from probe_select.probes.training import streamed_train
-    from probe_select.probes.training.evaluation import evaluate_probe_on
-
     index = StreamIndex(dataset)
     result, sizes = streamed_train.train_from_index(index, 0.5, "clipscore", tmp_path / "p.safetensors",
                                                     train_config=fast_config(epochs=1), stream_config=STREAM)
@@ -207,3 +206,27 @@ def test_streamed_predictions_equal_in_memory_ones_and_auto_streams_only_big_dat
     monkeypatch.setattr(streamed_train, "STREAM_AUTO_BYTES", 10**12)
     monkeypatch.setenv("WORLD_SIZE", "2")
     assert streamed_train.wants_streaming("auto", index)
+
+
+def test_dataloader_workers_train_the_same_probe_as_the_training_process(dataset, tmp_path):
+    config = fast_config(epochs=1)
+    for workers in (0, 2):
+        source = source_for(dataset)
+        train_streamed(source, tiny_probe_config(), config, META, tmp_path / f"w{workers}.safetensors",
+                       stream_config=StreamConfig(buffer_groups=6, num_workers=workers), record_visits=True)
+        assert source.visits[0] == epoch_plan(source.index, source.train_groups, seed=config.seed, epoch=0,
+                                              batch_prompts=config.batch_prompts, buffer_groups=6)
+    a, b = load_file(str(tmp_path / "w0.safetensors")), load_file(str(tmp_path / "w2.safetensors"))
+    assert all(torch.equal(a[k], b[k]) for k in a)
+
+
+def test_stream_config_is_checked_and_cpu_never_autocasts():
+    with pytest.raises(ValueError, match="buffer_groups"):
+        StreamConfig(buffer_groups=0)
+    with pytest.raises(ValueError, match="amp"):
+        StreamConfig(amp="fp8")
+    assert autocast_dtype(torch.device("cpu"), "auto") is None
+    assert autocast_dtype(torch.device("cpu"), "bf16") is None
+    assert autocast_dtype(torch.device("cuda"), "off") is None
+    assert autocast_dtype(torch.device("cuda"), "fp16") == torch.float16
+    assert autocast_dtype(torch.device("cuda"), "bf16") == torch.bfloat16

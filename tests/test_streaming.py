@@ -200,12 +200,14 @@ def test_streamed_predictions_equal_in_memory_ones_and_auto_streams_only_big_dat
     # Both readers list rows in shard order here (one writer, no duplicates), so rows line up.
     assert torch.allclose(torch.from_numpy(predicted), torch.from_numpy(reference.predicted), atol=1e-5)
     assert (actual == reference.actual).all() and (group == reference.group).all()
-    assert not streamed_train.wants_streaming("auto", index) and streamed_train.wants_streaming("on", index)
-    monkeypatch.setattr(streamed_train, "STREAM_AUTO_BYTES", 10)
-    assert streamed_train.wants_streaming("auto", index)
+    manifest, rows = index.manifest, len(index)
+    assert not streamed_train.wants_streaming("auto", manifest, rows)
+    assert streamed_train.wants_streaming("on", manifest, rows) and not streamed_train.wants_streaming("off", manifest, rows)
+    monkeypatch.setattr(streamed_train, "STREAM_AUTO_BYTES", rows * 4 * 4 * 4 * 2 - 1)
+    assert streamed_train.wants_streaming("auto", manifest, rows)
     monkeypatch.setattr(streamed_train, "STREAM_AUTO_BYTES", 10**12)
     monkeypatch.setenv("WORLD_SIZE", "2")
-    assert streamed_train.wants_streaming("auto", index)
+    assert streamed_train.wants_streaming("auto", manifest, rows)
 
 
 def test_dataloader_workers_train_the_same_probe_as_the_training_process(dataset, tmp_path):

@@ -39,6 +39,7 @@ from ..atomic import atomic_write
 from ..io import ProbeMetadata, save_probe
 from ..model import Probe, ProbeConfig, build_probe
 from .distributed import DistContext, init_distributed, rank_share, wrap_model
+from .dataset import DatasetManifest
 from .losses import ProbeLoss, anneal
 from .metrics import global_spearman, selection_summary, within_prompt_spearman
 from .streaming import BatchSpec, FeatureReader, StreamConfig, StreamIndex, epoch_plan, make_loader, read_batch
@@ -455,20 +456,20 @@ def _run(source: StreamSource, probe_config: ProbeConfig, config: TrainConfig, s
 STREAM_AUTO_BYTES = 4 * 2**30
 
 
-def features_bytes(index: StreamIndex) -> int:
-    """Bytes of one checkpoint's features of every row (what the in-memory path would hold)."""
-    c, p, q = index.manifest.feature_shape
-    return index.rows * c * p * q * 2
+def features_bytes(manifest: DatasetManifest, rows: int) -> int:
+    """Bytes of one checkpoint's features of ``rows`` rows (what the in-memory path would hold)."""
+    c, p, q = manifest.feature_shape
+    return rows * c * p * q * 2
 
 
-def wants_streaming(mode: str, index: StreamIndex) -> bool:
-    """``mode``: ``"on"``, ``"off"`` or ``"auto"`` (stream above :data:`STREAM_AUTO_BYTES`, or always in a
-    several-process job, where each rank reads only its share)."""
+def wants_streaming(mode: str, manifest: DatasetManifest, rows: int) -> bool:
+    """``mode``: ``"on"``, ``"off"`` or ``"auto"`` (stream above :data:`STREAM_AUTO_BYTES` of features at
+    one checkpoint, or always in a several-process job, where each rank reads only its share)."""
     if mode not in ("auto", "on", "off"):
         raise ValueError(f"streaming must be 'auto', 'on' or 'off', got {mode!r}")
     if mode != "auto":
         return mode == "on"
-    return int(os.environ.get("WORLD_SIZE", "1")) > 1 or features_bytes(index) > STREAM_AUTO_BYTES
+    return int(os.environ.get("WORLD_SIZE", "1")) > 1 or features_bytes(manifest, rows) > STREAM_AUTO_BYTES
 
 
 def train_from_index(index: StreamIndex, checkpoint_t: float, evaluator: str, out_path, *, train_config: TrainConfig,

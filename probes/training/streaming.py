@@ -327,7 +327,9 @@ class FeatureReader:
         self._touched.pop(shard_index, None)
 
     def _account(self, shard_index: int, rows: int) -> None:
-        self._touched[shard_index] = self._touched.get(shard_index, 0) + rows * self._row_bytes
+        if shard_index not in self._handles:
+            return                      # already unmapped within this read (more shards than max_open)
+        self._touched[shard_index] += rows * self._row_bytes
         while self._handles and sum(self._touched.values()) > self.max_mapped_bytes:
             self._unmap_oldest()
 
@@ -345,7 +347,7 @@ class FeatureReader:
         order = sorted(range(len(rows)), key=lambda i: rows[i])
         parts: list[Tensor] = []
         positions: list[int] = []
-        runs: list[tuple[int, int, int]] = []
+        runs: list[tuple[int, int]] = []
         i = 0
         while i < len(order):
             shard, first = rows[order[i]]
@@ -355,9 +357,9 @@ class FeatureReader:
             piece = self._handle(shard).get_slice(key)
             parts.append(piece[first:first + (j - i), self.checkpoint_k] if pick_k else piece[first:first + (j - i)])
             positions.extend(order[i:j])
-            runs.append((shard, first, j - i))
+            runs.append((shard, j - i))
             i = j
-        for shard, first, count in runs:
+        for shard, count in runs:
             self._account(shard, count)
         stacked = torch.cat(parts)
         out = torch.empty_like(stacked)

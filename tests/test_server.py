@@ -266,7 +266,7 @@ def test_cancel_during_early_sampling_then_next_run_works(server, tiny_checkpoin
     long_steps, long_checkpoint = 400, 0.9
     early_steps = round(long_steps * long_checkpoint)
     cancelled_prefix = unique_prefix("cancelled")
-    workflow = basic_workflow(tiny_checkpoint, cancelled_prefix, steps=long_steps, checkpoint=long_checkpoint)
+    workflow = basic_workflow(tiny_checkpoint, cancelled_prefix, steps=long_steps, checkpoint_percent=long_checkpoint)
 
     with server.events() as events:
         prompt_id = server.queue(workflow)

@@ -96,7 +96,7 @@ def write_dataset(root: Path, gigabytes: float) -> dict:
 
 # ---- one measurement (child process) -----------------------------------------------------------
 
-def measure(mode: str, dataset: Path, steps: int, workers: int, out: Path) -> None:
+def measure(mode: str, dataset: Path, steps: int, workers: int, out: Path, io: str) -> None:
     probe_config = ProbeConfig(in_channels=FEATURE_SHAPE[0], feature_size=FEATURE_SHAPE[1])
     config = TrainConfig(epochs=1, batch_prompts=BATCH_PROMPTS, patience=0, eval_batch_size=64)
     stamps: list[float] = []
@@ -124,7 +124,7 @@ def measure(mode: str, dataset: Path, steps: int, workers: int, out: Path) -> No
             source = StreamSource(index, splits["train"], splits["val"][:VAL_PROMPTS], 0.2, "clipscore")
             load_seconds = time.perf_counter() - started
             train_streamed(source, probe_config, config, META, Path(tmp) / "p.safetensors",
-                           stream_config=StreamConfig(num_workers=workers), should_stop=should_stop)
+                           stream_config=StreamConfig(num_workers=workers, io=io), should_stop=should_stop)
     step_seconds = [b - a for a, b in zip(stamps[1:], stamps[2:])]   # batch 0 (warm-up) is left out
     out.write_text(json.dumps({"load_seconds": load_seconds, "step_seconds": step_seconds,
                                "peak_rss_mb": peak_rss_mb()}))
@@ -161,11 +161,11 @@ def tree_pss_bytes(pid: int) -> int:
     return total
 
 
-def run_child(mode: str, dataset: Path, steps: int, workers: int) -> dict:
+def run_child(mode: str, dataset: Path, steps: int, workers: int, io: str) -> dict:
     with tempfile.NamedTemporaryFile(suffix=".json", delete=False) as handle:
         out = Path(handle.name)
     command = [sys.executable, __file__, "--measure", mode, "--dataset", str(dataset), "--steps", str(steps),
-               "--workers", str(workers), "--out", str(out)]
+               "--workers", str(workers), "--out", str(out), "--io", io]
     proc = subprocess.Popen(command, env={**os.environ, "OMP_NUM_THREADS": os.environ.get("OMP_NUM_THREADS", "1")})
     peak = 0
     while proc.poll() is None:
@@ -237,36 +237,41 @@ def main() -> int:
                         help="worker counts measured on datasets above --in-memory-max-gb")
     parser.add_argument("--in-memory-max-gb", type=float, default=8.0)
     parser.add_argument("--workdir", default=None, help="where the temporary datasets go (default: the system temp)")
-    parser.add_argument("--keep", action="store_true", help="keep the datasets (for reruns)")
+    parser.add_argument("--keep", action="store_true", help="keep the datasets (for reruns with --reuse)")
+    parser.add_argument("--reuse", nargs="+", default=[], metavar="GB=DIR",
+                        help="use a dataset kept by an earlier run (--keep) for that size instead of writing one")
+    parser.add_argument("--io", choices=["pread", "mmap"], default="pread", help="how the streaming reader reads rows")
     parser.add_argument("--measure", help=argparse.SUPPRESS)
     parser.add_argument("--dataset", help=argparse.SUPPRESS)
     parser.add_argument("--out", help=argparse.SUPPRESS)
     args = parser.parse_args()
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(message)s", datefmt="%H:%M:%S")
     if args.measure:
-        measure(args.measure, Path(args.dataset), args.steps, args.workers[0], Path(args.out))
+        measure(args.measure, Path(args.dataset), args.steps, args.workers[0], Path(args.out), args.io)
         return 0
 
     results_path = RESULTS / "streaming.json"
     results = json.loads(results_path.read_text()) if results_path.exists() else {"runs": {}, "datasets": {}}
     results["machine"] = f"{platform.processor() or platform.machine()}, {os.cpu_count()} cores, torch {torch.__version__}, " \
                          f"OMP_NUM_THREADS={os.environ.get('OMP_NUM_THREADS')}"
+    reuse = {float(item.split("=", 1)[0]): Path(item.split("=", 1)[1]) for item in args.reuse}
     for gb in args.sizes_gb:
         free = shutil.disk_usage(args.workdir or tempfile.gettempdir()).free
-        if free < gb * 1e9 * 1.2:
+        if gb not in reuse and free < gb * 1e9 * 1.2:
             log.error("not enough disk space for %.1f GB (%.1f GB free); skipped", gb, free / 1e9)
             continue
-        work = Path(tempfile.mkdtemp(prefix=f"bench-streaming-{gb:g}gb-", dir=args.workdir))
+        work = reuse[gb].parent if gb in reuse else Path(tempfile.mkdtemp(prefix=f"bench-streaming-{gb:g}gb-", dir=args.workdir))
         try:
-            results["datasets"][f"{gb:g}"] = {"gb": gb, **write_dataset(work / "ds", gb)}
+            if gb not in reuse:
+                results["datasets"][f"{gb:g}"] = {"gb": gb, **write_dataset(work / "ds", gb)}
             configs = [("in-memory", 0)] if gb <= args.in_memory_max_gb else []
             workers = args.workers if gb <= args.in_memory_max_gb else args.large_workers
-            configs += [(f"streamed, {w} workers", w) for w in workers]
+            configs += [(f"streamed ({args.io}), {w} workers", w) for w in workers]
             order = [c for repeat in range(args.repeats) for c in (configs if repeat % 2 == 0 else configs[::-1])]
             measured: dict[str, list[dict]] = {}
             for name, w in order:
                 log.info("%.1f GB, %s: %d steps", gb, name, args.steps)
-                one = run_child("in-memory" if name == "in-memory" else "streamed", work / "ds", args.steps, w)
+                one = run_child("in-memory" if name == "in-memory" else "streamed", work / "ds", args.steps, w, args.io)
                 measured.setdefault(name, []).append(one)
                 steps = [x for m in measured[name] for x in m["step_seconds"]]
                 run = {"gb": gb, "config": name, "dataset_rows": results["datasets"][f"{gb:g}"]["rows"],

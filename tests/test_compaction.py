@@ -79,10 +79,11 @@ def test_compaction_killed_midway_leaves_every_row_readable_exactly_once(tmp_pat
     assert dataset_checksum(root) == before and all("compact" in p.name for p in list_shards(root))
 
 
-def test_readers_opened_before_compaction_keep_working_or_fail_clearly(tmp_path):
+@pytest.mark.parametrize("io", ["pread", "mmap"])
+def test_readers_opened_before_compaction_keep_working_or_fail_clearly(tmp_path, io):
     root = many_small_shards(tmp_path / "ds")
     index = StreamIndex(root)
-    mapped = FeatureReader(index, checkpoint_k=1, max_open=100)
+    mapped = FeatureReader(index, checkpoint_k=1, max_open=100, io=io)
     first_rows = index.group_rows([0])
     expected = mapped.features(first_rows)                 # shard 0 mapped before compaction
     dataset = ProbeDataset(root)

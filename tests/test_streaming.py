@@ -2,6 +2,8 @@
 resuming mid-epoch changes nothing, rows read equal ProbeDataset's, and memory is bounded by batches."""
 from __future__ import annotations
 
+import json
+
 import pytest
 import torch
 from safetensors.torch import load_file
@@ -22,6 +24,7 @@ from probe_select.probes.training import streamed_train
 from probe_select.probes.training.evaluation import evaluate_probe_on
 from probe_select.probes.training.streamed_train import StreamSource, autocast_dtype, train_streamed
 from probe_select.probes.training.train import TrainConfig
+from tools.cli import main
 
 META = {"backbone_family": "sd2", "tap": "output_blocks.7.0", "evaluator": "clipscore"}
 STREAM = StreamConfig(buffer_groups=6)
@@ -68,12 +71,17 @@ def test_streamed_rows_equal_probe_dataset_rows_with_duplicates_dropped(tmp_path
     assert index.duplicates_dropped == reference.duplicates_dropped == 8
     assert len(index) == len(reference) == 24
     position = {(p, s): i for i, (p, s) in enumerate(zip(reference.prompt_ids, reference.seeds.tolist()))}
-    reader = FeatureReader(index, checkpoint_k=1, max_open=1)
     all_groups = list(range(len(index.groups)))
     rows = index.group_rows(all_groups)
     ref_rows = torch.tensor([position[(index.shards[s].prompt_ids[r], int(index.shards[s].seeds[r]))] for s, r in rows])
-    assert torch.equal(reader.features(rows), reference.features(0.5)[ref_rows])
-    assert torch.equal(reader.text(rows), reference.text_embedding[ref_rows])
+    for io in ("pread", "mmap"):
+        for k, t in enumerate((0.2, 0.5)):
+            reader = FeatureReader(index, checkpoint_k=k, max_open=1, io=io)
+            assert torch.equal(reader.features(rows), reference.features(t)[ref_rows])
+            assert torch.equal(reader.text(rows), reference.text_embedding[ref_rows])
+            # Shuffled rows come back in the order asked for.
+            shuffled = rows[::-1]
+            assert torch.equal(reader.features(shuffled), reference.features(t)[ref_rows.flip(0)])
     assert torch.equal(index.scores(all_groups, "clipscore"), reference.scores("clipscore")[ref_rows])
 
 
@@ -158,7 +166,7 @@ def test_reader_bounds_the_shards_and_bytes_it_keeps_mapped(dataset):
     assert reader.rows_read == len(index)
     row_bytes = 4 * 4 * 4 * 2
     budget = 5 * row_bytes                     # fewer rows than one shard holds (18)
-    reader = FeatureReader(index, checkpoint_k=0, max_open=100, max_mapped_bytes=budget)
+    reader = FeatureReader(index, checkpoint_k=0, max_open=100, max_mapped_bytes=budget, io="mmap")
     peak = 0
     for group in range(len(index.groups)):
         rows = index.group_rows([group])
@@ -227,8 +235,30 @@ def test_stream_config_is_checked_and_cpu_never_autocasts():
         StreamConfig(buffer_groups=0)
     with pytest.raises(ValueError, match="amp"):
         StreamConfig(amp="fp8")
+    with pytest.raises(ValueError, match="io"):
+        StreamConfig(io="aio")
     assert autocast_dtype(torch.device("cpu"), "auto") is None
     assert autocast_dtype(torch.device("cpu"), "bf16") is None
     assert autocast_dtype(torch.device("cuda"), "off") is None
     assert autocast_dtype(torch.device("cuda"), "fp16") == torch.float16
     assert autocast_dtype(torch.device("cuda"), "bf16") == torch.bfloat16
+
+
+def test_cli_trains_streamed_and_evaluates_the_same_either_way(dataset, tmp_path, capsys):
+    probe = tmp_path / "cli.safetensors"
+    config = '{"stem_width": 8, "widths": [8], "attention": false, "pooled_size": 2, "embed_dim": 8, ' \
+             '"time_embed_dim": 8, "head_hidden": [16], "mlp_hidden": 16}'
+    assert main(["train", "--dataset", str(dataset), "--checkpoint", "0.5", "--out", str(probe), "--epochs", "2",
+                 "--batch-prompts", "4", "--patience", "0", "--probe-config", config, "--stream", "on",
+                 "--workers", "1", "--state-dir", str(tmp_path / "state"), "--state-every-batches", "2", "-q"]) == 0
+    assert (tmp_path / "state" / "stream_train_state.json").exists()
+    reports = []
+    for mode in ("on", "off"):
+        capsys.readouterr()
+        assert main(["evaluate", "--probe", str(probe), "--dataset", str(dataset), "--split", "all", "--stream", mode,
+                     "--json", "-", "-q"]) == 0
+        reports.append(json.loads(capsys.readouterr().out)["metrics"])
+    assert reports[0]["rows"] == len(StreamIndex(dataset))
+    assert reports[0].keys() == reports[1].keys()
+    for key in reports[0]:
+        assert reports[0][key] == pytest.approx(reports[1][key], abs=1e-6), key

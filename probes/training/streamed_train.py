@@ -104,7 +104,7 @@ def predict_streamed(probe: Probe, spec: BatchSpec, group_ids: list[int], device
     largest = max((len(index.groups[g].rows) for g in group_ids), default=1)
     plan = epoch_plan(index, group_ids, seed=0, epoch=0, batch_prompts=max(1, eval_batch_rows // largest),
                       buffer_groups=1, shuffle=False)
-    reader = FeatureReader(index, spec.checkpoint_k, spec.max_open_shards, spec.max_mapped_bytes)
+    reader = FeatureReader(index, spec.checkpoint_k, spec.max_open_shards, spec.max_mapped_bytes, spec.io)
     was_training = probe.training
     probe.eval()
     preds, raws, groups = [], [], []
@@ -246,7 +246,7 @@ def _run(source: StreamSource, probe_config: ProbeConfig, config: TrainConfig, s
     mean, std, norm_source = _score_norm(source, config)
     spec = BatchSpec(index=index, checkpoint_k=source.checkpoint_k, evaluator=source.evaluator, use_text=use_text,
                      score_mean=mean, score_std=std, max_open_shards=stream.max_open_shards,
-                     max_mapped_bytes=stream.max_mapped_mb * 2**20)
+                     max_mapped_bytes=stream.max_mapped_mb * 2**20, io=stream.io)
     metadata_base.setdefault("checkpoint_t", float(manifest.checkpoints[spec.checkpoint_k]))
     metadata_base.setdefault("pooling", manifest.pooling)
     metadata_base.setdefault("feature_shape", expected)

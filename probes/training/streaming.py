@@ -1,4 +1,4 @@
-"""Streaming a dataset larger than memory: memory-mapped shards, batches of whole prompts, a plan.
+"""Streaming a dataset larger than memory: rows read from the shards, batches of whole prompts, a plan.
 
 :class:`ProbeDataset` concatenates every shard's features into one tensor; at paper scale (20,000
 prompts x 5 seeds at 328 KB a row is 33 GB per checkpoint) that does not fit. This module reads the
@@ -30,7 +30,7 @@ import logging
 import os
 import random
 from collections import OrderedDict
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Iterator, Sequence, Union
 
@@ -46,6 +46,7 @@ from .dataset import (
     DatasetManifest,
     list_shards,
     read_manifest,
+    read_shard_header,
     split_by_prompt,
 )
 
@@ -76,9 +77,11 @@ class StreamConfig:
         num_workers: ``torch.utils.data`` worker processes reading shards (0 = read in the
             training process).
         prefetch_batches: batches each worker reads ahead (with ``num_workers > 0``).
-        max_open_shards: shards each reader keeps memory-mapped at once.
+        max_open_shards: shards each reader keeps open (mapped, with ``io="mmap"``) at once.
         max_mapped_mb: MiB of rows read from the mapped shards after which a reader unmaps the least
             recently used ones: the bound on resident memory of reading (per reader process).
+        io: how readers read rows: ``"pread"`` (positional reads, default) or ``"mmap"`` (memory
+            maps); see :class:`FeatureReader`.
         state_every_batches: with a ``state_dir``, also save the training state every this many
             batches inside an epoch (0 = only at the end of epochs); a resume continues from there.
         amp: ``"auto"`` (bf16 autocast on a GPU that supports it, else fp16; off on CPU), ``"off"``,
@@ -92,6 +95,7 @@ class StreamConfig:
     prefetch_batches: int = 2
     max_open_shards: int = 4
     max_mapped_mb: int = 512
+    io: str = "pread"
     state_every_batches: int = 0
     amp: str = "auto"
     dist_timeout_s: float = 300.0
@@ -105,6 +109,8 @@ class StreamConfig:
             value = getattr(self, name)
             if isinstance(value, bool) or not isinstance(value, int) or value < 0:
                 raise ValueError(f"StreamConfig.{name} must be an integer >= 0, got {value!r}")
+        if self.io not in ("pread", "mmap"):
+            raise ValueError(f"StreamConfig.io must be 'pread' or 'mmap', got {self.io!r}")
         if self.amp not in ("auto", "off", "bf16", "fp16"):
             raise ValueError(f"StreamConfig.amp must be 'auto', 'off', 'bf16' or 'fp16', got {self.amp!r}")
         if not self.dist_timeout_s > 0:
@@ -126,6 +132,7 @@ class ShardInfo:
     seeds: Tensor                  # [R] int64
     prompt_ids: list[str]
     scores: dict[str, Tensor]      # evaluator -> [R] float32
+    data_offsets: dict[str, int] = field(default_factory=dict)   # tensor name -> first byte in the file
 
 
 @dataclass(frozen=True)
@@ -220,8 +227,14 @@ def _index_shard(path: Path, manifest: DatasetManifest) -> ShardInfo:
                            f"corrupt. Delete or move that file.") from None
     if len(prompt_ids) != rows or list(seeds.shape) != [rows] or any(list(v.shape) != [rows] for v in scores.values()):
         raise bad("row counts of features, seeds, prompt ids and scores differ")
+    try:
+        header, header_length, _ = read_shard_header(path)
+        offsets = {name: 8 + header_length + int(header[name]["data_offsets"][0])
+                   for name in ("features", "text_embedding") if name in header}
+    except (OSError, ValueError, KeyError, TypeError) as error:
+        raise bad(f"unreadable header ({error})") from None
     return ShardInfo(path=path, rows=rows, size=stat.st_size, mtime_ns=stat.st_mtime_ns, seeds=seeds,
-                     prompt_ids=prompt_ids, scores=scores)
+                     prompt_ids=prompt_ids, scores=scores, data_offsets=offsets)
 
 
 # --------------------------------------------------------------------------------------------
@@ -271,9 +284,19 @@ def epoch_plan(index: StreamIndex, group_ids: Sequence[int], *, seed: int, epoch
 
 
 class FeatureReader:
-    """Reads rows' features (one checkpoint) and text embeddings from memory-mapped shards.
+    """Reads rows' features (one checkpoint) and text embeddings from the shards, never a whole shard.
 
-    ``safetensors.safe_open`` maps a shard; a read copies only the requested rows out of the map.
+    Two ways to read (``io``):
+
+    * ``"pread"`` (default): positional reads of exactly the rows' bytes, at the offsets the shard's
+      safetensors header gives, into a fresh tensor; one read per contiguous run of rows. Nothing is
+      mapped, so reading adds only the batch to the resident memory, and the kernel sees large
+      requests. Measured on this machine's disk with a 25 GB dataset (bench/results/streaming.md),
+      memory-mapped reads of cold data faulted in page by page and trained ~8x slower.
+    * ``"mmap"``: ``safetensors.safe_open`` maps a shard; a read copies only the requested rows out
+      of the map. Fine when the data is in the page cache.
+
+    For ``"mmap"``: 
     Pages read through a map stay in the process's resident memory while the map lives, so the
     reader bounds what it keeps mapped: at most ``max_open`` shards, and once the rows read from
     the open shards exceed ``max_mapped_bytes``, the least recently used shards are unmapped. The
@@ -288,7 +311,11 @@ class FeatureReader:
     ``rows_read`` counts rows copied out so far and ``max_rows_per_read`` the largest single read.
     """
 
-    def __init__(self, index: StreamIndex, checkpoint_k: int, max_open: int = 4, max_mapped_bytes: int = 512 * 2**20):
+    def __init__(self, index: StreamIndex, checkpoint_k: int, max_open: int = 4, max_mapped_bytes: int = 512 * 2**20,
+                 io: str = "pread"):
+        if io not in ("pread", "mmap"):
+            raise ValueError(f"FeatureReader: io must be 'pread' or 'mmap', got {io!r}")
+        self.io = io
         self.index = index
         self.checkpoint_k = checkpoint_k
         self.max_open = max_open
@@ -310,7 +337,7 @@ class FeatureReader:
             stat = shard.path.stat()
             if stat.st_size != shard.size or stat.st_mtime_ns != shard.mtime_ns:
                 raise FileNotFoundError("replaced since the dataset was opened")
-            handle = safe_open(str(shard.path), framework="pt")
+            handle = safe_open(str(shard.path), framework="pt") if self.io == "mmap" else _File(shard.path)
         except (OSError, FileNotFoundError) as error:
             raise DatasetError(
                 f"shard {shard.path} could not be read again ({error}); the dataset changed after it was "
@@ -354,16 +381,37 @@ class FeatureReader:
             j = i + 1
             while j < len(order) and rows[order[j]] == (shard, first + (j - i)):
                 j += 1
-            piece = self._handle(shard).get_slice(key)
-            parts.append(piece[first:first + (j - i), self.checkpoint_k] if pick_k else piece[first:first + (j - i)])
+            if self.io == "pread":
+                parts.append(self._pread(shard, key, first, j - i, pick_k))
+            else:
+                piece = self._handle(shard).get_slice(key)
+                parts.append(piece[first:first + (j - i), self.checkpoint_k] if pick_k else piece[first:first + (j - i)])
             positions.extend(order[i:j])
             runs.append((shard, j - i))
             i = j
-        for shard, count in runs:
-            self._account(shard, count)
+        if self.io == "mmap":
+            for shard, count in runs:
+                self._account(shard, count)
         stacked = torch.cat(parts)
         out = torch.empty_like(stacked)
         out[torch.tensor(positions, dtype=torch.long)] = stacked
+        return out
+
+    def _pread(self, shard_index: int, key: str, first: int, count: int, pick_k: bool) -> Tensor:
+        manifest = self.index.manifest
+        handle = self._handle(shard_index)
+        start = self.index.shards[shard_index].data_offsets[key]
+        if key == "features":
+            out = torch.empty(count, *manifest.feature_shape, dtype=torch.float16)
+            k, checkpoints = self.checkpoint_k, len(manifest.checkpoints)
+            if checkpoints == 1:
+                handle.read_into(out, start + first * self._row_bytes)
+            else:   # rows of one checkpoint are strided by K: one read per row
+                for i in range(count):
+                    handle.read_into(out[i], start + ((first + i) * checkpoints + k) * self._row_bytes)
+            return out
+        out = torch.empty(count, manifest.text_dim, dtype=torch.float16)
+        handle.read_into(out, start + first * manifest.text_dim * 2)
         return out
 
     def features(self, rows: Sequence[tuple[int, int]]) -> Tensor:
@@ -375,6 +423,30 @@ class FeatureReader:
     def text(self, rows: Sequence[tuple[int, int]]) -> Tensor:
         """``[n, D]`` float16 text embeddings of ``rows``."""
         return self._read(rows, "text_embedding", pick_k=False)
+
+
+class _File:
+    """An open shard for positional reads (closed when dropped from the reader's LRU)."""
+
+    def __init__(self, path: Path):
+        self.path = path
+        self.fd = os.open(path, os.O_RDONLY)
+
+    def read_into(self, tensor: Tensor, offset: int) -> None:
+        view = memoryview(tensor.numpy()).cast("B")
+        done = 0
+        while done < len(view):
+            got = os.preadv(self.fd, [view[done:]], offset + done)
+            if got <= 0:
+                raise DatasetError(f"shard {self.path} ended early (truncated after the dataset was opened?); "
+                                   f"reopen the dataset.")
+            done += got
+
+    def __del__(self) -> None:
+        try:
+            os.close(self.fd)
+        except OSError:
+            pass
 
 
 @dataclass
@@ -389,6 +461,7 @@ class BatchSpec:
     score_std: float = 1.0
     max_open_shards: int = 4
     max_mapped_bytes: int = 512 * 2**20
+    io: str = "pread"
 
 
 def read_batch(reader: FeatureReader, spec: BatchSpec, group_ids: Sequence[int]) -> dict[str, Tensor]:
@@ -431,7 +504,7 @@ class PlannedBatches(IterableDataset):
         info = get_worker_info()
         worker, workers = (0, 1) if info is None else (info.id, info.num_workers)
         reader = FeatureReader(self.spec.index, self.spec.checkpoint_k, self.spec.max_open_shards,
-                               self.spec.max_mapped_bytes)
+                               self.spec.max_mapped_bytes, self.spec.io)
         try:
             for position in range(self.start + worker, len(self.plan), workers):
                 yield position, read_batch(reader, self.spec, self.plan[position])

@@ -290,15 +290,14 @@ class FeatureReader:
 
     * ``"pread"`` (default): positional reads of exactly the rows' bytes, at the offsets the shard's
       safetensors header gives, into a fresh tensor; one read per contiguous run of rows. Nothing is
-      mapped, so reading adds only the batch to the resident memory, and the kernel sees large
-      requests. Measured on this machine's disk with a 25 GB dataset (bench/results/streaming.md),
-      memory-mapped reads of cold data faulted in page by page and trained ~8x slower.
+      mapped, so reading adds only the batch to the resident memory.
     * ``"mmap"``: ``safetensors.safe_open`` maps a shard; a read copies only the requested rows out
-      of the map. Fine when the data is in the page cache.
+      of the map. Pages read stay resident while mapped, hence the budget below.
 
-    For ``"mmap"``: 
-    Pages read through a map stay in the process's resident memory while the map lives, so the
-    reader bounds what it keeps mapped: at most ``max_open`` shards, and once the rows read from
+    Both read cold data at about the same speed on this machine's disk (bench/results/streaming.md).
+
+    With ``"mmap"``, pages read through a map stay in the process's resident memory while the map
+    lives, so the reader bounds what it keeps mapped: at most ``max_open`` shards, and once the rows read from
     the open shards exceed ``max_mapped_bytes``, the least recently used shards are unmapped. The
     resident memory of reading is therefore bounded by that budget plus the batch, whatever the
     dataset's or the shards' size.

@@ -222,6 +222,8 @@ def render(results: dict) -> str:
                              f"{ratio}.")
     else:
         lines.append("- The > 24 GB dataset has not been measured in this report (see the table).")
+    if results.get("notes"):
+        lines += ["", "## Notes", ""] + [f"- {note}" for note in results["notes"]]
     lines += ["", "Datasets written: " + "; ".join(f"{d['gb']:.1f} GB = {d['rows']} rows, {d['shards']} shards in "
                                                      f"{d['write_seconds']:.0f} s" for d in results["datasets"].values()), ""]
     return "\n".join(lines)

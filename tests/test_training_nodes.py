@@ -178,3 +178,22 @@ def test_cli_train_node_and_scoring_pick_the_same_stored_checkpoint(comfy_dirs, 
                  str(tmp_path / "refused.safetensors"), "--epochs", "1"]) == EXIT_USAGE
     with pytest.raises(ProbeSelectError, match=r"\[ProbeSelectTrain\].*t=0.33"):
         training.ProbeSelectTrain.execute("six_steps", 0.33, "", "refused", 1, 4, 1e-3, 0.2, 10.0, True, 0, 0)
+
+
+def test_train_and_evaluate_nodes_stream_a_dataset_too_big_for_memory(comfy_dirs, collected, monkeypatch):
+    from probe_select.probes.training import streamed_train
+
+    _, _, _, _, selection, training = _nodes()
+    in_memory = selection.ProbeSelectLoadProbe.execute("tiny_probe.safetensors").result[0] \
+        if os.path.isfile(os.path.join(comfy_dirs[1], "tiny_probe.safetensors")) else None
+    monkeypatch.setattr(streamed_train, "STREAM_AUTO_BYTES", 0)       # every dataset is "too big" now
+    probe, curves, report = training.ProbeSelectTrain.execute(
+        "tiny_ds", 0.2, "", "tiny_streamed", 2, 4, 1e-3, 0.2, 10.0, True, 0, 0).result
+    assert probe.metadata.training["trainer"] == "probes.streamed_train"
+    assert "epochs run: 2" in report and probe.metadata.checkpoint_t == pytest.approx(0.2)
+    streamed_report = training.ProbeSelectEvaluateProbe.execute(probe, "tiny_ds", "all", 0).result[0]
+    assert f"{PROMPTS * SEEDS} candidates of {PROMPTS} prompts" in streamed_report
+    if in_memory is not None:
+        # The same probe evaluated through the in-memory path gives the same figures.
+        monkeypatch.setattr(streamed_train, "STREAM_AUTO_BYTES", 10**15)
+        assert training.ProbeSelectEvaluateProbe.execute(probe, "tiny_ds", "all", 0).result[0] == streamed_report

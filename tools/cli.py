@@ -21,6 +21,7 @@ import contextlib
 import json
 import logging
 import math
+import os
 import signal
 import sys
 import threading
@@ -32,8 +33,10 @@ from probe_select.probes.checkpoints import stored_checkpoint
 from probe_select.probes.io import ProbeFileError, load_probe
 from probe_select.probes.model import ProbeConfig
 from probe_select.probes.training.dataset import DATASETS_SUBFOLDER, DatasetError, ProbeDataset
+from probe_select.probes.training.distributed import DistributedError
 from probe_select.probes.training.evaluation import format_report
 from probe_select.probes.training.pipeline import evaluate_on_dataset, train_from_dataset
+from probe_select.probes.training.streaming import StreamConfig
 from probe_select.probes.training.train import TrainConfig, json_safe
 
 from . import collect
@@ -135,7 +138,9 @@ def cmd_train(args: argparse.Namespace) -> int:
                 raise ValueError("--probe-config must be a JSON object of ProbeConfig fields")
             probe_config = ProbeConfig(**{"in_channels": 1, **fields})   # channels/size come from the dataset
         config = TrainConfig(epochs=args.epochs, batch_prompts=args.batch_prompts, lr=args.lr, seed=args.seed,
-                             patience=args.patience, device=args.device)
+                             patience=args.patience, device=_rank_device(args.device))
+        stream_config = StreamConfig(num_workers=args.workers, buffer_groups=args.buffer_groups,
+                                     state_every_batches=args.state_every_batches, amp=args.amp)
         dataset = ProbeDataset(args.dataset)
         t = stored_checkpoint(dataset.manifest.checkpoints, args.checkpoint)
     except (ValueError, TypeError, DatasetError) as error:
@@ -156,15 +161,21 @@ def cmd_train(args: argparse.Namespace) -> int:
     # The trainer logs its own (longer) epoch line; keep ours only unless -v.
     if not args.verbose:
         logging.getLogger("probe_select.probes.training.train").setLevel(logging.WARNING)
+        logging.getLogger("probe_select.probes.training.streamed_train").setLevel(logging.WARNING)
+    if _rank() != 0:
+        logging.getLogger().setLevel(logging.WARNING)     # one report per torchrun job: rank 0's
     try:
         with _StopOnSigint() as sigint:
             result, sizes = train_from_dataset(
                 dataset, t, args.evaluator or "", out, train_config=config, use_text=not args.no_text,
                 split_seed=args.split_seed, probe_config=probe_config, state_dir=args.state_dir,
-                on_epoch=on_epoch, should_stop=sigint.flag.is_set)
-    except (ValueError, DatasetError) as error:
+                on_epoch=on_epoch, should_stop=sigint.flag.is_set, streaming=args.stream,
+                stream_config=stream_config)
+    except (ValueError, DatasetError, DistributedError) as error:
         logger.error("%s", error)
         return EXIT_FAILED
+    if _rank() != 0:
+        return EXIT_OK                  # rank 0 of a torchrun job reports and writes the files
     best = result.best_metrics
     logger.info("rows train/val/test: %d/%d/%d; epochs run: %d (%s)", sizes["train"], sizes["val"], sizes["test"],
                 len(result.history), result.stopped)
@@ -180,13 +191,25 @@ def cmd_train(args: argparse.Namespace) -> int:
     return EXIT_OK
 
 
+def _rank() -> int:
+    """This process's rank in a ``torchrun`` job (0 when run alone)."""
+    return int(os.environ.get("RANK", "0"))
+
+
+def _rank_device(device: str) -> str:
+    """Under ``torchrun``, a bare ``cuda`` means this process's GPU (``LOCAL_RANK``)."""
+    if device == "cuda" and int(os.environ.get("WORLD_SIZE", "1")) > 1:
+        return f"cuda:{int(os.environ.get('LOCAL_RANK', '0'))}"
+    return device
+
+
 # ---- evaluate -------------------------------------------------------------------------------------
 
 def cmd_evaluate(args: argparse.Namespace) -> int:
     try:
         probe, metadata = load_probe(args.probe, device=args.device)
         dataset = ProbeDataset(args.dataset)
-        evaluation = evaluate_on_dataset(probe, metadata, dataset, args.split, args.split_seed)
+        evaluation = evaluate_on_dataset(probe, metadata, dataset, args.split, args.split_seed, streaming=args.stream)
     except (ProbeFileError, DatasetError, ValueError) as error:
         logger.error("%s", error)
         return EXIT_FAILED
@@ -281,7 +304,18 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--state-dir", metavar="DIR", help="save a resumable training state there (and resume from it)")
     p.add_argument("--probe-config", metavar="JSON",
                    help='ProbeConfig fields as JSON, e.g. \'{"stem_width": 32, "widths": [64, 128]}\'')
-    p.add_argument("--device", default="cpu", help="torch device (default cpu)")
+    p.add_argument("--device", default="cpu", help="torch device (default cpu; under torchrun, cuda = each process's GPU)")
+    p.add_argument("--stream", choices=["auto", "on", "off"], default="auto",
+                   help="read the features from the shards a batch at a time instead of holding them in memory; "
+                        "auto: when they exceed 4 GiB or under torchrun (default %(default)s)")
+    p.add_argument("--workers", type=int, default=0, metavar="N",
+                   help="streaming: DataLoader worker processes reading shards (default 0 = in the trainer)")
+    p.add_argument("--buffer-groups", type=int, default=1024, metavar="N",
+                   help="streaming: prompts in the shuffle buffer (default %(default)s)")
+    p.add_argument("--state-every-batches", type=int, default=0, metavar="N",
+                   help="streaming: with --state-dir, also save the state every N batches (resume mid-epoch)")
+    p.add_argument("--amp", choices=["auto", "off", "bf16", "fp16"], default="auto",
+                   help="streaming on a GPU: autocast dtype (auto = bf16 where supported; CPU never autocasts)")
     p.add_argument("--json", metavar="FILE", help="also write the history and best metrics as JSON ('-' = stdout)")
     p.set_defaults(func=cmd_train)
 
@@ -294,6 +328,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--split-seed", type=int, default=0, metavar="N",
                    help="must match the one used for training (default 0)")
     p.add_argument("--device", default="cpu", help="torch device (default cpu)")
+    p.add_argument("--stream", choices=["auto", "on", "off"], default="auto",
+                   help="read the rows a batch at a time (auto: when the features exceed 4 GiB)")
     p.add_argument("--json", nargs="?", const="-", metavar="FILE",
                    help="write the metrics as JSON to FILE (no FILE or '-': to stdout)")
     p.set_defaults(func=cmd_evaluate)

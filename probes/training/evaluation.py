@@ -18,7 +18,7 @@ from ..io import ProbeMetadata
 from .metrics import global_spearman, kendall_tau, per_group_spearman, selection_summary, within_prompt_spearman
 from ..model import Probe
 
-__all__ = ["ProbeEvaluation", "evaluate_probe_on", "format_report"]
+__all__ = ["ProbeEvaluation", "evaluate_probe_on", "evaluation_from_predictions", "format_report"]
 
 
 @dataclass
@@ -53,8 +53,12 @@ def evaluate_probe_on(probe: Probe, metadata: ProbeMetadata, arrays: DatasetArra
                 text = arrays.text_embedding[rows].to(device).float()
             preds.append(probe(features, t, text).float().cpu())
     predicted = (torch.cat(preds) * metadata.score_std + metadata.score_mean).numpy().astype(np.float64)
-    actual = arrays.scores.double().numpy()
-    group = arrays.prompt_groups().numpy()
+    return evaluation_from_predictions(predicted, arrays.scores.double().numpy(), arrays.prompt_groups().numpy())
+
+
+def evaluation_from_predictions(predicted: np.ndarray, actual: np.ndarray, group: np.ndarray) -> ProbeEvaluation:
+    """The evaluation of predictions (evaluator units) against the actual scores, rows grouped by prompt;
+    shared by the in-memory path above and the streamed one (:func:`~.streamed_train.predict_on_index`)."""
     summary = selection_summary(predicted, actual, group)
     per_prompt = per_group_spearman(predicted, actual, group)
     metrics = {

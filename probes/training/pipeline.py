@@ -7,9 +7,11 @@ from pathlib import Path
 from typing import Callable, Optional
 
 from .dataset import DatasetArrays, ProbeDataset, check_probe_matches, split_by_prompt
-from .evaluation import ProbeEvaluation, evaluate_probe_on
+from .evaluation import ProbeEvaluation, evaluate_probe_on, evaluation_from_predictions
 from ..io import ProbeMetadata
 from ..model import Probe, ProbeConfig
+from .streamed_train import predict_on_index, train_from_index, wants_streaming
+from .streaming import StreamConfig, StreamIndex
 from .train import TrainArrays, TrainConfig, TrainResult, train_probe
 
 log = logging.getLogger(__name__)
@@ -37,9 +39,21 @@ def train_from_dataset(dataset: ProbeDataset, checkpoint_t: float, evaluator: st
                        train_config: TrainConfig, use_text: bool = True, split_seed: int = 0,
                        probe_config: Optional[ProbeConfig] = None, state_dir=None,
                        on_epoch: Optional[Callable[[int, dict], None]] = None,
-                       should_stop: Optional[Callable[[], bool]] = None) -> tuple[TrainResult, dict]:
-    """Train a probe on the dataset's train split (by prompt), validating on its val split."""
+                       should_stop: Optional[Callable[[], bool]] = None, streaming: str = "auto",
+                       stream_config: Optional[StreamConfig] = None) -> tuple[TrainResult, dict]:
+    """Train a probe on the dataset's train split (by prompt), validating on its val split.
+
+    ``streaming``: ``"off"`` holds the checkpoint's features in memory (the path small datasets
+    always took); ``"on"`` streams them from the shards (:mod:`.streamed_train`, settings in
+    ``stream_config``; resumable mid-epoch; DDP under ``torchrun``); ``"auto"`` streams datasets too
+    big to hold (see :func:`~.streamed_train.wants_streaming`) and several-process jobs.
+    """
     evaluator = default_evaluator(dataset, evaluator)
+    if wants_streaming(streaming, dataset.manifest, len(dataset)):
+        return train_from_index(StreamIndex(dataset.root), checkpoint_t, evaluator, out_path,
+                                train_config=train_config, stream_config=stream_config, use_text=use_text,
+                                split_seed=split_seed, fractions=SPLIT_FRACTIONS, probe_config=probe_config,
+                                state_dir=state_dir, on_epoch=on_epoch, should_stop=should_stop)
     arrays = dataset.arrays(checkpoint_t=checkpoint_t, evaluator=evaluator)
     splits = split_by_prompt(arrays.prompt_ids, SPLIT_FRACTIONS, seed=split_seed)
     if len(splits["train"]) == 0 or len(splits["val"]) == 0:
@@ -64,9 +78,20 @@ def train_from_dataset(dataset: ProbeDataset, checkpoint_t: float, evaluator: st
 
 
 def evaluate_on_dataset(probe: Probe, metadata: ProbeMetadata, dataset: ProbeDataset, split: str = "test",
-                        split_seed: int = 0) -> ProbeEvaluation:
-    """Evaluate on one split ("train", "val", "test") or "all" rows; the dataset must fit the probe."""
+                        split_seed: int = 0, streaming: str = "auto") -> ProbeEvaluation:
+    """Evaluate on one split ("train", "val", "test") or "all" rows; the dataset must fit the probe.
+
+    ``streaming`` as in :func:`train_from_dataset`: streamed, the rows are read a batch at a time
+    through the same reader as streamed training and validation (same rows, same metrics).
+    """
     check_probe_matches(dataset.manifest, metadata)
+    if wants_streaming(streaming, dataset.manifest, len(dataset)):
+        index = StreamIndex(dataset.root)
+        groups = list(range(len(index.groups))) if split == "all" else \
+            index.split_groups(SPLIT_FRACTIONS, seed=split_seed)[split]
+        if not groups:
+            raise ValueError(f"the {split} split of {dataset.root} is empty; collect more prompts or use 'all'")
+        return evaluation_from_predictions(*predict_on_index(probe, metadata, index, groups))
     arrays = dataset.arrays(checkpoint_t=metadata.checkpoint_t, evaluator=metadata.evaluator)
     if split != "all":
         rows = split_by_prompt(arrays.prompt_ids, SPLIT_FRACTIONS, seed=split_seed)[split]

@@ -2,6 +2,8 @@
 range, and chunked scoring with a shared text embedding."""
 import json
 import logging
+import os
+import time
 
 import pytest
 import torch
@@ -9,8 +11,9 @@ from safetensors import safe_open
 from safetensors.torch import save_file
 
 from dataset_writer_proc import CHECKPOINTS, FEATURE_SHAPE, TEXT_DIM, make_manifest, make_rows
-from probe_select.probes.training.dataset import (CandidateRows, DatasetError, DatasetWriter, ProbeDataset, list_shards,
-                                                 rows_from_activations, split_by_prompt)
+from probe_select.probes.training.dataset import (STALE_TEMP_SECONDS, CandidateRows, DatasetError, DatasetWriter, ProbeDataset,
+                                                 list_shards, remove_stale_temporaries, rows_from_activations,
+                                                 split_by_prompt)
 from probe_select.probes.features import FEATURE_DTYPE, ActivationSeries, ActivationSet
 from probe_select.probes.io import ProbeMetadata
 from probe_select.probes.model import ProbeConfig, build_probe
@@ -229,3 +232,56 @@ def test_rows_from_activations_share_one_text_row():
     assert rows.text_embedding.shape == (3, TEXT_DIM)
     assert torch.equal(rows.text_embedding, sets[0].text_embedding.expand(3, -1).to(rows.text_embedding.dtype))
     assert rows.features.shape == (3, 2, *FEATURE_SHAPE) and rows.prompts == ["a cat"] * 3
+
+
+# ---- mutation survivors of the dataset package (issue 11) -------------------------------------
+
+
+@pytest.mark.parametrize("checkpoints", [[0.1, 0.1, 0.4], [0.1, 0.2, 0.2], [0.0, 1e-6]])
+def test_manifest_refuses_any_repeated_checkpoint(checkpoints):
+    # One repeated pair is enough, and a gap of exactly the tolerance counts as the same checkpoint
+    # (as same_checkpoints says); 1e-6 - 0.0 is exactly the tolerance in floats.
+    with pytest.raises(ValueError, match="checkpoints must be strictly increasing"):
+        make_manifest(checkpoints=checkpoints)
+    assert make_manifest(checkpoints=[0.0, 2e-6]).checkpoints == [0.0, 2e-6]
+
+
+def test_manifest_refuses_negative_text_dim():
+    with pytest.raises(ValueError, match="text_dim must be an int >= 0"):
+        make_manifest(text_dim=-1)
+    assert make_manifest(text_dim=0).text_dim == 0
+
+
+@pytest.mark.parametrize("text", [torch.zeros(2), torch.zeros(3, TEXT_DIM), torch.zeros(2, TEXT_DIM, dtype=torch.int64),
+                                  torch.zeros(2, TEXT_DIM, 1)])
+def test_rows_refuse_a_text_embedding_of_the_wrong_shape_or_dtype(text):
+    good = make_rows("a", 0, 2)
+    with pytest.raises(ValueError, match=r"text_embedding must be a float \[R, D\] tensor with R=2"):
+        CandidateRows(features=good.features, seeds=[1, 2], prompts=["p", "q"], text_embedding=text, scores=good.scores)
+
+
+@pytest.mark.parametrize("prompts", ["ab", ["a", 3]])
+def test_rows_refuse_prompts_that_are_not_a_list_of_strings(prompts):
+    good = make_rows("a", 0, 2)
+    with pytest.raises(ValueError, match="CandidateRows.prompts must be a list of strings"):
+        CandidateRows(features=good.features, seeds=[1, 2], prompts=prompts, scores=good.scores)
+
+
+def test_rows_refuse_one_empty_prompt_id():
+    good = make_rows("a", 0, 2)
+    with pytest.raises(ValueError, match="CandidateRows.prompt_ids must not contain empty strings"):
+        CandidateRows(features=good.features, seeds=[1, 2], prompts=["p", "q"], prompt_ids=["id", ""], scores=good.scores)
+
+
+def test_stale_temporary_cleanup_leaves_other_old_files(tmp_path):
+    root = tmp_path / "ds"
+    DatasetWriter(root, make_manifest(), writer_id="w").append(make_rows("a", 0, 2))
+    shards = root / "shards"
+    temp = shards / ".shard-w-000001.safetensors.1.ab.tmp"
+    temp.write_bytes(b"partial")
+    (shards / "notes.txt").write_text("keep me\n")
+    old = time.time() - 10 * STALE_TEMP_SECONDS
+    for path in shards.iterdir():
+        os.utime(path, (old, old))
+    assert remove_stale_temporaries(root) == [temp]
+    assert sorted(p.name for p in shards.iterdir()) == ["notes.txt", "shard-w-000000.safetensors"]

@@ -285,3 +285,22 @@ def test_stale_temporary_cleanup_leaves_other_old_files(tmp_path):
         os.utime(path, (old, old))
     assert remove_stale_temporaries(root) == [temp]
     assert sorted(p.name for p in shards.iterdir()) == ["notes.txt", "shard-w-000000.safetensors"]
+
+
+def test_new_manifest_is_published_by_hard_link(tmp_path, monkeypatch):
+    # Where hard links work, the manifest appears whole in one step (link of a finished temporary
+    # file); the exclusive-create fallback, which a reader can catch half-written, stays unused.
+    real_link = os.link
+    links = []
+
+    def recording_link(src, dst, *args, **kwargs):
+        real_link(src, dst, *args, **kwargs)        # raises before recording when the link fails
+        links.append((os.path.basename(src), os.path.basename(dst)))
+
+    monkeypatch.setattr(os, "link", recording_link)
+    root = tmp_path / "ds"
+    DatasetWriter(root, make_manifest(), writer_id="w")
+    assert [dst for _, dst in links] == ["manifest.json"]
+    assert links[0][0].startswith(".manifest.json.") and links[0][0].endswith(".tmp")
+    assert sorted(p.name for p in root.iterdir() if p.is_file()) == ["manifest.json"]
+    assert (root / "manifest.json").read_text(encoding="utf-8") == make_manifest().to_json()

@@ -11,9 +11,9 @@ from safetensors import safe_open
 from safetensors.torch import save_file
 
 from dataset_writer_proc import CHECKPOINTS, FEATURE_SHAPE, TEXT_DIM, make_manifest, make_rows
-from probe_select.probes.training.dataset import (STALE_TEMP_SECONDS, CandidateRows, DatasetError, DatasetWriter, ProbeDataset,
-                                                 list_shards, remove_stale_temporaries, rows_from_activations,
-                                                 split_by_prompt)
+from probe_select.probes.training.dataset import (STALE_TEMP_SECONDS, CandidateRows, DatasetArrays, DatasetError,
+                                                 DatasetWriter, ProbeDataset, list_shards, remove_stale_temporaries,
+                                                 rows_from_activations, split_by_prompt)
 from probe_select.probes.features import FEATURE_DTYPE, ActivationSeries, ActivationSet
 from probe_select.probes.io import ProbeMetadata
 from probe_select.probes.model import ProbeConfig, build_probe
@@ -304,3 +304,13 @@ def test_new_manifest_is_published_by_hard_link(tmp_path, monkeypatch):
     assert links[0][0].startswith(".manifest.json.") and links[0][0].endswith(".tmp")
     assert sorted(p.name for p in root.iterdir() if p.is_file()) == ["manifest.json"]
     assert (root / "manifest.json").read_text(encoding="utf-8") == make_manifest().to_json()
+
+
+def test_dataset_arrays_count_rows_on_the_first_axis():
+    # N = 3 rows of [C, P, P] = [4, 2, 2]: the lengths are checked against N, not against P.
+    arrays = DatasetArrays(features=torch.zeros(3, 4, 2, 2, dtype=FEATURE_DTYPE), t=0.2, seeds=torch.arange(3),
+                           prompt_ids=["a", "a", "b"], text_embedding=torch.zeros(3, TEXT_DIM), scores=torch.zeros(3))
+    assert len(arrays) == 3 and arrays.select([2, 0]).prompt_ids == ["b", "a"]
+    with pytest.raises(ValueError, match=r"3 feature rows but \{'seeds': 2, 'prompt_ids': 2, 'scores': 2\}"):
+        DatasetArrays(features=torch.zeros(3, 4, 2, 2, dtype=FEATURE_DTYPE), t=0.2, seeds=torch.arange(2),
+                      prompt_ids=["a", "b"], text_embedding=None, scores=torch.zeros(2))

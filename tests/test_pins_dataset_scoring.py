@@ -4,6 +4,7 @@ import json
 import logging
 import os
 import time
+from types import SimpleNamespace
 
 import pytest
 import torch
@@ -14,6 +15,7 @@ from dataset_writer_proc import CHECKPOINTS, FEATURE_SHAPE, TEXT_DIM, make_manif
 from probe_select.probes.training.dataset import (STALE_TEMP_SECONDS, CandidateRows, DatasetArrays, DatasetError,
                                                  DatasetWriter, ProbeDataset, list_shards, remove_stale_temporaries,
                                                  rows_from_activations, split_by_prompt)
+from probe_select.probes.training.dataset import splits as splits_module
 from probe_select.probes.features import FEATURE_DTYPE, ActivationSeries, ActivationSet
 from probe_select.probes.io import ProbeMetadata
 from probe_select.probes.model import ProbeConfig, build_probe
@@ -314,3 +316,14 @@ def test_dataset_arrays_count_rows_on_the_first_axis():
     with pytest.raises(ValueError, match=r"3 feature rows but \{'seeds': 2, 'prompt_ids': 2, 'scores': 2\}"):
         DatasetArrays(features=torch.zeros(3, 4, 2, 2, dtype=FEATURE_DTYPE), t=0.2, seeds=torch.arange(2),
                       prompt_ids=["a", "b"], text_embedding=None, scores=torch.zeros(2))
+
+
+@pytest.mark.parametrize("fractions, expected", [((1.0, 0.0, 0.0), "train"), ((0.5, 0.5, 0.0), "val"),
+                                                 ((0.0, 1.0, 0.0), "val"), ((0.2, 0.3, 0.5), "test")])
+def test_prompt_hashed_to_the_very_top_goes_to_the_last_non_empty_split(monkeypatch, fractions, expected):
+    # A digest of all ones gives u = (2**64 - 1) / 2**64, which rounds to 1.0: past every bound, so
+    # the fallback must still pick a split that was asked for, never an empty one.
+    top = SimpleNamespace(digest=lambda: b"\xff" * 32)
+    monkeypatch.setattr(splits_module, "hashlib", SimpleNamespace(sha256=lambda data: top))
+    splits = split_by_prompt(["p", "p", "q"], fractions)
+    assert {name: idx.tolist() for name, idx in splits.items() if len(idx)} == {expected: [0, 1, 2]}

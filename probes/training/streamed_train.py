@@ -32,10 +32,9 @@ from typing import Any, Callable, Optional
 
 import numpy as np
 import torch
-from safetensors.torch import load_file, save_file
+from safetensors.torch import load_file
 from torch import Tensor
 
-from ..atomic import atomic_write
 from ..io import ProbeMetadata, save_probe
 from ..model import Probe, ProbeConfig, build_probe
 from .distributed import DistContext, init_distributed, rank_share, wrap_model
@@ -54,6 +53,7 @@ from .train import (
     ema_update,
     json_safe,
     make_optimizer,
+    write_state_files,
 )
 
 __all__ = ["StreamSource", "train_streamed", "predict_streamed", "autocast_dtype", "wants_streaming",
@@ -166,16 +166,8 @@ def _fingerprint(source: StreamSource, probe_config: ProbeConfig, config: TrainC
 
 
 def _save_state(state_dir: Path, tensors: dict[str, Tensor], info: dict) -> None:
-    """Tensors first, then the JSON naming them (the commit point), then older tensor files go."""
-    name = f"stream_state_e{info['epoch']:04d}_b{info['batch']:07d}.safetensors"
-    tensors = {key: value.detach().to("cpu").contiguous() for key, value in tensors.items()}
-    atomic_write(state_dir / name, lambda temp: save_file(tensors, str(temp), metadata={"format": STREAM_STATE_FORMAT}))
-    info = {**info, "format": STREAM_STATE_FORMAT, "version": STREAM_STATE_VERSION, "tensors": name}
-    text = json.dumps(json_safe(info), indent=1, sort_keys=True)
-    atomic_write(state_dir / STREAM_STATE_JSON, lambda temp: temp.write_text(text, encoding="utf-8"))
-    for old in state_dir.glob("stream_state_e*.safetensors"):
-        if old.name != name:
-            old.unlink(missing_ok=True)
+    write_state_files(state_dir, tensors, info, f"stream_state_e{info['epoch']:04d}_b{info['batch']:07d}.safetensors",
+                      STREAM_STATE_FORMAT, STREAM_STATE_VERSION, STREAM_STATE_JSON, "stream_state_e*.safetensors")
 
 
 def _load_state(state_dir: Path, fingerprint: str) -> Optional[tuple[dict[str, Tensor], dict]]:

@@ -392,20 +392,27 @@ def _fingerprint(train: _Split, val: _Split, probe_config: ProbeConfig, config: 
     return digest.hexdigest()[:32]
 
 
-def _save_state(state_dir: Path, tensors: dict[str, Tensor], info: dict) -> None:
-    """Tensors first, then the JSON that names them (the commit point), then old tensor files go."""
-    name = f"train_state_e{info['completed_epochs']:04d}.safetensors"
+def write_state_files(state_dir: Path, tensors: dict[str, Tensor], info: dict, tensor_file: str, state_format: str,
+                      state_version: int, json_name: str, old_files: str) -> None:
+    """A resumable training state: tensors first, then the JSON that names them (the commit point),
+    then the older tensor files matching ``old_files`` go. Shared by the in-memory and streamed trainers."""
     tensors = {key: value.detach().to("cpu").contiguous() for key, value in tensors.items()}
-    atomic_write(state_dir / name, lambda temp: save_file(tensors, str(temp), metadata={"format": STATE_FORMAT}))
-    info = {**info, "format": STATE_FORMAT, "version": STATE_VERSION, "tensors": name}
+    atomic_write(state_dir / tensor_file,
+                 lambda temp: save_file(tensors, str(temp), metadata={"format": state_format}))
+    info = {**info, "format": state_format, "version": state_version, "tensors": tensor_file}
     text = json.dumps(json_safe(info), indent=1, sort_keys=True)
-    atomic_write(state_dir / STATE_JSON, lambda temp: temp.write_text(text, encoding="utf-8"))
-    for old in state_dir.glob("train_state_e*.safetensors"):
-        if old.name != name:
+    atomic_write(state_dir / json_name, lambda temp: temp.write_text(text, encoding="utf-8"))
+    for old in state_dir.glob(old_files):
+        if old.name != tensor_file:
             try:
                 old.unlink()
             except OSError as error:
                 logger.warning("could not remove old training state %s: %s", old, error)
+
+
+def _save_state(state_dir: Path, tensors: dict[str, Tensor], info: dict) -> None:
+    write_state_files(state_dir, tensors, info, f"train_state_e{info['completed_epochs']:04d}.safetensors",
+                      STATE_FORMAT, STATE_VERSION, STATE_JSON, "train_state_e*.safetensors")
     logger.info("saved training state after epoch %d to %s", info["completed_epochs"] - 1, state_dir)
 
 

@@ -267,3 +267,36 @@ def test_brownian_tree_placement_matches_comfyui_per_sampler(mods, monkeypatch):
     trees = {name: cpu for name, cpu in comfy_choice.items() if cpu is not None}
     assert trees["dpmpp_sde"] is True and trees["dpmpp_2m_sde_gpu"] is False
     assert set(trees) == set(mods.noise.BROWNIAN_SAMPLERS)
+
+
+def test_resume_refuses_another_schedule_and_continues_a_changed_latent_as_given(mods):
+    """A resume whose scheduler gives other sigmas of the same length is refused; an early latent
+    changed between the nodes is continued from as given, not replaced by the recorded replay."""
+    tiny = build_tiny("sd1")
+    pos, neg = tiny.conditioning(1), tiny.conditioning(2)
+    early = mods.split.run_early(tiny.patcher, pos, neg, tiny.empty_latent(1, 8), 7, 2, 4, 3.0, "dpmpp_2m",
+                                 "normal", 0.5)
+    other = mods.split.select_rows(early.latent, [0, 1])
+    other["probe_select"] = dict(other["probe_select"], scheduler="karras")
+    with pytest.raises(mods.split.ScheduleMismatchError):
+        mods.split.resume(tiny.patcher, pos, neg, other, 3.0)
+
+    kept = mods.split.select_rows(early.latent, [0, 1])
+    as_recorded = mods.split.resume(tiny.patcher, pos, neg, kept, 3.0)["samples"]
+    changed = dict(kept, samples=kept["samples"] + 0.5)
+    as_given = mods.split.resume(tiny.patcher, pos, neg, changed, 3.0)["samples"]
+    assert as_given.shape == as_recorded.shape
+    assert not torch.allclose(as_given, as_recorded)
+
+
+def test_custom_form_reads_the_text_embedding_from_the_guiders_positive(mods):
+    import comfy.samplers
+
+    tiny = build_tiny("sd1")
+    pos, neg = tiny.conditioning(1), tiny.conditioning(2)
+    guider = comfy.samplers.CFGGuider(tiny.patcher)
+    guider.set_conds(pos, neg)
+    from_guider = mods.split.text_embedding_from_guider(guider)
+    expected = mods.split.text_embedding_from_conditioning(pos)
+    assert from_guider is not None and expected is not None and torch.equal(from_guider, expected)
+    assert mods.split.text_embedding_from_guider(object()) is None       # a guider without conditioning

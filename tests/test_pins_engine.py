@@ -300,3 +300,30 @@ def test_custom_form_reads_the_text_embedding_from_the_guiders_positive(mods):
     expected = mods.split.text_embedding_from_conditioning(pos)
     assert from_guider is not None and expected is not None and torch.equal(from_guider, expected)
     assert mods.split.text_embedding_from_guider(object()) is None       # a guider without conditioning
+
+
+def test_splittable_samplers_are_comfyuis_list_less_those_that_choose_their_own_steps(mods):
+    import comfy.samplers
+
+    names = mods.noise.splittable_samplers()
+    assert names == [n for n in comfy.samplers.SAMPLER_NAMES if n not in mods.noise.UNSPLITTABLE_SAMPLERS]
+    assert "euler" in names and "dpm_fast" not in names and "dpm_adaptive" not in names
+
+
+def test_custom_noise_rows_follow_the_latents_batch_index(mods):
+    """Row i is what RandomNoise(seed_i) draws for a batch-1 latent with that row's batch_index (a batch-1
+    latent's single index serves every candidate)."""
+    from comfy_extras.nodes_custom_sampler import Noise_RandomNoise
+
+    def plain(seed, rows, index):
+        return Noise_RandomNoise(seed).generate_noise({"samples": rows, "batch_index": index})
+
+    one = torch.zeros(1, 4, 8, 8)
+    got = mods.noise.initial_noise_from(Noise_RandomNoise(0), one.expand(2, -1, -1, -1), [7, 8],
+                                        {"samples": one, "batch_index": [3]})
+    for i, seed in enumerate([7, 8]):
+        assert torch.equal(got[i:i + 1], plain(seed, one, [3]))
+    two = torch.zeros(2, 4, 8, 8)
+    got = mods.noise.initial_noise_from(Noise_RandomNoise(0), two, [7, 8], {"samples": two, "batch_index": [3, 5]})
+    for i, (seed, index) in enumerate([(7, 3), (8, 5)]):
+        assert torch.equal(got[i:i + 1], plain(seed, two[i:i + 1], [index]))

@@ -32,7 +32,6 @@ from typing import Any, Callable, Optional
 
 import numpy as np
 import torch
-from safetensors.torch import load_file
 from torch import Tensor
 
 from ..io import ProbeMetadata, save_probe
@@ -53,6 +52,7 @@ from .train import (
     ema_update,
     json_safe,
     make_optimizer,
+    read_state_files,
     write_state_files,
 )
 
@@ -171,21 +171,9 @@ def _save_state(state_dir: Path, tensors: dict[str, Tensor], info: dict) -> None
 
 
 def _load_state(state_dir: Path, fingerprint: str) -> Optional[tuple[dict[str, Tensor], dict]]:
-    path = state_dir / STREAM_STATE_JSON
-    if not path.exists():
-        return None
-    try:
-        info = json.loads(path.read_text(encoding="utf-8"))
-        if info.get("format") != STREAM_STATE_FORMAT or int(info.get("version", 0)) > STREAM_STATE_VERSION:
-            raise ValueError(f"not a streamed training state of a supported version ({info.get('format')!r})")
-        tensors = load_file(str(state_dir / info["tensors"]))
-    except (OSError, ValueError, KeyError, TypeError) as error:
-        raise ValueError(f"training state in {state_dir} is unreadable ({error}); delete the folder to start "
-                         f"the training from scratch.") from None
-    if info.get("fingerprint") != fingerprint:
-        raise ValueError(f"training state in {state_dir} belongs to a different run (other data, probe config, "
-                         f"training settings or number of processes); use another state folder, or delete it.")
-    return tensors, info
+    return read_state_files(state_dir, fingerprint, STREAM_STATE_FORMAT, STREAM_STATE_VERSION, STREAM_STATE_JSON,
+                            kind="streamed training state",
+                            run_differs="other data, probe config, training settings or number of processes")
 
 
 def train_streamed(

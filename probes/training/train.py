@@ -416,14 +416,19 @@ def _save_state(state_dir: Path, tensors: dict[str, Tensor], info: dict) -> None
     logger.info("saved training state after epoch %d to %s", info["completed_epochs"] - 1, state_dir)
 
 
-def _load_state(state_dir: Path, fingerprint: str) -> Optional[tuple[dict[str, Tensor], dict]]:
-    path = state_dir / STATE_JSON
+def read_state_files(state_dir: Path, fingerprint: str, state_format: str, state_version: int, json_name: str,
+                     kind: str = "training state",
+                     run_differs: str = "other data, probe config or training settings"
+                     ) -> Optional[tuple[dict[str, Tensor], dict]]:
+    """The state `write_state_files` left in ``state_dir``: None when there is none; a clear ValueError
+    when it is unreadable, of another format or version, or from another run (``fingerprint``)."""
+    path = state_dir / json_name
     if not path.exists():
         return None
     try:
         info = json.loads(path.read_text(encoding="utf-8"))
-        if info.get("format") != STATE_FORMAT or int(info.get("version", 0)) > STATE_VERSION:
-            raise ValueError(f"not a training state of a supported version ({info.get('format')!r} v{info.get('version')})")
+        if info.get("format") != state_format or int(info.get("version", 0)) > state_version:
+            raise ValueError(f"not a {kind} of a supported version ({info.get('format')!r} v{info.get('version')})")
         tensors = load_file(str(state_dir / info["tensors"]))
     except (OSError, ValueError, KeyError, TypeError) as error:
         raise ValueError(
@@ -432,10 +437,14 @@ def _load_state(state_dir: Path, fingerprint: str) -> Optional[tuple[dict[str, T
         ) from None
     if info.get("fingerprint") != fingerprint:
         raise ValueError(
-            f"training state in {state_dir} belongs to a different run (other data, probe config or "
-            f"training settings); use another state folder, or delete it to start from scratch."
+            f"training state in {state_dir} belongs to a different run ({run_differs}); use another state "
+            f"folder, or delete it to start from scratch."
         )
     return tensors, info
+
+
+def _load_state(state_dir: Path, fingerprint: str) -> Optional[tuple[dict[str, Tensor], dict]]:
+    return read_state_files(state_dir, fingerprint, STATE_FORMAT, STATE_VERSION, STATE_JSON)
 
 
 def _split_prefix(tensors: dict[str, Tensor], prefix: str) -> dict[str, Tensor]:

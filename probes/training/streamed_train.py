@@ -45,14 +45,13 @@ from .train import (
     TrainConfig,
     TrainResult,
     _ema_decay,
-    _load_optimizer,
     _lr_at,
     _optimizer_tensors,
-    _split_prefix,
     ema_update,
     json_safe,
     make_optimizer,
     read_state_files,
+    restore_modules,
     write_state_files,
 )
 
@@ -272,11 +271,7 @@ def _run(source: StreamSource, probe_config: ProbeConfig, config: TrainConfig, s
         loaded = _load_state(state_dir, fingerprint)
         if loaded is not None:
             tensors, info = loaded
-            model.load_state_dict(_split_prefix(tensors, "model."))
-            ema.load_state_dict(_split_prefix(tensors, "ema."))
-            best_state = _split_prefix(tensors, "best.") or None
-            _load_optimizer(optimizer, tensors)
-            torch.set_rng_state(tensors["rng.torch"])
+            best_state = restore_modules(tensors, model, ema, optimizer)
             run.update({key: info[key] for key in run})
             resumed_epoch = run["epoch"]
             logger.info("resuming streamed training from %s at epoch %d, batch %d", state_dir, run["epoch"], run["batch"])

@@ -447,6 +447,17 @@ def _load_state(state_dir: Path, fingerprint: str) -> Optional[tuple[dict[str, T
     return read_state_files(state_dir, fingerprint, STATE_FORMAT, STATE_VERSION, STATE_JSON)
 
 
+def restore_modules(tensors: dict[str, Tensor], model: torch.nn.Module, ema: torch.nn.Module,
+                    optimizer: torch.optim.Optimizer) -> Optional[dict[str, Tensor]]:
+    """Put a read training state back: weights, EMA, optimiser and torch's RNG. Returns the best weights
+    so far (None before the first validation). Shared by the in-memory and streamed trainers."""
+    model.load_state_dict(_split_prefix(tensors, "model."))
+    ema.load_state_dict(_split_prefix(tensors, "ema."))
+    _load_optimizer(optimizer, tensors)
+    torch.set_rng_state(tensors["rng.torch"])
+    return _split_prefix(tensors, "best.") or None
+
+
 def _split_prefix(tensors: dict[str, Tensor], prefix: str) -> dict[str, Tensor]:
     return {key[len(prefix):]: value for key, value in tensors.items() if key.startswith(prefix)}
 
@@ -619,11 +630,7 @@ def _train(
         loaded = _load_state(state_dir, fingerprint)
         if loaded is not None:
             tensors, info = loaded
-            model.load_state_dict(_split_prefix(tensors, "model."))
-            ema.load_state_dict(_split_prefix(tensors, "ema."))
-            best_state = _split_prefix(tensors, "best.") or None
-            _load_optimizer(optimizer, tensors)
-            torch.set_rng_state(tensors["rng.torch"])
+            best_state = restore_modules(tensors, model, ema, optimizer)
             start_epoch = int(info["completed_epochs"])
             global_step = int(info["global_step"])
             ema_updates = int(info["ema_updates"])

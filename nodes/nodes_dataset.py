@@ -6,6 +6,7 @@ import logging
 import os
 import re
 
+import comfy.model_management as mm
 from comfy_api.latest import io, ui
 
 from ..probes.training.compaction import compact_dataset, dataset_report, format_dataset_report
@@ -194,7 +195,10 @@ class ProbeSelectCompactDataset(io.ComfyNode):
         lines = []
         try:
             if action == "compact":
-                result = compact_dataset(path, shard_mb * 2**20)
+                # Cancel between new shards: what is written stays (readers drop the duplicate copies and the
+                # next compaction removes them), so stopping is as safe as a kill.
+                result = compact_dataset(path, shard_mb * 2**20,
+                                         on_shard_written=lambda _path: mm.throw_exception_if_processing_interrupted())
                 lines.append(
                     f"compacted {dataset}: {result.shards_before} shards -> {result.shards_after}, "
                     f"{result.rows_before} stored rows -> {result.rows_after} ({result.duplicates_dropped} duplicates "

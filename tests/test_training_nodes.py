@@ -278,8 +278,18 @@ def test_compact_dataset_node_reports_and_compacts(comfy_dirs, reduced_collected
     assert rows == REDUCED_PROMPTS * 3 and len(list_shards(root)) == REDUCED_PROMPTS
     assert f"{REDUCED_PROMPTS} shards" in report and f"of {REDUCED_PROMPTS} prompts" in report
     assert "evaluators: brightness" in report and "channel reduction: per-sample PCA" in report
+    # Cancel (after the first new shard): the dataset keeps every row, the old shards and the new copy.
+    import comfy.model_management as mm
+    mm.interrupt_current_processing(True)
+    try:
+        with pytest.raises(mm.InterruptProcessingException):
+            dataset.ProbeSelectCompactDataset.execute("tiny_pca", "compact", 512)
+    finally:
+        mm.interrupt_current_processing(False)
+    assert len(list_shards(root)) == REDUCED_PROMPTS + 1 and dataset_checksum(root) == before
     report, rows = dataset.ProbeSelectCompactDataset.execute("tiny_pca", "compact", 512).result
-    assert report.startswith(f"compacted tiny_pca: {REDUCED_PROMPTS} shards -> 1, {REDUCED_PROMPTS * 3} stored rows")
+    assert report.startswith(f"compacted tiny_pca: {REDUCED_PROMPTS + 1} shards -> 1, {REDUCED_PROMPTS * 6} stored "
+                             f"rows -> {REDUCED_PROMPTS * 3} ({REDUCED_PROMPTS * 3} duplicates dropped)")
     assert rows == REDUCED_PROMPTS * 3 and len(list_shards(root)) == 1 and dataset_checksum(root) == before
     with pytest.raises(ProbeSelectError, match=r"\[ProbeSelectCompactDataset\] dataset 'nothing_here' does not exist"):
         dataset.ProbeSelectCompactDataset.execute("nothing_here", "report", 512)

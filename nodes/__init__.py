@@ -4,7 +4,7 @@ from comfy_api.latest import ComfyExtension, io
 from .nodes_activation_pca import PCA_NODES
 from .nodes_attention import ATTENTION_NODES
 from .nodes_custom_sampling import ProbeSelectEarlySamplerCustom, ProbeSelectResumeCustom
-from .nodes_dataset import ProbeSelectDatasetWriter
+from .nodes_dataset import ProbeSelectCompactDataset, ProbeSelectDatasetWriter
 from .nodes_evaluators import EVALUATOR_NODES
 from .nodes_image_metrics import IMAGE_METRICS_NODES
 from .nodes_latent_probing import LATENT_PROBING_NODES
@@ -32,6 +32,7 @@ NODES: list[type[io.ComfyNode]] = [
     ProbeSelectCollectSampler,
     *EVALUATOR_NODES,
     ProbeSelectDatasetWriter,
+    ProbeSelectCompactDataset,
     ProbeSelectTrain,
     ProbeSelectEvaluateProbe,
     *IMAGE_METRICS_NODES,

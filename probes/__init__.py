@@ -5,6 +5,8 @@ the score an evaluator would give the finished image, so that only the best cand
 finished. This package never imports ComfyUI; the nodes in ``nodes/`` call into it.
 
 - :mod:`.features`: activations -> fixed-size fp16 feature maps; :class:`ActivationSet`.
+- :mod:`.reduction`: :class:`ChannelReduction` (per-sample PCA or a fixed projection of the channels,
+  recorded in datasets and probe files and applied again when scoring).
 - :mod:`.model`: :class:`ProbeConfig`, :class:`Probe`, :func:`build_probe`.
 - :mod:`.io`: self-describing safetensors probe files.
 - :mod:`.scoring`: compatibility checks and :func:`score_candidates`.
@@ -25,6 +27,7 @@ from .io import (
     save_probe,
 )
 from .model import Probe, ProbeConfig, build_probe
+from .reduction import NO_REDUCTION, ChannelReduction
 from .scoring import CandidateScores, ProbeCompatibilityError, check_compatible, score_candidates
 
 __all__ = [
@@ -33,6 +36,8 @@ __all__ = [
     "ActivationSeries",
     "pool_feature_map",
     "tokens_to_grid",
+    "ChannelReduction",
+    "NO_REDUCTION",
     "ProbeConfig",
     "Probe",
     "build_probe",

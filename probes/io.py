@@ -18,6 +18,10 @@ Header keys (all values are strings; structured ones are JSON)::
     score_norm      e.g. '{"mean": 0.3594, "std": 0.9424}'
     training        free-form JSON summary
     probe_config    JSON of ProbeConfig.to_dict()
+    channel_reduction  (only for probes trained on channel-reduced data) JSON of
+                    ChannelReduction.to_dict(); feature_shape is then the reduced (k, P, P), and
+                    scoring reduces the live activations the same way. Such files are version 2,
+                    so that a version-1 reader refuses them instead of scoring unreduced features.
 """
 from __future__ import annotations
 
@@ -35,6 +39,7 @@ from safetensors.torch import load_file, save_file
 
 from .atomic import atomic_write
 from .model import Probe, ProbeConfig
+from .reduction import NO_REDUCTION, ChannelReduction
 
 __all__ = [
     "FORMAT_NAME",
@@ -50,8 +55,10 @@ logger = logging.getLogger(__name__)
 
 FORMAT_NAME = "probe-select"
 # Bump when a reader of the previous version could misread a new file. Readers accept any version
-# up to their own and refuse newer ones.
-FORMAT_VERSION = 1
+# up to their own and refuse newer ones. A file records the lowest version that reads it: 1, or 2
+# for a probe that reads channel-reduced features (see the module docstring).
+FORMAT_VERSION = 2
+REDUCED_FORMAT_VERSION = 2
 
 REQUIRED_KEYS = (
     "format",
@@ -89,6 +96,8 @@ class ProbeMetadata:
             ``(score - score_mean) / score_std``.
         training: free-form JSON-serialisable summary of training (data, epochs, metrics...).
         config: architecture of the probe.
+        reduction: how its training data's channels were reduced (``feature_shape`` is the
+            reduced shape); scoring applies it to live activations before the probe.
     """
 
     backbone_family: str
@@ -101,6 +110,7 @@ class ProbeMetadata:
     score_std: float = 1.0
     training: dict = field(default_factory=dict)
     config: ProbeConfig
+    reduction: ChannelReduction = NO_REDUCTION
 
     def __post_init__(self) -> None:
         for name in ("backbone_family", "tap", "pooling", "evaluator"):
@@ -125,6 +135,15 @@ class ProbeMetadata:
             raise ValueError(f"ProbeMetadata.training must be a dict, got {type(self.training).__name__}")
         if not isinstance(self.config, ProbeConfig):
             raise ValueError(f"ProbeMetadata.config must be a ProbeConfig, got {type(self.config).__name__}")
+        self.reduction = ChannelReduction.from_dict(self.reduction)
+        if self.reduction.active and shape[0] != self.reduction.channels:
+            raise ValueError(f"ProbeMetadata.feature_shape {shape} does not hold the {self.reduction.channels} channels "
+                             f"of its reduction ({self.reduction.describe()})")
+
+    @property
+    def activation_shape(self) -> tuple[int, int, int]:
+        """``(C, P, P)`` of the live activations the probe scores (before its reduction)."""
+        return self.reduction.input_shape(self.feature_shape)
 
 
 def _metadata_to_header(metadata: ProbeMetadata) -> dict[str, str]:
@@ -132,9 +151,9 @@ def _metadata_to_header(metadata: ProbeMetadata) -> dict[str, str]:
         training = json.dumps(metadata.training, sort_keys=True)
     except (TypeError, ValueError) as error:
         raise ValueError(f"ProbeMetadata.training must be JSON-serialisable: {error}") from error
-    return {
+    header = {
         "format": FORMAT_NAME,
-        "format_version": str(FORMAT_VERSION),
+        "format_version": str(REDUCED_FORMAT_VERSION if metadata.reduction.active else 1),
         "backbone_family": metadata.backbone_family,
         "tap": metadata.tap,
         "checkpoint_t": json.dumps(metadata.checkpoint_t),
@@ -145,6 +164,9 @@ def _metadata_to_header(metadata: ProbeMetadata) -> dict[str, str]:
         "training": training,
         "probe_config": json.dumps(metadata.config.to_dict(), sort_keys=True),
     }
+    if metadata.reduction.active:
+        header["channel_reduction"] = json.dumps(metadata.reduction.to_dict(), sort_keys=True)
+    return header
 
 
 def _metadata_from_header(header: dict[str, str], path: Path) -> ProbeMetadata:
@@ -192,6 +214,7 @@ def _metadata_from_header(header: dict[str, str], path: Path) -> ProbeMetadata:
             score_std=float(score_norm["std"]),
             training=json.loads(header["training"]),
             config=ProbeConfig.from_dict(config_dict),
+            reduction=ChannelReduction.from_dict(json.loads(header.get("channel_reduction", "null"))),
         )
     except (ValueError, TypeError, KeyError) as error:
         raise ProbeFileError(

@@ -41,7 +41,8 @@ class ProbeCompatibilityError(ValueError):
 def check_compatible(meta: ProbeMetadata, acts: ActivationSet, t_tolerance: float = CHECKPOINT_TOLERANCE) -> None:
     """Raise :class:`ProbeCompatibilityError` unless the probe described by ``meta`` can read ``acts``.
 
-    Checked: backbone family, tap path, feature shape ``(C, P, P)``, checkpoint t (within
+    Checked: backbone family, tap path, feature shape ``(C, P, P)`` (for a probe trained on
+    channel-reduced data, the shape before its reduction), checkpoint t (within
     ``t_tolerance``; a smaller non-zero difference only logs a warning, since the probe is
     time-conditioned but was trained at one t), and, for a probe with a text branch, the presence
     and width of the text embedding.
@@ -57,7 +58,16 @@ def check_compatible(meta: ProbeMetadata, acts: ActivationSet, t_tolerance: floa
             f"probe reads tap '{meta.tap}' but the activations were captured at tap '{acts.tap}'; "
             f"tap '{meta.tap}' when sampling, or use a probe trained on '{acts.tap}'."
         )
-    if tuple(acts.feature_shape) != tuple(meta.feature_shape):
+    reduction = meta.reduction
+    if reduction.active and tuple(acts.feature_shape) != meta.activation_shape:
+        raise ProbeCompatibilityError(
+            f"probe was trained on data reduced by {reduction.describe()} (of {meta.activation_shape} activations, "
+            f"recorded in its file and its dataset's manifest), but these activations are "
+            f"{tuple(acts.feature_shape)} (tap '{acts.tap}'); scoring reduces them by itself, so give it the "
+            f"activations as tapped, of the same tap and feature size as the probe's training data, or use a probe "
+            f"trained on {acts.feature_shape[0]}-channel activations."
+        )
+    if not reduction.active and tuple(acts.feature_shape) != tuple(meta.feature_shape):
         raise ProbeCompatibilityError(
             f"probe expects features of shape (C, P, P) = {tuple(meta.feature_shape)} but the "
             f"activations have {tuple(acts.feature_shape)} (tap '{acts.tap}'); pool the activations to "
@@ -148,6 +158,8 @@ def score_candidates(
 
     Returns:
         :class:`CandidateScores` with ``pred * meta.score_std + meta.score_mean`` per candidate.
+        A probe trained on channel-reduced data (``meta.reduction``) scores the activations after
+        that reduction, applied here exactly as the dataset writer applied it.
 
     Raises:
         ProbeCompatibilityError: if the probe cannot read these activations.
@@ -163,6 +175,8 @@ def score_candidates(
         )
     check_compatible(meta, acts, t_tolerance=t_tolerance)
     text = acts.text_embedding if probe.config.has_text else None
+    # The same reduction, per candidate, that the probe's training rows went through when written.
+    features = meta.reduction.apply(acts.features)
 
     predictions = []
     was_training = probe.training
@@ -174,7 +188,7 @@ def score_candidates(
                 chunk_text = None
                 if text is not None:
                     chunk_text = text if text.shape[0] == 1 else text[start:end]
-                pred = probe(acts.features[start:end], acts.t, chunk_text)
+                pred = probe(features[start:end], acts.t, chunk_text)
                 predictions.append(pred.float().cpu())
     finally:
         probe.train(was_training)

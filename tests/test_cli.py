@@ -140,6 +140,10 @@ def test_fill_workflow_sets_prompt_seed_candidates_and_dataset():
             if not (isinstance(value, str) and "{prompt}" in value) and (node_id, name) not in {
                     (SAMPLER, "seed"), (SAMPLER, "candidates"), (WRITER, "dataset_name")}:
                 assert filled[node_id]["inputs"][name] == value, (node_id, name)
+    reduced = C.fill_workflow(template, prompt, seed=1, writer_settings={"channel_reduction": "pca",
+                                                                          "reduced_channels": 48})
+    assert reduced[WRITER]["inputs"]["channel_reduction"] == "pca" and reduced[WRITER]["inputs"]["reduced_channels"] == 48
+    assert "channel_reduction" not in filled[WRITER]["inputs"] and "channel_reduction" not in template[WRITER]["inputs"]
     # None keeps the workflow's own values.
     kept = C.fill_workflow(template, "x", seed=5)
     assert kept[SAMPLER]["inputs"]["candidates"] == 1 and kept[WRITER]["inputs"]["dataset_name"] == "from_workflow"
@@ -513,6 +517,14 @@ def test_cli_rejects_bad_arguments(tmp_path):
     (tmp_path / "p.txt").write_text("a\n")
     assert main(["collect", "--server", "http://127.0.0.1:1", "--prompts", str(tmp_path / "p.txt"),
                  "--workflow", str(tmp_path / "missing.json")]) == 2
+    # The channel reduction flags become writer inputs; flags not given keep the workflow's values.
+    from tools.cli import _writer_settings, build_parser
+    args = build_parser().parse_args(["collect", "--server", "http://x", "--prompts", "p.txt",
+                                      "--channel-reduction", "projection", "--projection-seed", "3"])
+    assert _writer_settings(args) == {"channel_reduction": "projection", "projection_seed": 3}
+    assert _writer_settings(build_parser().parse_args(["collect", "--server", "http://x", "--prompts", "p"])) == {}
+    with pytest.raises(SystemExit):
+        build_parser().parse_args(["collect", "--server", "x", "--prompts", "p", "--channel-reduction", "svd"])
 
 
 # ---- acceptance: two real servers, a killed run, a resumed run, train, evaluate ----------------

@@ -179,8 +179,9 @@ def test_manifest_json_round_trip_and_newer_version_refused(tmp_path):
     data = json.loads(manifest.to_json())
     assert data["format"] == "probe-select-dataset" and data["format_version"] == 1
     assert data["feature_shape"] == [4, 4, 4] and data["text_dim"] == TEXT_DIM
-    with pytest.raises(DatasetError, match="version 2.*update the pack"):
-        DatasetManifest.from_json(json.dumps({**data, "format_version": 2}), source="x/manifest.json")
+    assert "reduction" not in data          # stored as tapped: readable by format-1 readers
+    with pytest.raises(DatasetError, match="version 3.*update the pack"):
+        DatasetManifest.from_json(json.dumps({**data, "format_version": 3}), source="x/manifest.json")
     with pytest.raises(ValueError, match="strictly increasing"):
         make_manifest(checkpoints=[0.2, 0.1])
     assert make_manifest(evaluators=["imagereward", "clipscore"]).compatible_with(manifest) == []

@@ -7,7 +7,7 @@ ROOT = Path(__file__).resolve().parents[1]
 PUBLIC_NODE_IDS = {
     "ProbeSelectTap", "ProbeSelectEarlySampler", "ProbeSelectLoadProbe", "ProbeSelectScore",
     "ProbeSelectTopK", "ProbeSelectResume", "ProbeSelectSampler", "ProbeSelectCollectSampler",
-    "ProbeSelectDatasetWriter", "ProbeSelectTrain", "ProbeSelectEvaluateProbe", "ProbeSelectCLIPScore",
+    "ProbeSelectDatasetWriter", "ProbeSelectCompactDataset", "ProbeSelectTrain", "ProbeSelectEvaluateProbe", "ProbeSelectCLIPScore",
     "ProbeSelectImageReward", "ProbeSelectHPSv2", "ProbeSelectPickScore", "ProbeSelectEvaluateImages",
     "ProbeSelectScoresFromFloats", "ProbeSelectPreviewScore", "ProbeSelectEarlySamplerCustom", "ProbeSelectResumeCustom",
 }

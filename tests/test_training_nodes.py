@@ -197,3 +197,100 @@ def test_train_and_evaluate_nodes_stream_a_dataset_too_big_for_memory(comfy_dirs
         # The same probe evaluated through the in-memory path gives the same figures.
         monkeypatch.setattr(streamed_train, "STREAM_AUTO_BYTES", 10**15)
         assert training.ProbeSelectEvaluateProbe.execute(probe, "tiny_ds", "all", 0).result[0] == streamed_report
+
+
+REDUCED_PROMPTS = 8
+
+
+@pytest.fixture(scope="module")
+def reduced_collected(comfy_dirs, collected):
+    """The same kind of runs as ``collected``, written with per-sample PCA to 8 channels."""
+    _, sampling, dataset, evaluators, _, _ = _nodes()
+    sd1, tapped, _ = collected
+    runs = []
+    for p in range(REDUCED_PROMPTS):
+        positive, negative = sd1.conditioning(100 + p), sd1.conditioning(2)
+        finished, acts = sampling.ProbeSelectCollectSampler.execute(
+            tapped, positive, negative, sd1.empty_latent(1, 8), 1000 * p, 3, 10, 3.0, "euler", "normal",
+            "0.2,0.4").result
+        values = finished["samples"][:, 0].mean(dim=(1, 2)).tolist()
+        (scores,) = evaluators.ProbeSelectScoresFromFloats.execute(values, ["brightness"], [f"prompt {p}"]).result
+        dataset.ProbeSelectDatasetWriter.execute(acts, scores, f"prompt {p}", "tiny_pca", channel_reduction="pca",
+                                                 reduced_channels=8)
+        runs.append((acts, scores))
+    return runs
+
+
+def test_writer_reduces_channels_and_the_probe_scores_live_activations_the_same_way(comfy_dirs, collected,
+                                                                                     reduced_collected):
+    from probe_select.nodes.errors import ProbeSelectError
+    from probe_select.probes.features import ActivationSet
+    from probe_select.probes.training.dataset import ProbeDataset, prompt_id
+    _, sampling, dataset, _, selection, training = _nodes()
+    sd1, tapped, _ = collected
+    data = ProbeDataset(os.path.join(comfy_dirs[0], "probe_select_datasets", "tiny_pca"))
+    tapped_shape = reduced_collected[0][0].sets[0].feature_shape
+    assert data.manifest.reduction.kind == "pca" and data.manifest.reduction.in_channels == tapped_shape[0]
+    assert data.manifest.feature_shape == (8, *tapped_shape[1:]) and len(data) == REDUCED_PROMPTS * 3
+
+    probe = training.ProbeSelectTrain.execute("tiny_pca", 0.2, "", "tiny_pca_probe", 2, 4, 1e-3, 0.2, 10.0, True, 0,
+                                              0).result[0]
+    assert probe.metadata.reduction == data.manifest.reduction
+    loaded = selection.ProbeSelectLoadProbe.execute("tiny_pca_probe.safetensors").result[0]
+    assert loaded.metadata.reduction == data.manifest.reduction
+    # Live activations as tapped (not reduced by hand): scored through the probe's reduction, equal to scoring
+    # the stored rows of the same run.
+    acts, _ = reduced_collected[2]
+    scores = selection.ProbeSelectScore.execute(loaded, acts).result[0]
+    stored = data.arrays(0.2, "brightness")
+    rows = [i for i, pid in enumerate(stored.prompt_ids) if pid == prompt_id("prompt 2")]    # shards: any order
+    assert torch.equal(stored.features[rows], loaded.metadata.reduction.apply(acts.at(0.2).features))
+    with torch.no_grad():      # the live text embedding: the stored one is its fp16 rounding
+        expected = loaded.model(stored.features[rows], stored.t, acts.at(0.2).text_embedding).float()
+    assert torch.equal(scores.scores, expected * loaded.metadata.score_std + loaded.metadata.score_mean)
+
+    # Appending without the reduction, or with another one, is refused by name with the fix.
+    acts, image_scores = reduced_collected[0]
+    with pytest.raises(ProbeSelectError, match=r"\[ProbeSelectDatasetWriter\].*channel reduction differs.*"
+                                               r"Fix:.*channel_reduction"):
+        dataset.ProbeSelectDatasetWriter.execute(acts, image_scores, "prompt 0", "tiny_pca")
+    with pytest.raises(ProbeSelectError, match=r"\[ProbeSelectDatasetWriter\].*at most 15 components"):
+        dataset.ProbeSelectDatasetWriter.execute(acts, image_scores, "prompt 0", "tiny_pca_2", channel_reduction="pca",
+                                                 reduced_channels=16)
+    assert "reduced_channels is 0" in dataset.ProbeSelectDatasetWriter.validate_inputs("x", "pca", 0, 0)
+    # Activations of another width than the probe's data was reduced from.
+    other = acts.sets[0]
+    wide = ActivationSet(features=torch.zeros(3, tapped_shape[0] * 2, *tapped_shape[1:]).half(), family=other.family,
+                         tap=other.tap, step=other.step, steps=other.steps, sigma=other.sigma, seeds=other.seeds,
+                         run_id=other.run_id, text_embedding=other.text_embedding)
+    with pytest.raises(ProbeSelectError, match=r"\[ProbeSelectScore\].*reduced by per-sample PCA"):
+        selection.ProbeSelectScore.execute(loaded, wide)
+
+
+def test_compact_dataset_node_reports_and_compacts(comfy_dirs, reduced_collected):
+    from probe_select.nodes.errors import ProbeSelectError
+    from probe_select.probes.training.compaction import dataset_checksum
+    from probe_select.probes.training.dataset import list_shards
+    _, _, dataset, _, _, _ = _nodes()
+    root = os.path.join(comfy_dirs[0], "probe_select_datasets", "tiny_pca")
+    before = dataset_checksum(root)
+    report, rows = dataset.ProbeSelectCompactDataset.execute("tiny_pca", "report", 512).result
+    assert rows == REDUCED_PROMPTS * 3 and len(list_shards(root)) == REDUCED_PROMPTS
+    assert f"{REDUCED_PROMPTS} shards" in report and f"of {REDUCED_PROMPTS} prompts" in report
+    assert "evaluators: brightness" in report and "channel reduction: per-sample PCA" in report
+    # Cancel (after the first new shard): the dataset keeps every row, the old shards and the new copy.
+    import comfy.model_management as mm
+    mm.interrupt_current_processing(True)
+    try:
+        with pytest.raises(mm.InterruptProcessingException):
+            dataset.ProbeSelectCompactDataset.execute("tiny_pca", "compact", 512)
+    finally:
+        mm.interrupt_current_processing(False)
+    assert len(list_shards(root)) == REDUCED_PROMPTS + 1 and dataset_checksum(root) == before
+    report, rows = dataset.ProbeSelectCompactDataset.execute("tiny_pca", "compact", 512).result
+    assert report.startswith(f"compacted tiny_pca: {REDUCED_PROMPTS + 1} shards -> 1, {REDUCED_PROMPTS * 6} stored "
+                             f"rows -> {REDUCED_PROMPTS * 3} ({REDUCED_PROMPTS * 3} duplicates dropped)")
+    assert rows == REDUCED_PROMPTS * 3 and len(list_shards(root)) == 1 and dataset_checksum(root) == before
+    with pytest.raises(ProbeSelectError, match=r"\[ProbeSelectCompactDataset\] dataset 'nothing_here' does not exist"):
+        dataset.ProbeSelectCompactDataset.execute("nothing_here", "report", 512)
+    assert "plain folder name" in dataset.ProbeSelectCompactDataset.validate_inputs("../up")

@@ -72,7 +72,7 @@ def cmd_collect(args: argparse.Namespace) -> int:
         with _logging_with_progress_bar(not args.no_progress):
             summary = collect.collect(
                 args.server, prompts, workflow, candidates=args.candidates, dataset_name=args.dataset,
-                output_dir=args.output_dir, base_seed=args.seed, timeout=args.timeout, poll=args.poll,
+                writer_settings=_writer_settings(args), output_dir=args.output_dir, base_seed=args.seed, timeout=args.timeout, poll=args.poll,
                 queue_wait_timeout=args.queue_wait_timeout, progress=not args.no_progress)
     except (collect.CollectError, collect.WorkflowError) as error:
         logger.error("%s", error)
@@ -85,6 +85,13 @@ def cmd_collect(args: argparse.Namespace) -> int:
         logger.info("dataset: %s", summary.dataset)
     logger.info("%s", summary.line())
     return EXIT_OK if summary.ok else EXIT_FAILED
+
+
+def _writer_settings(args: argparse.Namespace) -> dict:
+    """The writer inputs given on the command line (the channel reduction); the others keep the workflow's."""
+    given = {"channel_reduction": args.channel_reduction, "reduced_channels": args.reduced_channels,
+             "projection_seed": args.projection_seed}
+    return {name: value for name, value in given.items() if value is not None}
 
 
 @contextlib.contextmanager
@@ -269,6 +276,11 @@ def build_parser() -> argparse.ArgumentParser:
                    help="API-format collect workflow (default: example_workflows/api/collect_dataset.json of the pack)")
     p.add_argument("--dataset", metavar="NAME", help="dataset name (default: the writer node's dataset_name)")
     p.add_argument("--candidates", type=int, metavar="N", help="seeds per prompt (default: the workflow's)")
+    p.add_argument("--channel-reduction", choices=["none", "pca", "projection"],
+                   help="store fewer channels: per-sample PCA or a fixed random projection (default: the workflow's "
+                        "writer setting); recorded in the dataset, every row of a dataset uses the same")
+    p.add_argument("--reduced-channels", type=int, metavar="K", help="channels kept by the reduction (writer default 48)")
+    p.add_argument("--projection-seed", type=int, metavar="N", help="seed of the projection (writer default 0)")
     p.add_argument("--output-dir", metavar="DIR",
                    help=f"the servers' shared output directory (holding {DATASETS_SUBFOLDER}/<NAME>); needed to "
                         f"skip prompts already collected")

@@ -9,7 +9,7 @@ What a job is made of (see :func:`fill_workflow`):
 
 - every string input whose value contains ``{prompt}`` gets the prompt (CLIPTextEncode text, the
   writer's and the evaluator's prompt...);
-- the ProbeSelectDatasetWriter's ``dataset_name``;
+- the ProbeSelectDatasetWriter's ``dataset_name`` (and, if asked, its channel reduction);
 - the ProbeSelectCollectSampler's ``candidates`` and ``seed``. The seed is a function of the prompt
   only (:func:`seed_for_prompt`, from :func:`probes.dataset.prompt_id`), so a prompt collected
   twice gets the same seeds and readers drop the repeated rows as duplicates.
@@ -313,13 +313,14 @@ def check_dataset_name(name: str) -> str:
 
 
 def fill_workflow(workflow: dict, prompt: str, *, seed: int, candidates: Optional[int] = None,
-                  dataset_name: Optional[str] = None) -> dict:
+                  dataset_name: Optional[str] = None, writer_settings: Optional[dict] = None) -> dict:
     """A copy of ``workflow`` for one prompt.
 
     Every string input that contains ``{prompt}`` gets it replaced by ``prompt`` (text around the
     placeholder is kept, e.g. ``"a photo of {prompt}"``); every ProbeSelectCollectSampler gets
     ``seed`` and, if given, ``candidates``; every ProbeSelectDatasetWriter gets ``dataset_name`` if
-    given. The input workflow is not modified.
+    given, and the inputs of ``writer_settings`` (e.g. ``{"channel_reduction": "pca",
+    "reduced_channels": 48}``). The input workflow is not modified.
     """
     filled = copy.deepcopy(workflow)
     for node in filled.values():
@@ -331,8 +332,10 @@ def fill_workflow(workflow: dict, prompt: str, *, seed: int, candidates: Optiona
             inputs["seed"] = int(seed)
             if candidates is not None:
                 inputs["candidates"] = int(candidates)
-        elif node.get("class_type") == WRITER_CLASS and dataset_name is not None:
-            inputs["dataset_name"] = dataset_name
+        elif node.get("class_type") == WRITER_CLASS:
+            if dataset_name is not None:
+                inputs["dataset_name"] = dataset_name
+            inputs.update(writer_settings or {})
     return filled
 
 
@@ -821,8 +824,8 @@ def wait_until_idle(clients: Sequence[ComfyClient], poll: float = 1.0, timeout: 
 
 
 def collect(servers: Sequence[str], prompts: Sequence[str], workflow: dict, *, candidates: Optional[int] = None,
-            dataset_name: Optional[str] = None, output_dir: Optional[PathLike] = None, base_seed: int = 0,
-            timeout: float = 1800.0, poll: float = 0.5, queue_wait_timeout: Optional[float] = None,
+            dataset_name: Optional[str] = None, writer_settings: Optional[dict] = None,
+            output_dir: Optional[PathLike] = None, base_seed: int = 0, timeout: float = 1800.0, poll: float = 0.5, queue_wait_timeout: Optional[float] = None,
             progress: bool = True, stop: Optional[threading.Event] = None,
             abort_after_failures: int = 3) -> CollectSummary:
     """Collect ``prompts`` into the dataset with the ``servers``; returns what happened.
@@ -833,6 +836,8 @@ def collect(servers: Sequence[str], prompts: Sequence[str], workflow: dict, *, c
         workflow: the API-format collect workflow (see :func:`check_workflow`).
         candidates: seeds per prompt; None keeps the workflow's value.
         dataset_name: None keeps the workflow's writer's value.
+        writer_settings: other writer inputs to set in every job (the channel reduction:
+            ``channel_reduction``, ``reduced_channels``, ``projection_seed``); None keeps the workflow's.
         output_dir: the servers' (shared) output directory; needed to skip prompts already
             collected. Without it every prompt is sent.
         base_seed: offset of every prompt's seed (:func:`seed_for_prompt`).
@@ -895,7 +900,7 @@ def collect(servers: Sequence[str], prompts: Sequence[str], workflow: dict, *, c
     def make_runner(client: ComfyClient) -> Callable[[str], Any]:
         def run(prompt: str) -> dict:
             job = fill_workflow(workflow, prompt, seed=seed_for_prompt(prompt, base_seed), candidates=candidates,
-                                dataset_name=name)
+                                dataset_name=name, writer_settings=writer_settings)
             entry = run_job(client, job, timeout=timeout, poll=poll)
             if index is not None and not checked_output_dir.is_set():
                 checked_output_dir.set()

@@ -157,7 +157,8 @@ def compact_dataset(root: PathLike, target_shard_bytes: int = DEFAULT_SHARD_BYTE
 
 
 def dataset_report(root: PathLike) -> dict:
-    """Size on disk, shards, rows (stored and unique), prompts, evaluators and what a row holds."""
+    """Size on disk, shards, rows (stored and unique), prompts, evaluators and what a row holds (with
+    its channel reduction)."""
     index = StreamIndex(root)
     manifest = read_manifest(root)
     size = sum(shard.size for shard in index.shards)
@@ -168,6 +169,7 @@ def dataset_report(root: PathLike) -> dict:
         "evaluators": list(manifest.evaluators), "checkpoints": list(manifest.checkpoints),
         "backbone_family": manifest.backbone_family, "tap": manifest.tap,
         "feature_shape": list(manifest.feature_shape), "pooling": manifest.pooling, "text_dim": manifest.text_dim,
+        "reduction": manifest.reduction.to_dict(), "reduction_text": manifest.reduction.describe(),
         "bytes_per_row": size // stored if stored else 0,
     }
 
@@ -178,6 +180,7 @@ def format_dataset_report(report: dict) -> str:
         f"dataset {report['root']}",
         f"  {report['backbone_family']}, tap {report['tap']}, features {tuple(report['feature_shape'])} "
         f"({report['pooling']}), checkpoints {report['checkpoints']}, text_dim {report['text_dim']}",
+        f"  channel reduction: {report['reduction_text']}",
         f"  {gib:.3f} GiB in {report['shards']} shards ({report['bytes_per_row']} bytes a row)",
         f"  {report['rows']} rows ({report['rows_stored']} stored, {report['duplicates']} duplicates) "
         f"of {report['prompts']} prompts",

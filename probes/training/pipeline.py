@@ -68,7 +68,8 @@ def train_from_dataset(dataset: ProbeDataset, checkpoint_t: float, evaluator: st
                            text_dim=manifest.text_dim if use_text else 0)
     metadata_base = {"backbone_family": manifest.backbone_family, "tap": manifest.tap,
                      "checkpoint_t": float(arrays.t), "feature_shape": tuple(manifest.feature_shape),
-                     "pooling": manifest.pooling, "evaluator": evaluator}
+                     "pooling": manifest.pooling, "evaluator": evaluator,
+                     "reduction": manifest.reduction}
     result = train_probe(train_arrays(arrays.select(splits["train"]), use_text),
                          train_arrays(arrays.select(splits["val"]), use_text),
                          probe_config, train_config, metadata_base, Path(out_path), state_dir=state_dir,

@@ -467,7 +467,7 @@ def train_from_index(index: StreamIndex, checkpoint_t: float, evaluator: str, ou
     source = StreamSource(index, splits["train"], splits["val"], t, evaluator, use_text=use_text)
     metadata_base = {"backbone_family": manifest.backbone_family, "tap": manifest.tap, "checkpoint_t": t,
                      "feature_shape": tuple(manifest.feature_shape), "pooling": manifest.pooling,
-                     "evaluator": evaluator}
+                     "evaluator": evaluator, "reduction": manifest.reduction}
     result = train_streamed(source, probe_config, train_config, metadata_base, out_path, stream_config=stream_config,
                             state_dir=state_dir, on_epoch=on_epoch, should_stop=should_stop)
     sizes = {name: sum(len(index.groups[g].rows) for g in ids) for name, ids in splits.items()}

@@ -495,7 +495,7 @@ def json_safe(value: Any) -> Any:
 # Training
 
 
-_METADATA_KEYS = {"backbone_family", "tap", "checkpoint_t", "feature_shape", "pooling", "evaluator"}
+_METADATA_KEYS = {"backbone_family", "tap", "checkpoint_t", "feature_shape", "pooling", "evaluator", "reduction"}
 
 
 def _score_norm(train: TrainArrays, config: TrainConfig) -> tuple[float, float, str]:
@@ -528,7 +528,8 @@ def train_probe(
         train_config: optimisation settings.
         metadata_base: what the probe reads and predicts: ``backbone_family``, ``tap``,
             ``checkpoint_t`` (default: the training rows' t, if they all share one), ``pooling``
-            (default ``"adaptive_avg"``), ``evaluator``; ``feature_shape`` (optional) must match.
+            (default ``"adaptive_avg"``), ``evaluator``; ``feature_shape`` (optional) must match;
+            ``reduction`` (optional): the data's channel reduction, recorded in the probe file.
         out_path: the probe file (``.safetensors``), rewritten atomically whenever validation
             improves, so an interrupted run always leaves the best probe so far.
         state_dir: folder for a resumable training state, saved every ``save_state_every`` epochs;

@@ -7,11 +7,12 @@ import logging
 import math
 import os
 import time
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Sequence, Union
 
 from ...checkpoints import CheckpointError, checkpoint_index
+from ...reduction import NO_REDUCTION, ChannelReduction
 
 logger = logging.getLogger(__name__)
 
@@ -19,8 +20,11 @@ PathLike = Union[str, os.PathLike]
 
 DATASET_FORMAT = "probe-select-dataset"
 # Bump when a reader of the previous version could misread a new dataset. Readers accept any
-# version up to their own and refuse newer ones.
-DATASET_FORMAT_VERSION = 1
+# version up to their own and refuse newer ones. A dataset records the lowest version that reads it:
+# 1 for features stored as tapped, 2 for channel-reduced ones (a version-1 reader would take the
+# reduced channels for tapped ones and train probes that can't score live activations).
+DATASET_FORMAT_VERSION = 2
+REDUCED_FORMAT_VERSION = 2
 MANIFEST_NAME = "manifest.json"
 # Where the nodes and the command-line collector keep datasets, under ComfyUI's output directory.
 DATASETS_SUBFOLDER = "probe_select_datasets"
@@ -60,10 +64,13 @@ class DatasetManifest:
             increasing; the K axis of the stored features follows this order.
         evaluators: names of the evaluators that scored every row (e.g. ``["clipscore"]``).
         text_dim: width D of the stored text embedding; 0 when rows carry none.
+        reduction: how the tapped channels were reduced before storing
+            (:class:`~probe_select.probes.reduction.ChannelReduction`); ``feature_shape`` is the
+            stored, reduced shape. Absent from the JSON when nothing was reduced.
     """
 
     format: str = DATASET_FORMAT
-    format_version: int = DATASET_FORMAT_VERSION
+    format_version: int = 1
     backbone_family: str
     tap: str
     feature_shape: tuple[int, int, int]
@@ -71,6 +78,7 @@ class DatasetManifest:
     checkpoints: list[float]
     evaluators: list[str]
     text_dim: int = 0
+    reduction: ChannelReduction = field(default_factory=lambda: NO_REDUCTION)
 
     def __post_init__(self) -> None:
         if self.format != DATASET_FORMAT:
@@ -107,11 +115,19 @@ class DatasetManifest:
         self.evaluators = evaluators
         if not is_int(self.text_dim) or self.text_dim < 0:
             raise ValueError(f"DatasetManifest.text_dim must be an int >= 0 (0 = no text embedding), got {self.text_dim!r}")
+        self.reduction = ChannelReduction.from_dict(self.reduction)
+        if self.reduction.active:
+            if shape[0] != self.reduction.channels:
+                raise ValueError(f"DatasetManifest.feature_shape {shape} does not hold the {self.reduction.channels} "
+                                 f"channels of its reduction ({self.reduction.describe()})")
+            self.format_version = max(self.format_version, REDUCED_FORMAT_VERSION)
 
     def to_json(self) -> str:
         """The manifest as indented JSON text (what ``manifest.json`` holds)."""
         data = dataclasses.asdict(self)
         data["feature_shape"] = list(self.feature_shape)
+        if not self.reduction.active:
+            del data["reduction"]       # datasets stored as tapped stay readable by format-1 readers
         return json.dumps(data, indent=2) + "\n"
 
     @classmethod
@@ -164,6 +180,8 @@ class DatasetManifest:
             mine, theirs = getattr(self, name), getattr(other, name)
             if mine != theirs:
                 differences.append(f"{name} differs ({mine!r} vs {theirs!r})")
+        if self.reduction != other.reduction:
+            differences.append(f"channel reduction differs ({self.reduction.describe()} vs {other.reduction.describe()})")
         if not same_checkpoints(self.checkpoints, other.checkpoints):
             differences.append(f"checkpoints differ ({self.checkpoints} vs {other.checkpoints})")
         if set(self.evaluators) != set(other.evaluators):

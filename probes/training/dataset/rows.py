@@ -10,6 +10,7 @@ import torch
 from torch import Tensor
 
 from ...features import FEATURE_DTYPE
+from ...reduction import NO_REDUCTION, ChannelReduction
 from .manifest import DatasetManifest
 
 
@@ -119,9 +120,14 @@ def _string_list(name: str, values, rows: int, non_empty: bool = False) -> list[
     return values
 
 
-def rows_from_activations(activations, scores: dict[str, Tensor], prompt: str) -> tuple[DatasetManifest, CandidateRows]:
+def rows_from_activations(activations, scores: dict[str, Tensor], prompt: str,
+                          reduction: ChannelReduction = NO_REDUCTION) -> tuple[DatasetManifest, CandidateRows]:
     """One dataset row per candidate of one run: its activations at every checkpoint (an
-    ActivationSet or ActivationSeries) and each evaluator's score, with the manifest they imply."""
+    ActivationSet or ActivationSeries) and each evaluator's score, with the manifest they imply.
+
+    ``reduction`` reduces the channels of every checkpoint's features before they are stored and is
+    recorded in the manifest (ValueError if it does not fit the activations' shape).
+    """
     sets = list(getattr(activations, "sets", (activations,)))
     first = sets[0]
     n = len(first)
@@ -129,9 +135,11 @@ def rows_from_activations(activations, scores: dict[str, Tensor], prompt: str) -
     if text is not None and text.shape[0] == 1:
         text = text.expand(n, -1)
     manifest = DatasetManifest(
-        backbone_family=first.family, tap=first.tap, feature_shape=first.feature_shape, pooling=first.pooling,
-        checkpoints=[s.t for s in sets], evaluators=sorted(scores), text_dim=0 if text is None else text.shape[1])
+        backbone_family=first.family, tap=first.tap, feature_shape=reduction.output_shape(first.feature_shape),
+        pooling=first.pooling, checkpoints=[s.t for s in sets], evaluators=sorted(scores),
+        text_dim=0 if text is None else text.shape[1], reduction=reduction)
     rows = CandidateRows(
-        features=torch.stack([s.features for s in sets], dim=1), seeds=first.seeds, prompts=[prompt] * n,
+        features=reduction.apply(torch.stack([s.features for s in sets], dim=1)), seeds=first.seeds,
+        prompts=[prompt] * n,
         text_embedding=text, scores={name: value.float() for name, value in scores.items()})
     return manifest, rows

@@ -62,7 +62,7 @@ def check_probe_matches(
 ) -> None:
     """Refuse to train, fine-tune or evaluate a probe on a dataset of other activations.
 
-    Checked: backbone family, tap, feature shape ``(C, P, P)``, pooling, the width of the probe's
+    Checked: backbone family, tap, feature shape ``(C, P, P)``, channel reduction, pooling, the width of the probe's
     text branch (if any); and, unless disabled, that the dataset holds the probe's checkpoint t and
     scores of its evaluator.
 
@@ -81,6 +81,8 @@ def check_probe_matches(
         problems.append(f"tap: probe {meta.tap!r}, dataset {manifest.tap!r}")
     if tuple(meta.feature_shape) != tuple(manifest.feature_shape):
         problems.append(f"feature shape (C, P, P): probe {tuple(meta.feature_shape)}, dataset {tuple(manifest.feature_shape)}")
+    if meta.reduction != manifest.reduction:
+        problems.append(f"channel reduction: probe {meta.reduction.describe()}, dataset {manifest.reduction.describe()}")
     if meta.pooling != manifest.pooling:
         problems.append(f"pooling: probe {meta.pooling!r}, dataset {manifest.pooling!r}")
     text_dim = meta.config.text_dim

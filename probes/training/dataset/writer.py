@@ -16,7 +16,7 @@ from safetensors.torch import save_file
 from torch import Tensor
 
 from ...atomic import atomic_write, fsync_directory
-from .manifest import DATASET_FORMAT, DATASET_FORMAT_VERSION, MANIFEST_NAME, DatasetError, DatasetManifest, PathLike, read_manifest
+from .manifest import DATASET_FORMAT, MANIFEST_NAME, DatasetError, DatasetManifest, PathLike, read_manifest
 from .rows import CandidateRows
 from .shards import SHARD_DIR, SHARD_SUFFIX, header_row_count, list_shards, remove_stale_temporaries
 
@@ -190,9 +190,11 @@ class DatasetWriter:
                 f"{k} (t = {manifest.checkpoints})"
             )
         if tuple(rows.features.shape[2:]) != manifest.feature_shape:
+            reduced = (f" (reduced by {manifest.reduction.describe()}: reduce the rows with "
+                       f"rows_from_activations(..., reduction=manifest.reduction))" if manifest.reduction.active else "")
             problems.append(
                 f"features are (C, P, P) = {tuple(rows.features.shape[2:])} but the dataset stores "
-                f"{manifest.feature_shape}"
+                f"{manifest.feature_shape}{reduced}"
             )
         if manifest.text_dim:
             if rows.text_embedding is None:
@@ -221,7 +223,7 @@ class DatasetWriter:
             tensors[f"score.{name}"] = rows.scores[name]
         metadata = {
             "format": DATASET_FORMAT,
-            "format_version": str(DATASET_FORMAT_VERSION),
+            "format_version": str(self.manifest.format_version),
             "prompts": json.dumps(rows.prompts, ensure_ascii=False),
             "prompt_ids": json.dumps(rows.prompt_ids),
             "checkpoints": json.dumps(self.manifest.checkpoints),

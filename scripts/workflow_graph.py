@@ -82,7 +82,45 @@ class Note:
 
 @dataclass(frozen=True)
 class Workflow:
+    """A graph and what the template browser and the missing-model check read about it.
+
+    `description`: one paragraph on what the workflow does and what it needs. ComfyUI's frontends
+    (1.32 to 1.49) show a custom-node template's file name as its card title and description and
+    read nothing else from the pack, so the description is kept in the UI file's `extra.description`
+    (for other tools and the README) and should also open the workflow's note.
+    """
     nodes: list
+    description: str = ""
+
+
+@dataclass(frozen=True)
+class PublicModel:
+    """A model file a workflow names in a loader widget, as the frontend's missing-model check reads it
+    from the loader node's `properties.models`: file name, models/ subfolder, download URL (None when no
+    public file exists, e.g. a probe the user trains: the frontend then only learns its folder)."""
+    name: str
+    directory: str
+    url: Optional[str] = None
+
+    def metadata(self) -> dict:
+        entry = {"name": self.name, "directory": self.directory}
+        if self.url:
+            entry["url"] = self.url
+        return entry
+
+
+# file name -> PublicModel: every model file a template may name, in one place. A loader whose
+# widget holds one of these names gets `properties.models` (build()).
+PUBLIC_MODELS: dict[str, PublicModel] = {}
+
+
+def public_model(name: str, directory: str, url: Optional[str] = None) -> str:
+    """Register a model file for the missing-model metadata; returns its name (for widget values)."""
+    model = PublicModel(name, directory, url)
+    if PUBLIC_MODELS.get(name, model) != model:
+        raise ValueError(f"{name} registered twice with different folders or URLs")
+    PUBLIC_MODELS[name] = model
+    return name
 
 
 WORKFLOWS: dict[str, Callable[[], Workflow]] = {}
@@ -419,6 +457,9 @@ def build(name: str, wf: Workflow, schemas: Schemas) -> tuple[dict, dict]:
                    for slot, (out_type, out_name) in enumerate(zip(info["output"], info["output_name"]))]
         properties = {"Node name for S&R": node.class_type,
                       "cnr_id": PACK_NAME if schemas.is_ours(node.class_type) else "comfy-core"}
+        models = [PUBLIC_MODELS[v].metadata() for v in widgets_values if isinstance(v, str) and v in PUBLIC_MODELS]
+        if models:
+            properties["models"] = models
         entry = {"id": node.id, "type": node.class_type}
         if node.title and node.title != info["display_name"]:
             entry["title"] = node.title
@@ -460,7 +501,8 @@ def build(name: str, wf: Workflow, schemas: Schemas) -> tuple[dict, dict]:
         "links": links,
         "groups": [],
         "config": {},
-        "extra": {"ds": {"scale": opening_scale(right), "offset": list(OPENING_OFFSET)}},
+        "extra": {"ds": {"scale": opening_scale(right), "offset": list(OPENING_OFFSET)},
+                  **({"description": wf.description} if wf.description else {})},
         "version": 0.4,
     }
 
@@ -550,8 +592,8 @@ def render(schemas: Optional[Schemas] = None) -> dict[Path, str]:
 def essence(workflow: Any) -> Any:
     """What a workflow file means to whoever runs it, for the staleness check.
 
-    A UI-format graph: its nodes' ids, types, titles, modes and widget values, which input each link
-    arrives at, and the links (ends and type). Layout, sizes and the list of outputs are left out, so
+    A UI-format graph: its nodes' ids, types, titles, modes, widget values and model metadata, which
+    input each link arrives at, the links (ends and type) and the description. Layout, sizes and the list of outputs are left out, so
     an output that ComfyUI adds upstream (0.33's SaveImage) does not make the files stale. Anything else
     (an API-format file) counts whole.
     """
@@ -560,9 +602,11 @@ def essence(workflow: Any) -> Any:
         return workflow
     nodes = sorted(
         (node["id"], node["type"], node.get("title"), node.get("mode", 0), json.dumps(node.get("widgets_values")),
-         json.dumps([[slot["name"], slot.get("link")] for slot in node.get("inputs", [])]))
+         json.dumps([[slot["name"], slot.get("link")] for slot in node.get("inputs", [])]),
+         json.dumps((node.get("properties") or {}).get("models")))
         for node in workflow["nodes"])
-    return {"nodes": nodes, "links": sorted(tuple(link) for link in workflow["links"])}
+    return {"nodes": nodes, "links": sorted(tuple(link) for link in workflow["links"]),
+            "description": (workflow.get("extra") or {}).get("description")}
 
 
 def _same_essence(text_a: str, text_b: str) -> bool:

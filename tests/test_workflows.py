@@ -308,3 +308,53 @@ def test_generator_rejects_unknown_nodes_and_cycles(schemas):
              bw.Node(3, "CheckpointLoaderSimple", {"ckpt_name": "x.safetensors"})]
     with pytest.raises(bw.WorkflowError, match="cycle"):
         bw.build("bad", bw.Workflow(cycle), schemas)
+
+
+# ---- what the template browser and the missing-model check read ----------------------------------
+
+@pytest.mark.parametrize("path", [ui_param(p) for p in UI_FILES])
+def test_template_has_a_small_thumbnail(path):
+    # Frontends 1.32-1.49 show /api/workflow_templates/<pack>/<name>.jpg on the card.
+    from PIL import Image
+
+    jpg = path.with_suffix(".jpg")
+    assert jpg.is_file(), f"no thumbnail {jpg.name}; run scripts/build_workflows.py"
+    with Image.open(jpg) as image:
+        assert image.format == "JPEG" and image.size == (320, 240), (image.format, image.size)
+    assert jpg.stat().st_size < 8_000, jpg.stat().st_size
+
+
+@pytest.mark.parametrize("path", [ui_param(p) for p in UI_FILES])
+def test_template_has_a_description_and_a_note_that_opens_with_it(path):
+    ui = load(path)
+    description = ui["extra"].get("description", "")
+    assert len(description) > 60, description
+    notes = [n for n in ui["nodes"] if n["type"] == "MarkdownNote"]
+    assert len(notes) == 1 and description in notes[0]["widgets_values"][0], path.stem
+
+
+@pytest.mark.parametrize("path", [ui_param(p) for p in UI_FILES])
+def test_template_opens_readable(path):
+    ds = load(path)["extra"]["ds"]
+    assert ds["scale"] >= bw.MIN_OPENING_SCALE and list(ds["offset"]) == list(bw.OPENING_OFFSET), ds
+
+
+@pytest.mark.parametrize("path", [ui_param(p) for p in UI_FILES])
+def test_every_model_file_has_download_metadata(path, schemas):
+    """Each widget that names a model file carries {name, directory[, url]} in its node's
+    properties.models, as the frontend's missing-model check reads it; URLs are public Hugging Face
+    downloads of exactly that file, which the frontend's dialog accepts (https://huggingface.co/,
+    .safetensors)."""
+    for node in load(path)["nodes"]:
+        names = [v for v in node.get("widgets_values") or [] if isinstance(v, str) and v.endswith(MODEL_FILE_SUFFIXES)]
+        models = (node.get("properties") or {}).get("models", [])
+        assert [m["name"] for m in models] == names, (node["id"], names, models)
+        for model in models:
+            directory = {"CheckpointLoaderSimple": "checkpoints", "ProbeSelectLoadProbe": "probes",
+                         "ProbeSelectCLIPScore": "evaluators"}[node["type"]]
+            assert model["directory"] == directory, model
+            if directory == "probes":
+                assert "url" not in model, model          # trained by the user: no public file
+            else:
+                assert model["url"].startswith("https://huggingface.co/") and "/resolve/main/" in model["url"]
+                assert model["url"].endswith(".safetensors"), model

@@ -82,6 +82,7 @@ demo: proxy-models
 
 # The README's pictures of every analysis node's output (docs/images/*.png, made by the nodes on the
 # proxy-world models and ComfyUI's own schedules; deterministic, about 10 minutes on 2 cores) and the
-# analysis templates' thumbnails (example_workflows/analysis_*.jpg).
+# analysis templates' thumbnails drawn from them (example_workflows/*_analysis_*.jpg).
 pictures: proxy-models
 	$(PY) bench/analysis_pictures.py
+	$(PY) scripts/build_workflows.py --thumbnails

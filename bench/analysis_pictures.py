@@ -8,8 +8,8 @@ the trained proxy-world models (``bench/proxy_world``: an SD1.x-family UNet and 
 schedules come from ComfyUI's own model_sampling objects of SD1.5, SDXL, SD3 and Flux (no weights
 needed). Deterministic (fixed seeds, one thread): a second run writes the same files. Writes
 ``<name>.png`` per analysis into ``--out`` (docs/images; not in the registry archive, see
-.comfyignore) and a small ``<name>.jpg`` thumbnail per picture into ``--thumbnails``
-(example_workflows, the templates' thumbnails).
+.comfyignore). The analysis templates' thumbnails are drawn from these pictures by
+``scripts/build_workflows.py --thumbnails`` (``make pictures`` runs both).
 
 The image-set metrics need the FID Inception weights, which can't be downloaded where this runs: the
 metrics picture uses the same InceptionV3 with seeded random weights, so its numbers show the
@@ -57,7 +57,6 @@ log = logging.getLogger("analysis_pictures")
 
 PROMPT = "a red circle left of a blue square"
 STEPS, CFG, SAMPLER, SCHEDULER = 20, 4.0, "euler", "normal"
-THUMBNAIL_SIDE = 320                 # longest side of a template thumbnail
 WHITE, BLACK, GREY = (255, 255, 255), (0, 0, 0), (110, 110, 110)
 
 
@@ -137,22 +136,14 @@ def image_grid(rows: Sequence[Sequence[Image.Image]], row_labels: Sequence[str],
     return grid
 
 
-def save_picture(image: Image.Image, out: Path, name: str, thumbnails: Path | None, thumbnail_names: Sequence[str]):
-    """``out/<name>.png`` (palette-quantised when that keeps it exact enough: smaller files) and a JPEG
-    thumbnail per template name that shows this analysis."""
+def save_picture(image: Image.Image, out: Path, name: str) -> Path:
+    """``out/<name>.png``, palette-quantised: 256 colours keep the plots exact and the heat maps smooth
+    enough, at a third of the size."""
     out.mkdir(parents=True, exist_ok=True)
     path = out / f"{name}.png"
-    # 256 colours keep the plots exact and the heat maps smooth enough, at a third of the size
     image.quantize(colors=256, method=Image.Quantize.MEDIANCUT, dither=Image.Dither.NONE).save(path, optimize=True)
     log.info("wrote %s (%d x %d, %.0f KB)", path, image.width, image.height, path.stat().st_size / 1024)
-    if thumbnails is not None:
-        thumbnails.mkdir(parents=True, exist_ok=True)
-        small = image.copy()
-        small.thumbnail((THUMBNAIL_SIDE, THUMBNAIL_SIDE), Image.LANCZOS)
-        for thumb in thumbnail_names:
-            thumb_path = thumbnails / f"{thumb}.jpg"
-            small.save(thumb_path, quality=85, optimize=True)
-            log.info("wrote %s (%.0f KB)", thumb_path, thumb_path.stat().st_size / 1024)
+    return path
 
 
 # ---------------------------------------------------------------------------------------------- stand-ins
@@ -429,24 +420,23 @@ def metrics_picture(workdir: Path) -> Image.Image:
                    "sets, not values on the published scale. With the real weights, use >= 2,048 images per set."])
 
 
-PICTURES: dict[str, tuple[Callable, tuple[str, ...]]] = {
-    # name: (maker, template names whose thumbnail it is)
-    "schedule_inspector": (schedules_picture, ("analysis_schedule_inspector",)),
-    "attention_maps_unet": (lambda: attention_picture("unet"), ("analysis_attention_maps",)),
-    "attention_maps_mmdit": (lambda: attention_picture("dit"), ("analysis_attention_maps_sd3",)),
-    "activation_pca": (pca_picture, ("analysis_activation_pca",)),
-    "latent_slerp": (slerp_picture, ("analysis_latent_slerp",)),
-    "conditioning_direction": (direction_picture, ("analysis_conditioning_direction",)),
-    "ood_scores": (ood_picture, ("analysis_ood_scores",)),
-    "image_metrics": (None, ("analysis_image_metrics",)),
+# name -> what makes it (the metrics picture also needs a work folder). The analysis templates
+# (scripts/templates_analysis.py) show these pictures as their thumbnails.
+PICTURES: dict[str, Callable] = {
+    "schedule_inspector": schedules_picture,
+    "attention_maps_unet": lambda: attention_picture("unet"),
+    "attention_maps_mmdit": lambda: attention_picture("dit"),
+    "activation_pca": pca_picture,
+    "latent_slerp": slerp_picture,
+    "conditioning_direction": direction_picture,
+    "ood_scores": ood_picture,
+    "image_metrics": metrics_picture,
 }
 
 
 def main(argv=None) -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--out", type=Path, default=ROOT / "docs" / "images")
-    parser.add_argument("--thumbnails", default=str(ROOT / "example_workflows"),
-                        help="where the templates' .jpg thumbnails go; '' for none")
     parser.add_argument("--only", default="", help="comma-separated picture names (default: all)")
     args = parser.parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(message)s", force=True)   # ComfyUI set up its own
@@ -455,18 +445,17 @@ def main(argv=None) -> None:
     unknown = [n for n in only if n not in PICTURES]
     if unknown:
         raise SystemExit(f"unknown picture(s) {unknown}; known: {', '.join(PICTURES)}")
-    thumbnails = Path(args.thumbnails) if args.thumbnails else None
     with tempfile.TemporaryDirectory() as work:
         import folder_paths
 
         folder_paths.set_output_directory(work)        # the OOD fit saves its file there, not in ComfyUI/output
-        for name, (maker, thumbs) in PICTURES.items():
+        for name, maker in PICTURES.items():
             if only and name not in only:
                 continue
             started = time.perf_counter()
             torch.manual_seed(0)
-            image = metrics_picture(Path(work)) if maker is None else maker()
-            save_picture(image, args.out, name, thumbnails, thumbs)
+            image = maker(Path(work)) if maker is metrics_picture else maker()
+            save_picture(image, args.out, name)
             log.info("%s: %.1f s", name, time.perf_counter() - started)
 
 

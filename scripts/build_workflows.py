@@ -27,8 +27,8 @@ import json  # noqa: E402
 import templates_analysis  # noqa: E402,F401  (registers its workflows)
 import templates_selection  # noqa: E402,F401  (registers its workflows)
 from workflow_graph import *  # noqa: E402,F401,F403  (the machinery, for the tests)
-from thumbnails import thumbnail, thumbnail_path  # noqa: E402
-from workflow_graph import API_DIR, ROOT, render, stale  # noqa: E402
+from thumbnails import picture_thumbnail, thumbnail, thumbnail_path  # noqa: E402
+from workflow_graph import API_DIR, ROOT, WORKFLOWS, render, stale  # noqa: E402
 
 
 def thumbnails_to_write(files: dict[Path, str], rewritten: list[Path], force: bool = False) -> dict[Path, bytes]:
@@ -43,7 +43,9 @@ def thumbnails_to_write(files: dict[Path, str], rewritten: list[Path], force: bo
             continue
         jpg = thumbnail_path(path)
         if force or path in rewritten or not jpg.exists():
-            out[jpg] = thumbnail(json.loads(text), path.stem)
+            picture = WORKFLOWS[path.stem]().picture
+            out[jpg] = (picture_thumbnail(ROOT / picture, path.stem) if picture
+                        else thumbnail(json.loads(text), path.stem))
     return out
 
 

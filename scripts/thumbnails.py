@@ -16,6 +16,7 @@ from PIL import Image, ImageDraw, ImageFont
 
 THUMB_SIZE = (320, 240)
 QUALITY = 70
+MAX_BYTES = 8_000                  # per thumbnail (tests/test_workflows.py): the archive carries them all
 CAPTION_HEIGHT = 72
 BACKGROUND = (32, 32, 32)
 CAPTION_BACKGROUND = (24, 24, 28)
@@ -102,14 +103,38 @@ def thumbnail(ui: dict, name: str) -> bytes:
         draw.rounded_rectangle([a, b], radius=3, fill=body, outline=PACK_TITLE if ours else None)
         draw.rectangle([a, (b[0], min(b[1], a[1] + TITLE_BAR * scale))], fill=title)
 
+    _draw_caption(draw, name)
+    out = io.BytesIO()
+    image.save(out, format="JPEG", quality=QUALITY, optimize=True)
+    return out.getvalue()
+
+
+def _draw_caption(draw: ImageDraw.ImageDraw, name: str) -> None:
+    width, height = THUMB_SIZE
+    graph_height = height - CAPTION_HEIGHT
     family, what = caption(name)
     draw.rectangle([0, graph_height, width, height], fill=CAPTION_BACKGROUND)
     big, small = _font(22), _font(15)
     draw.text((10, graph_height + 6), family, font=big, fill=(235, 235, 235))
     for i, line in enumerate(_wrap(what, small, width - 20, draw)[:2]):
         draw.text((10, graph_height + 34 + 17 * i), line, font=small, fill=(200, 200, 210))
-    out = io.BytesIO()
-    image.save(out, format="JPEG", quality=QUALITY, optimize=True)
+
+
+def picture_thumbnail(picture: Path, name: str, max_bytes: int = MAX_BYTES) -> bytes:
+    """The JPEG bytes of a thumbnail that shows a picture (the output of an analysis template) above
+    the same caption; the quality steps down from QUALITY until the file is under ``max_bytes``."""
+    width, height = THUMB_SIZE
+    image = Image.new("RGB", THUMB_SIZE, (255, 255, 255))
+    with Image.open(picture) as source:
+        shown = source.convert("RGB")
+    shown.thumbnail((width, height - CAPTION_HEIGHT), Image.LANCZOS)
+    image.paste(shown, ((width - shown.width) // 2, (height - CAPTION_HEIGHT - shown.height) // 2))
+    _draw_caption(ImageDraw.Draw(image), name)
+    for quality in range(QUALITY, 9, -10):
+        out = io.BytesIO()
+        image.save(out, format="JPEG", quality=quality, optimize=True)
+        if out.tell() < max_bytes:
+            break
     return out.getvalue()
 
 

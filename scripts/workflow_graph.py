@@ -91,6 +91,9 @@ class Workflow:
     """
     nodes: list
     description: str = ""
+    # A picture (path relative to the repository root) shown on the card instead of the drawn graph:
+    # the analysis templates show what their output looks like (docs/images, made by `make pictures`).
+    picture: Optional[str] = None
 
 
 @dataclass(frozen=True)

@@ -271,7 +271,8 @@ def pca_picture() -> Image.Image:
     final_column = image_grid([[im] for im in finals], [""] * len(finals), ["finished"], 96, label_width=0)
     row = Image.new("RGB", (grid_pil.width + final_column.width + 8, max(grid_pil.height, final_column.height)), WHITE)
     row.paste(grid_pil, (0, 0))
-    row.paste(final_column, (grid_pil.width + 8, 0))
+    # the grids' label rows differ (the PCA node's 18 px, image_grid's 22 px): align the cells
+    row.paste(final_column, (grid_pil.width + 8, nodes_activation_pca.LABEL_TOP - 22))
     return titled(f"Activation PCA: \"{PROMPT}\", proxy UNet, tap output_blocks.3.0 (16 x 16)",
                   stack([row, text_block([summary], row.width, 11)]))
 

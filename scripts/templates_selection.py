@@ -161,14 +161,17 @@ def resume(family: Family, node_id: int, kept: tuple, guider_id: int = 21) -> No
                                                "latent": kept, "cfg": family.cfg})
 
 
-def settings_text(family: Family) -> str:
-    if family.custom:
+def settings_text(family: Family, ksampler_form: bool = False) -> str:
+    """The family's settings as the template's nodes hold them (`ksampler_form`: a KSampler-form node
+    in a custom-sampling family's template: the one-box sampler, the collector)."""
+    if family.custom and not ksampler_form:
         guider = (f"BasicGuider with FluxGuidance {family.guidance}" if family.guidance is not None
                   else f"CFGGuider cfg {family.cfg}")
         return (f"{family.label} settings: {family.size}x{family.size}, {family.steps} steps, {family.sampler} / "
                 f"{family.scheduler}, {guider}. The early sampler takes the same NOISE, GUIDER, SAMPLER and "
                 "SIGMAS as SamplerCustomAdvanced; candidate i uses the noise seed + i.")
-    return (f"{family.label} settings: {family.size}x{family.size}, {family.steps} steps, cfg {family.cfg}, "
+    guidance = f" with FluxGuidance {family.guidance} on the prompt" if family.guidance is not None else ""
+    return (f"{family.label} settings: {family.size}x{family.size}, {family.steps} steps, cfg {family.cfg}{guidance}, "
             f"{family.sampler} / {family.scheduler}. Candidate i uses seed + i.")
 
 
@@ -294,11 +297,9 @@ def probe_one_box(family: Family) -> Workflow:
         note(15, f"{family.label}: probe selection in one node", description,
              checkpoint_line(family), probe_lines(family),
              "- The probe's tap is applied to the model automatically." + (
-                 " This node has the KSampler form: cfg 1 with FluxGuidance on the prompt, as Flux runs in a "
-                 "KSampler." if family.guidance is not None else ""),
-             "- " + settings_text(family).replace(" The early sampler takes the same NOISE, GUIDER, SAMPLER and "
-                                                  "SIGMAS as SamplerCustomAdvanced; candidate i uses the noise seed "
-                                                  "+ i.", " Candidate i uses seed + i.")),
+                 " The one-box sampler has the KSampler form only: Flux runs in it at cfg 1 with FluxGuidance on "
+                 "the prompt and the negative zeroed out." if family.guidance is not None else ""),
+             "- " + settings_text(family, ksampler_form=True)),
     ], description=description)
 
 
@@ -330,9 +331,7 @@ def collect_dataset(family: Family) -> Workflow:
              "- For big jobs: `python -m tools.cli collect --server http://127.0.0.1:8188 --prompts prompts.txt "
              f"--dataset {family.dataset} --output-dir ComfyUI/output --workflow <this workflow's API file>` "
              "sends it once per prompt and resumes where it stopped.",
-             "- " + settings_text(family).replace(" The early sampler takes the same NOISE, GUIDER, SAMPLER and "
-                                                  "SIGMAS as SamplerCustomAdvanced; candidate i uses the noise seed "
-                                                  "+ i.", " Candidate i uses seed + i.")),
+             "- " + settings_text(family, ksampler_form=True)),
     ], description=description)
 
 

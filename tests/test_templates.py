@@ -165,7 +165,7 @@ def api_copy(family, what: str) -> dict:
             inputs["filename_prefix"] = f"{inputs['filename_prefix']}_{uuid.uuid4().hex[:8]}"
     if family.key == "flux":
         encoder = str(max(int(i) for i in workflow) + 1)
-        workflow[encoder] = {"class_type": FLUX_TEXT_ENCODER, "inputs": {}, "_meta": {"title": "test CLIP"}}
+        workflow[encoder] = {"class_type": FLUX_TEXT_ENCODER, "inputs": {"seed": 0}, "_meta": {"title": "test CLIP"}}
         for node in workflow.values():
             for name, value in node["inputs"].items():
                 if value == ["1", 1]:

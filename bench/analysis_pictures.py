@@ -8,7 +8,7 @@ the trained proxy-world models (``bench/proxy_world``: an SD1.x-family UNet and 
 schedules come from ComfyUI's own model_sampling objects of SD1.5, SDXL, SD3 and Flux (no weights
 needed). Deterministic (fixed seeds, one thread): a second run writes the same files. Writes
 ``<name>.png`` per analysis into ``--out`` (docs/images; not in the registry archive, see
-.comfyignore). The analysis templates' thumbnails are drawn from these pictures by
+.comfyignore) and ``cards/<name>.png``, the part of it that stays readable on a template card. The analysis templates' thumbnails are drawn from these pictures by
 ``scripts/build_workflows.py --thumbnails`` (``make pictures`` runs both).
 
 The image-set metrics need the FID Inception weights, which can't be downloaded where this runs: the
@@ -24,7 +24,7 @@ import sys
 import tempfile
 import time
 from pathlib import Path
-from typing import Callable, Sequence
+from typing import Callable, NamedTuple, Sequence
 
 os.environ.setdefault("OMP_NUM_THREADS", "1")
 ROOT = Path(__file__).resolve().parents[1]
@@ -136,14 +136,29 @@ def image_grid(rows: Sequence[Sequence[Image.Image]], row_labels: Sequence[str],
     return grid
 
 
-def save_picture(image: Image.Image, out: Path, name: str) -> Path:
-    """``out/<name>.png``, palette-quantised: 256 colours keep the plots exact and the heat maps smooth
-    enough, at a third of the size."""
-    out.mkdir(parents=True, exist_ok=True)
-    path = out / f"{name}.png"
+class Picture(NamedTuple):
+    """The README's picture and its card: the part that stays readable on a 320 x 240 template thumbnail."""
+    full: Image.Image
+    card: Image.Image
+
+
+def save_png(image: Image.Image, path: Path) -> None:
+    """Palette-quantised PNG: 256 colours keep the plots exact and the heat maps smooth enough, at a
+    third of the size."""
+    path.parent.mkdir(parents=True, exist_ok=True)
     image.quantize(colors=256, method=Image.Quantize.MEDIANCUT, dither=Image.Dither.NONE).save(path, optimize=True)
     log.info("wrote %s (%d x %d, %.0f KB)", path, image.width, image.height, path.stat().st_size / 1024)
-    return path
+
+
+CARD_SIZE = (640, 336)      # twice a template card's picture area (scripts/thumbnails.py): no more is needed
+
+
+def save_picture(picture: Picture, out: Path, name: str) -> None:
+    """``out/<name>.png`` and ``out/cards/<name>.png`` (the card no larger than CARD_SIZE)."""
+    save_png(picture.full, out / f"{name}.png")
+    card = picture.card.copy()
+    card.thumbnail(CARD_SIZE, Image.LANCZOS)
+    save_png(card, out / "cards" / f"{name}.png")
 
 
 # ---------------------------------------------------------------------------------------------- stand-ins
@@ -206,16 +221,16 @@ def sample(model, positive, negative, latent: dict, seed: int, steps: int = STEP
 
 # ---------------------------------------------------------------------------------------------- pictures
 
-def schedule_panel(title: str, model, schedulers: str, steps: int, model_2=None) -> Image.Image:
-    """One inspector run: its plot and the summary lines that say where the checkpoint lands."""
+def schedule_panel(title: str, model, schedulers: str, steps: int, model_2=None) -> tuple[Image.Image, Image.Image]:
+    """One inspector run: (its plot with the summary, the node's plot alone)."""
     image, summary = nodes_schedules.ProbeSelectScheduleInspector.execute(
         model, schedulers, steps, 0.2, model_2=model_2).result
     body = image_to_pil(image[0])
     return stack([text_block([title], body.width, size=14), body,
-                  text_block(summary.splitlines(), body.width, size=11)])
+                  text_block(summary.splitlines(), body.width, size=11)]), body
 
 
-def schedules_picture() -> Image.Image:
+def schedules_picture() -> Picture:
     """SD1.5 (eps) with three schedulers; SD3 (flow, shift 3) against Flux (flow, exp(1.15)) with two.
 
     Two inspector runs side by side: a VP sigma (up to 14.6) and a flow sigma (up to 1) on one axis
@@ -223,13 +238,16 @@ def schedules_picture() -> Image.Image:
     sd15 = real_schedule_model(comfy.supported_models.SD15, comfy.model_base.ModelType.EPS)
     sd3 = real_schedule_model(comfy.supported_models.SD3, comfy.model_base.ModelType.FLOW)
     flux = real_schedule_model(comfy.supported_models.Flux, comfy.model_base.ModelType.FLUX)
-    left = schedule_panel("SD1.5 (eps): normal, karras, exponential", sd15, "normal,karras,exponential", 20)
-    right = schedule_panel("SD3 (model 1, shift 3) vs Flux (model 2, 1024 px: shift exp(1.15)): normal, karras",
+    left, _ = schedule_panel("SD1.5 (eps): normal, karras, exponential", sd15, "normal,karras,exponential", 20)
+    right, flow_plot = schedule_panel("SD3 (model 1, shift 3) vs Flux (model 2, 1024 px: shift exp(1.15)): normal, karras",
                            sd3, "normal,karras", 20, model_2=flux)
     body = Image.new("RGB", (left.width + right.width + 12, max(left.height, right.height)), WHITE)
     body.paste(left, (0, 0))
     body.paste(right, (left.width + 12, 0))
-    return titled("Schedule inspector: 20 steps, the Probe-Select checkpoint at 20% (vertical line)", body)
+    # card: the flow models' log-SNR panel (the node stacks sigma, signal fraction, log-SNR in equal thirds)
+    log_snr = flow_plot.crop((0, flow_plot.height * 2 // 3 - 8, flow_plot.width, flow_plot.height))
+    return Picture(titled("Schedule inspector: 20 steps, the Probe-Select checkpoint at 20% (vertical line)", body),
+                   log_snr)
 
 
 # A seed per family whose image gets the prompt right (red circle left of the blue square), so the
@@ -237,7 +255,7 @@ def schedules_picture() -> Image.Image:
 ATTENTION_SEEDS = {"unet": 0, "dit": 6}
 
 
-def attention_picture(family: str) -> Image.Image:
+def attention_picture(family: str) -> Picture:
     """Per-word maps over the steps and the sharpness curves, on the trained proxy model."""
     model, text = proxy.load(family)
     positive, negative = text.conditioning(PROMPT), text.conditioning("")
@@ -252,11 +270,12 @@ def attention_picture(family: str) -> Image.Image:
     maps_pil, sharp_pil = image_to_pil(maps[0]), image_to_pil(sharpness[0])
     sharp_pil = sharp_pil.resize((maps_pil.width, maps_pil.width * sharp_pil.height // sharp_pil.width), Image.LANCZOS) \
         if sharp_pil.width > maps_pil.width else sharp_pil
-    return titled(f"Attention maps: \"{PROMPT}\", proxy {what}, seed {ATTENTION_SEEDS[family]}",
-                  stack([maps_pil, sharp_pil, text_block(summary.splitlines(), maps_pil.width, 11)]))
+    return Picture(titled(f"Attention maps: \"{PROMPT}\", proxy {what}, seed {ATTENTION_SEEDS[family]}",
+                          stack([maps_pil, sharp_pil, text_block(summary.splitlines(), maps_pil.width, 11)])),
+                   maps_pil)
 
 
-def pca_picture() -> Image.Image:
+def pca_picture() -> Picture:
     """Four candidates of one prompt, tapped at four checkpoints, PCA over all of them."""
     model, text = proxy.load("unet")
     tapped = nodes_tap.ProbeSelectTap.execute(model, "auto", 16).result[0]
@@ -273,11 +292,11 @@ def pca_picture() -> Image.Image:
     row.paste(grid_pil, (0, 0))
     # the grids' label rows differ (the PCA node's 18 px, image_grid's 22 px): align the cells
     row.paste(final_column, (grid_pil.width + 8, nodes_activation_pca.LABEL_TOP - 22))
-    return titled(f"Activation PCA: \"{PROMPT}\", proxy UNet, tap output_blocks.3.0 (16 x 16)",
-                  stack([row, text_block([summary], row.width, 11)]))
+    return Picture(titled(f"Activation PCA: \"{PROMPT}\", proxy UNet, tap output_blocks.3.0 (16 x 16)",
+                          stack([row, text_block([summary], row.width, 11)])), row)
 
 
-def slerp_picture() -> Image.Image:
+def slerp_picture() -> Picture:
     """seed 1's noise -> seed 2's noise in 8 points, each sampled (SamplerCustomAdvanced's path)."""
     model, text = proxy.load("unet")
     positive, negative = text.conditioning(PROMPT), text.conditioning("")
@@ -294,12 +313,13 @@ def slerp_picture() -> Image.Image:
     images = decode(samples, "unet")
     labels = [f"t={i / (count - 1):.2f}" for i in range(count)]
     grid = image_grid([images], [""], labels, 88, label_width=0)
-    return titled(f"Latent slerp: seed 1's noise -> seed 2's noise, 8 points, \"{PROMPT}\", proxy UNet", grid,
+    card = image_grid([images[:4], images[4:]], ["", ""], [], 88, label_width=0)
+    return Picture(titled(f"Latent slerp: seed 1's noise -> seed 2's noise, 8 points, \"{PROMPT}\", proxy UNet", grid,
                   ["The ends are exactly what seed 1 and seed 2 give alone; in between, the layout changes in jumps "
-                   "where the model switches between the two solutions."])
+                   "where the model switches between the two solutions."]), card)
 
 
-def direction_picture() -> Image.Image:
+def direction_picture() -> Picture:
     """'a red circle ...' moved toward 'green' (away from 'red'), at three seeds."""
     model, text = proxy.load("unet")
     base = "a red circle above a blue square"
@@ -314,11 +334,12 @@ def direction_picture() -> Image.Image:
         rows.append(decode(sample(model, moved, negative, latent, seed), "unet"))
     labels = [f"strength {s.strip()}" for s in strengths.split(",")]
     grid = image_grid(rows, [f"seed {s}" for s in seeds], labels, 88, label_width=64)
-    return titled(f"Conditioning direction: \"{base}\" + strength x (\"a green circle\" - \"a red circle\")", grid,
-                  ["One KSampler run per seed (one row per strength, one shared noise), proxy UNet, per_token mode."])
+    return Picture(titled(f"Conditioning direction: \"{base}\" + strength x (\"a green circle\" - \"a red circle\")",
+                          grid, ["One KSampler run per seed (one row per strength, one shared noise), proxy UNet, "
+                                 "per_token mode."]), grid)
 
 
-def ood_picture() -> Image.Image:
+def ood_picture() -> Picture:
     """Reference: 128 proxy-UNet samples of grammar prompts (latents); scored: fresh samples and odd ones."""
     model, text = proxy.load("unet")
     negative = text.conditioning("")
@@ -350,10 +371,18 @@ def ood_picture() -> Image.Image:
         draw.text((j * 104 + 2, 22 + 96 - 32), f"d {s:.1f}\np {p:.1f}", fill=(255, 255, 0), font=font(12),
                   stroke_width=2, stroke_fill=BLACK)
     fit_lines = [line for line in fit_report.splitlines() if not line.startswith("saved ")]
-    return titled("OOD score: 128 proxy-UNet samples as the reference (latents, pooled 4 x 4 per channel)", stack(
+    full = titled("OOD score: 128 proxy-UNet samples as the reference (latents, pooled 4 x 4 per channel)", stack(
         [grid, text_block(fit_lines + report.splitlines(), grid.width, 11)]),
         ["d = Mahalanobis distance to the reference, p = its percentile among the reference's own (cross-fitted) "
          "scores: 99 = more unusual than 99% of the reference."])
+    card = image_grid([images[:3], images[3:]], ["", ""], [], 96, label_width=0, gap=8)
+    card_draw = ImageDraw.Draw(card)
+    for j, (kind, p) in enumerate(zip(kinds, percentiles)):
+        x, y = (j % 3) * 104, 22 + (j // 3) * 104
+        card_draw.text((x + 3, y + 2), kind, fill=WHITE, font=font(13), stroke_width=2, stroke_fill=BLACK)
+        card_draw.text((x + 3, y + 74), f"p {p:.0f}", fill=(255, 255, 0), font=font(16), stroke_width=2,
+                       stroke_fill=BLACK)
+    return Picture(full, card.crop((0, 22, card.width, card.height)))
 
 
 class RandomConvFeatures(torch.nn.Module):
@@ -379,7 +408,7 @@ class RandomConvFeatures(torch.nn.Module):
         return {"pool": torch.cat([x.mean(dim=(2, 3)), x.amax(dim=(2, 3))], dim=1)}
 
 
-def metrics_picture(workdir: Path) -> Image.Image:
+def metrics_picture(workdir: Path) -> Picture:
     """A good and a bad set of proxy-UNet images against rendered references, one report each."""
     import folder_paths
 
@@ -401,7 +430,7 @@ def metrics_picture(workdir: Path) -> Image.Image:
 
     extractor = feat.ModuleExtractor(RandomConvFeatures(0), kind="inception", input_size=64,
                                      extractor_id="random-conv-stand-in:seed0")
-    width, columns = 560, []
+    width, columns, cards = 560, [], []
     for label, steps in (("20 steps", STEPS), ("2 steps", 2)):
         images = images_of(steps)
         report = nodes_image_metrics.ProbeSelectImageMetrics.execute(
@@ -411,18 +440,27 @@ def metrics_picture(workdir: Path) -> Image.Image:
         thumbs = image_grid([[image_to_pil(im) for im in images[:7]]], [""], [], 64, label_width=0)
         columns.append(stack([text_block([f"generated: proxy UNet, {label}, {len(images)} images"], width, 13),
                               thumbs, text_block(report.splitlines(), width, 11)]))
+        numbers = [line.split(" (")[0] for line in report.splitlines()
+                   if line.startswith(("fid:", "precision:", "recall:", "density:", "coverage:"))]
+        cards.append(stack([text_block([label], 200, 18), image_grid([[image_to_pil(im) for im in images[:3]]], [""],
+                                                                     [], 64, label_width=0).crop((0, 22, 200, 86)),
+                            text_block(numbers, 200, 16)]))
     body = Image.new("RGB", (2 * width + 8, max(c.height for c in columns)), WHITE)
     for i, column in enumerate(columns):
         body.paste(column, (i * (width + 8), 0))
-    return titled(f"Image-set metrics: two generated sets vs {len(prompts)} rendered reference images (same prompts)",
-                  body,
+    card = Image.new("RGB", (2 * 200 + 16, max(c.height for c in cards)), WHITE)
+    for i, part in enumerate(cards):
+        card.paste(part, (i * 216, 0))
+    return Picture(titled(f"Image-set metrics: two generated sets vs {len(prompts)} rendered reference images "
+                          "(same prompts)", body,
                   ["The extractor here is a seeded random conv net standing in for the FID Inception (its weights "
                    "can't be downloaded where this picture is made): the report's form and the ordering of the two "
-                   "sets, not values on the published scale. With the real weights, use >= 2,048 images per set."])
+                   "sets, not values on the published scale. With the real weights, use >= 2,048 images per set."]),
+                   card)
 
 
 # name -> what makes it (the metrics picture also needs a work folder). The analysis templates
-# (scripts/templates_analysis.py) show these pictures as their thumbnails.
+# (scripts/templates_analysis.py) show the cards as their thumbnails.
 PICTURES: dict[str, Callable] = {
     "schedule_inspector": schedules_picture,
     "attention_maps_unet": lambda: attention_picture("unet"),
@@ -455,8 +493,8 @@ def main(argv=None) -> None:
                 continue
             started = time.perf_counter()
             torch.manual_seed(0)
-            image = maker(Path(work)) if maker is metrics_picture else maker()
-            save_picture(image, args.out, name)
+            picture = maker(Path(work)) if maker is metrics_picture else maker()
+            save_picture(picture, args.out, name)
             log.info("%s: %.1f s", name, time.perf_counter() - started)
 
 

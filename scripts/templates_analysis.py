@@ -3,7 +3,8 @@ MMDiT, activation PCA, latent slerp, conditioning direction, OOD scores, image-s
 with `@workflow` like scripts/templates_selection.py and written by scripts/build_workflows.py.
 
 File names read as the card's title (`<family>_analysis_<what>`). Each card shows the analysis's real
-output (`picture`: docs/images/<name>.png, made by `make pictures` on the proxy-world models), and
+output (`picture`: docs/images/cards/<name>.png, the readable part of the README's picture, made by
+`make pictures` on the proxy-world models), and
 each graph opens with a note on its settings and on what to put where.
 """
 from __future__ import annotations
@@ -27,7 +28,8 @@ def _name(family: Family, what: str) -> str:
 
 
 def _picture(name: str) -> str:
-    return f"docs/images/{name}.png"
+    """The card of the analysis's picture (bench/analysis_pictures.py): the readable part of it."""
+    return f"docs/images/cards/{name}.png"
 
 
 def note(node_id: int, title: str, description: str, *lines: str) -> Note:

@@ -9,8 +9,8 @@ collect (a few prompts chosen so every train/val/test split has one) -> train (w
 selection templates load) -> evaluate -> probe selection, modular and one-box -> pick by hand (the
 test posts the pick as the gallery's Finish button does) -> CLIPScore on the x0 previews.
 
-What the test changes on the API copy (never on the shipped template): image size 64x64, steps 10 (the collect template records at 0.1 of the steps),
-3 candidates (collect, early samplers, one-box), training epochs 2. Everything else (checkpoint,
+What the test changes on the API copy (never on the shipped template): image size 64x64, steps 5
+(collect: 10, as it records at 0.1 of the steps), 3 candidates (collect: 2), training epochs 2. Everything else (checkpoint,
 probe, dataset and evaluator names, samplers, schedulers, cfg, guidance, tap) runs as shipped.
 Flux: the stand-in checkpoint carries no text encoder (T5-XXL alone is 4.7 B parameters), so its
 CLIP input comes from the test node ProbeSelectTestFluxTextEncoder instead of the checkpoint's.
@@ -41,7 +41,8 @@ ROOT = Path(__file__).resolve().parents[1]
 API_DIR = ROOT / "example_workflows" / "api"
 CACHE_DIR = Path(os.environ.get("PROBE_SELECT_TEST_CACHE", ROOT / "bench" / "cache"))
 TEST_NODES = Path(__file__).resolve().parent / "custom_nodes" / "probe_select_test_nodes"
-SIZE, STEPS, CANDIDATES, EPOCHS = 64, 10, 3, 2
+SIZE, STEPS, CANDIDATES, EPOCHS = 64, 5, 3, 2
+COLLECT_STEPS, COLLECT_CANDIDATES = 10, 2        # the collector records at 0.1 of the steps
 PICKED = [0, 2]
 FLUX_TEXT_ENCODER = "ProbeSelectTestFluxTextEncoder"
 
@@ -61,7 +62,11 @@ try:        # devtools/stand_ins.py: a stand-in checkpoint per family
     from devtools import stand_ins
 except ImportError:         # before it exists: the tiny SD1.5 checkpoint alone
     stand_ins = None
+# Every family with a stand-in; PROBE_SELECT_TEMPLATE_FAMILIES=sd15,sd35 runs some of them (the Flux
+# stand-in's 3072-wide blocks make its seven templates take minutes on a 2-core CPU).
 FAMILY_KEYS = list(templates.FAMILIES) if stand_ins is not None else ["sd15"]
+if os.environ.get("PROBE_SELECT_TEMPLATE_FAMILIES"):
+    FAMILY_KEYS = [k for k in os.environ["PROBE_SELECT_TEMPLATE_FAMILIES"].split(",") if k in FAMILY_KEYS]
 
 
 def checkpoint_file(family: str) -> Path:
@@ -107,11 +112,12 @@ def open_clip_file() -> Path:
 
 
 def split_prompts() -> list[str]:
-    """Prompts such that the training split (by prompt hash, seed 0) gets two and val and test one each."""
+    """Prompts such that each split (by prompt hash, seed 0) gets one: train and validation for the
+    trainer, test for the evaluation."""
     from probe_select.probes.training.dataset.rows import prompt_id
     from probe_select.probes.training.dataset.splits import split_by_prompt
 
-    wanted = {"train": 2, "val": 1, "test": 1}
+    wanted = {"train": 1, "val": 1, "test": 1}
     chosen: list[str] = []
     for i in range(1000):
         prompt = f"a photo of a red fox, variation {i}"
@@ -155,20 +161,23 @@ def api_copy(family, what: str) -> dict:
         inputs, kind = node["inputs"], node["class_type"]
         if kind in ("EmptyLatentImage", "EmptySD3LatentImage"):
             inputs.update(width=SIZE, height=SIZE)
-        if kind in ("ProbeSelectEarlySampler", "ProbeSelectSampler", "ProbeSelectCollectSampler", "BasicScheduler"):
+        if kind in ("ProbeSelectEarlySampler", "ProbeSelectSampler", "BasicScheduler"):
             inputs["steps"] = STEPS
-        if "candidates" in inputs:
+        if kind in ("ProbeSelectEarlySampler", "ProbeSelectSampler", "ProbeSelectEarlySamplerCustom"):
             inputs["candidates"] = CANDIDATES
+        if kind == "ProbeSelectCollectSampler":
+            inputs.update(steps=COLLECT_STEPS, candidates=COLLECT_CANDIDATES)
         if kind == "ProbeSelectTrain":
             inputs["epochs"] = EPOCHS
         if kind == "SaveImage":
             inputs["filename_prefix"] = f"{inputs['filename_prefix']}_{uuid.uuid4().hex[:8]}"
-    if family.key == "flux":
+    if family.key == "flux" and nodes_of(workflow, "CheckpointLoaderSimple"):
+        (loader,) = nodes_of(workflow, "CheckpointLoaderSimple")
         encoder = str(max(int(i) for i in workflow) + 1)
         workflow[encoder] = {"class_type": FLUX_TEXT_ENCODER, "inputs": {"seed": 0}, "_meta": {"title": "test CLIP"}}
         for node in workflow.values():
             for name, value in node["inputs"].items():
-                if value == ["1", 1]:
+                if value == [loader, 1]:
                     node["inputs"][name] = [encoder, 0]
     return workflow
 
@@ -253,10 +262,10 @@ def test_collect_writes_a_shard_per_prompt(server, family, collected):
     entries, prompts = collected
     for i, (workflow, entry) in enumerate(entries):
         (writer,) = nodes_of(workflow, "ProbeSelectDatasetWriter")
-        assert text_of(entry, writer) == (f"{family.dataset}: {(i + 1) * CANDIDATES} rows "
-                                          f"({CANDIDATES} added)")
+        assert text_of(entry, writer) == (f"{family.dataset}: {(i + 1) * COLLECT_CANDIDATES} rows "
+                                          f"({COLLECT_CANDIDATES} added)")
     dataset = ProbeDataset(server.output_dir / "probe_select_datasets" / family.dataset)
-    assert len(dataset) == len(prompts) * CANDIDATES
+    assert len(dataset) == len(prompts) * COLLECT_CANDIDATES
     assert sorted(set(dataset.prompts)) == sorted(prompts)
 
 

@@ -8,7 +8,7 @@ PY := $(VENV)/bin/python
 export OMP_NUM_THREADS ?= 1
 PYTEST_ARGS ?=
 
-.PHONY: setup test test-fast bench bench-core bench-flops bench-streaming bench-proxy proxy-models demo lint package clean mutation
+.PHONY: setup test test-fast bench bench-core bench-flops bench-streaming bench-proxy proxy-models demo lint package clean mutation pictures
 
 setup:
 	@bash scripts/setup_env.sh
@@ -79,3 +79,10 @@ bench-proxy: proxy-models
 
 demo: proxy-models
 	$(PY) bench/demo.py
+
+# The README's pictures of every analysis node's output (docs/images/*.png, made by the nodes on the
+# proxy-world models and ComfyUI's own schedules; deterministic, about 10 minutes on 2 cores) and the
+# analysis templates' thumbnails drawn from them (example_workflows/*_analysis_*.jpg).
+pictures: proxy-models
+	$(PY) bench/analysis_pictures.py
+	$(PY) scripts/build_workflows.py --thumbnails

@@ -249,7 +249,7 @@ def test_every_example_workflow_loads_cleanly(page):
 @pytest.fixture
 def broken_workflow() -> dict:
     """The selection workflow with a node type that does not exist and a link into the wrong input."""
-    workflow = json.loads((example_workflows()[0].parent / "probe_select_basic.json").read_text())
+    workflow = json.loads((example_workflows()[0].parent / "SD1.5_probe_selection.json").read_text())
     broken = copy.deepcopy(workflow)
     node = next(n for n in broken["nodes"] if n["id"] == TOPK)
     node["type"] = "ProbeSelectNoSuchNode"
@@ -270,7 +270,7 @@ def test_a_broken_workflow_is_caught(page, broken_workflow):
 
 def _selection_workflow(tiny_checkpoint: Path) -> dict:
     """The probe-selection example scaled down for the tiny checkpoint (UI format)."""
-    workflow = json.loads((example_workflows()[0].parent / "probe_select_basic.json").read_text())
+    workflow = json.loads((example_workflows()[0].parent / "SD1.5_probe_selection.json").read_text())
     values = {CKPT: {0: tiny_checkpoint.name}, LATENT: {0: SIZE, 1: SIZE}, TAP: {1: FEATURE_SIZE},
               EARLY: {0: SEED, 2: CANDIDATES, 3: STEPS}, LOAD_PROBE: {0: PROBE_NAME}, TOPK: {0: KEEP}}
     for node in workflow["nodes"]:

@@ -156,8 +156,8 @@ def test_archive_holds_the_run_time_files_and_nothing_else(archive, tmp_path):
                and not p.lower().endswith(package.WEIGHT_SUFFIXES) and "__pycache__" not in p
                and PurePosixPath(p).name != "build_workflows.py"}
     assert runtime <= paths, sorted(runtime - paths)
-    # Under 1 MB on disk and as the zip comfy-cli uploads.
-    assert sum(entry.size for entry in archive) < package.MAX_ARCHIVE_BYTES
+    # Under 2 MB on disk and 1 MB as the zip comfy-cli uploads.
+    assert sum(entry.size for entry in archive) < package.MAX_UNPACKED_BYTES
     zip_path = package.write_archive(archive, ROOT, tmp_path / "node.zip")
     assert zip_path.stat().st_size < package.MAX_ARCHIVE_BYTES
     assert set(zipfile.ZipFile(zip_path).namelist()) == paths
@@ -221,7 +221,7 @@ def test_a_pack_without_comfyignore_is_caught_and_ours_fixes_it(tmp_path):
         "probes/__init__.py": small, "js/scores.js": small, "workflows/a.json": b"{}",
         "example_workflows/b.json": b"{}", "example_workflows/b.png": small,
         "example_workflows/build_workflows.py": small,
-        "bench/proxy_world/weights/proxy_unet.safetensors": small, "bench/results/big.md": b"x" * 1_100_000,
+        "bench/proxy_world/weights/proxy_unet.safetensors": small, "bench/results/big.md": b"x" * 2_100_000,
         "tests/test_x.py": small, "scripts/setup_env.sh": small, "Makefile": small, "requirements.txt": small,
         "pyproject.toml": (ROOT / "pyproject.toml").read_bytes(), "README.md": small, "LICENSE": small,
         "icon.png": small,

@@ -90,7 +90,7 @@ def check_widget_value(where: str, kind: str, options: dict, value) -> None:
 
 def test_every_declared_workflow_has_a_ui_file_and_an_api_twin():
     declared = set(bw.WORKFLOWS)
-    assert {"probe_select_basic", "probe_select_one_box"} <= declared
+    assert {"SD1.5_probe_selection", "SD1.5_probe_selection_one_box", "SD1.5_pick_by_hand_x0_previews"} <= declared
     assert {p.stem for p in UI_FILES} == declared, "a UI file without a declaration, or the reverse"
     assert {p.stem for p in API_DIR.glob("*.json")} == declared
 
@@ -206,7 +206,7 @@ def test_stale_detects_missing_and_changed_files(tmp_path):
 def test_stale_ignores_layout_and_outputs_but_not_what_the_graph_means(tmp_path):
     """An output ComfyUI adds upstream (0.33's SaveImage) or a moved node is not stale; a changed node
     type, widget value or link is; a rewrite (exact) still brings every byte up to date."""
-    text = (WORKFLOWS_DIR / "probe_select_basic.json").read_text()
+    text = (WORKFLOWS_DIR / "SD1.5_probe_selection.json").read_text()
     path = tmp_path / "w.json"
 
     def stale_after(edit, exact=False):
@@ -238,7 +238,7 @@ def test_stale_ignores_layout_and_outputs_but_not_what_the_graph_means(tmp_path)
 
 
 def test_basic_api_twin_keeps_what_test_server_edits():
-    api = load(API_DIR / "probe_select_basic.json")
+    api = load(API_DIR / "SD1.5_probe_selection.json")
     expected = {"1": ("CheckpointLoaderSimple", "ckpt_name"), "4": ("EmptyLatentImage", "width"),
                 "5": ("ProbeSelectTap", "feature_size"), "6": ("ProbeSelectEarlySampler", "seed"),
                 "7": ("ProbeSelectLoadProbe", "probe_name"), "8": ("ProbeSelectScore", "probe"),
@@ -272,7 +272,7 @@ def test_ui_to_api_skips_control_values_and_notes(schemas):
 
 def test_generator_links_a_widget_input(schemas):
     # The best seed of one run (TopK output 2, INT) drives the seed widget of another early sampler.
-    basic = bw.WORKFLOWS["probe_select_basic"]().nodes
+    basic = bw.WORKFLOWS["SD1.5_probe_selection"]().nodes
     declared = basic[:9] + [bw.Node(20, "ProbeSelectEarlySampler", {
         "model": (5, 0), "positive": (2, 0), "negative": (3, 0), "latent_image": (4, 0), "seed": (9, 2)})]
     ui, api = bw.build("linked_seed", bw.Workflow(declared), schemas)
@@ -294,7 +294,7 @@ def test_generator_links_a_widget_input(schemas):
     (bw.Node(9, "ProbeSelectTopK", {"early_latent": "latent", "scores": (8, 0)}), "socket needs a link"),
 ])
 def test_generator_rejects_bad_declarations(schemas, node, message):
-    basic = bw.WORKFLOWS["probe_select_basic"]().nodes
+    basic = bw.WORKFLOWS["SD1.5_probe_selection"]().nodes
     declared = [node if n.id == node.id else n for n in basic]
     with pytest.raises(bw.WorkflowError, match=message):
         bw.build("bad", bw.Workflow(declared), schemas)
@@ -308,3 +308,55 @@ def test_generator_rejects_unknown_nodes_and_cycles(schemas):
              bw.Node(3, "CheckpointLoaderSimple", {"ckpt_name": "x.safetensors"})]
     with pytest.raises(bw.WorkflowError, match="cycle"):
         bw.build("bad", bw.Workflow(cycle), schemas)
+
+
+# ---- what the template browser and the missing-model check read ----------------------------------
+
+@pytest.mark.parametrize("path", [ui_param(p) for p in UI_FILES])
+def test_template_has_a_small_thumbnail(path):
+    # Frontends 1.32-1.49 show /api/workflow_templates/<pack>/<name>.jpg on the card.
+    from PIL import Image
+
+    jpg = path.with_suffix(".jpg")
+    assert jpg.is_file(), f"no thumbnail {jpg.name}; run scripts/build_workflows.py"
+    with Image.open(jpg) as image:
+        assert image.format == "JPEG" and image.size == (320, 240), (image.format, image.size)
+    assert jpg.stat().st_size < 8_000, jpg.stat().st_size
+
+
+@pytest.mark.parametrize("path", [ui_param(p) for p in UI_FILES])
+def test_template_has_a_description_and_a_note_that_opens_with_it(path):
+    ui = load(path)
+    description = ui["extra"].get("description", "")
+    assert len(description) > 60, description
+    notes = [n for n in ui["nodes"] if n["type"] == "MarkdownNote"]
+    assert len(notes) == 1 and description in notes[0]["widgets_values"][0], path.stem
+
+
+@pytest.mark.parametrize("path", [ui_param(p) for p in UI_FILES])
+def test_template_opens_readable(path):
+    ds = load(path)["extra"]["ds"]
+    assert ds["scale"] >= bw.MIN_OPENING_SCALE and list(ds["offset"]) == list(bw.OPENING_OFFSET), ds
+
+
+@pytest.mark.parametrize("path", [ui_param(p) for p in UI_FILES])
+def test_every_model_file_has_download_metadata(path, schemas):
+    """Each widget that names a model file carries {name, directory[, url]} in its node's
+    properties.models, as the frontend's missing-model check reads it; URLs are public Hugging Face
+    downloads of exactly that file, which the frontend's dialog accepts (https://huggingface.co/,
+    .safetensors)."""
+    for node in load(path)["nodes"]:
+        names = [v for v in node.get("widgets_values") or [] if isinstance(v, str) and v.endswith(MODEL_FILE_SUFFIXES)]
+        models = (node.get("properties") or {}).get("models", [])
+        assert [m["name"] for m in models] == names, (node["id"], names, models)
+        for model in models:
+            directory = {"CheckpointLoaderSimple": "checkpoints", "ProbeSelectLoadProbe": "probes",
+                         "ProbeSelectCLIPScore": "evaluators", "ProbeSelectLoadInception": "inception"}[node["type"]]
+            assert model["directory"] == directory, model
+            if directory in ("probes", "inception"):
+                # probes: trained by the user, no public file; the FID Inception: a GitHub release .pth,
+                # which the frontend's dialog does not take
+                assert "url" not in model, model
+            else:
+                assert model["url"].startswith("https://huggingface.co/") and "/resolve/main/" in model["url"]
+                assert model["url"].endswith(".safetensors"), model

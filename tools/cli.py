@@ -273,7 +273,7 @@ def build_parser() -> argparse.ArgumentParser:
                    help="ComfyUI base URL, e.g. http://127.0.0.1:8188; repeat for more servers (one worker each)")
     p.add_argument("--limit", type=int, metavar="N", help="use the first N prompts (after de-duplication)")
     p.add_argument("--workflow", metavar="FILE", default=None,
-                   help="API-format collect workflow (default: example_workflows/api/collect_dataset.json of the pack)")
+                   help="API-format collect workflow (default: example_workflows/api/SD1.5_collect_probe_dataset.json of the pack; the other families have theirs)")
     p.add_argument("--dataset", metavar="NAME", help="dataset name (default: the writer node's dataset_name)")
     p.add_argument("--candidates", type=int, metavar="N", help="seeds per prompt (default: the workflow's)")
     p.add_argument("--channel-reduction", choices=["none", "pca", "projection"],

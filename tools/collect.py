@@ -99,7 +99,7 @@ PROMPT_PLACEHOLDER = "{prompt}"
 SAMPLER_CLASS = "ProbeSelectCollectSampler"
 WRITER_CLASS = "ProbeSelectDatasetWriter"
 # The writer node's folder under the server's output directory (nodes/dataset.py).
-DEFAULT_WORKFLOW = PACK_ROOT / "example_workflows" / "api" / "collect_dataset.json"
+DEFAULT_WORKFLOW = PACK_ROOT / "example_workflows" / "api" / "SD1.5_collect_probe_dataset.json"
 # Seeds are < 2**48, so seed + candidate index stays far below ComfyUI's maximum seed (2**64 - 1).
 SEED_SPACE = 2**48
 # Same rule as the writer node's dataset_name (nodes/dataset.py).

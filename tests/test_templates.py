@@ -1,0 +1,340 @@
+"""Every selection template runs as shipped: its API twin, queued on a real ComfyUI server through
+POST /prompt, finishes with success and the values it should produce.
+
+One server for the file. Its model folders hold stand-ins under the public file names the templates
+name (a random-weight checkpoint per family, random open_clip weights for CLIPScore), linked from a
+cache, so nothing but those files is needed, the way a user who downloaded them runs the templates.
+Per family the templates run in the order a user runs them, which also reuses the loaded models:
+collect (a few prompts chosen so every train/val/test split has one) -> train (writes the probe the
+selection templates load) -> evaluate -> probe selection, modular and one-box -> pick by hand (the
+test posts the pick as the gallery's Finish button does) -> CLIPScore on the x0 previews.
+
+What the test changes on the API copy (never on the shipped template): image size 64x64, steps 5
+(collect: 10, as it records at 0.1 of the steps), 3 candidates (collect: 2), training epochs 2. Everything else (checkpoint,
+probe, dataset and evaluator names, samplers, schedulers, cfg, guidance, tap) runs as shipped.
+Flux: the stand-in checkpoint carries no text encoder (T5-XXL alone is 4.7 B parameters), so its
+CLIP input comes from the test node ProbeSelectTestFluxTextEncoder instead of the checkpoint's.
+"""
+from __future__ import annotations
+
+import importlib.util
+import json
+import logging
+import math
+import os
+import sys
+import time
+import urllib.request
+import uuid
+from pathlib import Path
+
+import pytest
+from PIL import Image
+
+from server_utils import ComfyServer, output_images
+
+pytestmark = pytest.mark.server
+
+log = logging.getLogger(__name__)
+
+ROOT = Path(__file__).resolve().parents[1]
+API_DIR = ROOT / "example_workflows" / "api"
+CACHE_DIR = Path(os.environ.get("PROBE_SELECT_TEST_CACHE", ROOT / "bench" / "cache"))
+TEST_NODES = Path(__file__).resolve().parent / "custom_nodes" / "probe_select_test_nodes"
+SIZE, STEPS, CANDIDATES, EPOCHS = 64, 5, 3, 2
+COLLECT_STEPS, COLLECT_CANDIDATES = 10, 2        # the collector records at 0.1 of the steps
+PICKED = [0, 2]
+FLUX_TEXT_ENCODER = "ProbeSelectTestFluxTextEncoder"
+
+
+def _templates_module():
+    """scripts/templates_selection.py (the families, public names, probe and dataset names)."""
+    spec = importlib.util.spec_from_file_location("build_workflows", ROOT / "scripts" / "build_workflows.py")
+    module = importlib.util.module_from_spec(spec)
+    sys.modules.setdefault(spec.name, module)
+    spec.loader.exec_module(sys.modules[spec.name])
+    return sys.modules["templates_selection"]
+
+
+templates = _templates_module()
+
+try:        # devtools/stand_ins.py: a stand-in checkpoint per family
+    from devtools import stand_ins
+except ImportError:         # before it exists: the tiny SD1.5 checkpoint alone
+    stand_ins = None
+# Every family with a stand-in; PROBE_SELECT_TEMPLATE_FAMILIES=sd15,sd35 runs some of them (the Flux
+# stand-in's 3072-wide blocks make its seven templates take minutes on a 2-core CPU).
+FAMILY_KEYS = list(templates.FAMILIES) if stand_ins is not None else ["sd15"]
+if os.environ.get("PROBE_SELECT_TEMPLATE_FAMILIES"):
+    FAMILY_KEYS = [k for k in os.environ["PROBE_SELECT_TEMPLATE_FAMILIES"].split(",") if k in FAMILY_KEYS]
+
+
+def checkpoint_file(family: str) -> Path:
+    if stand_ins is not None:
+        return stand_ins.cached_checkpoint_stand_in(family, CACHE_DIR)
+    from devtools.make_checkpoint import cached_tiny_sd15_checkpoint
+
+    return cached_tiny_sd15_checkpoint(CACHE_DIR)
+
+
+def open_clip_file() -> Path:
+    """Random open_clip weights of the templates' CLIPScore architecture, cached.
+
+    Random towers put image and text embeddings at cosine ~0, so CLIPScore = 100 max(cos, 0) is 0
+    for most images and a dataset's targets are constant (training refuses them). Both towers' final
+    LayerNorm biases are shifted so their embeddings share one direction (as tests/test_evaluators.py
+    does in memory): the scores then spread and vary with the image.
+    """
+    path = CACHE_DIR / f"open_clip_stand_in_{templates.CLIP_ARCH}_shared_direction.safetensors"
+    if path.is_file():
+        return path
+    import open_clip
+    import torch
+    import torch.nn.functional as F
+    from safetensors.torch import save_file
+
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(0)
+        model = open_clip.create_model(templates.CLIP_ARCH, pretrained=None).eval()
+        generator = torch.Generator().manual_seed(0)
+        direction = F.normalize(torch.randn(model.text_projection.shape[1], generator=generator), dim=0)
+        with torch.no_grad():
+            image_norm = model.encode_image(torch.randn(2, 3, 224, 224, generator=generator)).norm(dim=-1).mean()
+            tokens = open_clip.get_tokenizer(templates.CLIP_ARCH)(["a photo of a red fox", "a house"])
+            text_norm = model.encode_text(tokens).norm(dim=-1).mean()
+            model.visual.ln_post.bias += torch.linalg.pinv(model.visual.proj.T) @ (direction * image_norm)
+            model.ln_final.bias += torch.linalg.pinv(model.text_projection.T) @ (direction * text_norm)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
+    save_file({k: v.detach().half().contiguous() for k, v in model.state_dict().items()}, str(tmp))
+    os.replace(tmp, path)
+    return path
+
+
+def split_prompts() -> list[str]:
+    """Prompts such that each split (by prompt hash, seed 0) gets one: train and validation for the
+    trainer, test for the evaluation."""
+    from probe_select.probes.training.dataset.rows import prompt_id
+    from probe_select.probes.training.dataset.splits import split_by_prompt
+
+    wanted = {"train": 1, "val": 1, "test": 1}
+    chosen: list[str] = []
+    for i in range(1000):
+        prompt = f"a photo of a red fox, variation {i}"
+        split = next(name for name, rows in split_by_prompt([prompt_id(prompt)], seed=0).items() if len(rows))
+        if wanted[split] > 0:
+            wanted[split] -= 1
+            chosen.append(prompt)
+        if not any(wanted.values()):
+            return chosen
+    raise AssertionError("no prompts for every split")
+
+
+# ---- fixtures ---------------------------------------------------------------------------------
+
+@pytest.fixture(scope="module")
+def server(tmp_path_factory, pack):
+    base = tmp_path_factory.mktemp("comfy_templates")
+    custom_nodes = {"probe-select": ROOT}
+    if "flux" in FAMILY_KEYS:
+        custom_nodes["probe_select_test_nodes"] = TEST_NODES
+    srv = ComfyServer(base, custom_nodes=custom_nodes)
+    for key in FAMILY_KEYS:
+        srv.add_model("checkpoints", checkpoint_file(key), templates.FAMILIES[key].checkpoint)
+    srv.model_dir("evaluators").mkdir(parents=True, exist_ok=True)
+    srv.add_model("evaluators", open_clip_file(), templates.CLIP_WEIGHTS)
+    t0 = time.monotonic()
+    with srv:
+        log.info("ComfyUI started in %.1f s; log at %s", time.monotonic() - t0, srv.log_path)
+        yield srv
+
+
+@pytest.fixture(scope="module", params=FAMILY_KEYS)
+def family(request):
+    return templates.FAMILIES[request.param]
+
+
+def api_copy(family, what: str) -> dict:
+    """The shipped API twin with the test's sizes (module docstring); nothing else changed."""
+    workflow = json.loads((API_DIR / f"{family.label}_{what}.json").read_text())
+    for node_id, node in list(workflow.items()):
+        inputs, kind = node["inputs"], node["class_type"]
+        if kind in ("EmptyLatentImage", "EmptySD3LatentImage"):
+            inputs.update(width=SIZE, height=SIZE)
+        if kind in ("ProbeSelectEarlySampler", "ProbeSelectSampler", "BasicScheduler"):
+            inputs["steps"] = STEPS
+        if kind in ("ProbeSelectEarlySampler", "ProbeSelectSampler", "ProbeSelectEarlySamplerCustom"):
+            inputs["candidates"] = CANDIDATES
+        if kind == "ProbeSelectCollectSampler":
+            inputs.update(steps=COLLECT_STEPS, candidates=COLLECT_CANDIDATES)
+        if kind == "ProbeSelectTrain":
+            inputs["epochs"] = EPOCHS
+        if kind == "SaveImage":
+            inputs["filename_prefix"] = f"{inputs['filename_prefix']}_{uuid.uuid4().hex[:8]}"
+    if family.key == "flux" and nodes_of(workflow, "CheckpointLoaderSimple"):
+        (loader,) = nodes_of(workflow, "CheckpointLoaderSimple")
+        encoder = str(max(int(i) for i in workflow) + 1)
+        workflow[encoder] = {"class_type": FLUX_TEXT_ENCODER, "inputs": {"seed": 0}, "_meta": {"title": "test CLIP"}}
+        for node in workflow.values():
+            for name, value in node["inputs"].items():
+                if value == [loader, 1]:
+                    node["inputs"][name] = [encoder, 0]
+    return workflow
+
+
+def nodes_of(workflow: dict, class_type: str) -> list[str]:
+    return [i for i, node in workflow.items() if node["class_type"] == class_type]
+
+
+def run(server: ComfyServer, workflow: dict, timeout: float = 300.0) -> dict:
+    t0 = time.monotonic()
+    entry = server.wait(server.queue(workflow), timeout=timeout)
+    assert entry["status"]["status_str"] == "success", (
+        f"prompt failed: {json.dumps(entry['status']['messages'])[:4000]}\n{server.log_tail()}")
+    log.info("ran in %.1f s", time.monotonic() - t0)
+    return entry
+
+
+def saved(server: ComfyServer, workflow: dict, entry: dict, count: int) -> list[Path]:
+    """The SaveImage files: `count` PNGs of SIZE x SIZE, each carrying this workflow."""
+    (save,) = nodes_of(workflow, "SaveImage")
+    records = output_images(entry, save)
+    assert len(records) == count, records
+    paths = [server.output_dir / r["subfolder"] / r["filename"] for r in records]
+    for path in paths:
+        with Image.open(path) as im:
+            embedded = json.loads(im.info["prompt"])       # ComfyUI adds keys of its own (is_changed)
+            assert im.size == (SIZE, SIZE), (path, im.size)
+            assert {i: (n["class_type"], n["inputs"]) for i, n in embedded.items()} == {
+                i: (n["class_type"], n["inputs"]) for i, n in workflow.items()}, path
+    return paths
+
+
+def text_of(entry: dict, node_id: str) -> str:
+    texts = entry["outputs"].get(node_id, {}).get("text")
+    assert texts and len(texts) == 1, f"no text from node {node_id}: {entry['outputs']}"
+    return texts[0]
+
+
+def score_rows(text: str) -> list[dict]:
+    """The candidate rows of a Score / Top-K text (`#rank  candidate i  seed s  score [kept]`)."""
+    rows = []
+    for line in text.strip().splitlines()[1:]:
+        parts = line.split()
+        if not parts or not parts[0].startswith("#"):
+            continue
+        rows.append({"candidate": int(parts[2]), "seed": int(parts[4]), "score": float(parts[5]),
+                     "kept": parts[-1] == "kept"})
+    return rows
+
+
+def check_scores(text: str, kept: int) -> None:
+    rows = score_rows(text)
+    assert sorted(r["candidate"] for r in rows) == list(range(CANDIDATES)), text
+    scores = [r["score"] for r in rows]
+    assert all(math.isfinite(s) for s in scores) and scores == sorted(scores, reverse=True), text
+    assert sum(r["kept"] for r in rows) in (0, kept), text
+
+
+@pytest.fixture(scope="module")
+def collected(server, family):
+    """The collect template run once per prompt (split_prompts): the entries and the prompts."""
+    entries, prompts = [], split_prompts()
+    for prompt in prompts:
+        workflow = api_copy(family, "collect_probe_dataset")
+        (text,) = nodes_of(workflow, "PrimitiveStringMultiline")
+        workflow[text]["inputs"]["value"] = prompt
+        entries.append((workflow, run(server, workflow)))
+    return entries, prompts
+
+
+@pytest.fixture(scope="module")
+def trained(server, family, collected):
+    workflow = api_copy(family, "train_probe")
+    return workflow, run(server, workflow)
+
+
+# ---- tests --------------------------------------------------------------------------------------
+
+def test_collect_writes_a_shard_per_prompt(server, family, collected):
+    from probe_select.probes.training.dataset import ProbeDataset
+
+    entries, prompts = collected
+    for i, (workflow, entry) in enumerate(entries):
+        (writer,) = nodes_of(workflow, "ProbeSelectDatasetWriter")
+        assert text_of(entry, writer) == (f"{family.dataset}: {(i + 1) * COLLECT_CANDIDATES} rows "
+                                          f"({COLLECT_CANDIDATES} added)")
+    dataset = ProbeDataset(server.output_dir / "probe_select_datasets" / family.dataset)
+    assert len(dataset) == len(prompts) * COLLECT_CANDIDATES
+    assert sorted(set(dataset.prompts)) == sorted(prompts)
+
+
+def test_train_writes_the_probe_the_selection_templates_load(server, family, trained):
+    from probe_select.probes.io import read_probe_metadata
+
+    workflow, entry = trained
+    (train,) = nodes_of(workflow, "ProbeSelectTrain")
+    report = text_of(entry, train)
+    assert report.startswith(f"probe {family.probe}:") and "epochs run: 2" in report, report
+    probe = server.model_dir("probes") / family.probe
+    metadata = read_probe_metadata(probe)
+    assert abs(metadata.checkpoint_t - templates.CHECKPOINT_PERCENT) <= 0.1 and "clip" in metadata.evaluator.lower()
+    assert len(output_images(entry)) == 2          # the loss curves and the test-prompt scatter
+
+
+def test_evaluate_reports_on_held_out_prompts(server, family, trained):
+    workflow = api_copy(family, "evaluate_probe")
+    entry = run(server, workflow)
+    (evaluate,) = nodes_of(workflow, "ProbeSelectEvaluateProbe")
+    report = text_of(entry, evaluate)
+    assert "spearman" in report.lower() and family.dataset in report, report
+    assert len(output_images(entry)) == 1
+
+
+def test_probe_selection_finishes_the_best(server, family, trained):
+    workflow = api_copy(family, "probe_selection")
+    entry = run(server, workflow)
+    saved(server, workflow, entry, count=templates.KEEP)
+    (score,) = nodes_of(workflow, "ProbeSelectScore")
+    (top_k,) = nodes_of(workflow, "ProbeSelectTopK")
+    check_scores(text_of(entry, score), templates.KEEP)
+    assert sum(r["kept"] for r in score_rows(text_of(entry, top_k))) == templates.KEEP
+    assert len(output_images(entry, nodes_of(workflow, "PreviewImage")[0])) == CANDIDATES
+
+
+def test_probe_one_box_finishes_the_best(server, family, trained):
+    workflow = api_copy(family, "probe_selection_one_box")
+    entry = run(server, workflow)
+    saved(server, workflow, entry, count=templates.KEEP)
+    (sampler,) = nodes_of(workflow, "ProbeSelectSampler")
+    check_scores(text_of(entry, sampler), templates.KEEP)
+
+
+def _waiting(server: ComfyServer) -> list:
+    with urllib.request.urlopen(f"{server.url}/probe_select/pick", timeout=10) as answer:
+        return json.loads(answer.read())["waiting"]
+
+
+def test_pick_by_hand_needs_only_the_checkpoint(server, family):
+    workflow = api_copy(family, "pick_by_hand_x0_previews")
+    (pick,) = nodes_of(workflow, "ProbeSelectPickCandidates")
+    prompt_id = server.queue(workflow)
+    deadline = time.monotonic() + 300
+    while not (waiting := _waiting(server)):
+        assert time.monotonic() < deadline, server.log_tail()
+        time.sleep(0.2)
+    assert [(w["node_id"], w["candidates"]) for w in waiting] == [(pick, CANDIDATES)]
+    answer = server.request("POST", "/probe_select/pick", {"node_id": pick, "indices": PICKED})
+    assert answer["picked"] == PICKED
+    entry = server.wait(prompt_id, timeout=300)
+    assert entry["status"]["status_str"] == "success", json.dumps(entry["status"]["messages"])[:4000]
+    saved(server, workflow, entry, count=len(PICKED))
+    assert _waiting(server) == []
+
+
+def test_x0_clipscore_selection(server, family):
+    workflow = api_copy(family, "x0_preview_CLIPScore_selection")
+    entry = run(server, workflow)
+    saved(server, workflow, entry, count=templates.KEEP)
+    (score,) = nodes_of(workflow, "ProbeSelectPreviewScore")
+    check_scores(text_of(entry, score), templates.KEEP)

@@ -13,6 +13,7 @@ from .engine.selection import score_or_fail, scores_text, top_k_or_fail
 from .errors import ProbeSelectError, problem_or_true
 from .engine.families import model_family
 from .engine.noise import UNSPLITTABLE_SAMPLERS, splittable_samplers
+from .engine.noise_levels import model_noise_level
 from .nodes_tap import apply_tap
 from .types import CATEGORY, Activations, Probe, Scores
 
@@ -437,7 +438,10 @@ class ProbeSelectCollectSampler(io.ComfyNode):
         if find_tap(model) is None:
             raise ProbeSelectError(node_id, "the model has no activation tap, so nothing would be recorded.",
                                    "insert ProbeSelectTap between the model loader and this node.")
+        sigmas = split_sampling.full_sigmas(model, steps, sampler_name, scheduler, denoise)
+        levels = "\n".join(f"checkpoint {model_noise_level(model, sigmas, k).describe()}" for k in capture_at)
         result = split_sampling.run_candidates(model, positive, negative, latent_image, seed, candidates, steps, cfg,
                                                sampler_name, scheduler, stop_step=steps, capture_at=capture_at,
                                                denoise=denoise, callback=_progress(steps))
-        return io.NodeOutput(result.latent, result.activations)
+        return io.NodeOutput(result.latent, result.activations,
+                             ui={gallery.TEXT_KEY: [f"{candidates} candidates recorded at\n{levels}"]})

@@ -116,3 +116,36 @@ def test_real_family_table_is_comfyuis_own_schedules(pack, levels):
     text = (levels.FAMILY_LEVELS_PATH.with_suffix(".md")).read_text()
     assert all(f"| {row.label} |" in text and f"{row.log_snr:.2f}" in text for row in fresh)
     assert json.loads(levels.FAMILY_LEVELS_PATH.read_text())["levels"][0]["fraction"] == 0.2
+
+
+def test_collect_sampler_reports_the_level_of_every_checkpoint(pack):
+    from probe_select.nodes.nodes_sampling import ProbeSelectCollectSampler
+    from probe_select.nodes.nodes_tap import ProbeSelectTap
+
+    tiny = build_tiny("sd1")
+    tapped = ProbeSelectTap.execute(tiny.patcher, "auto", 2).result[0]
+    out = ProbeSelectCollectSampler.execute(tapped, tiny.conditioning(1), tiny.conditioning(2),
+                                            tiny.empty_latent(1, 8), 0, 2, STEPS, 3.0, "euler", "normal", "0.2,0.5")
+    schedule = comfy.samplers.KSampler(tiny.patcher, steps=STEPS, device="cpu", sampler="euler",
+                                       scheduler="normal").sigmas.double()
+    text = out.ui["text"][0]
+    for step in (2, 5):
+        sigma = float(schedule[step])
+        assert f"step {step} of 10" in text and f"sigma {sigma:.4g}, log-SNR {-2 * math.log(sigma):.3f}" in text
+
+
+def test_resumed_stage_reports_the_level_of_its_later_checkpoint(pack):
+    from probe_select.nodes.nodes_sampling import ProbeSelectEarlySampler, ProbeSelectResume
+
+    tiny = build_tiny("sd1")
+    pos, neg = tiny.conditioning(1), tiny.conditioning(2)
+    early = ProbeSelectEarlySampler.execute(tiny.patcher, pos, neg, tiny.empty_latent(1, 8), 5, 2, STEPS, 3.0,
+                                            "euler", "normal", 0.2).args[0]
+    out = ProbeSelectResume.execute(tiny.patcher, pos, neg, early, 3.0, 0.6)
+    later, x0, _ = out.args
+    schedule = comfy.samplers.KSampler(tiny.patcher, steps=STEPS, device="cpu", sampler="euler",
+                                       scheduler="normal").sigmas.double()
+    level = later["probe_select"]["noise_level"]
+    assert level["step"] == 6 and level["sigma"] == pytest.approx(float(schedule[6]), rel=1e-6)
+    assert level["log_snr"] == pytest.approx(-2 * math.log(float(schedule[6])), rel=1e-6)
+    assert x0["probe_select_x0"]["noise_level"] == level and "step 6 of 10" in out.ui["text"][0]

@@ -12,7 +12,7 @@ from comfy_extras.nodes_flux import FluxGuidance
 
 from devtools.tiny_models import build_tiny
 from helpers import ApplyModelRecorder, max_rel_diff, with_recorder
-from test_exact_resume import _batch_invariant
+from test_exact_resume import SAMPLERS, _batch_invariant
 
 STEPS, SEED, N = 10, 20, 4
 SCHEDULE = "4: 0.2->3, 0.5->2"            # stops at steps 2 and 5 of 10
@@ -283,3 +283,33 @@ def test_schedule_errors_at_run_time_name_the_node_and_the_probe_fix(mods, sd1, 
     # Within the probe's tolerance one probe scores both stages.
     kept_seeds = node.execute(*args, "0.2->3, 0.3->1").args[2]
     assert len(kept_seeds.split(",")) == 1
+
+
+# Multistep (history across both stage boundaries), two evaluations a step, SDE/Brownian noise, cfg_pp hooks,
+# and the plain ones. All 40 splittable samplers passed this test when it was written (about 4 minutes);
+# the suite keeps these, which cover every kind of sampler history.
+STAGE_SAMPLERS = ["euler", "euler_ancestral", "heun", "dpmpp_2m", "dpmpp_2m_sde", "dpmpp_3m_sde", "dpmpp_sde", "lms",
+                  "ipndm_v", "deis", "uni_pc_bh2", "sa_solver_pece", "res_multistep_cfg_pp", "ddim"]
+
+
+@pytest.mark.parametrize("sampler", STAGE_SAMPLERS)
+def test_every_kind_of_sampler_survives_two_stages_exactly(pack, sd1, sampler):
+    """Engine level, every kind of sampler ComfyUI lists: N=3 to step 2, keep 2, on to
+    step 5, keep 1, finish: the survivor is the plain KSampler run of its seed (model evaluated row by row),
+    and first-order samplers evaluate the model N*s1 + K1*(s2 - s1) + K2*(T - s2) times."""
+    from probe_select.nodes.engine import split_sampling as split
+
+    pos, neg, latent, cfg = sd1.conditioning(1), sd1.conditioning(2), sd1.empty_latent(1, 8), 3.0
+    recorder = ApplyModelRecorder()
+    model = _batch_invariant(sd1.patcher, recorder)
+    early = split.run_early(model, pos, neg, latent, SEED, 3, STEPS, cfg, sampler, "normal", 0.2)
+    stage_2 = split.advance(model, pos, neg, split.select_rows(early.latent, [2, 0]), cfg, STOPS[1])
+    assert stage_2.latent["probe_select"]["seeds"] == [SEED + 2, SEED]
+    assert len(stage_2.latent["probe_select"]["calls"]) > len(early.latent["probe_select"]["calls"])
+    finished = split.resume(model, pos, neg, split.select_rows(stage_2.latent, [1]), cfg)["samples"]
+    plain = ApplyModelRecorder()
+    reference = _plain_ksampler(_batch_invariant(sd1.patcher, plain), SEED, sampler, cfg, pos, neg, latent)
+    assert max_rel_diff(finished, reference) <= 1e-5
+    assert sampler in SAMPLERS
+    if plain.evaluations == STEPS:
+        assert recorder.evaluations == 3 * STOPS[0] + 2 * (STOPS[1] - STOPS[0]) + 1 * (STEPS - STOPS[1])

@@ -307,8 +307,7 @@ class ProbeSelectSampler(io.ComfyNode):
 
     @classmethod
     def validate_inputs(cls, seed: int | None = None, candidates: int | None = None, steps: int | None = None,
-                        checkpoint_percent: float | None = None, keep: int | None = None,
-                        schedule: str | None = None) -> bool | str:
+                        checkpoint_percent: float | None = None, schedule: str | None = None) -> bool | str:
         if schedule is None or not schedule.strip():
             return validate_split_inputs(cls.NODE_ID, seed, candidates, steps, checkpoint_percent)
         # With a schedule, its stages replace keep and checkpoint_percent.

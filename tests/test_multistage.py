@@ -239,7 +239,7 @@ def test_resume_until_with_another_cfg_continues_from_the_latent(mods, sd1):
                                                                                    same_cfg["samples"]) > 1e-3
 
 
-SAMPLER_ARGS = dict(seed=0, candidates=8, steps=20, checkpoint_percent=0.2, keep=1)
+SAMPLER_ARGS = dict(seed=0, candidates=8, steps=20, checkpoint_percent=0.2)
 
 
 @pytest.mark.parametrize("schedule, needle", [

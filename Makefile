@@ -8,7 +8,7 @@ PY := $(VENV)/bin/python
 export OMP_NUM_THREADS ?= 1
 PYTEST_ARGS ?=
 
-.PHONY: setup test test-fast bench bench-core bench-flops bench-streaming bench-proxy proxy-models demo lint package clean mutation pictures
+.PHONY: setup test test-fast bench bench-core bench-flops bench-noise-levels bench-streaming bench-proxy proxy-models demo lint package clean mutation pictures
 
 setup:
 	@bash scripts/setup_env.sh
@@ -23,7 +23,7 @@ test-fast: setup
 # Benchmarks write their figures to bench/results/ (not timed tests): core.md, train.md and the
 # proxy-world REPORT.md with its plots (about 40 minutes on 2 cores; the proxy models are trained
 # first only if their weights are missing).
-bench: bench-core bench-flops bench-streaming bench-proxy
+bench: bench-core bench-flops bench-noise-levels bench-streaming bench-proxy
 
 bench-core: setup
 	$(PY) bench/bench_core.py
@@ -40,6 +40,11 @@ mutation: setup
 # device, about a minute) and the compute ratio of each selection method: bench/results/flops.md.
 bench-flops: setup
 	$(PY) bench/flops.py
+
+# Where 20% of the default steps lands (sigma, log-SNR) on real SD1.5/SDXL/SD3/FLUX schedules, from
+# ComfyUI's own model_sampling objects (no weights, a second): bench/results/noise_levels.md and .json.
+bench-noise-levels: setup
+	$(PY) bench/noise_levels.py
 
 # The Comfy Registry archive, built as `comfy node pack` builds it (git-tracked files less
 # .comfyignore): out/probe-select-<version>.zip and out/archive-files.txt. Fails when it would carry

@@ -13,10 +13,11 @@ import torch
 from comfy_api.latest import io
 
 from ..probes.checkpoints import checkpoint_step
-from .engine import gallery, split_sampling
+from .engine import split_sampling
 from .engine.noise import UNSPLITTABLE_SAMPLERS, sampler_name_of
 from .errors import ProbeSelectError
-from .nodes_sampling import _progress, validate_early, validate_resumable
+from .nodes_sampling import (UNTIL_TOOLTIP, _progress, early_output, resume_outputs, until_step_or_fail,
+                             validate_early, validate_resumable)
 from .types import CATEGORY, Activations
 
 
@@ -111,9 +112,7 @@ class ProbeSelectEarlySamplerCustom(io.ComfyNode):
         s = checkpoint_step(steps, checkpoint_percent)
         result = split_sampling.run_custom(guider, noise, sampler, sigmas, latent_image, candidates, s,
                                            callback=_progress(s))
-        run = split_sampling.early_run(result.latent)
-        previews = gallery.previews_payload(guider.model_patcher, result.x0, run.run_id, run.seeds)
-        return io.NodeOutput(result.latent, result.x0, result.activations, ui={gallery.PREVIEWS_KEY: [previews]})
+        return early_output(guider.model_patcher, result)
 
 
 class ProbeSelectResumeCustom(io.ComfyNode):
@@ -133,17 +132,32 @@ class ProbeSelectResumeCustom(io.ComfyNode):
                 io.Latent.Input("latent", tooltip="The kept output of ProbeSelectTopK."),
                 io.Sigmas.Input("sigmas", optional=True,
                                 tooltip="Optional: the early sampler's sigmas, checked against the latent's."),
+                io.Float.Input("until_percent", default=1.0, min=0.0, max=1.0, step=0.01, optional=True,
+                               tooltip=UNTIL_TOOLTIP),
             ],
-            outputs=[io.Latent.Output(display_name="finished latent")],
+            outputs=resume_outputs(),
         )
 
     @classmethod
-    def execute(cls, guider, sampler, latent, sigmas: Optional[torch.Tensor] = None) -> io.NodeOutput:
+    def validate_inputs(cls, until_percent: float | None = None) -> bool | str:
+        if until_percent is not None and not 0.0 < until_percent <= 1.0:
+            return str(ProbeSelectError(cls.NODE_ID, f"until_percent {until_percent} is outside (0, 1].",
+                                        "use 1.0 to finish the candidates, or a later checkpoint such as 0.4."))
+        return True
+
+    @classmethod
+    def execute(cls, guider, sampler, latent, sigmas: Optional[torch.Tensor] = None,
+                until_percent: float = 1.0) -> io.NodeOutput:
         node_id = cls.NODE_ID
         run = validate_resumable(node_id, latent)
         validate_guider(node_id, guider)
         validate_sampler(node_id, sampler)
+        until = until_step_or_fail(node_id, run, until_percent)
         try:
+            if until < run.steps:
+                result = split_sampling.advance_custom(guider, sampler, latent, until, sigmas,
+                                                       callback=_progress(until - run.stop_step))
+                return early_output(guider.model_patcher, result)
             finished = split_sampling.resume_custom(guider, sampler, latent, sigmas,
                                                     callback=_progress(run.steps - run.stop_step))
         except split_sampling.ScheduleMismatchError:
@@ -151,4 +165,4 @@ class ProbeSelectResumeCustom(io.ComfyNode):
                                    "connect the early sampler's SIGMAS, or leave the input empty.") from None
         except split_sampling.SamplerMismatchError as error:
             raise ProbeSelectError(node_id, f"{error}.", "connect the early sampler's SAMPLER.") from None
-        return io.NodeOutput(finished)
+        return io.NodeOutput(finished, finished, None)

@@ -6,12 +6,14 @@ import comfy.utils
 from comfy_api.latest import io
 
 from ..probes.checkpoints import checkpoint_step
-from .engine import gallery, split_sampling
+from ..probes.pruning import PruningSchedule
+from .engine import gallery, split_sampling, stages
 from .engine.capture import find_tap
 from .engine.selection import score_or_fail, scores_text, top_k_or_fail
 from .errors import ProbeSelectError, problem_or_true
 from .engine.families import model_family
 from .engine.noise import UNSPLITTABLE_SAMPLERS, splittable_samplers
+from .engine.noise_levels import model_noise_level
 from .nodes_tap import apply_tap
 from .types import CATEGORY, Activations, Probe, Scores
 
@@ -123,9 +125,21 @@ class ProbeSelectEarlySampler(io.ComfyNode):
         s = validate_early(cls.NODE_ID, latent_image, candidates, steps, checkpoint_percent, sampler_name, seed)
         result = split_sampling.run_early(model, positive, negative, latent_image, seed, candidates, steps, cfg,
                                           sampler_name, scheduler, checkpoint_percent, denoise, callback=_progress(s))
-        run = split_sampling.early_run(result.latent)
-        previews = gallery.previews_payload(model, result.x0, run.run_id, run.seeds)
-        return io.NodeOutput(result.latent, result.x0, result.activations, ui={gallery.PREVIEWS_KEY: [previews]})
+        return early_output(model, result)
+
+
+def checkpoint_text(result: split_sampling.EarlyResult) -> str:
+    """The UI line of a stopped run: how many candidates, and the step, sigma and log-SNR it stopped at."""
+    run = split_sampling.early_run(result.latent)
+    return f"{len(run.seeds)} candidates at {result.noise_level.describe()}"
+
+
+def early_output(model, result: split_sampling.EarlyResult) -> io.NodeOutput:
+    """(early latent, x0 preview, activations) with the previews for the gallery and the checkpoint's noise level."""
+    run = split_sampling.early_run(result.latent)
+    previews = gallery.previews_payload(model, result.x0, run.run_id, run.seeds)
+    return io.NodeOutput(result.latent, result.x0, result.activations,
+                         ui={gallery.PREVIEWS_KEY: [previews], gallery.TEXT_KEY: [checkpoint_text(result)]})
 
 
 def validate_resumable(node_id: str, latent: dict) -> split_sampling.EarlyRun:
@@ -143,6 +157,49 @@ def validate_resumable(node_id: str, latent: dict) -> split_sampling.EarlyRun:
     return run
 
 
+def until_step_or_fail(node_id: str, run: split_sampling.EarlyRun, until_percent: float) -> int:
+    """The step ``until_percent`` of the run's steps lands on: the last step (finish) for 1.0, else a step
+    after the candidates' own stop step and before the last."""
+    if not 0.0 < until_percent <= 1.0:
+        raise ProbeSelectError(node_id, f"until_percent {until_percent} is outside (0, 1].",
+                               "use 1.0 to finish the candidates, or a later checkpoint such as 0.4.")
+    if until_percent >= 1.0:
+        return run.steps
+    until = checkpoint_step(run.steps, until_percent)
+    if until <= run.stop_step:
+        raise ProbeSelectError(node_id, f"until_percent {until_percent} of {run.steps} steps lands on step {until}, "
+                                        f"but the candidates are already at step {run.stop_step} "
+                                        f"(t = {run.stop_step / run.steps:.3f}).",
+                               f"use a later checkpoint (a step from {run.stop_step + 1} to {run.steps - 1}: "
+                               f"until_percent {(run.stop_step + 1) / run.steps:.2f} or more), or 1.0 to finish.")
+    if until >= run.steps:
+        raise ProbeSelectError(node_id, f"until_percent {until_percent} of {run.steps} steps rounds to the last step.",
+                               f"use 1.0 to finish, or a checkpoint whose step is below {run.steps} "
+                               f"(until_percent {(run.steps - 1) / run.steps:.2f} or less).")
+    return until
+
+
+def _schedule_mismatch(node_id: str) -> ProbeSelectError:
+    return ProbeSelectError(node_id, "this model's noise schedule differs from the one the candidates were started "
+                                     "with.",
+                            "give ProbeSelectResume the same model (and model patches such as ModelSamplingSD3 "
+                            "shift) as the early sampler.")
+
+
+def advance_or_fail(node_id: str, model, positive, negative, latent: dict, cfg: float,
+                    until_step: int) -> split_sampling.EarlyResult:
+    """Run the candidates of ``latent`` on to ``until_step`` (a later checkpoint), for another round of scoring."""
+    run = validate_resumable(node_id, latent)
+    try:
+        return split_sampling.advance(model, positive, negative, latent, cfg, until_step,
+                                      callback=_progress(until_step - run.stop_step))
+    except split_sampling.FormMismatchError:
+        raise ProbeSelectError(node_id, "these candidates were started by ProbeSelectEarlySamplerCustom.",
+                               "run them on with ProbeSelectResumeCustom.") from None
+    except split_sampling.ScheduleMismatchError:
+        raise _schedule_mismatch(node_id) from None
+
+
 def resume_or_fail(node_id: str, model, positive, negative, latent: dict, cfg: float) -> dict:
     run = validate_resumable(node_id, latent)
     try:
@@ -152,10 +209,21 @@ def resume_or_fail(node_id: str, model, positive, negative, latent: dict, cfg: f
         raise ProbeSelectError(node_id, "these candidates were started by ProbeSelectEarlySamplerCustom.",
                                "finish them with ProbeSelectResumeCustom.") from None
     except split_sampling.ScheduleMismatchError:
-        raise ProbeSelectError(node_id, "this model's noise schedule differs from the one the candidates were "
-                                        "started with.",
-                               "give ProbeSelectResume the same model (and model patches such as "
-                               "ModelSamplingSD3 shift) as the early sampler.") from None
+        raise _schedule_mismatch(node_id) from None
+
+
+UNTIL_TOOLTIP = ("1.0 finishes the candidates. Less (e.g. 0.4) runs them on to that later checkpoint only, for another "
+                 "round of ProbeSelectScore and ProbeSelectTopK (multi-stage pruning): the outputs are then an early "
+                 "latent, its x0 preview and, with a tapped model, its activations.")
+
+
+def resume_outputs() -> list:
+    return [io.Latent.Output(display_name="latent", tooltip="Finished (until_percent 1.0), or stopped at the later "
+                                                            "checkpoint like the early sampler's early latent."),
+            io.Latent.Output(display_name="x0 preview", tooltip="The x0 prediction at the later checkpoint; the "
+                                                                "finished latent when finishing."),
+            Activations.Output(display_name="activations", tooltip="At the later checkpoint, when the model is "
+                                                                   "tapped (ProbeSelectTap); none when finishing.")]
 
 
 class ProbeSelectResume(io.ComfyNode):
@@ -175,17 +243,38 @@ class ProbeSelectResume(io.ComfyNode):
                 io.Conditioning.Input("negative"),
                 io.Latent.Input("latent", tooltip="The kept output of ProbeSelectTopK."),
                 io.Float.Input("cfg", default=7.0, min=0.0, max=100.0, step=0.1, round=0.01),
+                io.Float.Input("until_percent", default=1.0, min=0.0, max=1.0, step=0.01, optional=True,
+                               tooltip=UNTIL_TOOLTIP),
             ],
-            outputs=[io.Latent.Output(display_name="finished latent")],
+            outputs=resume_outputs(),
         )
 
     @classmethod
-    def execute(cls, model, positive, negative, latent: dict, cfg: float) -> io.NodeOutput:
-        return io.NodeOutput(resume_or_fail(cls.NODE_ID, model, positive, negative, latent, cfg))
+    def validate_inputs(cls, until_percent: float | None = None) -> bool | str:
+        if until_percent is not None and not 0.0 < until_percent <= 1.0:
+            return str(ProbeSelectError(cls.NODE_ID, f"until_percent {until_percent} is outside (0, 1].",
+                                        "use 1.0 to finish the candidates, or a later checkpoint such as 0.4."))
+        return True
+
+    @classmethod
+    def execute(cls, model, positive, negative, latent: dict, cfg: float, until_percent: float = 1.0) -> io.NodeOutput:
+        node_id = cls.NODE_ID
+        run = validate_resumable(node_id, latent)
+        until = until_step_or_fail(node_id, run, until_percent)
+        if until >= run.steps:
+            finished = resume_or_fail(node_id, model, positive, negative, latent, cfg)
+            return io.NodeOutput(finished, finished, None)
+        return early_output(model, advance_or_fail(node_id, model, positive, negative, latent, cfg, until))
+
+
+SCHEDULE_TOOLTIP = ("Optional multi-stage pruning: stages 'checkpoint->K, ...', e.g. '0.2->8, 0.4->2' = keep the "
+                    "best 8 at 20% of the steps, the best 2 of those at 40%, finish those 2 (N is candidates). "
+                    "Empty: one stage, keep at checkpoint_percent. Each stage is scored by the connected probe "
+                    "trained nearest its checkpoint (probe or later_probe), which must be within 0.1 of it.")
 
 
 class ProbeSelectSampler(io.ComfyNode):
-    """The whole pipeline in one box: early sampling, probe scoring, top-K, resume."""
+    """The whole pipeline in one box: early sampling, probe scoring, top-K (once or in stages), resume."""
 
     NODE_ID = "ProbeSelectSampler"
 
@@ -195,30 +284,50 @@ class ProbeSelectSampler(io.ComfyNode):
         inputs.insert(4, Probe.Input("probe", tooltip="From ProbeSelectLoadProbe. Its tap is applied to the model "
                                                        "automatically when the model has none."))
         inputs.insert(7, io.Int.Input("keep", default=1, min=1, max=MAX_CANDIDATES, tooltip="K, the candidates finished."))
+        inputs += [
+            io.String.Input("schedule", default="", optional=True, tooltip=SCHEDULE_TOOLTIP),
+            Probe.Input("later_probe", optional=True,
+                        tooltip="Optional: a probe trained at a later checkpoint (same block as probe), for the later "
+                                "stages of a schedule."),
+        ]
         return io.Schema(
             node_id=cls.NODE_ID,
             display_name="Probe-Select Sampler (N -> K)",
             category=CATEGORY,
-            description="Runs N seeds to the checkpoint, scores them with the probe, and finishes only the best K.",
+            description="Runs N seeds to the checkpoint, scores them with the probe, and finishes only the best K; "
+                        "with a schedule, prunes in stages (score, keep K, run on to the next checkpoint) before "
+                        "finishing.",
             inputs=inputs,
             outputs=[
                 io.Latent.Output(display_name="finished latent"),
-                Scores.Output(display_name="scores"),
+                Scores.Output(display_name="scores", tooltip="The last stage's scores."),
                 io.String.Output(display_name="kept seeds"),
             ],
         )
 
     @classmethod
     def validate_inputs(cls, seed: int | None = None, candidates: int | None = None, steps: int | None = None,
-                        checkpoint_percent: float | None = None) -> bool | str:
-        return validate_split_inputs(cls.NODE_ID, seed, candidates, steps, checkpoint_percent)
+                        checkpoint_percent: float | None = None, schedule: str | None = None) -> bool | str:
+        if schedule is None or not schedule.strip():
+            return validate_split_inputs(cls.NODE_ID, seed, candidates, steps, checkpoint_percent)
+        # With a schedule, its stages replace keep and checkpoint_percent.
+        return problem_or_true(check_schedule, cls.NODE_ID, seed, candidates, steps, schedule)
 
     @classmethod
     def execute(cls, model, positive, negative, latent_image: dict, probe, seed: int, candidates: int, keep: int,
                 steps: int, cfg: float, sampler_name: str, scheduler: str, checkpoint_percent: float,
-                denoise: float = 1.0) -> io.NodeOutput:
+                denoise: float = 1.0, schedule: str = "", later_probe=None) -> io.NodeOutput:
         node_id = cls.NODE_ID
-        s = validate_early(node_id, latent_image, candidates, steps, checkpoint_percent, sampler_name, seed)
+        if not (schedule or "").strip():      # one stage: the checks (and messages) of the early sampler first
+            validate_early(node_id, latent_image, candidates, steps, checkpoint_percent, sampler_name, seed)
+        plan = stages.node_schedule(node_id, schedule, candidates, keep, checkpoint_percent)
+        first = plan.stages[0].checkpoint
+        stops = stages.schedule_steps(node_id, plan, steps, schedule)
+        s = validate_early(node_id, latent_image, candidates, steps, first, sampler_name, seed)
+        probes = [probe] + ([later_probe] if later_probe is not None else [])
+        stages.check_probes_share_the_tap(node_id, probe, later_probe)
+        stage_probes = [stages.probe_for_stage(node_id, probes, number, step, steps)
+                        for number, step in enumerate(stops, start=1)]
         family = model_family(model)
         if probe.metadata.backbone_family != family:
             # Checked before tapping: the probe's block may not exist (or mean something else) in this model.
@@ -233,16 +342,38 @@ class ProbeSelectSampler(io.ComfyNode):
             tapped = apply_tap(model, probe.metadata.tap, probe.metadata.feature_shape[-1], node_id,
                                fix=f"load a probe trained for this {family} model in ProbeSelectLoadProbe.")
         early = split_sampling.run_early(tapped, positive, negative, latent_image, seed, candidates, steps, cfg,
-                                         sampler_name, scheduler, checkpoint_percent, denoise, callback=_progress(s))
-        scores = score_or_fail(node_id, probe, early.activations, None)
-        kept, _pruned, kept_indices = top_k_or_fail(node_id, early.latent, scores, keep)
+                                         sampler_name, scheduler, first, denoise, callback=_progress(s))
+
+        def score(number, activations, _latent):
+            chosen = stage_probes[number - 1]
+            return score_or_fail(node_id, chosen, activations, None), chosen.name
+
+        def keep_best(latent, scores, k):
+            kept, _pruned, indices = top_k_or_fail(node_id, latent, scores, k)
+            return kept, indices
+
+        kept, records = stages.run_stages(
+            node_id, plan, stops, steps, early, score, keep_best,
+            lambda latent, step: advance_or_fail(node_id, tapped, positive, negative, latent, cfg, step))
         finished = resume_or_fail(node_id, model, positive, negative, kept, cfg)
-        kept_seeds = ",".join(str(scores.seeds[i]) for i in kept_indices)
-        previews = gallery.previews_payload(model, early.x0, scores.run_id, scores.seeds)
-        shown = gallery.selection_ui(scores_text(scores, kept_indices),
-                                     gallery.gallery_payload(scores.run_id, scores.seeds, kept_indices, "top_k", scores),
-                                     previews)
-        return io.NodeOutput(finished, scores, kept_seeds, ui=shown)
+        last = records[-1]
+        kept_seeds = ",".join(str(seed) for seed in last.kept_seeds)
+        first_scores = records[0].scores
+        previews = gallery.previews_payload(model, early.x0, first_scores.run_id, first_scores.seeds)
+        text = (scores_text(first_scores, records[0].kept) if len(records) == 1 and not (schedule or "").strip()
+                else stages.stages_text(records, scores_text))
+        text = f"{checkpoint_text(early)}\n{text}"
+        shown = gallery.selection_ui(text, gallery.gallery_payload(first_scores.run_id, first_scores.seeds,
+                                                                   records[0].kept, "top_k", first_scores), previews)
+        return io.NodeOutput(finished, last.scores, kept_seeds, ui=shown)
+
+
+def check_schedule(node_id: str, seed: int, candidates: int, steps: int, schedule: str) -> PruningSchedule:
+    """The checks of a ProbeSelectSampler schedule that need no tensors (``validate_inputs``)."""
+    plan = stages.node_schedule(node_id, schedule, candidates, 1, 0.5)
+    stages.schedule_steps(node_id, plan, steps, schedule)
+    check_split_numbers(node_id, seed, candidates, steps, plan.stages[0].checkpoint)
+    return plan
 
 
 def parse_checkpoints(node_id: str, text: str, steps: int) -> list[int]:
@@ -306,7 +437,10 @@ class ProbeSelectCollectSampler(io.ComfyNode):
         if find_tap(model) is None:
             raise ProbeSelectError(node_id, "the model has no activation tap, so nothing would be recorded.",
                                    "insert ProbeSelectTap between the model loader and this node.")
+        sigmas = split_sampling.full_sigmas(model, steps, sampler_name, scheduler, denoise)
+        levels = "\n".join(f"checkpoint {model_noise_level(model, sigmas, k).describe()}" for k in capture_at)
         result = split_sampling.run_candidates(model, positive, negative, latent_image, seed, candidates, steps, cfg,
                                                sampler_name, scheduler, stop_step=steps, capture_at=capture_at,
                                                denoise=denoise, callback=_progress(steps))
-        return io.NodeOutput(result.latent, result.activations)
+        return io.NodeOutput(result.latent, result.activations,
+                             ui={gallery.TEXT_KEY: [f"{candidates} candidates recorded at\n{levels}"]})

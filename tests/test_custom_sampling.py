@@ -96,7 +96,7 @@ def test_kept_candidate_equals_plain_sampler_custom_advanced(split, nodes_custom
     assert x0["samples"].shape == early["samples"].shape
     early_evaluations = recorder.evaluations
     kept = split.select_rows(early, KEPT)
-    (finished,) = nodes_custom.ProbeSelectResumeCustom.execute(guider, sampler, kept, sigmas).args
+    finished = nodes_custom.ProbeSelectResumeCustom.execute(guider, sampler, kept, sigmas).args[0]
     resume_evaluations = recorder.evaluations - early_evaluations
 
     plain_recorder = ApplyModelRecorder()
@@ -126,7 +126,7 @@ def test_single_candidate_is_bit_identical(nodes_custom, family, sampler_name):
     guider = _guider(family, tiny.patcher, tiny)
     sampler = _sampler(sampler_name)
     early = _early(nodes_custom, guider, sampler, sigmas, latent, candidates=1).args[0]
-    (finished,) = nodes_custom.ProbeSelectResumeCustom.execute(guider, sampler, early).args
+    finished = nodes_custom.ProbeSelectResumeCustom.execute(guider, sampler, early).args[0]
     assert torch.equal(finished["samples"], _plain(guider, SEED, sampler, sigmas, latent))
 
 
@@ -140,7 +140,7 @@ def test_dual_cfg_guider_and_custom_sigmas_with_sampler_options(split, nodes_cus
     sigmas = torch.tensor([9.0, 6.0, 3.5, 2.0, 1.0, 0.3, 0.0])
     sampler = ccs.SamplerEulerAncestral.execute(0.7, 0.9)[0]
     early = _early(nodes_custom, guider, sampler, sigmas, latent).args[0]
-    (finished,) = nodes_custom.ProbeSelectResumeCustom.execute(guider, sampler, split.select_rows(early, [1])).args
+    finished = nodes_custom.ProbeSelectResumeCustom.execute(guider, sampler, split.select_rows(early, [1])).args[0]
     reference = _plain(guider, SEED + 1, sampler, sigmas, latent)
     assert max_rel_diff(finished["samples"], reference) <= 1e-5
     assert max_rel_diff(finished["samples"], _plain(guider, SEED + 1, _sampler("euler_ancestral"), sigmas,
@@ -176,7 +176,7 @@ def test_ksampler_form_and_custom_form_share_the_engine(split, nodes_custom):
     early = split.run_early(tiny.patcher, pos, neg, latent, SEED, 2, STEPS, 3.0, "dpmpp_2m", "karras", CHECKPOINT)
     by_ksampler = split.resume(tiny.patcher, pos, neg, early.latent, 3.0)["samples"]
     guider = ccs.CFGGuider.execute(tiny.patcher, pos, neg, 3.0)[0]
-    (by_custom,) = nodes_custom.ProbeSelectResumeCustom.execute(guider, _sampler("dpmpp_2m"), early.latent).args
+    by_custom = nodes_custom.ProbeSelectResumeCustom.execute(guider, _sampler("dpmpp_2m"), early.latent).args[0]
     assert torch.equal(by_custom["samples"], by_ksampler)
 
 

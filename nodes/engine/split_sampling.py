@@ -40,10 +40,12 @@ import torch
 
 from ...probes.checkpoints import checkpoint_step
 from ...probes.features import ActivationSeries, ActivationSet
+from ...probes.analysis.noise_levels import NoiseLevel
 from .capture import RUN_KEY, find_tap
 from .families import model_family
 from .noise import (UNSPLITTABLE_SAMPLERS, build_noise_sampler, initial_noise, initial_noise_from, sampler_name_of,
                     sampler_object, with_noise_source)
+from .noise_levels import model_noise_level
 
 log = logging.getLogger(__name__)
 
@@ -184,14 +186,34 @@ class _ModelOutputRecorder:
 
 
 class _ModelOutputReplay:
-    """CALC_COND_BATCH wrapper: answers the first calls with recorded outputs, then evaluates the model."""
+    """CALC_COND_BATCH wrapper: answers the first calls with recorded outputs, then evaluates the model.
 
-    def __init__(self, calls: list, sigmas: list[float]):
+    With ``record``, it also keeps the outputs of the evaluated calls (as `_ModelOutputRecorder` does),
+    so that a resume stopped at a later checkpoint hands on the whole history: the replayed calls and
+    its own. ``dry`` answers zeros without replaying or evaluating (the call count of
+    `_calls_before_step`).
+    """
+
+    def __init__(self, calls: list, sigmas: list[float], record: bool = False):
         self.calls, self.sigmas = calls, sigmas
         self.replayed = 0
+        self.record = record
+        self.recorded = _ModelOutputRecorder()
+
+    @property
+    def dry(self) -> bool:
+        return self.recorded.dry
+
+    @dry.setter
+    def dry(self, value: bool) -> None:
+        self.recorded.dry = value
 
     def __call__(self, executor, model, conds, x_in, timestep, model_options):
+        if self.dry:
+            return [torch.zeros_like(x_in) for _ in conds]
         if self.replayed >= len(self.calls):
+            if self.record:
+                return self.recorded(executor, model, conds, x_in, timestep, model_options)
             return executor(model, conds, x_in, timestep, model_options)
         expected, sigma = self.sigmas[self.replayed], float(timestep.flatten()[0])
         if abs(sigma - expected) > 1e-5 * max(abs(expected), 1e-3):
@@ -291,6 +313,7 @@ class EarlyResult:
     x0: dict                   # the model's x0 prediction at the last early step (LATENT)
     activations: Optional[ActivationSet]
     x0_at: Optional[dict] = None   # checkpoint step k -> x0 prediction (LATENT samples) of the step reaching k
+    noise_level: Optional[NoiseLevel] = None   # where the stop step lands (sigma, log-SNR); None when run to the end
 
 
 def cfg_guider(model, positive, negative, cfg: float):
@@ -449,21 +472,14 @@ def run_guided(guider, latent: dict, seeds: list[int], draw_noise: Callable[[tor
             tap.close_session(run_id)
 
     family = model_family(model)
-    activations = None
-    if session is not None:
-        sets = []
-        for k in capture_at:
-            features = session.features.get(k - 1)
-            if features is None:
-                raise RuntimeError(f"the tap on {tap.path} did not fire at step {k - 1}")
-            sets.append(ActivationSet(
-                features=features, family=family, tap=tap.path, step=k, steps=steps, sigma=session.sigmas[k - 1],
-                seeds=seeds, run_id=run_id, text_embedding=text_embedding, pooling="adaptive_avg"))
-        activations = sets[0] if len(sets) == 1 else ActivationSeries(tuple(sets))
+    activations = _captured(session, tap, [(k, k - 1) for k in capture_at], family, steps, seeds, run_id,
+                            text_embedding)
 
     out = {k: _per_sample(v, latent["samples"].shape[0], candidates) for k, v in latent.items()}
     out["samples"] = samples
+    level = None
     if stop_step < steps:
+        level = model_noise_level(model, sigmas, stop_step)
         out["samples"] = _latent_from_state(model, sigmas[stop_step], stopped["x"])
         out[PACK_KEY] = {
             "version": METADATA_VERSION, "run_id": run_id, "family": family, "seeds": seeds,
@@ -474,13 +490,39 @@ def run_guided(guider, latent: dict, seeds: list[int], draw_noise: Callable[[tor
             "state": stopped["x"], "start": stopped["start"],
             # Per model call of the early phase: the outputs per conditioning ([N, ...] or None), and its sigma.
             "calls": recorder.calls, "call_sigmas": recorder.sigmas,
+            # Where the stop step lands: sigma, log-SNR (from the model's own model_sampling), t.
+            "noise_level": level.as_dict(), "stops": [stop_step],
         }
-    x0 = x0_holder["x0"].to("cpu")
-    # The run id and seeds travel with the previews so that preview-based scores can be matched to the
-    # early latent by ProbeSelectTopK, like probe scores are.
-    x0_latent = {"samples": model.model.process_latent_out(x0), X0_KEY: {"run_id": run_id, "seeds": seeds}}
+    x0_latent = _x0_latent(model, x0_holder["x0"], run_id, seeds, level)
     x0_at = {k: model.model.process_latent_out(v) for k, v in x0_at.items()}
-    return EarlyResult(latent=out, x0=x0_latent, activations=activations, x0_at=x0_at)
+    return EarlyResult(latent=out, x0=x0_latent, activations=activations, x0_at=x0_at, noise_level=level)
+
+
+def _captured(session, tap, steps_and_keys: Sequence[tuple[int, int]], family: str, steps: int, seeds: list[int],
+              run_id: str, text_embedding: Optional[torch.Tensor]):
+    """The tap's activations of a run: one ActivationSet per (checkpoint step, the session's capture key),
+    an ActivationSeries for several; None without a tap."""
+    if session is None:
+        return None
+    sets = []
+    for k, key in steps_and_keys:
+        features = session.features.get(key)
+        if features is None:
+            raise RuntimeError(f"the tap on {tap.path} did not fire at step {k - 1}")
+        sets.append(ActivationSet(
+            features=features, family=family, tap=tap.path, step=k, steps=steps, sigma=session.sigmas[key],
+            seeds=seeds, run_id=run_id, text_embedding=text_embedding, pooling="adaptive_avg"))
+    return sets[0] if len(sets) == 1 else ActivationSeries(tuple(sets))
+
+
+def _x0_latent(model, x0: torch.Tensor, run_id: str, seeds: list[int], level: Optional[NoiseLevel]) -> dict:
+    """The x0-preview LATENT. The run id and seeds travel with the previews so that preview-based scores
+    can be matched to the early latent by ProbeSelectTopK, like probe scores are; the noise level is the
+    checkpoint's."""
+    meta = {"run_id": run_id, "seeds": seeds}
+    if level is not None:
+        meta["noise_level"] = level.as_dict()
+    return {"samples": model.model.process_latent_out(x0.to("cpu")), X0_KEY: meta}
 
 
 def select_rows(latent: dict, indices: list[int]) -> dict:
@@ -529,9 +571,8 @@ def _replayable(model, meta: dict, rows: torch.Tensor, guidance: dict, sigma: to
     return True
 
 
-def resume(model, positive, negative, latent: dict, cfg: float,
-           callback: Optional[Callable[[int, int], None]] = None, disable_pbar: bool = True) -> dict:
-    """The KSampler form of `resume_guided`: the schedule and sampler named in the latent, a CFGGuider."""
+def _ksampler_parts(model, positive, negative, latent: dict, cfg: float) -> tuple:
+    """The guider, sampler factory and sigmas a KSampler-form resume samples with (checked against the latent)."""
     meta = latent[PACK_KEY]
     if meta.get("form") != "ksampler":
         raise FormMismatchError("the latent was started with the custom sampler")
@@ -539,15 +580,13 @@ def resume(model, positive, negative, latent: dict, cfg: float,
     expected = torch.tensor(meta["sigmas"], dtype=torch.float32)
     if sigmas.shape != expected.shape or not torch.allclose(sigmas, expected, rtol=1e-5, atol=1e-6):
         raise ScheduleMismatchError("noise schedule differs")
-    return resume_guided(cfg_guider(model, positive, negative, cfg), latent,
-                         lambda noise_sampler: sampler_object(meta["sampler"], noise_sampler), sigmas,
-                         callback=callback, disable_pbar=disable_pbar)
+    return (cfg_guider(model, positive, negative, cfg),
+            lambda noise_sampler: sampler_object(meta["sampler"], noise_sampler), sigmas)
 
 
-def resume_custom(guider, sampler, latent: dict, sigmas: Optional[torch.Tensor] = None,
-                  callback: Optional[Callable[[int, int], None]] = None, disable_pbar: bool = True) -> dict:
-    """The SamplerCustomAdvanced form of `resume_guided`: the user's guider and SAMPLER; the sigmas are the
-    latent's own (given ones must equal them)."""
+def _custom_parts(sampler, latent: dict, sigmas: Optional[torch.Tensor]) -> tuple:
+    """The sampler factory and sigmas a custom-form resume samples with: the latent's own sigmas (given ones
+    must equal them) and the user's SAMPLER (which must be the early one)."""
     meta = latent[PACK_KEY]
     expected = torch.tensor(meta["sigmas"], dtype=torch.float32)
     if sigmas is not None:
@@ -557,8 +596,82 @@ def resume_custom(guider, sampler, latent: dict, sigmas: Optional[torch.Tensor] 
     name = sampler_name_of(sampler)
     if name != meta["sampler"]:
         raise SamplerMismatchError(f"the candidates were started with sampler {meta['sampler']}, not {name}")
-    return resume_guided(guider, latent, lambda noise_sampler: with_noise_source(sampler, noise_sampler), expected,
-                         callback=callback, disable_pbar=disable_pbar)
+    return lambda noise_sampler: with_noise_source(sampler, noise_sampler), expected
+
+
+def resume(model, positive, negative, latent: dict, cfg: float,
+           callback: Optional[Callable[[int, int], None]] = None, disable_pbar: bool = True) -> dict:
+    """The KSampler form of `resume_guided`: the schedule and sampler named in the latent, a CFGGuider."""
+    guider, make_sampler, sigmas = _ksampler_parts(model, positive, negative, latent, cfg)
+    return resume_guided(guider, latent, make_sampler, sigmas, callback=callback, disable_pbar=disable_pbar)
+
+
+def resume_custom(guider, sampler, latent: dict, sigmas: Optional[torch.Tensor] = None,
+                  callback: Optional[Callable[[int, int], None]] = None, disable_pbar: bool = True) -> dict:
+    """The SamplerCustomAdvanced form of `resume_guided`: the user's guider and SAMPLER; the sigmas are the
+    latent's own (given ones must equal them)."""
+    make_sampler, expected = _custom_parts(sampler, latent, sigmas)
+    return resume_guided(guider, latent, make_sampler, expected, callback=callback, disable_pbar=disable_pbar)
+
+
+def advance(model, positive, negative, latent: dict, cfg: float, until_step: int,
+            callback: Optional[Callable[[int, int], None]] = None, disable_pbar: bool = True) -> EarlyResult:
+    """The KSampler form of `advance_guided`."""
+    guider, make_sampler, sigmas = _ksampler_parts(model, positive, negative, latent, cfg)
+    return advance_guided(guider, latent, make_sampler, sigmas, until_step, text_embedding_from_conditioning(positive),
+                          callback=callback, disable_pbar=disable_pbar)
+
+
+def advance_custom(guider, sampler, latent: dict, until_step: int, sigmas: Optional[torch.Tensor] = None,
+                   callback: Optional[Callable[[int, int], None]] = None, disable_pbar: bool = True) -> EarlyResult:
+    """The SamplerCustomAdvanced form of `advance_guided`."""
+    make_sampler, expected = _custom_parts(sampler, latent, sigmas)
+    return advance_guided(guider, latent, make_sampler, expected, until_step, text_embedding_from_guider(guider),
+                          callback=callback, disable_pbar=disable_pbar)
+
+
+def _continuation(guider, latent: dict, make_sampler: Callable, sigmas: torch.Tensor,
+                  until_step: Optional[int], run_id: Optional[str]):
+    """What a resume samples with: (guider on a clone, sampler, sigmas of the run, first step of the run,
+    replay wrapper or None, recorder or None, holder of the stopped state, noise sampler).
+
+    Replayable (the latent and guider settings are the early phase's): the sampler runs the whole
+    schedule from the recorded start, the recorded calls answered by the replay wrapper (the model is not
+    evaluated for them) and fresh noise sources drawing the same noise again. Otherwise it continues
+    from the latent at sigma_s with the recorded noise states (exact for single-step samplers only).
+    With ``until_step`` < steps the sampler stops at its first model call of that step; the replay
+    wrapper (or the recorder) then keeps the outputs of the calls it evaluated.
+    """
+    model = guider.model_patcher
+    meta = latent[PACK_KEY]
+    steps, s = meta["steps"], meta["stop_step"]
+    rows = latent["samples"]
+    seeds = meta["seeds"]
+    stopping = until_step is not None and until_step < steps
+    stopped: dict = {}
+    replay = recorder = None
+    if _replayable(model, meta, rows, guidance_of(guider), sigmas[s]):
+        # Fresh noise sources: the replayed early steps draw the early phase's noise again, in order.
+        noise_sampler = build_noise_sampler(meta["sampler"], rows.to(model.load_device), seeds, sigmas)
+        replay = _ModelOutputReplay(meta["calls"], meta["call_sigmas"], record=stopping)
+        sampler = make_sampler(noise_sampler)
+        if stopping:
+            sampler = _stopping_at_step(sampler, until_step, replay, stopped)
+        sampler = _starting_from_state(sampler, meta["start"])
+        guided = _guider_on_clone(guider, run_id, ((REPLAY_KEY, replay),))
+        run_sigmas, first_step = sigmas, s
+    else:
+        noise_sampler = build_noise_sampler(meta["sampler"], rows.to(model.load_device), seeds, sigmas,
+                                            states=meta.get("noise_states"))
+        sampler = make_sampler(noise_sampler)
+        wrappers = ()
+        if stopping:
+            recorder = _ModelOutputRecorder()
+            sampler = _stopping_at_step(sampler, until_step - s, recorder, stopped)
+            wrappers = ((RECORD_KEY, recorder),)
+        guided = _guider_on_clone(guider, run_id, wrappers) if (wrappers or run_id is not None) else guider
+        run_sigmas, first_step = sigmas[s:], 0
+    return guided, sampler, run_sigmas, first_step, replay, recorder, stopped, noise_sampler
 
 
 def resume_guided(guider, latent: dict, make_sampler: Callable, sigmas: torch.Tensor,
@@ -570,24 +683,11 @@ def resume_guided(guider, latent: dict, make_sampler: Callable, sigmas: torch.Te
     """
     import comfy.model_management
 
-    model = guider.model_patcher
     meta = latent[PACK_KEY]
     steps, s = meta["steps"], meta["stop_step"]
     rows = latent["samples"]
-    seeds = meta["seeds"]
-    replay = None
-    if _replayable(model, meta, rows, guidance_of(guider), sigmas[s]):
-        # Fresh noise sources: the replayed early steps draw the early phase's noise again, in order.
-        noise_sampler = build_noise_sampler(meta["sampler"], rows.to(model.load_device), seeds, sigmas)
-        sampler = _starting_from_state(make_sampler(noise_sampler), meta["start"])
-        replay = _ModelOutputReplay(meta["calls"], meta["call_sigmas"])
-        guided = _guider_on_clone(guider, None, ((REPLAY_KEY, replay),))
-        run_sigmas, first_step = sigmas, s
-    else:
-        noise_sampler = build_noise_sampler(meta["sampler"], rows.to(model.load_device), seeds, sigmas,
-                                            states=meta.get("noise_states"))
-        sampler = make_sampler(noise_sampler)
-        guided, run_sigmas, first_step = guider, sigmas[s:], 0
+    guided, sampler, run_sigmas, first_step, replay, _, _, _ = _continuation(guider, latent, make_sampler, sigmas,
+                                                                             None, None)
 
     def on_step(step, x0, x, total_steps):
         comfy.model_management.throw_exception_if_processing_interrupted()
@@ -595,9 +695,77 @@ def resume_guided(guider, latent: dict, make_sampler: Callable, sigmas: torch.Te
             callback(step - first_step + 1, steps - s)
 
     samples = _sample(guided, torch.zeros_like(rows), rows, sampler, run_sigmas, latent, on_step, disable_pbar,
-                      seeds[0])
+                      meta["seeds"][0])
     if replay is not None and replay.replayed != len(meta["calls"]):
         raise RuntimeError(f"the sampler replayed {replay.replayed} of the {len(meta['calls'])} recorded model calls")
     out = {k: v for k, v in latent.items() if k != PACK_KEY}
     out["samples"] = samples
     return out
+
+
+def advance_guided(guider, latent: dict, make_sampler: Callable, sigmas: torch.Tensor, until_step: int,
+                   text_embedding: Optional[torch.Tensor],
+                   callback: Optional[Callable[[int, int], None]] = None, disable_pbar: bool = True) -> EarlyResult:
+    """Run the rows of a split-sampling LATENT from their stop step s on to a later checkpoint `until_step`
+    (s < until_step < steps), for another round of scoring and top-K: a multi-stage schedule.
+
+    The result is what the early phase gives: a LATENT stopped at `until_step` (new run id, same seeds,
+    the recorded model calls extended by this stage's, so the next resume replays all of them), the x0
+    prediction at the checkpoint and the tap's activations. The model is evaluated for steps
+    s..until_step-1 only.
+    """
+    import comfy.model_management
+
+    model = guider.model_patcher
+    meta = latent[PACK_KEY]
+    steps, s = meta["steps"], meta["stop_step"]
+    if not s < until_step < steps:
+        raise ValueError(f"until_step {until_step} is not between the stop step {s} and the last step {steps}")
+    rows = latent["samples"]
+    seeds = meta["seeds"]
+    run_id = uuid.uuid4().hex
+    guided, sampler, run_sigmas, first_step, replay, recorder, stopped, noise_sampler = _continuation(
+        guider, latent, make_sampler, sigmas, until_step, run_id)
+    capture_key = until_step - 1 - (s - first_step)       # the capture step in the run's own step numbers
+    tap = find_tap(model)
+    session = tap.open_session(run_id, (capture_key,)) if tap is not None else None
+    x0_holder = {}
+
+    def on_step(step, x0, x, total_steps):
+        x0_holder["x0"] = x0
+        if session is not None:
+            session.step = step + 1
+        comfy.model_management.throw_exception_if_processing_interrupted()
+        if callback is not None and step >= first_step:
+            callback(step - first_step + 1, until_step - s)
+
+    try:
+        _sample(guided, torch.zeros_like(rows), rows, sampler, run_sigmas, latent, on_step, disable_pbar, seeds[0])
+    finally:
+        if tap is not None:
+            tap.close_session(run_id)
+    if replay is not None and replay.replayed != len(meta["calls"]):
+        raise RuntimeError(f"the sampler replayed {replay.replayed} of the {len(meta['calls'])} recorded model calls")
+
+    family = model_family(model)
+    activations = _captured(session, tap, [(until_step, capture_key)], family, steps, seeds, run_id, text_embedding)
+    level = model_noise_level(model, sigmas, until_step)
+    out = {k: v for k, v in latent.items() if k != PACK_KEY}
+    out["samples"] = _latent_from_state(model, sigmas[until_step], stopped["x"])
+    new_meta = dict(meta)
+    new_meta.update({
+        "run_id": run_id, "stop_step": until_step, "state": stopped["x"],
+        "noise_states": noise_sampler.states() if noise_sampler is not None else None,
+        "noise_level": level.as_dict(), "stops": [*meta.get("stops", [s]), until_step],
+    })
+    if replay is not None:
+        # The whole history from step 0: the replayed calls and this stage's, so the next resume replays all.
+        new_meta["calls"] = list(meta["calls"]) + replay.recorded.calls
+        new_meta["call_sigmas"] = list(meta["call_sigmas"]) + replay.recorded.sigmas
+    else:
+        # Continued from a changed latent (or with other guider settings): there is no history from step 0
+        # to replay, so later stages continue from their latents too.
+        new_meta.update({"calls": None, "call_sigmas": None, "start": None, "guidance": guidance_of(guider)})
+    out[PACK_KEY] = new_meta
+    x0_latent = _x0_latent(model, x0_holder["x0"], run_id, seeds, level)
+    return EarlyResult(latent=out, x0=x0_latent, activations=activations, noise_level=level)

@@ -56,6 +56,7 @@ CHECKPOINT_NAMES = {   # the public file names (folder models/checkpoints)
 }
 # Bump a family's version when its recipe changes: cached files live under it.
 RECIPE_VERSIONS = {"sd15": 1, "sdxl": 1, "sd35": 1, "flux": 1}
+OPEN_CLIP_RECIPE_VERSION = 1
 DEFAULT_SEED = 0
 
 # The config class ComfyUI's detection gives each file, and the latent channels of its VAE.
@@ -346,3 +347,12 @@ def write_open_clip_stand_in(model_name: str, path, seed: int = DEFAULT_SEED) ->
     log.info("wrote open_clip %s stand-in %s (%.1f MB) in %.1f s", model_name, path,
              path.stat().st_size / 2**20, time.monotonic() - t0)
     return path
+
+
+def cached_open_clip_stand_in(model_name: str, cache_dir, seed: int = DEFAULT_SEED) -> Path:
+    """`write_open_clip_stand_in`'s file in `cache_dir` (`<model_name>.safetensors` in a folder per recipe
+    version and seed), written only when it is not there yet."""
+    path = Path(cache_dir) / f"open_clip_{model_name}_v{OPEN_CLIP_RECIPE_VERSION}_s{seed}" / f"{model_name}.safetensors"
+    if path.is_file() and path.stat().st_size > 0:
+        return path
+    return write_open_clip_stand_in(model_name, path, seed)

@@ -223,8 +223,7 @@ def test_flux_text_encoder_node_is_seeded(test_nodes, flux_clip):
 
 @pytest.fixture(scope="module")
 def open_clip_file(tmp_path_factory):
-    folder = tmp_path_factory.mktemp("evaluators")
-    return stand_ins.write_open_clip_stand_in("ViT-B-32", folder / "ViT-B-32.safetensors", seed=0)
+    return stand_ins.cached_open_clip_stand_in("ViT-B-32", tmp_path_factory.mktemp("cache"), seed=0)
 
 
 def test_open_clip_stand_in_loads_in_the_clipscore_node(open_clip_file, monkeypatch):
@@ -255,3 +254,7 @@ def test_open_clip_stand_in_is_deterministic(open_clip_file, tmp_path):
     again = stand_ins.write_open_clip_stand_in("ViT-B-32", tmp_path / "again.safetensors", seed=0)
     assert torch.equal(torch.get_rng_state(), state)   # the caller's global RNG is left alone
     assert _sha256(again) == _sha256(open_clip_file)
+    # The cache hands back the written file without writing it again.
+    written = open_clip_file.stat().st_mtime_ns
+    assert stand_ins.cached_open_clip_stand_in("ViT-B-32", open_clip_file.parents[1], seed=0) == open_clip_file
+    assert open_clip_file.stat().st_mtime_ns == written and open_clip_file.name == "ViT-B-32.safetensors"

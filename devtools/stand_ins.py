@@ -17,12 +17,14 @@ detection allows; the text encoders whose configs ComfyUI fixes (CLIP-L, CLIP-G)
 Why these shapes (ComfyUI 0.3.75 and 0.33.0 alike):
 
 - SDXL: the `SDXL` config class matches on `transformer_depth == [0, 0, 2, 2, 10, 10]` (the input
-  blocks), model_channels 320, context 2048 and adm 2816; channel_mult, the output and middle
-  transformer depths are read from the keys but not matched, so they are 1 and 0 here.
+  blocks), model_channels 320, context 2048 and adm 2816; channel_mult, the output transformer
+  depths and the middle block are read from the keys but not matched, so here every level is 320
+  wide, the output blocks have no transformers and the middle block is one res block (134 M params).
 - SD3: detection derives depth from the x_embedder width (hidden = 64 * depth, heads = depth).
   Without T5 keys `SD3.clip_target` builds the CLIP-L + CLIP-G encoder alone, whose context is
   still [1, 77, 4096] (the CLIP features zero-padded) with pooled [1, 2048]. T5-XXL (4.7 B params,
-  fixed config) is not written.
+  fixed config) is not written. CLIP-G is kept (as in the public file; CLIP-L alone would also load,
+  1.3 GB smaller, with the CLIP-G half of the pooled vector zero).
 - Flux: detection fixes 24 heads and rotary axes (16, 56, 56), i.e. 128 per head, so the hidden
   size is 3072 whatever the file says; depth and single depth follow the keys (1 and 1 here). Flux's
   text encoder always includes a full T5-XXL (fixed config), so the file has none and
@@ -32,7 +34,7 @@ Why these shapes (ComfyUI 0.3.75 and 0.33.0 alike):
 Weights: every tensor is set from one seeded generator (ComfyUI layers skip init): matrices
 N(0, 1/fan_in), 1-d weights 1, biases 0, SD3's position table the fixed 2-d sin-cos one, TAESD's
 scale 1 and shift 0 (or decoded images are black). fp16 throughout, so the same seed always gives
-the same file contents.
+the same file contents, under ComfyUI 0.3.75 and 0.33.0 alike (see `stand_in_metadata`).
 """
 from __future__ import annotations
 

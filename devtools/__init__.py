@@ -5,6 +5,8 @@
   custom node loader does (its relative imports resolve, the nodes register).
 - :mod:`devtools.tiny_models`: tiny random models built with ComfyUI's own classes.
 - :mod:`devtools.make_checkpoint`: the smallest SD1.x checkpoint file ComfyUI's loader detects.
+- :mod:`devtools.stand_ins`: stand-in checkpoints (SD1.5, SDXL, SD3.5, Flux) under the public file
+  names, and random open_clip weights, for workflows run through a real server.
 
 sys.path order matters: ComfyUI's folder comes first so that ``import nodes`` is ComfyUI's nodes.py;
 the repository root comes last (``devtools``, ``tools`` and ``bench`` import from there). The

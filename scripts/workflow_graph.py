@@ -203,6 +203,12 @@ class Schemas:
         return self._cache[class_type]
 
 
+def display_name(info: dict, class_type: str) -> str:
+    """The name the frontend shows: the schema's display name, else the node type (some V3 nodes of
+    ComfyUI 0.33 have none)."""
+    return info.get("display_name") or class_type
+
+
 def node_info(cls, class_type: str, nodes_module) -> dict:
     """The fields of server.py's node_info() that workflows need (it is a closure there, not importable)."""
     if hasattr(cls, "GET_NODE_INFO_V1"):                 # V3 schema nodes
@@ -464,7 +470,7 @@ def build(name: str, wf: Workflow, schemas: Schemas) -> tuple[dict, dict]:
         if models:
             properties["models"] = models
         entry = {"id": node.id, "type": node.class_type}
-        if node.title and node.title != info["display_name"]:
+        if node.title and node.title != display_name(info, node.class_type):
             entry["title"] = node.title
         entry.update({"inputs": in_slots[node.id], "outputs": outputs, "properties": properties,
                       "widgets_values": widgets_values})
@@ -515,7 +521,7 @@ def build(name: str, wf: Workflow, schemas: Schemas) -> tuple[dict, dict]:
             continue
         inputs = {k: ([str(v[0]), v[1]] if is_link(v) else v) for k, v in resolved[node.id].items()}
         api[str(node.id)] = {"class_type": node.class_type, "inputs": inputs,
-                             "_meta": {"title": node.title or schemas[node.class_type]["display_name"]}}
+                             "_meta": {"title": node.title or display_name(schemas[node.class_type], node.class_type)}}
     return ui, api
 
 
@@ -560,7 +566,7 @@ def ui_to_api(ui: dict, schemas) -> dict:
             elif spec.name in widget_values:
                 inputs[spec.name] = widget_values[spec.name]
         api[str(node["id"])] = {"class_type": node["type"], "inputs": inputs,
-                                "_meta": {"title": node.get("title") or info["display_name"]}}
+                                "_meta": {"title": node.get("title") or display_name(info, node["type"])}}
     return api
 
 
@@ -596,10 +602,15 @@ def essence(workflow: Any) -> Any:
     """What a workflow file means to whoever runs it, for the staleness check.
 
     A UI-format graph: its nodes' ids, types, titles, modes, widget values and model metadata, which
-    input each link arrives at, the links (ends and type) and the description. Layout, sizes and the list of outputs are left out, so
-    an output that ComfyUI adds upstream (0.33's SaveImage) does not make the files stale. Anything else
-    (an API-format file) counts whole.
+    input each link arrives at, the links (ends and type) and the description. An API-format graph:
+    its nodes less `_meta`. Layout, sizes and the list of outputs are left out, so
+    an output that ComfyUI adds upstream (0.33's SaveImage) does not make the files stale. Anything
+    else counts whole.
     """
+    if isinstance(workflow, dict) and workflow and all(isinstance(v, dict) and "class_type" in v
+                                                       for v in workflow.values()):
+        # API format: what runs; `_meta` (titles, which follow ComfyUI's display names) is left out.
+        return {k: {key: v for key, v in node.items() if key != "_meta"} for k, node in workflow.items()}
     if not (isinstance(workflow, dict) and isinstance(workflow.get("nodes"), list)
             and isinstance(workflow.get("links"), list)):
         return workflow

@@ -1,8 +1,11 @@
 """The step model behind bench/results/sd15_measured.md (bench/step_model.py) and the benchmark's own
 arithmetic (bench/bench_sd15_measured.analyse), on made-up timings, by hand."""
+import json
+
 import pytest
 
 from bench import flops_model, step_model
+from bench.bench_sd15_measured import Profile, analyse, main
 from bench.step_model import CallCosts
 
 # Made-up per-call seconds: a denoiser call on 10 rows (N=5 under CFG) 4 s, on 2 rows (K=1) 1 s, so a
@@ -64,8 +67,6 @@ def test_missing_costs_and_bad_k_are_refused():
 
 
 def test_analyse_splits_the_run_into_calls_decodes_and_the_rest():
-    from bench.bench_sd15_measured import Profile, analyse
-
     # generate-all: 20 calls of 4 s, a decode of 10 s, 1 s else; Probe-Select: 4 calls of 4 s, 16 of 1 s (one
     # of them 3 s: a load spike), a decode of 2.5 s and 0.5 s of the pack's own work.
     ga = Profile("generate-all", wall_s=91.0, calls=[(10, 4.0)] * 20, decodes=[(5, 10.0)])
@@ -81,6 +82,10 @@ def test_analyse_splits_the_run_into_calls_decodes_and_the_rest():
     assert a["step_model_mean"]["ratio"] == pytest.approx((16 + 18 + 2.5) / 90.0)
     assert a["step_model"]["relative_error"] == pytest.approx(abs(37 / 91 - 34.5 / 90) / (34.5 / 90))
     assert a["standalone_step_model"]["ratio"] == pytest.approx(34.5 / 90.0)
+    # Each run priced with its own calls' medians: the same here (no drift between the made-up runs).
+    each = a["each_run_own_costs"]
+    assert each["step_median_s"] == {"generate-all": {10: 4.0}, "Probe-Select": {10: 4.0, 2: 1.0}}
+    assert (each["generate_all_s"], each["probe_select_s"]) == (pytest.approx(90.0), pytest.approx(34.5))
     assert a["per_candidate_step_s"] == {"N=5": pytest.approx(0.8), "K=1": pytest.approx(1.0)}
     # One decoded image (2 s at batch 5) in candidate-steps at batch N (0.8 s): 2.5; by FLOPs 150 / 100.
     assert a["measured_decode_in_steps"] == pytest.approx(2.5)
@@ -90,3 +95,34 @@ def test_analyse_splits_the_run_into_calls_decodes_and_the_rest():
     assert own["remainder_s"] == pytest.approx(0.5) and own["own_s"] == pytest.approx(0.501)
     assert own["own_pct"] == pytest.approx(100 * 0.501 / 37.0)
     assert own["generate_all_remainder_s"] == pytest.approx(1.0)
+
+
+def test_the_benchmark_runs_the_nodes_end_to_end_on_tiny_models(tmp_path):
+    """bench/bench_sd15_measured.py on tiny models (N=2, K=1, 5 steps: checkpoint step 1): every denoiser
+    call is where the step model puts it, and the report is written from the figures."""
+    data = main(["--tiny", "--candidates", "2", "--keep", "1", "--steps", "5", "--standalone-repeats", "1",
+                 "--output-stem", str(tmp_path / "tiny")])
+    runs = data["runs"]
+    assert [rows for rows, _ in runs["generate_all"]["calls"]] == [4] * 5
+    # The early phase evaluates step 0 only (it stops at the first call of step 1); the resume replays that
+    # call and evaluates steps 1..4 for the kept candidate alone.
+    assert [rows for rows, _ in runs["probe_select"]["calls"]] == [4] + [2] * 4
+    assert [n for n, _ in runs["generate_all"]["decodes"]] == [2]
+    assert [n for n, _ in runs["probe_select"]["decodes"]] == [1]
+    nodes = [node["node"] for node in runs["probe_select"]["nodes"]]
+    assert nodes == ["EmptyLatentImage", "ProbeSelectTap", "ProbeSelectLoadProbe", "ProbeSelectEarlySampler",
+                     "ProbeSelectScore", "ProbeSelectTopK", "ProbeSelectResume", "VAEDecode"]
+    a = data["analysis"]
+    ps = runs["probe_select"]
+    assert a["own_work"]["remainder_s"] == pytest.approx(
+        ps["wall_s"] - sum(s for _, s in ps["calls"]) - sum(s for _, s in ps["decodes"]))
+    assert 0 < a["measured"]["ratio"] < 1 and a["flop_model"]["steps_only"] == pytest.approx((2 * 1 + 4) / 10)
+    assert set(a["standalone_step_model"]["step_s"]) == {4, 2}
+    written = json.loads((tmp_path / "tiny.json").read_text())
+    assert written["analysis"]["measured"]["ratio"] == pytest.approx(a["measured"]["ratio"])
+    text = (tmp_path / "tiny.md").read_text()
+    assert f"**{a['measured']['ratio']:.3f}**" in text and "## Reading" in text
+    # Re-rendering from the JSON recomputes the same analysis.
+    again = main(["--from-json", str(tmp_path / "tiny.json"), "--output-stem", str(tmp_path / "again")])
+    assert again["analysis"]["step_model"]["ratio"] == pytest.approx(a["step_model"]["ratio"])
+    assert (tmp_path / "again.md").read_text() == text

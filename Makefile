@@ -8,7 +8,7 @@ PY := $(VENV)/bin/python
 export OMP_NUM_THREADS ?= 1
 PYTEST_ARGS ?=
 
-.PHONY: setup test test-fast bench bench-core bench-flops bench-noise-levels bench-streaming bench-proxy proxy-models demo lint package clean mutation pictures
+.PHONY: setup test test-fast bench bench-core bench-flops bench-noise-levels bench-sd15 bench-streaming bench-proxy proxy-models demo lint package clean mutation pictures
 
 setup:
 	@bash scripts/setup_env.sh
@@ -23,7 +23,7 @@ test-fast: setup
 # Benchmarks write their figures to bench/results/ (not timed tests): core.md, train.md and the
 # proxy-world REPORT.md with its plots (about 40 minutes on 2 cores; the proxy models are trained
 # first only if their weights are missing).
-bench: bench-core bench-flops bench-noise-levels bench-streaming bench-proxy
+bench: bench-core bench-flops bench-noise-levels bench-sd15 bench-streaming bench-proxy
 
 bench-core: setup
 	$(PY) bench/bench_core.py
@@ -45,6 +45,14 @@ bench-flops: setup
 # ComfyUI's own model_sampling objects (no weights, a second): bench/results/noise_levels.md and .json.
 bench-noise-levels: setup
 	$(PY) bench/noise_levels.py
+
+# The pack's nodes end to end on a real-size SD1.5 UNet and VAE with random weights (256 px, CPU, N=5, K=1)
+# against a plain KSampler batch, profiled: bench/results/sd15_measured.md (about 45 minutes on 2 shared
+# cores, one thread). SD15_ARGS="--candidates 20 --keep 2 --output-stem bench/results/sd15_measured_n20"
+# for the other setting (about 4 times longer).
+SD15_ARGS ?=
+bench-sd15: setup
+	$(PY) bench/bench_sd15_measured.py $(SD15_ARGS)
 
 # The Comfy Registry archive, built as `comfy node pack` builds it (git-tracked files less
 # .comfyignore): out/probe-select-<version>.zip and out/archive-files.txt. Fails when it would carry

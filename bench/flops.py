@@ -379,7 +379,52 @@ def report(results: dict) -> str:
         "quality, not on cost.",
         "",
     ]
+    lines += measured_section(RESULTS / "sd15_measured.json")
     return "\n".join(lines)
+
+
+def measured_section(path: Path) -> list[str]:
+    """Lines on the measured SD1.5 run (bench/bench_sd15_measured.py) beside this FLOP model, from its JSON."""
+    lines = ["## Measured on SD1.5 with random weights", ""]
+    if not path.exists():
+        return lines + ["Not measured yet: `make bench-sd15` runs the pack's nodes end to end on a real-size SD1.5 "
+                        "UNet and VAE with random weights and writes sd15_measured.md.", ""]
+    data = json.loads(path.read_text())
+    s, a = data["settings"], data["analysis"]
+    n, k = s["candidates"], s["keep"]
+    own, per_candidate = a["own_work"], a["per_candidate_step_s"]
+    lines += [
+        f"`make bench-sd15` (bench/bench_sd15_measured.py) runs the pack's own nodes end to end on a real-size SD1.5 "
+        f"UNet and VAE with random weights at {s['side']} px on the CPU (N={n}, K={k}, {s['steps']} {s['sampler']} "
+        f"steps, CFG {s['cfg']}) against a plain KSampler batch of N, and profiles both runs: "
+        "[sd15_measured.md](sd15_measured.md).",
+        "",
+        f"- Measured Probe-Select / generate-all: **{a['measured']['ratio']:.3f}**; the step model built from the "
+        f"measured per-batch call costs: {a['step_model']['ratio']:.3f} "
+        f"({100 * a['step_model']['relative_error']:.1f}% apart); this FLOP model for the same run ({s['side']} px, "
+        f"no evaluator): {a['flop_model']['ratio']:.3f}."
+        + ("" if a["step_model"]["relative_error"] <= 0.03 else
+           " The 3% agreement the issue asks for is not reached here: the two runs ran minutes apart on 2 cores "
+           "shared with other engineers' test runs, and one denoiser call's cost drifted with their load by more "
+           "than the gap (see the call-by-call times in the report)."),
+        f"- The pack's own work (everything but the denoiser and decode calls): {own['own_s']:.2f} s of "
+        f"{a['measured']['probe_select_s']:.0f} s ({own['own_pct']:.3f}%).",
+        f"- Why the measured ratio differs from FLOPs: the FLOP model prices a candidate-step the same at every "
+        f"batch size, while measured, finishing K={k} at batch {2 * k} cost "
+        f"{per_candidate[f'K={k}'] / per_candidate[f'N={n}']:.2f}x per candidate what the batch of {2 * n} did "
+        "(the load's drift included), "
+        f"and a decoded image costs {a['measured_decode_in_steps']:.2f} candidate-steps measured against "
+        f"{a['flop_model']['decode_in_steps']:.2f} by FLOPs. With every call priced per candidate at the batch of N "
+        f"(the FLOP model's assumption) the measured costs give {a['linear_step_model']['ratio']:.3f}.",
+    ]
+    other = data.get("other_run")
+    if other:
+        lines.append(
+            f"- The other run of the same measurement ([{other['file']}.md]({other['file']}.md), load average "
+            f"{other['load']:.1f} on {data['machine']['cores']} cores): measured {other['ratio']:.3f}, step model "
+            f"{other['step_model']:.3f} ({100 * other['relative_error']:.1f}% apart), own work "
+            f"{other['own_pct']:.3f}%.")
+    return lines + [""]
 
 
 def _write_text(path: Path, text: str) -> None:

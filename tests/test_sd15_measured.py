@@ -1,0 +1,128 @@
+"""The step model behind bench/results/sd15_measured.md (bench/step_model.py) and the benchmark's own
+arithmetic (bench/bench_sd15_measured.analyse), on made-up timings, by hand."""
+import json
+
+import pytest
+
+from bench import flops_model, step_model
+from bench.bench_sd15_measured import Profile, analyse, main
+from bench.step_model import CallCosts
+
+# Made-up per-call seconds: a denoiser call on 10 rows (N=5 under CFG) 4 s, on 2 rows (K=1) 1 s, so a
+# candidate-step costs 0.8 s at N=5 and 1.0 s at K=1; a decode of 5 latents 10 s, of 1 latent 2.5 s.
+COSTS = CallCosts(step={10: 4.0, 2: 1.0}, decode={5: 10.0, 1: 2.5})
+
+
+def test_predict_n5_k1_by_hand():
+    # T = 20, t = 0.2 -> c = 4: generate-all 20 calls on 10 rows + a decode of 5; Probe-Select 4 calls on 10
+    # rows, 16 on 2 rows, a decode of 1.
+    p = step_model.predict(COSTS, 5, 1, 20, 0.2)
+    assert p.generate_all == pytest.approx(20 * 4.0 + 10.0)                  # 90
+    assert p.early == pytest.approx(4 * 4.0) and p.finish == pytest.approx(16 * 1.0)
+    assert p.probe_select == pytest.approx(16.0 + 16.0 + 2.5)               # 34.5
+    assert p.ratio == pytest.approx(34.5 / 90)
+    assert (p.decode_generate_all, p.decode_probe_select) == (10.0, 2.5)
+
+
+def test_predict_without_cfg_uses_one_row_per_candidate():
+    costs = CallCosts(step={5: 2.0, 1: 0.5}, decode={5: 10.0, 1: 2.5})
+    p = step_model.predict(costs, 5, 1, 20, 0.2, rows_per_candidate=1)
+    assert p.probe_select == pytest.approx(4 * 2.0 + 16 * 0.5 + 2.5)
+    assert p.generate_all == pytest.approx(20 * 2.0 + 10.0)
+
+
+def test_checkpoint_rounds_like_the_sampler():
+    # T = 10, t = 0.25 -> round(2.5) = 2 (half to even), not 3.
+    p = step_model.predict(COSTS, 5, 1, 10, 0.25)
+    assert p.early == pytest.approx(2 * 4.0) and p.finish == pytest.approx(8 * 1.0)
+
+
+def test_batch_independent_costs_give_the_flop_models_ratio():
+    # Scaled linearly from the batch of N, the step model is the FLOP model with step = 0.8 s per candidate
+    # and decode = 2 s per image (no probe, no evaluator).
+    linear = step_model.linear_costs(COSTS, 5, 1)
+    assert linear.step == {10: pytest.approx(4.0), 2: pytest.approx(0.8)}
+    assert linear.decode == {5: pytest.approx(10.0), 1: pytest.approx(2.0)}
+    flops = flops_model.method_ratios(flops_model.Components(step=0.8, decode=2.0, preview_decode=0.0, probe=0.0,
+                                                             evaluator=0.0), 5, 1, 20, 0.2)
+    assert step_model.predict(linear, 5, 1, 20, 0.2).ratio == pytest.approx(flops["probe_select"])
+    # The batch-2 call's extra cost per candidate (1.0 vs 0.8 s) is what the measured model adds on top.
+    assert step_model.predict(COSTS, 5, 1, 20, 0.2).ratio > flops["probe_select"]
+
+
+def test_per_candidate_step_and_relative_error():
+    assert step_model.per_candidate_step(COSTS, 5) == pytest.approx(0.8)
+    assert step_model.per_candidate_step(COSTS, 1) == pytest.approx(1.0)
+    assert step_model.relative_error(0.40, 0.38) == pytest.approx(0.02 / 0.38)
+    assert step_model.relative_error(0.36, 0.38) == pytest.approx(0.02 / 0.38)
+
+
+def test_missing_costs_and_bad_k_are_refused():
+    with pytest.raises(KeyError, match="batch of 4 rows"):
+        step_model.predict(COSTS, 5, 2, 20, 0.2)
+    with pytest.raises(KeyError, match="3 images"):
+        CallCosts(step={6: 1.0}, decode={}).decode_seconds(3)
+    with pytest.raises(ValueError, match="keep"):
+        step_model.predict(COSTS, 1, 5, 20, 0.2)
+
+
+def test_analyse_splits_the_run_into_calls_decodes_and_the_rest():
+    # generate-all: 20 calls of 4 s, a decode of 10 s, 1 s else; Probe-Select: 4 calls of 4 s, 16 of 1 s (one
+    # of them 3 s: a load spike), a decode of 2.5 s and 0.5 s of the pack's own work.
+    ga = Profile("generate-all", wall_s=91.0, calls=[(10, 4.0)] * 20, decodes=[(5, 10.0)])
+    ps_calls = [(10, 4.0)] * 4 + [(2, 1.0)] * 15 + [(2, 3.0)]
+    ps = Profile("Probe-Select", wall_s=16.0 + 18.0 + 2.5 + 0.5, calls=ps_calls, decodes=[(1, 2.5)])
+    flops = {"step_cfg_batch2": 100.0, "decode_1_image": 150.0, "probe_1_candidate": 0.01}
+    a = analyse(ga, ps, {10: [4.2, 3.8], 2: [1.1, 0.9]}, flops, tap_pool_s=0.001, candidates=5, keep=1, steps=20)
+
+    assert a["measured"]["ratio"] == pytest.approx(37.0 / 91.0)
+    assert a["step_costs_in_run"]["step_median_s"] == {10: 4.0, 2: 1.0}
+    assert a["step_costs_in_run"]["step_calls"] == {10: 24, 2: 16}
+    assert a["step_model"]["ratio"] == pytest.approx(34.5 / 90.0)             # medians drop the 3 s call
+    assert a["step_model_mean"]["ratio"] == pytest.approx((16 + 18 + 2.5) / 90.0)
+    assert a["step_model"]["relative_error"] == pytest.approx(abs(37 / 91 - 34.5 / 90) / (34.5 / 90))
+    assert a["standalone_step_model"]["ratio"] == pytest.approx(34.5 / 90.0)
+    # Each run priced with its own calls' medians: the same here (no drift between the made-up runs).
+    each = a["each_run_own_costs"]
+    assert each["step_median_s"] == {"generate-all": {10: 4.0}, "Probe-Select": {10: 4.0, 2: 1.0}}
+    assert (each["generate_all_s"], each["probe_select_s"]) == (pytest.approx(90.0), pytest.approx(34.5))
+    assert a["per_candidate_step_s"] == {"N=5": pytest.approx(0.8), "K=1": pytest.approx(1.0)}
+    # One decoded image (2 s at batch 5) in candidate-steps at batch N (0.8 s): 2.5; by FLOPs 150 / 100.
+    assert a["measured_decode_in_steps"] == pytest.approx(2.5)
+    assert a["flop_model"]["decode_in_steps"] == pytest.approx(1.5)
+    assert a["flop_model"]["ratio"] == pytest.approx((5 * 4 + 5 * 1e-4 + 16 + 1.5) / (100 + 5 * 1.5))
+    own = a["own_work"]
+    assert own["remainder_s"] == pytest.approx(0.5) and own["own_s"] == pytest.approx(0.501)
+    assert own["own_pct"] == pytest.approx(100 * 0.501 / 37.0)
+    assert own["generate_all_remainder_s"] == pytest.approx(1.0)
+
+
+def test_the_benchmark_runs_the_nodes_end_to_end_on_tiny_models(tmp_path):
+    """bench/bench_sd15_measured.py on tiny models (N=2, K=1, 5 steps: checkpoint step 1): every denoiser
+    call is where the step model puts it, and the report is written from the figures."""
+    data = main(["--tiny", "--candidates", "2", "--keep", "1", "--steps", "5", "--standalone-repeats", "1",
+                 "--output-stem", str(tmp_path / "tiny")])
+    runs = data["runs"]
+    assert [rows for rows, _ in runs["generate_all"]["calls"]] == [4] * 5
+    # The early phase evaluates step 0 only (it stops at the first call of step 1); the resume replays that
+    # call and evaluates steps 1..4 for the kept candidate alone.
+    assert [rows for rows, _ in runs["probe_select"]["calls"]] == [4] + [2] * 4
+    assert [n for n, _ in runs["generate_all"]["decodes"]] == [2]
+    assert [n for n, _ in runs["probe_select"]["decodes"]] == [1]
+    nodes = [node["node"] for node in runs["probe_select"]["nodes"]]
+    assert nodes == ["EmptyLatentImage", "ProbeSelectTap", "ProbeSelectLoadProbe", "ProbeSelectEarlySampler",
+                     "ProbeSelectScore", "ProbeSelectTopK", "ProbeSelectResume", "VAEDecode"]
+    a = data["analysis"]
+    ps = runs["probe_select"]
+    assert a["own_work"]["remainder_s"] == pytest.approx(
+        ps["wall_s"] - sum(s for _, s in ps["calls"]) - sum(s for _, s in ps["decodes"]))
+    assert 0 < a["measured"]["ratio"] < 1 and a["flop_model"]["steps_only"] == pytest.approx((2 * 1 + 4) / 10)
+    assert set(a["standalone_step_model"]["step_s"]) == {4, 2}
+    written = json.loads((tmp_path / "tiny.json").read_text())
+    assert written["analysis"]["measured"]["ratio"] == pytest.approx(a["measured"]["ratio"])
+    text = (tmp_path / "tiny.md").read_text()
+    assert f"**{a['measured']['ratio']:.3f}**" in text and "## Reading" in text
+    # Re-rendering from the JSON recomputes the same analysis.
+    again = main(["--from-json", str(tmp_path / "tiny.json"), "--output-stem", str(tmp_path / "again")])
+    assert again["analysis"]["step_model"]["ratio"] == pytest.approx(a["step_model"]["ratio"])
+    assert (tmp_path / "again.md").read_text() == text

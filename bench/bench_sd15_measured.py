@@ -274,8 +274,8 @@ def run_probe_select(model, vae, pos, neg, setup: Setup, candidates: int, keep: 
         scores = run.node("ProbeSelectScore", lambda: nodes_selection.ProbeSelectScore.execute(probe, acts).result[0])
         kept = run.node("ProbeSelectTopK",
                         lambda: nodes_selection.ProbeSelectTopK.execute(early, scores, keep).result[0])
-        (finished,) = run.node("ProbeSelectResume", lambda: nodes_sampling.ProbeSelectResume.execute(
-            model, pos, neg, kept, CFG).result)
+        finished = run.node("ProbeSelectResume", lambda: nodes_sampling.ProbeSelectResume.execute(
+            model, pos, neg, kept, CFG).result[0])
         run.decode(vae, finished)
     if finished["samples"].shape[0] != keep:
         raise RuntimeError(f"the resume finished {finished['samples'].shape[0]} candidates, not {keep}")

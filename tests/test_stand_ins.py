@@ -241,6 +241,8 @@ def test_open_clip_stand_in_loads_in_the_clipscore_node(open_clip_file, monkeypa
     scores = evaluator.score(images, PROMPT).scores
     assert scores.shape == (3,) and torch.isfinite(scores).all()
     assert ((scores >= 0) & (scores <= 100)).all()
+    # Aligned towers: the scores are positive and differ between images (random towers give 0s).
+    assert (scores > 0).all() and len(set(scores.tolist())) == 3, scores
     # The file's weights are the ones in use (not open_clip's fresh random init).
     from safetensors.torch import load_file
 

@@ -31,6 +31,7 @@ from pathlib import Path
 import pytest
 from PIL import Image
 
+from devtools import stand_ins
 from server_utils import ComfyServer, output_images
 
 pytestmark = pytest.mark.server
@@ -58,57 +59,20 @@ def _templates_module():
 
 templates = _templates_module()
 
-try:        # devtools/stand_ins.py: a stand-in checkpoint per family
-    from devtools import stand_ins
-except ImportError:         # before it exists: the tiny SD1.5 checkpoint alone
-    stand_ins = None
-# Every family with a stand-in; PROBE_SELECT_TEMPLATE_FAMILIES=sd15,sd35 runs some of them (the Flux
-# stand-in's 3072-wide blocks make its seven templates take minutes on a 2-core CPU).
-FAMILY_KEYS = list(templates.FAMILIES) if stand_ins is not None else ["sd15"]
+# Every family; PROBE_SELECT_TEMPLATE_FAMILIES=sd15,sd35 runs some of them.
+FAMILY_KEYS = list(templates.FAMILIES)
 if os.environ.get("PROBE_SELECT_TEMPLATE_FAMILIES"):
     FAMILY_KEYS = [k for k in os.environ["PROBE_SELECT_TEMPLATE_FAMILIES"].split(",") if k in FAMILY_KEYS]
 
 
 def checkpoint_file(family: str) -> Path:
-    if stand_ins is not None:
-        return stand_ins.cached_checkpoint_stand_in(family, CACHE_DIR)
-    from devtools.make_checkpoint import cached_tiny_sd15_checkpoint
-
-    return cached_tiny_sd15_checkpoint(CACHE_DIR)
+    return stand_ins.cached_checkpoint_stand_in(family, CACHE_DIR)
 
 
 def open_clip_file() -> Path:
-    """Random open_clip weights of the templates' CLIPScore architecture, cached.
-
-    Random towers put image and text embeddings at cosine ~0, so CLIPScore = 100 max(cos, 0) is 0
-    for most images and a dataset's targets are constant (training refuses them). Both towers' final
-    LayerNorm biases are shifted so their embeddings share one direction (as tests/test_evaluators.py
-    does in memory): the scores then spread and vary with the image.
-    """
-    path = CACHE_DIR / f"open_clip_stand_in_{templates.CLIP_ARCH}_shared_direction.safetensors"
-    if path.is_file():
-        return path
-    import open_clip
-    import torch
-    import torch.nn.functional as F
-    from safetensors.torch import save_file
-
-    with torch.random.fork_rng(devices=[]):
-        torch.manual_seed(0)
-        model = open_clip.create_model(templates.CLIP_ARCH, pretrained=None).eval()
-        generator = torch.Generator().manual_seed(0)
-        direction = F.normalize(torch.randn(model.text_projection.shape[1], generator=generator), dim=0)
-        with torch.no_grad():
-            image_norm = model.encode_image(torch.randn(2, 3, 224, 224, generator=generator)).norm(dim=-1).mean()
-            tokens = open_clip.get_tokenizer(templates.CLIP_ARCH)(["a photo of a red fox", "a house"])
-            text_norm = model.encode_text(tokens).norm(dim=-1).mean()
-            model.visual.ln_post.bias += torch.linalg.pinv(model.visual.proj.T) @ (direction * image_norm)
-            model.ln_final.bias += torch.linalg.pinv(model.text_projection.T) @ (direction * text_norm)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
-    save_file({k: v.detach().half().contiguous() for k, v in model.state_dict().items()}, str(tmp))
-    os.replace(tmp, path)
-    return path
+    """The templates' CLIPScore weights: devtools/stand_ins.py's open_clip stand-in (towers aligned, so
+    the scores vary and the collected targets are not constant), cached."""
+    return stand_ins.cached_open_clip_stand_in(templates.CLIP_ARCH, CACHE_DIR)
 
 
 def split_prompts() -> list[str]:

@@ -35,6 +35,10 @@ Weights: every tensor is set from one seeded generator (ComfyUI layers skip init
 N(0, 1/fan_in), 1-d weights 1, biases 0, SD3's position table the fixed 2-d sin-cos one, TAESD's
 scale 1 and shift 0 (or decoded images are black). fp16 throughout, so the same seed always gives
 the same file contents, under ComfyUI 0.3.75 and 0.33.0 alike (see `stand_in_metadata`).
+
+open_clip (`write_open_clip_stand_in`): the CLIPScore evaluator's weights, open_clip's own random
+init under a seed with the two towers aligned, so that CLIPScore spreads and varies with the image
+(random towers score ~0 everywhere, and training refuses constant targets).
 """
 from __future__ import annotations
 

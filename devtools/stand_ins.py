@@ -35,6 +35,10 @@ Weights: every tensor is set from one seeded generator (ComfyUI layers skip init
 N(0, 1/fan_in), 1-d weights 1, biases 0, SD3's position table the fixed 2-d sin-cos one, TAESD's
 scale 1 and shift 0 (or decoded images are black). fp16 throughout, so the same seed always gives
 the same file contents, under ComfyUI 0.3.75 and 0.33.0 alike (see `stand_in_metadata`).
+
+open_clip (`write_open_clip_stand_in`): the CLIPScore evaluator's weights, open_clip's own random
+init under a seed with the two towers aligned, so that CLIPScore spreads and varies with the image
+(random towers score ~0 everywhere, and training refuses constant targets).
 """
 from __future__ import annotations
 
@@ -58,7 +62,7 @@ CHECKPOINT_NAMES = {   # the public file names (folder models/checkpoints)
 }
 # Bump a family's version when its recipe changes: cached files live under it.
 RECIPE_VERSIONS = {"sd15": 1, "sdxl": 1, "sd35": 1, "flux": 1}
-OPEN_CLIP_RECIPE_VERSION = 1
+OPEN_CLIP_RECIPE_VERSION = 2       # 2: towers aligned (CLIPScore varies)
 DEFAULT_SEED = 0
 
 # The config class ComfyUI's detection gives each file, and the latent channels of its VAE.
@@ -322,11 +326,16 @@ def cached_checkpoint_stand_in(family: str, cache_dir, seed: int = DEFAULT_SEED)
 
 
 def write_open_clip_stand_in(model_name: str, path, seed: int = DEFAULT_SEED) -> Path:
-    """Random open_clip weights of `model_name` (both towers, fp16 safetensors) at `path`, atomically.
+    """Random open_clip weights of `model_name` (both towers, fp16 safetensors) at `path`, atomically,
+    with the towers aligned so that CLIPScore varies with the image.
 
     The file the pack's CLIPScore evaluator node loads from models/evaluators (or models/clip) with
     that model name; open_clip's own initialisation under a seeded RNG, so the same seed gives the
-    same bytes without disturbing the caller's global RNG.
+    same bytes without disturbing the caller's global RNG. Random towers put image and text
+    embeddings at cosine ~0, so CLIPScore = 100 max(cos, 0) is 0 for most images and a dataset's
+    targets are constant (training refuses them). Both towers' final LayerNorm biases are therefore
+    shifted so that their embeddings share one random direction (scaled to each tower's typical
+    embedding norm): the scores then spread and still vary with the image and the text.
     """
     import open_clip
     from safetensors.torch import save_file
@@ -336,7 +345,17 @@ def write_open_clip_stand_in(model_name: str, path, seed: int = DEFAULT_SEED) ->
     t0 = time.monotonic()
     with torch.random.fork_rng(devices=[]):
         torch.manual_seed(seed)
-        model = open_clip.create_model(model_name, pretrained=None)
+        model = open_clip.create_model(model_name, pretrained=None).eval()
+        gen = torch.Generator().manual_seed(seed)
+        direction = torch.nn.functional.normalize(torch.randn(model.text_projection.shape[1], generator=gen), dim=0)
+        size = model.visual.image_size
+        size = tuple(size) if isinstance(size, (tuple, list)) else (size, size)
+        with torch.no_grad():
+            image_norm = model.encode_image(torch.randn(2, 3, *size, generator=gen)).norm(dim=-1).mean()
+            tokens = open_clip.get_tokenizer(model_name)(["a photo of a red fox", "a house"])
+            text_norm = model.encode_text(tokens).norm(dim=-1).mean()
+            model.visual.ln_post.bias += torch.linalg.pinv(model.visual.proj.T) @ (direction * image_norm)
+            model.ln_final.bias += torch.linalg.pinv(model.text_projection.T) @ (direction * text_norm)
     state = {k: v.detach().to(torch.float16).contiguous() for k, v in model.state_dict().items()}
     tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
     try:

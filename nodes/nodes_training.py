@@ -36,7 +36,7 @@ def _open_dataset(node_id: str, name: str) -> ProbeDataset:
     path = dataset_path(node_id, name)
     if not os.path.isfile(os.path.join(path, "manifest.json")):
         raise ProbeSelectError(node_id, f"dataset '{name}' does not exist under output/probe_select_datasets.",
-                               "collect one with ProbeSelectDatasetWriter first (example_workflows/collect_dataset.json).")
+                               "collect one with ProbeSelectDatasetWriter first (example_workflows/<family>_collect_probe_dataset.json, e.g. SD1.5_collect_probe_dataset.json).")
     try:
         return ProbeDataset(path)
     except DatasetError as e:

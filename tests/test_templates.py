@@ -1,4 +1,4 @@
-"""Every selection template runs as shipped: its API twin, queued on a real ComfyUI server through
+"""Every selection and analysis template runs as shipped: its API twin, queued on a real ComfyUI server through
 POST /prompt, finishes with success and the values it should produce.
 
 One server for the file. Its model folders hold stand-ins under the public file names the templates
@@ -13,7 +13,12 @@ What the test changes on the API copy (never on the shipped template): image siz
 (collect: 10, as it records at 0.1 of the steps), 3 candidates (collect: 2), training epochs 2. Everything else (checkpoint,
 probe, dataset and evaluator names, samplers, schedulers, cfg, guidance, tap) runs as shipped.
 Flux: the stand-in checkpoint carries no text encoder (T5-XXL alone is 4.7 B parameters), so its
-CLIP input comes from the test node ProbeSelectTestFluxTextEncoder instead of the checkpoint's.
+CLIP input comes from the test node ProbeSelectTestFluxTextEncoder instead of the checkpoint's (its
+T5 prompt padded to 16 tokens, not 256: see the node's docstring).
+The analysis templates (scripts/templates_analysis.py) run after them, each once: sizes and what the
+image-set metrics template drops are in the comment above ANALYSIS. The server's input folder holds
+seeded random reference images for the OOD and image-set metrics templates.
+Stand-ins are cached in PROBE_SELECT_TEST_CACHE (default bench/cache), written on first use.
 """
 from __future__ import annotations
 
@@ -31,6 +36,7 @@ from pathlib import Path
 import pytest
 from PIL import Image
 
+from devtools import stand_ins
 from server_utils import ComfyServer, output_images
 
 pytestmark = pytest.mark.server
@@ -58,57 +64,20 @@ def _templates_module():
 
 templates = _templates_module()
 
-try:        # devtools/stand_ins.py: a stand-in checkpoint per family
-    from devtools import stand_ins
-except ImportError:         # before it exists: the tiny SD1.5 checkpoint alone
-    stand_ins = None
-# Every family with a stand-in; PROBE_SELECT_TEMPLATE_FAMILIES=sd15,sd35 runs some of them (the Flux
-# stand-in's 3072-wide blocks make its seven templates take minutes on a 2-core CPU).
-FAMILY_KEYS = list(templates.FAMILIES) if stand_ins is not None else ["sd15"]
+# Every family; PROBE_SELECT_TEMPLATE_FAMILIES=sd15,sd35 runs some of them.
+FAMILY_KEYS = list(templates.FAMILIES)
 if os.environ.get("PROBE_SELECT_TEMPLATE_FAMILIES"):
     FAMILY_KEYS = [k for k in os.environ["PROBE_SELECT_TEMPLATE_FAMILIES"].split(",") if k in FAMILY_KEYS]
 
 
 def checkpoint_file(family: str) -> Path:
-    if stand_ins is not None:
-        return stand_ins.cached_checkpoint_stand_in(family, CACHE_DIR)
-    from devtools.make_checkpoint import cached_tiny_sd15_checkpoint
-
-    return cached_tiny_sd15_checkpoint(CACHE_DIR)
+    return stand_ins.cached_checkpoint_stand_in(family, CACHE_DIR)
 
 
 def open_clip_file() -> Path:
-    """Random open_clip weights of the templates' CLIPScore architecture, cached.
-
-    Random towers put image and text embeddings at cosine ~0, so CLIPScore = 100 max(cos, 0) is 0
-    for most images and a dataset's targets are constant (training refuses them). Both towers' final
-    LayerNorm biases are shifted so their embeddings share one direction (as tests/test_evaluators.py
-    does in memory): the scores then spread and vary with the image.
-    """
-    path = CACHE_DIR / f"open_clip_stand_in_{templates.CLIP_ARCH}_shared_direction.safetensors"
-    if path.is_file():
-        return path
-    import open_clip
-    import torch
-    import torch.nn.functional as F
-    from safetensors.torch import save_file
-
-    with torch.random.fork_rng(devices=[]):
-        torch.manual_seed(0)
-        model = open_clip.create_model(templates.CLIP_ARCH, pretrained=None).eval()
-        generator = torch.Generator().manual_seed(0)
-        direction = F.normalize(torch.randn(model.text_projection.shape[1], generator=generator), dim=0)
-        with torch.no_grad():
-            image_norm = model.encode_image(torch.randn(2, 3, 224, 224, generator=generator)).norm(dim=-1).mean()
-            tokens = open_clip.get_tokenizer(templates.CLIP_ARCH)(["a photo of a red fox", "a house"])
-            text_norm = model.encode_text(tokens).norm(dim=-1).mean()
-            model.visual.ln_post.bias += torch.linalg.pinv(model.visual.proj.T) @ (direction * image_norm)
-            model.ln_final.bias += torch.linalg.pinv(model.text_projection.T) @ (direction * text_norm)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
-    save_file({k: v.detach().half().contiguous() for k, v in model.state_dict().items()}, str(tmp))
-    os.replace(tmp, path)
-    return path
+    """The templates' CLIPScore weights: devtools/stand_ins.py's open_clip stand-in (towers aligned, so
+    the scores vary and the collected targets are not constant), cached."""
+    return stand_ins.cached_open_clip_stand_in(templates.CLIP_ARCH, CACHE_DIR)
 
 
 def split_prompts() -> list[str]:
@@ -143,6 +112,7 @@ def server(tmp_path_factory, pack):
         srv.add_model("checkpoints", checkpoint_file(key), templates.FAMILIES[key].checkpoint)
     srv.model_dir("evaluators").mkdir(parents=True, exist_ok=True)
     srv.add_model("evaluators", open_clip_file(), templates.CLIP_WEIGHTS)
+    write_reference_images(srv.input_dir)
     t0 = time.monotonic()
     with srv:
         log.info("ComfyUI started in %.1f s; log at %s", time.monotonic() - t0, srv.log_path)
@@ -152,6 +122,19 @@ def server(tmp_path_factory, pack):
 @pytest.fixture(scope="module", params=FAMILY_KEYS)
 def family(request):
     return templates.FAMILIES[request.param]
+
+
+def write_reference_images(input_dir: Path) -> None:
+    """REFERENCE_IMAGES seeded random PNGs in input/ood_reference and input/metrics_reference, the
+    folders the OOD and image-set metrics templates read."""
+    import numpy as np
+
+    rng = np.random.default_rng(0)
+    for folder in ("ood_reference", "metrics_reference"):
+        (input_dir / folder).mkdir(parents=True, exist_ok=True)
+        for i in range(REFERENCE_IMAGES):
+            pixels = rng.integers(0, 256, (SIZE, SIZE, 3), dtype=np.uint8)
+            Image.fromarray(pixels).save(input_dir / folder / f"reference_{i}.png")
 
 
 def api_copy(family, what: str) -> dict:
@@ -338,3 +321,109 @@ def test_x0_clipscore_selection(server, family):
     saved(server, workflow, entry, count=templates.KEEP)
     (score,) = nodes_of(workflow, "ProbeSelectPreviewScore")
     check_scores(text_of(entry, score), templates.KEEP)
+
+
+# ---- analysis templates -------------------------------------------------------------------------
+# Each runs once (after the selection templates), with the test's sizes: 64x64 images, 5 steps (the
+# activation PCA collector: 10, as its first checkpoint 0.1 at 5 steps rounds to step 0, which it
+# refuses), batches of at most ANALYSIS_BATCH images, 2 collector candidates, 3 slerp points. The
+# image-set metrics template loses its ProbeSelectLoadInception node and the metrics that need it
+# (FID, KID, precision/recall, density/coverage): its Inception file's SHA-256 is checked and no
+# stand-in can match it; CMMD and CLIPScore (on the open_clip stand-in) still run.
+ANALYSIS_BATCH, ANALYSIS_COLLECT_STEPS, SLERP_COUNT, REFERENCE_IMAGES = 2, 10, 3, 4
+INCEPTION_METRICS = ("fid", "kid", "precision_recall", "density_coverage")
+ANALYSIS = {        # template -> its family (the file-name label)
+    "SD1.5_analysis_schedule_inspector": "sd15", "SD1.5_analysis_attention_maps": "sd15",
+    "SD1.5_analysis_activation_PCA": "sd15", "SD1.5_analysis_latent_slerp": "sd15",
+    "SD1.5_analysis_conditioning_direction": "sd15", "SD1.5_analysis_OOD_scores": "sd15",
+    "SD1.5_analysis_image_set_metrics": "sd15", "SD3.5_analysis_attention_maps": "sd35",
+}
+ANALYSIS_RUN = [name for name, key in ANALYSIS.items() if key in FAMILY_KEYS]
+
+
+def analysis_copy(name: str) -> dict:
+    """The shipped analysis API twin with the test's sizes (comment above); nothing else changed."""
+    workflow = json.loads((API_DIR / f"{name}.json").read_text())
+    for node_id, node in list(workflow.items()):
+        inputs, kind = node["inputs"], node["class_type"]
+        if kind in ("EmptyLatentImage", "EmptySD3LatentImage"):
+            inputs.update(width=SIZE, height=SIZE, batch_size=min(inputs["batch_size"], ANALYSIS_BATCH))
+        if kind in ("KSampler", "BasicScheduler", "ProbeSelectAttentionMaps"):
+            inputs["steps"] = STEPS
+        if kind == "ProbeSelectCollectSampler":
+            inputs.update(steps=ANALYSIS_COLLECT_STEPS, candidates=COLLECT_CANDIDATES)
+        if kind == "ProbeSelectLatentSlerp":
+            inputs["count"] = SLERP_COUNT
+        if kind == "ProbeSelectLoadInception":
+            del workflow[node_id]
+        if kind == "ProbeSelectImageMetrics":
+            inputs.pop("inception")
+            inputs.update({metric: False for metric in INCEPTION_METRICS})
+        if kind == "SaveImage":
+            inputs["filename_prefix"] = f"{inputs['filename_prefix']}_{uuid.uuid4().hex[:8]}"
+    return workflow
+
+
+def _only(workflow: dict, class_type: str) -> str:
+    (node_id,) = nodes_of(workflow, class_type)
+    return node_id
+
+
+def preview_counts(workflow: dict, entry: dict) -> list[int]:
+    """Images shown by each PreviewImage node, in node-id order."""
+    return [len(output_images(entry, i)) for i in sorted(nodes_of(workflow, "PreviewImage"), key=int)]
+
+
+def test_every_analysis_template_is_run():
+    shipped = {p.stem for p in API_DIR.glob("*_analysis_*.json")}
+    assert shipped == set(ANALYSIS), "a new analysis template needs its checks in test_analysis_template"
+
+
+@pytest.mark.parametrize("name", ANALYSIS_RUN)
+def test_analysis_template(server, name):
+    workflow = analysis_copy(name)
+    entry = run(server, workflow)
+    what = name.split("_analysis_")[1]
+    if what == "schedule_inspector":
+        text = text_of(entry, _only(workflow, "ProbeSelectScheduleInspector"))
+        steps = workflow[_only(workflow, "ProbeSelectScheduleInspector")]["inputs"]["steps"]
+        for scheduler in ("normal", "karras", "exponential"):
+            assert f"\n{scheduler} [vp, {steps} steps]: logSNR" in text, text
+        assert text.count("checkpoint 20% = step 4/20") == 3, text
+        assert preview_counts(workflow, entry) == [1]
+    elif what == "attention_maps":
+        text = text_of(entry, _only(workflow, "ProbeSelectAttentionMaps"))
+        assert f"attention calls recorded over {STEPS} steps" in text, text
+        for word in ("red fox", "blue mailbox", "left of"):
+            assert f"\n{word}: tokens [" in text and f"-> step {STEPS}:" in text, text
+        assert preview_counts(workflow, entry) == [1, 1]          # the maps, the sharpness
+        saved(server, workflow, entry, count=1)
+    elif what == "activation_PCA":
+        text = text_of(entry, _only(workflow, "ProbeSelectActivationPCA"))
+        assert f"{COLLECT_CANDIDATES} candidates x 4 checkpoints (0.10, 0.20, 0.40, 0.80)" in text, text
+        assert "variance explained: PC1" in text, text
+        assert preview_counts(workflow, entry) == [1, COLLECT_CANDIDATES]   # the PCA grid, the candidates
+    elif what == "latent_slerp":
+        saved(server, workflow, entry, count=SLERP_COUNT)
+    elif what == "conditioning_direction":
+        strengths = workflow[_only(workflow, "ProbeSelectConditioningDirection")]["inputs"]["strengths"]
+        saved(server, workflow, entry, count=len(strengths.split(",")))
+        text = text_of(entry, _only(workflow, "ProbeSelectConditioningDirection"))
+        assert text == "5 rows, strengths [0.0, 0.5, 1.0, 1.5, 2.0], mode per_token", text
+    elif what == "OOD_scores":
+        text_of(entry, _only(workflow, "ProbeSelectOODFit"))
+        text = text_of(entry, _only(workflow, "ProbeSelectOODScore"))
+        assert text.startswith(f"OOD scores against {REFERENCE_IMAGES} reference samples"), text
+        rows = [line for line in text.splitlines() if line.startswith("sample ")]
+        assert [r.split(":")[0] for r in rows] == [f"sample {i}" for i in range(ANALYSIS_BATCH)], text
+        assert preview_counts(workflow, entry) == [ANALYSIS_BATCH]
+    elif what == "image_set_metrics":
+        text = text_of(entry, _only(workflow, "ProbeSelectImageMetrics"))
+        metrics = {line.split(":")[0]: line for line in text.splitlines()[1:] if not line.startswith(" ")}
+        assert {"cmmd", "clip_score"} <= set(metrics) and not set(metrics) & {"fid", "kid", "precision", "density"}, text
+        assert f"({ANALYSIS_BATCH} generated vs {REFERENCE_IMAGES} reference" in metrics["cmmd"], text
+        assert f"({ANALYSIS_BATCH} generated)" in metrics["clip_score"], text
+        assert math.isfinite(float(metrics["cmmd"].split()[1])), text
+        assert f"folder metrics_reference ({REFERENCE_IMAGES} images)" in text, text
+    else:
+        raise AssertionError(f"no checks for {name}")

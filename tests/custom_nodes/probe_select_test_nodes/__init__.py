@@ -12,8 +12,12 @@ The real-server tests symlink this folder into a test server's `custom_nodes` ne
   It is ComfyUI's own Flux text encoder (`comfy.text_encoders.flux.FluxClipModel`: its tokenizer,
   its encode, wrapped in `comfy.sd.CLIP`) with a full random CLIP-L and a one-layer T5 of T5-XXL's
   width, vocabulary and relative-attention buckets (`TINY_T5_CONFIG`). `CLIPTextEncode` on it gives
-  Flux-shaped conditioning: context [1, 256, 4096] (T5 tokens, padded to 256 as ComfyUI's Flux
-  tokenizer does), pooled_output [1, 768] (CLIP-L).
+  Flux-shaped conditioning: context [1, n, 4096] (T5 tokens), pooled_output [1, 768] (CLIP-L).
+  One departure from ComfyUI's Flux tokenizer: T5 prompts are padded to `T5_MIN_LENGTH` (16) tokens,
+  not 256, through ComfyUI's own `t5xxl_min_length` tokenizer option. The tests check what the
+  templates do with the conditioning, not its token count, and the Flux stand-in's 3072-wide blocks
+  attend over text and image tokens together: 256 text tokens against 16 image tokens of a 64x64
+  test image made every Flux model call ~8x dearer than the image alone needs.
 """
 import json
 import math
@@ -31,6 +35,7 @@ import comfy.text_encoders.t5
 # the embedding keeps its vocabulary (the tokenizer's ids).
 with open(os.path.join(os.path.dirname(comfy.text_encoders.t5.__file__), "t5_config_xxl.json")) as _f:
     TINY_T5_CONFIG = {**json.load(_f), "num_layers": 1, "num_heads": 2, "d_kv": 16, "d_ff": 64}
+T5_MIN_LENGTH = 16      # ComfyUI's Flux tokenizer pads to 256 (module docstring: why not here)
 
 
 class ProbeSelectTestBrightness:
@@ -83,7 +88,7 @@ def random_init(module, seed):
 def flux_text_encoder(seed=0):
     """A comfy.sd.CLIP with Flux's tokenizer and TinyT5FluxClipModel, random weights from `seed`."""
     target = comfy.supported_models_base.ClipTarget(comfy.text_encoders.flux.FluxTokenizer, TinyT5FluxClipModel)
-    clip = comfy.sd.CLIP(target)
+    clip = comfy.sd.CLIP(target, tokenizer_data={"t5xxl_min_length": T5_MIN_LENGTH})
     random_init(clip.cond_stage_model, seed)
     return clip
 
@@ -94,8 +99,8 @@ class ProbeSelectTestFluxTextEncoder:
     RETURN_NAMES = ("clip",)
     FUNCTION = "build"
     DESCRIPTION = ("Test only: a random Flux text encoder (full CLIP-L + a one-layer T5 of width 4096) for the Flux "
-                   "stand-in checkpoint, which has no text encoder. CLIPTextEncode gives context [1, 256, 4096] and "
-                   "pooled_output [1, 768].")
+                   "stand-in checkpoint, which has no text encoder. CLIPTextEncode gives context [1, n, 4096] (T5 "
+                   "padded to 16 tokens, not 256) and pooled_output [1, 768].")
 
     @classmethod
     def INPUT_TYPES(cls):

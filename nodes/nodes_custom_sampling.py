@@ -16,8 +16,8 @@ from ..probes.checkpoints import checkpoint_step
 from .engine import split_sampling
 from .engine.noise import UNSPLITTABLE_SAMPLERS, sampler_name_of
 from .errors import ProbeSelectError
-from .nodes_sampling import (UNTIL_TOOLTIP, _progress, early_output, resume_outputs, until_step_or_fail,
-                             validate_early, validate_resumable)
+from .nodes_sampling import (UNTIL_TOOLTIP, _progress, early_output, resume_outputs, until_percent_problem,
+                             until_step_or_fail, validate_early, validate_resumable)
 from .types import CATEGORY, Activations
 
 
@@ -140,10 +140,7 @@ class ProbeSelectResumeCustom(io.ComfyNode):
 
     @classmethod
     def validate_inputs(cls, until_percent: float | None = None) -> bool | str:
-        if until_percent is not None and not 0.0 < until_percent <= 1.0:
-            return str(ProbeSelectError(cls.NODE_ID, f"until_percent {until_percent} is outside (0, 1].",
-                                        "use 1.0 to finish the candidates, or a later checkpoint such as 0.4."))
-        return True
+        return until_percent_problem(cls.NODE_ID, until_percent)
 
     @classmethod
     def execute(cls, guider, sampler, latent, sigmas: Optional[torch.Tensor] = None,

@@ -217,6 +217,14 @@ UNTIL_TOOLTIP = ("1.0 finishes the candidates. Less (e.g. 0.4) runs them on to t
                  "latent, its x0 preview and, with a tapped model, its activations.")
 
 
+def until_percent_problem(node_id: str, until_percent: float | None) -> bool | str:
+    """validate_inputs of the resume nodes: True, or the message for an until_percent outside (0, 1]."""
+    if until_percent is not None and not 0.0 < until_percent <= 1.0:
+        return str(ProbeSelectError(node_id, f"until_percent {until_percent} is outside (0, 1].",
+                                    "use 1.0 to finish the candidates, or a later checkpoint such as 0.4."))
+    return True
+
+
 def resume_outputs() -> list:
     return [io.Latent.Output(display_name="latent", tooltip="Finished (until_percent 1.0), or stopped at the later "
                                                             "checkpoint like the early sampler's early latent."),
@@ -251,10 +259,7 @@ class ProbeSelectResume(io.ComfyNode):
 
     @classmethod
     def validate_inputs(cls, until_percent: float | None = None) -> bool | str:
-        if until_percent is not None and not 0.0 < until_percent <= 1.0:
-            return str(ProbeSelectError(cls.NODE_ID, f"until_percent {until_percent} is outside (0, 1].",
-                                        "use 1.0 to finish the candidates, or a later checkpoint such as 0.4."))
-        return True
+        return until_percent_problem(cls.NODE_ID, until_percent)
 
     @classmethod
     def execute(cls, model, positive, negative, latent: dict, cfg: float, until_percent: float = 1.0) -> io.NodeOutput:

@@ -100,7 +100,7 @@ class Workflow:
 class PublicModel:
     """A model file a workflow names in a loader widget, as the frontend's missing-model check reads it
     from the loader node's `properties.models`: file name, models/ subfolder, download URL (None when no
-    public file exists, e.g. a probe the user trains: the frontend then only learns its folder)."""
+    public file exists, e.g. a probe the user trains: such a file gets no entry, see build())."""
     name: str
     directory: str
     url: Optional[str] = None
@@ -466,7 +466,10 @@ def build(name: str, wf: Workflow, schemas: Schemas) -> tuple[dict, dict]:
                    for slot, (out_type, out_name) in enumerate(zip(info["output"], info["output_name"]))]
         properties = {"Node name for S&R": node.class_type,
                       "cnr_id": PACK_NAME if schemas.is_ours(node.class_type) else "comfy-core"}
-        models = [PUBLIC_MODELS[v].metadata() for v in widgets_values if isinstance(v, str) and v in PUBLIC_MODELS]
+        # The frontend's workflow schema (1.32.9) requires a url on every entry: a file with no public
+        # download (a probe the user trains) gets none, or the whole workflow is flagged invalid on load.
+        models = [PUBLIC_MODELS[v].metadata() for v in widgets_values
+                  if isinstance(v, str) and v in PUBLIC_MODELS and PUBLIC_MODELS[v].url]
         if models:
             properties["models"] = models
         entry = {"id": node.id, "type": node.class_type}

@@ -127,6 +127,13 @@ class Page:
                 bad.append(m)
         return bad
 
+    def alerts(self) -> list[str]:
+        """The frontend's warning and error toasts now shown (e.g. a workflow its schema rejects), then closed."""
+        texts = self.js("""() => [...document.querySelectorAll('.p-toast-message-warn, .p-toast-message-error')]
+                           .map(t => t.textContent.trim())""")
+        self.js("() => document.querySelectorAll('.p-toast-message .p-toast-close-button').forEach(b => b.click())")
+        return texts
+
     def load(self, workflow: dict) -> None:
         self.js("async (wf) => { await app.loadGraphData(wf); }", workflow)
         ids = [node["id"] for node in workflow["nodes"]]
@@ -223,7 +230,9 @@ OPENING_VIEW = """() => {
 
 def _load_and_check(page: Page, workflow: dict) -> list[str]:
     page.load(workflow)
-    return page.js(GRAPH_PROBLEMS, workflow)
+    problems = page.js(GRAPH_PROBLEMS, workflow)
+    page.page.wait_for_timeout(300)                      # toasts are shown a moment after the load
+    return problems + [f"frontend alert: {text}" for text in page.alerts()]
 
 
 # ---- tests ------------------------------------------------------------------------------------

@@ -9,7 +9,7 @@ each graph opens with a note on its settings and on what to put where.
 """
 from __future__ import annotations
 
-from workflow_graph import Node, Note, Workflow, public_model, workflow
+from workflow_graph import Node, Note, Workflow, workflow
 from templates_selection import CLIP_ARCH, CLIP_WEIGHTS, FAMILIES, Family, clip_line, checkpoint_line
 
 SD15, SD35 = FAMILIES["sd15"], FAMILIES["sd35"]
@@ -19,8 +19,8 @@ SEED = 42
 PROMPT = "a red fox sitting left of a blue mailbox, photo"
 NEGATIVE = "blurry, low quality"
 # The FID InceptionV3 (pytorch-fid's release file): checked by its SHA-256 when loaded. The frontend's
-# missing-model dialog takes only Hugging Face .safetensors URLs, so it learns the folder, not a URL.
-INCEPTION_WEIGHTS = public_model("pt_inception-2015-12-05-6726825d.pth", "inception")
+# missing-model dialog takes only Hugging Face .safetensors URLs, so it gets no download metadata.
+INCEPTION_WEIGHTS = "pt_inception-2015-12-05-6726825d.pth"
 
 
 def _name(family: Family, what: str) -> str:

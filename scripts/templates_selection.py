@@ -70,8 +70,6 @@ CLIP_ARCH = "ViT-B-32"
 CLIP_WEIGHTS = public_model(
     "open_clip_vit_b_32_laion2b.safetensors", "evaluators",
     "https://huggingface.co/laion/CLIP-ViT-B-32-laion2B-s34B-b79K/resolve/main/open_clip_model.safetensors")
-for _family in FAMILIES.values():
-    public_model(_family.probe, "probes")          # trained by the user: a folder, no URL
 
 POSITIVE = "a photo of a red fox in the snow"
 NEGATIVE = "blurry, low quality"

@@ -99,25 +99,23 @@ class Workflow:
 @dataclass(frozen=True)
 class PublicModel:
     """A model file a workflow names in a loader widget, as the frontend's missing-model check reads it
-    from the loader node's `properties.models`: file name, models/ subfolder, download URL (None when no
-    public file exists, e.g. a probe the user trains: such a file gets no entry, see build())."""
+    from the loader node's `properties.models`: file name, models/ subfolder and download URL. Only files
+    with a public download are registered: the frontend's workflow schema (1.32.9) requires the url, and
+    rejects the whole workflow on load when an entry lacks it (so a probe the user trains has no entry)."""
     name: str
     directory: str
-    url: Optional[str] = None
+    url: str
 
     def metadata(self) -> dict:
-        entry = {"name": self.name, "directory": self.directory}
-        if self.url:
-            entry["url"] = self.url
-        return entry
+        return {"name": self.name, "directory": self.directory, "url": self.url}
 
 
-# file name -> PublicModel: every model file a template may name, in one place. A loader whose
-# widget holds one of these names gets `properties.models` (build()).
+# file name -> PublicModel: every downloadable model file a template may name, in one place. A loader
+# whose widget holds one of these names gets `properties.models` (build()).
 PUBLIC_MODELS: dict[str, PublicModel] = {}
 
 
-def public_model(name: str, directory: str, url: Optional[str] = None) -> str:
+def public_model(name: str, directory: str, url: str) -> str:
     """Register a model file for the missing-model metadata; returns its name (for widget values)."""
     model = PublicModel(name, directory, url)
     if PUBLIC_MODELS.get(name, model) != model:
@@ -466,10 +464,7 @@ def build(name: str, wf: Workflow, schemas: Schemas) -> tuple[dict, dict]:
                    for slot, (out_type, out_name) in enumerate(zip(info["output"], info["output_name"]))]
         properties = {"Node name for S&R": node.class_type,
                       "cnr_id": PACK_NAME if schemas.is_ours(node.class_type) else "comfy-core"}
-        # The frontend's workflow schema (1.32.9) requires a url on every entry: a file with no public
-        # download (a probe the user trains) gets none, or the whole workflow is flagged invalid on load.
-        models = [PUBLIC_MODELS[v].metadata() for v in widgets_values
-                  if isinstance(v, str) and v in PUBLIC_MODELS and PUBLIC_MODELS[v].url]
+        models = [PUBLIC_MODELS[v].metadata() for v in widgets_values if isinstance(v, str) and v in PUBLIC_MODELS]
         if models:
             properties["models"] = models
         entry = {"id": node.id, "type": node.class_type}

@@ -72,7 +72,7 @@ def test_models_use_comfy_classes(built, family):
         assert model.adm_channels == POOLED_DIM
         assert float(model.model_sampling.shift) == 3.0
     n = models.param_count(patcher)
-    assert 1_000_000 <= n <= 3_000_000, n
+    assert 4_000_000 <= n <= 7_000_000, n       # unet 5.56 M, dit 5.10 M (calibration round 2)
     for p in model.diffusion_model.parameters():
         assert torch.isfinite(p).all()
 
@@ -201,14 +201,16 @@ def test_nodes_round_trip_through_saved_weights(proxy_nodes, built, tmp_path, mo
         other = "dit" if fam == "unet" else "unet"
         with pytest.raises(ValueError, match="channels"):
             mapping["ProxyWorldDecode"]().decode(out, other)
-        # The DiT samples with the proxy world's shift, patched on a clone by ComfyUI's own
-        # ModelSamplingSD3 node (an object patch; SD3's own default is 3.0).
+        # The DiT samples with SD3's own shift (3.0, its model_sampling default: no patch); another
+        # shift is patched on a clone by ComfyUI's own ModelSamplingSD3 node (an object patch).
         sampling = model.get_model_object("model_sampling")
         if fam == "dit":
-            assert "model_sampling" in model.object_patches and sampling.shift == models.DIT_SAMPLING_SHIFT != 3.0
+            assert "model_sampling" not in model.object_patches and sampling.shift == models.DIT_SAMPLING_SHIFT == 3.0
+            shifted, _ = models.load(fam, shift=1.5)
+            assert "model_sampling" in shifted.object_patches
             t = torch.tensor([0.8])
-            torch.testing.assert_close(sampling.sigma(t * 1000), t * models.DIT_SAMPLING_SHIFT /
-                                       (1 + (models.DIT_SAMPLING_SHIFT - 1) * t))
+            torch.testing.assert_close(shifted.get_model_object("model_sampling").sigma(t * 1000),
+                                       t * 1.5 / (1 + 0.5 * t))
         else:
             assert "model_sampling" not in model.object_patches
 
@@ -227,3 +229,51 @@ def test_evaluator_node(proxy_nodes, pack):
 
     out = ProbeSelectEvaluateImages.execute(images, PROMPTS[0], evaluator)
     assert len(out.result[0]) == 3
+
+
+@pytest.mark.parametrize("family", models.FAMILIES)
+def test_models_sample_on_the_schedules_of_their_real_families(built, family):
+    """20% of the steps lands where it lands on real SD1.5 (eps) and on real SD3/FLUX (flow with their
+    shift): the proxy world's t means what it means on a real model (bench/results/noise_levels.json)."""
+    from bench.proxy_world import sample
+
+    patcher, _ = built[family]
+    level = sample.checkpoint_level(patcher, family, 0.2)
+    assert (level.step, level.steps) == (4, 20)
+    if family == "unet":
+        assert level.kind == "vp" and level.log_snr == pytest.approx(-3.1603, abs=1e-3)   # SD1.5 and SDXL
+    else:
+        # shift 3, ComfyUI's "normal" spacing (20 timesteps from 1 down to ~0): u ~ 1 - 4 / 19, sigma =
+        # 3u / (1 + 2u) = 0.9187, log-SNR -4.85: between SD3-medium (-4.80) and FLUX.1-dev (-5.07)
+        u = 1 - 4 / 19
+        assert level.kind == "flow" and level.sigma == pytest.approx(3 * u / (1 + 2 * u), abs=5e-4)
+        assert -5.07 < level.log_snr < -4.80
+
+
+@pytest.mark.parametrize("family", models.FAMILIES)
+def test_sample_x0_preview_is_what_the_early_sampler_holds(built, family, pack):
+    """The x0 preview sample.py scores at the checkpoint equals the pack's early sampler's x0 there."""
+    from bench.proxy_world import sample
+    from probe_select.nodes.engine import split_sampling
+
+    patcher, enc = built[family]
+    prompt, steps, k = PROMPTS[0], 5, 2
+    images, previews = sample.generate(patcher, enc, family, prompt, [7, 8, 9], 2.0, steps=steps, preview_step=k)
+    early = split_sampling.run_candidates(patcher, enc.conditioning(prompt), enc.conditioning(""),
+                                          models.empty_latent(family, 1), 7, 3, steps, 2.0, "euler", "normal",
+                                          stop_step=steps, capture_at=[k])
+    torch.testing.assert_close(previews, models.latent_to_image(early.x0_at[k], family), rtol=0, atol=1e-5)
+    torch.testing.assert_close(images, models.latent_to_image(early.latent["samples"], family), rtol=0, atol=1e-5)
+    if family == "unet":   # (the untrained DiT's zero-initialised output layer predicts x0 = x at every step)
+        assert not torch.allclose(previews, images, atol=1e-2)   # the preview is not the final image
+
+
+def test_within_prompt_spearman_of_sample_figures():
+    from bench.proxy_world import sample
+
+    target = np.array([[0.1, 0.5, 0.9, 0.3], [0.2, 0.2, 0.2, 0.2], [0.9, 0.1, 0.5, 0.3]])
+    same = sample.within_prompt(target.copy(), target)
+    assert same["mean"] == pytest.approx(1.0) and same["prompts"] == 2        # the constant prompt is left out
+    flipped = sample.within_prompt(-target, target)
+    assert flipped["mean"] == pytest.approx(-1.0)
+    assert flipped["low"] <= flipped["mean"] <= flipped["high"]

@@ -55,7 +55,7 @@ from __future__ import annotations
 
 import math
 from functools import lru_cache
-from typing import Dict, List, Tuple, Union
+from typing import Dict, List, Optional, Tuple, Union
 
 import numpy as np
 import torch
@@ -78,13 +78,14 @@ COVERAGE_GATE = (0.12, 0.42)
 WINDOW_PASSES, WINDOW_RHO = 2, 3.5   # localisation of the moment descriptors
 SHAPE_STD_INFLATE = 1.5   # widen the fitted shape Gaussians: softer, more noise-tolerant posteriors
 FLOOR = 0.1           # every semantic factor f enters as FLOOR + (1 - FLOOR) f
+SHAPE_FLOOR = FLOOR   # ... and the shape factor as SHAPE_FLOOR + (1 - SHAPE_FLOOR) S
 Q_SHAPE, Q_SHAPE_D, Q_FILL = 0.15, 10.0, 0.5   # quality term weights
 
 _RELATION_AXIS = {"left of": (0, 1.0), "right of": (0, -1.0), "above": (1, 1.0), "below": (1, -1.0)}
 
 
-def _floor(f: torch.Tensor) -> torch.Tensor:
-    return FLOOR + (1.0 - FLOOR) * f
+def _floor(f: torch.Tensor, floor: float = FLOOR) -> torch.Tensor:
+    return floor + (1.0 - floor) * f
 
 
 def _softplus(x, beta):
@@ -328,7 +329,7 @@ def _as_scenes(scenes, n: int) -> List[Scene]:
 CHUNK = 256  # images per pass (keeps the intermediate tensors cache-sized)
 
 
-def score_terms(images: torch.Tensor, scenes) -> Dict[str, torch.Tensor]:
+def score_terms(images: torch.Tensor, scenes, shape_floor: Optional[float] = None) -> Dict[str, torch.Tensor]:
     """All factors of the score, each Tensor[B] (float64): score, presence, count, shape, extra,
     relation, quality; diagnostics: chi (soft Euler characteristic summed over the required
     colours), extra_mass, fill, shape_dist2 (D of the quality term)."""
@@ -336,13 +337,14 @@ def score_terms(images: torch.Tensor, scenes) -> Dict[str, torch.Tensor]:
         images = images[None]
     B = images.shape[0]
     scenes = _as_scenes(scenes, B)
+    floor = SHAPE_FLOOR if shape_floor is None else float(shape_floor)
     if B <= CHUNK:
-        return _score_terms(images, scenes)
-    parts = [_score_terms(images[i:i + CHUNK], scenes[i:i + CHUNK]) for i in range(0, B, CHUNK)]
+        return _score_terms(images, scenes, floor)
+    parts = [_score_terms(images[i:i + CHUNK], scenes[i:i + CHUNK], floor) for i in range(0, B, CHUNK)]
     return {k: torch.cat([p[k] for p in parts]) for k in parts[0]}
 
 
-def _score_terms(images: torch.Tensor, scenes: List[Scene]) -> Dict[str, torch.Tensor]:
+def _score_terms(images: torch.Tensor, scenes: List[Scene], shape_floor: float) -> Dict[str, torch.Tensor]:
     B, _, H, W = images.shape
     hw = H * W
     pts = _grid(H, W)
@@ -405,7 +407,7 @@ def _score_terms(images: torch.Tensor, scenes: List[Scene]) -> Dict[str, torch.T
         logs = torch.zeros(B, dtype=torch.float64).index_add(0, gb_t, torch.log(v))
         return torch.exp(logs)
 
-    P, C, S = prod(_floor(presence)), prod(_floor(count)), prod(_floor(shape_p))
+    P, C, S = prod(_floor(presence)), prod(_floor(count)), prod(_floor(shape_p, shape_floor))
     ng = torch.zeros(B, dtype=torch.float64).index_add(0, gb_t, torch.ones(G, dtype=torch.float64))
     D = torch.zeros(B, dtype=torch.float64).index_add(0, gb_t, dist2) / ng
 
@@ -438,9 +440,9 @@ def _score_terms(images: torch.Tensor, scenes: List[Scene]) -> Dict[str, torch.T
             "quality": Q, "chi": chi_img, "extra_mass": extra_mass, "fill": fill, "shape_dist2": D}
 
 
-def score(images: torch.Tensor, scenes) -> Union[float, torch.Tensor]:
+def score(images: torch.Tensor, scenes, shape_floor: Optional[float] = None) -> Union[float, torch.Tensor]:
     """images [3,H,W] or [B,3,H,W] in [0,1]; scenes: a Scene/prompt (shared) or one per image.
     Returns a float for a single image, else Tensor[B] (float64). See the module docstring."""
     single = images.dim() == 3
-    out = score_terms(images, scenes)["score"]
+    out = score_terms(images, scenes, shape_floor)["score"]
     return float(out[0]) if single else out

@@ -69,12 +69,13 @@ IMAGE_SIZE = 32
 DATA_SCALE = 3.0
 DATA_CENTER = -0.8
 LATENT_CHANNELS = {"unet": 4, "dit": 16}
-# Flow shift the DiT samples with (ComfyUI's ModelSamplingSD3 node, applied by load()). SD3's 3.0 is
-# meant for 1024 px: the shift grows with the number of image tokens (SD3 scales it with the
-# resolution, Flux's rule gives ~1.6 at 64 tokens), and at 3.0 the first 20% of the steps of a
-# 32 px image stay above sigma 0.92, nearly pure noise. The training covers every sigma (half the
-# batch unshifted), so any shift samples correctly.
-DIT_SAMPLING_SHIFT = 1.0
+# Flow shift the DiT samples with: SD3's own 3.0 (its model_sampling default, what SD3-medium samples
+# with), so that a checkpoint fraction lands where it lands on the real model: 20% of 20 steps is
+# log-SNR -4.80 (bench/results/noise_levels.md). The training covers every sigma (half the batch
+# with this shift, half unshifted), so another shift (load(shift=...)) also samples correctly. (Until
+# calibration round 2 the DiT sampled with 1.0, which made t = 0.2 far less noisy than on SD3/Flux
+# and the x0 preview far too informative there.)
+DIT_SAMPLING_SHIFT = 3.0
 LATENT_DOWNSCALE = {"unet": 1, "dit": 2}           # latent pixels per image pixel (per side)
 
 ROOT = Path(__file__).resolve().parents[2]
@@ -100,7 +101,9 @@ UNET_CONFIG = {
     # remove the mean of the noise (samples kept a seed-dependent colour cast); two per group can.
     "model_channels": 64,
     "num_res_blocks": [1, 1, 1],
-    "channel_mult": [1, 1, 1],
+    # 128 channels at 16x16 and 8x8, where the layout and the counts are decided (calibration round 2:
+    # the 64-channel model left 99.7% of its samples failing, mostly on blobby shapes)
+    "channel_mult": [1, 2, 2],
     # attention (self + cross to the text) only at the 8x8 level: relations are decided there
     "transformer_depth": [0, 0, 1],
     "transformer_depth_middle": 1,
@@ -116,13 +119,13 @@ DIT_CONFIG = {
     "in_channels": 16,
     "out_channels": 16,
     "patch_size": 2,
-    "depth": 2,          # MMDiT: hidden = 64 * depth = 128, heads = depth
+    "depth": 3,          # MMDiT: hidden = 64 * depth = 192, heads = depth
     "num_blocks": 4,
     "input_size": None,
     "adm_in_channels": POOLED_DIM,
     "context_embedder_config": {
         "target": "torch.nn.Linear",
-        "params": {"in_features": CONTEXT_DIM, "out_features": 128},
+        "params": {"in_features": CONTEXT_DIM, "out_features": 192},
     },
     "num_patches": DIT_POS_EMBED_MAX * DIT_POS_EMBED_MAX,
     "pos_embed_max_size": DIT_POS_EMBED_MAX,
@@ -344,21 +347,28 @@ def weights_path(family: str) -> Path:
 
 
 def save(path, patcher, text_encoder: TextEncoder, family: str, info: Optional[dict] = None,
-         config: Optional[dict] = None) -> Path:
-    """Write the diffusion model and the text encoder to one safetensors file (atomic)."""
+         config: Optional[dict] = None, dtype: torch.dtype = torch.float32) -> Path:
+    """Write the diffusion model and the text encoder to one safetensors file (atomic). Floating
+    tensors are stored as ``dtype`` (the trained weights: float16, which halves the committed files;
+    :func:`load` widens them back to float32)."""
     from safetensors.torch import save_file
 
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     model = patcher.model if isinstance(patcher, comfy.model_patcher.ModelPatcher) else patcher
     tensors: Dict[str, torch.Tensor] = {}
+    def stored(v: torch.Tensor) -> torch.Tensor:
+        v = v.detach().cpu()
+        return (v.to(dtype) if v.is_floating_point() else v).contiguous().clone()
+
     for k, v in model.diffusion_model.state_dict().items():
-        tensors[f"diffusion_model.{k}"] = v.detach().float().cpu().contiguous().clone()
+        tensors[f"diffusion_model.{k}"] = stored(v)
     for k, v in text_encoder.state_dict().items():
-        tensors[f"text_encoder.{k}"] = v.detach().float().cpu().contiguous().clone()
+        tensors[f"text_encoder.{k}"] = stored(v)
     meta = {
         "format": "probe_select_proxy_world_model",
         "format_version": str(FORMAT_VERSION),
+        "stored_dtype": str(dtype).replace("torch.", ""),
         "family": family,
         "comfy_family": COMFY_FAMILY[family],
         "data_scale": repr(float(DATA_SCALE)),
@@ -389,8 +399,8 @@ def read_info(path) -> dict:
 def load(family: str, path=None, shift: Optional[float] = None) -> Tuple["comfy.model_patcher.ModelPatcher", TextEncoder]:
     """(MODEL, text encoder) of the trained ``family`` model from ``path`` or :func:`weights_path`.
 
-    The DiT comes patched to sample with ``shift`` (default :data:`DIT_SAMPLING_SHIFT`) through
-    ComfyUI's own ``ModelSamplingSD3`` node, as a workflow would do it.
+    The DiT samples with ``shift`` (default :data:`DIT_SAMPLING_SHIFT`, SD3's own); another shift is
+    patched on through ComfyUI's own ``ModelSamplingSD3`` node, as a workflow would do it.
     """
     from safetensors.torch import load_file
 
@@ -419,6 +429,8 @@ def load(family: str, path=None, shift: Optional[float] = None) -> Tuple["comfy.
     log.debug("loaded proxy-world %s from %s", family, path)
     patcher = _patcher(model)
     if family == "dit":
-        from comfy_extras.nodes_model_advanced import ModelSamplingSD3
-        (patcher,) = ModelSamplingSD3().patch(patcher, DIT_SAMPLING_SHIFT if shift is None else shift)
+        shift = DIT_SAMPLING_SHIFT if shift is None else float(shift)
+        if shift != patcher.get_model_object("model_sampling").shift:
+            from comfy_extras.nodes_model_advanced import ModelSamplingSD3
+            (patcher,) = ModelSamplingSD3().patch(patcher, shift)
     return patcher, enc

@@ -26,7 +26,7 @@ import platform
 import sys
 import time
 from pathlib import Path
-from typing import Dict, List, Sequence
+from typing import Dict, List, Optional, Sequence
 
 ROOT = Path(__file__).resolve().parents[2]
 if __name__ == "__main__":
@@ -46,6 +46,9 @@ from bench.proxy_world import models  # noqa: E402
 from bench.proxy_world.evaluator import score_terms  # noqa: E402
 from bench.proxy_world.grammar import parse_prompt  # noqa: E402
 from bench.proxy_world.train_models import prompt_split  # noqa: E402
+from probes.analysis.noise_levels import NoiseLevel, noise_level_at_fraction  # noqa: E402
+from probes.analysis.schedules import FLOW, VP  # noqa: E402
+from probes.training.metrics import bootstrap_ci, per_group_spearman  # noqa: E402
 
 log = logging.getLogger("proxy_world.sample")
 RESULTS = ROOT / "bench" / "results"
@@ -55,6 +58,7 @@ SAMPLER = "euler"
 SCHEDULER = "normal"
 DEFAULT_CFG = {"unet": 4.0, "dit": 4.0}
 FAIL_BELOW = 0.5
+CHECKPOINT = 0.2          # the headline checkpoint: 20% of the steps
 FACTORS = ("presence", "count", "shape", "extra", "relation")
 
 
@@ -66,34 +70,99 @@ def per_seed_noise(latent: torch.Tensor, seeds: Sequence[int]) -> torch.Tensor:
 
 
 def generate(patcher, text_encoder, family: str, prompt: str, seeds: Sequence[int], cfg: float,
-             steps: int = STEPS, sampler: str = SAMPLER, scheduler: str = SCHEDULER) -> torch.Tensor:
-    """Images ``[len(seeds), 3, 32, 32]`` in 0..1 of ``prompt``, one per seed."""
+             steps: int = STEPS, sampler: str = SAMPLER, scheduler: str = SCHEDULER,
+             preview_step: Optional[int] = None):
+    """Images ``[len(seeds), 3, 32, 32]`` in 0..1 of ``prompt``, one per seed. With ``preview_step``
+    k, returns ``(images, previews)``: ``previews`` is the x0 prediction the sampler holds after k
+    steps (the denoiser output of step k, what the pack's early sampler shows when it stops there),
+    drawn as an image (the proxy world's latent is the image, so this "decode" is free and exact)."""
     import comfy.sample
 
     pos = text_encoder.conditioning(prompt)
     neg = text_encoder.conditioning("")
     latent = models.empty_latent(family, batch=len(seeds))["samples"]
     noise = per_seed_noise(latent, seeds)
+    held = {}
+
+    def on_step(step, x0, x, total_steps):
+        if preview_step is not None and step + 1 == preview_step:
+            held["x0"] = x0.detach().to("cpu", copy=True)
+
     with torch.inference_mode():
         samples = comfy.sample.sample(patcher, noise, steps, cfg, sampler, scheduler, pos, neg, latent,
-                                      disable_pbar=True, seed=int(seeds[0]))
-    return models.latent_to_image(samples, family)
+                                      disable_pbar=True, seed=int(seeds[0]), callback=on_step)
+    images = models.latent_to_image(samples, family)
+    if preview_step is None:
+        return images
+    # the callback's x0 is in the model's own space (after process_latent_in): that is the data itself
+    return images, models.data_to_image(held["x0"], family)
+
+
+def checkpoint_level(patcher, family: str, fraction: float = CHECKPOINT, steps: int = STEPS,
+                     scheduler: str = SCHEDULER) -> NoiseLevel:
+    """Where ``fraction`` of the steps lands on the schedule the model samples with (its own
+    model_sampling, the DiT's shift included): step, sigma and log-SNR."""
+    import comfy.samplers
+
+    sigmas = comfy.samplers.calculate_sigmas(patcher.get_model_object("model_sampling"), scheduler, steps)
+    return noise_level_at_fraction(sigmas.cpu(), FLOW if family == "dit" else VP, fraction)
+
+
+def within_prompt(pred: np.ndarray, target: np.ndarray, n_boot: int = 1000) -> Dict:
+    """Mean within-prompt Spearman of ``pred`` against ``target`` (both [P, S]) with its bootstrap 95%
+    interval over prompts (prompts whose targets are all equal are left out)."""
+    group = np.repeat(np.arange(pred.shape[0]), pred.shape[1])
+    per_prompt = per_group_spearman(pred.reshape(-1), target.reshape(-1), group)
+    ci = bootstrap_ci(per_prompt, n=n_boot, seed=0)
+    return {"mean": ci["mean"], "low": ci["low"], "high": ci["high"], "prompts": ci["n_groups"]}
 
 
 def evaluate(patcher, text_encoder, family: str, prompts: Sequence[str], n_seeds: int, cfg: float,
-             seed: int = 0, steps: int = STEPS) -> Dict:
-    """Sample every prompt with seeds ``seed .. seed + n_seeds - 1``; return the figures and rows."""
+             seed: int = 0, steps: int = STEPS, shape_floors: Sequence[float] = ()) -> Dict:
+    """Sample every prompt with seeds ``seed .. seed + n_seeds - 1``; return the figures and rows.
+
+    Also scores the x0 preview at the checkpoint (:data:`CHECKPOINT` of the steps, on the schedule the
+    model samples with) and reports its within-prompt Spearman with the final score: the figure that
+    says whether the world is as hard at t = 0.2 as real models are (0.17-0.27 on FLUX.1-dev and SDXL).
+    ``shape_floors``: evaluator variants (the shape factor's floor) to report beside the default."""
     seeds = [seed + i for i in range(n_seeds)]
-    scores, factors, images = [], {k: [] for k in FACTORS}, []
+    level = checkpoint_level(patcher, family, CHECKPOINT, steps)
+    images, previews = [], []
     t0 = time.perf_counter()
     for prompt in prompts:
-        imgs = generate(patcher, text_encoder, family, prompt, seeds, cfg, steps)
-        terms = score_terms(imgs, parse_prompt(prompt))
-        scores.append(terms["score"].float().numpy())
-        for k in FACTORS:
-            factors[k].append(terms[k].float().numpy())
+        imgs, prev = generate(patcher, text_encoder, family, prompt, seeds, cfg, steps, preview_step=level.step)
         images.append(imgs)
+        previews.append(prev)
     wall = time.perf_counter() - t0
+    out = summarize(images, previews, prompts)
+    out["variants"] = {str(f): _headline(summarize(images, previews, prompts, shape_floor=f)) for f in shape_floors}
+    out.update({"family": family, "comfy_family": models.COMFY_FAMILY[family], "prompts": len(prompts),
+                "seeds_per_prompt": n_seeds, "cfg": cfg, "steps": steps, "sampler": SAMPLER,
+                "scheduler": SCHEDULER, "checkpoint": level.as_dict(), "sampling_wall_s": round(wall, 1)})
+    out["_images"] = torch.stack(images)                   # [P, S, 3, H, W], not written to JSON
+    out["_previews"] = torch.stack(previews)
+    return out
+
+
+HEADLINE = ("success_fraction", "prompts_with_mixed_outcomes", "semantic_failure_share", "mean_score",
+            "x0_preview_within_spearman")
+
+
+def _headline(r: Dict) -> Dict:
+    return {k: r[k] for k in HEADLINE}
+
+
+def summarize(images: Sequence[torch.Tensor], previews: Sequence[torch.Tensor], prompts: Sequence[str],
+              shape_floor: Optional[float] = None) -> Dict:
+    """The figures of one evaluator setting over sampled images [P][S, 3, H, W] and their previews."""
+    scores, prev_scores, factors = [], [], {k: [] for k in FACTORS}
+    for prompt, imgs, prev in zip(prompts, images, previews):
+        scene = parse_prompt(prompt)
+        terms = score_terms(imgs, scene, shape_floor)
+        scores.append(terms["score"].numpy())
+        prev_scores.append(score_terms(prev, scene, shape_floor)["score"].numpy())
+        for k in FACTORS:
+            factors[k].append(terms[k].numpy())
     s = np.stack(scores)                                    # [P, S]
     fac = {k: np.stack(v) for k, v in factors.items()}       # [P, S]
     fail = s < FAIL_BELOW
@@ -107,10 +176,12 @@ def evaluate(patcher, text_encoder, family: str, prompts: Sequence[str], n_seeds
             by_kind[kind] = {"prompts": len(rows), "mean_score": float(s[rows].mean()),
                              "failure_fraction": float(fail[rows].mean())}
     gap = s.max(1) - s.mean(1)
+    semantic = sum(v for k, v in fail_kinds.items() if k != "shape")
     out = {
-        "family": family, "comfy_family": models.COMFY_FAMILY[family], "prompts": len(prompts),
-        "seeds_per_prompt": n_seeds, "cfg": cfg, "steps": steps, "sampler": SAMPLER, "scheduler": SCHEDULER,
         "mean_score": float(s.mean()),
+        "success_fraction": float(1.0 - fail.mean()),
+        "semantic_failure_share": float(semantic / fail.mean()) if fail.any() else float("nan"),
+        "x0_preview_within_spearman": within_prompt(np.stack(prev_scores), s),
         "within_prompt_sd": float(s.std(1, ddof=1).mean()),
         "failure_fraction": float(fail.mean()),
         "failure_by_lowest_factor": fail_kinds,
@@ -119,10 +190,10 @@ def evaluate(patcher, text_encoder, family: str, prompts: Sequence[str], n_seeds
         "best_of_n_mean_score": float(s.max(1).mean()),
         "prompts_with_mixed_outcomes": float(np.mean(fail.any(1) & (~fail).any(1))),
         "by_kind": by_kind,
-        "sampling_wall_s": round(wall, 1),
-        "per_prompt": [{"prompt": p, "scores": [round(float(v), 4) for v in row]} for p, row in zip(prompts, s)],
+        "per_prompt": [{"prompt": p, "scores": [round(float(v), 4) for v in row],
+                        "x0_preview_scores": [round(float(v), 4) for v in prow]}
+                       for p, row, prow in zip(prompts, s, np.stack(prev_scores))],
     }
-    out["_images"] = torch.stack(images)                   # [P, S, 3, H, W], not written to JSON
     return out
 
 

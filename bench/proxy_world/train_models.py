@@ -29,7 +29,7 @@ step count reached is recorded (``steps_done``) and ``--steps S --stop-at-step N
 reproduces it exactly.
 
 The weights go to ``bench/cache/proxy_world/proxy_<family>.safetensors`` and, when all proxy weights
-together stay under 20 MB, also to ``bench/proxy_world/weights/`` (committed; loaders prefer it).
+together stay under 24 MB (stored as float16), also to ``bench/proxy_world/weights/`` (committed; loaders prefer it).
 """
 from __future__ import annotations
 
@@ -64,8 +64,9 @@ from bench.proxy_world.render import render_batch  # noqa: E402
 
 log = logging.getLogger("proxy_world.train")
 
-COMMIT_LIMIT_BYTES = 20 * 1024 * 1024
-DEFAULT_STEPS = {"unet": 1800, "dit": 4800}
+COMMIT_LIMIT_BYTES = 24 * 1024 * 1024
+STORED_DTYPE = torch.float16     # the saved EMA weights; load() widens them to float32
+DEFAULT_STEPS = {"unet": 4200, "dit": 11000}
 DEFAULT_BATCH = {"unet": 8, "dit": 16}
 COUNT_FRACTION = 0.3
 UNCOND_P = 0.1
@@ -274,18 +275,18 @@ def _other_size(family: str) -> int:
 
 
 def save_result(result: TrainResult, family: str, commit: str = "auto") -> List[Path]:
-    """Write the cache file, and the committed copy when all weights stay under 20 MB."""
+    """Write the cache file, and the committed copy when all weights stay under 24 MB."""
     info = dict(result.info)
     cache = models.CACHE_WEIGHTS / models.WEIGHTS_NAME.format(family=family)
-    written = [models.save(cache, result.patcher, result.text_encoder, family, info)]
+    written = [models.save(cache, result.patcher, result.text_encoder, family, info, dtype=STORED_DTYPE)]
     total = cache.stat().st_size + _other_size(family)
     if commit == "yes" or (commit == "auto" and total < COMMIT_LIMIT_BYTES):
         committed = models.COMMITTED_WEIGHTS / models.WEIGHTS_NAME.format(family=family)
-        written.append(models.save(committed, result.patcher, result.text_encoder, family, info))
+        written.append(models.save(committed, result.patcher, result.text_encoder, family, info, dtype=STORED_DTYPE))
     else:
         stale = models.COMMITTED_WEIGHTS / models.WEIGHTS_NAME.format(family=family)
         if stale.is_file():
-            log.warning("%s is now stale (all weights %.1f MB >= 20 MB); remove it", stale, total / 2 ** 20)
+            log.warning("%s is now stale (all weights %.1f MB >= 24 MB); remove it", stale, total / 2 ** 20)
     log.info("all proxy weights together: %.2f MB", total / 2 ** 20)
     return written
 
@@ -295,14 +296,14 @@ def main(argv=None) -> int:
     ap.add_argument("--family", choices=models.FAMILIES, required=True)
     ap.add_argument("--steps", type=int, default=None, help="optimiser steps (default: unet 1800, dit 4800)")
     ap.add_argument("--batch-size", type=int, default=None)
-    ap.add_argument("--minutes", type=float, default=15.0, help="wall-clock cap (default 15; 0: none)")
+    ap.add_argument("--minutes", type=float, default=60.0, help="wall-clock cap (default 60; 0: none)")
     ap.add_argument("--stop-at-step", type=int, default=None,
                     help="stop after this many steps of the --steps schedule (reproduces a capped run exactly)")
     ap.add_argument("--seed", type=int, default=0)
     ap.add_argument("--lr", type=float, default=1e-3)
     ap.add_argument("--threads", type=int, default=2)
     ap.add_argument("--commit-weights", choices=("auto", "yes", "no"), default="auto",
-                    help="also write bench/proxy_world/weights/ (auto: when all weights < 20 MB)")
+                    help="also write bench/proxy_world/weights/ (auto: when all weights < 24 MB)")
     ap.add_argument("--no-save", action="store_true")
     args = ap.parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s %(message)s", force=True)

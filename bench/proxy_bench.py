@@ -218,6 +218,29 @@ def train_and_evaluate(train_ds, held_ds, t: float, out: Path, setting: Setting,
     return row, evaluation
 
 
+def noise_levels(family: str, setting: Setting) -> dict:
+    """Where each checkpoint t lands on the schedule the model samples with (sigma, log-SNR)."""
+    import comfy.samplers
+    from probe_select.probes.analysis.noise_levels import noise_level_at_fraction
+    from probe_select.probes.analysis.schedules import FLOW, VP
+
+    patcher, _ = load_model(family)
+    sigmas = comfy.samplers.calculate_sigmas(patcher.get_model_object("model_sampling"), "normal", setting.steps)
+    return {t: noise_level_at_fraction(sigmas.cpu(), FLOW if family == "dit" else VP, t).as_dict()
+            for t in setting.checkpoints}
+
+
+def real_levels_line() -> str:
+    """The log-SNR real families reach after 20% of their default steps (bench/results/noise_levels.json)."""
+    from probe_select.probes.analysis.noise_levels import load_family_levels
+    try:
+        levels = load_family_levels()
+    except (OSError, ValueError):
+        return "Real families at 20% of their default steps: see bench/results/noise_levels.md."
+    return ("Real families at 20% of their default steps (ComfyUI's own model_sampling, bench/results/noise_levels.md): "
+            + ", ".join(f"{lv.label} {lv.log_snr:.2f}" for lv in levels) + ".")
+
+
 def evaluate_family(family: str, setting: Setting, train_dir: Path, heldout_dir: Path) -> dict:
     _modules()
     from probe_select.probes.training.dataset import ProbeDataset
@@ -242,7 +265,7 @@ def evaluate_family(family: str, setting: Setting, train_dir: Path, heldout_dir:
     groups = held_ds.arrays(checkpoint_t=setting.checkpoints[0], evaluator=EVALUATOR).prompt_groups().numpy()
     spread = float(np.mean([finals[groups == g].std() for g in np.unique(groups)]))
     return {"by_t": rows, "heldout_mean_score": float(finals.mean()), "within_prompt_sd": spread,
-            "semantic_failure_rate": float((finals < 0.5).mean())}
+            "semantic_failure_rate": float((finals < 0.5).mean()), "noise_levels": noise_levels(family, setting)}
 
 
 # What else was tried at t = 0.2, each against the bench probe above (same data, same seed).
@@ -398,12 +421,17 @@ def plots(results: dict, setting: Setting) -> list[str]:
     names = []
     for family, res in results["families"].items():
         ts = list(res["by_t"])
-        panels = [{name: [res["by_t"][t][name]["within"] for t in ts] for name in ("probe", "x0_preview", "random")},
+        within = {name: [res["by_t"][t][name]["within"] for t in ts] for name in ("probe", "x0_preview", "random")}
+        panels = [within, within,
                   {name: [res["by_t"][min(ts, key=lambda c: abs(c - 0.2))][name]["oracle_gain"][n]
                           for n in (2, 5, 10, 20)] for name in ("probe", "x0_preview", "random")}]
+        levels = res.get("noise_levels") or {}
+        snr = [round(float(levels[t]["log_snr"]), 2) for t in ts] if len(levels) == len(ts) else None
+        real = "real 20%: SD1.5/SDXL -3.16" if family == "unet" else "real 20%: SD3 -4.80, FLUX -5.07"
         image = line_plot(panels, [f"{family}: within-prompt Spearman (held-out prompts) against the checkpoint t",
+                                   f"{family}: the same against the log-SNR of the checkpoint ({real})",
                                    f"{family}: fraction of the oracle gain captured by top-1 of N (t=0.2)"],
-                          x_values=[ts, [2, 5, 10, 20]])
+                          x_values=[ts, snr, [2, 5, 10, 20]])
         name = f"proxy_{family}.png"
         image.save(RESULTS / name)
         names.append(name)
@@ -447,12 +475,17 @@ def write_report(results: dict, setting: Setting, command: str, images: list[str
                   f"Held-out finished images: mean score {res['heldout_mean_score']:.3f}, within-prompt SD "
                   f"{res['within_prompt_sd']:.3f}, semantic failures (score < 0.5) {res['semantic_failure_rate']:.1%}.",
                   "",
-                  "| t | probe within-prompt [95% CI] | x0-preview within-prompt [95% CI] | random within-prompt "
-                  "[95% CI] | probe global | x0-preview global |",
-                  "| --- | --- | --- | --- | --- | --- |"]
+                  "| t | sigma | log-SNR | probe within-prompt [95% CI] | x0-preview within-prompt [95% CI] | "
+                  "random within-prompt [95% CI] | probe global | x0-preview global |",
+                  "| --- | --- | --- | --- | --- | --- | --- | --- |"]
+        levels = res.get("noise_levels") or {}
         for t, row in res["by_t"].items():
-            lines.append(f"| {t:g} | {cell(row['probe'])} | {cell(row['x0_preview'])} | {cell(row['random'])} | "
-                         f"{row['probe']['global']:.3f} | {row['x0_preview']['global']:.3f} |")
+            lv = levels.get(t) or levels.get(str(t)) or {}
+            sigma = f"{lv['sigma']:.4f}" if lv else "-"
+            snr = f"{lv['log_snr']:.2f}" if lv else "-"
+            lines.append(f"| {t:g} | {sigma} | {snr} | {cell(row['probe'])} | {cell(row['x0_preview'])} | "
+                         f"{cell(row['random'])} | {row['probe']['global']:.3f} | {row['x0_preview']['global']:.3f} |")
+        lines += ["", real_levels_line()]
         t02 = res["by_t"][min(res["by_t"], key=lambda c: abs(c - 0.2))]
         lines += ["", "Fraction of the oracle gain captured by top-1 of N (t=0.2):", "",
                   "| scorer | N=2 | N=5 | N=10 | N=20 |", "| --- | --- | --- | --- | --- |"]
@@ -497,15 +530,13 @@ def write_report(results: dict, setting: Setting, command: str, images: list[str
         lines.append("")
     lines += [
         "## Notes", "",
-        "- Models: bench/proxy_world/train_models.py, <= 15 minutes of CPU each; quality of their samples: "
-        "bench/results/proxy_models.md. Backgrounds are clean and colours bind mostly right; the 32 px shapes stay "
-        "blobby, so the strict evaluator finds a shape or count failure in nearly every finished image and the "
-        "scores are small. Seeds of a prompt still differ semantically (count, relation, which colour goes where, "
-        "how shape-like each blob is), and that is what the within-prompt rankings measure.",
-        "- The DiT samples with flow shift 1.0 (ComfyUI's ModelSamplingSD3, applied by the loader): with SD3's "
-        "default 3.0, meant for 1024 px, the first 20% of the steps of a 32 px image stay above sigma 0.92; in an "
-        "earlier run of this benchmark (then with the CNN probe of the tables) the t=0.2 probe reached 0.019 "
-        "[-0.039, 0.077] and the x0-preview scorer 0.292.",
+        "- Models: bench/proxy_world/train_models.py, up to an hour of CPU each; quality of their samples and "
+        "the calibration against real models (success rate, mixed prompts, x0-preview Spearman at the real 20% "
+        "point): bench/results/proxy_models.md.",
+        "- Schedules: the UNet samples with SD1.5's scaled-linear eps schedule and the DiT with SD3's own flow "
+        "shift 3.0, so a checkpoint fraction lands where it lands on the real families (the log-SNR columns). "
+        "Until calibration round 2 the DiT sampled with shift 1.0, where t = 0.2 was far less noisy than on SD3 "
+        "or FLUX and the x0 preview far too informative (0.58 then).",
         f"- Bench probe: the pack's Probe class without down blocks (1x1 stem, global average pool, small MLPs; "
         f"chosen by validation Spearman, see the tables), tap `auto`, features pooled to "
         f"{setting.feature_size}x{setting.feature_size}, listwise ranking loss on log(score) "
@@ -542,6 +573,7 @@ def main(argv=None) -> dict:
         saved = json.loads((args.out / "proxy_bench.json").read_text())
         for res in saved["families"].values():
             res["by_t"] = {float(t): row for t, row in res["by_t"].items()}
+            res["noise_levels"] = {float(t): lv for t, lv in res.get("noise_levels", {}).items()}
             for row in res["by_t"].values():
                 for scorer in ("probe", "x0_preview", "random"):
                     row[scorer]["oracle_gain"] = {int(n): v for n, v in row[scorer]["oracle_gain"].items()}

@@ -26,13 +26,19 @@ def test_proxy_bench_quick_writes_a_report(pack, tmp_path):
     assert cost["denoiser_evals"] == {"generate_all": 50, "probe_select": 18, "x0_preview": 18}
     assert cost["seconds"]["generate_all"] > 0
     over = unet["overheads"]
-    # auto tap of the SD1 proxy UNet: output_blocks.3.0 (64 channels at 16x16), pooled to 4x4, fp16
-    assert over["activation_shape"] == [64, 4, 4] and over["activation_bytes_per_candidate"] == 64 * 4 * 4 * 2
+    # auto tap of the SD1 proxy UNet: output_blocks.3.0 (128 channels at 16x16), pooled to 4x4, fp16
+    assert over["activation_shape"] == [128, 4, 4] and over["activation_bytes_per_candidate"] == 128 * 4 * 4 * 2
     assert over["probe_ms_per_candidate"] > 0 and over["early_plain_s"] > 0
     assert set(unet["ablation"]) == set(proxy_bench.ABLATIONS)
     assert "demo_probe" not in unet            # only the full run writes the committed demo probe
     report = (tmp_path / "results" / "REPORT.md").read_text()
-    assert "within-prompt" in report and "| 0.2 |" in report and "proxy_unet.png" in report
+    assert "within-prompt" in report and "proxy_unet.png" in report
+    # every checkpoint with the noise level it lands on (10 steps of SD1.5's schedule: t = 0.2 is step 2)
+    levels = unet["noise_levels"]
+    assert set(levels) == {0.2, 0.4} and levels[0.2]["step"] == 2 and levels[0.4]["step"] == 4
+    assert levels[0.2]["log_snr"] < levels[0.4]["log_snr"] < 0
+    assert f"| 0.2 | {levels[0.2]['sigma']:.4f} | {levels[0.2]['log_snr']:.2f} |" in report
+    assert "SD1.5 -3.16" in report and "FLUX.1-dev -5.07" in report
     assert "tap overhead" in report and "| raw score as the target (not log) |" in report
     assert (tmp_path / "results" / "proxy_unet.png").stat().st_size > 1000
     saved = json.loads((tmp_path / "results" / "proxy_bench.json").read_text())

@@ -329,3 +329,29 @@ def test_train_and_evaluate_an_x0_probe_from_a_dataset(tmp_path):
         streamed = evaluate_on_dataset(probe, meta, ds, split="all", streaming="on")
         assert in_memory.metrics["rows"] == 48
         assert torch.allclose(torch.as_tensor(in_memory.predicted), torch.as_tensor(streamed.predicted), atol=1e-5)
+
+
+def test_command_line_trains_x0_probes_and_collects_x0(tmp_path, caplog):
+    from tools.cli import _writer_settings, build_parser, main
+    from tools.collect import fill_workflow
+
+    args = build_parser().parse_args(["collect", "--server", "http://x", "--prompts", "p.txt", "--x0-size", "16"])
+    settings = _writer_settings(args)
+    assert settings == {"x0_size": 16}
+    workflow = {"1": {"class_type": "ProbeSelectDatasetWriter", "inputs": {"dataset_name": "d", "x0_size": 0}}}
+    assert fill_workflow(workflow, "a cat", seed=1, writer_settings=settings)["1"]["inputs"]["x0_size"] == 16
+
+    root = _write_dataset(tmp_path / "ds", prompts=12, n=4)
+    plain = _write_dataset(tmp_path / "plain", prompts=12, n=4, with_x0=False)
+    small = json.dumps({"stem_width": 8, "widths": [8], "attention": False, "pooled_size": 2, "embed_dim": 16,
+                        "time_embed_dim": 8, "head_hidden": [16], "mlp_hidden": 32, "x0_stem_width": 8,
+                        "x0_widths": [8]})
+    out = tmp_path / "x0.safetensors"
+    assert main(["train", "-q", "--dataset", str(root), "--checkpoint", "0.25", "--out", str(out), "--epochs", "1",
+                 "--inputs", "x0", "--probe-config", small, "--stream", "off"]) == 0
+    meta = read_probe_metadata(out)
+    assert meta.inputs == ("x0",) and meta.x0_shape == (4, 8, 8)
+    refused = tmp_path / "refused.safetensors"
+    assert main(["train", "-q", "--dataset", str(plain), "--checkpoint", "0.25", "--out", str(refused),
+                 "--epochs", "1", "--inputs", "activations+x0", "--probe-config", small]) != 0
+    assert not refused.exists() and "stores no x0 latents" in caplog.text

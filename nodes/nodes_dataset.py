@@ -71,8 +71,9 @@ def reduction_for(node_id: str, activations, kind: str, channels: int, seed: int
 
 
 def rows_from(node_id: str, activations, image_scores: list, prompt: str,
-              reduction: ChannelReduction = NO_REDUCTION) -> tuple[DatasetManifest, CandidateRows]:
-    """One dataset row per candidate: its activations at every checkpoint and each evaluator's score."""
+              reduction: ChannelReduction = NO_REDUCTION, x0_size: int = 0) -> tuple[DatasetManifest, CandidateRows]:
+    """One dataset row per candidate: its activations at every checkpoint and each evaluator's score (and,
+    with ``x0_size`` > 0, its x0 prediction latent at every checkpoint, pooled to that side)."""
     if activations is None:
         raise ProbeSelectError(node_id, "no activations: the sampler's model has no activation tap.",
                                "insert ProbeSelectTap before ProbeSelectCollectSampler.")
@@ -85,7 +86,15 @@ def rows_from(node_id: str, activations, image_scores: list, prompt: str,
         if len(scores.scores) != n:
             raise ProbeSelectError(node_id, f"{len(scores.scores)} '{scores.evaluator}' scores for {n} candidates.",
                                    "score the finished images of the same sampler run (one image per candidate).")
-    return rows_from_activations(activations, {s.evaluator: s.scores for s in image_scores}, prompt, reduction)
+    if x0_size < 0:
+        raise ProbeSelectError(node_id, f"x0_size is {x0_size}.", "use 0 (store no x0) or a side such as 16.")
+    try:
+        return rows_from_activations(activations, {s.evaluator: s.scores for s in image_scores}, prompt, reduction,
+                                     x0_size=x0_size)
+    except ValueError as e:
+        raise ProbeSelectError(node_id, f"cannot store the x0 latent: {e}.",
+                               "connect the activations of ProbeSelectCollectSampler or ProbeSelectEarlySampler "
+                               "directly, or set x0_size to 0.") from None
 
 
 class ProbeSelectDatasetWriter(io.ComfyNode):
@@ -119,6 +128,11 @@ class ProbeSelectDatasetWriter(io.ComfyNode):
                              tooltip="Channels kept by the reduction (PCA: at most feature_size^2 - 1)."),
                 io.Int.Input("projection_seed", default=0, min=0, max=2**31 - 1, optional=True,
                              tooltip="Seed of the 'projection' matrix; it is part of the dataset's identity."),
+                io.Int.Input("x0_size", default=0, min=0, max=128, optional=True,
+                             tooltip="Also store each candidate's x0 prediction latent at every checkpoint, pooled "
+                                     "to x0_size x x0_size (16 is plenty; about 2 KB a row and checkpoint), so that "
+                                     "probes reading x0 can be trained. 0 = don't store it. Every row of a dataset "
+                                     "uses the same setting."),
             ],
             outputs=[io.Int.Output(display_name="rows")],
             is_output_node=True,
@@ -135,21 +149,24 @@ class ProbeSelectDatasetWriter(io.ComfyNode):
 
     @classmethod
     def execute(cls, activations, scores, prompt: str, dataset_name: str, scores_2=None, scores_3=None,
-                channel_reduction: str = "none", reduced_channels: int = 48, projection_seed: int = 0) -> io.NodeOutput:
+                channel_reduction: str = "none", reduced_channels: int = 48, projection_seed: int = 0,
+                x0_size: int = 0) -> io.NodeOutput:
         node_id = cls.NODE_ID
         path = dataset_path(node_id, dataset_name)
         image_scores = [s for s in (scores, scores_2, scores_3) if s is not None]
         reduction = reduction_for(node_id, activations, channel_reduction, reduced_channels, projection_seed) \
             if activations is not None else NO_REDUCTION
-        manifest, rows = rows_from(node_id, activations, image_scores, prompt, reduction)
+        manifest, rows = rows_from(node_id, activations, image_scores, prompt, reduction, x0_size or 0)
         try:
             total = DatasetWriter(path, manifest).append(rows)
         except DatasetError as e:
             raise ProbeSelectError(node_id, str(e), "write to a new dataset name, or collect with the same model, "
-                                                    "tap, checkpoints, evaluators and channel reduction "
-                                                    "(channel_reduction, reduced_channels, projection_seed).") from None
+                                                    "tap, checkpoints, evaluators, channel reduction "
+                                                    "(channel_reduction, reduced_channels, projection_seed) and "
+                                                    "x0_size.") from None
         log.info("Probe-Select: dataset %s has %d rows", dataset_name, total)
         stored = f", stored as {reduction.describe()}" if reduction.active else ""
+        stored += f", with x0 latents {manifest.x0_shape}" if manifest.x0_shape is not None else ""
         return io.NodeOutput(total, ui=ui.PreviewText(f"{dataset_name}: {total} rows ({len(rows)} added{stored})"))
 
 

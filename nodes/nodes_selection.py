@@ -58,21 +58,26 @@ class ProbeSelectScore(io.ComfyNode):
             node_id=cls.NODE_ID,
             display_name="Probe-Select Score",
             category=CATEGORY,
-            description="Predicts each candidate's final evaluator score from its early activations. Scores are "
-                        "per candidate, in the evaluator's units, and never normalised across the batch.",
+            description="Predicts each candidate's final evaluator score from its early activations and/or its "
+                        "x0 prediction latent (what the probe was trained to read). Scores are per candidate, in "
+                        "the evaluator's units, and never normalised across the batch.",
             inputs=[
                 Probe.Input("probe"),
                 Activations.Input("activations"),
                 io.Conditioning.Input("positive", optional=True,
                                       tooltip="Only for probes that read text: overrides the prompt embedding "
                                               "recorded by the early sampler."),
+                io.Latent.Input("x0_preview", optional=True,
+                                tooltip="Only for probes that read the x0 latent: the early sampler's 'x0 preview' "
+                                        "output (no VAE decode needed). Without it such a probe reads the x0 the "
+                                        "sampler recorded with the activations."),
             ],
             outputs=[Scores.Output(display_name="scores")],
         )
 
     @classmethod
-    def execute(cls, probe, activations, positive=None) -> io.NodeOutput:
-        scores = score_or_fail(cls.NODE_ID, probe, activations, positive)
+    def execute(cls, probe, activations, positive=None, x0_preview=None) -> io.NodeOutput:
+        scores = score_or_fail(cls.NODE_ID, probe, activations, positive, x0_preview)
         return io.NodeOutput(scores, ui=ui.PreviewText(scores_text(scores)))
 
 

@@ -15,6 +15,7 @@ from comfy_api.latest import io, ui
 from ..probes.training.dataset import DatasetError, ProbeDataset
 from ..probes.training.evaluation import format_report
 from ..probes.io import load_probe
+from ..probes.model import PROBE_INPUT_CHOICES, ProbeConfig, parse_probe_inputs
 from ..probes.training.pipeline import evaluate_on_dataset, train_from_dataset
 from ..probes.plots import line_plot, scatter_plot
 from ..probes.training.train import TrainConfig
@@ -81,6 +82,10 @@ class ProbeSelectTrain(io.ComfyNode):
                                                                     "dataset has text embeddings."),
                 io.Int.Input("patience", default=10, min=0, max=10000, tooltip="Early stopping; 0 = off."),
                 io.Int.Input("seed", default=0, min=0, max=2**31 - 1),
+                io.Combo.Input("probe_inputs", options=list(PROBE_INPUT_CHOICES), default="activations", optional=True,
+                               tooltip="What the probe reads: the tapped activations, the sampler's x0 prediction "
+                                       "latent (free at the checkpoint; the dataset must be collected with x0_size "
+                                       "> 0), or both."),
             ],
             outputs=[Probe.Output(display_name="probe"), io.Image.Output(display_name="curves"),
                      io.String.Output(display_name="report")],
@@ -94,10 +99,16 @@ class ProbeSelectTrain(io.ComfyNode):
     @classmethod
     def execute(cls, dataset: str, checkpoint_percent: float, evaluator: str, probe_name: str, epochs: int,
                 batch_prompts: int, lr: float, alpha_max: float, lambda_align: float, use_text: bool, patience: int,
-                seed: int) -> io.NodeOutput:
+                seed: int, probe_inputs: str = "activations") -> io.NodeOutput:
 
         node_id = cls.NODE_ID
+        try:
+            inputs = parse_probe_inputs(probe_inputs or "activations")
+        except ValueError as e:
+            raise ProbeSelectError(node_id, str(e)) from None
         data = _open_dataset(node_id, dataset)
+        channels, size = data.manifest.feature_shape[0], data.manifest.feature_shape[-1]
+        probe_config = ProbeConfig(in_channels=channels, feature_size=size, inputs=inputs)
         out_path = _probe_path(node_id, probe_name)
         state_dir = os.path.join(folder_paths.get_output_directory(), "probe_select_training",
                                  os.path.basename(out_path)[: -len(".safetensors")])
@@ -107,7 +118,7 @@ class ProbeSelectTrain(io.ComfyNode):
         try:
             result, sizes = train_from_dataset(
                 data, checkpoint_percent, evaluator, out_path, train_config=config, use_text=use_text, split_seed=seed,
-                state_dir=state_dir, on_epoch=lambda epoch, _m: bar.update_absolute(epoch + 1, epochs),
+                probe_config=probe_config, state_dir=state_dir, on_epoch=lambda epoch, _m: bar.update_absolute(epoch + 1, epochs),
                 should_stop=mm.processing_interrupted)
         except (ValueError, DatasetError) as e:
             raise ProbeSelectError(node_id, str(e)) from None
@@ -124,7 +135,7 @@ class ProbeSelectTrain(io.ComfyNode):
         model, metadata = load_probe(out_path)
         report = "\n".join([
             f"probe {os.path.basename(out_path)}: {data.manifest.backbone_family} {data.manifest.tap} "
-            f"t={metadata.checkpoint_t:.4f}",
+            f"t={metadata.checkpoint_t:.4f}, reads {'+'.join(metadata.inputs)}",
             f"rows train/val/test: {sizes['train']}/{sizes['val']}/{sizes['test']}  "
             f"epochs run: {len(history)} ({result.stopped}), best epoch {result.best_epoch + 1}",
             "best validation: " + json.dumps({k: round(v, 4) if isinstance(v, float) else v for k, v in best.items()}),

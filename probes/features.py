@@ -18,7 +18,7 @@ from torch import Tensor
 
 from .checkpoints import checkpoint_index
 
-__all__ = ["FEATURE_DTYPE", "ActivationSet", "ActivationSeries", "pool_feature_map", "tokens_to_grid"]
+__all__ = ["FEATURE_DTYPE", "ActivationSet", "ActivationSeries", "pool_feature_map", "pool_x0", "tokens_to_grid"]
 
 # fp16 halves memory and shard size; pooled activations are averages of O(1) values and lose
 # nothing the probe can use at this precision.
@@ -54,6 +54,16 @@ def pool_feature_map(x: Tensor, size: int) -> Tensor:
     if pooled_hw != (size, size):
         x = F.interpolate(x, size=(size, size), mode="bilinear", align_corners=False)
     return x.to(FEATURE_DTYPE)
+
+
+def pool_x0(latent: Tensor, size: int) -> Tensor:
+    """The x0 prediction latent ``[B, c, H, W]`` as a probe reads it: ``[B, c, size, size]`` in
+    :data:`FEATURE_DTYPE`, pooled like activations (:func:`pool_feature_map`), so that datasets store
+    and scoring feeds the same small map whatever the image size. Video latents ``[B, c, T, H, W]``
+    are averaged over time first."""
+    if latent.ndim == 5:
+        latent = latent.float().mean(dim=2)
+    return pool_feature_map(latent, size)
 
 
 def tokens_to_grid(tokens: Tensor, height: int, width: int) -> Tensor:
@@ -93,6 +103,9 @@ class ActivationSet:
         text_embedding: ``[N, D]`` or ``[1, D]`` float32 pooled text embedding (one row means the
             same prompt for every candidate), or None.
         pooling: how the activations were reduced to ``P x P``.
+        x0: ``[N, c, H, W]`` (video: ``[N, c, T, H, W]``) the sampler's x0 prediction latent (LATENT ``samples``) at this
+            checkpoint, one row per candidate, or None. Probes that read x0 pool it themselves
+            (:func:`pool_x0`); it costs the sampler nothing, since it is the denoiser output.
     """
 
     features: Tensor
@@ -105,6 +118,7 @@ class ActivationSet:
     run_id: str
     text_embedding: Optional[Tensor] = None
     pooling: str = "adaptive_avg"
+    x0: Optional[Tensor] = None
 
     def __post_init__(self) -> None:
         if not isinstance(self.features, Tensor) or self.features.ndim != 4:
@@ -128,6 +142,11 @@ class ActivationSet:
                     f"ActivationSet.text_embedding must be [N, D] with N={len(self)} rows or a "
                     f"single [1, D] row shared by all candidates, got shape {tuple(text.shape)}"
                 )
+        if self.x0 is not None:
+            if not isinstance(self.x0, Tensor) or self.x0.ndim not in (4, 5) or self.x0.shape[0] != len(self):
+                shape = tuple(self.x0.shape) if isinstance(self.x0, Tensor) else type(self.x0).__name__
+                raise ValueError(f"ActivationSet.x0 must be the [N, c, H, W] x0 latent with N={len(self)} rows, "
+                                 f"got {shape}")
 
     def __len__(self) -> int:
         return self.features.shape[0]
@@ -158,6 +177,7 @@ class ActivationSet:
             features=self.features[index],
             seeds=[self.seeds[i] for i in index.tolist()],
             text_embedding=text,
+            x0=None if self.x0 is None else self.x0[index],
         )
 
 

@@ -22,6 +22,11 @@ Header keys (all values are strings; structured ones are JSON)::
                     ChannelReduction.to_dict(); feature_shape is then the reduced (k, P, P), and
                     scoring reduces the live activations the same way. Such files are version 2,
                     so that a version-1 reader refuses them instead of scoring unreduced features.
+
+What the probe reads is its config's ``inputs`` (``["activations"]`` when absent: every file written
+before x0 inputs existed): a probe that reads the sampler's x0 prediction latent also records
+``x0_channels`` and ``x0_size`` there, and its file is version 3, so that an older reader says to
+update the pack instead of failing on the unknown config fields.
 """
 from __future__ import annotations
 
@@ -55,10 +60,12 @@ logger = logging.getLogger(__name__)
 
 FORMAT_NAME = "probe-select"
 # Bump when a reader of the previous version could misread a new file. Readers accept any version
-# up to their own and refuse newer ones. A file records the lowest version that reads it: 1, or 2
-# for a probe that reads channel-reduced features (see the module docstring).
-FORMAT_VERSION = 2
+# up to their own and refuse newer ones. A file records the lowest version that reads it: 1, 2
+# for a probe that reads channel-reduced features, 3 for one that reads the x0 latent (see the
+# module docstring).
+FORMAT_VERSION = 3
 REDUCED_FORMAT_VERSION = 2
+X0_FORMAT_VERSION = 3
 
 REQUIRED_KEYS = (
     "format",
@@ -141,9 +148,26 @@ class ProbeMetadata:
                              f"of its reduction ({self.reduction.describe()})")
 
     @property
+    def inputs(self) -> tuple[str, ...]:
+        """What the probe reads (``config.inputs``): ``("activations",)``, ``("x0",)`` or both."""
+        return self.config.inputs
+
+    @property
+    def x0_shape(self) -> Optional[tuple[int, int, int]]:
+        """``(c, S, S)`` of the pooled x0 latent the probe reads; None when it reads no x0."""
+        return self.config.x0_shape if self.config.reads_x0 else None
+
+    @property
     def activation_shape(self) -> tuple[int, int, int]:
         """``(C, P, P)`` of the live activations the probe scores (before its reduction)."""
         return self.reduction.input_shape(self.feature_shape)
+
+
+def _lowest_version(metadata: ProbeMetadata) -> int:
+    """The oldest format version whose readers read this probe correctly."""
+    if metadata.config.reads_x0:
+        return X0_FORMAT_VERSION
+    return REDUCED_FORMAT_VERSION if metadata.reduction.active else 1
 
 
 def _metadata_to_header(metadata: ProbeMetadata) -> dict[str, str]:
@@ -153,7 +177,7 @@ def _metadata_to_header(metadata: ProbeMetadata) -> dict[str, str]:
         raise ValueError(f"ProbeMetadata.training must be JSON-serialisable: {error}") from error
     header = {
         "format": FORMAT_NAME,
-        "format_version": str(REDUCED_FORMAT_VERSION if metadata.reduction.active else 1),
+        "format_version": str(_lowest_version(metadata)),
         "backbone_family": metadata.backbone_family,
         "tap": metadata.tap,
         "checkpoint_t": json.dumps(metadata.checkpoint_t),

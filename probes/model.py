@@ -7,6 +7,11 @@ Layout (defaults in brackets)::
       -> per width [128, 256]: ResBlock(time scale-shift) -> stride-2 conv  (16 -> 8 -> 4 px)
       -> self-attention over the final grid -> GroupNorm, SiLU
       -> adaptive avg pool to pooled_size^2 [4x4] -> flatten -> MLP -> u [embed_dim=256]
+    x0 latent [B, c, S, S] (only when "x0" in inputs; the sampler's x0 prediction pooled to S = x0_size)
+      --GroupNorm--> 3x3 conv stem [32] -> per x0 width [64, 128]: ResBlock(time) -> stride-2 conv
+      -> GroupNorm, SiLU -> adaptive avg pool to pooled_size^2, + per-channel mean/std of the raw
+      latent (the scale GroupNorm removes) -> MLP -> u_x0 [embed_dim]
+    u = u_act, or u_x0, or Linear(concat[u_act, u_x0]) when the probe reads both (config.inputs)
     text [B, text_dim] -> MLP -> e [embed_dim]                       (only when text_dim > 0)
     head: MLP over u, or over concat[u, e, u*e, |u-e|] -> score [B]
 
@@ -24,11 +29,29 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-__all__ = ["ProbeConfig", "Probe", "build_probe", "timestep_embedding"]
+__all__ = ["PROBE_INPUTS", "PROBE_INPUT_CHOICES", "ProbeConfig", "Probe", "build_probe", "parse_probe_inputs",
+           "timestep_embedding"]
 
 # The diffusion convention: t in [0, 1] is scaled to [0, 1000] before the sinusoidal embedding so
 # that its frequencies cover the same range as in the denoisers the activations come from.
 TIMESTEP_SCALE = 1000.0
+
+# What a probe can read, in canonical order: the tapped block's pooled activations and the sampler's
+# x0 prediction latent at the checkpoint (free: the denoiser's own output, no VAE decode).
+PROBE_INPUTS = ("activations", "x0")
+# The choices offered by the training node and command line, as text.
+PROBE_INPUT_CHOICES = ("activations", "x0", "activations+x0")
+DEFAULT_INPUTS = ("activations",)
+
+
+def parse_probe_inputs(text: Union[str, tuple, list]) -> tuple[str, ...]:
+    """``"activations"``, ``"x0"``, ``"activations+x0"`` (or a sequence of names) as a canonical
+    ``inputs`` tuple; ValueError naming the choices for anything else."""
+    names = [part.strip() for part in text.split("+")] if isinstance(text, str) else [str(part) for part in text]
+    unknown = [name for name in names if name not in PROBE_INPUTS]
+    if not names or unknown or len(set(names)) != len(names):
+        raise ValueError(f"probe inputs {text!r} are not valid; choose one of {list(PROBE_INPUT_CHOICES)}")
+    return tuple(name for name in PROBE_INPUTS if name in names)
 
 
 @dataclass(frozen=True)
@@ -47,6 +70,16 @@ class ProbeConfig:
         text_dim: width of the text embedding read by the text branch; 0 = no text branch.
         head_hidden: hidden sizes of the score head.
         mlp_hidden: hidden size of the image and text MLPs that produce u and e.
+        inputs: what the probe reads: ``("activations",)`` (every probe before x0 inputs),
+            ``("x0",)`` or ``("activations", "x0")``. With ``"x0"`` only, ``in_channels`` and
+            ``feature_size`` still describe the dataset's activations but no layer reads them.
+        x0_channels: channels c of the x0 latent (4 for SD1.x/SDXL, 16 for SD3/Flux).
+        x0_size: side S the x0 latent is pooled to before the probe reads it.
+        x0_stem_width: channels after the x0 branch's 3x3 input conv.
+        x0_widths: output channels of each x0 down block (16 -> 8 -> 4 px by default).
+
+    The x0 fields are left out of :meth:`to_dict` while they keep their defaults, so that a
+    config written for an activations-only probe is the same JSON as before they existed.
     """
 
     in_channels: int
@@ -60,17 +93,27 @@ class ProbeConfig:
     text_dim: int = 0
     head_hidden: tuple[int, ...] = (512, 256)
     mlp_hidden: int = 512
+    inputs: tuple[str, ...] = DEFAULT_INPUTS
+    x0_channels: int = 4
+    x0_size: int = 16
+    x0_stem_width: int = 32
+    x0_widths: tuple[int, ...] = (64, 128)
 
     def __post_init__(self) -> None:
         # Accept lists (JSON) and store tuples so that configs compare equal and stay hashable.
         object.__setattr__(self, "widths", tuple(self.widths))
         object.__setattr__(self, "head_hidden", tuple(self.head_hidden))
+        object.__setattr__(self, "x0_widths", tuple(self.x0_widths))
+        try:
+            object.__setattr__(self, "inputs", parse_probe_inputs(self.inputs))
+        except ValueError as error:
+            raise ValueError(f"ProbeConfig.inputs: {error}") from None
         positive = ["in_channels", "feature_size", "stem_width", "pooled_size", "embed_dim",
-                    "time_embed_dim", "mlp_hidden"]
+                    "time_embed_dim", "mlp_hidden", "x0_channels", "x0_size", "x0_stem_width"]
         for name in positive:
             _check_int(name, getattr(self, name), minimum=1)
         _check_int("text_dim", self.text_dim, minimum=0)
-        for name in ("widths", "head_hidden"):
+        for name in ("widths", "head_hidden", "x0_widths"):
             for value in getattr(self, name):
                 _check_int(f"{name} entry", value, minimum=1)
         if not isinstance(self.attention, bool):
@@ -83,13 +126,30 @@ class ProbeConfig:
         """Whether the probe has a text branch (and its head reads [u, e, u*e, |u-e|])."""
         return self.text_dim > 0
 
+    @property
+    def reads_activations(self) -> bool:
+        """Whether the probe reads pooled denoiser activations."""
+        return "activations" in self.inputs
+
+    @property
+    def reads_x0(self) -> bool:
+        """Whether the probe reads the sampler's x0 prediction latent."""
+        return "x0" in self.inputs
+
+    @property
+    def x0_shape(self) -> tuple[int, int, int]:
+        """``(c, S, S)`` of the pooled x0 latent the probe reads."""
+        return (self.x0_channels, self.x0_size, self.x0_size)
+
     def to_dict(self) -> dict[str, Any]:
-        """JSON-safe dict (tuples as lists)."""
-        return {
-            field.name: list(value) if isinstance(value, tuple) else value
-            for field in dataclasses.fields(self)
-            for value in [getattr(self, field.name)]
-        }
+        """JSON-safe dict (tuples as lists); the x0 fields only when they differ from their defaults."""
+        out = {}
+        for field in dataclasses.fields(self):
+            value = getattr(self, field.name)
+            if field.name in _OPTIONAL_FIELDS and value == field.default:
+                continue
+            out[field.name] = list(value) if isinstance(value, tuple) else value
+        return out
 
     @classmethod
     def from_dict(cls, data: Mapping[str, Any]) -> "ProbeConfig":
@@ -107,6 +167,10 @@ class ProbeConfig:
         if "in_channels" not in data:
             raise ValueError("ProbeConfig.from_dict: 'in_channels' is required")
         return cls(**dict(data))
+
+
+# Fields added after the first probe files; to_dict leaves them out at their defaults (see ProbeConfig).
+_OPTIONAL_FIELDS = ("inputs", "x0_channels", "x0_size", "x0_stem_width", "x0_widths")
 
 
 def _check_int(name: str, value: Any, minimum: int) -> None:
@@ -197,7 +261,8 @@ class SelfAttention2d(nn.Module):
 
 
 class Probe(nn.Module):
-    """Predicts the z-scored evaluator score of a candidate from its early activations.
+    """Predicts the z-scored evaluator score of a candidate from its early activations and/or its
+    x0 prediction latent (``config.inputs``).
 
     No sigmoid on the output: the target is a z-score (unbounded); :func:`probes.scoring.
     score_candidates` maps it back to evaluator units with the probe's fixed normalisation.
@@ -206,27 +271,51 @@ class Probe(nn.Module):
     def __init__(self, config: ProbeConfig) -> None:
         super().__init__()
         self.config = config
-        # Per-sample standardisation of the input: activation scale drifts with t and between
-        # backbones, and GroupNorm never looks at other rows of the batch.
-        self.input_norm = nn.GroupNorm(1, config.in_channels)
-        # A learned 1x1 channel reduction plays the role of the reference's per-sample PCA.
-        self.stem = nn.Conv2d(config.in_channels, config.stem_width, 1)
+        # Modules are created in the order of the activations-only probe before x0 inputs existed, so that
+        # a seed still gives the same initial weights and parameter order (optimizer states) as then.
+        if config.reads_activations:
+            # Per-sample standardisation of the input: activation scale drifts with t and between
+            # backbones, and GroupNorm never looks at other rows of the batch.
+            self.input_norm = nn.GroupNorm(1, config.in_channels)
+            # A learned 1x1 channel reduction plays the role of the reference's per-sample PCA.
+            self.stem = nn.Conv2d(config.in_channels, config.stem_width, 1)
         self.time_mlp = _mlp([config.time_embed_dim, config.time_embed_dim, config.time_embed_dim])
-        channels = config.stem_width
-        blocks = []
-        for width in config.widths:
-            blocks.append(DownBlock(channels, width, config.time_embed_dim))
-            channels = width
-        self.down_blocks = nn.ModuleList(blocks)
-        self.attention = SelfAttention2d(channels) if config.attention else None
-        self.out_norm = nn.GroupNorm(_num_groups(channels), channels)
-        self.image_mlp = _mlp([channels * config.pooled_size**2, config.mlp_hidden, config.embed_dim])
+        if config.reads_activations:
+            channels = config.stem_width
+            blocks = []
+            for width in config.widths:
+                blocks.append(DownBlock(channels, width, config.time_embed_dim))
+                channels = width
+            self.down_blocks = nn.ModuleList(blocks)
+            self.attention = SelfAttention2d(channels) if config.attention else None
+            self.out_norm = nn.GroupNorm(_num_groups(channels), channels)
+            self.image_mlp = _mlp([channels * config.pooled_size**2, config.mlp_hidden, config.embed_dim])
+        if config.reads_x0:
+            # Per-sample too; the per-channel mean and std removed here join the pooled vector instead.
+            self.x0_norm = nn.GroupNorm(1, config.x0_channels)
+            self.x0_stem = nn.Conv2d(config.x0_channels, config.x0_stem_width, 3, padding=1)
+            channels = config.x0_stem_width
+            blocks = []
+            for width in config.x0_widths:
+                blocks.append(DownBlock(channels, width, config.time_embed_dim))
+                channels = width
+            self.x0_blocks = nn.ModuleList(blocks)
+            self.x0_out_norm = nn.GroupNorm(_num_groups(channels), channels)
+            self.x0_mlp = _mlp([channels * config.pooled_size**2 + 2 * config.x0_channels, config.mlp_hidden,
+                                config.embed_dim])
+        self.fuse = nn.Linear(2 * config.embed_dim, config.embed_dim) if len(config.inputs) == 2 else None
+        # Where the image embedding u leaves the encoder, whatever it reads: the loss hooks it (InfoNCE).
+        self.image_embedding = nn.Identity()
         self.text_mlp = _mlp([config.text_dim, config.mlp_hidden, config.embed_dim]) if config.has_text else None
         head_in = 4 * config.embed_dim if config.has_text else config.embed_dim
         self.head = _mlp([head_in, *config.head_hidden, 1])
 
+    def _weight(self) -> Tensor:
+        """A weight of the probe: its device and dtype are the ones inputs are cast to."""
+        return self.time_mlp[0].weight
+
     def _timesteps(self, t: Union[float, Tensor], batch: int) -> Tensor:
-        device = self.stem.weight.device
+        device = self._weight().device
         t = torch.as_tensor(t, dtype=torch.float32, device=device).reshape(-1)
         if t.numel() == 1:
             return t.expand(batch)
@@ -234,16 +323,21 @@ class Probe(nn.Module):
             raise ValueError(f"Probe: t must be a float or have one value per row ({batch}), got {t.numel()} values")
         return t
 
+    def _time_embedding(self, t: Union[float, Tensor], batch: int) -> Tensor:
+        weight = self._weight()
+        temb = timestep_embedding(self._timesteps(t, batch), self.config.time_embed_dim)
+        return self.time_mlp(temb.to(weight.dtype))
+
     def encode(self, features: Tensor, t: Union[float, Tensor]) -> Tensor:
-        """Image embedding ``u [B, embed_dim]`` of ``features [B, C, P, P]`` at checkpoint ``t``."""
-        if features.ndim != 4 or features.shape[1] != self.config.in_channels:
-            raise ValueError(
-                f"Probe expects features [B, {self.config.in_channels}, P, P], got {tuple(features.shape)}"
-            )
-        weight = self.stem.weight
+        """Activation embedding ``u_act [B, embed_dim]`` of ``features [B, C, P, P]`` at checkpoint ``t``."""
+        if not self.config.reads_activations:
+            raise ValueError(f"Probe reads {list(self.config.inputs)}, not activations")
+        if features is None or features.ndim != 4 or features.shape[1] != self.config.in_channels:
+            shape = None if features is None else tuple(features.shape)
+            raise ValueError(f"Probe expects features [B, {self.config.in_channels}, P, P], got {shape}")
+        weight = self._weight()
         x = features.to(device=weight.device, dtype=weight.dtype)
-        temb = timestep_embedding(self._timesteps(t, x.shape[0]), self.config.time_embed_dim)
-        temb = self.time_mlp(temb.to(weight.dtype))
+        temb = self._time_embedding(t, x.shape[0])
         h = self.stem(self.input_norm(x))
         for block in self.down_blocks:
             h = block(h, temb)
@@ -253,25 +347,63 @@ class Probe(nn.Module):
         h = F.adaptive_avg_pool2d(h, self.config.pooled_size).flatten(1)
         return self.image_mlp(h)
 
+    def encode_x0(self, x0: Tensor, t: Union[float, Tensor]) -> Tensor:
+        """x0 embedding ``u_x0 [B, embed_dim]`` of the pooled x0 latent ``[B, c, S, S]`` (:func:`~.features.pool_x0`)."""
+        if not self.config.reads_x0:
+            raise ValueError(f"Probe reads {list(self.config.inputs)}, not the x0 latent")
+        expected = self.config.x0_shape
+        if x0 is None or x0.ndim != 4 or tuple(x0.shape[1:]) != expected:
+            shape = None if x0 is None else tuple(x0.shape)
+            raise ValueError(f"Probe expects the x0 latent pooled to [B, {expected[0]}, {expected[1]}, {expected[2]}], "
+                             f"got {shape}")
+        weight = self._weight()
+        x = x0.to(device=weight.device, dtype=weight.dtype)
+        temb = self._time_embedding(t, x.shape[0])
+        stats = torch.cat([x.mean(dim=(2, 3)), x.std(dim=(2, 3), unbiased=False)], dim=1)
+        h = self.x0_stem(self.x0_norm(x))
+        for block in self.x0_blocks:
+            h = block(h, temb)
+        h = F.silu(self.x0_out_norm(h))
+        h = F.adaptive_avg_pool2d(h, self.config.pooled_size).flatten(1)
+        return self.x0_mlp(torch.cat([h, stats], dim=1))
+
+    def embed(self, features: Optional[Tensor], t: Union[float, Tensor], x0: Optional[Tensor] = None) -> Tensor:
+        """Image embedding ``u [B, embed_dim]`` from what the probe reads (``config.inputs``); inputs it
+        does not read are ignored."""
+        parts = []
+        if self.config.reads_activations:
+            parts.append(self.encode(features, t))
+        if self.config.reads_x0:
+            if x0 is None:
+                raise ValueError("Probe reads the x0 latent (config.inputs includes 'x0'); pass x0")
+            parts.append(self.encode_x0(x0, t))
+        if len(parts) == 2 and parts[0].shape[0] != parts[1].shape[0]:
+            raise ValueError(f"Probe: {parts[0].shape[0]} feature rows but {parts[1].shape[0]} x0 rows")
+        u = self.fuse(torch.cat(parts, dim=-1)) if self.fuse is not None else parts[0]
+        return self.image_embedding(u)
+
     def project_text(self, text: Tensor) -> Tensor:
         """Text embedding ``e [B, embed_dim]`` of ``text [B, text_dim]``."""
         if self.text_mlp is None:
             raise ValueError("Probe has no text branch (config.text_dim == 0)")
         if text.ndim != 2 or text.shape[1] != self.config.text_dim:
             raise ValueError(f"Probe expects text [B, {self.config.text_dim}], got {tuple(text.shape)}")
-        weight = self.stem.weight
+        weight = self._weight()
         return self.text_mlp(text.to(device=weight.device, dtype=weight.dtype))
 
-    def forward(self, features: Tensor, t: Union[float, Tensor], text: Optional[Tensor] = None) -> Tensor:
+    def forward(self, features: Optional[Tensor], t: Union[float, Tensor], text: Optional[Tensor] = None,
+                x0: Optional[Tensor] = None) -> Tensor:
         """Predicted z-scored evaluator score ``[B]`` (float32).
 
         Args:
-            features: ``[B, C, P, P]`` pooled activations (fp16 is fine; cast here).
+            features: ``[B, C, P, P]`` pooled activations (fp16 is fine; cast here); ignored (may be
+                None) when the probe does not read activations.
             t: checkpoint fraction in [0, 1], a float or one value per row.
             text: ``[B, text_dim]`` or ``[1, text_dim]`` (shared) text embedding; required when the
                 probe has a text branch, must be None otherwise.
+            x0: ``[B, c, S, S]`` pooled x0 latent; required when the probe reads x0, ignored otherwise.
         """
-        u = self.encode(features, t)
+        u = self.embed(features, t, x0)
         if self.text_mlp is None:
             if text is not None:
                 raise ValueError("Probe has no text branch (config.text_dim == 0) but a text embedding was given")

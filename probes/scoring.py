@@ -17,7 +17,7 @@ import torch
 from torch import Tensor
 
 from .checkpoints import CHECKPOINT_TOLERANCE
-from .features import ActivationSet
+from .features import ActivationSet, pool_x0
 from .io import ProbeMetadata
 from .model import Probe
 
@@ -38,14 +38,17 @@ class ProbeCompatibilityError(ValueError):
     """The probe was trained on a different kind of activations than the ones given."""
 
 
-def check_compatible(meta: ProbeMetadata, acts: ActivationSet, t_tolerance: float = CHECKPOINT_TOLERANCE) -> None:
+def check_compatible(meta: ProbeMetadata, acts: ActivationSet, t_tolerance: float = CHECKPOINT_TOLERANCE,
+                     x0: Optional[Tensor] = None) -> None:
     """Raise :class:`ProbeCompatibilityError` unless the probe described by ``meta`` can read ``acts``.
 
     Checked: backbone family, tap path, feature shape ``(C, P, P)`` (for a probe trained on
     channel-reduced data, the shape before its reduction), checkpoint t (within
     ``t_tolerance``; a smaller non-zero difference only logs a warning, since the probe is
-    time-conditioned but was trained at one t), and, for a probe with a text branch, the presence
-    and width of the text embedding.
+    time-conditioned but was trained at one t), for a probe with a text branch, the presence
+    and width of the text embedding, and for a probe that reads the x0 latent, its presence
+    (``x0``, else ``acts.x0``), one row per candidate and its channels. A probe that reads only
+    x0 does not check the tap or the feature shape (it reads neither).
     """
     if acts.family != meta.backbone_family:
         raise ProbeCompatibilityError(
@@ -53,6 +56,41 @@ def check_compatible(meta: ProbeMetadata, acts: ActivationSet, t_tolerance: floa
             f"from '{acts.family}'; use a probe trained for '{acts.family}' or sample with a "
             f"'{meta.backbone_family}' model."
         )
+    if meta.config.reads_x0:
+        _check_x0(meta, acts, x0 if x0 is not None else acts.x0)
+    if meta.config.reads_activations:
+        _check_activations(meta, acts)
+    _check_checkpoint_and_text(meta, acts, t_tolerance)
+
+
+def _check_x0(meta: ProbeMetadata, acts: ActivationSet, x0: Optional[Tensor]) -> None:
+    channels, size = meta.config.x0_channels, meta.config.x0_size
+    if x0 is None:
+        raise ProbeCompatibilityError(
+            f"probe ({meta.evaluator}) reads the sampler's x0 prediction latent (inputs "
+            f"{'+'.join(meta.inputs)}) but none was given; connect the early sampler's 'x0 preview' output "
+            f"(or pass x0=<LATENT samples [N, {channels}, H, W]>)."
+        )
+    if not isinstance(x0, Tensor) or x0.ndim not in (4, 5) or not x0.is_floating_point():
+        shape = tuple(x0.shape) if isinstance(x0, Tensor) else type(x0).__name__
+        raise ProbeCompatibilityError(
+            f"the x0 latent must be a float [N, {channels}, H, W] tensor (LATENT samples), got {shape}; connect "
+            f"the early sampler's 'x0 preview' output."
+        )
+    if x0.shape[0] != len(acts):
+        raise ProbeCompatibilityError(
+            f"the x0 latent has {x0.shape[0]} rows but there are {len(acts)} candidates; connect the 'x0 preview' "
+            f"of the same early sampler run as the activations."
+        )
+    if x0.shape[1] != channels:
+        raise ProbeCompatibilityError(
+            f"probe was trained on {channels}-channel x0 latents (pooled to {size}x{size}) but this x0 latent has "
+            f"{x0.shape[1]} channels (shape {tuple(x0.shape)}); connect the x0 preview of a "
+            f"'{meta.backbone_family}' model, or use a probe trained on {x0.shape[1]}-channel latents."
+        )
+
+
+def _check_activations(meta: ProbeMetadata, acts: ActivationSet) -> None:
     if acts.tap != meta.tap:
         raise ProbeCompatibilityError(
             f"probe reads tap '{meta.tap}' but the activations were captured at tap '{acts.tap}'; "
@@ -73,6 +111,9 @@ def check_compatible(meta: ProbeMetadata, acts: ActivationSet, t_tolerance: floa
             f"activations have {tuple(acts.feature_shape)} (tap '{acts.tap}'); pool the activations to "
             f"{meta.feature_shape[1]}x{meta.feature_shape[2]} or use a probe trained on this shape."
         )
+
+
+def _check_checkpoint_and_text(meta: ProbeMetadata, acts: ActivationSet, t_tolerance: float) -> None:
     t_gap = abs(acts.t - meta.checkpoint_t)
     if t_gap > t_tolerance:
         suggested_step = round(meta.checkpoint_t * acts.steps)
@@ -144,6 +185,7 @@ def score_candidates(
     text_embedding: Optional[Tensor] = None,
     batch_size: int = 64,
     t_tolerance: float = CHECKPOINT_TOLERANCE,
+    x0: Optional[Tensor] = None,
 ) -> CandidateScores:
     """Score every candidate of ``acts`` with ``probe``.
 
@@ -155,6 +197,9 @@ def score_candidates(
             ``acts.text_embedding``; a single row is shared by all candidates.
         batch_size: candidates per forward pass (memory bound only; results do not depend on it).
         t_tolerance: largest accepted gap between the probe's and the activations' checkpoint t.
+        x0: ``[N, c, H, W]`` the sampler's x0 prediction latent at the checkpoint (LATENT samples),
+            overriding ``acts.x0``; read only by probes whose ``config.inputs`` include ``"x0"``,
+            which pool it to ``config.x0_size`` as their training rows were.
 
     Returns:
         :class:`CandidateScores` with ``pred * meta.score_std + meta.score_mean`` per candidate.
@@ -173,10 +218,14 @@ def score_candidates(
             f"the probe's config {probe.config} differs from the one in its metadata {meta.config}; "
             f"pass the metadata returned by load_probe together with its probe."
         )
-    check_compatible(meta, acts, t_tolerance=t_tolerance)
+    check_compatible(meta, acts, t_tolerance=t_tolerance, x0=x0)
     text = acts.text_embedding if probe.config.has_text else None
     # The same reduction, per candidate, that the probe's training rows went through when written.
-    features = meta.reduction.apply(acts.features)
+    features = meta.reduction.apply(acts.features) if probe.config.reads_activations else None
+    pooled_x0 = None
+    if probe.config.reads_x0:
+        # Pooled per candidate, exactly as the dataset writer stored the training rows' x0.
+        pooled_x0 = pool_x0(x0 if x0 is not None else acts.x0, probe.config.x0_size)
 
     predictions = []
     was_training = probe.training
@@ -188,7 +237,8 @@ def score_candidates(
                 chunk_text = None
                 if text is not None:
                     chunk_text = text if text.shape[0] == 1 else text[start:end]
-                pred = probe(features[start:end], acts.t, chunk_text)
+                pred = probe(None if features is None else features[start:end], acts.t, chunk_text,
+                             None if pooled_x0 is None else pooled_x0[start:end])
                 predictions.append(pred.float().cpu())
     finally:
         probe.train(was_training)

@@ -150,5 +150,6 @@ def test_probe_loss_reads_embeddings_of_the_forward_pass():
     assert terms.align.item() == pytest.approx(info_nce_loss(u, e, GROUP).item(), rel=1e-5)
     assert terms.total.item() == pytest.approx(terms.ranking.item() + 10 * terms.align.item(), rel=1e-5)
     assert not probe.image_mlp._forward_hooks and not probe.text_mlp._forward_hooks  # hooks removed
+    assert not probe.image_embedding._forward_hooks
     terms.total.backward()
     assert probe.text_mlp[0].weight.grad is not None

@@ -102,7 +102,7 @@ def test_header_keys_and_values(saved):
         names = set(handle.keys())
     assert set(header) == HEADER_KEYS
     assert header["format"] == FORMAT_NAME == "probe-select"
-    assert header["format_version"] == "1" and FORMAT_VERSION == 2     # unreduced probes stay readable by version 1
+    assert header["format_version"] == "1" and FORMAT_VERSION == 3     # unreduced probes stay readable by version 1
     assert header["backbone_family"] == "sd2" and header["tap"] == "output_blocks.7.0"
     assert float(header["checkpoint_t"]) == 0.2
     assert json.loads(header["feature_shape"]) == [8, 8, 8]
@@ -162,10 +162,11 @@ def test_not_a_probe(tmp_path):
 
 def test_newer_format_version(saved, tmp_path):
     path, _, _ = saved
-    newer = rewrite(path, tmp_path / "newer.safetensors", header_edit=lambda h: h.update(format_version="3"))
-    with pytest.raises(ProbeFileError, match=r"newer\.safetensors.*version 3.*[Uu]pdate the pack"):
+    newer_version = str(FORMAT_VERSION + 1)
+    newer = rewrite(path, tmp_path / "newer.safetensors", header_edit=lambda h: h.update(format_version=newer_version))
+    with pytest.raises(ProbeFileError, match=rf"newer\.safetensors.*version {newer_version}.*[Uu]pdate the pack"):
         load_probe(newer)
-    with pytest.raises(ProbeFileError, match="version 3"):
+    with pytest.raises(ProbeFileError, match=f"version {newer_version}"):
         read_probe_metadata(newer)
 
 

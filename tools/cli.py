@@ -18,6 +18,7 @@ from __future__ import annotations
 
 import argparse
 import contextlib
+import dataclasses
 import json
 import logging
 import math
@@ -31,7 +32,7 @@ from typing import Any, Optional, Sequence
 from probe_select.probes.atomic import atomic_write
 from probe_select.probes.checkpoints import stored_checkpoint
 from probe_select.probes.io import ProbeFileError, load_probe
-from probe_select.probes.model import ProbeConfig
+from probe_select.probes.model import PROBE_INPUT_CHOICES, ProbeConfig, parse_probe_inputs
 from probe_select.probes.training.dataset import DATASETS_SUBFOLDER, DatasetError, ProbeDataset
 from probe_select.probes.training.distributed import DistributedError
 from probe_select.probes.training.evaluation import format_report
@@ -88,9 +89,9 @@ def cmd_collect(args: argparse.Namespace) -> int:
 
 
 def _writer_settings(args: argparse.Namespace) -> dict:
-    """The writer inputs given on the command line (the channel reduction); the others keep the workflow's."""
+    """The writer inputs given on the command line (the channel reduction, x0_size); the others keep the workflow's."""
     given = {"channel_reduction": args.channel_reduction, "reduced_channels": args.reduced_channels,
-             "projection_seed": args.projection_seed}
+             "projection_seed": args.projection_seed, "x0_size": args.x0_size}
     return {name: value for name, value in given.items() if value is not None}
 
 
@@ -144,6 +145,9 @@ def cmd_train(args: argparse.Namespace) -> int:
             if not isinstance(fields, dict):
                 raise ValueError("--probe-config must be a JSON object of ProbeConfig fields")
             probe_config = ProbeConfig(**{"in_channels": 1, **fields})   # channels/size come from the dataset
+        if args.inputs is not None:
+            probe_config = dataclasses.replace(probe_config or ProbeConfig(in_channels=1),
+                                               inputs=parse_probe_inputs(args.inputs))
         config = TrainConfig(epochs=args.epochs, batch_prompts=args.batch_prompts, lr=args.lr, seed=args.seed,
                              patience=args.patience, device=_rank_device(args.device))
         stream_config = StreamConfig(num_workers=args.workers, buffer_groups=args.buffer_groups,
@@ -281,6 +285,9 @@ def build_parser() -> argparse.ArgumentParser:
                         "writer setting); recorded in the dataset, every row of a dataset uses the same")
     p.add_argument("--reduced-channels", type=int, metavar="K", help="channels kept by the reduction (writer default 48)")
     p.add_argument("--projection-seed", type=int, metavar="N", help="seed of the projection (writer default 0)")
+    p.add_argument("--x0-size", type=int, metavar="S",
+                   help="also store each candidate's x0 prediction latent pooled to SxS (e.g. 16), for probes that "
+                        "read x0 (writer default 0 = none)")
     p.add_argument("--output-dir", metavar="DIR",
                    help=f"the servers' shared output directory (holding {DATASETS_SUBFOLDER}/<NAME>); needed to "
                         f"skip prompts already collected")
@@ -313,6 +320,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--split-seed", type=int, default=0, metavar="N",
                    help="train/val/test split of the prompts (default 0)")
     p.add_argument("--no-text", action="store_true", help="no text branch even if the dataset has text embeddings")
+    p.add_argument("--inputs", choices=list(PROBE_INPUT_CHOICES), default=None,
+                   help="what the probe reads: activations (default), x0 (the sampler's x0 prediction latent; the "
+                        "dataset must store it: collect --x0-size), or activations+x0")
     p.add_argument("--state-dir", metavar="DIR", help="save a resumable training state there (and resume from it)")
     p.add_argument("--probe-config", metavar="JSON",
                    help='ProbeConfig fields as JSON, e.g. \'{"stem_width": 32, "widths": [64, 128]}\'')

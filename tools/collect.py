@@ -9,7 +9,8 @@ What a job is made of (see :func:`fill_workflow`):
 
 - every string input whose value contains ``{prompt}`` gets the prompt (CLIPTextEncode text, the
   writer's and the evaluator's prompt...);
-- the ProbeSelectDatasetWriter's ``dataset_name`` (and, if asked, its channel reduction);
+- the ProbeSelectDatasetWriter's ``dataset_name`` (and, if asked, its channel reduction and its
+  ``x0_size``: the x0 prediction latents stored for probes that read x0);
 - the ProbeSelectCollectSampler's ``candidates`` and ``seed``. The seed is a function of the prompt
   only (:func:`seed_for_prompt`, from :func:`probes.dataset.prompt_id`), so a prompt collected
   twice gets the same seeds and readers drop the repeated rows as duplicates.
@@ -837,7 +838,8 @@ def collect(servers: Sequence[str], prompts: Sequence[str], workflow: dict, *, c
         candidates: seeds per prompt; None keeps the workflow's value.
         dataset_name: None keeps the workflow's writer's value.
         writer_settings: other writer inputs to set in every job (the channel reduction:
-            ``channel_reduction``, ``reduced_channels``, ``projection_seed``); None keeps the workflow's.
+            ``channel_reduction``, ``reduced_channels``, ``projection_seed``; ``x0_size`` > 0 to store
+            each candidate's x0 prediction latent for probes that read x0); None keeps the workflow's.
         output_dir: the servers' (shared) output directory; needed to skip prompts already
             collected. Without it every prompt is sent.
         base_seed: offset of every prompt's seed (:func:`seed_for_prompt`).

@@ -3,6 +3,7 @@ best K rows of an early LATENT, with errors that name the calling node."""
 from __future__ import annotations
 
 from dataclasses import dataclass
+from typing import Optional
 
 import torch
 
@@ -22,18 +23,46 @@ class LoadedProbe:
     name: str
 
 
-def score_or_fail(node_id: str, probe: LoadedProbe, activations, positive=None) -> CandidateScores:
+def score_or_fail(node_id: str, probe: LoadedProbe, activations, positive=None,
+                  x0_preview: Optional[dict] = None) -> CandidateScores:
+    """Scores of the candidates. A probe that reads the x0 latent reads ``x0_preview`` (the early sampler's
+    'x0 preview' LATENT) when given, else the x0 the sampler recorded with the activations."""
     if activations is None:
         raise ProbeSelectError(node_id, "the model given to the early sampler has no activation tap, so there are "
                                         "no activations to score.",
                                "insert ProbeSelectTap between the model loader and ProbeSelectEarlySampler.")
     if isinstance(activations, ActivationSeries):       # from the collect sampler: use the probe's checkpoint
         activations = activations.at(probe.metadata.checkpoint_t)
+    x0 = None
+    if probe.metadata.config.reads_x0:
+        x0 = x0_or_fail(node_id, probe, activations, x0_preview)
     text = split_sampling.text_embedding_from_conditioning(positive) if positive is not None else None
     try:
-        return score_candidates(probe.model, probe.metadata, activations, text_embedding=text)
+        return score_candidates(probe.model, probe.metadata, activations, text_embedding=text, x0=x0)
     except ProbeCompatibilityError as e:
         raise ProbeSelectError(node_id, f"probe '{probe.name}' does not fit these activations: {e}") from None
+
+
+def x0_or_fail(node_id: str, probe: LoadedProbe, activations, x0_preview: Optional[dict]) -> torch.Tensor:
+    """The x0 latent ``[N, c, H, W]`` for a probe that reads it: from ``x0_preview`` (checked to be the early
+    sampler's x0 preview of the same run), else the one recorded with the activations."""
+    if x0_preview is None:
+        if activations.x0 is None:
+            raise ProbeSelectError(
+                node_id, f"probe '{probe.name}' reads the x0 prediction latent (inputs "
+                         f"{'+'.join(probe.metadata.inputs)}), but no x0 preview is connected and these activations "
+                         "carry none.",
+                "connect the early sampler's 'x0 preview' output to this node's x0_preview input.")
+        return activations.x0
+    run = split_sampling.preview_run(x0_preview)
+    if run is None:
+        raise ProbeSelectError(node_id, "the x0_preview LATENT is not the x0 preview of ProbeSelectEarlySampler.",
+                               "connect the early sampler's 'x0 preview' output to x0_preview.")
+    if run.run_id != activations.run_id:
+        raise ProbeSelectError(node_id, "the x0 preview comes from a different run than the activations (another "
+                                        "early sampler, or a re-run).",
+                               "connect the 'x0 preview' and the activations of the same ProbeSelectEarlySampler.")
+    return x0_preview["samples"]
 
 
 def scores_text(scores: CandidateScores, kept: list[int] | None = None) -> str:

@@ -472,8 +472,9 @@ def run_guided(guider, latent: dict, seeds: list[int], draw_noise: Callable[[tor
             tap.close_session(run_id)
 
     family = model_family(model)
+    x0_at = {k: model.model.process_latent_out(v) for k, v in x0_at.items()}
     activations = _captured(session, tap, [(k, k - 1) for k in capture_at], family, steps, seeds, run_id,
-                            text_embedding)
+                            text_embedding, x0_at)
 
     out = {k: _per_sample(v, latent["samples"].shape[0], candidates) for k, v in latent.items()}
     out["samples"] = samples
@@ -494,14 +495,14 @@ def run_guided(guider, latent: dict, seeds: list[int], draw_noise: Callable[[tor
             "noise_level": level.as_dict(), "stops": [stop_step],
         }
     x0_latent = _x0_latent(model, x0_holder["x0"], run_id, seeds, level)
-    x0_at = {k: model.model.process_latent_out(v) for k, v in x0_at.items()}
     return EarlyResult(latent=out, x0=x0_latent, activations=activations, x0_at=x0_at, noise_level=level)
 
 
 def _captured(session, tap, steps_and_keys: Sequence[tuple[int, int]], family: str, steps: int, seeds: list[int],
-              run_id: str, text_embedding: Optional[torch.Tensor]):
+              run_id: str, text_embedding: Optional[torch.Tensor], x0_at: Optional[dict] = None):
     """The tap's activations of a run: one ActivationSet per (checkpoint step, the session's capture key),
-    an ActivationSeries for several; None without a tap."""
+    an ActivationSeries for several; None without a tap. Each set carries the x0 prediction of its
+    checkpoint (``x0_at[k]``, LATENT samples) when there is one, for probes and datasets that read x0."""
     if session is None:
         return None
     sets = []
@@ -509,9 +510,12 @@ def _captured(session, tap, steps_and_keys: Sequence[tuple[int, int]], family: s
         features = session.features.get(key)
         if features is None:
             raise RuntimeError(f"the tap on {tap.path} did not fire at step {k - 1}")
+        x0 = (x0_at or {}).get(k)
+        if x0 is not None and x0.shape[0] != len(seeds):
+            x0 = None
         sets.append(ActivationSet(
             features=features, family=family, tap=tap.path, step=k, steps=steps, sigma=session.sigmas[key],
-            seeds=seeds, run_id=run_id, text_embedding=text_embedding, pooling="adaptive_avg"))
+            seeds=seeds, run_id=run_id, text_embedding=text_embedding, pooling="adaptive_avg", x0=x0))
     return sets[0] if len(sets) == 1 else ActivationSeries(tuple(sets))
 
 
@@ -748,8 +752,10 @@ def advance_guided(guider, latent: dict, make_sampler: Callable, sigmas: torch.T
         raise RuntimeError(f"the sampler replayed {replay.replayed} of the {len(meta['calls'])} recorded model calls")
 
     family = model_family(model)
-    activations = _captured(session, tap, [(until_step, capture_key)], family, steps, seeds, run_id, text_embedding)
     level = model_noise_level(model, sigmas, until_step)
+    x0_latent = _x0_latent(model, x0_holder["x0"], run_id, seeds, level)
+    activations = _captured(session, tap, [(until_step, capture_key)], family, steps, seeds, run_id, text_embedding,
+                            {until_step: x0_latent["samples"]})
     out = {k: v for k, v in latent.items() if k != PACK_KEY}
     out["samples"] = _latent_from_state(model, sigmas[until_step], stopped["x"])
     new_meta = dict(meta)
@@ -767,5 +773,4 @@ def advance_guided(guider, latent: dict, make_sampler: Callable, sigmas: torch.T
         # to replay, so later stages continue from their latents too.
         new_meta.update({"calls": None, "call_sigmas": None, "start": None, "guidance": guidance_of(guider)})
     out[PACK_KEY] = new_meta
-    x0_latent = _x0_latent(model, x0_holder["x0"], run_id, seeds, level)
     return EarlyResult(latent=out, x0=x0_latent, activations=activations, noise_level=level)

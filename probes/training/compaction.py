@@ -55,12 +55,14 @@ class CompactionResult:
     seconds: float
 
 
-def _shard_rows(path: Path, rows: list[int], text: bool) -> tuple[torch.Tensor, Optional[torch.Tensor], list[str], list[str]]:
-    """Features, text embedding, prompts and prompt ids of ``rows`` of one shard (contiguous runs sliced)."""
+def _shard_rows(path: Path, rows: list[int], text: bool, x0: bool = False
+                ) -> tuple[torch.Tensor, Optional[torch.Tensor], list[str], list[str], Optional[torch.Tensor]]:
+    """Features, text embedding, prompts, prompt ids and x0 latents (None unless ``x0``) of ``rows`` of
+    one shard (contiguous runs sliced)."""
     with safe_open(str(path), framework="pt") as handle:
         metadata = handle.metadata()
         prompts, prompt_ids = json.loads(metadata["prompts"]), json.loads(metadata["prompt_ids"])
-        features, texts = [], []
+        features, texts, x0s = [], [], []
         start = 0
         while start < len(rows):
             end = start + 1
@@ -69,9 +71,11 @@ def _shard_rows(path: Path, rows: list[int], text: bool) -> tuple[torch.Tensor, 
             features.append(handle.get_slice("features")[rows[start]:rows[end - 1] + 1])
             if text:
                 texts.append(handle.get_slice("text_embedding")[rows[start]:rows[end - 1] + 1])
+            if x0:
+                x0s.append(handle.get_slice("x0")[rows[start]:rows[end - 1] + 1])
             start = end
     return (torch.cat(features), torch.cat(texts) if text else None,
-            [prompts[r] for r in rows], [prompt_ids[r] for r in rows])
+            [prompts[r] for r in rows], [prompt_ids[r] for r in rows], torch.cat(x0s) if x0 else None)
 
 
 def compact_dataset(root: PathLike, target_shard_bytes: int = DEFAULT_SHARD_BYTES,
@@ -113,6 +117,7 @@ def compact_dataset(root: PathLike, target_shard_bytes: int = DEFAULT_SHARD_BYTE
             prompt_ids=[x for p in pending for x in p.prompt_ids],
             text_embedding=torch.cat([p.text_embedding for p in pending]) if manifest.text_dim else None,
             scores={name: torch.cat([p.scores[name] for p in pending]) for name in manifest.evaluators},
+            x0=torch.cat([p.x0 for p in pending]) if manifest.x0_shape is not None else None,
         )
         path = writer.shard_path(len(new))   # a fresh writer id: its shards are numbered from 0
         writer.append(rows)
@@ -126,11 +131,13 @@ def compact_dataset(root: PathLike, target_shard_bytes: int = DEFAULT_SHARD_BYTE
         position = 0
         while position < len(rows):
             chunk = rows[position:position + rows_per_shard - pending_rows]
-            features, text, prompts, prompt_ids = _shard_rows(shard.path, chunk, bool(manifest.text_dim))
+            features, text, prompts, prompt_ids, x0 = _shard_rows(shard.path, chunk, bool(manifest.text_dim),
+                                                                  manifest.x0_shape is not None)
             picked = torch.tensor(chunk, dtype=torch.long)
             pending.append(CandidateRows(
                 features=features, seeds=shard.seeds[picked], prompts=prompts, prompt_ids=prompt_ids,
-                text_embedding=text, scores={name: shard.scores[name][picked] for name in manifest.evaluators}))
+                text_embedding=text, scores={name: shard.scores[name][picked] for name in manifest.evaluators},
+                x0=x0))
             pending_rows += len(chunk)
             position += len(chunk)
             if pending_rows >= rows_per_shard:
@@ -171,6 +178,7 @@ def dataset_report(root: PathLike) -> dict:
         "feature_shape": list(manifest.feature_shape), "pooling": manifest.pooling, "text_dim": manifest.text_dim,
         "reduction": manifest.reduction.to_dict(), "reduction_text": manifest.reduction.describe(),
         "bytes_per_row": size // stored if stored else 0,
+        "x0_shape": list(manifest.x0_shape) if manifest.x0_shape is not None else None,
     }
 
 
@@ -181,6 +189,7 @@ def format_dataset_report(report: dict) -> str:
         f"  {report['backbone_family']}, tap {report['tap']}, features {tuple(report['feature_shape'])} "
         f"({report['pooling']}), checkpoints {report['checkpoints']}, text_dim {report['text_dim']}",
         f"  channel reduction: {report['reduction_text']}",
+        f"  x0 latent: {tuple(report['x0_shape']) if report.get('x0_shape') else 'none'}",
         f"  {gib:.3f} GiB in {report['shards']} shards ({report['bytes_per_row']} bytes a row)",
         f"  {report['rows']} rows ({report['rows_stored']} stored, {report['duplicates']} duplicates) "
         f"of {report['prompts']} prompts",
@@ -191,7 +200,7 @@ def format_dataset_report(report: dict) -> str:
 def dataset_checksum(root: PathLike) -> tuple[int, str]:
     """``(rows, hex digest)`` of the dataset's unique rows, independent of shard layout and row order.
 
-    Each row's prompt id, seed, features, text embedding and scores are hashed; the sorted row
+    Each row's prompt id, seed, features, text embedding, x0 latent and scores are hashed; the sorted row
     hashes are hashed again. Equal before and after compaction iff every row survived exactly once.
     """
     index = StreamIndex(root)
@@ -204,12 +213,14 @@ def dataset_checksum(root: PathLike) -> tuple[int, str]:
     for shard_index, rows in by_shard.items():
         shard = index.shards[shard_index]
         rows = sorted(rows)
-        features, embedding, _, prompt_ids = _shard_rows(shard.path, rows, text)
+        features, embedding, _, prompt_ids, x0 = _shard_rows(shard.path, rows, text, index.manifest.x0_shape is not None)
         for i, row in enumerate(rows):
             digest = hashlib.sha256(f"{prompt_ids[i]}\x00{int(shard.seeds[row])}".encode())
             digest.update(features[i].contiguous().numpy().tobytes())
             if embedding is not None:
                 digest.update(embedding[i].contiguous().numpy().tobytes())
+            if x0 is not None:
+                digest.update(x0[i].contiguous().numpy().tobytes())
             for name in index.manifest.evaluators:
                 digest.update(shard.scores[name][row].numpy().tobytes())
             digests.append(digest.digest())

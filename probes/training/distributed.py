@@ -125,6 +125,10 @@ class ProbeDDP(DistributedDataParallel):
         return self.module.image_mlp
 
     @property
+    def image_embedding(self):
+        return self.module.image_embedding
+
+    @property
     def text_mlp(self):
         return self.module.text_mlp
 

@@ -51,7 +51,13 @@ def evaluate_probe_on(probe: Probe, metadata: ProbeMetadata, arrays: DatasetArra
             text = None
             if probe.config.text_dim and arrays.text_embedding is not None:
                 text = arrays.text_embedding[rows].to(device).float()
-            preds.append(probe(features, t, text).float().cpu())
+            x0 = None
+            if probe.config.reads_x0:
+                if arrays.x0 is None:
+                    raise ValueError("the probe reads the x0 latent but these rows carry none; evaluate it on a "
+                                     "dataset collected with x0 (x0_size > 0)")
+                x0 = arrays.x0[rows].to(device)
+            preds.append(probe(features, t, text, x0).float().cpu())
     predicted = (torch.cat(preds) * metadata.score_std + metadata.score_mean).numpy().astype(np.float64)
     return evaluation_from_predictions(predicted, arrays.scores.double().numpy(), arrays.prompt_groups().numpy())
 

@@ -213,21 +213,23 @@ class ProbeLoss:
         tau: float,
         alpha: float,
         text: Optional[Tensor] = None,
+        x0: Optional[Tensor] = None,
     ) -> tuple[Tensor, LossTerms]:
         """One forward pass of ``probe``; returns ``(pred [B], LossTerms)``.
 
-        The image embedding ``u`` and projected text ``e_p`` for InfoNCE are read with forward
-        hooks on the probe's image and text MLPs during its own forward pass, so the head is
-        computed exactly as at inference and nothing is evaluated twice.
+        The image embedding ``u`` (whatever the probe reads: activations, x0 or both) and projected
+        text ``e_p`` for InfoNCE are read with forward hooks on the probe's image embedding and text
+        MLP during its own forward pass, so the head is computed exactly as at inference and nothing
+        is evaluated twice. ``x0``: the pooled x0 latent, for probes that read it.
         """
         use_text = probe.config.has_text and text is not None
         captured: dict[str, Tensor] = {}
         handles = []
         if use_text and self.lambda_align > 0:
-            handles.append(probe.image_mlp.register_forward_hook(lambda _m, _i, out: captured.__setitem__("u", out)))
+            handles.append(probe.image_embedding.register_forward_hook(lambda _m, _i, out: captured.__setitem__("u", out)))
             handles.append(probe.text_mlp.register_forward_hook(lambda _m, _i, out: captured.__setitem__("e", out)))
         try:
-            pred = probe(features, t, text if probe.config.has_text else None)
+            pred = probe(features, t, text if probe.config.has_text else None, x0)
         finally:
             for handle in handles:
                 handle.remove()

@@ -2,11 +2,10 @@
 from __future__ import annotations
 
 import logging
-from dataclasses import replace
 from pathlib import Path
 from typing import Callable, Optional
 
-from .dataset import DatasetArrays, ProbeDataset, check_probe_matches, split_by_prompt
+from .dataset import DatasetArrays, ProbeDataset, check_probe_matches, probe_config_for, split_by_prompt
 from .evaluation import ProbeEvaluation, evaluate_probe_on, evaluation_from_predictions
 from ..io import ProbeMetadata
 from ..model import Probe, ProbeConfig
@@ -32,7 +31,7 @@ def default_evaluator(dataset: ProbeDataset, evaluator: str = "") -> str:
 
 def train_arrays(arrays: DatasetArrays, use_text: bool) -> TrainArrays:
     return TrainArrays(features=arrays.features, t=float(arrays.t), group=arrays.prompt_ids,
-                       target=arrays.scores, text=arrays.text_embedding if use_text else None)
+                       target=arrays.scores, text=arrays.text_embedding if use_text else None, x0=arrays.x0)
 
 
 def train_from_dataset(dataset: ProbeDataset, checkpoint_t: float, evaluator: str, out_path, *,
@@ -49,6 +48,8 @@ def train_from_dataset(dataset: ProbeDataset, checkpoint_t: float, evaluator: st
     big to hold (see :func:`~.streamed_train.wants_streaming`) and several-process jobs.
     """
     evaluator = default_evaluator(dataset, evaluator)
+    # Refused before any data is read: a probe that reads x0, on a dataset collected without it.
+    probe_config_for(dataset.manifest, probe_config, use_text, where=f"dataset {dataset.root}")
     if wants_streaming(streaming, dataset.manifest, len(dataset)):
         return train_from_index(StreamIndex(dataset.root), checkpoint_t, evaluator, out_path,
                                 train_config=train_config, stream_config=stream_config, use_text=use_text,
@@ -61,11 +62,7 @@ def train_from_dataset(dataset: ProbeDataset, checkpoint_t: float, evaluator: st
                          "train/val/test split; collect more prompts")
     manifest = dataset.manifest
     use_text = use_text and manifest.text_dim > 0 and arrays.text_embedding is not None
-    channels, size = manifest.feature_shape[0], manifest.feature_shape[-1]
-    if probe_config is None:
-        probe_config = ProbeConfig(in_channels=channels, feature_size=size)
-    probe_config = replace(probe_config, in_channels=channels, feature_size=size,
-                           text_dim=manifest.text_dim if use_text else 0)
+    probe_config = probe_config_for(manifest, probe_config, use_text, where=f"dataset {dataset.root}")
     metadata_base = {"backbone_family": manifest.backbone_family, "tap": manifest.tap,
                      "checkpoint_t": float(arrays.t), "feature_shape": tuple(manifest.feature_shape),
                      "pooling": manifest.pooling, "evaluator": evaluator,

@@ -18,7 +18,6 @@ each epoch's batches; rank 0 writes the probe and the state.
 """
 from __future__ import annotations
 
-import dataclasses
 import hashlib
 import json
 import logging
@@ -37,7 +36,7 @@ from torch import Tensor
 from ..io import ProbeMetadata, save_probe
 from ..model import Probe, ProbeConfig, build_probe
 from .distributed import DistContext, init_distributed, rank_share, wrap_model
-from .dataset import DatasetManifest
+from .dataset import DatasetManifest, probe_config_for
 from .losses import ProbeLoss, anneal
 from .metrics import global_spearman, selection_summary, within_prompt_spearman
 from .streaming import BatchSpec, FeatureReader, StreamConfig, StreamIndex, epoch_plan, make_loader, read_batch
@@ -115,7 +114,7 @@ def predict_streamed(probe: Probe, spec: BatchSpec, group_ids: list[int], device
                 on_device = _to_device(batch, device)
                 context = torch.autocast(device.type, dtype=amp_dtype) if amp_dtype else nullcontext()
                 with context:
-                    pred = probe(on_device["features"], on_device["t"], on_device.get("text"))
+                    pred = probe(on_device["features"], on_device["t"], on_device.get("text"), on_device.get("x0"))
                 preds.append(pred.detach().float().cpu())
                 raws.append(batch["raw"])
                 groups.append(batch["group"] + offset)
@@ -218,14 +217,19 @@ def _run(source: StreamSource, probe_config: ProbeConfig, config: TrainConfig, s
     if not source.train_groups or not source.val_groups:
         raise ValueError(f"dataset {index.root}: the training and validation splits both need prompts")
     expected = (probe_config.in_channels, probe_config.feature_size, probe_config.feature_size)
-    if tuple(manifest.feature_shape) != expected:
+    if probe_config.reads_activations and tuple(manifest.feature_shape) != expected:
         raise ValueError(f"dataset features are (C, P, P) = {tuple(manifest.feature_shape)} but the ProbeConfig "
                          f"reads {expected}; set in_channels/feature_size to match the dataset.")
     use_text = source.use_text and probe_config.has_text
     mean, std, norm_source = _score_norm(source, config)
+    if probe_config.reads_x0 and tuple(manifest.x0_shape or ()) != probe_config.x0_shape:
+        stored = tuple(manifest.x0_shape) if manifest.x0_shape else "no x0 latents"
+        raise ValueError(f"the probe reads x0 latents (c, S, S) = {probe_config.x0_shape} but dataset {index.root} "
+                         f"stores {stored}; collect the dataset with x0 (x0_size > 0) or choose probe inputs "
+                         f"'activations'.")
     spec = BatchSpec(index=index, checkpoint_k=source.checkpoint_k, evaluator=source.evaluator, use_text=use_text,
                      score_mean=mean, score_std=std, max_open_shards=stream.max_open_shards,
-                     max_mapped_bytes=stream.max_mapped_mb * 2**20, io=stream.io)
+                     max_mapped_bytes=stream.max_mapped_mb * 2**20, io=stream.io, use_x0=probe_config.reads_x0)
     metadata_base.setdefault("checkpoint_t", float(manifest.checkpoints[spec.checkpoint_k]))
     metadata_base.setdefault("pooling", manifest.pooling)
     metadata_base.setdefault("feature_shape", expected)
@@ -340,7 +344,7 @@ def _run(source: StreamSource, probe_config: ProbeConfig, config: TrainConfig, s
             try:
                 with amp:
                     _, terms = loss_fn(ddp_model, batch["features"], batch["t"], batch["z"], batch["group"], tau, alpha,
-                                       batch.get("text"))
+                                       batch.get("text"), x0=batch.get("x0"))
                 optimizer.zero_grad(set_to_none=True)
                 if scaler is not None:
                     scaler.scale(terms.total).backward()
@@ -459,10 +463,7 @@ def train_from_index(index: StreamIndex, checkpoint_t: float, evaluator: str, ou
         raise ValueError(f"dataset {index.root} has too few prompts ({len(index.groups)}) for a train/val/test "
                          f"split; collect more prompts")
     use_text = use_text and manifest.text_dim > 0
-    channels, size = manifest.feature_shape[0], manifest.feature_shape[-1]
-    probe_config = dataclasses.replace(probe_config or ProbeConfig(in_channels=channels, feature_size=size),
-                                       in_channels=channels, feature_size=size,
-                                       text_dim=manifest.text_dim if use_text else 0)
+    probe_config = probe_config_for(manifest, probe_config, use_text, where=f"dataset {index.root}")
     t = float(manifest.checkpoints[manifest.checkpoint_index(checkpoint_t)])
     source = StreamSource(index, splits["train"], splits["val"], t, evaluator, use_text=use_text)
     metadata_base = {"backbone_family": manifest.backbone_family, "tap": manifest.tap, "checkpoint_t": t,
@@ -480,7 +481,8 @@ def predict_on_index(probe: Probe, metadata: ProbeMetadata, index: StreamIndex, 
     read through the streaming reader (bounded memory, whatever the dataset's size)."""
     device = next(probe.parameters()).device
     spec = BatchSpec(index=index, checkpoint_k=index.manifest.checkpoint_index(metadata.checkpoint_t),
-                     evaluator=metadata.evaluator, use_text=bool(probe.config.text_dim and index.manifest.text_dim))
+                     evaluator=metadata.evaluator, use_text=bool(probe.config.text_dim and index.manifest.text_dim),
+                     use_x0=probe.config.reads_x0)
     pred, raw, group = predict_streamed(probe, spec, group_ids, device, batch_rows)
     predicted = (pred.double() * metadata.score_std + metadata.score_mean).numpy()
     return predicted, raw.double().numpy(), group.numpy()

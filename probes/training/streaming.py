@@ -27,6 +27,7 @@ from __future__ import annotations
 import hashlib
 import json
 import logging
+import math
 import os
 import random
 from collections import OrderedDict
@@ -220,6 +221,12 @@ def _index_shard(path: Path, manifest: DatasetManifest) -> ShardInfo:
             scores = {name: handle.get_tensor(f"score.{name}").float() for name in manifest.evaluators}
             if manifest.text_dim and "text_embedding" not in set(handle.keys()):
                 raise bad("tensor 'text_embedding' missing")
+            if manifest.x0_shape is not None:
+                x0 = handle.get_slice("x0") if "x0" in set(handle.keys()) else None
+                expected_x0 = [rows, len(manifest.checkpoints), *manifest.x0_shape]
+                if x0 is None or list(x0.get_shape()) != expected_x0 or x0.get_dtype() != "F16":
+                    found = "missing" if x0 is None else f"{x0.get_dtype()} {list(x0.get_shape())}"
+                    raise bad(f"tensor 'x0' is {found}, expected F16 {expected_x0}")
     except DatasetError:
         raise
     except Exception as error:  # safetensors' own error type, JSON errors, missing keys
@@ -230,7 +237,7 @@ def _index_shard(path: Path, manifest: DatasetManifest) -> ShardInfo:
     try:
         header, header_length, _ = read_shard_header(path)
         offsets = {name: 8 + header_length + int(header[name]["data_offsets"][0])
-                   for name in ("features", "text_embedding") if name in header}
+                   for name in ("features", "text_embedding", "x0") if name in header}
     except (OSError, ValueError, KeyError, TypeError) as error:
         raise bad(f"unreadable header ({error})") from None
     return ShardInfo(path=path, rows=rows, size=stat.st_size, mtime_ns=stat.st_mtime_ns, seeds=seeds,
@@ -400,14 +407,16 @@ class FeatureReader:
         manifest = self.index.manifest
         handle = self._handle(shard_index)
         start = self.index.shards[shard_index].data_offsets[key]
-        if key == "features":
-            out = torch.empty(count, *manifest.feature_shape, dtype=torch.float16)
+        if pick_k:      # [R, K, ...] tensors: features and x0
+            shape = manifest.feature_shape if key == "features" else manifest.x0_shape
+            row_bytes = math.prod(shape) * 2
+            out = torch.empty(count, *shape, dtype=torch.float16)
             k, checkpoints = self.checkpoint_k, len(manifest.checkpoints)
             if checkpoints == 1:
-                handle.read_into(out, start + first * self._row_bytes)
+                handle.read_into(out, start + first * row_bytes)
             else:   # rows of one checkpoint are strided by K: one read per row
                 for i in range(count):
-                    handle.read_into(out[i], start + ((first + i) * checkpoints + k) * self._row_bytes)
+                    handle.read_into(out[i], start + ((first + i) * checkpoints + k) * row_bytes)
             return out
         out = torch.empty(count, manifest.text_dim, dtype=torch.float16)
         handle.read_into(out, start + first * manifest.text_dim * 2)
@@ -422,6 +431,12 @@ class FeatureReader:
     def text(self, rows: Sequence[tuple[int, int]]) -> Tensor:
         """``[n, D]`` float16 text embeddings of ``rows``."""
         return self._read(rows, "text_embedding", pick_k=False)
+
+    def x0(self, rows: Sequence[tuple[int, int]]) -> Tensor:
+        """``[n, c, S, S]`` float16 pooled x0 latents of ``rows`` at the reader's checkpoint."""
+        if self.index.manifest.x0_shape is None:
+            raise DatasetError(f"dataset {self.index.root} stores no x0 latents (no x0_shape in its manifest)")
+        return self._read(rows, "x0", pick_k=True)
 
 
 class _File:
@@ -461,10 +476,11 @@ class BatchSpec:
     max_open_shards: int = 4
     max_mapped_bytes: int = 512 * 2**20
     io: str = "pread"
+    use_x0: bool = False
 
 
 def read_batch(reader: FeatureReader, spec: BatchSpec, group_ids: Sequence[int]) -> dict[str, Tensor]:
-    """One batch as tensors: features, t, group (dense per batch), z (scaled target), raw, text, group_ids."""
+    """One batch as tensors: features, t, group (dense per batch), z (scaled target), raw, text, x0, group_ids."""
     index = spec.index
     rows = index.group_rows(group_ids)
     sizes = [len(index.groups[g].rows) for g in group_ids]
@@ -480,6 +496,8 @@ def read_batch(reader: FeatureReader, spec: BatchSpec, group_ids: Sequence[int])
     }
     if spec.use_text:
         batch["text"] = reader.text(rows).float()
+    if spec.use_x0:
+        batch["x0"] = reader.x0(rows)
     return batch
 
 

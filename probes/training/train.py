@@ -148,6 +148,8 @@ class TrainArrays:
             rows with the same id are seeds of one prompt.
         target: ``[N]`` raw evaluator score (evaluator units; z-scored by the trainer).
         text: ``[N, D]`` text embedding of each row's prompt, or None.
+        x0: ``[N, c, S, S]`` pooled x0 prediction latent of each row (fp16 is fine), or None;
+            required by probes whose ``config.inputs`` include ``"x0"``.
     """
 
     features: Tensor
@@ -155,6 +157,7 @@ class TrainArrays:
     group: Tensor
     target: Tensor
     text: Optional[Tensor] = None
+    x0: Optional[Tensor] = None
 
     def __post_init__(self) -> None:
         if not isinstance(self.features, Tensor) or self.features.ndim != 4:
@@ -180,6 +183,8 @@ class TrainArrays:
         self.target = target
         if self.text is not None and (self.text.ndim != 2 or self.text.shape[0] != n):
             raise ValueError(f"TrainArrays.text must be [N={n}, D], got {tuple(self.text.shape)}")
+        if self.x0 is not None and (self.x0.ndim != 4 or self.x0.shape[0] != n):
+            raise ValueError(f"TrainArrays.x0 must be the pooled x0 latent [N={n}, c, S, S], got {tuple(self.x0.shape)}")
 
     def __len__(self) -> int:
         return self.features.shape[0]
@@ -231,6 +236,7 @@ class _Split:
     raw: Tensor  # [N] float32
     text: Optional[Tensor]  # [N, D] float32
     prompt_rows: list[Tensor]  # rows of each prompt
+    x0: Optional[Tensor] = None  # [N, c, S, S], CPU, as given (fp16); only for probes that read x0
 
     def __len__(self) -> int:
         return self.features.shape[0]
@@ -244,7 +250,7 @@ def _normal(tensor: Tensor) -> Tensor:
 def _prepare(data: TrainArrays, name: str, config: ProbeConfig, mean: float, std: float) -> _Split:
     features = _normal(data.features.detach())
     expected = (config.in_channels, config.feature_size, config.feature_size)
-    if tuple(features.shape[1:]) != expected:
+    if config.reads_activations and tuple(features.shape[1:]) != expected:
         raise ValueError(
             f"{name} features have shape (C, P, P) = {tuple(features.shape[1:])} but the ProbeConfig "
             f"reads {expected}; set in_channels/feature_size to match the cached activations."
@@ -265,11 +271,22 @@ def _prepare(data: TrainArrays, name: str, config: ProbeConfig, mean: float, std
         text = _normal(data.text.detach()).float().cpu()
     elif data.text is not None:
         logger.info("%s split has text embeddings but the probe has no text branch (text_dim=0); ignoring them", name)
+    x0 = None
+    if config.reads_x0:
+        if data.x0 is None:
+            raise ValueError(
+                f"the probe reads the x0 latent (inputs {'+'.join(config.inputs)}) but the {name} split has no x0 "
+                f"latents; train it on a dataset collected with x0 (x0_size > 0), or choose probe inputs "
+                f"'activations'")
+        if tuple(data.x0.shape[1:]) != config.x0_shape:
+            raise ValueError(f"{name} x0 latents have shape (c, S, S) = {tuple(data.x0.shape[1:])} but the ProbeConfig "
+                             f"reads {config.x0_shape}; set x0_channels/x0_size to match the dataset")
+        x0 = _normal(data.x0.detach()).cpu()
     order = torch.argsort(group, stable=True)
     counts = torch.bincount(group).tolist()
     prompt_rows = list(torch.split(order, counts))
     return _Split(features=features.cpu(), t=t, group=group.long(), z=(raw - mean) / std, raw=raw,
-                  text=text, prompt_rows=prompt_rows)
+                  text=text, prompt_rows=prompt_rows, x0=x0)
 
 
 def _batch(split: _Split, rows: Tensor, device: torch.device) -> dict[str, Any]:
@@ -279,6 +296,7 @@ def _batch(split: _Split, rows: Tensor, device: torch.device) -> dict[str, Any]:
         "group": split.group[rows].to(device),
         "z": split.z[rows].to(device),
         "text": split.text[rows].to(device) if split.text is not None else None,
+        "x0": split.x0[rows].to(device) if split.x0 is not None else None,
     }
 
 
@@ -301,7 +319,7 @@ def _predict_split(probe: Probe, split: _Split, batch_size: int, device: torch.d
             for start in range(0, len(split), batch_size):
                 rows = torch.arange(start, min(start + batch_size, len(split)))
                 batch = _batch(split, rows, device)
-                out.append(probe(batch["features"], batch["t"], batch["text"]).float().cpu())
+                out.append(probe(batch["features"], batch["t"], batch["text"], batch["x0"]).float().cpu())
     finally:
         probe.train(was_training)
     return torch.cat(out)
@@ -389,6 +407,8 @@ def _fingerprint(train: _Split, val: _Split, probe_config: ProbeConfig, config: 
             digest.update(tensor.contiguous().numpy().tobytes())
         if split.text is not None:
             digest.update(split.text.contiguous().numpy().tobytes())
+        if split.x0 is not None:
+            digest.update(split.x0.float().contiguous().numpy().tobytes())
     return digest.hexdigest()[:32]
 
 
@@ -612,6 +632,7 @@ def _train(
         },
         "score_norm_source": norm_source,
         "selection_metric": "val_within_spearman",
+        "inputs": list(probe_config.inputs),
     }
 
     # Run state (everything a resume restores).
@@ -680,7 +701,8 @@ def _train(
             lr = _lr_at(global_step, total_steps, config)
             for group_ in optimizer.param_groups:
                 group_["lr"] = lr
-            _, terms = loss_fn(model, batch["features"], batch["t"], batch["z"], batch["group"], tau, alpha, batch["text"])
+            _, terms = loss_fn(model, batch["features"], batch["t"], batch["z"], batch["group"], tau, alpha, batch["text"],
+                               x0=batch["x0"])
             optimizer.zero_grad(set_to_none=True)
             terms.total.backward()
             if config.grad_clip > 0:

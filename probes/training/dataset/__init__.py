@@ -20,6 +20,8 @@ Shard content (all metadata values are strings; structured ones are JSON)::
     tensors   features        [R, K, C, P, P] float16 (K checkpoints, in manifest order)
               seeds           [R] int64
               text_embedding  [R, D] float16 (only when the manifest's text_dim > 0)
+              x0              [R, K, c, S, S] float16 pooled x0 prediction latent (only when the
+                              manifest has an x0_shape)
               score.<name>    [R] float32, one per evaluator of the manifest
     metadata  format, format_version, prompts, prompt_ids, checkpoints, writer, created
 
@@ -51,7 +53,7 @@ from .shards import (
     read_shard_header,
     remove_stale_temporaries,
 )
-from .splits import SPLIT_NAMES, check_probe_matches, split_by_prompt
+from .splits import SPLIT_NAMES, check_probe_matches, probe_config_for, split_by_prompt
 from .writer import DatasetWriter, default_writer_id
 
 __all__ = [
@@ -70,6 +72,7 @@ __all__ = [
     "default_writer_id",
     "split_by_prompt",
     "check_probe_matches",
+    "probe_config_for",
     "DATASETS_SUBFOLDER",
     "MANIFEST_NAME",
     "PathLike",

@@ -9,7 +9,7 @@ import os
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Sequence, Union
+from typing import Optional, Sequence, Union
 
 from ...checkpoints import CheckpointError, checkpoint_index
 from ...reduction import NO_REDUCTION, ChannelReduction
@@ -67,6 +67,9 @@ class DatasetManifest:
         reduction: how the tapped channels were reduced before storing
             (:class:`~probe_select.probes.reduction.ChannelReduction`); ``feature_shape`` is the
             stored, reduced shape. Absent from the JSON when nothing was reduced.
+        x0_shape: ``(c, S, S)`` of the sampler's x0 prediction latent stored per row and checkpoint
+            (pooled to ``S x S``, tensor ``x0`` of the shards); None (absent from the JSON) when rows
+            carry none. Readers that predate it ignore the key and the tensor and read the rest.
     """
 
     format: str = DATASET_FORMAT
@@ -79,6 +82,7 @@ class DatasetManifest:
     evaluators: list[str]
     text_dim: int = 0
     reduction: ChannelReduction = field(default_factory=lambda: NO_REDUCTION)
+    x0_shape: Optional[tuple[int, int, int]] = None
 
     def __post_init__(self) -> None:
         if self.format != DATASET_FORMAT:
@@ -115,6 +119,11 @@ class DatasetManifest:
         self.evaluators = evaluators
         if not is_int(self.text_dim) or self.text_dim < 0:
             raise ValueError(f"DatasetManifest.text_dim must be an int >= 0 (0 = no text embedding), got {self.text_dim!r}")
+        if self.x0_shape is not None:
+            x0_shape = tuple(self.x0_shape)
+            if len(x0_shape) != 3 or not all(is_int(n) and n > 0 for n in x0_shape) or x0_shape[1] != x0_shape[2]:
+                raise ValueError(f"DatasetManifest.x0_shape must be three positive ints (c, S, S) or None, got {self.x0_shape!r}")
+            self.x0_shape = x0_shape
         self.reduction = ChannelReduction.from_dict(self.reduction)
         if self.reduction.active:
             if shape[0] != self.reduction.channels:
@@ -128,6 +137,10 @@ class DatasetManifest:
         data["feature_shape"] = list(self.feature_shape)
         if not self.reduction.active:
             del data["reduction"]       # datasets stored as tapped stay readable by format-1 readers
+        if self.x0_shape is None:
+            del data["x0_shape"]        # datasets without x0 are written exactly as before it existed
+        else:
+            data["x0_shape"] = list(self.x0_shape)
         return json.dumps(data, indent=2) + "\n"
 
     @classmethod
@@ -176,7 +189,7 @@ class DatasetManifest:
         ``evaluators`` does not matter; checkpoints are compared within a tiny tolerance.
         """
         differences = []
-        for name in ("backbone_family", "tap", "feature_shape", "pooling", "text_dim"):
+        for name in ("backbone_family", "tap", "feature_shape", "pooling", "text_dim", "x0_shape"):
             mine, theirs = getattr(self, name), getattr(other, name)
             if mine != theirs:
                 differences.append(f"{name} differs ({mine!r} vs {theirs!r})")

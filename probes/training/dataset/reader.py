@@ -114,6 +114,15 @@ def _parse_shard(path: Path, handle, manifest: DatasetManifest) -> _Shard:
         text = text.to(FEATURE_DTYPE)
     elif "text_embedding" in keys:
         raise bad("it has a text_embedding but the manifest says text_dim 0")
+    if manifest.x0_shape is not None:
+        if "x0" not in keys:
+            raise bad(f"tensor 'x0' missing (the manifest says x0_shape {manifest.x0_shape})")
+        x0 = handle.get_slice("x0")
+        expected_x0 = [rows, len(manifest.checkpoints), *manifest.x0_shape]
+        if list(x0.get_shape()) != expected_x0 or x0.get_dtype() != "F16":
+            raise bad(f"x0 is {x0.get_dtype()} {list(x0.get_shape())}, expected F16 [R, K, c, S, S] = {expected_x0}")
+    elif "x0" in keys:
+        raise bad("it has an x0 latent but the manifest has no x0_shape")
     return _Shard(path=path, rows=rows, seeds=seeds, prompts=prompts, prompt_ids=prompt_ids, text_embedding=text, scores=scores)
 
 
@@ -129,6 +138,8 @@ class DatasetArrays:
         text_embedding: ``[N, D]`` float16, or None.
         scores: ``[N]`` float32 scores of ``evaluator``.
         evaluator: name of the evaluator.
+        x0: ``[N, c, S, S]`` float16 pooled x0 prediction latent at checkpoint ``t``, or None when
+            the dataset stores none.
     """
 
     features: Tensor
@@ -138,12 +149,15 @@ class DatasetArrays:
     text_embedding: Optional[Tensor]
     scores: Tensor
     evaluator: str = ""
+    x0: Optional[Tensor] = None
 
     def __post_init__(self) -> None:
         rows = self.features.shape[0]
         lengths = {"seeds": self.seeds.shape[0], "prompt_ids": len(self.prompt_ids), "scores": self.scores.shape[0]}
         if self.text_embedding is not None:
             lengths["text_embedding"] = self.text_embedding.shape[0]
+        if self.x0 is not None:
+            lengths["x0"] = self.x0.shape[0]
         wrong = {name: n for name, n in lengths.items() if n != rows}
         if wrong:
             raise ValueError(f"DatasetArrays: {rows} feature rows but {wrong}")
@@ -164,6 +178,7 @@ class DatasetArrays:
             prompt_ids=[self.prompt_ids[i] for i in positions],
             text_embedding=None if self.text_embedding is None else self.text_embedding[index],
             scores=self.scores[index],
+            x0=None if self.x0 is None else self.x0[index],
         )
 
     def prompt_groups(self) -> Tensor:
@@ -290,6 +305,22 @@ class ProbeDataset:
             DatasetError: if ``checkpoint_t`` is not one of the manifest's checkpoints (they are
                 listed), or a shard has become unreadable since the dataset was opened.
         """
+        return self._per_checkpoint("features", self.manifest.feature_shape, checkpoint_t)
+
+    @property
+    def has_x0(self) -> bool:
+        """Whether the rows carry the sampler's x0 prediction latent (the manifest's ``x0_shape``)."""
+        return self.manifest.x0_shape is not None
+
+    def x0(self, checkpoint_t: float) -> Optional[Tensor]:
+        """``[N, c, S, S]`` float16 pooled x0 latents at ``checkpoint_t``, read from the shards now;
+        None when the dataset stores none. Raises like :meth:`features`."""
+        if self.manifest.x0_shape is None:
+            return None
+        return self._per_checkpoint("x0", self.manifest.x0_shape, checkpoint_t)
+
+    def _per_checkpoint(self, key: str, shape: tuple[int, ...], checkpoint_t: float) -> Tensor:
+        """Tensor ``key`` (``[R, K, *shape]`` in every shard) at ``checkpoint_t``, kept rows only."""
         try:
             k = self.manifest.checkpoint_index(checkpoint_t)
         except DatasetError as error:
@@ -298,17 +329,17 @@ class ProbeDataset:
         for shard in self._shards:
             try:
                 with safe_open(str(shard.path), framework="pt") as handle:
-                    part = handle.get_slice("features")[:, k]
+                    part = handle.get_slice(key)[:, k]
             except Exception as error:
                 raise DatasetError(
                     f"shard {shard.path} could not be read again ({error}); it was changed or removed "
                     f"after the dataset was opened. Reopen the dataset."
                 ) from None
-            if tuple(part.shape) != (shard.rows, *self.manifest.feature_shape):
+            if tuple(part.shape) != (shard.rows, *shape):
                 raise DatasetError(f"shard {shard.path} changed after the dataset was opened; reopen the dataset.")
             parts.append(part if shard.keep is None else part[shard.keep])
         if not parts:
-            return torch.zeros(0, *self.manifest.feature_shape, dtype=FEATURE_DTYPE)
+            return torch.zeros(0, *shape, dtype=FEATURE_DTYPE)
         return torch.cat(parts)
 
     def arrays(self, checkpoint_t: float, evaluator: str) -> DatasetArrays:
@@ -326,6 +357,7 @@ class ProbeDataset:
             text_embedding=self._text,
             scores=scores,
             evaluator=evaluator,
+            x0=self.x0(checkpoint_t),
         )
 
     def subset(self, indices: Union[Sequence[int], Tensor], checkpoint_t: float, evaluator: str) -> DatasetArrays:

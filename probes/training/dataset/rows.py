@@ -9,7 +9,7 @@ from typing import Optional, Sequence, Union
 import torch
 from torch import Tensor
 
-from ...features import FEATURE_DTYPE
+from ...features import FEATURE_DTYPE, pool_x0
 from ...reduction import NO_REDUCTION, ChannelReduction
 from .manifest import DatasetManifest
 
@@ -38,6 +38,8 @@ class CandidateRows:
         prompt_ids: R prompt ids; defaults to :func:`prompt_id` of each prompt.
         text_embedding: ``[R, D]`` pooled text embedding, or None; stored as float16.
         scores: evaluator name -> ``[R]`` finished-image scores (float32, finite).
+        x0: ``[R, K, c, S, S]`` the sampler's x0 prediction latent at the K checkpoints, pooled
+            (:func:`~probe_select.probes.features.pool_x0`), or None; stored as float16.
     """
 
     features: Tensor
@@ -46,6 +48,7 @@ class CandidateRows:
     prompt_ids: Optional[list[str]] = None
     text_embedding: Optional[Tensor] = None
     scores: dict[str, Tensor]
+    x0: Optional[Tensor] = None
 
     def __post_init__(self) -> None:
         features = self.features
@@ -71,6 +74,15 @@ class CandidateRows:
             self.text_embedding = text.detach().to("cpu", FEATURE_DTYPE).contiguous()
             if not torch.isfinite(self.text_embedding).all():
                 raise ValueError("CandidateRows.text_embedding has NaN/inf values (after conversion to float16)")
+        if self.x0 is not None:
+            x0 = self.x0
+            if not isinstance(x0, Tensor) or x0.ndim != 5 or x0.shape[:2] != features.shape[:2] or not x0.is_floating_point():
+                shape = tuple(x0.shape) if isinstance(x0, Tensor) else type(x0).__name__
+                raise ValueError(f"CandidateRows.x0 must be a float [R, K, c, S, S] tensor with (R, K) = "
+                                 f"{tuple(features.shape[:2])} like the features, got {shape}")
+            self.x0 = x0.detach().to("cpu", FEATURE_DTYPE).contiguous()
+            if not torch.isfinite(self.x0).all():
+                raise ValueError("CandidateRows.x0 has NaN/inf values (after conversion to float16)")
         if not isinstance(self.scores, dict) or not self.scores:
             raise ValueError("CandidateRows.scores must be a non-empty dict: evaluator name -> [R] scores")
         scores = {}
@@ -121,12 +133,15 @@ def _string_list(name: str, values, rows: int, non_empty: bool = False) -> list[
 
 
 def rows_from_activations(activations, scores: dict[str, Tensor], prompt: str,
-                          reduction: ChannelReduction = NO_REDUCTION) -> tuple[DatasetManifest, CandidateRows]:
+                          reduction: ChannelReduction = NO_REDUCTION,
+                          x0_size: int = 0) -> tuple[DatasetManifest, CandidateRows]:
     """One dataset row per candidate of one run: its activations at every checkpoint (an
     ActivationSet or ActivationSeries) and each evaluator's score, with the manifest they imply.
 
     ``reduction`` reduces the channels of every checkpoint's features before they are stored and is
-    recorded in the manifest (ValueError if it does not fit the activations' shape).
+    recorded in the manifest (ValueError if it does not fit the activations' shape). ``x0_size`` > 0
+    also stores each checkpoint's x0 prediction latent (the sets' ``x0``) pooled to
+    ``x0_size x x0_size`` (ValueError if a set carries none); 0 stores no x0.
     """
     sets = list(getattr(activations, "sets", (activations,)))
     first = sets[0]
@@ -134,12 +149,20 @@ def rows_from_activations(activations, scores: dict[str, Tensor], prompt: str,
     text = first.text_embedding
     if text is not None and text.shape[0] == 1:
         text = text.expand(n, -1)
+    x0 = None
+    if x0_size:
+        missing = [s.t for s in sets if s.x0 is None]
+        if missing:
+            raise ValueError(f"rows_from_activations: no x0 latent at checkpoints t={missing}; the activations must "
+                             f"come from a sampler that records its x0 prediction, or store no x0 (x0_size=0)")
+        x0 = torch.stack([pool_x0(s.x0, x0_size) for s in sets], dim=1)
     manifest = DatasetManifest(
         backbone_family=first.family, tap=first.tap, feature_shape=reduction.output_shape(first.feature_shape),
         pooling=first.pooling, checkpoints=[s.t for s in sets], evaluators=sorted(scores),
-        text_dim=0 if text is None else text.shape[1], reduction=reduction)
+        text_dim=0 if text is None else text.shape[1], reduction=reduction,
+        x0_shape=None if x0 is None else tuple(x0.shape[2:]))
     rows = CandidateRows(
         features=reduction.apply(torch.stack([s.features for s in sets], dim=1)), seeds=first.seeds,
         prompts=[prompt] * n,
-        text_embedding=text, scores={name: value.float() for name, value in scores.items()})
+        text_embedding=text, scores={name: value.float() for name, value in scores.items()}, x0=x0)
     return manifest, rows

@@ -1,15 +1,17 @@
 """Splitting a dataset by prompt, and checking that a probe fits a dataset."""
 from __future__ import annotations
 
+import dataclasses
 import hashlib
 import math
-from typing import Sequence, Union
+from typing import Optional, Sequence, Union
 
 import torch
 from torch import Tensor
 
 from ...checkpoints import CheckpointError, checkpoint_index
 from ...io import ProbeMetadata
+from ...model import ProbeConfig
 from .manifest import DatasetError, DatasetManifest
 from .reader import ProbeDataset
 
@@ -63,7 +65,7 @@ def check_probe_matches(
     """Refuse to train, fine-tune or evaluate a probe on a dataset of other activations.
 
     Checked: backbone family, tap, feature shape ``(C, P, P)``, channel reduction, pooling, the width of the probe's
-    text branch (if any); and, unless disabled, that the dataset holds the probe's checkpoint t and
+    text branch (if any), the x0 latent's shape (for a probe that reads x0); and, unless disabled, that the dataset holds the probe's checkpoint t and
     scores of its evaluator.
 
     Raises:
@@ -89,6 +91,9 @@ def check_probe_matches(
     if text_dim and text_dim != manifest.text_dim:
         stored = f"width {manifest.text_dim}" if manifest.text_dim else "none"
         problems.append(f"text embedding: probe reads width {text_dim}, dataset stores {stored}")
+    if meta.config.reads_x0 and tuple(meta.config.x0_shape) != tuple(manifest.x0_shape or ()):
+        stored = f"(c, S, S) = {tuple(manifest.x0_shape)}" if manifest.x0_shape else "none (collected without x0_size)"
+        problems.append(f"x0 latent: probe reads (c, S, S) = {meta.config.x0_shape}, dataset stores {stored}")
     if require_checkpoint and not _stores(manifest.checkpoints, meta.checkpoint_t):
         problems.append(f"checkpoint: probe t={meta.checkpoint_t}, dataset has t in {manifest.checkpoints}")
     if require_evaluator and meta.evaluator not in manifest.evaluators:
@@ -107,3 +112,26 @@ def _stores(checkpoints: Sequence[float], checkpoint_t: float) -> bool:
     except CheckpointError:
         return False
     return True
+
+
+def probe_config_for(manifest: DatasetManifest, probe_config: Optional[ProbeConfig], use_text: bool,
+                     where: str = "the dataset") -> ProbeConfig:
+    """``probe_config`` (default: the default architecture) fitted to what the dataset stores: its
+    activations' channels and side, its text width (when ``use_text``) and, for a probe that reads
+    the x0 latent, the stored x0's channels and side.
+
+    Raises:
+        DatasetError: the probe reads the x0 latent but the dataset stores none.
+    """
+    channels, size = manifest.feature_shape[0], manifest.feature_shape[-1]
+    base = probe_config or ProbeConfig(in_channels=channels, feature_size=size)
+    changes = {"in_channels": channels, "feature_size": size, "text_dim": manifest.text_dim if use_text else 0}
+    if base.reads_x0:
+        if manifest.x0_shape is None:
+            raise DatasetError(
+                f"{where} stores no x0 latents, but the probe reads the x0 latent (inputs "
+                f"{'+'.join(base.inputs)}). Collect a dataset with x0 (ProbeSelectDatasetWriter x0_size > 0, or "
+                f"'collect --x0-size 16'), or train with probe inputs 'activations'."
+            )
+        changes.update(x0_channels=manifest.x0_shape[0], x0_size=manifest.x0_shape[-1])
+    return dataclasses.replace(base, **changes)

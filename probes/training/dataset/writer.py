@@ -203,6 +203,14 @@ class DatasetWriter:
                 problems.append(f"text_embedding has width {rows.text_embedding.shape[1]} but the dataset stores width {manifest.text_dim}")
         elif rows.text_embedding is not None:
             problems.append("rows carry a text_embedding but the dataset stores none (text_dim 0)")
+        if manifest.x0_shape is not None:
+            expected_x0 = (len(rows), k, *manifest.x0_shape)
+            if rows.x0 is None:
+                problems.append(f"rows carry no x0 latent but the dataset stores one of (c, S, S) = {manifest.x0_shape}")
+            elif tuple(rows.x0.shape) != expected_x0:
+                problems.append(f"x0 is {tuple(rows.x0.shape)} but the dataset stores [R, K, c, S, S] = {expected_x0}")
+        elif rows.x0 is not None:
+            problems.append("rows carry an x0 latent but the dataset stores none (no x0_shape in its manifest)")
         missing = [name for name in manifest.evaluators if name not in rows.scores]
         extra = sorted(set(rows.scores) - set(manifest.evaluators))
         if missing:
@@ -219,6 +227,8 @@ class DatasetWriter:
         tensors = {"features": rows.features, "seeds": rows.seeds}
         if rows.text_embedding is not None:
             tensors["text_embedding"] = rows.text_embedding
+        if rows.x0 is not None:
+            tensors["x0"] = rows.x0
         for name in self.manifest.evaluators:
             tensors[f"score.{name}"] = rows.scores[name]
         metadata = {

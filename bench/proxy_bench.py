@@ -50,6 +50,9 @@ EVALUATOR = "proxy"
 # metric is computed against the raw score.
 TRAIN_TARGET = "proxy_log"
 LOG_FLOOR = 1e-6
+# Rows also store each checkpoint's x0-prediction latent pooled to 16x16 (the UNet's 4x32x32, the DiT's
+# native 16x16x16): what the learned x0 scorers read (free at inference: no decode, no evaluator).
+X0_SIZE = 16
 
 
 @dataclass
@@ -120,7 +123,7 @@ def collect(family: str, prompts: list[str], seeds: int, setting: Setting, datas
         for t, k in zip(setting.checkpoints, capture):
             preview = evaluator.score(models.latent_to_image(result.x0_at[k], family), [scene] * seeds)
             scores[f"x0@{t:g}"] = torch.as_tensor(preview, dtype=torch.float32)
-        manifest, rows = rows_from_activations(result.activations, scores, prompt)
+        manifest, rows = rows_from_activations(result.activations, scores, prompt, x0_size=X0_SIZE)
         if writer is None:
             writer = DatasetWriter(dataset_dir, manifest, writer_id="bench")
         writer.append(rows)
@@ -183,6 +186,18 @@ CNN_PROBE = dict(stem_width=32, widths=(64, 128), embed_dim=128, mlp_hidden=256,
                  attention=False, pooled_size=2)
 
 
+# The learned scorers compared at every checkpoint: what each reads (ProbeConfig overrides on the bench
+# probe). "probe" is the paper's (activations of the tapped block); the x0 ones read the sampler's x0
+# prediction latent through a small time-conditioned CNN (the pack's x0 branch, default widths).
+LEARNED = {
+    "probe": {},
+    "x0_probe": dict(inputs=("x0",), x0_size=X0_SIZE),
+    "both_probe": dict(inputs=("activations", "x0"), x0_size=X0_SIZE),
+}
+LEARNED_LABELS = {"probe": "probe (activations)", "x0_probe": "x0-latent probe", "both_probe": "activations + x0 probe"}
+SCORERS = (*LEARNED, "x0_preview", "random")
+
+
 def probe_config(channels: int, setting: Setting, **overrides):
     from probe_select.probes.model import ProbeConfig
     base = dict(in_channels=channels, feature_size=setting.feature_size, **BENCH_PROBE)
@@ -196,7 +211,7 @@ def train_config(setting: Setting, **overrides):
 
 
 def train_and_evaluate(train_ds, held_ds, t: float, out: Path, setting: Setting, target: str, config, tcfg,
-                       use_text: bool = False) -> dict:
+                       use_text: bool = False, train_prompts=None) -> dict:
     """Train a probe at checkpoint t on the training prompts; score it on the held-out prompts."""
     from probe_select.probes.training.evaluation import evaluate_probe_on
     from probe_select.probes.io import load_probe
@@ -204,7 +219,7 @@ def train_and_evaluate(train_ds, held_ds, t: float, out: Path, setting: Setting,
 
     started = time.perf_counter()
     result, sizes = train_from_dataset(train_ds, t, target, out, use_text=use_text, probe_config=config,
-                                       train_config=tcfg)
+                                       train_config=tcfg, streaming="off", train_prompts=train_prompts)
     train_seconds = time.perf_counter() - started
     probe, meta = load_probe(out)
     evaluation = evaluate_probe_on(probe, meta, held_ds.arrays(checkpoint_t=t, evaluator=EVALUATOR))
@@ -249,23 +264,142 @@ def evaluate_family(family: str, setting: Setting, train_dir: Path, heldout_dir:
     rows = {}
     channels = train_ds.manifest.feature_shape[0]
     train_target = TRAIN_TARGET if TRAIN_TARGET in train_ds.manifest.evaluators else EVALUATOR
+    predictions = {}          # scorer -> t -> held-out predictions (dataset row order), for the compute curves
     for t in setting.checkpoints:
-        row, evaluation = train_and_evaluate(train_ds, held_ds, t, CACHE / f"{family}_t{t:g}.safetensors", setting,
-                                             train_target, probe_config(channels, setting), train_config(setting))
+        row = {}
+        for name, overrides in LEARNED.items():
+            out = CACHE / (f"{family}_t{t:g}.safetensors" if name == "probe" else f"{family}_{name}_t{t:g}.safetensors")
+            learned, evaluation = train_and_evaluate(train_ds, held_ds, t, out, setting, train_target,
+                                                     probe_config(channels, setting, **overrides), train_config(setting))
+            row[name] = learned.pop("probe")
+            row[name].update({k: learned[k] for k in ("val_within", "best_epoch", "probe_parameters", "train_rows",
+                                                      "train_seconds")})
+            predictions.setdefault(name, {})[t] = np.asarray(evaluation.predicted, dtype=np.float64)
         target, group = evaluation.actual, evaluation.group
         preview = held_ds.scores(f"x0@{t:g}").double().numpy()
+        predictions.setdefault("x0_preview", {})[t] = preview
         row["x0_preview"] = within_ci(preview, target, group, setting.bootstrap)
         row["x0_preview"]["oracle_gain"] = {n: oracle_gain(preview, target, group, n) for n in (2, 5, 10, 20)}
         row["random"] = random_baseline(target, group, setting.bootstrap)
         rows[t] = row
-        log.info("  %s t=%g: probe %.3f [%.3f, %.3f], x0-preview %.3f, random %.3f", family, t,
-                 row["probe"]["within"], row["probe"]["low"], row["probe"]["high"], row["x0_preview"]["within"],
-                 row["random"]["within"])
+        log.info("  %s t=%g: %s, x0-preview %.3f, random %.3f", family, t,
+                 ", ".join(f"{name} {row[name]['within']:.3f} (val {row[name]['val_within']:.3f})" for name in LEARNED),
+                 row["x0_preview"]["within"], row["random"]["within"])
     finals = held_ds.scores(EVALUATOR).double().numpy()
     groups = held_ds.arrays(checkpoint_t=setting.checkpoints[0], evaluator=EVALUATOR).prompt_groups().numpy()
     spread = float(np.mean([finals[groups == g].std() for g in np.unique(groups)]))
+    t02 = min(setting.checkpoints, key=lambda c: abs(c - 0.2))
+    best = max(LEARNED, key=lambda name: rows[t02][name]["val_within"])        # chosen by validation only
     return {"by_t": rows, "heldout_mean_score": float(finals.mean()), "within_prompt_sd": spread,
-            "semantic_failure_rate": float((finals < 0.5).mean()), "noise_levels": noise_levels(family, setting)}
+            "semantic_failure_rate": float((finals < 0.5).mean()), "noise_levels": noise_levels(family, setting),
+            "best_learned": best,
+            "learning_curve": learning_curve(family, setting, train_ds, held_ds, best, train_target, t02),
+            "equal_compute": equal_compute(family, setting, predictions, finals, groups, best)}
+
+
+def learning_curve(family: str, setting: Setting, train_ds, held_ds, scorer: str, target: str, t: float) -> list:
+    """Held-out within-prompt Spearman of ``scorer`` trained on growing prefixes of the training prompts."""
+    channels = train_ds.manifest.feature_shape[0]
+    prompts = len(set(train_ds.prompt_ids))
+    (CACHE / "curve").mkdir(parents=True, exist_ok=True)
+    points = []
+    for fraction in (0.125, 0.25, 0.5, 1.0):
+        count = max(2, int(round(fraction * prompts)))
+        row, _ = train_and_evaluate(train_ds, held_ds, t, CACHE / "curve" / f"{family}_{scorer}_{count}.safetensors",
+                                    setting, target, probe_config(channels, setting, **LEARNED[scorer]),
+                                    train_config(setting), train_prompts=count)
+        points.append({"train_prompts": count, "train_rows": row["train_rows"], "val_within": row["val_within"],
+                       **{k: row["probe"][k] for k in ("within", "low", "high")}})
+        log.info("  %s learning curve %s: %d rows -> %.3f", family, scorer, row["train_rows"], row["probe"]["within"])
+    return points
+
+
+# Prices in step-equivalents (1 = one denoiser step of one candidate, CFG included) of what the real
+# family of each proxy model pays besides the denoiser, from the FLOP counts of bench/results/flops.json:
+# the UNet is priced as SD1.5 at 512 px, the DiT as FLUX.1-dev at 1024 px. The evaluator is a BLIP-sized
+# ViT-L/16 at 384 px (ImageReward); the x0 preview is decoded with TAESD; learned scorers cost one probe pass.
+PRICED_AS = {"unet": ("SD1.5, 512 px", "sd15_step", "sd15_probe", "vae4_decode_64", "taesd4_decode_64"),
+             "dit": ("FLUX.1-dev, 1024 px", "flux_dev_step", "flux_dev_probe", "vae16_decode_128", "taesd16_decode_128")}
+EVALUATOR_FLOPS = "vit_l16_384"
+
+
+def step_prices(family: str) -> dict:
+    flops = json.loads((ROOT / "bench" / "results" / "flops.json").read_text())
+    label, step, probe, vae, taesd = PRICED_AS[family]
+    unit = float(flops[step]["flops"])
+    return {"priced_as": label, "decode": flops[vae]["flops"] / unit, "evaluator": flops[EVALUATOR_FLOPS]["flops"] / unit,
+            "x0_preview": (flops[taesd]["flops"] + flops[EVALUATOR_FLOPS]["flops"]) / unit,
+            "probe": flops[probe]["flops"] / unit}
+
+
+def compute_schedules(max_n: int) -> dict:
+    """The schedules of each method (pruning library syntax), up to ``max_n`` candidates."""
+    ns = [n for n in (2, 3, 4, 5, 6, 8, 10, 12, 16, 20, 24, 32) if n <= max_n]
+    methods = {"best-of-N": [f"{n}" for n in [1, *ns]]}
+    methods["one stage at 0.2"] = [f"{n}: 0.2->{k}" for n in ns for k in (1, 2, 4) if k < n]
+    methods["one stage at 0.4"] = [f"{n}: 0.4->{k}" for n in ns for k in (1, 2, 4) if k < n]
+    methods["two stages (0.2, 0.4)"] = [f"{n}: 0.2->{k1}, 0.4->{k2}" for n in ns for k1 in (2, 4, 8) for k2 in (1, 2)
+                                        if k2 < k1 < n]
+    return methods
+
+
+def equal_compute(family: str, setting: Setting, predictions: dict, finals: np.ndarray, groups: np.ndarray,
+                  best: str) -> dict:
+    """Mean kept reward against compute for every method and scorer, on the held-out prompts' recorded scores.
+
+    Compute counts denoiser steps, the scorer at each pruning stage, the decode of every finished
+    candidate and the evaluator's final pick (see probes.pruning.schedule_cost), priced as on the real
+    family (:func:`step_prices`), in full generations (best-of-1 = 1). The headline is the compute at which
+    each method first matches best-of-8's mean reward; the cheapest such schedule is chosen on one half of
+    the prompts and its reward and compute are reported on the other half (and the other way round), so
+    the choice never sees the prompts it is judged on."""
+    from probe_select.probes.pruning import (ScoreTable, StageCosts, full_generation_cost, mean_kept_reward,
+                                             parse_schedule, schedule_cost)
+    prices = step_prices(family)
+    steps = setting.steps
+    ts = [t for t in setting.checkpoints if t in (0.2, 0.4)]
+    order = list(dict.fromkeys(groups.tolist()))
+    scorers = {name: predictions[name] for name in ("x0_preview", *LEARNED)}
+    rng = np.random.default_rng(0)
+    scorers["random"] = {t: rng.random(len(finals)) for t in ts}
+    scorers["oracle"] = {t: finals for t in ts}
+    cost_of = {name: StageCosts(score=prices["x0_preview"] if name == "x0_preview" else
+                                prices["probe"] if name in LEARNED else 0.0,
+                                decode=prices["decode"], final_score=prices["evaluator"]) for name in scorers}
+    unit = full_generation_cost(steps, StageCosts(decode=prices["decode"], final_score=prices["evaluator"]))
+
+    def tables(name, prompts):
+        return [ScoreTable(ts, np.stack([scorers[name][t][groups == g] for t in ts], 1), finals[groups == g])
+                for g in prompts]
+
+    max_n = min(int((groups == g).sum()) for g in order)
+    halves = [order[0::2], order[1::2]]
+    curves, headline = {}, {}
+    for method, texts in compute_schedules(max_n).items():
+        for name in (["random"] if method == "best-of-N" else scorers):
+            points = []
+            for text in texts:
+                schedule = parse_schedule(text)
+                points.append({"schedule": text, "compute": schedule_cost(schedule, steps, cost_of[name]) / unit,
+                               "reward": mean_kept_reward(tables(name, order), schedule, steps),
+                               "halves": [mean_kept_reward(tables(name, half), schedule, steps) for half in halves]})
+            curves[f"{method} / {name}" if method != "best-of-N" else method] = points
+    # best-of-8 (best-of-the-most when fewer seeds were recorded, as in the quick smoke run)
+    bo8 = max((p for p in curves["best-of-N"] if int(p["schedule"]) <= 8), key=lambda p: int(p["schedule"]))
+    for key, points in curves.items():
+        found = []
+        for pick_on, judge_on in ((0, 1), (1, 0)):
+            matching = [p for p in points if p["halves"][pick_on] >= bo8["halves"][pick_on]]
+            if matching:
+                chosen = min(matching, key=lambda p: p["compute"])
+                found.append({"schedule": chosen["schedule"], "compute": chosen["compute"],
+                              "reward": chosen["halves"][judge_on], "best_of_8": bo8["halves"][judge_on]})
+        headline[key] = found
+    return {"prices": prices, "unit_steps": unit, "best_of_8": bo8, "curves": curves, "match_best_of_8": headline,
+            "best_learned": best, "prompts": len(order), "seeds": max_n}
+
+
+
 
 
 # What else was tried at t = 0.2, each against the bench probe above (same data, same seed).
@@ -421,10 +555,10 @@ def plots(results: dict, setting: Setting) -> list[str]:
     names = []
     for family, res in results["families"].items():
         ts = list(res["by_t"])
-        within = {name: [res["by_t"][t][name]["within"] for t in ts] for name in ("probe", "x0_preview", "random")}
+        within = {name: [res["by_t"][t][name]["within"] for t in ts] for name in SCORERS}
         panels = [within, within,
                   {name: [res["by_t"][min(ts, key=lambda c: abs(c - 0.2))][name]["oracle_gain"][n]
-                          for n in (2, 5, 10, 20)] for name in ("probe", "x0_preview", "random")}]
+                          for n in (2, 5, 10, 20)] for name in SCORERS}]
         levels = res.get("noise_levels") or {}
         snr = [round(float(levels[t]["log_snr"]), 2) for t in ts] if len(levels) == len(ts) else None
         real = "real 20%: SD1.5/SDXL -3.16" if family == "unet" else "real 20%: SD3 -4.80, FLUX -5.07"
@@ -440,6 +574,45 @@ def plots(results: dict, setting: Setting) -> list[str]:
 
 def cell(r: dict) -> str:
     return f"{r['within']:.3f} [{r['low']:.3f}, {r['high']:.3f}]"
+
+
+def equal_compute_summary(results: dict) -> list:
+    """The report's lead: reward of the kept image against compute, and the compute to match best-of-8."""
+    lines = ["## Reward at equal compute", "",
+             "Mean final reward of the kept image (held-out prompts) against compute in full generations: denoiser "
+             "steps, the scorer at each pruning stage, the decode of every finished candidate and the evaluator's "
+             "final pick, priced in step-equivalents as on each model's real family (bench/results/flops.json). "
+             "Schedules in the pruning library's syntax ('N: t->K, ...'). Oracle: the final reward itself as the "
+             "scorer (the ceiling of a scorer at that checkpoint). Match best-of-8: the cheapest schedule of a "
+             "method whose reward reaches best-of-8's on one half of the prompts, judged on the other half (both "
+             "ways); 'never' when no schedule up to the recorded candidates reaches it.", ""]
+    for family, res in results["families"].items():
+        eq = res.get("equal_compute")
+        if not eq:
+            continue
+        pr = eq["prices"]
+        lines += [f"### {family} (priced as {pr['priced_as']}: one generation = {eq['unit_steps']:.2f} step-equivalents; "
+                  f"decode {pr['decode']:.3f}, evaluator {pr['evaluator']:.3f}, x0-preview scoring {pr['x0_preview']:.3f}, "
+                  f"probe {pr['probe']:.5f} per candidate)", "",
+                  f"Best-of-8: reward {eq['best_of_8']['reward']:.4f} at compute {eq['best_of_8']['compute']:.2f}. "
+                  f"{eq['prompts']} prompts x {eq['seeds']} seeds.", "",
+                  "| method / scorer | compute to match best-of-8 (fraction of best-of-8's) | schedule chosen | reward "
+                  "on the other half (best-of-8 there) | best reward at <= 0.5 of best-of-8's compute |",
+                  "| --- | --- | --- | --- | --- |"]
+        bo8 = eq["best_of_8"]["compute"]
+        for key, points in eq["curves"].items():
+            found = eq["match_best_of_8"].get(key) or []
+            within_half = [p for p in points if p["compute"] <= 0.5 * bo8]
+            best_half = max((p["reward"] for p in within_half), default=float("nan"))
+            if found:
+                frac = " / ".join(f"{f['compute']:.2f} ({f['compute'] / bo8:.2f})" for f in found)
+                chosen = " / ".join(f["schedule"] for f in found)
+                judged = " / ".join(f"{f['reward']:.4f} ({f['best_of_8']:.4f})" for f in found)
+            else:
+                frac, chosen, judged = "never", "-", "-"
+            lines.append(f"| {key} | {frac} | {chosen} | {judged} | {best_half:.4f} |")
+        lines.append("")
+    return lines
 
 
 def write_report(results: dict, setting: Setting, command: str, images: list[str]) -> None:
@@ -459,52 +632,75 @@ def write_report(results: dict, setting: Setting, command: str, images: list[str
         "held-out prompts.", "",
     ]
     lines += ["## Summary (t = 0.2, N = 5, K = 1)", "",
-              "| model | probe within-prompt [95% CI] | x0-preview | random | probe above random | probe beats "
-              "x0-preview | Probe-Select / generate-all, wall-clock | denoiser evaluations |",
-              "| --- | --- | --- | --- | --- | --- | --- | --- |"]
+              "Within-prompt Spearman with the final evaluator score on held-out prompts [95% CI]. The learned "
+              "scorers need no decode and no evaluator at inference; the x0-preview scorer decodes the x0 "
+              "prediction and runs the evaluator on it. Best learned: the learned scorer with the best validation "
+              "Spearman (training prompts only).", "",
+              "| model | log-SNR at t = 0.2 | x0-preview | probe (activations) | x0-latent probe | "
+              "activations + x0 probe | best learned (by validation) | best learned - x0-preview | random | "
+              "Probe-Select / generate-all, wall-clock | denoiser evaluations |",
+              "| --- | --- | --- | --- | --- | --- | --- | --- | --- | --- | --- |"]
     for family, res in results["families"].items():
-        t02 = res["by_t"][min(res["by_t"], key=lambda c: abs(c - 0.2))]
+        t02k = min(res["by_t"], key=lambda c: abs(c - 0.2))
+        t02 = res["by_t"][t02k]
+        lv = (res.get("noise_levels") or {}).get(t02k)
+        best = res.get("best_learned", "probe")
         c = next((c for c in res["cost"] if (c["N"], c["K"], c["t"]) == (5, 1, 0.2)), res["cost"][0])
-        lines.append(f"| {family} | {cell(t02['probe'])} | {cell(t02['x0_preview'])} | {t02['random']['within']:.3f} | "
-                     f"{'yes' if t02['probe']['low'] > 0 else 'no'} | "
-                     f"{'yes' if t02['probe']['within'] > t02['x0_preview']['within'] else 'no'} | "
-                     f"{c['wallclock_ratio_probe']} | {c['denoiser_ratio']} |")
-    lines.append("")
+        lines.append(f"| {family} | {lv['log_snr']:.2f} | " if lv else f"| {family} | - | ")
+        lines[-1] += (f"{cell(t02['x0_preview'])} | " + " | ".join(cell(t02[name]) for name in LEARNED)
+                      + f" | {LEARNED_LABELS[best]}: {t02[best]['within']:.3f} | "
+                      f"{t02[best]['within'] - t02['x0_preview']['within']:+.3f} | {t02['random']['within']:.3f} | "
+                      f"{c['wallclock_ratio_probe']} | {c['denoiser_ratio']} |")
+    lines += ["", real_levels_line(), ""]
+    if any(res.get("equal_compute") for res in results["families"].values()):
+        lines += equal_compute_summary(results)
     for family, res in results["families"].items():
         lines += [f"## {family} ({res['collect']['tap']})", "",
                   f"Held-out finished images: mean score {res['heldout_mean_score']:.3f}, within-prompt SD "
                   f"{res['within_prompt_sd']:.3f}, semantic failures (score < 0.5) {res['semantic_failure_rate']:.1%}.",
                   "",
-                  "| t | sigma | log-SNR | probe within-prompt [95% CI] | x0-preview within-prompt [95% CI] | "
-                  "random within-prompt [95% CI] | probe global | x0-preview global |",
-                  "| --- | --- | --- | --- | --- | --- | --- | --- |"]
+                  "| t | sigma | log-SNR | x0-preview [95% CI] | probe (activations) | x0-latent probe | "
+                  "activations + x0 probe | random | probe global | x0-preview global |",
+                  "| --- | --- | --- | --- | --- | --- | --- | --- | --- | --- |"]
         levels = res.get("noise_levels") or {}
         for t, row in res["by_t"].items():
             lv = levels.get(t) or levels.get(str(t)) or {}
             sigma = f"{lv['sigma']:.4f}" if lv else "-"
             snr = f"{lv['log_snr']:.2f}" if lv else "-"
-            lines.append(f"| {t:g} | {sigma} | {snr} | {cell(row['probe'])} | {cell(row['x0_preview'])} | "
-                         f"{cell(row['random'])} | {row['probe']['global']:.3f} | {row['x0_preview']['global']:.3f} |")
+            lines.append(f"| {t:g} | {sigma} | {snr} | {cell(row['x0_preview'])} | "
+                         + " | ".join(cell(row[name]) for name in LEARNED)
+                         + f" | {cell(row['random'])} | {row['probe']['global']:.3f} | {row['x0_preview']['global']:.3f} |")
         lines += ["", real_levels_line()]
         t02 = res["by_t"][min(res["by_t"], key=lambda c: abs(c - 0.2))]
         lines += ["", "Fraction of the oracle gain captured by top-1 of N (t=0.2):", "",
                   "| scorer | N=2 | N=5 | N=10 | N=20 |", "| --- | --- | --- | --- | --- |"]
-        for name in ("probe", "x0_preview", "random"):
+        for name in SCORERS:
             g = t02[name]["oracle_gain"]
             lines.append(f"| {name} | " + " | ".join(f"{g[n]:.3f}" for n in (2, 5, 10, 20)) + " |")
-        beats = t02["probe"]["within"] > t02["x0_preview"]["within"]
-        above_random = t02["probe"]["low"] > 0
-        lines += ["", f"At t=0.2 the probe {'beats' if beats else 'does NOT beat'} the x0-preview scorer "
-                      f"({t02['probe']['within']:.3f} vs {t02['x0_preview']['within']:.3f}) and its 95% interval "
-                      f"{'excludes' if above_random else 'does NOT exclude'} 0.", ""]
+        best = res.get("best_learned", "probe")
+        gap = t02[best]["within"] - t02["x0_preview"]["within"]
+        lines += ["", f"At t=0.2 the best learned scorer by validation, the {LEARNED_LABELS[best]} "
+                      f"({t02[best]['within']:.3f} [{t02[best]['low']:.3f}, {t02[best]['high']:.3f}]), "
+                      f"{'beats' if gap > 0 else 'does NOT beat'} the x0-preview scorer ({t02['x0_preview']['within']:.3f}) "
+                      f"by {gap:+.3f}; the bar is >= 0.6 and >= x0-preview + 0.15: "
+                      f"{'met' if t02[best]['within'] >= 0.6 and gap >= 0.15 else 'NOT met'}.", ""]
+        if res.get("learning_curve"):
+            lines += [f"Learning curve of the {LEARNED_LABELS[best]} at t=0.2 (trained on the first n training "
+                      "prompts; validation and held-out prompts unchanged):", "",
+                      "| training prompts | training rows | validation | held-out within-prompt [95% CI] |",
+                      "| --- | --- | --- | --- |"]
+            for point in res["learning_curve"]:
+                lines.append(f"| {point['train_prompts']} | {point['train_rows']} | {point['val_within']:.3f} | "
+                             f"{point['within']:.3f} [{point['low']:.3f}, {point['high']:.3f}] |")
+            lines.append("")
         if res.get("ablation"):
             lines += ["What else was tried at t=0.2 (same data and seed unless named; validation: within-prompt "
                       "Spearman on 10% of the training prompts, what model selection may look at; held-out: "
                       "the report's prompts):", "",
                       "| probe variant | parameters | validation | held-out within-prompt [95% CI] | oracle gain N=5 "
                       "| best epoch |", "| --- | --- | --- | --- | --- | --- |"]
-            for name, row in [("the bench probe above (1x1 stem, global pool, MLP; log(score))", t02),
-                              *res["ablation"].items()]:
+            for name, row in [("the bench probe above (1x1 stem, global pool, MLP; log(score))",
+                               {**t02["probe"], "probe": t02["probe"]}), *res["ablation"].items()]:
                 lines.append(f"| {name} | {row.get('probe_parameters', '')} | {row.get('val_within', float('nan')):.3f} | "
                              f"{cell(row['probe'])} | {row['probe']['oracle_gain'][5]:.3f} | {row['best_epoch']} |")
             lines.append("")
@@ -575,7 +771,7 @@ def main(argv=None) -> dict:
             res["by_t"] = {float(t): row for t, row in res["by_t"].items()}
             res["noise_levels"] = {float(t): lv for t, lv in res.get("noise_levels", {}).items()}
             for row in res["by_t"].values():
-                for scorer in ("probe", "x0_preview", "random"):
+                for scorer in SCORERS:
                     row[scorer]["oracle_gain"] = {int(n): v for n, v in row[scorer]["oracle_gain"].items()}
             for row in res.get("ablation", {}).values():
                 row["probe"]["oracle_gain"] = {int(n): v for n, v in row["probe"]["oracle_gain"].items()}

@@ -355,3 +355,25 @@ def test_command_line_trains_x0_probes_and_collects_x0(tmp_path, caplog):
     assert main(["train", "-q", "--dataset", str(plain), "--checkpoint", "0.25", "--out", str(refused),
                  "--epochs", "1", "--inputs", "activations+x0", "--probe-config", small]) != 0
     assert not refused.exists() and "stores no x0 latents" in caplog.text
+
+
+def test_learning_curve_subsets_train_on_the_first_prompts_only(tmp_path):
+    from probe_select.probes.training.dataset import split_by_prompt
+    from probe_select.probes.training.pipeline import SPLIT_FRACTIONS, first_prompts
+
+    ds = ProbeDataset(_write_dataset(tmp_path / "ds", prompts=12, n=4))
+    ids = ds.prompt_ids
+    splits = split_by_prompt(ids, SPLIT_FRACTIONS, seed=0)
+    train_ids = list(dict.fromkeys(ids[r] for r in splits["train"].tolist()))
+    rows = first_prompts(splits["train"], ids, 2)
+    assert [ids[r] for r in rows.tolist()] == [train_ids[0]] * 4 + [train_ids[1]] * 4
+    assert torch.equal(first_prompts(splits["train"], ids, 100), splits["train"])
+    config = TrainConfig(epochs=1, batch_prompts=4, lr=1e-3)
+    probe_config = ProbeConfig(in_channels=1, stem_width=8, widths=(8,), attention=False, pooled_size=2,
+                               embed_dim=16, time_embed_dim=8, head_hidden=(16,), mlp_hidden=32)
+    _, sizes = train_from_dataset(ds, 0.25, "score", tmp_path / "p.safetensors", train_config=config,
+                                  probe_config=probe_config, streaming="off", train_prompts=2)
+    assert sizes["train"] == 8 and sizes["val"] == len(splits["val"])
+    with pytest.raises(ValueError, match="in-memory"):
+        train_from_dataset(ds, 0.25, "score", tmp_path / "q.safetensors", train_config=config,
+                           probe_config=probe_config, streaming="on", train_prompts=2)

@@ -4,6 +4,8 @@ It checks the mechanics (collection through the pack's sampler, datasets, probe 
 cost, report), not the figures: those come from `make bench-proxy` with the trained models.
 """
 import json
+
+import pytest
 import sys
 from pathlib import Path
 
@@ -17,11 +19,28 @@ def test_proxy_bench_quick_writes_a_report(pack, tmp_path):
     results = proxy_bench.main(["--quick", "--untrained", "--families", "unet", "--out", str(tmp_path / "results"),
                                 "--cache", str(tmp_path / "cache")])
     unet = results["families"]["unet"]
+    report = (tmp_path / "results" / "REPORT.md").read_text()
     assert set(unet["by_t"]) == {0.2, 0.4}
     for row in unet["by_t"].values():
-        for scorer in ("probe", "x0_preview", "random"):
+        for scorer in ("probe", "x0_probe", "both_probe", "x0_preview", "random"):
             assert -1.0 <= row[scorer]["within"] <= 1.0 and row[scorer]["low"] <= row[scorer]["high"]
             assert set(row[scorer]["oracle_gain"]) == {2, 5, 10, 20}
+    # the learned scorers were trained on what they read
+    from probe_select.probes.io import read_probe_metadata
+    assert read_probe_metadata(tmp_path / "cache" / "unet_x0_probe_t0.2.safetensors").inputs == ("x0",)
+    assert read_probe_metadata(tmp_path / "cache" / "unet_t0.2.safetensors").inputs == ("activations",)
+    assert unet["best_learned"] in ("probe", "x0_probe", "both_probe")
+    curve = unet["learning_curve"]
+    assert len(curve) == 4 and [p["train_rows"] for p in curve] == sorted(p["train_rows"] for p in curve)
+    assert curve[0]["train_rows"] < curve[-1]["train_rows"]
+    eq = unet["equal_compute"]
+    # best-of-N costs N generations (best-of-1 a little less: a single image needs no evaluator to pick it)
+    compute = [p["compute"] for p in eq["curves"]["best-of-N"]]
+    assert compute[1:3] == pytest.approx([2.0, 3.0]) and 0.9 < compute[0] < 1.0
+    oracle = {p["schedule"]: p["reward"] for p in eq["curves"]["one stage at 0.2 / oracle"]}
+    best_of = {p["schedule"]: p["reward"] for p in eq["curves"]["best-of-N"]}
+    assert oracle["4: 0.2->1"] == best_of["4"]          # the oracle keeps the best of the 4 at t = 0.2
+    assert "## Reward at equal compute" in report
     cost = unet["cost"][0]
     assert cost["denoiser_evals"] == {"generate_all": 50, "probe_select": 18, "x0_preview": 18}
     assert cost["seconds"]["generate_all"] > 0
@@ -31,7 +50,6 @@ def test_proxy_bench_quick_writes_a_report(pack, tmp_path):
     assert over["probe_ms_per_candidate"] > 0 and over["early_plain_s"] > 0
     assert set(unet["ablation"]) == set(proxy_bench.ABLATIONS)
     assert "demo_probe" not in unet            # only the full run writes the committed demo probe
-    report = (tmp_path / "results" / "REPORT.md").read_text()
     assert "within-prompt" in report and "proxy_unet.png" in report
     # every checkpoint with the noise level it lands on (10 steps of SD1.5's schedule: t = 0.2 is step 2)
     levels = unet["noise_levels"]

@@ -3,7 +3,9 @@ from __future__ import annotations
 
 import logging
 from pathlib import Path
-from typing import Callable, Optional
+from typing import Callable, Optional, Sequence
+
+import torch
 
 from .dataset import DatasetArrays, ProbeDataset, check_probe_matches, probe_config_for, split_by_prompt
 from .evaluation import ProbeEvaluation, evaluate_probe_on, evaluation_from_predictions
@@ -34,13 +36,27 @@ def train_arrays(arrays: DatasetArrays, use_text: bool) -> TrainArrays:
                        target=arrays.scores, text=arrays.text_embedding if use_text else None, x0=arrays.x0)
 
 
+def first_prompts(rows: torch.Tensor, prompt_ids: Sequence[str], count: int) -> torch.Tensor:
+    """The rows (of ``rows``) that belong to the first ``count`` prompts in row order."""
+    chosen: dict[str, None] = {}
+    for row in rows.tolist():
+        if len(chosen) >= count:
+            break
+        chosen.setdefault(prompt_ids[row], None)
+    return torch.tensor([row for row in rows.tolist() if prompt_ids[row] in chosen], dtype=torch.long)
+
+
 def train_from_dataset(dataset: ProbeDataset, checkpoint_t: float, evaluator: str, out_path, *,
                        train_config: TrainConfig, use_text: bool = True, split_seed: int = 0,
                        probe_config: Optional[ProbeConfig] = None, state_dir=None,
                        on_epoch: Optional[Callable[[int, dict], None]] = None,
                        should_stop: Optional[Callable[[], bool]] = None, streaming: str = "auto",
-                       stream_config: Optional[StreamConfig] = None) -> tuple[TrainResult, dict]:
+                       stream_config: Optional[StreamConfig] = None,
+                       train_prompts: Optional[int] = None) -> tuple[TrainResult, dict]:
     """Train a probe on the dataset's train split (by prompt), validating on its val split.
+
+    ``train_prompts``: train on only the first n prompts of the train split (in dataset order; the
+    val split is unchanged), the points of a learning curve. In memory only.
 
     ``streaming``: ``"off"`` holds the checkpoint's features in memory (the path small datasets
     always took); ``"on"`` streams them from the shards (:mod:`.streamed_train`, settings in
@@ -50,7 +66,11 @@ def train_from_dataset(dataset: ProbeDataset, checkpoint_t: float, evaluator: st
     evaluator = default_evaluator(dataset, evaluator)
     # Refused before any data is read: a probe that reads x0, on a dataset collected without it.
     probe_config_for(dataset.manifest, probe_config, use_text, where=f"dataset {dataset.root}")
+    if train_prompts is not None and train_prompts < 1:
+        raise ValueError(f"train_prompts must be >= 1, got {train_prompts}")
     if wants_streaming(streaming, dataset.manifest, len(dataset)):
+        if train_prompts is not None:
+            raise ValueError("train_prompts (a learning-curve subset) needs the in-memory path: streaming='off'")
         return train_from_index(StreamIndex(dataset.root), checkpoint_t, evaluator, out_path,
                                 train_config=train_config, stream_config=stream_config, use_text=use_text,
                                 split_seed=split_seed, fractions=SPLIT_FRACTIONS, probe_config=probe_config,
@@ -60,6 +80,8 @@ def train_from_dataset(dataset: ProbeDataset, checkpoint_t: float, evaluator: st
     if len(splits["train"]) == 0 or len(splits["val"]) == 0:
         raise ValueError(f"dataset {dataset.root} has too few prompts ({len(set(arrays.prompt_ids))}) for a "
                          "train/val/test split; collect more prompts")
+    if train_prompts is not None:
+        splits = dict(splits, train=first_prompts(splits["train"], arrays.prompt_ids, train_prompts))
     manifest = dataset.manifest
     use_text = use_text and manifest.text_dim > 0 and arrays.text_embedding is not None
     probe_config = probe_config_for(manifest, probe_config, use_text, where=f"dataset {dataset.root}")

@@ -71,7 +71,7 @@ clean:
 lint: setup
 	$(PY) -m ruff check --select F,E9 --line-length 120 nodes probes tools devtools scripts tests __init__.py bench
 
-# The proxy-world models: committed weights, or trained here (<= 15 minutes each) when missing.
+# The proxy-world models: committed weights, or trained here (up to an hour each) when missing.
 proxy-models: setup
 	@for f in unet dit; do \
 	  $(PY) -c "from devtools import bootstrap_comfy; bootstrap_comfy(); from bench.proxy_world import models; models.weights_path('$$f')" 2>/dev/null \
@@ -81,14 +81,16 @@ proxy-models: setup
 # Probe-Select measured end to end in the proxy world: collects the four datasets in two parallel
 # lanes (the UNet's training set alone; the rest in turn), then trains the probes and writes
 # bench/results/REPORT.md.
+# PROXY_BENCH_ARGS=--medium: fewer prompts (what the committed report was run with, see its command line).
+PROXY_BENCH_ARGS ?=
 bench-proxy: proxy-models
 	@set -e; \
-	$(PY) bench/proxy_bench.py --families unet --collect-only train & lane1=$$!; \
-	( $(PY) bench/proxy_bench.py --families unet --collect-only heldout && \
-	  $(PY) bench/proxy_bench.py --families dit --collect-only train && \
-	  $(PY) bench/proxy_bench.py --families dit --collect-only heldout ) & lane2=$$!; \
+	$(PY) bench/proxy_bench.py $(PROXY_BENCH_ARGS) --families unet --collect-only train & lane1=$$!; \
+	( $(PY) bench/proxy_bench.py $(PROXY_BENCH_ARGS) --families unet --collect-only heldout && \
+	  $(PY) bench/proxy_bench.py $(PROXY_BENCH_ARGS) --families dit --collect-only train && \
+	  $(PY) bench/proxy_bench.py $(PROXY_BENCH_ARGS) --families dit --collect-only heldout ) & lane2=$$!; \
 	wait $$lane1; wait $$lane2
-	$(PY) bench/proxy_bench.py --reuse-datasets
+	$(PY) bench/proxy_bench.py $(PROXY_BENCH_ARGS) --reuse-datasets
 
 demo: proxy-models
 	$(PY) bench/demo.py

@@ -58,7 +58,10 @@ def workflow(family: str, probe_name: str, n: int, k: int, seed: int, steps: int
             "candidates": n, "steps": steps, "cfg": 4.0, "sampler_name": "euler", "scheduler": "normal",
             "checkpoint_percent": 0.2, "denoise": 1.0}},
         "7": {"class_type": "ProbeSelectLoadProbe", "inputs": {"probe_name": probe_name}},
-        "8": {"class_type": "ProbeSelectScore", "inputs": {"probe": ["7", 0], "activations": ["6", 2]}},
+        # the x0 preview is connected too: the demo probe is whichever learned scorer validation favoured,
+        # and the x0-latent probes read it (an activations probe ignores it)
+        "8": {"class_type": "ProbeSelectScore", "inputs": {"probe": ["7", 0], "activations": ["6", 2],
+                                                           "x0_preview": ["6", 1]}},
         "9": {"class_type": "ProbeSelectTopK", "inputs": {"early_latent": ["6", 0], "scores": ["8", 0], "keep": k}},
         "10": {"class_type": "ProbeSelectResume", "inputs": {"model": ["1", 0], "positive": ["2", 0],
                                                               "negative": ["3", 0], "latent": ["9", 0], "cfg": 4.0}},
@@ -176,7 +179,7 @@ def main(argv=None) -> dict:
     parser.add_argument("--keep", type=int, default=1)
     parser.add_argument("--seed", type=int, default=7)
     parser.add_argument("--steps", type=int, default=20)
-    parser.add_argument("--more-prompts", type=int, default=12,
+    parser.add_argument("--more-prompts", type=int, default=23,
                         help="also run this many held-out prompts for the kept-vs-mean summary (one is noisy)")
     args = parser.parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(message)s")

@@ -541,10 +541,12 @@ def overheads(family: str, setting: Setting, n: int = 5, t: float = 0.2, repeats
             "activation_shape": list(activations.features.shape[1:]), "activation_dtype": str(activations.features.dtype)}
 
 
-def write_demo_probe(family: str, t: float = 0.2) -> Path:
-    """The t=0.2 probe of the full run, in fp16 (1.5 MB), where `make demo` finds it on a fresh clone."""
+def write_demo_probe(family: str, scorer: str = "probe", t: float = 0.2) -> Path:
+    """The t=0.2 probe of the learned scorer validation favoured, in fp16, where `make demo` finds it on a
+    fresh clone (under the demo's name whatever it reads: the demo connects activations and x0)."""
     from probe_select.probes.io import load_probe, save_probe
-    probe, meta = load_probe(CACHE / f"{family}_t{t:g}.safetensors")
+    name = f"{family}_t{t:g}.safetensors" if scorer == "probe" else f"{family}_{scorer}_t{t:g}.safetensors"
+    probe, meta = load_probe(CACHE / name)
     return save_probe(DEMO_PROBES / f"{family}_t{t:g}.safetensors", probe, meta, dtype=torch.float16)
 
 
@@ -811,8 +813,8 @@ def main(argv=None) -> dict:
                        for n, k, t in ((5, 1, 0.2), (10, 2, 0.2), (5, 1, 0.4))
                        if not args.quick or (n, k, t) == (5, 1, 0.2)]
         res["overheads"] = overheads(family, setting, repeats=2 if args.quick else 7)
-        if setting is FULL and not args.untrained and args.cache == DEFAULT_CACHE:
-            res["demo_probe"] = str(write_demo_probe(family).relative_to(ROOT))
+        if setting is not QUICK and not args.untrained and args.cache == DEFAULT_CACHE:
+            res["demo_probe"] = str(write_demo_probe(family, res["best_learned"]).relative_to(ROOT))
         results["families"][family] = res
     if args.collect_only:
         return results

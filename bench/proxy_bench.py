@@ -62,7 +62,7 @@ class Setting:
     train_seeds: int
     heldout_seeds: int
     steps: int
-    cfg: float
+    cfg: object      # a number, or None: each model's own CFG (bench.proxy_world.models.DEFAULT_CFG)
     checkpoints: tuple
     epochs: int
     feature_size: int
@@ -70,15 +70,21 @@ class Setting:
     cost_repeats: int
 
 
-FULL = Setting(train_prompts=128, heldout_prompts=48, train_seeds=16, heldout_seeds=20, steps=20, cfg=4.0,
+FULL = Setting(train_prompts=128, heldout_prompts=48, train_seeds=16, heldout_seeds=20, steps=20, cfg=None,
                checkpoints=(0.1, 0.2, 0.3, 0.4, 0.6), epochs=40, feature_size=8, bootstrap=1000, cost_repeats=5)
-MEDIUM = Setting(train_prompts=96, heldout_prompts=32, train_seeds=12, heldout_seeds=20, steps=20, cfg=4.0,
+MEDIUM = Setting(train_prompts=96, heldout_prompts=32, train_seeds=12, heldout_seeds=20, steps=20, cfg=None,
                  checkpoints=(0.1, 0.2, 0.3, 0.4, 0.6), epochs=30, feature_size=8, bootstrap=1000, cost_repeats=2)
 QUICK = Setting(train_prompts=16, heldout_prompts=8, train_seeds=4, heldout_seeds=6, steps=10, cfg=4.0,
                 checkpoints=(0.2, 0.4), epochs=2, feature_size=4, bootstrap=50, cost_repeats=1)
 
 
 UNTRAINED = False     # --untrained: random-initialised proxy models (smoke tests of the pipeline only)
+
+
+def cfg_of(family: str, setting: Setting) -> float:
+    """The setting's CFG, or the model's own (models.DEFAULT_CFG) when the setting leaves it to the model."""
+    from bench.proxy_world import models
+    return float(models.DEFAULT_CFG[family] if setting.cfg is None else setting.cfg)
 
 
 def load_model(family: str):
@@ -116,7 +122,7 @@ def collect(family: str, prompts: list[str], seeds: int, setting: Setting, datas
         scene = grammar.parse_prompt(prompt)
         result = split_sampling.run_candidates(
             tapped, positive, negative, models.empty_latent(family, 1), seed_base + p * 1000, seeds, steps,
-            setting.cfg, "euler", "normal", stop_step=steps, capture_at=capture)
+            cfg_of(family, setting), "euler", "normal", stop_step=steps, capture_at=capture)
         final = evaluator.score(models.latent_to_image(result.latent["samples"], family), [scene] * seeds)
         final = torch.as_tensor(final, dtype=torch.float64)
         scores = {EVALUATOR: final.float(), TRAIN_TARGET: final.clamp(min=LOG_FLOOR).log().float()}
@@ -465,6 +471,7 @@ def cost(family: str, setting: Setting, n: int, k: int, t: float, repeats: int) 
     import nodes as comfy_nodes
 
     patcher, tapped, probe, meta, prompt, pos, neg, latent = timing_setup(family, setting, t)
+    cfg = cfg_of(family, setting)
     scene = grammar.parse_prompt(prompt)
     steps = setting.steps
 
@@ -472,23 +479,23 @@ def cost(family: str, setting: Setting, n: int, k: int, t: float, repeats: int) 
         return evaluator.score(models.latent_to_image(samples, family), [scene] * samples.shape[0])
 
     def generate_all():
-        out = split_sampling.run_candidates(patcher, pos, neg, latent, 0, n, steps, setting.cfg, "euler", "normal",
+        out = split_sampling.run_candidates(patcher, pos, neg, latent, 0, n, steps, cfg, "euler", "normal",
                                             stop_step=steps, capture_at=())
         scores = decode_and_score(out.latent["samples"])
         return int(torch.as_tensor(scores).argmax())
 
     def probe_select():
-        early = split_sampling.run_early(tapped, pos, neg, latent, 0, n, steps, setting.cfg, "euler", "normal", t)
+        early = split_sampling.run_early(tapped, pos, neg, latent, 0, n, steps, cfg, "euler", "normal", t)
         scores = score_candidates(probe, meta, early.activations)
         kept = split_sampling.select_rows(early.latent, scores.order()[:k].tolist())
-        final = split_sampling.resume(patcher, pos, neg, kept, setting.cfg)
+        final = split_sampling.resume(patcher, pos, neg, kept, cfg)
         decode_and_score(final["samples"])
 
     def x0_preview():
-        early = split_sampling.run_early(patcher, pos, neg, latent, 0, n, steps, setting.cfg, "euler", "normal", t)
+        early = split_sampling.run_early(patcher, pos, neg, latent, 0, n, steps, cfg, "euler", "normal", t)
         order = torch.as_tensor(decode_and_score(early.x0["samples"])).argsort(descending=True, stable=True)
         kept = split_sampling.select_rows(early.latent, order[:k].tolist())
-        final = split_sampling.resume(patcher, pos, neg, kept, setting.cfg)
+        final = split_sampling.resume(patcher, pos, neg, kept, cfg)
         decode_and_score(final["samples"])
 
     del comfy_nodes
@@ -519,7 +526,8 @@ def overheads(family: str, setting: Setting, n: int = 5, t: float = 0.2, repeats
     patcher, tapped, probe, meta, _, pos, neg, latent = timing_setup(family, setting, t)
 
     def early(model):
-        return split_sampling.run_early(model, pos, neg, latent, 0, n, setting.steps, setting.cfg, "euler", "normal", t)
+        return split_sampling.run_early(model, pos, neg, latent, 0, n, setting.steps, cfg_of(family, setting), "euler",
+                                        "normal", t)
 
     activations = early(tapped).activations
     early(patcher)                                         # warm-up
@@ -627,7 +635,8 @@ def write_report(results: dict, setting: Setting, command: str, images: list[str
         f"on CPU, {torch.get_num_threads()} thread(s). Generated {time.strftime('%Y-%m-%d %H:%M UTC', time.gmtime())}.",
         "",
         f"Setting: {setting.train_prompts} training prompts x {setting.train_seeds} seeds, {setting.heldout_prompts} "
-        f"held-out prompts x {setting.heldout_seeds} seeds, {setting.steps} euler steps, CFG {setting.cfg}, "
+        f"held-out prompts x {setting.heldout_seeds} seeds, {setting.steps} euler steps, CFG "
+        f"{setting.cfg if setting.cfg is not None else ', '.join(f'{f} {cfg_of(f, setting):g}' for f in results['families'])}, "
         f"checkpoints {', '.join(f'{t:g}' for t in setting.checkpoints)}; evaluator: the analytic proxy evaluator "
         "(bench/proxy_world/evaluator.py). Within-prompt Spearman is the headline (it is what seed selection "
         "needs); global Spearman, across prompts, is shown for reference only. Intervals: bootstrap 95% over "

@@ -45,8 +45,8 @@ def test_proxy_bench_quick_writes_a_report(pack, tmp_path):
     assert cost["denoiser_evals"] == {"generate_all": 50, "probe_select": 18, "x0_preview": 18}
     assert cost["seconds"]["generate_all"] > 0
     over = unet["overheads"]
-    # auto tap of the SD1 proxy UNet: output_blocks.3.0 (128 channels at 16x16), pooled to 4x4, fp16
-    assert over["activation_shape"] == [128, 4, 4] and over["activation_bytes_per_candidate"] == 128 * 4 * 4 * 2
+    # auto tap of the SD1 proxy UNet: output_blocks.3.0 (64 channels at 16x16), pooled to 4x4, fp16
+    assert over["activation_shape"] == [64, 4, 4] and over["activation_bytes_per_candidate"] == 64 * 4 * 4 * 2
     assert over["probe_ms_per_candidate"] > 0 and over["early_plain_s"] > 0
     assert set(unet["ablation"]) == set(proxy_bench.ABLATIONS)
     assert "demo_probe" not in unet            # only the full run writes the committed demo probe

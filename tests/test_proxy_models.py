@@ -72,7 +72,7 @@ def test_models_use_comfy_classes(built, family):
         assert model.adm_channels == POOLED_DIM
         assert float(model.model_sampling.shift) == 3.0
     n = models.param_count(patcher)
-    assert 4_000_000 <= n <= 7_000_000, n       # unet 5.56 M, dit 5.10 M (calibration round 2)
+    assert (1_500_000 <= n <= 2_500_000) if family == "unet" else (4_500_000 <= n <= 5_500_000), n   # 1.87 M, 5.10 M
     for p in model.diffusion_model.parameters():
         assert torch.isfinite(p).all()
 

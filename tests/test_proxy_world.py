@@ -150,7 +150,12 @@ def test_evaluator_low_on_each_single_corruption(report):
     assert set(report["corruptions"]) == set(CORRUPTIONS)
     for kind, r in report["corruptions"].items():
         assert r["n"] >= 100, kind
-        assert r["mean"] <= 0.5, (kind, r)
+        # a wrong shape costs at most 20% (the tolerant shape factor): lower than the right image,
+        # but not a failure of the prompt; every other corruption fails it
+        if kind == "wrong_shape":
+            assert 0.5 < r["mean"] <= 0.8 * report["jittered"]["mean"] + 1e-9, (kind, r)
+        else:
+            assert r["mean"] <= 0.5, (kind, r)
         assert r["max"] < report["jittered"]["min"], (kind, r)
         assert r["frac_below_correct"] >= 0.95, (kind, r)
 
@@ -186,7 +191,10 @@ def test_score_terms_explain_failures():
     flipped = score_terms(render(parse_prompt("a red circle right of a blue square"), rng=1), s)
     assert flipped["relation"].item() < 0.2 and flipped["shape"].item() > 0.9
     wrong_shape = score_terms(render(parse_prompt("a red triangle left of a blue square"), rng=1), s)
-    assert wrong_shape["shape"].item() < 0.2 and wrong_shape["relation"].item() > 0.9
+    # the shape factor is tolerant: floor 0.8 (a wrong shape costs 20%); strict on request
+    assert wrong_shape["shape"].item() < 0.81 and good["shape"].item() > 0.99 and wrong_shape["relation"].item() > 0.9
+    strict = score_terms(render(parse_prompt("a red triangle left of a blue square"), rng=1), s, shape_floor=0.1)
+    assert strict["shape"].item() < 0.2 and strict["score"].item() < 0.2 < 0.5 < wrong_shape["score"].item()
     three = parse_prompt("three green circles")
     two = score_terms(render(parse_prompt("two green circles"), rng=2), three)
     assert two["chi"].item() == pytest.approx(2.0, abs=0.1) and two["count"].item() < 0.2

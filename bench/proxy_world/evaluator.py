@@ -20,9 +20,11 @@ fractions of the image area; float64 throughout):
    Soft masks: m_k = w_k h(alpha_k);  m_other = w_other h(|d| / 0.9).
 2. For each required colour group g: object (shape_g, colour k), n_g copies (a relation scene
    has two groups with different colours; a count scene one group with n_g = count):
-   - presence  P_g = a^2 / (a^2 + 0.003^2),  a = mean_p m_k / n_g.
+   - presence  P_g = a^2 / (a^2 + 0.003^2) / (1 + (a / 0.3)^8),  a = mean_p m_k / n_g (an object is
+               neither missing nor image-filling).
    - count     C_g = exp(-(chi_g - n_g)^2 / (2 * 0.3^2)); chi_g = Euler characteristic of the
-               superlevel sets {m_k > t} (8-connected), averaged over t with a smoothstep density on
+               superlevel sets {B * m_k > t} (B the 3x3 binomial blur, so specks and pinholes do not
+               count; 8-connected), averaged over t with a smoothstep density on
                [0.3, 0.7]: sum W(m) - sum_{4-adjacent pairs} W(min) + sum_{2x2} W(min of 4)
                - sum_{2x2} relu(W(min of a diagonal) - W(max of the other diagonal)), W the
                smoothstep CDF. = number of blobs for crisp hole-free blobs; continuous in m.
@@ -46,10 +48,13 @@ fractions of the image area; float64 throughout):
    colours (crisp, saturated, larger objects -> 1; blur lowers it), D = mean over copies of the
    squared standardised distance of f_j to the mean descriptor of the required shape.
 
-   score = Q * fl(X) * fl(R) * prod_g fl(P_g) fl(C_g) fl(S_g),   fl(f) = 0.1 + 0.9 f.
+   score = Q * fl(X) * fl(R) * prod_g fl(P_g) fl(C_g) fs(S_g),   fl(f) = 0.1 + 0.9 f,
+   fs(f) = 0.8 + 0.2 f.
 
 fl keeps a graded floor: one wrong attribute gives <= ~0.1, two ~0.01, so seeds that fail in
-different ways remain comparable.
+different ways remain comparable. fs is tolerant: a wrong or blobby shape costs at most 20%, so an
+image fails its prompt on meaning (colour binding, count, relation, missing or extra objects), as a
+reward model judges a 32 px sketch.
 """
 from __future__ import annotations
 
@@ -67,6 +72,7 @@ from .render import BACKGROUND, COLOR_RGB
 SIGMA_ANGLE = 0.10    # colour membership: scale of sin(angle) between (x - bg) and (c_k - bg)
 SIN2_OTHER = 0.15     # sin^2 of the angle (~23 deg) beyond which "other colour" wins
 PRESENCE_M0 = 0.003   # mass (fraction of the image) of half presence
+PRESENCE_MAX = 0.3    # mass per copy (fraction of the image) at which presence halves again: not an object
 EXTRA_E0 = 0.005      # extra mass (fraction of the image) at which X = 1/2
 COUNT_SIGMA = 0.3
 REL_SCALE = 0.04
@@ -390,7 +396,9 @@ def _score_terms(images: torch.Tensor, scenes: List[Scene], shape_floor: float) 
     # presence and count
     mass = flat.sum(1) / hw
     a = mass / gn_t
-    presence = a * a / (a * a + PRESENCE_M0 ** 2)
+    # ... and an object is object-sized: with a tolerant shape factor, a blob filling the image would
+    # otherwise pass for "a white cross" (rendered objects cover at most ~0.1 of the image each)
+    presence = a * a / (a * a + PRESENCE_M0 ** 2) / (1.0 + (a / PRESENCE_MAX) ** 8)
     chi = soft_euler(smooth_for_count(gm) if COUNT_SMOOTHING else gm)
     count = torch.exp(-((chi - gn_t) ** 2) / (2 * COUNT_SIGMA ** 2))
 

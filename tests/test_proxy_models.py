@@ -277,3 +277,15 @@ def test_within_prompt_spearman_of_sample_figures():
     flipped = sample.within_prompt(-target, target)
     assert flipped["mean"] == pytest.approx(-1.0)
     assert flipped["low"] <= flipped["mean"] <= flipped["high"]
+
+
+def test_calibration_verdict_names_every_missed_target():
+    from bench.proxy_world import sample
+
+    figures = {"success_fraction": 0.32, "prompts_with_mixed_outcomes": 0.62, "semantic_failure_share": 0.9,
+               "x0_preview_within_spearman": {"mean": 0.49}}
+    checks = sample.calibration_checks(figures)
+    assert [ok for ok in checks.values()] == [True, True, True, False]
+    assert "x0-preview Spearman 0.49 (target 0.15-0.35)" in checks
+    figures.update(success_fraction=0.06, x0_preview_within_spearman={"mean": 0.25})
+    assert [ok for ok in sample.calibration_checks(figures).values()] == [False, True, True, True]

@@ -5,9 +5,13 @@
   pixels, attention (self + cross) at 8x8 only; 1.87 M parameters. The pack's taps, samplers and
   ``auto`` tap (``output_blocks.3.0``, 16x16) run on it unchanged.
 * ``"dit"``: an SD3-family MMDiT: ``comfy.supported_models.SD3`` config, ``comfy.model_base.SD3``
-  (FLOW / CONST sampling with SD3's shift 3.0), ComfyUI's ``OpenAISignatureMMDITWrapper``; hidden
-  128, 2 heads, 4 joint blocks, patch 2 on a 16x16 latent (64 image tokens); 2.29 M parameters.
-  ``auto`` tap: ``joint_blocks.3``.
+  (FLOW / CONST sampling with SD3's shift 3.0, what it samples with), ComfyUI's
+  ``OpenAISignatureMMDITWrapper``; hidden 192, 3 heads, 4 joint blocks, patch 2 on a 16x16 latent (64
+  image tokens); 5.10 M parameters, trained for 58 minutes. ``auto`` tap: ``joint_blocks.3``.
+
+Both sample with the noise schedules of their real families (SD1.5's scaled-linear eps; SD3's flow
+shift 3), so a checkpoint fraction lands on the log-SNR it lands on there (bench/proxy_world/sample.py
+reports it). Trained weights are stored as float16 and widened to float32 on load.
 
 There is no autoencoder: the latent is the image itself, in pixel space.
 

@@ -222,6 +222,17 @@ def cfg_sweep(patcher, enc, family: str, prompts: Sequence[str], values: Sequenc
     return rows
 
 
+def calibration_checks(r: Dict) -> Dict[str, bool]:
+    """The four targets of a calibrated world, each with its verdict on one family's figures."""
+    rho = r["x0_preview_within_spearman"]["mean"]
+    return {f"success {100 * r['success_fraction']:.0f}% (target 25-75%)": 0.25 <= r["success_fraction"] <= 0.75,
+            f"mixed prompts {100 * r['prompts_with_mixed_outcomes']:.0f}% (target >= 40%)":
+                r["prompts_with_mixed_outcomes"] >= 0.40,
+            f"semantic share of failures {100 * r['semantic_failure_share']:.0f}% (target > 50%)":
+                r["semantic_failure_share"] > 0.5,
+            f"x0-preview Spearman {rho:.2f} (target 0.15-0.35)": 0.15 <= rho <= 0.35}
+
+
 def _spearman_cell(v: Dict) -> str:
     return f"{v['mean']:.3f} [{v['low']:.3f}, {v['high']:.3f}]"
 
@@ -271,6 +282,10 @@ def _markdown(results: Dict, command: str) -> str:
                      f"{c['log_snr']:.2f} | {real} | {100 * r['success_fraction']:.1f}% | "
                      f"{100 * r['prompts_with_mixed_outcomes']:.0f}% | {100 * r['semantic_failure_share']:.0f}% | "
                      f"{_spearman_cell(r['x0_preview_within_spearman'])} |")
+    lines += ["", "Verdict against the targets (a world is calibrated when all four hold):", ""]
+    for fam, r in results["families"].items():
+        failed = [name for name, ok in calibration_checks(r).items() if not ok]
+        lines.append(f"- {fam}: " + ("calibrated." if not failed else "NOT calibrated: " + "; ".join(failed) + "."))
     variants = [(fam, name, v) for fam, r in results["families"].items() for name, v in r.get("variants", {}).items()]
     if variants:
         lines += ["", "Evaluator variants on the same samples (shape factor floor; the default is "
@@ -329,6 +344,7 @@ def main(argv=None) -> int:
     ap.add_argument("--shape-floors", type=str, default="",
                     help="comma-separated evaluator variants (shape factor floors) to report beside the default")
     ap.add_argument("--threads", type=int, default=2)
+    ap.add_argument("--markdown-only", action="store_true", help="rewrite the .md from the .json of a previous run")
     ap.add_argument("--out", type=Path, default=RESULTS / "proxy_models")
     ap.add_argument("--grid-dir", type=Path, default=models.CACHE_WEIGHTS,
                     help="where sample grids (PNG) go (default: the git-ignored cache)")
@@ -336,6 +352,10 @@ def main(argv=None) -> int:
     logging.basicConfig(level=logging.WARNING, format="%(asctime)s %(name)s %(message)s", force=True)
     log.setLevel(logging.INFO)
     torch.set_num_threads(args.threads)
+    if args.markdown_only:
+        results = json.loads(args.out.with_suffix(".json").read_text())
+        args.out.with_suffix(".md").write_text(_markdown(results, results["command"]))
+        return 0
     families = args.family or list(models.FAMILIES)
     floors = [float(v) for v in args.shape_floors.split(",") if v.strip()]
     _, held = prompt_split()

@@ -260,6 +260,15 @@ class SelfAttention2d(nn.Module):
         return x + h.transpose(1, 2).reshape(batch, channels, height, width)
 
 
+def _down_blocks(channels: int, widths: tuple[int, ...], time_dim: int) -> tuple[nn.ModuleList, int]:
+    """One time-conditioned DownBlock per width, in order; returns them and the output channels."""
+    blocks = []
+    for width in widths:
+        blocks.append(DownBlock(channels, width, time_dim))
+        channels = width
+    return nn.ModuleList(blocks), channels
+
+
 class Probe(nn.Module):
     """Predicts the z-scored evaluator score of a candidate from its early activations and/or its
     x0 prediction latent (``config.inputs``).
@@ -281,12 +290,7 @@ class Probe(nn.Module):
             self.stem = nn.Conv2d(config.in_channels, config.stem_width, 1)
         self.time_mlp = _mlp([config.time_embed_dim, config.time_embed_dim, config.time_embed_dim])
         if config.reads_activations:
-            channels = config.stem_width
-            blocks = []
-            for width in config.widths:
-                blocks.append(DownBlock(channels, width, config.time_embed_dim))
-                channels = width
-            self.down_blocks = nn.ModuleList(blocks)
+            self.down_blocks, channels = _down_blocks(config.stem_width, config.widths, config.time_embed_dim)
             self.attention = SelfAttention2d(channels) if config.attention else None
             self.out_norm = nn.GroupNorm(_num_groups(channels), channels)
             self.image_mlp = _mlp([channels * config.pooled_size**2, config.mlp_hidden, config.embed_dim])
@@ -294,12 +298,7 @@ class Probe(nn.Module):
             # Per-sample too; the per-channel mean and std removed here join the pooled vector instead.
             self.x0_norm = nn.GroupNorm(1, config.x0_channels)
             self.x0_stem = nn.Conv2d(config.x0_channels, config.x0_stem_width, 3, padding=1)
-            channels = config.x0_stem_width
-            blocks = []
-            for width in config.x0_widths:
-                blocks.append(DownBlock(channels, width, config.time_embed_dim))
-                channels = width
-            self.x0_blocks = nn.ModuleList(blocks)
+            self.x0_blocks, channels = _down_blocks(config.x0_stem_width, config.x0_widths, config.time_embed_dim)
             self.x0_out_norm = nn.GroupNorm(_num_groups(channels), channels)
             self.x0_mlp = _mlp([channels * config.pooled_size**2 + 2 * config.x0_channels, config.mlp_hidden,
                                 config.embed_dim])

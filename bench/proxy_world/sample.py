@@ -46,9 +46,10 @@ from bench.proxy_world import models  # noqa: E402
 from bench.proxy_world.evaluator import SHAPE_FLOOR, score_terms  # noqa: E402
 from bench.proxy_world.grammar import parse_prompt  # noqa: E402
 from bench.proxy_world.train_models import prompt_split  # noqa: E402
-from probes.analysis.noise_levels import NoiseLevel, noise_level_at_fraction  # noqa: E402
-from probes.analysis.schedules import FLOW, VP  # noqa: E402
-from probes.training.metrics import bootstrap_ci, per_group_spearman  # noqa: E402
+import tools  # noqa: E402,F401  (registers the package probe_select: the library's one import name)
+from probe_select.probes.analysis.noise_levels import NoiseLevel, noise_level_at_fraction  # noqa: E402
+from probe_select.probes.analysis.schedules import FLOW, VP  # noqa: E402
+from probe_select.probes.training.metrics import bootstrap_ci, per_group_spearman  # noqa: E402
 
 log = logging.getLogger("proxy_world.sample")
 RESULTS = ROOT / "bench" / "results"

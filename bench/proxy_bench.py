@@ -424,10 +424,17 @@ ABLATIONS = {
     "ranking + Pearson term (weight 1)": ({}, dict(lambda_pearson=1.0), TRAIN_TARGET, False),
     "learning rate 1e-4 (not 1e-3)": ({}, dict(lr=1e-4), TRAIN_TARGET, False),
     "training seed 1 (not 0)": ({}, dict(seed=1), TRAIN_TARGET, False),
+    # The learned scorers above pool to 1x1 before their MLP, which erases where things are, and this
+    # world's failures are largely where things are (relations): the same with a 4x4 pool.
+    "x0-latent probe with a 4x4 pool (not global)": (
+        dict(inputs=("x0",), x0_size=X0_SIZE, pooled_size=4), {}, TRAIN_TARGET, False),
+    "activations + x0 probe with a 4x4 pool (not global)": (
+        dict(inputs=("activations", "x0"), x0_size=X0_SIZE, pooled_size=4), {}, TRAIN_TARGET, False),
 }
 
 
-def ablation(family: str, setting: Setting, train_dir: Path, heldout_dir: Path, t: float = 0.2) -> dict:
+def ablation(family: str, setting: Setting, train_dir: Path, heldout_dir: Path, t: float = 0.2,
+             names=None) -> dict:
     from probe_select.probes.training.dataset import ProbeDataset
     train_ds, held_ds = ProbeDataset(train_dir), ProbeDataset(heldout_dir)
     channels = train_ds.manifest.feature_shape[0]
@@ -435,7 +442,7 @@ def ablation(family: str, setting: Setting, train_dir: Path, heldout_dir: Path, 
     out = {}
     text_dim = train_ds.manifest.text_dim
     for i, (name, (config_overrides, train_overrides, target, use_text)) in enumerate(ABLATIONS.items()):
-        if use_text and not text_dim:
+        if (names is not None and name not in names) or (use_text and not text_dim):
             continue
         row, _ = train_and_evaluate(train_ds, held_ds, t, CACHE / "ablation" / f"{family}_{i}.safetensors", setting,
                                     target, probe_config(channels, setting, **config_overrides),

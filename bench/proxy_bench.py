@@ -241,14 +241,10 @@ def train_and_evaluate(train_ds, held_ds, t: float, out: Path, setting: Setting,
 
 def noise_levels(family: str, setting: Setting) -> dict:
     """Where each checkpoint t lands on the schedule the model samples with (sigma, log-SNR)."""
-    import comfy.samplers
-    from probe_select.probes.analysis.noise_levels import noise_level_at_fraction
-    from probe_select.probes.analysis.schedules import FLOW, VP
+    from bench.proxy_world.sample import checkpoint_level
 
     patcher, _ = load_model(family)
-    sigmas = comfy.samplers.calculate_sigmas(patcher.get_model_object("model_sampling"), "normal", setting.steps)
-    return {t: noise_level_at_fraction(sigmas.cpu(), FLOW if family == "dit" else VP, t).as_dict()
-            for t in setting.checkpoints}
+    return {t: checkpoint_level(patcher, family, t, setting.steps).as_dict() for t in setting.checkpoints}
 
 
 def real_levels_line() -> str:
@@ -299,17 +295,21 @@ def evaluate_family(family: str, setting: Setting, train_dir: Path, heldout_dir:
     return {"by_t": rows, "heldout_mean_score": float(finals.mean()), "within_prompt_sd": spread,
             "semantic_failure_rate": float((finals < 0.5).mean()), "noise_levels": noise_levels(family, setting),
             "best_learned": best,
-            "learning_curve": learning_curve(family, setting, train_ds, held_ds, best, train_target, t02),
+            "learning_curve": learning_curve(family, setting, train_ds, held_ds, best, train_target, t02,
+                                             rows[t02][best]),
             "equal_compute": equal_compute(family, setting, predictions, finals, groups, best)}
 
 
-def learning_curve(family: str, setting: Setting, train_ds, held_ds, scorer: str, target: str, t: float) -> list:
-    """Held-out within-prompt Spearman of ``scorer`` trained on growing prefixes of the training prompts."""
+def learning_curve(family: str, setting: Setting, train_ds, held_ds, scorer: str, target: str, t: float,
+                   full: dict) -> list:
+    """Held-out within-prompt Spearman of ``scorer`` trained on growing prefixes of the training prompts.
+    The last point, every training prompt, is ``full``: the run of :func:`evaluate_family` at ``t`` (the
+    same rows, config and seed, so training it again would give the same probe)."""
     channels = train_ds.manifest.feature_shape[0]
     prompts = len(set(train_ds.prompt_ids))
     (CACHE / "curve").mkdir(parents=True, exist_ok=True)
     points = []
-    for fraction in (0.125, 0.25, 0.5, 1.0):
+    for fraction in (0.125, 0.25, 0.5):
         count = max(2, int(round(fraction * prompts)))
         row, _ = train_and_evaluate(train_ds, held_ds, t, CACHE / "curve" / f"{family}_{scorer}_{count}.safetensors",
                                     setting, target, probe_config(channels, setting, **LEARNED[scorer]),
@@ -317,6 +317,8 @@ def learning_curve(family: str, setting: Setting, train_ds, held_ds, scorer: str
         points.append({"train_prompts": count, "train_rows": row["train_rows"], "val_within": row["val_within"],
                        **{k: row["probe"][k] for k in ("within", "low", "high")}})
         log.info("  %s learning curve %s: %d rows -> %.3f", family, scorer, row["train_rows"], row["probe"]["within"])
+    points.append({"train_prompts": prompts, "train_rows": full["train_rows"], "val_within": full["val_within"],
+                   **{k: full[k] for k in ("within", "low", "high")}})
     return points
 
 
@@ -374,21 +376,23 @@ def equal_compute(family: str, setting: Setting, predictions: dict, finals: np.n
                                 decode=prices["decode"], final_score=prices["evaluator"]) for name in scorers}
     unit = full_generation_cost(steps, StageCosts(decode=prices["decode"], final_score=prices["evaluator"]))
 
-    def tables(name, prompts):
-        return [ScoreTable(ts, np.stack([scorers[name][t][groups == g] for t in ts], 1), finals[groups == g])
-                for g in prompts]
-
     max_n = min(int((groups == g).sum()) for g in order)
     halves = [order[0::2], order[1::2]]
+    # per scorer: its score tables on every prompt, then on each half (built once, read by every schedule)
+    tables = {}
+    for name in scorers:
+        by_prompt = {g: ScoreTable(ts, np.stack([scorers[name][t][groups == g] for t in ts], 1), finals[groups == g])
+                     for g in order}
+        tables[name] = [list(by_prompt.values())] + [[by_prompt[g] for g in half] for half in halves]
     curves, headline = {}, {}
     for method, texts in compute_schedules(max_n).items():
         for name in (["random"] if method == "best-of-N" else scorers):
             points = []
             for text in texts:
                 schedule = parse_schedule(text)
+                every, *in_halves = (mean_kept_reward(part, schedule, steps) for part in tables[name])
                 points.append({"schedule": text, "compute": schedule_cost(schedule, steps, cost_of[name]) / unit,
-                               "reward": mean_kept_reward(tables(name, order), schedule, steps),
-                               "halves": [mean_kept_reward(tables(name, half), schedule, steps) for half in halves]})
+                               "reward": every, "halves": in_halves})
             curves[f"{method} / {name}" if method != "best-of-N" else method] = points
     # best-of-8 (best-of-the-most when fewer seeds were recorded, as in the quick smoke run)
     bo8 = max((p for p in curves["best-of-N"] if int(p["schedule"]) <= 8), key=lambda p: int(p["schedule"]))

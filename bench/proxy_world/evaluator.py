@@ -137,9 +137,8 @@ def soft_masks(images: torch.Tensor) -> Tuple[torch.Tensor, torch.Tensor]:
 
 
 EULER_BAND = (0.3, 0.7)  # thresholds over which the Euler characteristic is averaged
-# Count on smooth_for_count(mask): specks and pinholes do not change the count (calibration round 2:
+# The count reads smooth_for_count(mask): specks and pinholes do not change it (calibration round 2:
 # the DiT's count factor passed 41% of its samples on the raw masks, 77% on the smoothed ones).
-COUNT_SMOOTHING = True
 
 
 def soft_euler(m: torch.Tensor) -> torch.Tensor:
@@ -399,7 +398,7 @@ def _score_terms(images: torch.Tensor, scenes: List[Scene], shape_floor: float) 
     # ... and an object is object-sized: with a tolerant shape factor, a blob filling the image would
     # otherwise pass for "a white cross" (rendered objects cover at most ~0.1 of the image each)
     presence = a * a / (a * a + PRESENCE_M0 ** 2) / (1.0 + (a / PRESENCE_MAX) ** 8)
-    chi = soft_euler(smooth_for_count(gm) if COUNT_SMOOTHING else gm)
+    chi = soft_euler(smooth_for_count(gm))
     count = torch.exp(-((chi - gn_t) ** 2) / (2 * COUNT_SIGMA ** 2))
 
     # shape: clusters per group (grouped by number of copies)

@@ -23,11 +23,11 @@ from ..probes.pruning import (
     mean_kept_reward,
     plan_schedule,
 )
-from ..probes.training.dataset import DatasetError
+from ..probes.training.dataset import DatasetError, list_shards
 from ..probes.training.planning import PLANNING_SPLITS, PlannerData, probe_score_tables
 from .engine.stages import check_probes_share_the_tap
 from .errors import ProbeSelectError
-from .nodes_dataset import list_datasets
+from .nodes_dataset import dataset_path, list_datasets
 from .nodes_sampling import MAX_STEPS, MIN_STEPS
 from .nodes_training import open_dataset
 from .types import CATEGORY, Probe
@@ -159,6 +159,15 @@ class ProbeSelectPlanSchedule(io.ComfyNode):
             ],
             is_output_node=True,
         )
+
+    @classmethod
+    def fingerprint_inputs(cls, dataset: str = "", **_inputs) -> str:
+        # A dataset grows under the same name (collection appends shards and never edits one): plan again when
+        # its shards change, not only when an input does.
+        try:
+            return "|".join(path.name for path in list_shards(dataset_path(cls.NODE_ID, dataset)))
+        except ProbeSelectError:
+            return dataset
 
     @classmethod
     def validate_inputs(cls, budget_generations: float | None = None, steps: int | None = None,

@@ -314,6 +314,14 @@ def test_the_node_plans_on_held_out_prompts_by_default(comfy_output, predictive)
     assert "does not record its training prompts" in summary
     assert parse_schedule(schedule_text).stages
 
+    # A dataset that grows under the same name is planned again (ComfyUI's cache key changes).
+    growing = os.path.join(comfy_output, "probe_select_datasets", "growing_ds")
+    write_dataset(growing, prompts=2, candidates=2)
+    before = node.fingerprint_inputs(dataset="growing_ds", steps=STEPS)
+    assert before.count("shard-") == 2
+    write_dataset(growing, prompts=2, candidates=2, seed=5)
+    assert node.fingerprint_inputs(dataset="growing_ds", steps=STEPS).count("shard-") == 4
+
 
 def test_bad_input_names_the_node(comfy_output, predictive):
     from probe_select.nodes.errors import ProbeSelectError
@@ -336,6 +344,7 @@ def test_bad_input_names_the_node(comfy_output, predictive):
         node.execute(probe, "single_ds", 3.0, STEPS, split="all")
     with pytest.raises(ProbeSelectError, match=r"^\[ProbeSelectPlanSchedule\] dataset 'missing' does not exist"):
         node.execute(probe, "missing", 3.0, STEPS)
+    assert node.fingerprint_inputs(dataset="../x") == "../x" and node.fingerprint_inputs(dataset="missing") == ""
     other_tap = (predictive[0], dataclasses.replace(predictive[1], tap="output_blocks.2.0"))
     with pytest.raises(ProbeSelectError, match=r"^\[ProbeSelectPlanSchedule\] later_probe 'other'"):
         node.execute(probe, "planner_ds", 3.0, STEPS, later_probe=loaded(other_tap, "other"))
@@ -358,3 +367,35 @@ def test_the_schedule_output_links_to_the_samplers_inputs(pack):
         # A widget input takes a link of its own type unless it is socketless.
         assert outputs[output_name].get_io_type() == target.get_io_type()
         assert not target.socketless
+
+
+def test_comfyui_accepts_the_links_into_the_sampler(pack, monkeypatch):
+    """ComfyUI's own prompt validation (`execution.validate_inputs`) of a ProbeSelectSampler whose schedule and
+    candidates come from ProbeSelectPlanSchedule: the links type-check (and a wrong link is refused)."""
+    import asyncio
+
+    import execution
+    import nodes
+
+    from probe_select.nodes.nodes_sampling import ProbeSelectSampler
+    from probe_select.nodes.nodes_selection import ProbeSelectLoadProbe
+
+    planner = plan_node()
+    for node in (planner, ProbeSelectSampler, ProbeSelectLoadProbe):
+        monkeypatch.setitem(nodes.NODE_CLASS_MAPPINGS, node.NODE_ID, node)
+    upstream = {"2": planner.NODE_ID, "3": "CheckpointLoaderSimple", "4": "CLIPTextEncode", "5": "EmptyLatentImage",
+                "6": ProbeSelectLoadProbe.NODE_ID}
+
+    def errors(schedule_link, candidates_link):
+        prompt = {key: {"class_type": class_type, "inputs": {}} for key, class_type in upstream.items()}
+        prompt["1"] = {"class_type": ProbeSelectSampler.NODE_ID, "inputs": {
+            "model": ["3", 0], "positive": ["4", 0], "negative": ["4", 0], "latent_image": ["5", 0], "probe": ["6", 0],
+            "seed": 0, "candidates": candidates_link, "keep": 1, "steps": STEPS, "cfg": 7.0, "sampler_name": "euler",
+            "scheduler": "normal", "checkpoint_percent": 0.2, "schedule": schedule_link}}
+        validated = {key: (True, [], key) for key in upstream}      # the upstream nodes are checked elsewhere
+        ok, found, _ = asyncio.run(execution.validate_inputs("p", prompt, "1", validated))
+        return ok, found
+
+    assert errors(["2", 0], ["2", 1]) == (True, [])
+    ok, found = errors(["2", 1], ["2", 0])          # crossed: INT into schedule, STRING into candidates
+    assert not ok and {e["type"] for e in found} == {"return_type_mismatch"} and len(found) == 2

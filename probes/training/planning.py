@@ -115,13 +115,16 @@ def split_rows(prompt_ids: Sequence[str], split: str, split_seed: int) -> torch.
     return torch.sort(torch.cat(chosen)).values
 
 
+def _whole(value: object) -> Optional[int]:
+    return value if isinstance(value, int) and not isinstance(value, bool) else None
+
+
 def _training_counts(metadata: ProbeMetadata) -> tuple[Optional[int], Optional[int]]:
-    data = metadata.training.get("data") if isinstance(metadata.training, dict) else None
+    """(train prompts, val prompts) of the probe's training summary (``training["data"]``), None where absent."""
+    data = metadata.training.get("data")
     if not isinstance(data, dict):
         return None, None
-    train, val = data.get("train_prompts"), data.get("val_prompts")
-    as_int = lambda v: v if isinstance(v, int) and not isinstance(v, bool) else None  # noqa: E731
-    return as_int(train), as_int(val)
+    return _whole(data.get("train_prompts")), _whole(data.get("val_prompts"))
 
 
 def _split_provenance(metadata: Sequence[ProbeMetadata], prompt_ids: Sequence[str], split: str,

@@ -147,7 +147,8 @@ class ProbeSelectPlanSchedule(io.ComfyNode):
                              tooltip="At most this many pruning stages."),
                 io.Combo.Input("split", options=list(PLANNING_SPLITS), default=PLANNING_SPLITS[0], optional=True,
                                tooltip="Prompts to plan on: those ProbeSelectTrain held out with split_seed "
-                                       "(val+test), one of them, or all (optimistic: includes training prompts)."),
+                                       "(val+test), one of them (val chose the best epoch; test is untouched), or "
+                                       "all (optimistic: includes training prompts)."),
                 io.Int.Input("split_seed", default=0, min=0, max=2**31 - 1, optional=True,
                              tooltip="The split seed of the probe's training: ProbeSelectTrain's seed, or "
                                      "'tools.cli train --split-seed'."),

@@ -219,6 +219,22 @@ def test_what_the_probe_file_says_about_its_training_prompts(dataset, predictive
     assert everything.held_out is None and "optimistic" in everything.split_note and len(everything.tables) == PROMPTS
 
 
+def test_a_probe_trained_by_the_pack_is_known_to_have_held_out_the_split(dataset, tmp_path):
+    from probe_select.probes.io import load_probe
+    from probe_select.probes.training.pipeline import train_from_dataset
+    from probe_select.probes.training.train import TrainConfig
+
+    data_set, _ = dataset
+    out = tmp_path / "trained.safetensors"
+    train_from_dataset(data_set, 0.2, EVALUATOR, out, train_config=TrainConfig(epochs=1, batch_prompts=8, seed=0),
+                       use_text=False, split_seed=0, probe_config=tiny_config(), streaming="off")
+    probe, meta = load_probe(out)
+    data = probe_score_tables(data_set, [(probe, meta)], STEPS, split="test", split_seed=0)
+    assert data.held_out is True and "were held out" in data.split_note
+    test_prompts = {data_set.prompt_ids[i] for i in split_rows(data_set.prompt_ids, "test", 0).tolist()}
+    assert set(data.prompt_ids) == test_prompts
+
+
 # ---- the node --------------------------------------------------------------------------------------
 
 

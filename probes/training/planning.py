@@ -29,7 +29,8 @@ same evaluator).
 
 Prompts: the tables hold one split by prompt (:func:`~.dataset.split_by_prompt`, the split
 ProbeSelectTrain and ``tools.cli train`` use with the same split seed), by default every prompt
-the probe was not trained on ("val+test"). A probe file does not record which prompts it was trained
+the probe was not trained on ("val+test"; the val prompts chose the best epoch, a mild optimism that
+"test" alone avoids, on fewer prompts). A probe file does not record which prompts it was trained
 on, only how many (its ``training`` summary); :attr:`PlannerData.split_note` says whether those
 counts agree with this dataset's split (consistent, not proof) or not, or that nothing is
 recorded. Prompts with fewer than ``min_candidates`` rows in the split are left out.

@@ -10,6 +10,7 @@ from .nodes_image_metrics import IMAGE_METRICS_NODES
 from .nodes_latent_probing import LATENT_PROBING_NODES
 from .nodes_ood import OOD_NODES
 from .nodes_pick import ProbeSelectPickCandidates
+from .nodes_planner import ProbeSelectPlanSchedule
 from .nodes_preview_score import ProbeSelectPreviewScore
 from .nodes_sampling import ProbeSelectCollectSampler, ProbeSelectEarlySampler, ProbeSelectResume, ProbeSelectSampler
 from .nodes_schedules import SCHEDULE_NODES
@@ -29,6 +30,7 @@ NODES: list[type[io.ComfyNode]] = [
     ProbeSelectEarlySamplerCustom,
     ProbeSelectResumeCustom,
     ProbeSelectSampler,
+    ProbeSelectPlanSchedule,
     ProbeSelectCollectSampler,
     *EVALUATOR_NODES,
     ProbeSelectDatasetWriter,

@@ -33,7 +33,9 @@ def _image(pil_image) -> torch.Tensor:
     return torch.from_numpy(np.asarray(pil_image.convert("RGB"), dtype=np.float32) / 255.0)[None]
 
 
-def _open_dataset(node_id: str, name: str) -> ProbeDataset:
+def open_dataset(node_id: str, name: str) -> ProbeDataset:
+    """Dataset ``name`` of output/probe_select_datasets, opened; ProbeSelectError naming ``node_id`` if it is
+    missing or damaged."""
     path = dataset_path(node_id, name)
     if not os.path.isfile(os.path.join(path, "manifest.json")):
         raise ProbeSelectError(node_id, f"dataset '{name}' does not exist under output/probe_select_datasets.",
@@ -106,7 +108,7 @@ class ProbeSelectTrain(io.ComfyNode):
             inputs = parse_probe_inputs(probe_inputs or "activations")
         except ValueError as e:
             raise ProbeSelectError(node_id, str(e)) from None
-        data = _open_dataset(node_id, dataset)
+        data = open_dataset(node_id, dataset)
         channels, size = data.manifest.feature_shape[0], data.manifest.feature_shape[-1]
         probe_config = ProbeConfig(in_channels=channels, feature_size=size, inputs=inputs)
         out_path = _probe_path(node_id, probe_name)
@@ -169,7 +171,7 @@ class ProbeSelectEvaluateProbe(io.ComfyNode):
     @classmethod
     def execute(cls, probe, dataset, split, split_seed) -> io.NodeOutput:
         node_id = cls.NODE_ID
-        data = _open_dataset(node_id, dataset)
+        data = open_dataset(node_id, dataset)
         try:
             evaluation = evaluate_on_dataset(probe.model, probe.metadata, data, split, split_seed)
         except (ValueError, DatasetError) as e:

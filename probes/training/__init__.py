@@ -1,5 +1,6 @@
 """Training probes (pure PyTorch): activation datasets (:mod:`.dataset`), losses, metrics, the
-training loop (:mod:`.train`), evaluation and the dataset -> probe pipeline (:mod:`.pipeline`)."""
+training loop (:mod:`.train`), evaluation, the dataset -> probe pipeline (:mod:`.pipeline`) and the pruning
+planner's score tables (:mod:`.planning`)."""
 from .dataset import (
     CandidateRows,
     DatasetArrays,

@@ -18,7 +18,7 @@ from ..io import ProbeMetadata
 from .metrics import global_spearman, kendall_tau, per_group_spearman, selection_summary, within_prompt_spearman
 from ..model import Probe
 
-__all__ = ["ProbeEvaluation", "evaluate_probe_on", "evaluation_from_predictions", "format_report"]
+__all__ = ["ProbeEvaluation", "probe_predictions", "evaluate_probe_on", "evaluation_from_predictions", "format_report"]
 
 
 @dataclass
@@ -38,9 +38,9 @@ def _within_prompt_kendall(pred: np.ndarray, target: np.ndarray, group: np.ndarr
     return float(np.nanmean(taus)) if taus else float("nan")
 
 
-def evaluate_probe_on(probe: Probe, metadata: ProbeMetadata, arrays: DatasetArrays,
-                      batch_size: int = 256) -> ProbeEvaluation:
-    """Score every row of `arrays` with the probe and compare with the evaluator's scores."""
+def probe_predictions(probe: Probe, metadata: ProbeMetadata, arrays: DatasetArrays, batch_size: int = 256) -> torch.Tensor:
+    """The probe's score of every row of ``arrays``, ``[N]`` float32 in evaluator units
+    (``pred * score_std + score_mean``), reading what the probe reads (activations, x0, text)."""
     device = next(probe.parameters()).device
     preds = []
     with torch.no_grad():
@@ -58,7 +58,14 @@ def evaluate_probe_on(probe: Probe, metadata: ProbeMetadata, arrays: DatasetArra
                                      "dataset collected with x0 (x0_size > 0)")
                 x0 = arrays.x0[rows].to(device)
             preds.append(probe(features, t, text, x0).float().cpu())
-    predicted = (torch.cat(preds) * metadata.score_std + metadata.score_mean).numpy().astype(np.float64)
+    pred = torch.cat(preds) if preds else torch.zeros(0)
+    return pred * metadata.score_std + metadata.score_mean
+
+
+def evaluate_probe_on(probe: Probe, metadata: ProbeMetadata, arrays: DatasetArrays,
+                      batch_size: int = 256) -> ProbeEvaluation:
+    """Score every row of `arrays` with the probe and compare with the evaluator's scores."""
+    predicted = probe_predictions(probe, metadata, arrays, batch_size).numpy().astype(np.float64)
     return evaluation_from_predictions(predicted, arrays.scores.double().numpy(), arrays.prompt_groups().numpy())
 
 

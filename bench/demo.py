@@ -45,7 +45,8 @@ def probe_file(family: str) -> Path:
     raise SystemExit(f"no demo probe for {family}: run `make bench-proxy` first (it trains one)")
 
 
-def workflow(family: str, probe_name: str, n: int, k: int, seed: int, steps: int, prompt: str, cfg: float) -> dict:
+def workflow(family: str, probe_name: str, n: int, k: int, seed: int, steps: int, prompt: str, cfg: float,
+             sampler: str) -> dict:
     size = 256 if family == "unet" else 128        # EmptyLatentImage is in pixels / 8
     return {
         "1": {"class_type": "ProxyWorldLoader", "inputs": {"family": family}},
@@ -55,7 +56,8 @@ def workflow(family: str, probe_name: str, n: int, k: int, seed: int, steps: int
         "5": {"class_type": "ProbeSelectTap", "inputs": {"model": ["1", 0], "block": "auto", "feature_size": 8}},
         "6": {"class_type": "ProbeSelectEarlySampler", "inputs": {
             "model": ["5", 0], "positive": ["2", 0], "negative": ["3", 0], "latent_image": ["4", 0], "seed": seed,
-            "candidates": n, "steps": steps, "cfg": cfg, "sampler_name": "euler", "scheduler": "normal",
+            "candidates": n, "steps": steps, "cfg": cfg, "sampler_name": sampler,
+            "scheduler": "normal",
             "checkpoint_percent": 0.2, "denoise": 1.0}},
         "7": {"class_type": "ProbeSelectLoadProbe", "inputs": {"probe_name": probe_name}},
         # the x0 preview is connected too: the demo probe is whichever learned scorer validation favoured,
@@ -139,7 +141,7 @@ def run_workflow(executor, args, probe_name: str, prompt: str, seed: int, patche
     from bench.proxy_world.grammar import parse_prompt
 
     graph = workflow(args.family, probe_name, args.candidates, args.keep, seed, args.steps, prompt,
-                     models.DEFAULT_CFG[args.family])
+                     models.DEFAULT_CFG[args.family], models.DEFAULT_SAMPLER[args.family])
     valid = asyncio.run(execution.validate_prompt("demo", graph, None))
     if not valid[0]:
         raise SystemExit(f"workflow invalid: {valid[1]} {valid[3]}")
@@ -158,7 +160,8 @@ def run_workflow(executor, args, probe_name: str, prompt: str, seed: int, patche
     early_latent = output("6", 0)
     pos, neg = text.conditioning(prompt), text.conditioning("")
     latent = models.empty_latent(args.family, 1)
-    finals = [nodes.common_ksampler(patcher, s, args.steps, models.DEFAULT_CFG[args.family], "euler", "normal", pos, neg, latent)[0]["samples"]
+    finals = [nodes.common_ksampler(patcher, s, args.steps, models.DEFAULT_CFG[args.family],
+                                    models.DEFAULT_SAMPLER[args.family], "normal", pos, neg, latent)[0]["samples"]
               for s in early_latent["probe_select"]["seeds"]]
     all_finished = models.latent_to_image(torch.cat(finals), args.family)
     final_scores = [float(v) for v in proxy_score(all_finished, [parse_prompt(prompt)] * args.candidates)]

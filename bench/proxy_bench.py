@@ -87,6 +87,12 @@ def cfg_of(family: str, setting: Setting) -> float:
     return float(models.DEFAULT_CFG[family] if setting.cfg is None else setting.cfg)
 
 
+def sampler_of(family: str) -> str:
+    """The sampler the model samples with (bench.proxy_world.models.DEFAULT_SAMPLER: chosen in its calibration)."""
+    from bench.proxy_world import models
+    return models.DEFAULT_SAMPLER[family]
+
+
 def load_model(family: str):
     from bench.proxy_world import models
     if UNTRAINED:
@@ -122,7 +128,7 @@ def collect(family: str, prompts: list[str], seeds: int, setting: Setting, datas
         scene = grammar.parse_prompt(prompt)
         result = split_sampling.run_candidates(
             tapped, positive, negative, models.empty_latent(family, 1), seed_base + p * 1000, seeds, steps,
-            cfg_of(family, setting), "euler", "normal", stop_step=steps, capture_at=capture)
+            cfg_of(family, setting), sampler_of(family), "normal", stop_step=steps, capture_at=capture)
         final = evaluator.score(models.latent_to_image(result.latent["samples"], family), [scene] * seeds)
         final = torch.as_tensor(final, dtype=torch.float64)
         scores = {EVALUATOR: final.float(), TRAIN_TARGET: final.clamp(min=LOG_FLOOR).log().float()}
@@ -490,20 +496,20 @@ def cost(family: str, setting: Setting, n: int, k: int, t: float, repeats: int) 
         return evaluator.score(models.latent_to_image(samples, family), [scene] * samples.shape[0])
 
     def generate_all():
-        out = split_sampling.run_candidates(patcher, pos, neg, latent, 0, n, steps, cfg, "euler", "normal",
+        out = split_sampling.run_candidates(patcher, pos, neg, latent, 0, n, steps, cfg, sampler_of(family), "normal",
                                             stop_step=steps, capture_at=())
         scores = decode_and_score(out.latent["samples"])
         return int(torch.as_tensor(scores).argmax())
 
     def probe_select():
-        early = split_sampling.run_early(tapped, pos, neg, latent, 0, n, steps, cfg, "euler", "normal", t)
+        early = split_sampling.run_early(tapped, pos, neg, latent, 0, n, steps, cfg, sampler_of(family), "normal", t)
         scores = score_candidates(probe, meta, early.activations)
         kept = split_sampling.select_rows(early.latent, scores.order()[:k].tolist())
         final = split_sampling.resume(patcher, pos, neg, kept, cfg)
         decode_and_score(final["samples"])
 
     def x0_preview():
-        early = split_sampling.run_early(patcher, pos, neg, latent, 0, n, steps, cfg, "euler", "normal", t)
+        early = split_sampling.run_early(patcher, pos, neg, latent, 0, n, steps, cfg, sampler_of(family), "normal", t)
         order = torch.as_tensor(decode_and_score(early.x0["samples"])).argsort(descending=True, stable=True)
         kept = split_sampling.select_rows(early.latent, order[:k].tolist())
         final = split_sampling.resume(patcher, pos, neg, kept, cfg)
@@ -537,8 +543,8 @@ def overheads(family: str, setting: Setting, n: int = 5, t: float = 0.2, repeats
     patcher, tapped, probe, meta, _, pos, neg, latent = timing_setup(family, setting, t)
 
     def early(model):
-        return split_sampling.run_early(model, pos, neg, latent, 0, n, setting.steps, cfg_of(family, setting), "euler",
-                                        "normal", t)
+        return split_sampling.run_early(model, pos, neg, latent, 0, n, setting.steps, cfg_of(family, setting),
+                                        sampler_of(family), "normal", t)
 
     activations = early(tapped).activations
     early(patcher)                                         # warm-up
@@ -646,7 +652,8 @@ def write_report(results: dict, setting: Setting, command: str, images: list[str
         f"on CPU, {torch.get_num_threads()} thread(s). Generated {time.strftime('%Y-%m-%d %H:%M UTC', time.gmtime())}.",
         "",
         f"Setting: {setting.train_prompts} training prompts x {setting.train_seeds} seeds, {setting.heldout_prompts} "
-        f"held-out prompts x {setting.heldout_seeds} seeds, {setting.steps} euler steps, CFG "
+        f"held-out prompts x {setting.heldout_seeds} seeds, {setting.steps} steps of "
+        f"{', '.join(sorted({sampler_of(f) for f in results['families']}))}, CFG "
         f"{setting.cfg if setting.cfg is not None else ', '.join(f'{f} {cfg_of(f, setting):g}' for f in results['families'])}, "
         f"checkpoints {', '.join(f'{t:g}' for t in setting.checkpoints)}; evaluator: the analytic proxy evaluator "
         "(bench/proxy_world/evaluator.py). Within-prompt Spearman is the headline (it is what seed selection "

@@ -26,7 +26,8 @@ Header keys (all values are strings; structured ones are JSON)::
 What the probe reads is its config's ``inputs`` (``["activations"]`` when absent: every file written
 before x0 inputs existed): a probe that reads the sampler's x0 prediction latent also records
 ``x0_channels`` and ``x0_size`` there, and its file is version 3, so that an older reader says to
-update the pack instead of failing on the unknown config fields.
+update the pack instead of failing on the unknown config fields. A probe whose encoders are
+conditioned on the text (``text_film`` in its config) is version 4, for the same reason.
 """
 from __future__ import annotations
 
@@ -61,11 +62,12 @@ logger = logging.getLogger(__name__)
 FORMAT_NAME = "probe-select"
 # Bump when a reader of the previous version could misread a new file. Readers accept any version
 # up to their own and refuse newer ones. A file records the lowest version that reads it: 1, 2
-# for a probe that reads channel-reduced features, 3 for one that reads the x0 latent (see the
-# module docstring).
-FORMAT_VERSION = 3
+# for a probe that reads channel-reduced features, 3 for one that reads the x0 latent, 4 for one
+# whose encoders are conditioned on the text (see the module docstring).
+FORMAT_VERSION = 4
 REDUCED_FORMAT_VERSION = 2
 X0_FORMAT_VERSION = 3
+TEXT_FILM_FORMAT_VERSION = 4
 
 REQUIRED_KEYS = (
     "format",
@@ -165,6 +167,8 @@ class ProbeMetadata:
 
 def _lowest_version(metadata: ProbeMetadata) -> int:
     """The oldest format version whose readers read this probe correctly."""
+    if metadata.config.text_film:
+        return TEXT_FILM_FORMAT_VERSION
     if metadata.config.reads_x0:
         return X0_FORMAT_VERSION
     return REDUCED_FORMAT_VERSION if metadata.reduction.active else 1

@@ -77,8 +77,14 @@ class ProbeConfig:
         x0_size: side S the x0 latent is pooled to before the probe reads it.
         x0_stem_width: channels after the x0 branch's 3x3 input conv.
         x0_widths: output channels of each x0 down block (16 -> 8 -> 4 px by default).
+        text_film: the text embedding also conditions the encoders' ResBlocks (added to the time
+            embedding before their scale-shift), not only the head. Needs ``text_dim > 0``. A head
+            that meets the text only after global pooling can't ask "is the red shape left of the
+            blue one": the prompt has to steer the encoder while the layout is still spatial. (A config
+            may say text_film before its text_dim is known, as a training setting does before the
+            dataset fills it in; building the probe checks it.)
 
-    The x0 fields are left out of :meth:`to_dict` while they keep their defaults, so that a
+    The x0 fields and ``text_film`` are left out of :meth:`to_dict` while they keep their defaults, so that a
     config written for an activations-only probe is the same JSON as before they existed.
     """
 
@@ -98,6 +104,7 @@ class ProbeConfig:
     x0_size: int = 16
     x0_stem_width: int = 32
     x0_widths: tuple[int, ...] = (64, 128)
+    text_film: bool = False
 
     def __post_init__(self) -> None:
         # Accept lists (JSON) and store tuples so that configs compare equal and stay hashable.
@@ -118,6 +125,8 @@ class ProbeConfig:
                 _check_int(f"{name} entry", value, minimum=1)
         if not isinstance(self.attention, bool):
             raise ValueError(f"ProbeConfig.attention must be a bool, got {self.attention!r}")
+        if not isinstance(self.text_film, bool):
+            raise ValueError(f"ProbeConfig.text_film must be a bool, got {self.text_film!r}")
         if self.time_embed_dim % 2:
             raise ValueError(f"ProbeConfig.time_embed_dim must be even (sin/cos pairs), got {self.time_embed_dim}")
 
@@ -170,7 +179,7 @@ class ProbeConfig:
 
 
 # Fields added after the first probe files; to_dict leaves them out at their defaults (see ProbeConfig).
-_OPTIONAL_FIELDS = ("inputs", "x0_channels", "x0_size", "x0_stem_width", "x0_widths")
+_OPTIONAL_FIELDS = ("inputs", "x0_channels", "x0_size", "x0_stem_width", "x0_widths", "text_film")
 
 
 def _check_int(name: str, value: Any, minimum: int) -> None:
@@ -279,6 +288,8 @@ class Probe(nn.Module):
 
     def __init__(self, config: ProbeConfig) -> None:
         super().__init__()
+        if config.text_film and not config.has_text:
+            raise ValueError("ProbeConfig.text_film needs a text branch: set text_dim to the text embedding's width")
         self.config = config
         # Modules are created in the order of the activations-only probe before x0 inputs existed, so that
         # a seed still gives the same initial weights and parameter order (optimizer states) as then.
@@ -308,6 +319,9 @@ class Probe(nn.Module):
         self.text_mlp = _mlp([config.text_dim, config.mlp_hidden, config.embed_dim]) if config.has_text else None
         head_in = 4 * config.embed_dim if config.has_text else config.embed_dim
         self.head = _mlp([head_in, *config.head_hidden, 1])
+        # Created last, so that every other module keeps the initial weights a seed gave it before.
+        self.text_film = (_mlp([config.text_dim, config.time_embed_dim, config.time_embed_dim])
+                          if config.text_film else None)
 
     def _weight(self) -> Tensor:
         """A weight of the probe: its device and dtype are the ones inputs are cast to."""
@@ -327,8 +341,24 @@ class Probe(nn.Module):
         temb = timestep_embedding(self._timesteps(t, batch), self.config.time_embed_dim)
         return self.time_mlp(temb.to(weight.dtype))
 
-    def encode(self, features: Tensor, t: Union[float, Tensor]) -> Tensor:
-        """Activation embedding ``u_act [B, embed_dim]`` of ``features [B, C, P, P]`` at checkpoint ``t``."""
+    def _conditioning(self, t: Union[float, Tensor], batch: int, text: Optional[Tensor]) -> Tensor:
+        """What the ResBlocks' scale-shift reads: the time embedding, plus the text's when ``text_film``."""
+        temb = self._time_embedding(t, batch)
+        if self.text_film is None:
+            return temb
+        if text is None:
+            raise ValueError("Probe conditions its encoders on the text (config.text_film); pass a text embedding")
+        weight = self._weight()
+        return temb + self.text_film(self._check_text(text).to(device=weight.device, dtype=weight.dtype))
+
+    def _check_text(self, text: Tensor) -> Tensor:
+        if text.ndim != 2 or text.shape[1] != self.config.text_dim:
+            raise ValueError(f"Probe expects text [B, {self.config.text_dim}], got {tuple(text.shape)}")
+        return text
+
+    def encode(self, features: Tensor, t: Union[float, Tensor], text: Optional[Tensor] = None) -> Tensor:
+        """Activation embedding ``u_act [B, embed_dim]`` of ``features [B, C, P, P]`` at checkpoint ``t``
+        (``text``: ``[B or 1, text_dim]``, read only when ``config.text_film``)."""
         if not self.config.reads_activations:
             raise ValueError(f"Probe reads {list(self.config.inputs)}, not activations")
         if features is None or features.ndim != 4 or features.shape[1] != self.config.in_channels:
@@ -336,7 +366,7 @@ class Probe(nn.Module):
             raise ValueError(f"Probe expects features [B, {self.config.in_channels}, P, P], got {shape}")
         weight = self._weight()
         x = features.to(device=weight.device, dtype=weight.dtype)
-        temb = self._time_embedding(t, x.shape[0])
+        temb = self._conditioning(t, x.shape[0], text)
         h = self.stem(self.input_norm(x))
         for block in self.down_blocks:
             h = block(h, temb)
@@ -346,8 +376,9 @@ class Probe(nn.Module):
         h = F.adaptive_avg_pool2d(h, self.config.pooled_size).flatten(1)
         return self.image_mlp(h)
 
-    def encode_x0(self, x0: Tensor, t: Union[float, Tensor]) -> Tensor:
-        """x0 embedding ``u_x0 [B, embed_dim]`` of the pooled x0 latent ``[B, c, S, S]`` (:func:`~.features.pool_x0`)."""
+    def encode_x0(self, x0: Tensor, t: Union[float, Tensor], text: Optional[Tensor] = None) -> Tensor:
+        """x0 embedding ``u_x0 [B, embed_dim]`` of the pooled x0 latent ``[B, c, S, S]`` (:func:`~.features.pool_x0`;
+        ``text`` as in :meth:`encode`)."""
         if not self.config.reads_x0:
             raise ValueError(f"Probe reads {list(self.config.inputs)}, not the x0 latent")
         expected = self.config.x0_shape
@@ -357,7 +388,7 @@ class Probe(nn.Module):
                              f"got {shape}")
         weight = self._weight()
         x = x0.to(device=weight.device, dtype=weight.dtype)
-        temb = self._time_embedding(t, x.shape[0])
+        temb = self._conditioning(t, x.shape[0], text)
         stats = torch.cat([x.mean(dim=(2, 3)), x.std(dim=(2, 3), unbiased=False)], dim=1)
         h = self.x0_stem(self.x0_norm(x))
         for block in self.x0_blocks:
@@ -366,16 +397,17 @@ class Probe(nn.Module):
         h = F.adaptive_avg_pool2d(h, self.config.pooled_size).flatten(1)
         return self.x0_mlp(torch.cat([h, stats], dim=1))
 
-    def embed(self, features: Optional[Tensor], t: Union[float, Tensor], x0: Optional[Tensor] = None) -> Tensor:
+    def embed(self, features: Optional[Tensor], t: Union[float, Tensor], x0: Optional[Tensor] = None,
+              text: Optional[Tensor] = None) -> Tensor:
         """Image embedding ``u [B, embed_dim]`` from what the probe reads (``config.inputs``); inputs it
-        does not read are ignored."""
+        does not read are ignored (``text`` too, unless ``config.text_film``)."""
         parts = []
         if self.config.reads_activations:
-            parts.append(self.encode(features, t))
+            parts.append(self.encode(features, t, text))
         if self.config.reads_x0:
             if x0 is None:
                 raise ValueError("Probe reads the x0 latent (config.inputs includes 'x0'); pass x0")
-            parts.append(self.encode_x0(x0, t))
+            parts.append(self.encode_x0(x0, t, text))
         if len(parts) == 2 and parts[0].shape[0] != parts[1].shape[0]:
             raise ValueError(f"Probe: {parts[0].shape[0]} feature rows but {parts[1].shape[0]} x0 rows")
         u = self.fuse(torch.cat(parts, dim=-1)) if self.fuse is not None else parts[0]
@@ -385,10 +417,8 @@ class Probe(nn.Module):
         """Text embedding ``e [B, embed_dim]`` of ``text [B, text_dim]``."""
         if self.text_mlp is None:
             raise ValueError("Probe has no text branch (config.text_dim == 0)")
-        if text.ndim != 2 or text.shape[1] != self.config.text_dim:
-            raise ValueError(f"Probe expects text [B, {self.config.text_dim}], got {tuple(text.shape)}")
         weight = self._weight()
-        return self.text_mlp(text.to(device=weight.device, dtype=weight.dtype))
+        return self.text_mlp(self._check_text(text).to(device=weight.device, dtype=weight.dtype))
 
     def forward(self, features: Optional[Tensor], t: Union[float, Tensor], text: Optional[Tensor] = None,
                 x0: Optional[Tensor] = None) -> Tensor:
@@ -402,7 +432,7 @@ class Probe(nn.Module):
                 probe has a text branch, must be None otherwise.
             x0: ``[B, c, S, S]`` pooled x0 latent; required when the probe reads x0, ignored otherwise.
         """
-        u = self.embed(features, t, x0)
+        u = self.embed(features, t, x0, text)
         if self.text_mlp is None:
             if text is not None:
                 raise ValueError("Probe has no text branch (config.text_dim == 0) but a text embedding was given")

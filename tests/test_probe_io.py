@@ -102,7 +102,7 @@ def test_header_keys_and_values(saved):
         names = set(handle.keys())
     assert set(header) == HEADER_KEYS
     assert header["format"] == FORMAT_NAME == "probe-select"
-    assert header["format_version"] == "1" and FORMAT_VERSION == 3     # unreduced probes stay readable by version 1
+    assert header["format_version"] == "1" and FORMAT_VERSION == 4     # unreduced probes stay readable by version 1
     assert header["backbone_family"] == "sd2" and header["tap"] == "output_blocks.7.0"
     assert float(header["checkpoint_t"]) == 0.2
     assert json.loads(header["feature_shape"]) == [8, 8, 8]

@@ -252,20 +252,28 @@ def test_models_sample_on_the_schedules_of_their_real_families(built, family):
 
 @pytest.mark.parametrize("family", models.FAMILIES)
 def test_sample_x0_preview_is_what_the_early_sampler_holds(built, family, pack):
-    """The x0 preview sample.py scores at the checkpoint equals the pack's early sampler's x0 there."""
+    """The x0 preview sample.py scores at the checkpoint equals the pack's early sampler's x0 there, and each
+    row of its images is what a batch-1 KSampler run with that row's seed gives (the world samples with
+    euler_ancestral: its per-step noise must come from the row's own seed too)."""
     from bench.proxy_world import sample
     from probe_select.nodes.engine import split_sampling
 
     patcher, enc = built[family]
     prompt, steps, k = PROMPTS[0], 5, 2
+    sampler = models.DEFAULT_SAMPLER[family]
+    assert sampler == "euler_ancestral"
     images, previews = sample.generate(patcher, enc, family, prompt, [7, 8, 9], 2.0, steps=steps, preview_step=k)
-    early = split_sampling.run_candidates(patcher, enc.conditioning(prompt), enc.conditioning(""),
-                                          models.empty_latent(family, 1), 7, 3, steps, 2.0, "euler", "normal",
-                                          stop_step=steps, capture_at=[k])
-    torch.testing.assert_close(previews, models.latent_to_image(early.x0_at[k], family), rtol=0, atol=1e-5)
-    torch.testing.assert_close(images, models.latent_to_image(early.latent["samples"], family), rtol=0, atol=1e-5)
+    pos, neg = enc.conditioning(prompt), enc.conditioning("")
+    early = split_sampling.run_early(patcher, pos, neg, models.empty_latent(family, 1), 7, 3, steps, 2.0, sampler,
+                                     "normal", k / steps)
+    torch.testing.assert_close(previews, models.latent_to_image(early.x0["samples"], family), rtol=0, atol=1e-5)
+    (one,) = comfy_nodes_core.common_ksampler(patcher, 8, steps, 2.0, sampler, "normal", pos, neg,
+                                              models.empty_latent(family, 1))
+    torch.testing.assert_close(images[1:2], models.latent_to_image(one["samples"], family), rtol=0, atol=1e-4)
     if family == "unet":   # (the untrained DiT's zero-initialised output layer predicts x0 = x at every step)
         assert not torch.allclose(previews, images, atol=1e-2)   # the preview is not the final image
+    with pytest.raises(ValueError, match="consecutive"):
+        sample.generate(patcher, enc, family, prompt, [7, 9], 2.0, steps=steps)
 
 
 def test_within_prompt_spearman_of_sample_figures():

@@ -86,6 +86,14 @@ DIT_SAMPLING_SHIFT = 3.0
 # at 2 and 6 the x0 preview ranks far better than on real models (0.55, 0.49). UNet: no CFG reaches the
 # success target (5-6% at all three); 4 as before.
 DEFAULT_CFG = {"unet": 4.0, "dit": 4.0}
+# Sampler each model samples with, chosen on the same 16 held-out prompts (bench/results/proxy_models.md,
+# sampler sweep). With plain euler both models settle the layout, and with it the reward, in their first
+# steps: the x0 preview after 4 of 20 steps ranks the seeds of a prompt at 0.35-0.59 (DiT) and 0.71
+# (UNet), where real FLUX.1-dev and SDXL reach 0.17-0.27. euler_ancestral adds fresh noise at every
+# step, so the layout keeps moving after the checkpoint as it does in large models; the DiT's preview
+# curve then matches the real one at 4, 6 and 10 of 20 steps. Each candidate's ancestral noise comes
+# from its own seed (the pack's per-candidate noise sampler), so a split run is still exact.
+DEFAULT_SAMPLER = {"unet": "euler_ancestral", "dit": "euler_ancestral"}
 LATENT_DOWNSCALE = {"unet": 1, "dit": 2}           # latent pixels per image pixel (per side)
 
 ROOT = Path(__file__).resolve().parents[2]

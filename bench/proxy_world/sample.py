@@ -4,7 +4,8 @@
 
 For each family: 40 held-out prompts (the first 40 of ``train_models.prompt_split()[1]``) x 8 seeds
 (seed i = ``--seed + i``, each row drawn from its own seed, so a row equals a batch-1 KSampler run
-with that seed), ``comfy.sample.sample`` with euler, 20 steps, the "normal" scheduler and CFG against
+with that seed, ancestral noise included: the pack's candidate sampler), each model's sampler
+(``models.DEFAULT_SAMPLER``), 20 steps, the "normal" scheduler and CFG against
 the empty prompt. Images are scored by the proxy-world evaluator (``evaluator.score_terms``).
 
 Figures: mean score; within-prompt score SD (sample SD over the 8 seeds of a prompt, averaged over
@@ -13,8 +14,9 @@ is lowest (presence, count, shape, extra object, relation); the per-prompt best-
 picking the best of 8 seeds gains over a random seed); and the fraction of prompts whose 8 seeds
 contain both a failure and a success (where seed selection matters).
 
-``--cfg-sweep`` also scores a few CFG values on 16 other held-out prompts (prompts 40-55, ``--sweep-seeds`` seeds):
-that is how the default CFG was chosen, without looking at the 40 reported prompts.
+``--cfg-sweep`` / ``--sampler-sweep`` also score a few CFG values / samplers on 16 other held-out prompts
+(prompts 40-55, ``--sweep-seeds`` seeds): that is how each model's CFG and sampler were chosen, without
+looking at the 40 reported prompts.
 """
 from __future__ import annotations
 
@@ -55,7 +57,7 @@ log = logging.getLogger("proxy_world.sample")
 RESULTS = ROOT / "bench" / "results"
 
 STEPS = 20
-SAMPLER = "euler"
+DEFAULT_SAMPLER = models.DEFAULT_SAMPLER
 SCHEDULER = "normal"
 DEFAULT_CFG = models.DEFAULT_CFG
 FAIL_BELOW = 0.5
@@ -63,40 +65,30 @@ CHECKPOINT = 0.2          # the headline checkpoint: 20% of the steps
 FACTORS = ("presence", "count", "shape", "extra", "relation")
 
 
-def per_seed_noise(latent: torch.Tensor, seeds: Sequence[int]) -> torch.Tensor:
-    """Row i drawn from ``seeds[i]`` alone (what a batch-1 KSampler run with that seed draws)."""
-    import comfy.sample
-
-    return torch.cat([comfy.sample.prepare_noise(latent[:1], int(s)) for s in seeds], 0)
-
-
 def generate(patcher, text_encoder, family: str, prompt: str, seeds: Sequence[int], cfg: float,
-             steps: int = STEPS, sampler: str = SAMPLER, scheduler: str = SCHEDULER,
+             steps: int = STEPS, sampler: Optional[str] = None, scheduler: str = SCHEDULER,
              preview_step: Optional[int] = None):
-    """Images ``[len(seeds), 3, 32, 32]`` in 0..1 of ``prompt``, one per seed. With ``preview_step``
-    k, returns ``(images, previews)``: ``previews`` is the x0 prediction the sampler holds after k
-    steps (the denoiser output of step k, what the pack's early sampler shows when it stops there),
+    """Images ``[len(seeds), 3, 32, 32]`` in 0..1 of ``prompt``, one per seed (consecutive seeds), sampled by
+    the pack's own candidate sampler: row i is what a batch-1 KSampler run with ``seeds[i]`` gives, its
+    ancestral noise included. ``sampler``: default the model's (:data:`models.DEFAULT_SAMPLER`). With
+    ``preview_step`` k, returns ``(images, previews)``: ``previews`` is the x0 prediction the sampler holds
+    after k steps (the denoiser output of step k, what the pack's early sampler shows when it stops there),
     drawn as an image (the proxy world's latent is the image, so this "decode" is free and exact)."""
-    import comfy.sample
+    from probe_select.nodes.engine import split_sampling
 
-    pos = text_encoder.conditioning(prompt)
-    neg = text_encoder.conditioning("")
-    latent = models.empty_latent(family, batch=len(seeds))["samples"]
-    noise = per_seed_noise(latent, seeds)
-    held = {}
-
-    def on_step(step, x0, x, total_steps):
-        if preview_step is not None and step + 1 == preview_step:
-            held["x0"] = x0.detach().to("cpu", copy=True)
-
+    seeds = [int(s) for s in seeds]
+    if seeds != list(range(seeds[0], seeds[0] + len(seeds))):
+        raise ValueError(f"generate: seeds must be consecutive (candidate i is seed + i), got {seeds}")
+    sampler = sampler or models.DEFAULT_SAMPLER[family]
+    capture = (int(preview_step),) if preview_step is not None else ()
     with torch.inference_mode():
-        samples = comfy.sample.sample(patcher, noise, steps, cfg, sampler, scheduler, pos, neg, latent,
-                                      disable_pbar=True, seed=int(seeds[0]), callback=on_step)
-    images = models.latent_to_image(samples, family)
+        result = split_sampling.run_candidates(
+            patcher, text_encoder.conditioning(prompt), text_encoder.conditioning(""), models.empty_latent(family, 1),
+            seeds[0], len(seeds), steps, cfg, sampler, scheduler, stop_step=steps, capture_at=capture)
+    images = models.latent_to_image(result.latent["samples"], family)
     if preview_step is None:
         return images
-    # the callback's x0 is in the model's own space (after process_latent_in): that is the data itself
-    return images, models.data_to_image(held["x0"], family)
+    return images, models.latent_to_image(result.x0_at[int(preview_step)], family)
 
 
 def checkpoint_level(patcher, family: str, fraction: float = CHECKPOINT, steps: int = STEPS,
@@ -119,7 +111,8 @@ def within_prompt(pred: np.ndarray, target: np.ndarray, n_boot: int = 1000) -> D
 
 
 def evaluate(patcher, text_encoder, family: str, prompts: Sequence[str], n_seeds: int, cfg: float,
-             seed: int = 0, steps: int = STEPS, shape_floors: Sequence[float] = ()) -> Dict:
+             seed: int = 0, steps: int = STEPS, shape_floors: Sequence[float] = (),
+             sampler: Optional[str] = None) -> Dict:
     """Sample every prompt with seeds ``seed .. seed + n_seeds - 1``; return the figures and rows.
 
     Also scores the x0 preview at the checkpoint (:data:`CHECKPOINT` of the steps, on the schedule the
@@ -127,18 +120,20 @@ def evaluate(patcher, text_encoder, family: str, prompts: Sequence[str], n_seeds
     says whether the world is as hard at t = 0.2 as real models are (0.17-0.27 on FLUX.1-dev and SDXL).
     ``shape_floors``: evaluator variants (the shape factor's floor) to report beside the default."""
     seeds = [seed + i for i in range(n_seeds)]
+    sampler = sampler or DEFAULT_SAMPLER[family]
     level = checkpoint_level(patcher, family, CHECKPOINT, steps)
     images, previews = [], []
     t0 = time.perf_counter()
     for prompt in prompts:
-        imgs, prev = generate(patcher, text_encoder, family, prompt, seeds, cfg, steps, preview_step=level.step)
+        imgs, prev = generate(patcher, text_encoder, family, prompt, seeds, cfg, steps, sampler,
+                              preview_step=level.step)
         images.append(imgs)
         previews.append(prev)
     wall = time.perf_counter() - t0
     out = summarize(images, previews, prompts)
     out["variants"] = {str(f): _headline(summarize(images, previews, prompts, shape_floor=f)) for f in shape_floors}
     out.update({"family": family, "comfy_family": models.COMFY_FAMILY[family], "prompts": len(prompts),
-                "seeds_per_prompt": n_seeds, "cfg": cfg, "steps": steps, "sampler": SAMPLER,
+                "seeds_per_prompt": n_seeds, "cfg": cfg, "steps": steps, "sampler": sampler,
                 "scheduler": SCHEDULER, "checkpoint": level.as_dict(), "sampling_wall_s": round(wall, 1)})
     out["_images"] = torch.stack(images)                   # [P, S, 3, H, W], not written to JSON
     out["_previews"] = torch.stack(previews)
@@ -210,16 +205,18 @@ def save_grid(images: torch.Tensor, path: Path, rows: int = 12) -> None:
     Image.fromarray(arr).resize((s * w * 3, p * h * 3), Image.NEAREST).save(path)
 
 
-def cfg_sweep(patcher, enc, family: str, prompts: Sequence[str], values: Sequence[float], seeds: int,
-              shape_floors: Sequence[float] = ()) -> List[Dict]:
-    """The calibration figures at each CFG (and evaluator variant) on prompts the report does not show."""
+def sweep(patcher, enc, family: str, prompts: Sequence[str], cfgs: Sequence[float], samplers: Sequence[str],
+          seeds: int, shape_floors: Sequence[float] = ()) -> List[Dict]:
+    """The calibration figures at each sampler and CFG (and evaluator variant) on prompts the report does not show."""
     rows = []
-    for cfg in values:
-        r = evaluate(patcher, enc, family, prompts, seeds, cfg, seed=1000, shape_floors=shape_floors)
-        variants = {"default": _headline(r), **r["variants"]}
-        for name, v in variants.items():
-            rows.append({"cfg": cfg, "evaluator": name, **{k: v[k] for k in HEADLINE}})
-            log.info("%s cfg sweep %s", family, rows[-1])
+    for sampler in samplers:
+        for cfg in cfgs:
+            r = evaluate(patcher, enc, family, prompts, seeds, cfg, seed=1000, shape_floors=shape_floors,
+                         sampler=sampler)
+            variants = {"default": _headline(r), **r["variants"]}
+            for name, v in variants.items():
+                rows.append({"sampler": sampler, "cfg": cfg, "evaluator": name, **{k: v[k] for k in HEADLINE}})
+                log.info("%s sweep %s", family, rows[-1])
     return rows
 
 
@@ -243,8 +240,10 @@ def _markdown(results: Dict, command: str) -> str:
         "# Proxy-world diffusion models: sample quality",
         "",
         "Two small text-to-image models trained on the proxy world (bench/proxy_world), built from ComfyUI's own "
-        "model classes, sampled in-process with ComfyUI's sampling (`comfy.sample.sample`, euler, 20 steps, "
-        "normal scheduler, CFG against the empty prompt), scored by the proxy-world evaluator.",
+        "model classes, sampled in-process with ComfyUI's sampling (the pack's candidate sampler: each row drawn from its "
+        "own seed, as a batch-1 KSampler run; each model's sampler, 20 steps, "
+        "normal scheduler, CFG against the empty prompt; the sampler is in the tables), scored by the proxy-world "
+        "evaluator.",
         "",
         f"Reproduce: `{command}`",
         "",
@@ -320,14 +319,14 @@ def _markdown(results: Dict, command: str) -> str:
         for kind, v in r["by_kind"].items():
             lines.append(f"| {fam} | {kind} | {v['prompts']} | {v['mean_score']:.3f} | "
                          f"{100 * v['failure_fraction']:.1f}% |")
-    if any(r.get("cfg_sweep") for r in results["families"].values()):
-        lines += ["", "## CFG sweep (16 other held-out prompts, not the ones above; chose the default CFG and "
-                  "evaluator)", "",
-                  "| family | CFG | evaluator (shape floor) | mean score | success | mixed prompts | semantic share | "
-                  "x0-preview Spearman |", "| --- | --- | --- | --- | --- | --- | --- | --- |"]
+    if any(r.get("sweep") for r in results["families"].values()):
+        lines += ["", "## Sampler and CFG sweep (16 other held-out prompts, not the ones above; chose the default "
+                  "sampler, CFG and evaluator)", "",
+                  "| family | sampler | CFG | evaluator (shape floor) | mean score | success | mixed prompts | "
+                  "semantic share | x0-preview Spearman |", "| --- | --- | --- | --- | --- | --- | --- | --- | --- |"]
         for fam, r in results["families"].items():
-            for row in r.get("cfg_sweep") or []:
-                lines.append(f"| {fam} | {row['cfg']} | {row['evaluator']} | {row['mean_score']:.3f} | "
+            for row in r.get("sweep") or []:
+                lines.append(f"| {fam} | {row['sampler']} | {row['cfg']} | {row['evaluator']} | {row['mean_score']:.3f} | "
                              f"{100 * row['success_fraction']:.1f}% | {100 * row['prompts_with_mixed_outcomes']:.0f}% | "
                              f"{100 * row['semantic_failure_share']:.0f}% | "
                              f"{_spearman_cell(row['x0_preview_within_spearman'])} |")
@@ -351,7 +350,10 @@ def main(argv=None) -> int:
     ap.add_argument("--seed", type=int, default=0)
     ap.add_argument("--cfg", type=float, default=None, help="default: per family (unet %s, dit %s)" % (
         DEFAULT_CFG["unet"], DEFAULT_CFG["dit"]))
+    ap.add_argument("--sampler", default=None, help="default: per family (unet %s, dit %s)" % (
+        DEFAULT_SAMPLER["unet"], DEFAULT_SAMPLER["dit"]))
     ap.add_argument("--cfg-sweep", type=str, default="", help="comma-separated CFG values to compare first")
+    ap.add_argument("--sampler-sweep", type=str, default="", help="comma-separated sampler names to compare first")
     ap.add_argument("--sweep-seeds", type=int, default=8, help="seeds per prompt in the CFG sweep")
     ap.add_argument("--shape-floors", type=str, default="",
                     help="comma-separated evaluator variants (shape factor floors) to report beside the default")
@@ -381,12 +383,14 @@ def main(argv=None) -> int:
         path = models.weights_path(fam)
         meta = models.read_info(path)
         r: Dict = {}
-        if args.cfg_sweep:
-            r["cfg_sweep"] = cfg_sweep(patcher, enc, fam, sweep_prompts,
-                                       [float(v) for v in args.cfg_sweep.split(",") if v.strip()],
-                                       args.sweep_seeds, floors)
+        if args.cfg_sweep or args.sampler_sweep:
+            r["sweep"] = sweep(patcher, enc, fam, sweep_prompts,
+                               [float(v) for v in args.cfg_sweep.split(",") if v.strip()] or [DEFAULT_CFG[fam]],
+                               [v.strip() for v in args.sampler_sweep.split(",") if v.strip()] or [DEFAULT_SAMPLER[fam]],
+                               args.sweep_seeds, floors)
         cfg = args.cfg if args.cfg is not None else DEFAULT_CFG[fam]
-        ev = evaluate(patcher, enc, fam, prompts, args.seeds, cfg, seed=args.seed, shape_floors=floors)
+        ev = evaluate(patcher, enc, fam, prompts, args.seeds, cfg, seed=args.seed, shape_floors=floors,
+                      sampler=args.sampler)
         if fam == "dit":
             ev["shift"] = float(patcher.get_model_object("model_sampling").shift)
         images = ev.pop("_images")
@@ -403,7 +407,9 @@ def main(argv=None) -> int:
                  ev["within_prompt_sd"], ev["failure_fraction"], ev["best_minus_mean_gap"], ev["sampling_wall_s"])
     command = ".venv/bin/python bench/proxy_world/sample.py" + "".join(
         f" --family {f}" for f in (args.family or [])) + (f" --cfg {args.cfg}" if args.cfg is not None else "") + (
+        f" --sampler {args.sampler}" if args.sampler else "") + (
         f" --cfg-sweep {args.cfg_sweep}" if args.cfg_sweep else "") + (
+        f" --sampler-sweep {args.sampler_sweep}" if args.sampler_sweep else "") + (
         f" --prompts {args.prompts}" if args.prompts != 40 else "") + (
         f" --seeds {args.seeds}" if args.seeds != 8 else "") + (
         f" --shape-floors {args.shape_floors}" if args.shape_floors else "")

@@ -2,6 +2,8 @@
 // marked, pruned ones greyed; each seed can be copied or sent to a KSampler.
 // The early samplers send `probe_select_previews` (thumbnail files in ComfyUI's temp folder, by run
 // id); the selection nodes send `probe_select_gallery` (seeds, scores, kept indices, same run id).
+// ProbeSelectSampler with a schedule of several stages also sends each stage's seeds, scores and kept
+// indices, and the stage that pruned each candidate: its tiles show every stage's score and the fate.
 // Public frontend API only: app.registerExtension, api (apiURL, executed via onExecuted), addDOMWidget.
 import { app } from "../../scripts/app.js";
 import { api } from "../../scripts/api.js";
@@ -14,6 +16,7 @@ const TILE_WIDTH = 104;
 const TILE_HEIGHT = 146;
 const GAP = 4;
 const HEADER_HEIGHT = 30;
+const LINE_HEIGHT = 12;
 const MAX_RUNS_KEPT = 16;
 const SEED_WIDGETS = ["seed", "noise_seed"];
 
@@ -102,7 +105,42 @@ function tileColumns(node) {
   return Math.max(1, Math.floor((node.size[0] - 20 + GAP) / (TILE_WIDTH + GAP)));
 }
 
-// The state shown: {run_id, seeds, scores, evaluator, kept, mode} (+ picking: {picked:Set, onToggle})
+// A run pruned in stages: the payload's `stages` (two or more) and `pruned_at`; one stage shows as before.
+function isStaged(state) {
+  return !state.picking && Array.isArray(state.stages) && state.stages.length > 1;
+}
+
+function tileHeight(state) {
+  return TILE_HEIGHT + (isStaged(state) ? (state.stages.length - 1) * LINE_HEIGHT : 0);
+}
+
+// [{number, score}] for each stage that scored candidate `index` (of the first stage).
+function stageScores(state, index) {
+  const seed = state.seeds[index];
+  return state.stages.filter((stage) => stage.seeds.includes(seed))
+    .map((stage) => ({ number: stage.number, score: stage.scores?.[stage.seeds.indexOf(seed)] }));
+}
+
+// Finished first, then the later a candidate was pruned the earlier it comes; by its last score within.
+function stagedOrder(state) {
+  const reached = (i) => state.pruned_at?.[i] ?? state.stages.length + 1;
+  const lastScore = (i) => stageScores(state, i).at(-1)?.score ?? -Infinity;
+  return state.seeds.map((_, i) => i).sort((a, b) => reached(b) - reached(a) || lastScore(b) - lastScore(a) || a - b);
+}
+
+// One line per stage: where it scored and how many it kept.
+function stagesHeader(state) {
+  const header = document.createElement("div");
+  header.className = "probe-select-stages";
+  Object.assign(header.style, { whiteSpace: "pre", lineHeight: `${LINE_HEIGHT}px`, marginBottom: "4px" });
+  header.textContent = state.stages.map((stage) =>
+    `Stage ${stage.number} at step ${stage.step} of ${stage.steps} (t ${Number(stage.t).toFixed(2)}): `
+    + `${stage.seeds.length} → ${stage.kept.length} kept`).join("\n");
+  return header;
+}
+
+// The state shown: {run_id, seeds, scores, evaluator, kept, mode} (+ stages, pruned_at)
+// (+ picking: {picked:Set, onToggle}) (+ header: an element above the tiles, headerHeight)
 function galleryWidget(node) {
   let widget = node.widgets?.find((w) => w.name === WIDGET_NAME);
   if (widget) return widget;
@@ -120,7 +158,8 @@ function galleryWidget(node) {
       const count = state?.seeds?.length ?? 0;
       if (!count) return 0;
       const rows = Math.ceil(count / tileColumns(node));
-      return (state.header ? HEADER_HEIGHT : 0) + rows * (TILE_HEIGHT + GAP) + 4 + widgetMargin(widget);
+      const header = state.header ? (state.headerHeight ?? HEADER_HEIGHT) : 0;
+      return header + rows * (tileHeight(state) + GAP) + 4 + widgetMargin(widget);
     },
   });
   widget.serialize = false;
@@ -139,14 +178,17 @@ function renderTile(state, index, rank, images) {
   const marked = !picking && state.mode !== "early";     // the early sampler has not selected yet
   const kept = marked && state.kept?.includes(index);
   const pruned = marked && !kept;
+  const staged = isStaged(state);
+  const prunedAt = staged && pruned ? state.pruned_at?.[index] : null;
   const tile = document.createElement("div");
   tile.className = "probe-select-tile";
   tile.dataset.index = String(index);
   tile.dataset.seed = String(seed);
   tile.dataset.state = picking ? (picked ? "picked" : "open") : (kept ? "kept" : (pruned ? "pruned" : "early"));
+  if (prunedAt) tile.dataset.prunedAt = String(prunedAt);
   const outline = picked ? "2px solid #4aa3ff" : (kept ? "2px solid #3fbf5f" : "1px solid #555");
   Object.assign(tile.style, {
-    width: `${TILE_WIDTH}px`, height: `${TILE_HEIGHT}px`, boxSizing: "border-box", border: outline,
+    width: `${TILE_WIDTH}px`, height: `${tileHeight(state)}px`, boxSizing: "border-box", border: outline,
     borderRadius: "4px", padding: "2px", display: "flex", flexDirection: "column", gap: "1px",
     position: "relative", background: "var(--comfy-input-bg, #222)", cursor: picking ? "pointer" : "default",
     opacity: pruned ? "0.4" : "1", filter: pruned ? "grayscale(100%)" : "none",
@@ -163,14 +205,27 @@ function renderTile(state, index, rank, images) {
   tile.append(picture);
   const badge = document.createElement("div");
   badge.className = "probe-select-badge";
-  badge.textContent = picked ? "✓ picked" : (kept ? "kept" : (pruned ? "pruned" : ""));
+  const prunedText = prunedAt ? `pruned at ${prunedAt}` : "pruned";
+  badge.textContent = picked ? "✓ picked" : (kept ? "kept" : (pruned ? prunedText : ""));
   Object.assign(badge.style, { position: "absolute", top: "3px", left: "3px", padding: "0 3px", borderRadius: "2px",
                                background: picked ? "#4aa3ff" : (kept ? "#3fbf5f" : "#555"),
                                color: "#fff", display: badge.textContent ? "block" : "none" });
   tile.append(badge);
   const caption = document.createElement("div");
   caption.className = "probe-select-caption";
-  caption.textContent = `${rank === null ? `#${index}` : `#${rank + 1}`}  ${formatScore(state.scores?.[index])}`;
+  if (staged) {
+    // One line per stage that scored it; the fate is on the badge.
+    caption.style.lineHeight = `${LINE_HEIGHT}px`;
+    for (const { number, score } of stageScores(state, index)) {
+      const line = document.createElement("div");
+      line.className = "probe-select-stage-score";
+      line.dataset.stage = String(number);
+      line.textContent = `stage ${number}  ${formatScore(score)}`;
+      caption.append(line);
+    }
+  } else {
+    caption.textContent = `${rank === null ? `#${index}` : `#${rank + 1}`}  ${formatScore(state.scores?.[index])}`;
+  }
   const seedLine = document.createElement("div");
   seedLine.textContent = `seed ${seed}`;
   seedLine.style.whiteSpace = "nowrap";
@@ -185,6 +240,9 @@ function renderTile(state, index, rank, images) {
 }
 
 export function renderGallery(node, state) {
+  if (isStaged(state) && !state.header) {
+    state = { ...state, header: stagesHeader(state), headerHeight: state.stages.length * LINE_HEIGHT + 4 };
+  }
   const widget = galleryWidget(node);
   widget.value = state;
   const element = widget.element;
@@ -194,9 +252,12 @@ export function renderGallery(node, state) {
   if (state.header) element.append(state.header);
   const grid = document.createElement("div");
   Object.assign(grid.style, { display: "flex", flexWrap: "wrap", gap: `${GAP}px` });
-  const indices = state.seeds.map((_, i) => i);
+  const staged = isStaged(state);
+  const indices = staged ? stagedOrder(state) : state.seeds.map((_, i) => i);
   const ranked = Array.isArray(state.scores) && state.scores.some((s) => s !== null);
-  if (ranked) indices.sort((a, b) => (state.scores[b] ?? -Infinity) - (state.scores[a] ?? -Infinity) || a - b);
+  if (ranked && !staged) {
+    indices.sort((a, b) => (state.scores[b] ?? -Infinity) - (state.scores[a] ?? -Infinity) || a - b);
+  }
   indices.forEach((index, position) => grid.append(renderTile(state, index, ranked ? position : null, images)));
   element.append(grid);
   fitNode(node, state.seeds.length > 1 ? 2 * (TILE_WIDTH + GAP) + 20 : 0);

@@ -368,8 +368,7 @@ class ProbeSelectSampler(io.ComfyNode):
         text = (scores_text(first_scores, records[0].kept) if len(records) == 1 and not (schedule or "").strip()
                 else stages.stages_text(records, scores_text))
         text = f"{checkpoint_text(early)}\n{text}"
-        shown = gallery.selection_ui(text, gallery.gallery_payload(first_scores.run_id, first_scores.seeds,
-                                                                   records[0].kept, "top_k", first_scores), previews)
+        shown = gallery.selection_ui(text, gallery.staged_gallery_payload(records), previews)
         return io.NodeOutput(finished, last.scores, kept_seeds, ui=shown)
 
 

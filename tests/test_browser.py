@@ -307,7 +307,11 @@ TILES = """(id) => {
   return [...widget.element.querySelectorAll('.probe-select-tile')].map(t => {
     const img = t.querySelector('img');
     return {index: +t.dataset.index, seed: +t.dataset.seed, state: t.dataset.state,
+            prunedAt: t.dataset.prunedAt ? +t.dataset.prunedAt : null,
             caption: t.querySelector('.probe-select-caption').textContent,
+            stages: [...t.querySelectorAll('.probe-select-stage-score')].map(line => line.textContent),
+            badge: t.querySelector('.probe-select-badge').textContent,
+            overflows: t.scrollHeight > t.clientHeight + 1,
             opacity: getComputedStyle(t).opacity, loaded: !!img && img.complete && img.naturalWidth > 0};
   });
 }"""
@@ -374,6 +378,86 @@ def test_selection_run_shows_scores_gallery_and_marks(page, server, tiny_checkpo
     assert "probe_select_scores" not in prompt and "probe_select_gallery" not in prompt
     assert page.pack_messages() == [], page.pack_messages()
     log.info("gallery screenshot: %s", shot)
+
+
+GALLERY_PART = """([id, selector]) => {
+  const element = app.graph.getNodeById(id).widgets.find(w => w.name === 'probe_select_gallery').element;
+  const part = selector ? element.querySelector(selector) : element;
+  return part && {text: part.textContent, rect: part.getBoundingClientRect().toJSON()};
+}"""
+
+ONE_BOX = 6        # ProbeSelectSampler in the one-box example workflow (same ids as above for the others)
+# Two stages, both scored by the one probe (t = 0.2; 0.3 is within its tolerance): 4 -> 3 -> 2.
+SCHEDULE, SCHEDULE_STOPS, SCHEDULE_KEPT = "0.2->3, 0.3->2", (2, 3), (3, 2)
+
+
+def _one_box_workflow(tiny_checkpoint: Path, schedule: str) -> dict:
+    """The one-box example (ProbeSelectSampler) scaled down for the tiny checkpoint, with a schedule."""
+    workflow = json.loads((example_workflows()[0].parent / "SD1.5_probe_selection_one_box.json").read_text())
+    values = {CKPT: {0: tiny_checkpoint.name}, LATENT: {0: SIZE, 1: SIZE}, LOAD_PROBE: {0: PROBE_NAME},
+              ONE_BOX: {0: SEED, 2: CANDIDATES, 4: STEPS, 10: schedule}}
+    for node in workflow["nodes"]:
+        for index, value in values.get(node["id"], {}).items():
+            node["widgets_values"][index] = value
+    return workflow
+
+
+def test_staged_run_shows_each_stage_and_fate(page, server, tiny_checkpoint):
+    """ProbeSelectSampler pruning in two stages: each tile shows the score of every stage that scored it and
+    the stage that pruned it; the finished candidates are the ones marked kept."""
+    page.load(_one_box_workflow(tiny_checkpoint, SCHEDULE))
+    before = set(server.history())
+    page.click_run()
+    entry = _wait_for_new_prompt(server, before)
+    assert entry["status"]["status_str"] == "success", json.dumps(entry["status"])[:3000]
+    shown = entry["outputs"][str(ONE_BOX)]["probe_select_gallery"][0]
+    assert [(s["step"], len(s["kept"])) for s in shown["stages"]] == list(zip(SCHEDULE_STOPS, SCHEDULE_KEPT))
+
+    page.show_node(ONE_BOX)
+    page.page.wait_for_function(f"() => ({TILES})({ONE_BOX})?.every(t => t.loaded)", timeout=20_000)
+    tiles = page.js(TILES, ONE_BOX)
+    # All N first-stage candidates (with their x0 previews): 2 finished, 1 pruned at stage 2, 1 at stage 1, in
+    # that order, each fate as the payload says.
+    assert [(t["state"], t["prunedAt"]) for t in tiles] == [("kept", None)] * 2 + [("pruned", 2), ("pruned", 1)]
+    assert [t["badge"] for t in tiles] == ["kept", "kept", "pruned at 2", "pruned at 1"]
+    assert sorted(t["seed"] for t in tiles[:2]) == sorted(shown["seeds"][i] for i in shown["kept"])
+    assert all(shown["pruned_at"][t["index"]] == t["prunedAt"] for t in tiles)
+    for tile in tiles:
+        expected = [f"stage {stage['number']}  {stage['scores'][stage['seeds'].index(tile['seed'])]:.4f}"
+                    for stage in shown["stages"] if tile["seed"] in stage["seeds"]]
+        assert tile["stages"] == expected and len(expected) == (tile["prunedAt"] or len(shown["stages"])), tile
+        assert not tile["overflows"], tile
+    assert all(float(t["opacity"]) < 0.5 for t in tiles[2:]) and all(t["opacity"] == "1" for t in tiles[:2])
+    header = page.js(GALLERY_PART, [ONE_BOX, ".probe-select-stages"])["text"]
+    assert header.splitlines() == [f"Stage 1 at step 2 of {STEPS} (t 0.20): {CANDIDATES} → 3 kept",
+                                   f"Stage 2 at step 3 of {STEPS} (t 0.30): 3 → 2 kept"]
+    # The node is tall (every widget, the ranking text): scroll its gallery into the screenshot.
+    page.show_node(ONE_BOX, top=170 - round(page.js(GALLERY_PART, [ONE_BOX, None])["rect"]["top"] - 400))
+    box = page.js(GALLERY_PART, [ONE_BOX, None])["rect"]
+    assert box["top"] >= 0 and box["bottom"] <= page.page.viewport_size["height"], box
+    shot = page.screenshot("gallery_stages.png")
+    assert shot.stat().st_size > 0
+    log.info("staged gallery screenshot: %s", shot)
+
+    # Without a schedule (one stage) the tiles are as before: rank and score, kept or pruned, no stage lines.
+    workflow = _one_box_workflow(tiny_checkpoint, "")
+    next(n for n in workflow["nodes"] if n["id"] == ONE_BOX)["widgets_values"][3] = KEEP
+    page.load(workflow)
+    before = set(server.history())
+    page.click_run()
+    entry = _wait_for_new_prompt(server, before)
+    assert entry["status"]["status_str"] == "success", json.dumps(entry["status"])[:3000]
+    shown = entry["outputs"][str(ONE_BOX)]["probe_select_gallery"][0]
+    page.page.wait_for_function(f"() => ({TILES})({ONE_BOX})?.every(t => t.loaded)", timeout=20_000)
+    tiles = page.js(TILES, ONE_BOX)
+    pruned = CANDIDATES - KEEP
+    assert [(t["state"], t["badge"]) for t in tiles] == [("kept", "kept")] * KEEP + [("pruned", "pruned")] * pruned
+    assert [t["index"] for t in tiles[:KEEP]] == shown["kept"] and all(t["prunedAt"] is None for t in tiles)
+    assert [t["caption"] for t in tiles] == [f"#{rank + 1}  {shown['scores'][t['index']]:.4f}"
+                                             for rank, t in enumerate(tiles)]
+    assert all(t["stages"] == [] and not t["overflows"] for t in tiles)
+    assert page.js(GALLERY_PART, [ONE_BOX, ".probe-select-stages"]) is None
+    assert page.pack_messages() == [], page.pack_messages()
 
 
 SWAP_TOPK_FOR_PICK = """([topk, early, score, resume, timeout]) => {

@@ -160,6 +160,46 @@ def test_one_box_sampler_runs_a_schedule_like_the_graph(mods, sd1, probes):
     assert "Stage 2 at step 5 of 10" in text and "3 -> 2 kept" in text and "tiny_t5.safetensors" in text
     assert "log-SNR" in text
 
+    # The gallery shows both stages: stage 1 scored the N candidates and kept 3, stage 2 those 3 and kept 2.
+    shown = out.ui["probe_select_gallery"][0]
+    stage_1, stage_2 = shown["stages"]
+    assert [(s["number"], s["step"], s["steps"], s["t"]) for s in shown["stages"]] == [(1, 2, 10, 0.2), (2, 5, 10, 0.5)]
+    assert (stage_1["probe"], stage_2["probe"]) == ("tiny_t2.safetensors", "tiny_t5.safetensors")
+    assert stage_1["seeds"] == scores_1.seeds == [SEED + i for i in range(N)]
+    assert stage_1["scores"] == pytest.approx(scores_1.scores.tolist(), rel=1e-4, abs=1e-5)
+    assert stage_2["seeds"] == last_scores.seeds == [int(s) for s in seeds_1.split(",")]
+    assert stage_2["scores"] == last_scores.scores.tolist()           # the last stage's record, as sent
+    assert [stage_1["seeds"][i] for i in stage_1["kept"]] == [int(s) for s in seeds_1.split(",")]
+    assert [stage_2["seeds"][i] for i in stage_2["kept"]] == [int(s) for s in kept_seeds.split(",")]
+    # The fields the single-stage js reads: the N candidates, stage 1's scores, the finished ones kept.
+    assert shown["seeds"] == stage_1["seeds"] and shown["scores"] == stage_1["scores"] and shown["mode"] == "top_k"
+    assert [shown["seeds"][i] for i in shown["kept"]] == [int(s) for s in kept_seeds.split(",")]
+    passed_1, finished = set(map(int, seeds_1.split(","))), set(map(int, kept_seeds.split(",")))
+    assert shown["pruned_at"] == [None if s in finished else 2 if s in passed_1 else 1 for s in shown["seeds"]]
+    assert sorted(map(str, shown["pruned_at"])) == ["1", "2", "None", "None"]
+    assert out.ui["probe_select_previews"][0]["seeds"] == shown["seeds"]
+
+
+def test_one_box_sampler_with_one_stage_sends_the_gallery_as_before(mods, sd1, probes):
+    """Without a schedule the gallery payload has the single-stage fields the js reads (one stage's seeds,
+    scores, kept indices best first), plus that one stage."""
+    from probe_select.nodes.engine import gallery
+
+    pos, neg, latent = sd1.conditioning(1), sd1.conditioning(2), sd1.empty_latent(1, 8)
+    model = mods.tap.ProbeSelectTap.execute(sd1.patcher, "auto", 4).result[0]
+    out = mods.sampling.ProbeSelectSampler.execute(model, pos, neg, latent, probes[0.2], SEED, N, 2, STEPS, 3.0,
+                                                   "euler", "normal", 0.2)
+    _, scores, kept_seeds = out.args
+    best = torch.argsort(scores.scores, descending=True, stable=True)[:2].tolist()
+    assert kept_seeds == ",".join(str(scores.seeds[i]) for i in best)
+    shown = out.ui["probe_select_gallery"][0]
+    assert {k: shown[k] for k in ("run_id", "seeds", "scores", "evaluator", "kept", "mode")} == \
+        gallery.gallery_payload(scores.run_id, scores.seeds, best, "top_k", scores)
+    assert shown["seeds"] == [SEED + i for i in range(N)] and shown["kept"] == best
+    assert shown["scores"] == scores.scores.tolist() and shown["evaluator"] == "clipscore"
+    assert len(shown["stages"]) == 1 and shown["stages"][0]["kept"] == best
+    assert shown["pruned_at"] == [None if i in best else 1 for i in range(N)]
+
 
 def _flux_guider(model, tiny):
     return ccs.BasicGuider.execute(model, FluxGuidance.execute(tiny.conditioning(1), 3.5)[0])[0]

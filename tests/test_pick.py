@@ -3,6 +3,7 @@
 The pick node waits in its own thread here, as it does in ComfyUI's prompt worker; the test
 answers through the same registry the HTTP route uses. tests/test_browser.py drives it by clicks.
 """
+import json
 import threading
 import time
 
@@ -162,3 +163,38 @@ def test_x0_thumbnails_are_comfyuis_latent_preview(sd1, early, tmp_path):
     assert [r["filename"] for r in records] == [f"x0_abcdef012345_{i:04d}.png" for i in range(N)]
     saved = Image.open(tmp_path / "probe_select" / records[2]["filename"])
     assert saved.size == images[2].size and np.array_equal(np.asarray(saved), np.asarray(images[2]))
+
+
+def test_staged_gallery_payload_carries_every_stage_and_each_fate():
+    """Two stages by hand (5 -> 3 -> 2): the payload lists each stage's seeds, scores (NaN as null) and kept
+    indices; the top-level fields are the first stage's candidates with the finished ones kept."""
+    from probe_select.nodes.engine import gallery
+    from probe_select.nodes.engine.stages import StageRecord
+    from probe_select.probes.scoring import CandidateScores
+
+    seeds = [10, 11, 12, 13, 14]
+    first = CandidateScores(torch.tensor([0.3, float("nan"), 0.9, 0.5, 0.1]), "clipscore", "run-1", seeds)
+    second = CandidateScores(torch.tensor([0.2, 0.7, 0.6]), "clipscore", "run-2", [12, 13, 10])
+    records = [StageRecord(1, 2, 10, None, "early.safetensors", first, [2, 3, 0], seeds),
+               StageRecord(2, 5, 10, None, "late.safetensors", second, [1, 2], [12, 13, 10])]
+    payload = gallery.staged_gallery_payload(records)
+
+    assert payload["run_id"] == "run-1" and payload["seeds"] == seeds and payload["mode"] == "top_k"
+    assert payload["scores"] == [first.scores[0].item(), None, first.scores[2].item(), first.scores[3].item(),
+                                 first.scores[4].item()]
+    assert payload["kept"] == [3, 0]                    # seeds 13 and 10, best first at the last stage
+    assert payload["pruned_at"] == [None, 1, 2, None, 1]
+    stage_1, stage_2 = payload["stages"]
+    assert (stage_1["number"], stage_1["step"], stage_1["steps"], stage_1["t"]) == (1, 2, 10, 0.2)
+    assert (stage_2["number"], stage_2["step"], stage_2["steps"], stage_2["t"]) == (2, 5, 10, 0.5)
+    assert stage_1["probe"] == "early.safetensors" and stage_2["probe"] == "late.safetensors"
+    assert stage_1["seeds"] == seeds and stage_1["scores"] == payload["scores"] and stage_1["kept"] == [2, 3, 0]
+    assert stage_2["seeds"] == [12, 13, 10] and stage_2["scores"] == second.scores.tolist()
+    assert stage_2["kept"] == [1, 2] and stage_2["evaluator"] == "clipscore"
+    json.dumps(payload, allow_nan=False)                # what the websocket sends must parse in the browser
+
+    # One stage: the fields of the single-stage payload, unchanged.
+    single = gallery.staged_gallery_payload(records[:1])
+    assert {k: single[k] for k in ("run_id", "seeds", "scores", "evaluator", "kept", "mode")} == \
+        gallery.gallery_payload("run-1", seeds, [2, 3, 0], "top_k", first)
+    assert single["pruned_at"] == [None, 1, None, None, 1] and len(single["stages"]) == 1

@@ -10,6 +10,10 @@ UI payload keys (each a list with one entry, as ComfyUI merges UI outputs by lis
     probe_select_previews: {"run_id", "seeds", "images": [{"filename", "subfolder", "type"} | None]}
     probe_select_gallery:  {"run_id", "seeds", "scores": [float] | None, "evaluator", "kept": [index],
                             "mode": "top_k" | "picked" | "timeout"}
+                           ProbeSelectSampler adds every stage of its schedule (see staged_gallery_payload):
+                           "stages": [{"number", "step", "steps", "t", "probe", "seeds", "scores", "evaluator",
+                                       "kept"}],
+                           "pruned_at": [stage number | None], one per candidate (None: finished).
     text:                  the ranking as text (PreviewText), shown in full on the node.
 """
 from __future__ import annotations
@@ -26,6 +30,7 @@ import latent_preview
 
 from ...probes.atomic import atomic_write
 from ...probes.scoring import CandidateScores
+from .stages import StageRecord
 
 log = logging.getLogger(__name__)
 
@@ -117,17 +122,49 @@ def previews_payload(model, x0_latent: dict, run_id: str, seeds: Sequence[int]) 
     return payload
 
 
+def json_scores(scores: CandidateScores) -> list[Optional[float]]:
+    # NaN is not JSON: ComfyUI's websocket messages would not parse in the browser.
+    return [v if math.isfinite(v) else None for v in map(float, scores.scores)]
+
+
 def gallery_payload(run_id: str, seeds: Sequence[int], kept: Sequence[int], mode: str,
                     scores: Optional[CandidateScores] = None) -> dict:
     return {
         "run_id": run_id,
         "seeds": [int(s) for s in seeds],
-        # NaN is not JSON: ComfyUI's websocket messages would not parse in the browser.
-        "scores": [v if math.isfinite(v) else None for v in map(float, scores.scores)] if scores is not None else None,
+        "scores": json_scores(scores) if scores is not None else None,
         "evaluator": scores.evaluator if scores is not None else None,
         "kept": [int(i) for i in kept],
         "mode": mode,
     }
+
+
+def staged_gallery_payload(records: Sequence[StageRecord], mode: str = "top_k") -> dict:
+    """The gallery of a run pruned in stages (`stages.run_stages`): the first stage's N candidates (the
+    ones with x0 previews), each with its fate, and every stage's scores.
+
+    The fields of `gallery_payload` describe the first stage's candidates and scores, but ``kept`` holds
+    the candidates finished after the LAST stage (best first), so a reader of those fields alone marks the
+    right ones. ``stages`` has one entry per stage: its checkpoint (step of steps, t = step / steps), its
+    probe, the seeds it scored with their scores (and evaluator), and its kept indices into those seeds (best first).
+    ``pruned_at`` gives, per candidate, the number of the stage that pruned it, None when it was finished.
+    """
+    first, last = records[0].scores, records[-1]
+    position = {seed: index for index, seed in enumerate(first.seeds)}
+    payload = gallery_payload(first.run_id, first.seeds, [position[seed] for seed in last.kept_seeds], mode, first)
+    pruned_at: list[Optional[int]] = [None] * len(first.seeds)
+    for record in records:
+        kept = set(record.kept_seeds)
+        for seed in record.scores.seeds:
+            if seed not in kept:
+                pruned_at[position[seed]] = record.number
+    payload["stages"] = [{"number": record.number, "step": record.step, "steps": record.steps,
+                          "t": record.step / record.steps, "probe": record.probe,
+                          "seeds": list(record.scores.seeds), "scores": json_scores(record.scores),
+                          "evaluator": record.scores.evaluator, "kept": [int(i) for i in record.kept]}
+                         for record in records]
+    payload["pruned_at"] = pruned_at
+    return payload
 
 
 def selection_ui(text: str, gallery: dict, previews: Optional[dict] = None) -> dict:

@@ -19,6 +19,7 @@ Writes bench/results/REPORT.md, bench/results/proxy_bench.json and PNG plots.
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import json
 import logging
 import os
@@ -78,6 +79,10 @@ QUICK = Setting(train_prompts=16, heldout_prompts=8, train_seeds=4, heldout_seed
                 checkpoints=(0.2, 0.4), epochs=2, feature_size=4, bootstrap=50, cost_repeats=1)
 
 
+# The learning curve's bulk training set (``--collect-only bulk``): rows at t = 0.2 only, enough prompts that
+# the largest point trains on >= 10,000 rows once 10% of the prompts are held for validation.
+BULK_PROMPTS, BULK_SEEDS, BULK_CHECKPOINT = 1072, 12, 0.2      # every training prompt: 858 train, 10,296 rows
+
 UNTRAINED = False     # --untrained: random-initialised proxy models (smoke tests of the pipeline only)
 
 
@@ -108,22 +113,33 @@ def _modules():
 
 # ---- 1. collection -------------------------------------------------------------------------------
 
-def collect(family: str, prompts: list[str], seeds: int, setting: Setting, dataset_dir: Path, seed_base: int) -> dict:
-    """Run every prompt's candidates to the end; write a dataset; return preview scores per t."""
+def collect(family: str, prompts: list[str], seeds: int, setting: Setting, dataset_dir: Path, seed_base: int,
+            resume: bool = False) -> dict:
+    """Run every prompt's candidates to the end; write a dataset; return preview scores per t.
+
+    ``resume``: keep the rows already in ``dataset_dir`` and collect only the prompts it lacks (the bulk set takes
+    an hour: an interrupted run goes on where it stopped); otherwise the dataset is collected anew."""
     pack, grammar, models, evaluator = _modules()
     from probe_select.nodes.engine import split_sampling
     from probe_select.nodes.nodes_tap import apply_tap
-    from probe_select.probes.training.dataset import DatasetWriter, rows_from_activations
+    from probe_select.probes.training.dataset import DatasetWriter, ProbeDataset, rows_from_activations
+    from probe_select.probes.training.dataset.rows import prompt_id
 
     patcher, text = load_model(family)
     tapped = apply_tap(patcher, "auto", setting.feature_size)
     negative = text.conditioning("")
     steps = setting.steps
     capture = [checkpoint_step(steps, t) for t in setting.checkpoints]
-    if dataset_dir.exists():
+    done = set()
+    if resume and (dataset_dir / "manifest.json").exists():
+        done = set(ProbeDataset(dataset_dir).prompt_ids)
+        log.info("  %s: %d of %d prompts already in %s", family, len(done), len(prompts), dataset_dir)
+    elif dataset_dir.exists():
         shutil.rmtree(dataset_dir)
     writer = None
     for p, prompt in enumerate(prompts):
+        if prompt_id(prompt) in done:
+            continue
         positive = text.conditioning(prompt)
         scene = grammar.parse_prompt(prompt)
         result = split_sampling.run_candidates(
@@ -201,12 +217,22 @@ CNN_PROBE = dict(stem_width=32, widths=(64, 128), embed_dim=128, mlp_hidden=256,
 # The learned scorers compared at every checkpoint: what each reads (ProbeConfig overrides on the bench
 # probe). "probe" is the paper's (activations of the tapped block); the x0 ones read the sampler's x0
 # prediction latent through a small time-conditioned CNN (the pack's x0 branch, default widths).
+# "x0_text_probe" also conditions its x0 encoder on the prompt (text_film): this world's reward is about
+# whether the image matches its prompt (which colour where, how many), which a text-blind probe can
+# only guess at.
 LEARNED = {
     "probe": {},
     "x0_probe": dict(inputs=("x0",), x0_size=X0_SIZE),
     "both_probe": dict(inputs=("activations", "x0"), x0_size=X0_SIZE),
+    "x0_text_probe": dict(inputs=("x0",), x0_size=X0_SIZE, text_film=True),
 }
-LEARNED_LABELS = {"probe": "probe (activations)", "x0_probe": "x0-latent probe", "both_probe": "activations + x0 probe"}
+LEARNED_LABELS = {"probe": "probe (activations)", "x0_probe": "x0-latent probe", "both_probe": "activations + x0 probe",
+                  "x0_text_probe": "prompt-conditioned x0-latent probe"}
+
+
+def reads_text(overrides: dict) -> bool:
+    """Whether a learned scorer's probe reads the prompt's text embedding."""
+    return bool(overrides.get("text_film"))
 SCORERS = (*LEARNED, "x0_preview", "random")
 
 
@@ -278,7 +304,8 @@ def evaluate_family(family: str, setting: Setting, train_dir: Path, heldout_dir:
         for name, overrides in LEARNED.items():
             out = CACHE / (f"{family}_t{t:g}.safetensors" if name == "probe" else f"{family}_{name}_t{t:g}.safetensors")
             learned, evaluation = train_and_evaluate(train_ds, held_ds, t, out, setting, train_target,
-                                                     probe_config(channels, setting, **overrides), train_config(setting))
+                                                     probe_config(channels, setting, **overrides), train_config(setting),
+                                                     use_text=reads_text(overrides))
             row[name] = learned.pop("probe")
             row[name].update({k: learned[k] for k in ("val_within", "best_epoch", "probe_parameters", "train_rows",
                                                       "train_seconds")})
@@ -303,6 +330,7 @@ def evaluate_family(family: str, setting: Setting, train_dir: Path, heldout_dir:
             "best_learned": best,
             "learning_curve": learning_curve(family, setting, train_ds, held_ds, best, train_target, t02,
                                              rows[t02][best]),
+            "bulk_learning_curve": bulk_learning_curve(family, setting, held_ds, train_target),
             "equal_compute": equal_compute(family, setting, predictions, finals, groups, best)}
 
 
@@ -319,13 +347,49 @@ def learning_curve(family: str, setting: Setting, train_ds, held_ds, scorer: str
         count = max(2, int(round(fraction * prompts)))
         row, _ = train_and_evaluate(train_ds, held_ds, t, CACHE / "curve" / f"{family}_{scorer}_{count}.safetensors",
                                     setting, target, probe_config(channels, setting, **LEARNED[scorer]),
-                                    train_config(setting), train_prompts=count)
+                                    train_config(setting), use_text=reads_text(LEARNED[scorer]), train_prompts=count)
         points.append({"train_prompts": count, "train_rows": row["train_rows"], "val_within": row["val_within"],
                        **{k: row["probe"][k] for k in ("within", "low", "high")}})
         log.info("  %s learning curve %s: %d rows -> %.3f", family, scorer, row["train_rows"], row["probe"]["within"])
     points.append({"train_prompts": prompts, "train_rows": full["train_rows"], "val_within": full["val_within"],
                    **{k: full[k] for k in ("within", "low", "high")}})
     return points
+
+
+# The bulk curve's points (the first n prompts of the bulk set's train split, BULK_SEEDS rows each) and its
+# epoch cap: an epoch of the largest point is ten times as many steps as one of the main run's, and early
+# stopping ends most runs sooner.
+BULK_CURVE_PROMPTS = (96, 214, 428, 857)          # of the train split (80%): 1,152 to 10,284 rows
+BULK_EPOCHS = 12
+
+
+def bulk_learning_curve(family: str, setting: Setting, held_ds, target: str) -> dict:
+    """Every learned scorer at t = 0.2 trained on growing prefixes of the bulk training set (``--collect-only
+    bulk``, up to >= 10,000 training rows), each scored on the held-out prompts; {} when it was not collected."""
+    from probe_select.probes.training.dataset import ProbeDataset
+
+    bulk_dir = CACHE / f"{family}_bulk"
+    if not (bulk_dir / "manifest.json").exists():
+        return {}
+    bulk = ProbeDataset(bulk_dir)
+    channels = bulk.manifest.feature_shape[0]
+    available = len(set(bulk.prompt_ids))
+    (CACHE / "bulk_curve").mkdir(parents=True, exist_ok=True)
+    curves = {}
+    for scorer, overrides in LEARNED.items():
+        points = []
+        for count in sorted({min(c, available) for c in BULK_CURVE_PROMPTS}):
+            row, _ = train_and_evaluate(bulk, held_ds, BULK_CHECKPOINT,
+                                        CACHE / "bulk_curve" / f"{family}_{scorer}_{count}.safetensors", setting,
+                                        target, probe_config(channels, setting, **overrides),
+                                        train_config(setting, epochs=BULK_EPOCHS), use_text=reads_text(overrides),
+                                        train_prompts=count)
+            points.append({"train_prompts": count, "train_rows": row["train_rows"], "val_within": row["val_within"],
+                           "best_epoch": row["best_epoch"], "train_seconds": row["train_seconds"],
+                           **{k: row["probe"][k] for k in ("within", "low", "high")}})
+            log.info("  %s bulk curve %s: %d rows -> %.3f", family, scorer, row["train_rows"], row["probe"]["within"])
+        curves[scorer] = points
+    return {"rows": len(bulk.prompt_ids), "prompts": available, "epochs": BULK_EPOCHS, "curves": curves}
 
 
 # Prices in step-equivalents (1 = one denoiser step of one candidate, CFG included) of what the real
@@ -665,10 +729,10 @@ def write_report(results: dict, setting: Setting, command: str, images: list[str
               "scorers need no decode and no evaluator at inference; the x0-preview scorer decodes the x0 "
               "prediction and runs the evaluator on it. Best learned: the learned scorer with the best validation "
               "Spearman (training prompts only).", "",
-              "| model | log-SNR at t = 0.2 | x0-preview | probe (activations) | x0-latent probe | "
-              "activations + x0 probe | best learned (by validation) | best learned - x0-preview | random | "
+              "| model | log-SNR at t = 0.2 | x0-preview | " + " | ".join(LEARNED_LABELS[n] for n in LEARNED)
+              + " | best learned (by validation) | best learned - x0-preview | random | "
               "Probe-Select / generate-all, wall-clock | denoiser evaluations |",
-              "| --- | --- | --- | --- | --- | --- | --- | --- | --- | --- | --- |"]
+              "| --- | --- | --- |" + " --- |" * len(LEARNED) + " --- | --- | --- | --- | --- |"]
     for family, res in results["families"].items():
         t02k = min(res["by_t"], key=lambda c: abs(c - 0.2))
         t02 = res["by_t"][t02k]
@@ -688,9 +752,9 @@ def write_report(results: dict, setting: Setting, command: str, images: list[str
                   f"Held-out finished images: mean score {res['heldout_mean_score']:.3f}, within-prompt SD "
                   f"{res['within_prompt_sd']:.3f}, semantic failures (score < 0.5) {res['semantic_failure_rate']:.1%}.",
                   "",
-                  "| t | sigma | log-SNR | x0-preview [95% CI] | probe (activations) | x0-latent probe | "
-                  "activations + x0 probe | random | probe global | x0-preview global |",
-                  "| --- | --- | --- | --- | --- | --- | --- | --- | --- | --- |"]
+                  "| t | sigma | log-SNR | x0-preview [95% CI] | " + " | ".join(LEARNED_LABELS[n] for n in LEARNED)
+                  + " | random | probe global | x0-preview global |",
+                  "| --- | --- | --- | --- |" + " --- |" * len(LEARNED) + " --- | --- | --- |"]
         levels = res.get("noise_levels") or {}
         for t, row in res["by_t"].items():
             lv = levels.get(t) or levels.get(str(t)) or {}
@@ -722,6 +786,21 @@ def write_report(results: dict, setting: Setting, command: str, images: list[str
                 lines.append(f"| {point['train_prompts']} | {point['train_rows']} | {point['val_within']:.3f} | "
                              f"{point['within']:.3f} [{point['low']:.3f}, {point['high']:.3f}] |")
             lines.append("")
+        bulk = res.get("bulk_learning_curve") or {}
+        if bulk.get("curves"):
+            sizes = [p["train_rows"] for p in next(iter(bulk["curves"].values()))]
+            lines += [f"Learning curve on more data: every learned scorer at t=0.2, trained on the first n prompts of "
+                      f"a bulk training set ({bulk['rows']} rows: {bulk['prompts']} training prompts x "
+                      f"{bulk['rows'] // max(1, bulk['prompts'])} seeds, collected like the main set; 10% of the "
+                      f"prompts held for validation; at most {bulk['epochs']} epochs), scored on the same held-out "
+                      "prompts. Held-out within-prompt Spearman [95% CI] (validation):", "",
+                      "| scorer | " + " | ".join(f"{n} rows" for n in sizes) + " |",
+                      "| --- |" + " --- |" * len(sizes)]
+            for scorer, points in bulk["curves"].items():
+                lines.append(f"| {LEARNED_LABELS.get(scorer, scorer)} | " + " | ".join(
+                    f"{p['within']:.3f} [{p['low']:.3f}, {p['high']:.3f}] ({p['val_within']:.3f})" for p in points)
+                    + " |")
+            lines += ["", f"x0-preview scorer on the same held-out prompts: {t02['x0_preview']['within']:.3f}.", ""]
         if res.get("ablation"):
             lines += ["What else was tried at t=0.2 (same data and seed unless named; validation: within-prompt "
                       "Spearman on 10% of the training prompts, what model selection may look at; held-out: "
@@ -789,9 +868,9 @@ def main(argv=None) -> dict:
     parser.add_argument("--untrained", action="store_true", help="random proxy models: test the pipeline only")
     parser.add_argument("--reuse-datasets", action="store_true", help="skip collection when the datasets exist")
     parser.add_argument("--report-only", action="store_true", help="rewrite REPORT.md from proxy_bench.json")
-    parser.add_argument("--collect-only", choices=["train", "heldout"],
-                        help="only collect this dataset and stop (run the two in parallel processes, then "
-                             "the report with --reuse-datasets)")
+    parser.add_argument("--collect-only", choices=["train", "heldout", "bulk"],
+                        help="only collect this dataset and stop (run them in parallel processes, then "
+                             "the report with --reuse-datasets); bulk: the learning curve's training rows")
     args = parser.parse_args(argv)
     if args.report_only:
         _modules()
@@ -820,6 +899,11 @@ def main(argv=None) -> dict:
     for family in args.families:
         log.info("%s: collecting", family)
         train_dir, held_dir = CACHE / f"{family}_train", CACHE / f"{family}_heldout"
+        if args.collect_only == "bulk":
+            collect(family, train_prompts[:BULK_PROMPTS], BULK_SEEDS,
+                    dataclasses.replace(setting, checkpoints=(BULK_CHECKPOINT,)), CACHE / f"{family}_bulk", 0,
+                    resume=True)
+            continue
         if args.collect_only:
             prompts_, seeds_, dir_, base_ = ((train_prompts[: setting.train_prompts], setting.train_seeds, train_dir, 0)
                                             if args.collect_only == "train" else

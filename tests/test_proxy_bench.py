@@ -12,24 +12,44 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parents[1]
 
 
-def test_proxy_bench_quick_writes_a_report(pack, tmp_path):
+def test_proxy_bench_quick_writes_a_report(pack, tmp_path, monkeypatch):
     sys.path.append(str(ROOT / "bench"))     # after ComfyUI: the pack's nodes/ must not shadow ComfyUI's nodes
     import proxy_bench
 
-    results = proxy_bench.main(["--quick", "--untrained", "--families", "unet", "--out", str(tmp_path / "results"),
-                                "--cache", str(tmp_path / "cache")])
+    # a bulk training set of 10 prompts x 2 seeds (6 in its train split) for the learning curve on more data
+    monkeypatch.setattr(proxy_bench, "BULK_PROMPTS", 10)
+    monkeypatch.setattr(proxy_bench, "BULK_SEEDS", 2)
+    monkeypatch.setattr(proxy_bench, "BULK_CURVE_PROMPTS", (3, 6))
+    monkeypatch.setattr(proxy_bench, "BULK_EPOCHS", 1)
+    common = ["--quick", "--untrained", "--families", "unet", "--out", str(tmp_path / "results"),
+              "--cache", str(tmp_path / "cache")]
+    proxy_bench.main([*common, "--collect-only", "bulk"])
+    shards = sorted((tmp_path / "cache" / "unet_bulk" / "shards").iterdir())
+    proxy_bench.main([*common, "--collect-only", "bulk"])          # resumes: nothing left to collect
+    assert sorted((tmp_path / "cache" / "unet_bulk" / "shards").iterdir()) == shards and len(shards) == 10
+    results = proxy_bench.main(common)
     unet = results["families"]["unet"]
     report = (tmp_path / "results" / "REPORT.md").read_text()
     assert set(unet["by_t"]) == {0.2, 0.4}
     for row in unet["by_t"].values():
-        for scorer in ("probe", "x0_probe", "both_probe", "x0_preview", "random"):
+        for scorer in ("probe", "x0_probe", "both_probe", "x0_text_probe", "x0_preview", "random"):
             assert -1.0 <= row[scorer]["within"] <= 1.0 and row[scorer]["low"] <= row[scorer]["high"]
             assert set(row[scorer]["oracle_gain"]) == {2, 5, 10, 20}
     # the learned scorers were trained on what they read
     from probe_select.probes.io import read_probe_metadata
     assert read_probe_metadata(tmp_path / "cache" / "unet_x0_probe_t0.2.safetensors").inputs == ("x0",)
     assert read_probe_metadata(tmp_path / "cache" / "unet_t0.2.safetensors").inputs == ("activations",)
-    assert unet["best_learned"] in ("probe", "x0_probe", "both_probe")
+    text_probe = read_probe_metadata(tmp_path / "cache" / "unet_x0_text_probe_t0.2.safetensors").config
+    assert text_probe.text_film and text_probe.text_dim > 0 and text_probe.inputs == ("x0",)
+    assert unet["best_learned"] in ("probe", "x0_probe", "both_probe", "x0_text_probe")
+    bulk = unet["bulk_learning_curve"]
+    assert (bulk["rows"], bulk["prompts"], bulk["epochs"]) == (20, 10, 1)
+    assert set(bulk["curves"]) == set(proxy_bench.LEARNED)
+    for points in bulk["curves"].values():
+        assert [p["train_prompts"] for p in points] == [3, 6]
+        assert [p["train_rows"] for p in points] == [6, 12]
+        assert all(-1.0 <= p["within"] <= 1.0 for p in points)
+    assert "Learning curve on more data" in report and "| prompt-conditioned x0-latent probe |" in report
     curve = unet["learning_curve"]
     assert len(curve) == 4 and [p["train_rows"] for p in curve] == sorted(p["train_rows"] for p in curve)
     assert curve[0]["train_rows"] < curve[-1]["train_rows"]

@@ -641,6 +641,27 @@ def write_demo_probe(family: str, scorer: str = "probe", t: float = 0.2) -> Path
 
 # ---- report -----------------------------------------------------------------------------------------
 
+def merge_saved_families(results: dict, saved_path: Path) -> None:
+    """Add the families of a saved run with the same setting that this run did not evaluate (``--families dit``
+    after ``--families unet``: one report for both), in the order of FAMILIES."""
+    if not saved_path.exists():
+        return
+    saved = json.loads(saved_path.read_text())
+    if json.loads(json.dumps(results["setting"])) != saved.get("setting"):
+        return
+    merged = {}
+    for family in ("unet", "dit"):
+        if family in results["families"]:
+            merged[family] = results["families"][family]
+        elif family in saved["families"]:
+            entry = saved["families"][family]
+            entry["by_t"] = {float(t): row for t, row in entry["by_t"].items()}
+            entry["noise_levels"] = {float(t): lv for t, lv in (entry.get("noise_levels") or {}).items()}
+            merged[family] = entry
+            log.info("%s: figures kept from the saved run (%s)", family, saved_path)
+    results["families"] = merged
+
+
 def plots(results: dict, setting: Setting) -> list[str]:
     from probe_select.probes.plots import line_plot
     names = []
@@ -716,8 +737,8 @@ def write_report(results: dict, setting: Setting, command: str, images: list[str
         f"on CPU, {torch.get_num_threads()} thread(s). Generated {time.strftime('%Y-%m-%d %H:%M UTC', time.gmtime())}.",
         "",
         f"Setting: {setting.train_prompts} training prompts x {setting.train_seeds} seeds, {setting.heldout_prompts} "
-        f"held-out prompts x {setting.heldout_seeds} seeds, {setting.steps} steps of "
-        f"{', '.join(sorted({sampler_of(f) for f in results['families']}))}, CFG "
+        f"held-out prompts x {setting.heldout_seeds} seeds, {setting.steps} steps (sampler: "
+        f"{', '.join(f'{f} ' + r.get('sampler', sampler_of(f)) for f, r in results['families'].items())}), CFG "
         f"{setting.cfg if setting.cfg is not None else ', '.join(f'{f} {cfg_of(f, setting):g}' for f in results['families'])}, "
         f"checkpoints {', '.join(f'{t:g}' for t in setting.checkpoints)}; evaluator: the analytic proxy evaluator "
         "(bench/proxy_world/evaluator.py). Within-prompt Spearman is the headline (it is what seed selection "
@@ -801,6 +822,8 @@ def write_report(results: dict, setting: Setting, command: str, images: list[str
                     f"{p['within']:.3f} [{p['low']:.3f}, {p['high']:.3f}] ({p['val_within']:.3f})" for p in points)
                     + " |")
             lines += ["", f"x0-preview scorer on the same held-out prompts: {t02['x0_preview']['within']:.3f}.", ""]
+        if res.get("ablation") == {}:
+            lines += ["The probe variants at t=0.2 (ablations) were not run for this report (`--skip-ablation`).", ""]
         if res.get("ablation"):
             lines += ["What else was tried at t=0.2 (same data and seed unless named; validation: within-prompt "
                       "Spearman on 10% of the training prompts, what model selection may look at; held-out: "
@@ -868,6 +891,7 @@ def main(argv=None) -> dict:
     parser.add_argument("--untrained", action="store_true", help="random proxy models: test the pipeline only")
     parser.add_argument("--reuse-datasets", action="store_true", help="skip collection when the datasets exist")
     parser.add_argument("--report-only", action="store_true", help="rewrite REPORT.md from proxy_bench.json")
+    parser.add_argument("--skip-ablation", action="store_true", help="leave out the probe variants at t=0.2")
     parser.add_argument("--collect-only", choices=["train", "heldout", "bulk"],
                         help="only collect this dataset and stop (run them in parallel processes, then "
                              "the report with --reuse-datasets); bulk: the learning curve's training rows")
@@ -919,7 +943,8 @@ def main(argv=None) -> dict:
         log.info("%s: training probes and evaluating", family)
         res = evaluate_family(family, setting, train_dir, held_dir)
         res["collect"] = info
-        res["ablation"] = ablation(family, setting, train_dir, held_dir)
+        res["sampler"], res["cfg"] = sampler_of(family), cfg_of(family, setting)
+        res["ablation"] = {} if args.skip_ablation else ablation(family, setting, train_dir, held_dir)
         res["cost"] = [cost(family, setting, n, k, t, setting.cost_repeats)
                        for n, k, t in ((5, 1, 0.2), (10, 2, 0.2), (5, 1, 0.4))
                        if not args.quick or (n, k, t) == (5, 1, 0.2)]
@@ -929,6 +954,7 @@ def main(argv=None) -> dict:
         results["families"][family] = res
     if args.collect_only:
         return results
+    merge_saved_families(results, RESULTS / "proxy_bench.json")
     images = plots(results, setting)
     command = "bench/proxy_bench.py " + " ".join(argv if argv is not None else sys.argv[1:])
     results["command"] = command

@@ -81,3 +81,23 @@ def test_proxy_bench_quick_writes_a_report(pack, tmp_path, monkeypatch):
     assert (tmp_path / "results" / "proxy_unet.png").stat().st_size > 1000
     saved = json.loads((tmp_path / "results" / "proxy_bench.json").read_text())
     assert saved["setting"]["train_prompts"] == proxy_bench.QUICK.train_prompts
+
+
+def test_a_run_of_one_family_keeps_the_other_family_of_a_saved_run_with_the_same_setting(pack, tmp_path):
+    sys.path.append(str(ROOT / "bench"))
+    import proxy_bench
+
+    setting = dict(proxy_bench.MEDIUM.__dict__)
+    saved = {"setting": json.loads(json.dumps(setting)),
+             "families": {"dit": {"by_t": {"0.2": {"x": 1}}, "noise_levels": {"0.2": {"step": 4}}, "sampler": "s"}}}
+    path = tmp_path / "proxy_bench.json"
+    path.write_text(json.dumps(saved))
+    results = {"setting": setting, "families": {"unet": {"by_t": {0.2: {"x": 2}}}}}
+    proxy_bench.merge_saved_families(results, path)
+    assert list(results["families"]) == ["unet", "dit"]                 # report order, whatever ran last
+    assert results["families"]["dit"]["by_t"] == {0.2: {"x": 1}} and results["families"]["dit"]["noise_levels"] == {
+        0.2: {"step": 4}}
+    assert results["families"]["unet"]["by_t"] == {0.2: {"x": 2}}       # this run's figures win
+    other = {"setting": dict(setting, epochs=1), "families": {"unet": {"by_t": {}}}}
+    proxy_bench.merge_saved_families(other, path)                       # another setting: nothing is merged
+    assert list(other["families"]) == ["unet"]

@@ -88,12 +88,15 @@ DIT_SAMPLING_SHIFT = 3.0
 DEFAULT_CFG = {"unet": 4.0, "dit": 4.0}
 # Sampler each model samples with, chosen on the same 16 held-out prompts (bench/results/proxy_models.md,
 # sampler sweep). With plain euler both models settle the layout, and with it the reward, in their first
-# steps: the x0 preview after 4 of 20 steps ranks the seeds of a prompt at 0.35-0.59 (DiT) and 0.71
-# (UNet), where real FLUX.1-dev and SDXL reach 0.17-0.27. euler_ancestral adds fresh noise at every
-# step, so the layout keeps moving after the checkpoint as it does in large models; the DiT's preview
-# curve then matches the real one at 4, 6 and 10 of 20 steps. Each candidate's ancestral noise comes
-# from its own seed (the pack's per-candidate noise sampler), so a split run is still exact.
-DEFAULT_SAMPLER = {"unet": "euler_ancestral", "dit": "euler_ancestral"}
+# steps: the x0 preview after 4 of 20 steps ranks the seeds of a prompt far better than on real FLUX.1-dev
+# and SDXL (0.17-0.27). A stochastic sampler adds fresh noise at every step, so the layout keeps moving
+# after the checkpoint, as it does in large models. DiT: euler_ancestral. UNet: dpmpp_2m_sde, because
+# euler_ancestral breaks it: in a batch-1 KSampler run ComfyUI seeds the ancestral noise with the same
+# seed as the initial noise, so the first step adds the initial noise back along itself, and this small
+# eps model does not recover (0% success); the SDE samplers draw from a Brownian tree instead. Each
+# candidate's noise comes from its own seed (the pack's per-candidate noise sampler), so a split run is
+# still exact and equals a batch-1 KSampler run.
+DEFAULT_SAMPLER = {"unet": "dpmpp_2m_sde", "dit": "euler_ancestral"}
 LATENT_DOWNSCALE = {"unet": 1, "dit": 2}           # latent pixels per image pixel (per side)
 
 ROOT = Path(__file__).resolve().parents[2]

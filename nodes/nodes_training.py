@@ -88,6 +88,10 @@ class ProbeSelectTrain(io.ComfyNode):
                                tooltip="What the probe reads: the tapped activations, the sampler's x0 prediction "
                                        "latent (free at the checkpoint; the dataset must be collected with x0_size "
                                        "> 0), or both."),
+                io.Boolean.Input("condition_on_prompt", default=False, optional=True,
+                                 tooltip="Condition the probe's encoders on the prompt (its text embedding scales "
+                                         "and shifts their features), not only its head: for scores that depend on "
+                                         "where the prompt's objects are. Needs use_text."),
             ],
             outputs=[Probe.Output(display_name="probe"), io.Image.Output(display_name="curves"),
                      io.String.Output(display_name="report")],
@@ -101,7 +105,7 @@ class ProbeSelectTrain(io.ComfyNode):
     @classmethod
     def execute(cls, dataset: str, checkpoint_percent: float, evaluator: str, probe_name: str, epochs: int,
                 batch_prompts: int, lr: float, alpha_max: float, lambda_align: float, use_text: bool, patience: int,
-                seed: int, probe_inputs: str = "activations") -> io.NodeOutput:
+                seed: int, probe_inputs: str = "activations", condition_on_prompt: bool = False) -> io.NodeOutput:
 
         node_id = cls.NODE_ID
         try:
@@ -110,7 +114,8 @@ class ProbeSelectTrain(io.ComfyNode):
             raise ProbeSelectError(node_id, str(e)) from None
         data = open_dataset(node_id, dataset)
         channels, size = data.manifest.feature_shape[0], data.manifest.feature_shape[-1]
-        probe_config = ProbeConfig(in_channels=channels, feature_size=size, inputs=inputs)
+        probe_config = ProbeConfig(in_channels=channels, feature_size=size, inputs=inputs,
+                                   text_film=bool(condition_on_prompt))
         out_path = _probe_path(node_id, probe_name)
         state_dir = os.path.join(folder_paths.get_output_directory(), "probe_select_training",
                                  os.path.basename(out_path)[: -len(".safetensors")])

@@ -183,6 +183,21 @@ def test_train_node_refuses_an_x0_probe_on_a_dataset_without_x0(comfy_dirs, sd1,
     assert not os.path.exists(os.path.join(comfy_dirs[1], "never.safetensors"))
 
 
+def test_train_node_conditions_the_encoders_on_the_prompt_when_asked(comfy_dirs, sd1, tapped):
+    from probe_select.nodes.errors import ProbeSelectError
+    _, _sampling, selection, *_, training = _nodes()
+    _collect(sd1, tapped, "film_ds", 4)
+    probe, _curves, _report = training.ProbeSelectTrain.execute(
+        "film_ds", 0.2, "", "film_probe", 1, 4, 1e-3, 0.2, 10.0, True, 0, 0, probe_inputs="x0",
+        condition_on_prompt=True).result
+    config = selection.ProbeSelectLoadProbe.execute("film_probe.safetensors").result[0].metadata.config
+    assert config.text_film and config.text_dim > 0 and probe.metadata.config == config
+    with pytest.raises(ProbeSelectError, match=r"^\[ProbeSelectTrain\].*text_film.*Train with the text"):
+        training.ProbeSelectTrain.execute("film_ds", 0.2, "", "film_never", 1, 4, 1e-3, 0.2, 10.0, False, 0, 0,
+                                          probe_inputs="x0", condition_on_prompt=True)
+    assert not os.path.exists(os.path.join(comfy_dirs[1], "film_never.safetensors"))
+
+
 def test_later_checkpoint_activations_carry_their_x0(sd1, tapped, x0_probe):
     """ProbeSelectResume to a later checkpoint (a multi-stage schedule's next stage) records that checkpoint's x0."""
     _, sampling, selection, *_ = _nodes()

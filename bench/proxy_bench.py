@@ -83,7 +83,8 @@ QUICK = Setting(train_prompts=16, heldout_prompts=8, train_seeds=4, heldout_seed
 # the largest point trains on >= 10,000 rows once 10% of the prompts are held for validation.
 BULK_PROMPTS, BULK_SEEDS, BULK_CHECKPOINT = 1072, 12, 0.2      # every training prompt: 858 train, 10,296 rows
 
-UNTRAINED = False     # --untrained: random-initialised proxy models (smoke tests of the pipeline only)
+UNTRAINED = False
+BULK_CURVE = True     # --skip-bulk-curve: leave it to a later --bulk-curve-only run (the bulk set may still be collecting)     # --untrained: random-initialised proxy models (smoke tests of the pipeline only)
 
 
 def cfg_of(family: str, setting: Setting) -> float:
@@ -330,7 +331,7 @@ def evaluate_family(family: str, setting: Setting, train_dir: Path, heldout_dir:
             "best_learned": best,
             "learning_curve": learning_curve(family, setting, train_ds, held_ds, best, train_target, t02,
                                              rows[t02][best]),
-            "bulk_learning_curve": bulk_learning_curve(family, setting, held_ds, train_target),
+            "bulk_learning_curve": bulk_learning_curve(family, setting, held_ds, train_target) if BULK_CURVE else {},
             "equal_compute": equal_compute(family, setting, predictions, finals, groups, best)}
 
 
@@ -641,6 +642,39 @@ def write_demo_probe(family: str, scorer: str = "probe", t: float = 0.2) -> Path
 
 # ---- report -----------------------------------------------------------------------------------------
 
+def add_bulk_curves(families: list[str], setting: Setting, saved_path: Path) -> dict:
+    """The bulk learning curve of each family, added to a saved run of the same setting; the report rewritten."""
+    from probe_select.probes.training.dataset import ProbeDataset
+
+    _modules()
+    results = {"setting": setting.__dict__, "families": {}}
+    merge_saved_families(results, saved_path)
+    if not results["families"]:
+        raise SystemExit(f"no saved run with this setting in {saved_path}: run the report step first")
+    for family in families:
+        held_ds = ProbeDataset(CACHE / f"{family}_heldout")
+        target = TRAIN_TARGET if TRAIN_TARGET in held_ds.manifest.evaluators else EVALUATOR
+        results["families"][family]["bulk_learning_curve"] = bulk_learning_curve(family, setting, held_ds, target)
+    saved = json.loads(saved_path.read_text())
+    results["command"] = saved.get("command", "make bench-proxy")
+    saved_path.write_text(json.dumps(results, indent=2, default=float) + "\n")
+    write_report(results, setting, results["command"], plots(results, setting))
+    return results
+
+
+def restore_keys(entry: dict) -> dict:
+    """A family's figures as a run holds them, from their JSON: checkpoints (t) and N as numbers again."""
+    def ints(value):
+        if isinstance(value, dict):
+            return {(int(k) if k.isdigit() else k) if isinstance(k, str) else k: ints(v) for k, v in value.items()}
+        return [ints(v) for v in value] if isinstance(value, list) else value
+
+    entry = ints(entry)
+    entry["by_t"] = {float(t): row for t, row in entry["by_t"].items()}
+    entry["noise_levels"] = {float(t): lv for t, lv in (entry.get("noise_levels") or {}).items()}
+    return entry
+
+
 def merge_saved_families(results: dict, saved_path: Path) -> None:
     """Add the families of a saved run with the same setting that this run did not evaluate (``--families dit``
     after ``--families unet``: one report for both), in the order of FAMILIES."""
@@ -654,10 +688,7 @@ def merge_saved_families(results: dict, saved_path: Path) -> None:
         if family in results["families"]:
             merged[family] = results["families"][family]
         elif family in saved["families"]:
-            entry = saved["families"][family]
-            entry["by_t"] = {float(t): row for t, row in entry["by_t"].items()}
-            entry["noise_levels"] = {float(t): lv for t, lv in (entry.get("noise_levels") or {}).items()}
-            merged[family] = entry
+            merged[family] = restore_keys(saved["families"][family])
             log.info("%s: figures kept from the saved run (%s)", family, saved_path)
     results["families"] = merged
 
@@ -881,7 +912,7 @@ def write_report(results: dict, setting: Setting, command: str, images: list[str
 
 
 def main(argv=None) -> dict:
-    global RESULTS, CACHE, UNTRAINED
+    global RESULTS, CACHE, UNTRAINED, BULK_CURVE
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--quick", action="store_true", help="reduced setting (smoke test)")
     parser.add_argument("--medium", action="store_true", help="fewer prompts than the full report (~15 min a model)")
@@ -892,6 +923,10 @@ def main(argv=None) -> dict:
     parser.add_argument("--reuse-datasets", action="store_true", help="skip collection when the datasets exist")
     parser.add_argument("--report-only", action="store_true", help="rewrite REPORT.md from proxy_bench.json")
     parser.add_argument("--skip-ablation", action="store_true", help="leave out the probe variants at t=0.2")
+    parser.add_argument("--skip-bulk-curve", action="store_true",
+                        help="leave out the learning curve on the bulk set (add it later with --bulk-curve-only)")
+    parser.add_argument("--bulk-curve-only", action="store_true",
+                        help="add the bulk learning curve to the saved run (proxy_bench.json) and rewrite the report")
     parser.add_argument("--collect-only", choices=["train", "heldout", "bulk"],
                         help="only collect this dataset and stop (run them in parallel processes, then "
                              "the report with --reuse-datasets); bulk: the learning curve's training rows")
@@ -899,21 +934,16 @@ def main(argv=None) -> dict:
     if args.report_only:
         _modules()
         saved = json.loads((args.out / "proxy_bench.json").read_text())
-        for res in saved["families"].values():
-            res["by_t"] = {float(t): row for t, row in res["by_t"].items()}
-            res["noise_levels"] = {float(t): lv for t, lv in res.get("noise_levels", {}).items()}
-            for row in res["by_t"].values():
-                for scorer in SCORERS:
-                    row[scorer]["oracle_gain"] = {int(n): v for n, v in row[scorer]["oracle_gain"].items()}
-            for row in res.get("ablation", {}).values():
-                row["probe"]["oracle_gain"] = {int(n): v for n, v in row["probe"]["oracle_gain"].items()}
+        saved["families"] = {family: restore_keys(res) for family, res in saved["families"].items()}
         setting = Setting(**{k: tuple(v) if k == "checkpoints" else v for k, v in saved["setting"].items()})
         RESULTS = args.out
         write_report(saved, setting, saved.get("command", "make bench-proxy"), plots(saved, setting))
         return saved
     logging.basicConfig(level=logging.INFO, format="%(message)s")
     setting = QUICK if args.quick else MEDIUM if args.medium else FULL
-    RESULTS, CACHE, UNTRAINED = args.out, args.cache, args.untrained
+    RESULTS, CACHE, UNTRAINED, BULK_CURVE = args.out, args.cache, args.untrained, not args.skip_bulk_curve
+    if args.bulk_curve_only:
+        return add_bulk_curves(args.families, setting, args.out / "proxy_bench.json")
     RESULTS.mkdir(parents=True, exist_ok=True)
     CACHE.mkdir(parents=True, exist_ok=True)
     _, grammar, _, _ = _modules()

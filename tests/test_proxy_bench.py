@@ -4,6 +4,7 @@ It checks the mechanics (collection through the pack's sampler, datasets, probe 
 cost, report), not the figures: those come from `make bench-proxy` with the trained models.
 """
 import json
+import re
 
 import pytest
 import sys
@@ -50,6 +51,17 @@ def test_proxy_bench_quick_writes_a_report(pack, tmp_path, monkeypatch):
         assert [p["train_rows"] for p in points] == [6, 12]
         assert all(-1.0 <= p["within"] <= 1.0 for p in points)
     assert "Learning curve on more data" in report and "| prompt-conditioned x0-latent probe |" in report
+    # the bulk curve can also be added to a saved run afterwards (the bulk set takes an hour to collect)
+    again = proxy_bench.main([*common, "--bulk-curve-only"])
+    saved_curve = json.loads((tmp_path / "results" / "proxy_bench.json").read_text())["families"]["unet"][
+        "bulk_learning_curve"]
+    assert saved_curve["rows"] == 20 and set(saved_curve["curves"]) == set(proxy_bench.LEARNED)
+    assert again["families"]["unet"]["equal_compute"]["best_of_8"] == unet["equal_compute"]["best_of_8"]
+    # ... and the report rewritten from the saved figures alone is the same report
+    written = (tmp_path / "results" / "REPORT.md").read_text()
+    proxy_bench.main([*common, "--report-only"])
+    rewritten = (tmp_path / "results" / "REPORT.md").read_text()
+    assert re.sub(r"Generated [^.]*\.", "", rewritten) == re.sub(r"Generated [^.]*\.", "", written)
     curve = unet["learning_curve"]
     assert len(curve) == 4 and [p["train_rows"] for p in curve] == sorted(p["train_rows"] for p in curve)
     assert curve[0]["train_rows"] < curve[-1]["train_rows"]

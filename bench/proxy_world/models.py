@@ -84,14 +84,18 @@ DIT_SAMPLING_SHIFT = 3.0
 # show (bench/results/proxy_models.md, CFG sweep 2, 4, 6): the one whose figures come closest to the
 # calibration targets. DiT: at 4 it meets three and its x0-preview Spearman is at the band's edge (0.353);
 # at 2 and 6 the x0 preview ranks far better than on real models (0.55, 0.49). UNet: no CFG reaches the
-# success target (5-6% at all three); 4 as before.
+# success target (5-6% at all three); 4 as before. (That sweep sampled with euler, in calibration round 2:
+# see the git history of proxy_models.md; the samplers below were compared at these CFGs.)
 DEFAULT_CFG = {"unet": 4.0, "dit": 4.0}
 # Sampler each model samples with, chosen on the same 16 held-out prompts (bench/results/proxy_models.md,
 # sampler sweep). With plain euler both models settle the layout, and with it the reward, in their first
 # steps: the x0 preview after 4 of 20 steps ranks the seeds of a prompt far better than on real FLUX.1-dev
 # and SDXL (0.17-0.27). A stochastic sampler adds fresh noise at every step, so the layout keeps moving
-# after the checkpoint, as it does in large models. DiT: euler_ancestral. UNet: dpmpp_2m_sde, because
-# euler_ancestral breaks it: in a batch-1 KSampler run ComfyUI seeds the ancestral noise with the same
+# after the checkpoint, as it does in large models. DiT: euler_ancestral, the one sampler inside the band
+# on the sweep prompts (0.33; euler 0.35, dpmpp_2m_sde 0.38, intervals overlapping); on the 40 report
+# prompts euler gave 0.59 (round 2) and euler_ancestral 0.31. UNet: dpmpp_2m_sde (0.51, 13% success,
+# against euler's 0.71 and 6%); not euler_ancestral, which breaks it: in a batch-1 KSampler run ComfyUI
+# seeds the ancestral noise with the same
 # seed as the initial noise, so the first step adds the initial noise back along itself, and this small
 # eps model does not recover (0% success); the SDE samplers draw from a Brownian tree instead. Each
 # candidate's noise comes from its own seed (the pack's per-candidate noise sampler), so a split run is

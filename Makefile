@@ -92,8 +92,8 @@ bench-proxy: proxy-models
 	wait $$lane1; wait $$lane2
 	$(PY) bench/proxy_bench.py $(PROXY_BENCH_ARGS) --reuse-datasets
 
-# The learning curve on more data (REPORT.md, "Learning curve on more data"): every training prompt x 12 seeds
-# of the DiT at t = 0.2 (12,864 rows, about an hour on one core; resumable). Run it before bench-proxy, whose
+# The learning curve on more data (REPORT.md, "Learning curve on more data"): 940 training prompts x 12 seeds
+# of the DiT at t = 0.2 (11,280 rows, about an hour on one core; resumable). Run it before bench-proxy, whose
 # report step trains every learned scorer on growing parts of it.
 bench-proxy-bulk: proxy-models
 	$(PY) bench/proxy_bench.py $(PROXY_BENCH_ARGS) --families dit --collect-only bulk

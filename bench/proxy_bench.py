@@ -80,8 +80,10 @@ QUICK = Setting(train_prompts=16, heldout_prompts=8, train_seeds=4, heldout_seed
 
 
 # The learning curve's bulk training set (``--collect-only bulk``): rows at t = 0.2 only, enough prompts that
-# the largest point trains on >= 10,000 rows once 10% of the prompts are held for validation.
-BULK_PROMPTS, BULK_SEEDS, BULK_CHECKPOINT = 1072, 12, 0.2      # every training prompt: 858 train, 10,296 rows
+# the largest point trains on >= 10,000 rows once 10% of the prompts are held for validation. The probes are
+# judged on the held-out dataset, so the bulk set needs no test split of its own.
+BULK_PROMPTS, BULK_SEEDS, BULK_CHECKPOINT = 940, 12, 0.2      # 11,280 rows: 846 train prompts, 10,152 rows
+BULK_SPLIT = (0.9, 0.1, 0.0)
 
 UNTRAINED = False
 BULK_CURVE = True     # --skip-bulk-curve: leave it to a later --bulk-curve-only run (the bulk set may still be collecting)     # --untrained: random-initialised proxy models (smoke tests of the pipeline only)
@@ -250,15 +252,16 @@ def train_config(setting: Setting, **overrides):
 
 
 def train_and_evaluate(train_ds, held_ds, t: float, out: Path, setting: Setting, target: str, config, tcfg,
-                       use_text: bool = False, train_prompts=None) -> dict:
+                       use_text: bool = False, train_prompts=None, fractions=None) -> dict:
     """Train a probe at checkpoint t on the training prompts; score it on the held-out prompts."""
     from probe_select.probes.training.evaluation import evaluate_probe_on
     from probe_select.probes.io import load_probe
     from probe_select.probes.training.pipeline import train_from_dataset
 
     started = time.perf_counter()
+    split = {} if fractions is None else {"fractions": fractions}
     result, sizes = train_from_dataset(train_ds, t, target, out, use_text=use_text, probe_config=config,
-                                       train_config=tcfg, streaming="off", train_prompts=train_prompts)
+                                       train_config=tcfg, streaming="off", train_prompts=train_prompts, **split)
     train_seconds = time.perf_counter() - started
     probe, meta = load_probe(out)
     evaluation = evaluate_probe_on(probe, meta, held_ds.arrays(checkpoint_t=t, evaluator=EVALUATOR))
@@ -360,7 +363,7 @@ def learning_curve(family: str, setting: Setting, train_ds, held_ds, scorer: str
 # The bulk curve's points (the first n prompts of the bulk set's train split, BULK_SEEDS rows each) and its
 # epoch cap: an epoch of the largest point is ten times as many steps as one of the main run's, and early
 # stopping ends most runs sooner.
-BULK_CURVE_PROMPTS = (96, 214, 428, 857)          # of the train split (80%): 1,152 to 10,284 rows
+BULK_CURVE_PROMPTS = (96, 212, 423, 846)          # of the train split: 1,152 to 10,152 rows
 BULK_EPOCHS = 12
 
 
@@ -384,7 +387,7 @@ def bulk_learning_curve(family: str, setting: Setting, held_ds, target: str) -> 
                                         CACHE / "bulk_curve" / f"{family}_{scorer}_{count}.safetensors", setting,
                                         target, probe_config(channels, setting, **overrides),
                                         train_config(setting, epochs=BULK_EPOCHS), use_text=reads_text(overrides),
-                                        train_prompts=count)
+                                        train_prompts=count, fractions=BULK_SPLIT)
             points.append({"train_prompts": count, "train_rows": row["train_rows"], "val_within": row["val_within"],
                            "best_epoch": row["best_epoch"], "train_seconds": row["train_seconds"],
                            **{k: row["probe"][k] for k in ("within", "low", "high")}})
@@ -844,8 +847,8 @@ def write_report(results: dict, setting: Setting, command: str, images: list[str
             lines += [f"Learning curve on more data: every learned scorer at t=0.2, trained on the first n prompts of "
                       f"a bulk training set ({bulk['rows']} rows: {bulk['prompts']} training prompts x "
                       f"{bulk['rows'] // max(1, bulk['prompts'])} seeds, collected like the main set; 10% of the "
-                      f"prompts held for validation; at most {bulk['epochs']} epochs), scored on the same held-out "
-                      "prompts. Held-out within-prompt Spearman [95% CI] (validation):", "",
+                      f"prompts held for validation, none for testing; at most {bulk['epochs']} epochs), scored on "
+                      "the same held-out prompts. Held-out within-prompt Spearman [95% CI] (validation):", "",
                       "| scorer | " + " | ".join(f"{n} rows" for n in sizes) + " |",
                       "| --- |" + " --- |" * len(sizes)]
             for scorer, points in bulk["curves"].items():

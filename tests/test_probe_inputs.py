@@ -374,6 +374,12 @@ def test_learning_curve_subsets_train_on_the_first_prompts_only(tmp_path):
     _, sizes = train_from_dataset(ds, 0.25, "score", tmp_path / "p.safetensors", train_config=config,
                                   probe_config=probe_config, streaming="off", train_prompts=2)
     assert sizes["train"] == 8 and sizes["val"] == len(splits["val"])
+    # without a test split (the probe is judged on another dataset) its prompts go to train and val
+    no_test = split_by_prompt(ids, (0.7, 0.3, 0.0), seed=0)
+    _, sizes = train_from_dataset(ds, 0.25, "score", tmp_path / "r.safetensors", train_config=config,
+                                  probe_config=probe_config, streaming="off", fractions=(0.7, 0.3, 0.0))
+    assert sizes == {"train": len(no_test["train"]), "val": len(no_test["val"]), "test": 0}
+    assert sizes["train"] + sizes["val"] == len(ids)
     with pytest.raises(ValueError, match="in-memory"):
         train_from_dataset(ds, 0.25, "score", tmp_path / "q.safetensors", train_config=config,
                            probe_config=probe_config, streaming="on", train_prompts=2)

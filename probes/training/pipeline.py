@@ -52,11 +52,16 @@ def train_from_dataset(dataset: ProbeDataset, checkpoint_t: float, evaluator: st
                        on_epoch: Optional[Callable[[int, dict], None]] = None,
                        should_stop: Optional[Callable[[], bool]] = None, streaming: str = "auto",
                        stream_config: Optional[StreamConfig] = None,
-                       train_prompts: Optional[int] = None) -> tuple[TrainResult, dict]:
+                       train_prompts: Optional[int] = None,
+                       fractions: Sequence[float] = SPLIT_FRACTIONS) -> tuple[TrainResult, dict]:
     """Train a probe on the dataset's train split (by prompt), validating on its val split.
 
     ``train_prompts``: train on only the first n prompts of the train split (in dataset order; the
     val split is unchanged), the points of a learning curve. In memory only.
+
+    ``fractions``: of the prompts in the train / val / test splits (:func:`split_by_prompt`); e.g.
+    ``(0.9, 0.1, 0.0)`` when the probe is judged on a separate held-out dataset, so that no test split
+    is needed.
 
     ``streaming``: ``"off"`` holds the checkpoint's features in memory (the path small datasets
     always took); ``"on"`` streams them from the shards (:mod:`.streamed_train`, settings in
@@ -73,10 +78,10 @@ def train_from_dataset(dataset: ProbeDataset, checkpoint_t: float, evaluator: st
             raise ValueError("train_prompts (a learning-curve subset) needs the in-memory path: streaming='off'")
         return train_from_index(StreamIndex(dataset.root), checkpoint_t, evaluator, out_path,
                                 train_config=train_config, stream_config=stream_config, use_text=use_text,
-                                split_seed=split_seed, fractions=SPLIT_FRACTIONS, probe_config=probe_config,
+                                split_seed=split_seed, fractions=fractions, probe_config=probe_config,
                                 state_dir=state_dir, on_epoch=on_epoch, should_stop=should_stop)
     arrays = dataset.arrays(checkpoint_t=checkpoint_t, evaluator=evaluator)
-    splits = split_by_prompt(arrays.prompt_ids, SPLIT_FRACTIONS, seed=split_seed)
+    splits = split_by_prompt(arrays.prompt_ids, fractions, seed=split_seed)
     if len(splits["train"]) == 0 or len(splits["val"]) == 0:
         raise ValueError(f"dataset {dataset.root} has too few prompts ({len(set(arrays.prompt_ids))}) for a "
                          "train/val/test split; collect more prompts")

@@ -646,20 +646,24 @@ def write_demo_probe(family: str, scorer: str = "probe", t: float = 0.2) -> Path
 # ---- report -----------------------------------------------------------------------------------------
 
 def add_bulk_curves(families: list[str], setting: Setting, saved_path: Path) -> dict:
-    """The bulk learning curve of each family, added to a saved run of the same setting; the report rewritten."""
+    """The bulk learning curve of each family, added to a saved run of the same setting; the report rewritten.
+    The saved run is read after the curves are trained, so a report step still running meanwhile is not lost."""
     from probe_select.probes.training.dataset import ProbeDataset
 
     _modules()
-    results = {"setting": setting.__dict__, "families": {}}
-    merge_saved_families(results, saved_path)
-    if not results["families"]:
-        raise SystemExit(f"no saved run with this setting in {saved_path}: run the report step first")
+    curves = {}
     for family in families:
         held_ds = ProbeDataset(CACHE / f"{family}_heldout")
         target = TRAIN_TARGET if TRAIN_TARGET in held_ds.manifest.evaluators else EVALUATOR
-        results["families"][family]["bulk_learning_curve"] = bulk_learning_curve(family, setting, held_ds, target)
-    saved = json.loads(saved_path.read_text())
-    results["command"] = saved.get("command", "make bench-proxy")
+        curves[family] = bulk_learning_curve(family, setting, held_ds, target)
+    results = {"setting": setting.__dict__, "families": {}}
+    merge_saved_families(results, saved_path)
+    missing = [family for family in families if family not in results["families"]]
+    if missing:
+        raise SystemExit(f"no saved run of {missing} with this setting in {saved_path}: run the report step first")
+    for family, curve in curves.items():
+        results["families"][family]["bulk_learning_curve"] = curve
+    results["command"] = json.loads(saved_path.read_text()).get("command", "make bench-proxy")
     saved_path.write_text(json.dumps(results, indent=2, default=float) + "\n")
     write_report(results, setting, results["command"], plots(results, setting))
     return results

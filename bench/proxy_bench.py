@@ -645,28 +645,40 @@ def write_demo_probe(family: str, scorer: str = "probe", t: float = 0.2) -> Path
 
 # ---- report -----------------------------------------------------------------------------------------
 
-def add_bulk_curves(families: list[str], setting: Setting, saved_path: Path) -> dict:
-    """The bulk learning curve of each family, added to a saved run of the same setting; the report rewritten.
-    The saved run is read after the curves are trained, so a report step still running meanwhile is not lost."""
+BULK_CURVE_FILE = "proxy_bulk_curve.json"
+
+
+def add_bulk_curves(families: list[str], setting: Setting, results_dir: Path) -> dict:
+    """The bulk learning curve of each family, in its own file (``proxy_bulk_curve.json``: the bulk set takes an
+    hour to collect and its curve a while to train, so it runs beside the report step); a report step or
+    ``--report-only`` run afterwards puts it in REPORT.md."""
     from probe_select.probes.training.dataset import ProbeDataset
 
     _modules()
-    curves = {}
+    path = results_dir / BULK_CURVE_FILE
+    saved = json.loads(path.read_text()) if path.exists() else {}
+    setting_json = json.loads(json.dumps(setting.__dict__))
+    curves = saved.get("families", {}) if saved.get("setting") == setting_json else {}
     for family in families:
         held_ds = ProbeDataset(CACHE / f"{family}_heldout")
         target = TRAIN_TARGET if TRAIN_TARGET in held_ds.manifest.evaluators else EVALUATOR
         curves[family] = bulk_learning_curve(family, setting, held_ds, target)
-    results = {"setting": setting.__dict__, "families": {}}
-    merge_saved_families(results, saved_path)
-    missing = [family for family in families if family not in results["families"]]
-    if missing:
-        raise SystemExit(f"no saved run of {missing} with this setting in {saved_path}: run the report step first")
-    for family, curve in curves.items():
-        results["families"][family]["bulk_learning_curve"] = curve
-    results["command"] = json.loads(saved_path.read_text()).get("command", "make bench-proxy")
-    saved_path.write_text(json.dumps(results, indent=2, default=float) + "\n")
-    write_report(results, setting, results["command"], plots(results, setting))
-    return results
+    out = {"setting": setting_json, "families": curves}
+    path.write_text(json.dumps(out, indent=2, default=float) + "\n")
+    return out
+
+
+def attach_bulk_curves(results: dict, results_dir: Path) -> None:
+    """Put the saved bulk learning curves (same setting) into the families that have none."""
+    path = results_dir / BULK_CURVE_FILE
+    if not path.exists():
+        return
+    saved = json.loads(path.read_text())
+    if saved.get("setting") != json.loads(json.dumps(results["setting"])):
+        return
+    for family, curve in saved["families"].items():
+        if family in results["families"] and not results["families"][family].get("bulk_learning_curve"):
+            results["families"][family]["bulk_learning_curve"] = curve
 
 
 def restore_keys(entry: dict) -> dict:
@@ -695,7 +707,11 @@ def merge_saved_families(results: dict, saved_path: Path) -> None:
         if family in results["families"]:
             merged[family] = results["families"][family]
         elif family in saved["families"]:
-            merged[family] = restore_keys(saved["families"][family])
+            entry = restore_keys(saved["families"][family])
+            if any(scorer not in row for row in entry["by_t"].values() for scorer in SCORERS):
+                log.info("%s: the saved figures predate some scorers; not kept", family)
+                continue
+            merged[family] = entry
             log.info("%s: figures kept from the saved run (%s)", family, saved_path)
     results["families"] = merged
 
@@ -942,6 +958,7 @@ def main(argv=None) -> dict:
         _modules()
         saved = json.loads((args.out / "proxy_bench.json").read_text())
         saved["families"] = {family: restore_keys(res) for family, res in saved["families"].items()}
+        attach_bulk_curves(saved, args.out)
         setting = Setting(**{k: tuple(v) if k == "checkpoints" else v for k, v in saved["setting"].items()})
         RESULTS = args.out
         write_report(saved, setting, saved.get("command", "make bench-proxy"), plots(saved, setting))
@@ -950,7 +967,7 @@ def main(argv=None) -> dict:
     setting = QUICK if args.quick else MEDIUM if args.medium else FULL
     RESULTS, CACHE, UNTRAINED, BULK_CURVE = args.out, args.cache, args.untrained, not args.skip_bulk_curve
     if args.bulk_curve_only:
-        return add_bulk_curves(args.families, setting, args.out / "proxy_bench.json")
+        return add_bulk_curves(args.families, setting, args.out)
     RESULTS.mkdir(parents=True, exist_ok=True)
     CACHE.mkdir(parents=True, exist_ok=True)
     _, grammar, _, _ = _modules()
@@ -992,11 +1009,12 @@ def main(argv=None) -> dict:
     if args.collect_only:
         return results
     merge_saved_families(results, RESULTS / "proxy_bench.json")
-    images = plots(results, setting)
+    attach_bulk_curves(results, RESULTS)
     command = "bench/proxy_bench.py " + " ".join(argv if argv is not None else sys.argv[1:])
     results["command"] = command
+    # the figures first: they took the time; the report is rewritten from them with --report-only
     (RESULTS / "proxy_bench.json").write_text(json.dumps(results, indent=2, default=float) + "\n")
-    write_report(results, setting, command, images)
+    write_report(results, setting, command, plots(results, setting))
     log.info("wrote %s", RESULTS / "REPORT.md")
     return results
 

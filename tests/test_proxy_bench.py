@@ -53,10 +53,9 @@ def test_proxy_bench_quick_writes_a_report(pack, tmp_path, monkeypatch):
     assert "Learning curve on more data" in report and "| prompt-conditioned x0-latent probe |" in report
     # the bulk curve can also be added to a saved run afterwards (the bulk set takes an hour to collect)
     again = proxy_bench.main([*common, "--bulk-curve-only"])
-    saved_curve = json.loads((tmp_path / "results" / "proxy_bench.json").read_text())["families"]["unet"][
-        "bulk_learning_curve"]
+    saved_curve = json.loads((tmp_path / "results" / "proxy_bulk_curve.json").read_text())["families"]["unet"]
+    assert saved_curve == json.loads(json.dumps(again["families"]["unet"]))
     assert saved_curve["rows"] == 20 and set(saved_curve["curves"]) == set(proxy_bench.LEARNED)
-    assert again["families"]["unet"]["equal_compute"]["best_of_8"] == unet["equal_compute"]["best_of_8"]
     # ... and the report rewritten from the saved figures alone is the same report
     written = (tmp_path / "results" / "REPORT.md").read_text()
     proxy_bench.main([*common, "--report-only"])
@@ -100,16 +99,37 @@ def test_a_run_of_one_family_keeps_the_other_family_of_a_saved_run_with_the_same
     import proxy_bench
 
     setting = dict(proxy_bench.MEDIUM.__dict__)
+    row = {scorer: {"oracle_gain": {"2": 0.5}} for scorer in proxy_bench.SCORERS}
     saved = {"setting": json.loads(json.dumps(setting)),
-             "families": {"dit": {"by_t": {"0.2": {"x": 1}}, "noise_levels": {"0.2": {"step": 4}}, "sampler": "s"}}}
+             "families": {"dit": {"by_t": {"0.2": row}, "noise_levels": {"0.2": {"step": 4}}, "sampler": "s"}}}
     path = tmp_path / "proxy_bench.json"
     path.write_text(json.dumps(saved))
     results = {"setting": setting, "families": {"unet": {"by_t": {0.2: {"x": 2}}}}}
     proxy_bench.merge_saved_families(results, path)
     assert list(results["families"]) == ["unet", "dit"]                 # report order, whatever ran last
-    assert results["families"]["dit"]["by_t"] == {0.2: {"x": 1}} and results["families"]["dit"]["noise_levels"] == {
-        0.2: {"step": 4}}
+    dit = results["families"]["dit"]
+    assert list(dit["by_t"]) == [0.2] and dit["noise_levels"] == {0.2: {"step": 4}}
+    assert dit["by_t"][0.2]["probe"]["oracle_gain"] == {2: 0.5}         # N is a number again
     assert results["families"]["unet"]["by_t"] == {0.2: {"x": 2}}       # this run's figures win
     other = {"setting": dict(setting, epochs=1), "families": {"unet": {"by_t": {}}}}
     proxy_bench.merge_saved_families(other, path)                       # another setting: nothing is merged
     assert list(other["families"]) == ["unet"]
+    del saved["families"]["dit"]["by_t"]["0.2"]["x0_text_probe"]        # figures from before a scorer existed
+    path.write_text(json.dumps(saved))
+    stale = {"setting": setting, "families": {"unet": {"by_t": {}}}}
+    proxy_bench.merge_saved_families(stale, path)
+    assert list(stale["families"]) == ["unet"]
+
+
+def test_bulk_curves_saved_apart_go_to_the_families_without_one(pack, tmp_path):
+    sys.path.append(str(ROOT / "bench"))
+    import proxy_bench
+
+    setting = json.loads(json.dumps(proxy_bench.MEDIUM.__dict__))
+    (tmp_path / proxy_bench.BULK_CURVE_FILE).write_text(json.dumps(
+        {"setting": setting, "families": {"dit": {"rows": 7}, "unet": {"rows": 9}}}))
+    results = {"setting": proxy_bench.MEDIUM.__dict__,
+               "families": {"dit": {"bulk_learning_curve": {}}, "unet": {"bulk_learning_curve": {"rows": 1}}}}
+    proxy_bench.attach_bulk_curves(results, tmp_path)
+    assert results["families"]["dit"]["bulk_learning_curve"] == {"rows": 7}
+    assert results["families"]["unet"]["bulk_learning_curve"] == {"rows": 1}      # its own curve stays

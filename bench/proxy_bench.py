@@ -367,6 +367,28 @@ BULK_CURVE_PROMPTS = (96, 212, 423, 846)          # of the train split: 1,152 to
 BULK_EPOCHS = 12
 
 
+def finished_point(path: Path, held_ds, count: int, overrides: dict, setting: Setting):
+    """A learning-curve point whose training already finished (its probe file says so, for the same prompts,
+    epochs and inputs), scored on the held-out prompts again instead of trained again; None otherwise."""
+    from probe_select.probes.io import load_probe
+    from probe_select.probes.training.evaluation import evaluate_probe_on
+
+    if not path.exists():
+        return None
+    probe, meta = load_probe(path)
+    info = meta.training
+    wanted = probe_config(meta.config.in_channels, setting, **overrides)
+    if (info.get("stopped") not in ("early_stopping", "completed") or info.get("epochs") != BULK_EPOCHS
+            or info.get("data", {}).get("train_prompts") != count or meta.config.inputs != wanted.inputs
+            or meta.config.text_film != wanted.text_film):
+        return None
+    evaluation = evaluate_probe_on(probe, meta, held_ds.arrays(checkpoint_t=BULK_CHECKPOINT, evaluator=EVALUATOR))
+    log.info("  %s: finished training found, scored again", path.name)
+    return {"train_rows": info["data"]["train_rows"], "val_within": float(info["val"]["within_spearman"]),
+            "best_epoch": info["best_epoch"], "train_seconds": None,
+            "probe": within_ci(evaluation.predicted, evaluation.actual, evaluation.group, setting.bootstrap)}
+
+
 def bulk_learning_curve(family: str, setting: Setting, held_ds, target: str) -> dict:
     """Every learned scorer at t = 0.2 trained on growing prefixes of the bulk training set (``--collect-only
     bulk``, up to >= 10,000 training rows), each scored on the held-out prompts; {} when it was not collected."""
@@ -383,11 +405,13 @@ def bulk_learning_curve(family: str, setting: Setting, held_ds, target: str) -> 
     for scorer, overrides in LEARNED.items():
         points = []
         for count in sorted({min(c, available) for c in BULK_CURVE_PROMPTS}):
-            row, _ = train_and_evaluate(bulk, held_ds, BULK_CHECKPOINT,
-                                        CACHE / "bulk_curve" / f"{family}_{scorer}_{count}.safetensors", setting,
-                                        target, probe_config(channels, setting, **overrides),
-                                        train_config(setting, epochs=BULK_EPOCHS), use_text=reads_text(overrides),
-                                        train_prompts=count, fractions=BULK_SPLIT)
+            out = CACHE / "bulk_curve" / f"{family}_{scorer}_{count}.safetensors"
+            row = finished_point(out, held_ds, count, overrides, setting)
+            if row is None:
+                row, _ = train_and_evaluate(bulk, held_ds, BULK_CHECKPOINT, out, setting, target,
+                                            probe_config(channels, setting, **overrides),
+                                            train_config(setting, epochs=BULK_EPOCHS), use_text=reads_text(overrides),
+                                            train_prompts=count, fractions=BULK_SPLIT)
             points.append({"train_prompts": count, "train_rows": row["train_rows"], "val_within": row["val_within"],
                            "best_epoch": row["best_epoch"], "train_seconds": row["train_seconds"],
                            **{k: row["probe"][k] for k in ("within", "low", "high")}})

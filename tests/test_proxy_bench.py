@@ -56,6 +56,11 @@ def test_proxy_bench_quick_writes_a_report(pack, tmp_path, monkeypatch):
     saved_curve = json.loads((tmp_path / "results" / "proxy_bulk_curve.json").read_text())["families"]["unet"]
     assert saved_curve == json.loads(json.dumps(again["families"]["unet"]))
     assert saved_curve["rows"] == 20 and set(saved_curve["curves"]) == set(proxy_bench.LEARNED)
+    # every point's training had finished, so it was scored again, not retrained: the same figures
+    for scorer, points in saved_curve["curves"].items():
+        assert [(p["train_rows"], p["within"], p["val_within"]) for p in points] == [
+            (p["train_rows"], p["within"], p["val_within"]) for p in bulk["curves"][scorer]]
+        assert all(p["train_seconds"] is None for p in points)
     # ... and the report rewritten from the saved figures alone is the same report
     written = (tmp_path / "results" / "REPORT.md").read_text()
     proxy_bench.main([*common, "--report-only"])

@@ -85,8 +85,8 @@ QUICK = Setting(train_prompts=16, heldout_prompts=8, train_seeds=4, heldout_seed
 BULK_PROMPTS, BULK_SEEDS, BULK_CHECKPOINT = 940, 12, 0.2      # 11,280 rows: 846 train prompts, 10,152 rows
 BULK_SPLIT = (0.9, 0.1, 0.0)
 
-UNTRAINED = False
-BULK_CURVE = True     # --skip-bulk-curve: leave it to a later --bulk-curve-only run (the bulk set may still be collecting)     # --untrained: random-initialised proxy models (smoke tests of the pipeline only)
+UNTRAINED = False     # --untrained: random-initialised proxy models (smoke tests of the pipeline only)
+BULK_CURVE = True     # --skip-bulk-curve: left to a later --bulk-curve-only run (the bulk set may still be collecting)
 
 
 def cfg_of(family: str, setting: Setting) -> float:

@@ -127,11 +127,10 @@ def probe_config_for(manifest: DatasetManifest, probe_config: Optional[ProbeConf
     channels, size = manifest.feature_shape[0], manifest.feature_shape[-1]
     base = probe_config or ProbeConfig(in_channels=channels, feature_size=size)
     if base.text_film and not (use_text and manifest.text_dim > 0):
-        raise DatasetError(
-            f"the probe conditions its encoders on the prompt (text_film), but "
-            + (f"{where} stores no text embeddings. Collect with the prompt's conditioning, or train without "
-               "text_film." if manifest.text_dim == 0 else "training was asked not to use the text. Train with "
-               "the text, or without text_film."))
+        reason = (f"{where} stores no text embeddings. Collect with the prompt's conditioning, or train without "
+                  "text_film." if manifest.text_dim == 0 else
+                  "training was asked not to use the text. Train with the text, or without text_film.")
+        raise DatasetError(f"the probe conditions its encoders on the prompt (text_film), but {reason}")
     changes = {"in_channels": channels, "feature_size": size, "text_dim": manifest.text_dim if use_text else 0}
     if base.reads_x0:
         if manifest.x0_shape is None:

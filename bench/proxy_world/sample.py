@@ -79,7 +79,7 @@ def generate(patcher, text_encoder, family: str, prompt: str, seeds: Sequence[in
     seeds = [int(s) for s in seeds]
     if seeds != list(range(seeds[0], seeds[0] + len(seeds))):
         raise ValueError(f"generate: seeds must be consecutive (candidate i is seed + i), got {seeds}")
-    sampler = sampler or models.DEFAULT_SAMPLER[family]
+    sampler = sampler or DEFAULT_SAMPLER[family]
     capture = (int(preview_step),) if preview_step is not None else ()
     with torch.inference_mode():
         result = split_sampling.run_candidates(

@@ -294,6 +294,18 @@ def real_levels_line() -> str:
             + ", ".join(f"{lv.label} {lv.log_snr:.2f}" for lv in levels) + ".")
 
 
+def training_target(manifest) -> str:
+    """What the learned scorers are trained on: the log evaluator score where the dataset's manifest lists
+    it, the evaluator score itself otherwise."""
+    return TRAIN_TARGET if TRAIN_TARGET in manifest.evaluators else EVALUATOR
+
+
+def probe_file_name(family: str, scorer: str, t: float) -> str:
+    """The file of learned scorer ``scorer`` trained at checkpoint ``t``: the bench probe ("probe") keeps the
+    family's plain name, which the demo reads too; the other scorers carry their own name."""
+    return f"{family}_t{t:g}.safetensors" if scorer == "probe" else f"{family}_{scorer}_t{t:g}.safetensors"
+
+
 def evaluate_family(family: str, setting: Setting, train_dir: Path, heldout_dir: Path) -> dict:
     _modules()
     from probe_select.probes.training.dataset import ProbeDataset
@@ -301,12 +313,12 @@ def evaluate_family(family: str, setting: Setting, train_dir: Path, heldout_dir:
     train_ds, held_ds = ProbeDataset(train_dir), ProbeDataset(heldout_dir)
     rows = {}
     channels = train_ds.manifest.feature_shape[0]
-    train_target = TRAIN_TARGET if TRAIN_TARGET in train_ds.manifest.evaluators else EVALUATOR
+    train_target = training_target(train_ds.manifest)
     predictions = {}          # scorer -> t -> held-out predictions (dataset row order), for the compute curves
     for t in setting.checkpoints:
         row = {}
         for name, overrides in LEARNED.items():
-            out = CACHE / (f"{family}_t{t:g}.safetensors" if name == "probe" else f"{family}_{name}_t{t:g}.safetensors")
+            out = CACHE / probe_file_name(family, name, t)
             learned, evaluation = train_and_evaluate(train_ds, held_ds, t, out, setting, train_target,
                                                      probe_config(channels, setting, **overrides), train_config(setting),
                                                      use_text=reads_text(overrides))
@@ -338,6 +350,13 @@ def evaluate_family(family: str, setting: Setting, train_dir: Path, heldout_dir:
             "equal_compute": equal_compute(family, setting, predictions, finals, groups, best)}
 
 
+def curve_point(train_prompts: int, train_rows: int, val_within: float, heldout: dict, **extra) -> dict:
+    """One learning-curve point: the training set's size, the validation score, ``extra`` (the bulk curve's
+    epochs and seconds) and the held-out within-prompt Spearman with its 95% CI from ``heldout``."""
+    return {"train_prompts": train_prompts, "train_rows": train_rows, "val_within": val_within, **extra,
+            **{k: heldout[k] for k in ("within", "low", "high")}}
+
+
 def learning_curve(family: str, setting: Setting, train_ds, held_ds, scorer: str, target: str, t: float,
                    full: dict) -> list:
     """Held-out within-prompt Spearman of ``scorer`` trained on growing prefixes of the training prompts.
@@ -352,11 +371,9 @@ def learning_curve(family: str, setting: Setting, train_ds, held_ds, scorer: str
         row, _ = train_and_evaluate(train_ds, held_ds, t, CACHE / "curve" / f"{family}_{scorer}_{count}.safetensors",
                                     setting, target, probe_config(channels, setting, **LEARNED[scorer]),
                                     train_config(setting), use_text=reads_text(LEARNED[scorer]), train_prompts=count)
-        points.append({"train_prompts": count, "train_rows": row["train_rows"], "val_within": row["val_within"],
-                       **{k: row["probe"][k] for k in ("within", "low", "high")}})
+        points.append(curve_point(count, row["train_rows"], row["val_within"], row["probe"]))
         log.info("  %s learning curve %s: %d rows -> %.3f", family, scorer, row["train_rows"], row["probe"]["within"])
-    points.append({"train_prompts": prompts, "train_rows": full["train_rows"], "val_within": full["val_within"],
-                   **{k: full[k] for k in ("within", "low", "high")}})
+    points.append(curve_point(prompts, full["train_rows"], full["val_within"], full))
     return points
 
 
@@ -412,9 +429,8 @@ def bulk_learning_curve(family: str, setting: Setting, held_ds, target: str) -> 
                                             probe_config(channels, setting, **overrides),
                                             train_config(setting, epochs=BULK_EPOCHS), use_text=reads_text(overrides),
                                             train_prompts=count, fractions=BULK_SPLIT)
-            points.append({"train_prompts": count, "train_rows": row["train_rows"], "val_within": row["val_within"],
-                           "best_epoch": row["best_epoch"], "train_seconds": row["train_seconds"],
-                           **{k: row["probe"][k] for k in ("within", "low", "high")}})
+            points.append(curve_point(count, row["train_rows"], row["val_within"], row["probe"],
+                                      best_epoch=row["best_epoch"], train_seconds=row["train_seconds"]))
             log.info("  %s bulk curve %s: %d rows -> %.3f", family, scorer, row["train_rows"], row["probe"]["within"])
         curves[scorer] = points
     return {"rows": len(bulk.prompt_ids), "prompts": available, "epochs": BULK_EPOCHS, "curves": curves}
@@ -566,7 +582,8 @@ def timing_setup(family: str, setting: Setting, t: float):
 
     patcher, text = load_model(family)
     tapped = apply_tap(patcher, "auto", setting.feature_size)
-    probe, meta = load_probe(CACHE / f"{family}_t{min(setting.checkpoints, key=lambda c: abs(c - t)):g}.safetensors")
+    nearest = min(setting.checkpoints, key=lambda c: abs(c - t))
+    probe, meta = load_probe(CACHE / probe_file_name(family, "probe", nearest))
     prompt = grammar.all_prompts(limit=1, seed=99)[0]
     return (patcher, tapped, probe, meta, prompt, text.conditioning(prompt), text.conditioning(""),
             models.empty_latent(family, 1))
@@ -662,9 +679,8 @@ def write_demo_probe(family: str, scorer: str = "probe", t: float = 0.2) -> Path
     """The t=0.2 probe of the learned scorer validation favoured, in fp16, where `make demo` finds it on a
     fresh clone (under the demo's name whatever it reads: the demo connects activations and x0)."""
     from probe_select.probes.io import load_probe, save_probe
-    name = f"{family}_t{t:g}.safetensors" if scorer == "probe" else f"{family}_{scorer}_t{t:g}.safetensors"
-    probe, meta = load_probe(CACHE / name)
-    return save_probe(DEMO_PROBES / f"{family}_t{t:g}.safetensors", probe, meta, dtype=torch.float16)
+    probe, meta = load_probe(CACHE / probe_file_name(family, scorer, t))
+    return save_probe(DEMO_PROBES / probe_file_name(family, "probe", t), probe, meta, dtype=torch.float16)
 
 
 # ---- report -----------------------------------------------------------------------------------------
@@ -685,7 +701,7 @@ def add_bulk_curves(families: list[str], setting: Setting, results_dir: Path) ->
     curves = saved.get("families", {}) if saved.get("setting") == setting_json else {}
     for family in families:
         held_ds = ProbeDataset(CACHE / f"{family}_heldout")
-        target = TRAIN_TARGET if TRAIN_TARGET in held_ds.manifest.evaluators else EVALUATOR
+        target = training_target(held_ds.manifest)
         curves[family] = bulk_learning_curve(family, setting, held_ds, target)
     out = {"setting": setting_json, "families": curves}
     path.write_text(json.dumps(out, indent=2, default=float) + "\n")

@@ -18,23 +18,36 @@ const extension = {
 
   nodeCreated(node) {
     if ((node.comfyClass ?? node.type) !== NODE_CLASS) return;
-    let pause = null;   // {request_id, gallery, picked, deadline, timer, header}
+    let pause = null;   // {request_id, gallery, picked, deadline, sending, timer, label}
 
     const stop = () => {
       if (pause?.timer) clearInterval(pause.timer);
       pause = null;
     };
 
+    const labelText = () => {
+      const left = Math.max(0, Math.round((pause.deadline - Date.now()) / 1000));
+      return pause.sending ? "Finishing…"
+        : `Paused: click candidates to finish (${pause.picked.size} picked, ${left} s left)`;
+    };
+
+    // The countdown changes the label's text only. Rebuilding the gallery each second would replace the
+    // Finish button and the tiles under a click in progress (mouse down on the old element, up on the new
+    // one: the browser clicks neither), and the pick would be lost until the node's timeout.
+    const tick = () => {
+      if (pause?.label) pause.label.textContent = labelText();
+    };
+
+    // The whole gallery: when the pause starts, on each toggle and when Finish is pressed.
     const render = () => {
       if (!pause) return;
-      const left = Math.max(0, Math.round((pause.deadline - Date.now()) / 1000));
       const header = document.createElement("div");
       header.className = "probe-select-pick-header";
       Object.assign(header.style, { display: "flex", alignItems: "center", gap: "6px", height: "26px",
                                     marginBottom: "4px", font: "11px sans-serif" });
       const label = document.createElement("span");
-      label.textContent = pause.sending ? "Finishing…"
-        : `Paused: click candidates to finish (${pause.picked.size} picked, ${left} s left)`;
+      label.textContent = labelText();
+      pause.label = label;
       const finish = Object.assign(document.createElement("button"), { textContent: "Finish with picked" });
       finish.className = "probe-select-pick-finish";
       finish.disabled = pause.picked.size === 0 || pause.sending;
@@ -78,7 +91,7 @@ const extension = {
       rememberPreviews(detail.previews);
       pause = { request_id: detail.request_id, gallery: detail.gallery, picked: new Set(detail.gallery.kept),
                 deadline: Date.now() + 1000 * detail.timeout, sending: false };
-      pause.timer = setInterval(render, 1000);
+      pause.timer = setInterval(tick, 1000);
       render();
     };
 

@@ -458,9 +458,26 @@ SWAP_TOPK_FOR_PICK = """([topk, early, score, resume, timeout]) => {
 }"""
 
 
+# The pick node's own gallery part (the early sampler's node shows the same tiles), found through its widget.
+PICK_PART = """([id, selector]) => app.graph.getNodeById(id).widgets.find(w => w.name === 'probe_select_gallery')
+                 .element.querySelector(selector)"""
+
+# Whether the countdown leaves the Finish button and the tiles in place while it ticks (a click in progress
+# on an element replaced under it is lost), and the label's text before and after a tick.
+COUNTDOWN_KEEPS_ELEMENTS = """(id) => new Promise(resolve => {
+  const part = (selector) => (""" + PICK_PART + """)([id, selector]);
+  const finish = part('.probe-select-pick-finish'), tile = part('.probe-select-tile'),
+        before = part('.probe-select-pick-header span').textContent;
+  setTimeout(() => resolve({
+    before, after: part('.probe-select-pick-header span').textContent,
+    kept: finish.isConnected && tile.isConnected && part('.probe-select-pick-finish') === finish}), 2500);
+})"""
+
+
 def test_pause_and_pick_by_clicks(page, server, tiny_checkpoint):
     page.load(_selection_workflow(tiny_checkpoint))
-    pick_id = page.js(SWAP_TOPK_FOR_PICK, [TOPK, EARLY, SCORE, RESUME, 120])
+    # A node timeout well past the test's own waits: a slow machine must not time the pause out before Finish.
+    pick_id = page.js(SWAP_TOPK_FOR_PICK, [TOPK, EARLY, SCORE, RESUME, 300])
     listening = "() => app.extensions.find(e => e.name === 'ProbeSelect.PickCandidates').listening"
     assert page.js(listening) == 1
     before = set(server.history())
@@ -477,8 +494,7 @@ def test_pause_and_pick_by_clicks(page, server, tiny_checkpoint):
     worst = [tiles[-1]["index"], tiles[-2]["index"]]
     # The pick node's own tiles (the early sampler's node shows the same previews): a click on the picture
     def click_tile(index):
-        page.js("""([id, index]) => app.graph.getNodeById(id).widgets.find(w => w.name === 'probe_select_gallery')
-                   .element.querySelector(`.probe-select-tile[data-index='${index}'] img`).click()""", [pick_id, index])
+        page.js(f"(arg) => ({PICK_PART})(arg).click()", [pick_id, f".probe-select-tile[data-index='{index}'] img"])
     for t in tiles[:2]:
         click_tile(t["index"])              # unpick the preselected ones
     for index in worst:
@@ -486,7 +502,16 @@ def test_pause_and_pick_by_clicks(page, server, tiny_checkpoint):
     page.page.wait_for_timeout(200)
     assert sorted(t["index"] for t in page.js(TILES, pick_id) if t["state"] == "picked") == sorted(worst)
     page.screenshot("pick_paused.png")
-    page.page.locator(".probe-select-pick-finish").click()
+    # The countdown ticks in the label only: the button and the tiles under the pointer stay the same elements.
+    countdown = page.js(COUNTDOWN_KEEPS_ELEMENTS, pick_id)
+    assert countdown["kept"] and countdown["after"] != countdown["before"], countdown
+    # The pick node's own Finish button, clicked with the mouse (Playwright waits until it is enabled and hit).
+    page.page.evaluate_handle(PICK_PART, [pick_id, ".probe-select-pick-finish"]).as_element().click()
+    accepted_by = time.monotonic() + 30
+    while server.request("GET", "/probe_select/pick")["waiting"] and time.monotonic() < accepted_by:
+        time.sleep(0.2)
+    assert server.request("GET", "/probe_select/pick")["waiting"] == [], ("the pick never reached the server",
+                                                                        page.pack_messages())
 
     entry = _wait_for_new_prompt(server, before)
     assert entry["status"]["status_str"] == "success", json.dumps(entry["status"])[:3000]

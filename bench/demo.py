@@ -3,19 +3,22 @@
     make demo                                  # or: .venv/bin/python bench/demo.py [--family dit] [--out out/demo]
 
 Loads ComfyUI in-process with this pack and the bench-only proxy-world nodes as custom nodes, queues
-the selection workflow (tap -> early sampler -> probe score -> top-K -> resume) through
-`execution.PromptExecutor` (what the server runs), and writes to the output folder:
-- `candidates.png`: the N early candidates (x0 previews at the checkpoint) with their probe scores,
+the selection workflow (tap -> early sampler -> score -> top-K -> resume) through
+`execution.PromptExecutor` (what the server runs), and writes to the output folder. The scorer is the one
+validation favoured in the committed proxy-bench run (`--scorer auto`): the demo probe
+(ProbeSelectLoadProbe -> ProbeSelectScore) or the training-free x0 preview (ProbeSelectPreviewScore).
+- `candidates.png`: the N early candidates (x0 previews at the checkpoint) with their scores,
   kept ones framed in green, next to the finished image(s);
 - `summary.txt`: the evaluator score of the kept image vs the mean of all candidates (each finished
   with a plain KSampler for comparison only), and the compute saved.
-Needs the proxy models and the demo probe (bench/proxy_world/weights/ or bench/cache/).
+Needs the proxy models and, to score with the probe, the demo probe (bench/proxy_world/weights/ or bench/cache/).
 """
 from __future__ import annotations
 
 import argparse
 import asyncio
 import inspect
+import json
 import logging
 import os
 import shutil
@@ -35,6 +38,8 @@ from PIL import Image, ImageDraw  # noqa: E402
 
 log = logging.getLogger("demo")
 PROMPT = "a red circle left of a blue square"
+RESULTS_JSON = ROOT / "bench" / "results" / "proxy_bench.json"
+SCORER_LABELS = {"probe": "the learned probe", "x0_preview": "the x0 preview (decoded and scored by the evaluator)"}
 
 
 def probe_file(family: str) -> Path:
@@ -45,8 +50,38 @@ def probe_file(family: str) -> Path:
     raise SystemExit(f"no demo probe for {family}: run `make bench-proxy` first (it trains one)")
 
 
+def demo_scorer(family: str) -> str:
+    """The scorer validation favoured for ``family`` in the committed proxy-bench run (``demo_scorer`` in
+    bench/results/proxy_bench.json: the x0 preview or a learned probe); the probe when the run has none."""
+    try:
+        saved = json.loads(RESULTS_JSON.read_text())
+    except (OSError, ValueError):
+        return "probe"
+    chosen = saved.get("families", {}).get(family, {}).get("demo_scorer", "probe")
+    return "x0_preview" if chosen == "x0_preview" else "probe"
+
+
+def score_nodes(scorer: str, family: str, probe_name: str, prompt: str) -> dict:
+    """The scoring part of the workflow: node "8" outputs the candidates' scores from the early sampler ("6")."""
+    if scorer == "x0_preview":
+        # training-free: decode each candidate's x0 preview and run the evaluator on it
+        return {
+            "7": {"class_type": "ProxyWorldVAE", "inputs": {"family": family}},
+            "15": {"class_type": "ProxyWorldEvaluator", "inputs": {}},
+            "8": {"class_type": "ProbeSelectPreviewScore", "inputs": {"x0_preview": ["6", 1], "vae": ["7", 0],
+                                                                      "evaluator": ["15", 0], "prompt": prompt}},
+        }
+    return {
+        "7": {"class_type": "ProbeSelectLoadProbe", "inputs": {"probe_name": probe_name}},
+        # the x0 preview is connected too: the demo probe is whichever learned scorer validation favoured,
+        # and the x0-latent probes read it (an activations probe ignores it)
+        "8": {"class_type": "ProbeSelectScore", "inputs": {"probe": ["7", 0], "activations": ["6", 2],
+                                                           "x0_preview": ["6", 1]}},
+    }
+
+
 def workflow(family: str, probe_name: str, n: int, k: int, seed: int, steps: int, prompt: str, cfg: float,
-             sampler: str) -> dict:
+             sampler: str, scorer: str = "probe") -> dict:
     size = 256 if family == "unet" else 128        # EmptyLatentImage is in pixels / 8
     return {
         "1": {"class_type": "ProxyWorldLoader", "inputs": {"family": family}},
@@ -59,11 +94,7 @@ def workflow(family: str, probe_name: str, n: int, k: int, seed: int, steps: int
             "candidates": n, "steps": steps, "cfg": cfg, "sampler_name": sampler,
             "scheduler": "normal",
             "checkpoint_percent": 0.2, "denoise": 1.0}},
-        "7": {"class_type": "ProbeSelectLoadProbe", "inputs": {"probe_name": probe_name}},
-        # the x0 preview is connected too: the demo probe is whichever learned scorer validation favoured,
-        # and the x0-latent probes read it (an activations probe ignores it)
-        "8": {"class_type": "ProbeSelectScore", "inputs": {"probe": ["7", 0], "activations": ["6", 2],
-                                                           "x0_preview": ["6", 1]}},
+        **score_nodes(scorer, family, probe_name, prompt),
         "9": {"class_type": "ProbeSelectTopK", "inputs": {"early_latent": ["6", 0], "scores": ["8", 0], "keep": k}},
         "10": {"class_type": "ProbeSelectResume", "inputs": {"model": ["1", 0], "positive": ["2", 0],
                                                               "negative": ["3", 0], "latent": ["9", 0], "cfg": cfg}},
@@ -111,7 +142,7 @@ def _grid(previews: torch.Tensor, scores: list[float], kept: list[int], finished
     to_pil = lambda img: Image.fromarray((img.clamp(0, 1).numpy() * 255).astype("uint8")).resize(  # noqa: E731
         (cell, cell), Image.NEAREST)
     best = max(range(n), key=lambda i: final_scores[i])
-    draw.text((8, 4), "early candidates at the checkpoint (x0 previews), probe score; kept: green frame",
+    draw.text((8, 4), "early candidates at the checkpoint (x0 previews), score; kept: green frame",
               fill=(200, 200, 200))
     draw.text((8, row_h + 24), "every candidate finished, for comparison only: evaluator score (best: *)",
               fill=(200, 200, 200))
@@ -141,7 +172,7 @@ def run_workflow(executor, args, probe_name: str, prompt: str, seed: int, patche
     from bench.proxy_world.grammar import parse_prompt
 
     graph = workflow(args.family, probe_name, args.candidates, args.keep, seed, args.steps, prompt,
-                     models.DEFAULT_CFG[args.family], models.DEFAULT_SAMPLER[args.family])
+                     models.DEFAULT_CFG[args.family], models.DEFAULT_SAMPLER[args.family], args.scorer)
     valid = asyncio.run(execution.validate_prompt("demo", graph, None))
     if not valid[0]:
         raise SystemExit(f"workflow invalid: {valid[1]} {valid[3]}")
@@ -185,14 +216,22 @@ def main(argv=None) -> dict:
     parser.add_argument("--steps", type=int, default=20)
     parser.add_argument("--more-prompts", type=int, default=23,
                         help="also run this many held-out prompts for the kept-vs-mean summary (one is noisy)")
+    parser.add_argument("--scorer", choices=["auto", "probe", "x0_preview"], default="auto",
+                        help="what ranks the candidates at the checkpoint; auto (default): the one validation "
+                             "favoured in the committed proxy-bench run (bench/results/proxy_bench.json)")
     args = parser.parse_args(argv)
+    if args.scorer == "auto":
+        args.scorer = demo_scorer(args.family)
     logging.basicConfig(level=logging.INFO, format="%(message)s")
     started = time.perf_counter()
     args.out.mkdir(parents=True, exist_ok=True)
     probes_dir = args.out / "probes"
     probes_dir.mkdir(exist_ok=True)
-    source = probe_file(args.family)
-    shutil.copy(source, probes_dir / source.name)
+    probe_name = ""
+    if args.scorer == "probe":
+        source = probe_file(args.family)
+        shutil.copy(source, probes_dir / source.name)
+        probe_name = source.name
 
     log.info("[demo] loading ComfyUI, the pack and the proxy-world nodes ...")
     pack = load_pack()
@@ -200,9 +239,9 @@ def main(argv=None) -> dict:
     _load_nodes(args.out, probes_dir)
     import execution
 
-    log.info("[demo] running the Probe-Select workflow (N=%d, K=%d, checkpoint 0.2, %d steps) through ComfyUI's "
-             "executor, and finishing every candidate with a plain KSampler for comparison only ...",
-             args.candidates, args.keep, args.steps)
+    log.info("[demo] running the Probe-Select workflow (N=%d, K=%d, checkpoint 0.2, %d steps; scorer: %s) through "
+             "ComfyUI's executor, and finishing every candidate with a plain KSampler for comparison only ...",
+             args.candidates, args.keep, args.steps, SCORER_LABELS[args.scorer])
     # cache_args as ComfyUI's main.py (prompt_worker) builds them for --cache-classic: every key it
     # passes, since executors read them unconditionally (0.33 added "ram_inactive").
     executor = execution.PromptExecutor(_Server(), cache_type=execution.CacheType.CLASSIC,
@@ -210,7 +249,7 @@ def main(argv=None) -> dict:
     # the same model as the workflow's loader, for the comparison runs; loaded once for all prompts
     from bench.proxy_world import models
     patcher, text = models.load(args.family)
-    run = run_workflow(executor, args, source.name, args.prompt, args.seed, patcher, text)
+    run = run_workflow(executor, args, probe_name, args.prompt, args.seed, patcher, text)
     log.info("[demo] %s", run["ranking_text"].replace("\n", "\n[demo] "))
     grid = _grid(run["previews"], run["probe_scores"], run["kept"], run["finished"], run["all_finished"],
                  run["final_scores"])
@@ -222,7 +261,7 @@ def main(argv=None) -> dict:
         more = [p for p in prompt_split()[1] if p != args.prompt][: args.more_prompts]
         log.info("[demo] the same workflow on %d more held-out prompts (one prompt's pick is noisy) ...", len(more))
         for i, prompt in enumerate(more):
-            runs.append(run_workflow(executor, args, source.name, prompt, args.seed + 1000 * (i + 1), patcher, text))
+            runs.append(run_workflow(executor, args, probe_name, prompt, args.seed + 1000 * (i + 1), patcher, text))
     kept = np.array([r["kept_score"] for r in runs])
     mean = np.array([r["mean_score"] for r in runs])
     best = np.array([r["best_score"] for r in runs])
@@ -231,6 +270,7 @@ def main(argv=None) -> dict:
     spent = args.candidates * s + args.keep * (args.steps - s)
     summary = "\n".join([
         f"prompt: {args.prompt} ({args.family}, N={args.candidates}, K={args.keep}, seeds {args.seed}..)",
+        f"scorer: {SCORER_LABELS[args.scorer]}",
         f"evaluator score of the kept image(s): {run['kept_score']:.4g}",
         f"mean over all {args.candidates} candidates: {run['mean_score']:.4g}; best: {run['best_score']:.4g}",
         f"over {len(runs)} prompts: kept {kept.mean():.4g} vs mean candidate {mean.mean():.4g} (best {best.mean():.4g}); "

@@ -341,13 +341,56 @@ def evaluate_family(family: str, setting: Setting, train_dir: Path, heldout_dir:
     spread = float(np.mean([finals[groups == g].std() for g in np.unique(groups)]))
     t02 = min(setting.checkpoints, key=lambda c: abs(c - 0.2))
     best = max(LEARNED, key=lambda name: rows[t02][name]["val_within"])        # chosen by validation only
+    rows[t02]["x0_preview"]["val_within"] = preview_validation(train_ds, t02)
     return {"by_t": rows, "heldout_mean_score": float(finals.mean()), "within_prompt_sd": spread,
             "semantic_failure_rate": float((finals < 0.5).mean()), "noise_levels": noise_levels(family, setting),
-            "best_learned": best,
+            "best_learned": best, "demo_scorer": demo_scorer(rows[t02], best),
             "learning_curve": learning_curve(family, setting, train_ds, held_ds, best, train_target, t02,
                                              rows[t02][best]),
             "bulk_learning_curve": bulk_learning_curve(family, setting, held_ds, train_target) if BULK_CURVE else {},
             "equal_compute": equal_compute(family, setting, predictions, finals, groups, best)}
+
+
+def preview_validation(train_ds, t: float) -> float:
+    """Within-prompt Spearman of the x0-preview scorer on the validation prompts of the training set: the rows
+    every learned scorer's ``val_within`` is measured on (train_from_dataset's split), so the two compare."""
+    from probe_select.probes.training.dataset import split_by_prompt
+    from probe_select.probes.training.metrics import within_prompt_spearman
+    from probe_select.probes.training.pipeline import SPLIT_FRACTIONS
+
+    arrays = train_ds.arrays(checkpoint_t=t, evaluator=EVALUATOR)
+    val = split_by_prompt(arrays.prompt_ids, SPLIT_FRACTIONS, seed=0)["val"]
+    rows = arrays.select(val)
+    preview = train_ds.scores(f"x0@{t:g}")[val]
+    return float(within_prompt_spearman(preview.numpy(), rows.scores.numpy(), rows.prompt_groups().numpy()))
+
+
+def demo_scorer(row: dict, best_learned: str) -> str:
+    """The scorer `make demo` selects with: the best learned scorer or the x0 preview, whichever has the higher
+    validation Spearman (training prompts only; never the held-out figures the report judges by)."""
+    preview = row["x0_preview"].get("val_within", float("-inf"))
+    return "x0_preview" if preview > row[best_learned]["val_within"] else best_learned
+
+
+def choose_demo_scorers(families: list[str], results_dir: Path) -> dict:
+    """``--choose-demo-scorer``: add the x0 preview's validation figure and the demo scorer to a saved run
+    (proxy_bench.json), from the cached training sets, without training again; then rewrite the report."""
+    from probe_select.probes.training.dataset import ProbeDataset
+
+    _modules()
+    path = results_dir / "proxy_bench.json"
+    saved = json.loads(path.read_text())
+    for family in families:
+        res = saved["families"][family]
+        t02 = min(res["by_t"], key=lambda c: abs(float(c) - 0.2))
+        row = res["by_t"][t02]
+        row["x0_preview"]["val_within"] = preview_validation(ProbeDataset(CACHE / f"{family}_train"), float(t02))
+        res["demo_scorer"] = demo_scorer(row, res.get("best_learned", "probe"))
+        log.info("%s: x0-preview validation %.3f, best learned (%s) %.3f -> the demo scores with %s", family,
+                 row["x0_preview"]["val_within"], res.get("best_learned", "probe"),
+                 row[res.get("best_learned", "probe")]["val_within"], res["demo_scorer"])
+    path.write_text(json.dumps(saved, indent=2, default=float) + "\n")
+    return saved
 
 
 def curve_point(train_prompts: int, train_rows: int, val_within: float, heldout: dict, **extra) -> dict:
@@ -892,6 +935,12 @@ def write_report(results: dict, setting: Setting, command: str, images: list[str
                       f"{'beats' if gap > 0 else 'does NOT beat'} the x0-preview scorer ({t02['x0_preview']['within']:.3f}) "
                       f"by {gap:+.3f}; the bar is >= 0.6 and >= x0-preview + 0.15: "
                       f"{'met' if t02[best]['within'] >= 0.6 and gap >= 0.15 else 'NOT met'}.", ""]
+        if "val_within" in t02["x0_preview"]:
+            chosen = res.get("demo_scorer", best)
+            lines += [f"Validation (training prompts only) of every scorer at t=0.2: x0 preview "
+                      f"{t02['x0_preview']['val_within']:.3f}, best learned {t02[best]['val_within']:.3f}; `make demo` "
+                      f"scores with the one validation favours: "
+                      f"{'the x0 preview' if chosen == 'x0_preview' else 'the ' + LEARNED_LABELS[chosen]}.", ""]
         if res.get("learning_curve"):
             lines += [f"Learning curve of the {LEARNED_LABELS[best]} at t=0.2 (trained on the first n training "
                       "prompts; validation and held-out prompts unchanged):", "",
@@ -990,11 +1039,18 @@ def main(argv=None) -> dict:
                         help="leave out the learning curve on the bulk set (add it later with --bulk-curve-only)")
     parser.add_argument("--bulk-curve-only", action="store_true",
                         help="add the bulk learning curve to the saved run (proxy_bench.json) and rewrite the report")
+    parser.add_argument("--choose-demo-scorer", action="store_true",
+                        help="add the x0 preview's validation figure and the demo's scorer (by validation) to the "
+                             "saved run, from the cached training sets, and rewrite the report")
     parser.add_argument("--collect-only", choices=["train", "heldout", "bulk"],
                         help="only collect this dataset and stop (run them in parallel processes, then "
                              "the report with --reuse-datasets); bulk: the learning curve's training rows")
     args = parser.parse_args(argv)
-    if args.report_only:
+    if args.choose_demo_scorer:
+        logging.basicConfig(level=logging.INFO, format="%(message)s")
+        CACHE = args.cache
+        choose_demo_scorers(args.families, args.out)
+    if args.report_only or args.choose_demo_scorer:
         _modules()
         saved = json.loads((args.out / "proxy_bench.json").read_text())
         saved["families"] = {family: restore_keys(res) for family, res in saved["families"].items()}

@@ -3,9 +3,11 @@
 The demo runs in its own process (it loads custom nodes and sets ComfyUI's output directory, which
 must not leak into the other tests), on a reduced setting: 4 candidates, 10 steps.
 """
+import json
 import os
 import re
 import subprocess
+import sys
 from pathlib import Path
 
 import pytest
@@ -17,16 +19,35 @@ ROOT = Path(__file__).resolve().parents[1]
 WEIGHTS = ROOT / "bench" / "proxy_world" / "weights"
 
 
-@pytest.mark.parametrize("family", ["unet", "dit"])
-def test_demo_runs_the_selection_workflow_and_writes_its_outputs(family, tmp_path):
+def test_the_demo_scores_with_the_scorer_validation_favoured():
+    """`--scorer auto` reads the committed run's choice, which proxy_bench made by validation figures only."""
+    sys.path.insert(0, str(ROOT / "bench"))
+    try:
+        import demo
+    finally:
+        sys.path.remove(str(ROOT / "bench"))
+    saved = json.loads((ROOT / "bench" / "results" / "proxy_bench.json").read_text())
+    for family, res in saved["families"].items():
+        row = res["by_t"][min(res["by_t"], key=lambda c: abs(float(c) - 0.2))]
+        validation = {"x0_preview": row["x0_preview"]["val_within"], "probe": row[res["best_learned"]]["val_within"]}
+        assert demo.demo_scorer(family) == max(validation, key=validation.get)
+    assert demo.demo_scorer("no such family") == "probe"
+
+
+@pytest.mark.parametrize("family,scorer", [("unet", "auto"), ("dit", "auto"), ("dit", "probe")])
+def test_demo_runs_the_selection_workflow_and_writes_its_outputs(family, scorer, tmp_path):
     assert (WEIGHTS / f"{family}_t0.2.safetensors").exists(), "the demo probe must be committed"
     out = tmp_path / "demo"
     env = dict(os.environ, OMP_NUM_THREADS="1")
     proc = subprocess.run([default_python(), str(ROOT / "bench" / "demo.py"), "--family", family, "--out", str(out),
-                           "--candidates", "4", "--steps", "10", "--more-prompts", "2"],
+                           "--candidates", "4", "--steps", "10", "--more-prompts", "2", "--scorer", scorer],
                           cwd=ROOT, env=env, capture_output=True, text=True, timeout=600)
     assert proc.returncode == 0, proc.stderr[-3000:]
     log = proc.stderr + proc.stdout
+    used = "probe" if scorer == "probe" else json.loads((ROOT / "bench" / "results" / "proxy_bench.json").read_text())[
+        "families"][family]["demo_scorer"]
+    label = "the learned probe" if used != "x0_preview" else "the x0 preview"
+    assert f"scorer: {label}" in (out / "summary.txt").read_text()
     # it says what it is doing, in order
     steps = ["loading ComfyUI", "running the Probe-Select workflow", "the same workflow on 2 more held-out prompts"]
     positions = [log.find("[demo] " + s) for s in steps]

@@ -168,11 +168,13 @@ def proxy_nodes():
 
 def test_nodes_round_trip_through_saved_weights(proxy_nodes, built, tmp_path, monkeypatch, pack):
     mapping = proxy_nodes.NODE_CLASS_MAPPINGS
-    assert set(mapping) == {"ProxyWorldLoader", "ProxyWorldEncode", "ProxyWorldDecode", "ProxyWorldEvaluator"}
+    assert set(mapping) == {"ProxyWorldLoader", "ProxyWorldEncode", "ProxyWorldDecode", "ProxyWorldVAE",
+                            "ProxyWorldEvaluator"}
     assert not set(mapping) & set(getattr(pack, "NODE_CLASS_MAPPINGS", {}) or {})
     assert mapping["ProxyWorldLoader"].RETURN_TYPES == ("MODEL", "PROXY_TEXT")
     assert mapping["ProxyWorldEncode"].RETURN_TYPES == ("CONDITIONING",)
     assert mapping["ProxyWorldDecode"].RETURN_TYPES == ("IMAGE",)
+    assert mapping["ProxyWorldVAE"].RETURN_TYPES == ("VAE",)
     assert mapping["ProxyWorldEvaluator"].RETURN_TYPES == ("PS_EVALUATOR",)
     for cls in mapping.values():
         cls.INPUT_TYPES()
@@ -201,6 +203,11 @@ def test_nodes_round_trip_through_saved_weights(proxy_nodes, built, tmp_path, mo
         other = "dit" if fam == "unet" else "unet"
         with pytest.raises(ValueError, match="channels"):
             mapping["ProxyWorldDecode"]().decode(out, other)
+        # the VAE node decodes the same way (what ProbeSelectPreviewScore calls on a VAE)
+        (vae,) = mapping["ProxyWorldVAE"]().make(fam)
+        assert torch.equal(vae.decode(out["samples"]), images)
+        with pytest.raises(ValueError, match="channels"):
+            mapping["ProxyWorldVAE"]().make(other)[0].decode(out["samples"])
         # The DiT samples with SD3's own shift (3.0, its model_sampling default: no patch); another
         # shift is patched on a clone by ComfyUI's own ModelSamplingSD3 node (an object patch).
         sampling = model.get_model_object("model_sampling")

@@ -9,6 +9,8 @@ Classic ``NODE_CLASS_MAPPINGS`` style:
   from the trained weights (``bench/proxy_world/weights/`` preferred, else ``bench/cache/proxy_world/``).
 - ``ProxyWorldEncode``: PROXY_TEXT + prompt -> CONDITIONING (``""`` is the unconditional negative).
 - ``ProxyWorldDecode``: LATENT + family -> IMAGE ``[B, 32, 32, 3]`` in 0..1 (the latents are pixels).
+- ``ProxyWorldVAE``: family -> VAE, the same pixel map as a VAE object (``decode(samples)``), for nodes that
+  take a VAE (ProbeSelectPreviewScore decodes the x0 preview with it).
 - ``ProxyWorldEvaluator``: -> PS_EVALUATOR, the proxy-world evaluator with the pack's evaluator
   interface (``score(images [B, H, W, 3], prompts) -> ImageScores``), for ProbeSelectEvaluateImages,
   ProbeSelectPreviewScore and the dataset writer.
@@ -126,6 +128,33 @@ class ProxyWorldDecode:
         return (images.permute(0, 2, 3, 1).contiguous().cpu(),)
 
 
+class PixelVAE:
+    """The proxy world's "VAE": its latents are the image's pixels, so decoding is :func:`models.latent_to_image`.
+    Has what the pack's nodes call on a ComfyUI VAE: ``decode(samples) -> IMAGE [B, H, W, 3]`` in 0..1."""
+
+    def __init__(self, family: str):
+        self.family = family
+
+    def decode(self, samples, vae_options=None):
+        return ProxyWorldDecode().decode(samples, self.family)[0]
+
+
+class ProxyWorldVAE:
+    CATEGORY = CATEGORY
+    RETURN_TYPES = ("VAE",)
+    RETURN_NAMES = ("vae",)
+    FUNCTION = "make"
+    DESCRIPTION = ("Bench only: the proxy world's pixel-space latents as a VAE, for nodes that decode with one "
+                   "(ProbeSelectPreviewScore).")
+
+    @classmethod
+    def INPUT_TYPES(cls):
+        return {"required": {"family": (FAMILIES, {"default": "unet"})}}
+
+    def make(self, family):
+        return (PixelVAE(family),)
+
+
 class ProxyWorldEvaluator:
     CATEGORY = CATEGORY
     RETURN_TYPES = ("PS_EVALUATOR",)
@@ -146,11 +175,13 @@ NODE_CLASS_MAPPINGS = {
     "ProxyWorldLoader": ProxyWorldLoader,
     "ProxyWorldEncode": ProxyWorldEncode,
     "ProxyWorldDecode": ProxyWorldDecode,
+    "ProxyWorldVAE": ProxyWorldVAE,
     "ProxyWorldEvaluator": ProxyWorldEvaluator,
 }
 NODE_DISPLAY_NAME_MAPPINGS = {
     "ProxyWorldLoader": "Proxy World Loader (bench)",
     "ProxyWorldEncode": "Proxy World Encode (bench)",
     "ProxyWorldDecode": "Proxy World Decode (bench)",
+    "ProxyWorldVAE": "Proxy World VAE (bench)",
     "ProxyWorldEvaluator": "Proxy World Evaluator (bench)",
 }

@@ -220,6 +220,7 @@ def main(argv=None) -> dict:
                         help="what ranks the candidates at the checkpoint; auto (default): the one validation "
                              "favoured in the committed proxy-bench run (bench/results/proxy_bench.json)")
     args = parser.parse_args(argv)
+    args.out = args.out.resolve()       # ComfyUI's SaveImage refuses a relative output directory
     if args.scorer == "auto":
         args.scorer = demo_scorer(args.family)
     logging.basicConfig(level=logging.INFO, format="%(message)s")

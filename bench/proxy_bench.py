@@ -591,6 +591,8 @@ ABLATIONS = {
         dict(inputs=("x0",), x0_size=X0_SIZE, pooled_size=4), {}, TRAIN_TARGET, False),
     "activations + x0 probe with a 4x4 pool (not global)": (
         dict(inputs=("activations", "x0"), x0_size=X0_SIZE, pooled_size=4), {}, TRAIN_TARGET, False),
+    "prompt-conditioned x0-latent probe with a 4x4 pool (not global)": (
+        dict(inputs=("x0",), x0_size=X0_SIZE, pooled_size=4, text_film=True), {}, TRAIN_TARGET, True),
 }
 
 
@@ -612,6 +614,19 @@ def ablation(family: str, setting: Setting, train_dir: Path, heldout_dir: Path, 
         log.info("  %s ablation %r: probe %.3f [%.3f, %.3f]", family, name, row["probe"]["within"],
                  row["probe"]["low"], row["probe"]["high"])
     return out
+
+
+def add_ablations(families: list[str], setting: Setting, results_dir: Path) -> dict:
+    """``--ablation-only``: the probe variants at t=0.2 for a saved run (proxy_bench.json) whose report step skipped
+    them, trained on its cached datasets; the report is then rewritten from the saved figures."""
+    _modules()
+    path = results_dir / "proxy_bench.json"
+    saved = json.loads(path.read_text())
+    for family in families:
+        saved["families"][family]["ablation"] = ablation(family, setting, CACHE / f"{family}_train",
+                                                         CACHE / f"{family}_heldout")
+        path.write_text(json.dumps(saved, indent=2, default=float) + "\n")     # each family as soon as it is done
+    return saved
 
 
 # ---- 4. cost ----------------------------------------------------------------------------------------
@@ -1039,6 +1054,9 @@ def main(argv=None) -> dict:
                         help="leave out the learning curve on the bulk set (add it later with --bulk-curve-only)")
     parser.add_argument("--bulk-curve-only", action="store_true",
                         help="add the bulk learning curve to the saved run (proxy_bench.json) and rewrite the report")
+    parser.add_argument("--ablation-only", action="store_true",
+                        help="train the probe variants at t=0.2 (ablations) for the saved run, on its cached datasets, "
+                             "and rewrite the report")
     parser.add_argument("--choose-demo-scorer", action="store_true",
                         help="add the x0 preview's validation figure and the demo's scorer (by validation) to the "
                              "saved run, from the cached training sets, and rewrite the report")
@@ -1050,7 +1068,13 @@ def main(argv=None) -> dict:
         logging.basicConfig(level=logging.INFO, format="%(message)s")
         CACHE = args.cache
         choose_demo_scorers(args.families, args.out)
-    if args.report_only or args.choose_demo_scorer:
+    if args.ablation_only:
+        logging.basicConfig(level=logging.INFO, format="%(message)s")
+        CACHE = args.cache
+        saved_setting = json.loads((args.out / "proxy_bench.json").read_text())["setting"]
+        add_ablations(args.families, Setting(**{k: tuple(v) if k == "checkpoints" else v
+                                                for k, v in saved_setting.items()}), args.out)
+    if args.report_only or args.choose_demo_scorer or args.ablation_only:
         _modules()
         saved = json.loads((args.out / "proxy_bench.json").read_text())
         saved["families"] = {family: restore_keys(res) for family, res in saved["families"].items()}

@@ -39,9 +39,10 @@ def test_demo_runs_the_selection_workflow_and_writes_its_outputs(family, scorer,
     assert (WEIGHTS / f"{family}_t0.2.safetensors").exists(), "the demo probe must be committed"
     out = tmp_path / "demo"
     env = dict(os.environ, OMP_NUM_THREADS="1")
-    proc = subprocess.run([default_python(), str(ROOT / "bench" / "demo.py"), "--family", family, "--out", str(out),
+    # run from elsewhere with a relative --out, as a user may (ComfyUI's SaveImage needs it made absolute)
+    proc = subprocess.run([default_python(), str(ROOT / "bench" / "demo.py"), "--family", family, "--out", "demo",
                            "--candidates", "4", "--steps", "10", "--more-prompts", "2", "--scorer", scorer],
-                          cwd=ROOT, env=env, capture_output=True, text=True, timeout=600)
+                          cwd=tmp_path, env=env, capture_output=True, text=True, timeout=600)
     assert proc.returncode == 0, proc.stderr[-3000:]
     log = proc.stderr + proc.stdout
     used = "probe" if scorer == "probe" else json.loads((ROOT / "bench" / "results" / "proxy_bench.json").read_text())[

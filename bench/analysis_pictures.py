@@ -24,7 +24,7 @@ import sys
 import tempfile
 import time
 from pathlib import Path
-from typing import Callable, NamedTuple, Sequence
+from typing import Callable, NamedTuple, Optional, Sequence
 
 os.environ.setdefault("OMP_NUM_THREADS", "1")
 ROOT = Path(__file__).resolve().parents[1]
@@ -56,7 +56,15 @@ from probe_select.probes.analysis import features as feat  # noqa: E402
 log = logging.getLogger("analysis_pictures")
 
 PROMPT = "a red circle left of a blue square"
-STEPS, CFG, SAMPLER, SCHEDULER = 20, 4.0, "euler", "normal"
+STEPS, SCHEDULER = 20, "normal"
+# family -> sampler / CFG: each proxy model samples as the proxy-world bench samples it (models.py says why).
+SAMPLER, CFG = proxy.DEFAULT_SAMPLER, proxy.DEFAULT_CFG
+# The latent slerp and the conditioning direction compare the rows of one batch that differ only in their
+# starting noise (slerp) or conditioning (direction). An ancestral or SDE sampler draws fresh noise at every
+# step over the whole batch from one seed, so each row would also get its own step noise: the slerp's ends
+# would no longer be what seed_a and seed_b give alone, and a direction row would no longer equal a single
+# run at that strength. Those two pictures (and their templates) sample with a sampler that adds no noise.
+DETERMINISTIC_SAMPLER = "euler"
 WHITE, BLACK, GREY = (255, 255, 255), (0, 0, 0), (110, 110, 110)
 
 
@@ -213,9 +221,12 @@ def decode(latent: torch.Tensor, family: str) -> list[Image.Image]:
     return [image_to_pil(row) for row in ProxyVAE(family).decode(latent)]
 
 
-def sample(model, positive, negative, latent: dict, seed: int, steps: int = STEPS, cfg: float = CFG) -> torch.Tensor:
-    """A plain KSampler run (ComfyUI's common_ksampler)."""
-    return comfy_nodes.common_ksampler(model, seed, steps, cfg, SAMPLER, SCHEDULER, positive, negative, latent)[0][
+def sample(model, family: str, positive, negative, latent: dict, seed: int, steps: int = STEPS,
+           cfg: Optional[float] = None, sampler: Optional[str] = None) -> torch.Tensor:
+    """A plain KSampler run (ComfyUI's common_ksampler); CFG and sampler default to the family's."""
+    cfg = CFG[family] if cfg is None else cfg
+    sampler = SAMPLER[family] if sampler is None else sampler
+    return comfy_nodes.common_ksampler(model, seed, steps, cfg, sampler, SCHEDULER, positive, negative, latent)[0][
         "samples"]
 
 
@@ -251,8 +262,9 @@ def schedules_picture() -> Picture:
 
 
 # A seed per family whose image gets the prompt right (red circle left of the blue square), so the
-# maps can be read against a correct picture; chosen by eye among seeds 0..9.
-ATTENTION_SEEDS = {"unet": 0, "dit": 6}
+# maps can be read against a correct picture: with the family's sampler, by the proxy-world evaluator's
+# score and by eye among seeds 0..15 (UNet: only 10 and 11 place the two shapes right; DiT: most do).
+ATTENTION_SEEDS = {"unet": 11, "dit": 6}
 
 
 def attention_picture(family: str) -> Picture:
@@ -261,7 +273,8 @@ def attention_picture(family: str) -> Picture:
     positive, negative = text.conditioning(PROMPT), text.conditioning("")
     latent = proxy.empty_latent(family, 1)
     result = nodes_attention.ProbeSelectAttentionMaps.execute(
-        model, positive, negative, latent, seed=ATTENTION_SEEDS[family], steps=STEPS, cfg=CFG, sampler_name=SAMPLER, scheduler=SCHEDULER,
+        model, positive, negative, latent, seed=ATTENTION_SEEDS[family], steps=STEPS, cfg=CFG[family],
+        sampler_name=SAMPLER[family], scheduler=SCHEDULER,
         words="red circle, blue square, left of", show_steps="1, 4, 8, 14, 20", resolutions="all", cell_size=96,
         clip=ProxyClip(text), prompt=PROMPT, vae=ProxyVAE(family)).result
     maps, sharpness, _masks, _latent, summary = result
@@ -282,8 +295,8 @@ def pca_picture() -> Picture:
     positive, negative = text.conditioning(PROMPT), text.conditioning("")
     latent = proxy.empty_latent("unet", 1)
     finished, activations = nodes_sampling.ProbeSelectCollectSampler.execute(
-        tapped, positive, negative, latent, seed=10, candidates=4, steps=STEPS, cfg=CFG, sampler_name=SAMPLER,
-        scheduler=SCHEDULER, checkpoint_percents="0.1,0.2,0.4,0.8").result
+        tapped, positive, negative, latent, seed=10, candidates=4, steps=STEPS, cfg=CFG["unet"],
+        sampler_name=SAMPLER["unet"], scheduler=SCHEDULER, checkpoint_percents="0.1,0.2,0.4,0.8").result
     grid, summary = nodes_activation_pca.ProbeSelectActivationPCA.execute(activations, 96).result
     grid_pil = image_to_pil(grid[0])
     finals = decode(finished["samples"], "unet")
@@ -306,10 +319,11 @@ def slerp_picture() -> Picture:
         "seed noises", empty, count, seed_a=1, seed_b=2).result
     guider = comfy.samplers.CFGGuider(model)
     guider.set_conds(positive, negative)
-    guider.set_cfg(CFG)
+    guider.set_cfg(CFG["unet"])
     sigmas = comfy.samplers.calculate_sigmas(model.get_model_object("model_sampling"), SCHEDULER, STEPS).cpu()
-    samples = guider.sample(noise.generate_noise(latent), latent["samples"], comfy.samplers.sampler_object(SAMPLER),
-                            sigmas, disable_pbar=True, seed=noise.seed)
+    samples = guider.sample(noise.generate_noise(latent), latent["samples"],
+                            comfy.samplers.sampler_object(DETERMINISTIC_SAMPLER), sigmas, disable_pbar=True,
+                            seed=noise.seed)
     images = decode(samples, "unet")
     labels = [f"t={i / (count - 1):.2f}" for i in range(count)]
     grid = image_grid([images], [""], labels, 88, label_width=0)
@@ -331,7 +345,7 @@ def direction_picture() -> Picture:
     for seed in seeds:
         moved, latent = nodes_latent_probing.ProbeSelectConditioningDirection.execute(
             conditioning, toward, away, strengths, "per_token", proxy.empty_latent("unet", 1)).result
-        rows.append(decode(sample(model, moved, negative, latent, seed), "unet"))
+        rows.append(decode(sample(model, "unet", moved, negative, latent, seed, sampler=DETERMINISTIC_SAMPLER), "unet"))
     labels = [f"strength {s.strip()}" for s in strengths.split(",")]
     grid = image_grid(rows, [f"seed {s}" for s in seeds], labels, 88, label_width=64)
     return Picture(titled(f"Conditioning direction: \"{base}\" + strength x (\"a green circle\" - \"a red circle\")",
@@ -345,11 +359,12 @@ def ood_picture() -> Picture:
     negative = text.conditioning("")
     prompts = all_prompts(limit=32, seed=5)
 
-    def samples_of(prompt_list: Sequence[str], seed: int, steps: int = STEPS, cfg: float = CFG, per_prompt: int = 1):
+    def samples_of(prompt_list: Sequence[str], seed: int, steps: int = STEPS, cfg: Optional[float] = None,
+                   per_prompt: int = 1):
         out = []
         for k, prompt in enumerate(prompt_list):
             latent = proxy.empty_latent("unet", per_prompt)
-            out.append(sample(model, text.conditioning(prompt), negative, latent, seed + k, steps, cfg))
+            out.append(sample(model, "unet", text.conditioning(prompt), negative, latent, seed + k, steps, cfg))
         return torch.cat(out)
 
     reference = samples_of(prompts, seed=100, per_prompt=4)                    # 128 samples
@@ -424,7 +439,7 @@ def metrics_picture(workdir: Path) -> Picture:
         image_to_pil(image.permute(1, 2, 0)).save(ref_folder / f"{i:03d}.png")
 
     def images_of(steps: int) -> torch.Tensor:
-        out = [sample(model, text.conditioning(p), negative, proxy.empty_latent("unet", 1), 50 + k, steps)
+        out = [sample(model, "unet", text.conditioning(p), negative, proxy.empty_latent("unet", 1), 50 + k, steps)
                for k, p in enumerate(prompts)]
         return proxy.latent_to_image(torch.cat(out), "unet").permute(0, 2, 3, 1).contiguous()
 

@@ -1,6 +1,6 @@
 """The pieces of the README's analysis pictures (bench/analysis_pictures.py) that are logic: the
-proxy-world tokenizer seen as a CLIP by the attention node, the weightless schedule models, text
-wrapping, and the picture thumbnails of the analysis templates (scripts/thumbnails.py)."""
+proxy-world tokenizer seen as a CLIP by the attention node, the weightless schedule models, the
+sampler and CFG of each family, text wrapping, and the picture thumbnails of the analysis templates (scripts/thumbnails.py)."""
 import io
 import math
 import sys
@@ -66,6 +66,29 @@ def test_weightless_schedule_models_are_comfyuis_own_sampling(pictures):
     # what the inspector reads: sigma at t = 0.5 is the shifted time exp(mu) t / (1 + (exp(mu) - 1) t)
     s = math.exp(1.15)
     assert float(flux_sampling.sigma(torch.tensor(0.5))) == pytest.approx(s * 0.5 / (1 + (s - 1) * 0.5), abs=1e-4)
+
+
+def test_pictures_sample_each_family_as_the_proxy_bench_does(pictures, monkeypatch):
+    """Every KSampler run of the pictures gets its family's sampler and CFG from the proxy models; only
+    an explicit sampler (the slerp's and the direction's deterministic one) or CFG overrides them."""
+    from bench.proxy_world import models
+
+    calls = []
+
+    def record(model, seed, steps, cfg, sampler_name, scheduler, positive, negative, latent):
+        calls.append((seed, steps, cfg, sampler_name, scheduler))
+        return ({"samples": torch.zeros(1)},)
+
+    monkeypatch.setattr(pictures.comfy_nodes, "common_ksampler", record)
+    for family in ("unet", "dit"):
+        pictures.sample(None, family, None, None, {}, seed=3)
+    pictures.sample(None, "unet", None, None, {}, seed=4, steps=3, cfg=25.0, sampler=pictures.DETERMINISTIC_SAMPLER)
+    assert calls == [
+        (3, 20, models.DEFAULT_CFG["unet"], models.DEFAULT_SAMPLER["unet"], "normal"),
+        (3, 20, models.DEFAULT_CFG["dit"], models.DEFAULT_SAMPLER["dit"], "normal"),
+        (4, 3, 25.0, pictures.DETERMINISTIC_SAMPLER, "normal")]
+    # the batch-row comparisons need a sampler that draws no noise after the first step
+    assert not any(kind in pictures.DETERMINISTIC_SAMPLER for kind in ("ancestral", "sde"))
 
 
 def test_text_block_wraps_within_its_width(pictures):

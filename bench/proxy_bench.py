@@ -389,6 +389,7 @@ def choose_demo_scorers(families: list[str], results_dir: Path) -> dict:
         log.info("%s: x0-preview validation %.3f, best learned (%s) %.3f -> the demo scores with %s", family,
                  row["x0_preview"]["val_within"], res.get("best_learned", "probe"),
                  row[res.get("best_learned", "probe")]["val_within"], res["demo_scorer"])
+    saved["command"] = followed_by(saved, f"--choose-demo-scorer --families {' '.join(families)}")
     path.write_text(json.dumps(saved, indent=2, default=float) + "\n")
     return saved
 
@@ -616,12 +617,20 @@ def ablation(family: str, setting: Setting, train_dir: Path, heldout_dir: Path, 
     return out
 
 
+def followed_by(saved: dict, args: str) -> str:
+    """The saved run's command with a later step that added to its figures, as the report's first line shows it."""
+    step = f"bench/proxy_bench.py {args}"
+    command = saved.get("command", "make bench-proxy")
+    return command if command.endswith(step) else f"{command}; then {step}"
+
+
 def add_ablations(families: list[str], setting: Setting, results_dir: Path) -> dict:
     """``--ablation-only``: the probe variants at t=0.2 for a saved run (proxy_bench.json) whose report step skipped
     them, trained on its cached datasets; the report is then rewritten from the saved figures."""
     _modules()
     path = results_dir / "proxy_bench.json"
     saved = json.loads(path.read_text())
+    saved["command"] = followed_by(saved, f"--ablation-only --families {' '.join(families)}")
     for family in families:
         saved["families"][family]["ablation"] = ablation(family, setting, CACHE / f"{family}_train",
                                                          CACHE / f"{family}_heldout")

@@ -98,6 +98,30 @@ def test_proxy_bench_quick_writes_a_report(pack, tmp_path, monkeypatch):
     saved = json.loads((tmp_path / "results" / "proxy_bench.json").read_text())
     assert saved["setting"]["train_prompts"] == proxy_bench.QUICK.train_prompts
 
+    # the demo's scorer is chosen by validation figures, the x0 preview's measured on the learned scorers' rows
+    t02 = unet["by_t"][0.2]
+    from probe_select.probes.training.dataset import ProbeDataset
+    assert t02["x0_preview"]["val_within"] == proxy_bench.preview_validation(
+        ProbeDataset(tmp_path / "cache" / "unet_train"), 0.2)
+    learned_val = t02[unet["best_learned"]]["val_within"]
+    assert unet["demo_scorer"] == ("x0_preview" if t02["x0_preview"]["val_within"] > learned_val else unet["best_learned"])
+    assert proxy_bench.demo_scorer({"x0_preview": {"val_within": 0.5}, "probe": {"val_within": 0.4}}, "probe") == "x0_preview"
+    assert proxy_bench.demo_scorer({"x0_preview": {"val_within": 0.3}, "probe": {"val_within": 0.4}}, "probe") == "probe"
+    assert proxy_bench.demo_scorer({"x0_preview": {}, "probe": {"val_within": -0.4}}, "probe") == "probe"
+    # steps added to a saved run afterwards: the demo's choice and the ablations, each named in the report's command
+    first = list(proxy_bench.ABLATIONS)[0]
+    monkeypatch.setattr(proxy_bench, "ABLATIONS", {first: proxy_bench.ABLATIONS[first]})
+    proxy_bench.main([*common, "--choose-demo-scorer"])
+    proxy_bench.main([*common, "--ablation-only"])
+    later = json.loads((tmp_path / "results" / "proxy_bench.json").read_text())
+    assert later["families"]["unet"]["demo_scorer"] == unet["demo_scorer"]
+    assert list(later["families"]["unet"]["ablation"]) == [first]
+    assert later["command"].endswith("; then bench/proxy_bench.py --choose-demo-scorer --families unet; "
+                                     "then bench/proxy_bench.py --ablation-only --families unet")
+    report = (tmp_path / "results" / "REPORT.md").read_text()
+    assert "--ablation-only --families unet`" in report and f"| {first} |" in report
+    assert "`make demo` scores with the one validation favours" in report
+
 
 def test_a_run_of_one_family_keeps_the_other_family_of_a_saved_run_with_the_same_setting(pack, tmp_path):
     sys.path.append(str(ROOT / "bench"))

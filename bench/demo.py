@@ -62,7 +62,8 @@ def demo_scorer(family: str) -> str:
 
 
 def score_nodes(scorer: str, family: str, probe_name: str, prompt: str) -> dict:
-    """The scoring part of the workflow: node "8" outputs the candidates' scores from the early sampler ("6")."""
+    """The scoring part of the workflow: node "8" outputs the candidates' scores from the early sampler ("6"); the
+    probe's part also taps the model ("5", what the early sampler runs) for the activations it reads."""
     if scorer == "x0_preview":
         # training-free: decode each candidate's x0 preview and run the evaluator on it
         return {
@@ -72,6 +73,7 @@ def score_nodes(scorer: str, family: str, probe_name: str, prompt: str) -> dict:
                                                                       "evaluator": ["15", 0], "prompt": prompt}},
         }
     return {
+        "5": {"class_type": "ProbeSelectTap", "inputs": {"model": ["1", 0], "block": "auto", "feature_size": 8}},
         "7": {"class_type": "ProbeSelectLoadProbe", "inputs": {"probe_name": probe_name}},
         # the x0 preview is connected too: the demo probe is whichever learned scorer validation favoured,
         # and the x0-latent probes read it (an activations probe ignores it)
@@ -88,9 +90,8 @@ def workflow(family: str, probe_name: str, n: int, k: int, seed: int, steps: int
         "2": {"class_type": "ProxyWorldEncode", "inputs": {"text_encoder": ["1", 1], "prompt": prompt}},
         "3": {"class_type": "ProxyWorldEncode", "inputs": {"text_encoder": ["1", 1], "prompt": ""}},
         "4": {"class_type": "EmptyLatentImage", "inputs": {"width": size, "height": size, "batch_size": 1}},
-        "5": {"class_type": "ProbeSelectTap", "inputs": {"model": ["1", 0], "block": "auto", "feature_size": 8}},
         "6": {"class_type": "ProbeSelectEarlySampler", "inputs": {
-            "model": ["5", 0], "positive": ["2", 0], "negative": ["3", 0], "latent_image": ["4", 0], "seed": seed,
+            "model": ["5", 0] if scorer == "probe" else ["1", 0], "positive": ["2", 0], "negative": ["3", 0], "latent_image": ["4", 0], "seed": seed,
             "candidates": n, "steps": steps, "cfg": cfg, "sampler_name": sampler,
             "scheduler": "normal",
             "checkpoint_percent": 0.2, "denoise": 1.0}},

@@ -32,6 +32,14 @@ def test_the_demo_scores_with_the_scorer_validation_favoured():
         validation = {"x0_preview": row["x0_preview"]["val_within"], "probe": row[res["best_learned"]]["val_within"]}
         assert demo.demo_scorer(family) == max(validation, key=validation.get)
     assert demo.demo_scorer("no such family") == "probe"
+    # the probe's graph taps the model and scores the activations; the x0 preview's decodes and evaluates, untapped
+    probe = demo.workflow("dit", "dit_t0.2.safetensors", 4, 1, 0, 10, demo.PROMPT, 4.0, "euler", "probe")
+    assert probe["6"]["inputs"]["model"] == ["5", 0] and probe["5"]["class_type"] == "ProbeSelectTap"
+    assert probe["8"]["class_type"] == "ProbeSelectScore" and probe["8"]["inputs"]["activations"] == ["6", 2]
+    preview = demo.workflow("dit", "", 4, 1, 0, 10, demo.PROMPT, 4.0, "euler", "x0_preview")
+    assert "5" not in preview and preview["6"]["inputs"]["model"] == ["1", 0]
+    assert preview["8"]["class_type"] == "ProbeSelectPreviewScore" and preview["8"]["inputs"]["x0_preview"] == ["6", 1]
+    assert preview["8"]["inputs"]["prompt"] == demo.PROMPT and preview["9"]["inputs"]["scores"] == ["8", 0]
 
 
 @pytest.mark.parametrize("family,scorer", [("unet", "auto"), ("dit", "auto"), ("dit", "probe")])

@@ -7,6 +7,10 @@ export COMFYUI_VERSION VENV
 PY := $(VENV)/bin/python
 export OMP_NUM_THREADS ?= 1
 PYTEST_ARGS ?=
+# The suite on two pytest-xdist workers (the CI machine has 2 cores), each taking whole files, longest
+# first (tests/conftest.py): a file's module fixtures (servers, tiny models) are set up once, on one worker.
+# TEST_WORKERS= runs it in one process.
+TEST_WORKERS ?= -n 2 --dist loadfile --no-loadscope-reorder
 
 .PHONY: setup test test-fast bench bench-core bench-flops bench-noise-levels bench-sd15 bench-streaming bench-proxy bench-proxy-bulk proxy-models demo lint package clean mutation pictures
 
@@ -14,11 +18,11 @@ setup:
 	@bash scripts/setup_env.sh
 
 test: setup
-	$(PY) -m pytest $(PYTEST_ARGS)
+	$(PY) -m pytest $(TEST_WORKERS) $(PYTEST_ARGS)
 
 # The suite without the tests that start a real ComfyUI server.
 test-fast: setup
-	$(PY) -m pytest -m "not server" $(PYTEST_ARGS)
+	$(PY) -m pytest $(TEST_WORKERS) -m "not server" $(PYTEST_ARGS)
 
 # Benchmarks write their figures to bench/results/ (not timed tests): core.md, train.md and the
 # proxy-world REPORT.md with its plots (about 40 minutes on 2 cores; the proxy models are trained

@@ -51,8 +51,8 @@ bench-noise-levels: setup
 	$(PY) bench/noise_levels.py
 
 # The pack's nodes end to end on a real-size SD1.5 UNet and VAE with random weights (256 px, CPU, N=5, K=1)
-# against a plain KSampler batch, profiled: bench/results/sd15_measured.md (about 45 minutes on 2 shared
-# cores, one thread). SD15_ARGS="--candidates 20 --keep 2 --output-stem bench/results/sd15_measured_n20"
+# against a plain KSampler batch, profiled: bench/results/sd15_measured.md (about 15 minutes on a quiet 2-core machine,
+# one thread; longer when shared). SD15_ARGS="--candidates 20 --keep 2 --output-stem bench/results/sd15_measured_n20"
 # for the other setting (about 4 times longer).
 SD15_ARGS ?=
 bench-sd15: setup

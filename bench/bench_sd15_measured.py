@@ -420,8 +420,8 @@ def report(data: dict) -> str:
     lines = [
         "# Probe-Select measured on SD1.5 with random weights (CPU)", "",
         f"Written by `make bench-sd15` (`bench/bench_sd15_measured.py --candidates {n} --keep {k}`). "
-        f"Machine: {data['machine']['cores']} cores ({data['machine']['cpu']}, shared with other engineers' "
-        f"test runs), torch {data['machine']['torch']} on the CPU with {data['machine']['torch_threads']} thread(s) "
+        f"Machine: {data['machine']['cores']} cores ({data['machine']['cpu']}; its load average before and after "
+        f"each run is below), torch {data['machine']['torch']} on the CPU with {data['machine']['torch_threads']} thread(s) "
         f"(OMP_NUM_THREADS={data['machine']['omp_num_threads']}), ComfyUI {data['machine']['comfyui']}.", "",
         f"SD1.5 UNet: ComfyUI's `comfy.supported_models.SD15` with the real unet_config (model_channels 320, "
         f"channel_mult [1, 2, 4, 4], {data['models']['unet_params_M']:.1f} M parameters); VAE: `comfy.sd.VAE` "
@@ -548,14 +548,14 @@ def reading(data: dict) -> list[str]:
     return [
         "## Reading", "",
         f"- **Measured against the step model**: {m['ratio']:.3f} against {sm['ratio']:.3f}, "
-        f"{100 * sm['relative_error']:.2f}% apart, {within} the 3% bar. The two runs ran minutes apart on a "
-        "machine shared with other engineers' tests, so a denoiser call's cost drifts with the load (the min/max "
-        "above); the step model takes the median call at each batch size over both runs. Priced with each run's "
+        f"{100 * sm['relative_error']:.2f}% apart, {within} the 3% bar. The two runs ran minutes apart, and a "
+        "denoiser call's cost drifts between and within them (the min/max above; the load averages say whether "
+        "other jobs shared the machine); the step model takes the median call at each batch size over both runs. Priced with each run's "
         f"own calls instead, the model gives {a['each_run_own_costs']['ratio']:.3f} "
         f"({100 * a['each_run_own_costs']['relative_error']:.2f}% from measured)"
         + (": the runs make exactly the calls the formulas count, at the batch sizes they say, and little else "
            "costs." if a["each_run_own_costs"]["relative_error"] <= 0.03 else
-           f"; the load drifted within the runs too (generate-all's calls on {2 * n} rows took "
+           f"; the cost drifted within the runs too (generate-all's calls on {2 * n} rows took "
            f"{min(t for r, t in ga_calls if r == 2 * n):.0f} to {max(t for r, t in ga_calls if r == 2 * n):.0f} s), "
            "and a median drops the slow calls that the wall time keeps. The calls themselves are the ones the "
            "formulas count, at the batch sizes they say (the tables below)."),

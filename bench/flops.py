@@ -404,9 +404,9 @@ def measured_section(path: Path) -> list[str]:
         f"({100 * a['step_model']['relative_error']:.1f}% apart); this FLOP model for the same run ({s['side']} px, "
         f"no evaluator): {a['flop_model']['ratio']:.3f}."
         + ("" if a["step_model"]["relative_error"] <= 0.03 else
-           " The 3% agreement the issue asks for is not reached here: the two runs ran minutes apart on 2 cores "
-           "shared with other engineers' test runs, and one denoiser call's cost drifted with their load by more "
-           "than the gap (see the call-by-call times in the report)."),
+           " The 3% agreement the issue asks for is not reached here: the two runs ran minutes apart, and one "
+           "denoiser call's cost drifted between and within them by more than the gap (see the call-by-call times "
+           "and the load averages in the report)."),
         f"- The pack's own work (everything but the denoiser and decode calls): {own['own_s']:.2f} s of "
         f"{a['measured']['probe_select_s']:.0f} s ({own['own_pct']:.3f}%).",
         f"- Why the measured ratio differs from FLOPs: the FLOP model prices a candidate-step the same at every "

@@ -116,7 +116,10 @@ def test_the_benchmark_runs_the_nodes_end_to_end_on_tiny_models(tmp_path):
     ps = runs["probe_select"]
     assert a["own_work"]["remainder_s"] == pytest.approx(
         ps["wall_s"] - sum(s for _, s in ps["calls"]) - sum(s for _, s in ps["decodes"]))
-    assert 0 < a["measured"]["ratio"] < 1 and a["flop_model"]["steps_only"] == pytest.approx((2 * 1 + 4) / 10)
+    # the measured ratio is the two runs' wall times (on tiny models it may even exceed 1: their calls cost
+    # about what the nodes' own work does, and a loaded machine can slow either run)
+    assert a["measured"]["ratio"] == pytest.approx(ps["wall_s"] / runs["generate_all"]["wall_s"])
+    assert a["measured"]["ratio"] > 0 and a["flop_model"]["steps_only"] == pytest.approx((2 * 1 + 4) / 10)
     assert set(a["standalone_step_model"]["step_s"]) == {4, 2}
     written = json.loads((tmp_path / "tiny.json").read_text())
     assert written["analysis"]["measured"]["ratio"] == pytest.approx(a["measured"]["ratio"])

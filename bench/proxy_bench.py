@@ -624,12 +624,18 @@ def followed_by(saved: dict, args: str) -> str:
     return command if command.endswith(step) else f"{command}; then {step}"
 
 
-def add_ablations(families: list[str], setting: Setting, results_dir: Path) -> dict:
+def saved_setting(saved: dict) -> Setting:
+    """The Setting a saved run (proxy_bench.json) was made with (its checkpoints a tuple again)."""
+    return Setting(**{k: tuple(v) if k == "checkpoints" else v for k, v in saved["setting"].items()})
+
+
+def add_ablations(families: list[str], results_dir: Path) -> dict:
     """``--ablation-only``: the probe variants at t=0.2 for a saved run (proxy_bench.json) whose report step skipped
-    them, trained on its cached datasets; the report is then rewritten from the saved figures."""
+    them, trained on its cached datasets with the run's setting; the report is then rewritten from the saved figures."""
     _modules()
     path = results_dir / "proxy_bench.json"
     saved = json.loads(path.read_text())
+    setting = saved_setting(saved)
     saved["command"] = followed_by(saved, f"--ablation-only --families {' '.join(families)}")
     for family in families:
         saved["families"][family]["ablation"] = ablation(family, setting, CACHE / f"{family}_train",
@@ -1080,15 +1086,13 @@ def main(argv=None) -> dict:
     if args.ablation_only:
         logging.basicConfig(level=logging.INFO, format="%(message)s")
         CACHE = args.cache
-        saved_setting = json.loads((args.out / "proxy_bench.json").read_text())["setting"]
-        add_ablations(args.families, Setting(**{k: tuple(v) if k == "checkpoints" else v
-                                                for k, v in saved_setting.items()}), args.out)
+        add_ablations(args.families, args.out)
     if args.report_only or args.choose_demo_scorer or args.ablation_only:
         _modules()
         saved = json.loads((args.out / "proxy_bench.json").read_text())
         saved["families"] = {family: restore_keys(res) for family, res in saved["families"].items()}
         attach_bulk_curves(saved, args.out)
-        setting = Setting(**{k: tuple(v) if k == "checkpoints" else v for k, v in saved["setting"].items()})
+        setting = saved_setting(saved)
         RESULTS = args.out
         write_report(saved, setting, saved.get("command", "make bench-proxy"), plots(saved, setting))
         return saved

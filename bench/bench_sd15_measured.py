@@ -208,6 +208,32 @@ class Profile:
         return self.wall_s - self.denoiser_s - self.decode_s
 
 
+def merge_runs(runs: list[Profile]) -> Profile:
+    """Repeats of one method as one run: wall times, calls and decodes added up, nodes by label (a run's
+    ratio over repeats is then the ratio of summed wall times, and the pack's share the summed remainder)."""
+    merged = Profile(runs[0].name, wall_s=sum(r.wall_s for r in runs), load_before=runs[0].load_before,
+                     load_after=runs[-1].load_after)
+    by_label: dict[str, dict] = {}
+    for run in runs:
+        merged.calls += run.calls
+        merged.decodes += run.decodes
+        for node in run.nodes:
+            total = by_label.setdefault(node["node"], {"node": node["node"], "wall_s": 0.0, "denoiser_s": 0.0,
+                                                        "calls": 0, "rows": [], "decode_s": 0.0})
+            for key in ("wall_s", "denoiser_s", "calls", "decode_s"):
+                total[key] += node[key]
+            total["rows"] = sorted(set(total["rows"]) | set(node["rows"]))
+    merged.nodes = list(by_label.values())
+    return merged
+
+
+def run_order(repeats: int) -> list[str]:
+    """The runs in the order they are measured: generate-all and Probe-Select in ABBA blocks (GA PS PS GA ...),
+    so that a cost drifting steadily over the measurement weighs on both methods alike."""
+    pair = ("generate_all", "probe_select")
+    return [name for i in range(repeats) for name in (pair if i % 2 == 0 else pair[::-1])]
+
+
 class Runner:
     """Runs nodes one after the other as a graph would, attributing denoiser and decode time to each."""
 
@@ -347,15 +373,19 @@ def analyse(generate_all: Profile, probe_select: Profile, standalone: dict[int, 
     by_rows: dict[int, list[float]] = {}
     for rows, seconds in generate_all.calls + probe_select.calls:
         by_rows.setdefault(rows, []).append(seconds)
-    decodes = {n: s for n, s in generate_all.decodes + probe_select.decodes}
-    in_run = step_model.CallCosts(step={r: statistics.median(v) for r, v in by_rows.items()}, decode=decodes)
+    by_images: dict[int, list[float]] = {}
+    for images, seconds in generate_all.decodes + probe_select.decodes:
+        by_images.setdefault(images, []).append(seconds)
+    decodes = {n: statistics.fmean(v) for n, v in by_images.items()}
     measured_ratio = probe_select.wall_s / generate_all.wall_s
-    prediction = step_model.predict(in_run, candidates, keep, steps, CHECKPOINT)
-    # Means as well as medians: a slow call (the shared machine's load) counts in the wall time, and the
-    # mean keeps it while the median drops it.
+    # The headline prices a call at the mean of its batch size's calls: a wall time is the sum of its calls,
+    # slow ones included, and the mean is what predicts a sum. The median (robust, but it drops the slow
+    # calls that the wall time keeps) is reported beside it.
     in_run_mean = step_model.CallCosts(step={r: statistics.fmean(v) for r, v in by_rows.items()}, decode=decodes)
     prediction_mean = step_model.predict(in_run_mean, candidates, keep, steps, CHECKPOINT)
-    linear = step_model.predict(step_model.linear_costs(in_run, candidates, keep), candidates, keep, steps, CHECKPOINT)
+    in_run = step_model.CallCosts(step={r: statistics.median(v) for r, v in by_rows.items()}, decode=decodes)
+    prediction = step_model.predict(in_run, candidates, keep, steps, CHECKPOINT)
+    linear = step_model.predict(step_model.linear_costs(in_run_mean, candidates, keep), candidates, keep, steps, CHECKPOINT)
     # Each run priced with its own calls' medians: blind to the load's drift between the runs, so it checks
     # the structure alone (the calls are those the formulas count, nothing else costs).
     own_costs = {}
@@ -371,19 +401,19 @@ def analyse(generate_all: Profile, probe_select: Profile, standalone: dict[int, 
     result = {
         "measured": {"generate_all_s": generate_all.wall_s, "probe_select_s": probe_select.wall_s,
                      "ratio": measured_ratio},
-        "step_costs_in_run": {"step_median_s": in_run.step, "step_calls": {r: len(v) for r, v in by_rows.items()},
+        "step_costs_in_run": {"step_mean_s": in_run_mean.step, "step_median_s": in_run.step, "step_calls": {r: len(v) for r, v in by_rows.items()},
                               "step_min_s": {r: min(v) for r, v in by_rows.items()},
                               "step_max_s": {r: max(v) for r, v in by_rows.items()}, "decode_s": decodes},
-        "step_model": {**asdict(prediction), "ratio": prediction.ratio,
-                       "relative_error": step_model.relative_error(measured_ratio, prediction.ratio)},
-        "step_model_mean": {"step_mean_s": in_run_mean.step, "ratio": prediction_mean.ratio,
-                            "relative_error": step_model.relative_error(measured_ratio, prediction_mean.ratio)},
+        "step_model": {**asdict(prediction_mean), "step_mean_s": in_run_mean.step, "ratio": prediction_mean.ratio,
+                       "relative_error": step_model.relative_error(measured_ratio, prediction_mean.ratio)},
+        "step_model_median": {"step_median_s": in_run.step, "ratio": prediction.ratio,
+                              "relative_error": step_model.relative_error(measured_ratio, prediction.ratio)},
         "linear_step_model": {"ratio": linear.ratio},
         "each_run_own_costs": {"step_median_s": own_costs, "generate_all_s": ga_own, "probe_select_s": ps_own,
                                "ratio": ps_own / ga_own,
                                "relative_error": step_model.relative_error(measured_ratio, ps_own / ga_own)},
-        "per_candidate_step_s": {f"N={candidates}": step_model.per_candidate_step(in_run, candidates),
-                                 f"K={keep}": step_model.per_candidate_step(in_run, keep)},
+        "per_candidate_step_s": {f"N={candidates}": step_model.per_candidate_step(in_run_mean, candidates),
+                                 f"K={keep}": step_model.per_candidate_step(in_run_mean, keep)},
     }
     if standalone:
         alone = step_model.CallCosts(step={r: statistics.median(v) for r, v in standalone.items()}, decode=decodes)
@@ -398,7 +428,7 @@ def analyse(generate_all: Profile, probe_select: Profile, standalone: dict[int, 
     result["flop_model"] = {"flops": flops, "decode_in_steps": flops["decode_1_image"] / flops["step_cfg_batch2"],
                             "ratio": ratios["probe_select"], "steps_only": ratios["steps_only"]}
     per_image = decodes[candidates] / candidates
-    result["measured_decode_in_steps"] = per_image / (in_run.step_seconds(2 * candidates) / candidates)
+    result["measured_decode_in_steps"] = per_image / (in_run_mean.step_seconds(2 * candidates) / candidates)
     own = probe_select.remainder_s + tap_pool_s
     result["own_work"] = {"remainder_s": probe_select.remainder_s, "tap_pooling_s": tap_pool_s, "own_s": own,
                           "own_pct": 100 * own / probe_select.wall_s,
@@ -440,13 +470,13 @@ def report(data: dict) -> str:
         "`comfy.patcher_extension`), every decode around the `VAEDecode` node.", "",
         "## Result", "",
         "| figure | value |", "|---|---:|",
-        f"| generate-all, wall | {m['generate_all_s']:.1f} s |",
-        f"| Probe-Select, wall | {m['probe_select_s']:.1f} s |",
+        f"| generate-all, wall ({s.get('repeats', 1)} run(s) added up) | {m['generate_all_s']:.1f} s |",
+        f"| Probe-Select, wall ({s.get('repeats', 1)} run(s) added up) | {m['probe_select_s']:.1f} s |",
         f"| **measured ratio** Probe-Select / generate-all | **{m['ratio']:.3f}** |",
-        f"| step model (the runs' per-batch call costs) | {sm['ratio']:.3f} |",
+        f"| step model (the runs' per-batch call costs: mean call at each batch size) | {sm['ratio']:.3f} |",
         f"| **measured vs step model** (bar: within 3%) | **{100 * sm['relative_error']:.2f}%** |",
-        f"| step model from the runs' mean call costs | {a['step_model_mean']['ratio']:.3f} "
-        f"({100 * a['step_model_mean']['relative_error']:.2f}% from measured) |",
+        f"| step model from the runs' median call costs | {a['step_model_median']['ratio']:.3f} "
+        f"({100 * a['step_model_median']['relative_error']:.2f}% from measured) |",
     ]
     if "standalone_step_model" in a:
         st = a["standalone_step_model"]
@@ -469,16 +499,17 @@ def report(data: dict) -> str:
         f"{own['generate_all_remainder_s']:.2f} s = {own['generate_all_remainder_pct']:.3f}% |",
         "",
         "## Per-call costs", "",
-        f"Denoiser call medians by rows (2 per candidate): {_fmt_rows(a['step_costs_in_run']['step_median_s'])} "
+        f"Denoiser call means by rows (2 per candidate): {_fmt_rows(a['step_costs_in_run']['step_mean_s'])}; "
+        f"medians {_fmt_rows(a['step_costs_in_run']['step_median_s'])} "
         f"(calls: {a['step_costs_in_run']['step_calls']}; min {_fmt_rows(a['step_costs_in_run']['step_min_s'])}; "
         f"max {_fmt_rows(a['step_costs_in_run']['step_max_s'])}).", "",
         f"Per candidate: {', '.join(f'{key} {v:.3f} s' for key, v in a['per_candidate_step_s'].items())} per step; "
         f"finishing K={k} at batch {2 * k} costs "
         f"{a['per_candidate_step_s'][f'K={k}'] / a['per_candidate_step_s'][f'N={n}']:.2f}x per candidate what "
         f"batch {2 * n} does.", "",
-        "Every denoiser call in order (rows: seconds), which shows the load's drift: generate-all "
-        + ", ".join(f"{r}: {t:.0f}" for r, t in ga["calls"]) + "; Probe-Select "
-        + ", ".join(f"{r}: {t:.0f}" for r, t in ps["calls"]) + ".", "",
+        "Every denoiser call in order (rows: seconds), which shows the load's drift: "
+        + "; ".join(f"{run['name']} " + ", ".join(f"{r}: {t:.0f}" for r, t in run["calls"])
+                    for run in measured_runs(data)) + ".", "",
         f"Decode calls: {_fmt_rows(a['step_costs_in_run']['decode_s'])}; one decoded image = "
         f"{a['measured_decode_in_steps']:.2f} candidate-steps measured (at batch N) against "
         f"{fm['decode_in_steps']:.2f} by FLOPs.", "",
@@ -488,7 +519,7 @@ def report(data: dict) -> str:
         lines += [f"Calls timed on their own before the runs (rows: seconds): "
                   f"{ {r: [round(x, 2) for x in v] for r, v in st['step_s'].items()} }.", ""]
     lines += [
-        "## Profile of the Probe-Select run", "",
+        "## Profile of the Probe-Select runs (added up)", "",
         "| node | wall (s) | denoiser calls | denoiser (s) | decode (s) | rest (s) |", "|---|---:|---:|---:|---:|---:|",
     ]
     for node in ps["nodes"]:
@@ -504,9 +535,17 @@ def report(data: dict) -> str:
     def load(values) -> str:
         return "/".join(f"{v:.1f}" for v in values)
 
-    lines += ["", f"Load average (1, 5, 15 min) before -> after: generate-all {load(ga['load_before'])} -> "
-              f"{load(ga['load_after'])}; Probe-Select {load(ps['load_before'])} -> {load(ps['load_after'])} "
-              f"(on {data['machine']['cores']} cores).", ""]
+    lines += ["", "## The runs, in the order they ran", "",
+              "| # | method | wall (s) | load average before -> after (1, 5, 15 min) |", "|---:|---|---:|---|"]
+    for i, run in enumerate(measured_runs(data), 1):
+        lines.append(f"| {i} | {run['name']} | {run['wall_s']:.1f} | {load(run['load_before'])} -> "
+                     f"{load(run['load_after'])} |")
+    pairs = [p / g for p, g in zip(*([r["wall_s"] for r in data.get("repeats", {}).get(name, [])]
+                                     for name in ("probe_select", "generate_all")))]
+    lines += ["", f"On {data['machine']['cores']} cores. " + (
+        "The figures above add the repeats of each method up (ABBA order: a cost that drifts steadily weighs on "
+        f"both methods alike); the ratio of each repeat on its own: {', '.join(f'{r:.3f}' for r in pairs)}."
+        if len(pairs) > 1 else "One run of each method."), ""]
     lines += reading(data)
     if data.get("other_run"):
         e = data["other_run"]
@@ -517,6 +556,15 @@ def report(data: dict) -> str:
                   f"{e['each_run']:.3f} priced with each run's own calls), the pack's own work {e['own_s']:.2f} s = "
                   f"{e['own_pct']:.3f}% of its Probe-Select run.", ""]
     return "\n".join(lines) + "\n"
+
+
+def measured_runs(data: dict) -> list[dict]:
+    """Every measured run in the order it ran (a JSON from before repeats has one run of each method)."""
+    repeats = data.get("repeats")
+    if not repeats:
+        return [data["runs"]["generate_all"], data["runs"]["probe_select"]]
+    queues = {name: list(runs) for name, runs in repeats.items()}
+    return [queues[name].pop(0) for name in data["settings"]["order"]]
 
 
 def summary(path: Path) -> dict:
@@ -548,17 +596,16 @@ def reading(data: dict) -> list[str]:
     return [
         "## Reading", "",
         f"- **Measured against the step model**: {m['ratio']:.3f} against {sm['ratio']:.3f}, "
-        f"{100 * sm['relative_error']:.2f}% apart, {within} the 3% bar. The two runs ran minutes apart, and a "
-        "denoiser call's cost drifts between and within them (the min/max above; the load averages say whether "
-        "other jobs shared the machine); the step model takes the median call at each batch size over both runs. Priced with each run's "
-        f"own calls instead, the model gives {a['each_run_own_costs']['ratio']:.3f} "
-        f"({100 * a['each_run_own_costs']['relative_error']:.2f}% from measured)"
-        + (": the runs make exactly the calls the formulas count, at the batch sizes they say, and little else "
-           "costs." if a["each_run_own_costs"]["relative_error"] <= 0.03 else
-           f"; the cost drifted within the runs too (generate-all's calls on {2 * n} rows took "
-           f"{min(t for r, t in ga_calls if r == 2 * n):.0f} to {max(t for r, t in ga_calls if r == 2 * n):.0f} s), "
-           "and a median drops the slow calls that the wall time keeps. The calls themselves are the ones the "
-           "formulas count, at the batch sizes they say (the tables below)."),
+        f"{100 * sm['relative_error']:.2f}% apart, {within} the 3% bar. The step model prices each call at the mean "
+        f"of the calls at its batch size over every run ({s.get('repeats', 1)} of each method, in the order of the "
+        "table above), and each decode likewise. A denoiser call's cost drifts with the machine "
+        f"(generate-all's calls on {2 * n} rows took {min(t for r, t in ga_calls if r == 2 * n):.0f} to "
+        f"{max(t for r, t in ga_calls if r == 2 * n):.0f} s); what drifts differently in the two methods' runs is "
+        "what separates the two figures. Priced with each run's own calls' medians (blind to drift between the "
+        f"runs, and to the slow calls a median drops), the model gives {a['each_run_own_costs']['ratio']:.3f} "
+        f"({100 * a['each_run_own_costs']['relative_error']:.2f}% from measured); with the medians over all runs, "
+        f"{a['step_model_median']['ratio']:.3f}. The calls themselves are the ones the formulas count, at the batch "
+        "sizes they say (the tables below).",
         f"- **From FLOPs to measured**, one assumption at a time: the FLOP model of this run gives {fm['ratio']:.3f}. "
         f"Pricing a candidate-step and a decoded image at what they cost measured in the batch of N (one decoded "
         f"image = {a['measured_decode_in_steps']:.2f} candidate-steps, against {fm['decode_in_steps']:.2f} by "
@@ -569,7 +616,7 @@ def reading(data: dict) -> list[str]:
         f"{s['steps'] - checkpoint_step(s['steps'], CHECKPOINT)} finishing steps run at that batch. What is left to "
         "the measured ratio is the calls' drift with the machine's load between and within the runs, and the "
         "non-model work below.",
-        f"- **The pack's own work** is {own['own_s']:.2f} s of the {m['probe_select_s']:.0f} s run "
+        f"- **The pack's own work** is {own['own_s']:.2f} s of the Probe-Select runs' {m['probe_select_s']:.0f} s "
         f"({own['own_pct']:.3f}%, {under} the 1% bar); the plain KSampler run has "
         f"{own['generate_all_remainder_s']:.2f} s "
         "of non-model work of its own (ComfyUI's sampler loop, noise, progress bar). Where the Probe-Select "
@@ -623,13 +670,16 @@ def _measure(args, setup: Setup, model, vae, pos, neg, timer: CallTimer, probes_
     # The tap reads output_blocks.7.0, at half the latent's side.
     tap_pool_s = time_tap_pooling(channels, setup.latent_side // 2, n, 16)
 
-    log.info("generate-all, N=%d (load %s)...", n, os.getloadavg())
-    generate_all = run_generate_all(model, vae, pos, neg, setup, n, 42, timer, args.steps)
-    log.info("generate-all: %.1f s", generate_all.wall_s)
-    log.info("Probe-Select, N=%d, K=%d (load %s)...", n, k, os.getloadavg())
-    probe_select = run_probe_select(model, vae, pos, neg, setup, n, k, 42, probe_name, timer, args.steps)
-    log.info("Probe-Select: %.1f s", probe_select.wall_s)
-    return generate_all, probe_select, standalone, flops, tap_pool_s
+    runs: dict[str, list[Profile]] = {"generate_all": [], "probe_select": []}
+    for name in run_order(args.repeats):
+        log.info("%s, N=%d, K=%d (load %s)...", name, n, k, os.getloadavg())
+        if name == "generate_all":
+            run = run_generate_all(model, vae, pos, neg, setup, n, 42, timer, args.steps)
+        else:
+            run = run_probe_select(model, vae, pos, neg, setup, n, k, 42, probe_name, timer, args.steps)
+        log.info("%s: %.1f s", run.name, run.wall_s)
+        runs[name].append(run)
+    return runs, standalone, flops, tap_pool_s
 
 
 def main(argv: Optional[list[str]] = None) -> dict:
@@ -640,6 +690,8 @@ def main(argv: Optional[list[str]] = None) -> dict:
     parser.add_argument("--threads", type=int, default=1)
     parser.add_argument("--standalone-repeats", type=int, default=2,
                         help="denoiser calls per batch size timed on their own before the runs (0: none)")
+    parser.add_argument("--repeats", type=int, default=2,
+                        help="runs of each method, in ABBA order (GA PS PS GA ...); the figures add them up")
     parser.add_argument("--tiny", action="store_true", help="the tiny test models (smoke test)")
     parser.add_argument("--output-stem", default=None,
                         help="write <stem>.json and <stem>.md (default bench/results/sd15_measured; none with --tiny)")
@@ -649,6 +701,8 @@ def main(argv: Optional[list[str]] = None) -> dict:
     parser.add_argument("--other-run", default=None,
                         help="the JSON of the other run of the same measurement, summarised at the report's end")
     args = parser.parse_args(argv)
+    if args.repeats < 1:
+        parser.error(f"--repeats must be at least 1, got {args.repeats}")
     if args.from_json:
         data = reanalyse(json.loads(Path(args.from_json).read_text()))
         if args.other_run:
@@ -675,12 +729,14 @@ def main(argv: Optional[list[str]] = None) -> dict:
             runs = _measure(args, setup, model, vae, pos, neg, timer, Path(probes_dir))
         finally:
             folder_paths.folder_names_and_paths["probes"][0].remove(probes_dir)
-    generate_all, probe_select, standalone, flops, tap_pool_s = runs
+    repeats, standalone, flops, tap_pool_s = runs
+    generate_all, probe_select = merge_runs(repeats["generate_all"]), merge_runs(repeats["probe_select"])
 
     analysis = analyse(generate_all, probe_select, standalone, flops, tap_pool_s, n, k, args.steps)
     data = {
         "settings": {"candidates": n, "keep": k, "steps": args.steps, "cfg": CFG, "checkpoint": CHECKPOINT,
-                     "sampler": SAMPLER, "scheduler": SCHEDULER, "side": setup.latent_side * 8, "tiny": args.tiny},
+                     "sampler": SAMPLER, "scheduler": SCHEDULER, "side": setup.latent_side * 8, "tiny": args.tiny,
+                     "repeats": args.repeats, "order": run_order(args.repeats)},
         "machine": {"cpu": platform.processor() or platform.machine(), "cores": os.cpu_count(),
                     "torch_threads": torch.get_num_threads(), "omp_num_threads": os.environ.get("OMP_NUM_THREADS"),
                     "torch": torch.__version__, "python": platform.python_version(),
@@ -688,6 +744,7 @@ def main(argv: Optional[list[str]] = None) -> dict:
         "models": {"unet_params_M": sum(p.numel() for p in base.model.diffusion_model.parameters()) / 1e6,
                    "vae_params_M": sum(p.numel() for p in vae.first_stage_model.parameters()) / 1e6},
         "runs": {"generate_all": asdict(generate_all), "probe_select": asdict(probe_select)},
+        "repeats": {name: [asdict(run) for run in runs] for name, runs in repeats.items()},
         "analysis": analysis,
     }
     log.info("measured ratio %.4f, step model %.4f (%.2f%%), FLOP model %.4f; own work %.3f s = %.3f%%",

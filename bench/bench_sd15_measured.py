@@ -30,14 +30,15 @@ call (a forward hook); it is timed on its own and added to the pack's share.
 
 Step model (bench/step_model.py): S(b), the seconds of one denoiser call on b rows, and D(n), one decode
 of n latents, predict generate-all = T*S(2N) + D(N) and Probe-Select = c*S(2N) + (T-c)*S(2K) + D(K).
-S(b) is the median of the runs' own calls at that batch size (and, as a check, of calls timed on their
-own before the runs). The FLOP model is bench/flops_model.py with this run's components counted by
+S(b) is the mean of the runs' own calls at that batch size (a wall time is the sum of its calls, slow ones
+included; the median and calls timed on their own before the runs are reported beside it), D(n) likewise. The FLOP model is bench/flops_model.py with this run's components counted by
 `torch.utils.flop_counter` (a denoiser call at batch 2, one decode at 256 px, the probe; no evaluator:
 neither run has one).
 
-The machine is shared (2 cores, other engineers' tests): timings are medians where there are repeats,
-the load average is recorded beside each run, and torch runs on --threads threads (1 by default,
-OMP_NUM_THREADS=1).
+A call's cost drifts with the machine (2 cores, whatever else runs): each method runs --repeats times (2 by
+default) in ABBA order (GA PS PS GA), so that a steady drift weighs on both alike, and the figures add the
+repeats up; the load average is recorded beside each run, and torch runs on --threads threads (1 by
+default, OMP_NUM_THREADS=1).
 
 Writes bench/results/sd15_measured.json and bench/results/sd15_measured.md (--output-stem to change).
 `--tiny` runs the same code on the tiny test models in seconds (for the smoke test; no report unless

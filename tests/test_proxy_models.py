@@ -304,3 +304,18 @@ def test_calibration_verdict_names_every_missed_target():
     assert "x0-preview Spearman 0.49 (target 0.15-0.35)" in checks
     figures.update(success_fraction=0.06, x0_preview_within_spearman={"mean": 0.25})
     assert [ok for ok in sample.calibration_checks(figures).values()] == [False, True, True, True]
+
+
+def test_a_run_for_one_family_keeps_the_others_figures():
+    from bench.proxy_world import sample
+
+    previous = {"unet": {"mean_score": 0.1, "command": "old"}, "dit": {"mean_score": 0.3, "command": "old"}}
+    new = {"unet": {"mean_score": 0.4, "command": "sample.py --family unet"}}
+    merged = sample.merge_families(previous, new)
+    assert list(merged) == ["unet", "dit"]
+    assert merged["unet"]["mean_score"] == 0.4 and merged["dit"] == previous["dit"]
+    assert sample.reproduce_lines({"families": merged}, "sample.py --family unet") == [
+        "Reproduce (each family's figures come from their own run):", "",
+        "- unet: `sample.py --family unet`", "- dit: `old`"]
+    both = {"families": {"unet": {"command": "all"}, "dit": {"command": "all"}}}
+    assert sample.reproduce_lines(both, "all") == ["Reproduce: `all`"]

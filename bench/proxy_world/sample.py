@@ -235,6 +235,22 @@ def _spearman_cell(v: Dict) -> str:
     return f"{v['mean']:.3f} [{v['low']:.3f}, {v['high']:.3f}]"
 
 
+def merge_families(previous: Dict, new: Dict) -> Dict:
+    """The families of a run that named some of them (`new`) over those of the previous results: the others keep
+    their figures (each entry records the command that made it), in the order of models.FAMILIES."""
+    merged = {**previous, **new}
+    return {fam: merged[fam] for fam in models.FAMILIES if fam in merged}
+
+
+def reproduce_lines(results: Dict, command: str) -> List[str]:
+    """How to rerun the figures: one command, or each family's own where they were made by different runs."""
+    commands = {fam: r.get("command", command) for fam, r in results["families"].items()}
+    if len(set(commands.values())) <= 1:
+        return [f"Reproduce: `{command}`"]
+    return ["Reproduce (each family's figures come from their own run):", "",
+            *(f"- {fam}: `{c}`" for fam, c in commands.items())]
+
+
 def _markdown(results: Dict, command: str) -> str:
     lines = [
         "# Proxy-world diffusion models: sample quality",
@@ -245,7 +261,7 @@ def _markdown(results: Dict, command: str) -> str:
         "normal scheduler, CFG against the empty prompt; the sampler is in the tables), scored by the proxy-world "
         "evaluator.",
         "",
-        f"Reproduce: `{command}`",
+        *reproduce_lines(results, command),
         "",
         f"Machine: {results['machine']}; torch {results['torch']}, {results['threads']} threads.",
         "",
@@ -415,7 +431,14 @@ def main(argv=None) -> int:
         f" --prompts {args.prompts}" if args.prompts != 40 else "") + (
         f" --seeds {args.seeds}" if args.seeds != 8 else "") + (
         f" --shape-floors {args.shape_floors}" if args.shape_floors else "")
+    for fam in families:
+        results["families"][fam]["command"] = command
     results["command"] = command
+    previous = args.out.with_suffix(".json")
+    if args.family and previous.is_file():      # --family rewrites the named families only
+        old = json.loads(previous.read_text())
+        kept = {fam: {"command": old.get("command"), **r} for fam, r in old["families"].items()}
+        results["families"] = merge_families(kept, results["families"])
     args.out.parent.mkdir(parents=True, exist_ok=True)
     args.out.with_suffix(".json").write_text(json.dumps(results, indent=2) + "\n")
     args.out.with_suffix(".md").write_text(_markdown(results, command))

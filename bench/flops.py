@@ -399,14 +399,15 @@ def measured_section(path: Path) -> list[str]:
         f"steps, CFG {s['cfg']}) against a plain KSampler batch of N, and profiles both runs: "
         "[sd15_measured.md](sd15_measured.md).",
         "",
-        f"- Measured Probe-Select / generate-all: **{a['measured']['ratio']:.3f}**; the step model built from the "
-        f"measured per-batch call costs: {a['step_model']['ratio']:.3f} "
+        f"- Measured Probe-Select / generate-all: **{a['measured']['ratio']:.3f}** ({s.get('repeats', 1)} run(s) of "
+        "each method); the step model built from the measured per-batch call costs (each call priced at the mean "
+        f"of its batch size's calls): {a['step_model']['ratio']:.3f} "
         f"({100 * a['step_model']['relative_error']:.1f}% apart); this FLOP model for the same run ({s['side']} px, "
         f"no evaluator): {a['flop_model']['ratio']:.3f}."
         + ("" if a["step_model"]["relative_error"] <= 0.03 else
-           " The 3% agreement the issue asks for is not reached here: the two runs ran minutes apart, and one "
-           "denoiser call's cost drifted between and within them by more than the gap (see the call-by-call times "
-           "and the load averages in the report)."),
+           " The 3% agreement the issue asks for is not reached here: one denoiser call's cost drifted between "
+           "and within the runs by more than the gap (see the call-by-call times and the load averages in the "
+           "report)."),
         f"- The pack's own work (everything but the denoiser and decode calls): {own['own_s']:.2f} s of "
         f"{a['measured']['probe_select_s']:.0f} s ({own['own_pct']:.3f}%).",
         f"- Why the measured ratio differs from FLOPs: the FLOP model prices a candidate-step the same at every "
@@ -434,8 +435,14 @@ def _write_text(path: Path, text: str) -> None:
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument("--only", nargs="*", default=[], help="count only these components (no report)")
+    parser.add_argument("--report-only", action="store_true",
+                        help="no counting: rewrite flops.md from flops.json (and the measured run's JSON)")
     args = parser.parse_args()
     logging.basicConfig(level=logging.INFO, format="%(message)s")
+    if args.report_only:
+        _write_text(RESULTS / "flops.md", report(json.loads((RESULTS / "flops.json").read_text())) + "\n")
+        log.info("wrote %s", RESULTS / "flops.md")
+        return
     torch.set_num_threads(1)
     results = measure(set(args.only))
     if args.only:

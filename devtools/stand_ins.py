@@ -46,6 +46,7 @@ import gc
 import logging
 import math
 import os
+import re
 import time
 from pathlib import Path
 
@@ -61,7 +62,7 @@ CHECKPOINT_NAMES = {   # the public file names (folder models/checkpoints)
     "flux": "flux1-dev-fp8.safetensors",
 }
 # Bump a family's version when its recipe changes: cached files live under it.
-RECIPE_VERSIONS = {"sd15": 1, "sdxl": 1, "sd35": 1, "flux": 1}
+RECIPE_VERSIONS = {"sd15": 1, "sdxl": 1, "sd35": 1, "flux": 2}    # flux 2: the public `.scale` key names
 OPEN_CLIP_RECIPE_VERSION = 2       # 2: towers aligned (CLIPScore varies)
 DEFAULT_SEED = 0
 
@@ -301,6 +302,7 @@ def write_checkpoint_stand_in(family: str, path, seed: int = DEFAULT_SEED) -> Pa
         # ComfyUI's own checkpoint saver (what its CheckpointSave node calls): the state-dict methods
         # under it changed their arguments between versions (0.33 takes the UNet's state dict first).
         comfy.sd.save_checkpoint(str(tmp), _patcher(model), clip, vae, metadata=stand_in_metadata(family, seed))
+        _public_key_names(tmp, family, stand_in_metadata(family, seed))
         os.chmod(tmp, 0o644)          # safetensors creates files 0600; the cache may be shared
         os.replace(tmp, path)
     finally:
@@ -313,6 +315,25 @@ def write_checkpoint_stand_in(family: str, path, seed: int = DEFAULT_SEED) -> Pa
     log.info("wrote %s stand-in %s (%.1f MB) in %.1f s", family, path, path.stat().st_size / 2**20,
              time.monotonic() - t0)
     return path
+
+
+# Keys that ComfyUI's saver names differently from the public download, by family: 0.33.0's Flux norms hold
+# `weight` where the public file (and 0.3.75's model) has `scale`; 0.3.75's detection looks for `scale`, and
+# 0.33.0 loads either. Written the public way, one file serves both versions.
+PUBLIC_KEY_NAMES = {"flux": (re.compile(r"(\.norm\.(?:key|query)_norm)\.weight$"), r"\1.scale")}
+
+
+def _public_key_names(path: Path, family: str, metadata: dict[str, str]) -> None:
+    """Rename, in place, the keys ComfyUI's saver wrote under another name than the public file's."""
+    if family not in PUBLIC_KEY_NAMES:
+        return
+    from safetensors.torch import load_file, save_file
+
+    pattern, replacement = PUBLIC_KEY_NAMES[family]
+    tensors = load_file(str(path))
+    if not any(pattern.search(key) for key in tensors):
+        return
+    save_file({pattern.sub(replacement, key): value for key, value in tensors.items()}, str(path), metadata=metadata)
 
 
 def cached_checkpoint_stand_in(family: str, cache_dir, seed: int = DEFAULT_SEED) -> Path:

@@ -127,6 +127,35 @@ def test_detected_as_the_family(loaded):
         slices = [f.get_slice(k) for k in f.keys()]
         dtypes = {s.get_dtype() for s in slices if len(s.get_shape()) > 0}
     assert dtypes <= {"F16", "I64"}, dtypes      # I64: CLIP's position_ids; scalars (logit_scale) as ComfyUI saves them
+    if loaded.family == "flux":   # the public file's norm names (0.3.75 detects by them; 0.33.0 saves `weight`)
+        with safe_open(str(loaded.path), framework="pt") as f:
+            norms = sorted(k for k in f.keys() if "_norm." in k)
+        assert norms and all(k.endswith("_norm.scale") for k in norms), norms
+        assert "model.diffusion_model.double_blocks.0.img_attn.norm.key_norm.scale" in norms
+
+
+def test_saved_keys_are_renamed_to_the_public_names(tmp_path):
+    from safetensors import safe_open
+    from safetensors.torch import save_file
+
+    saved = {"model.diffusion_model.double_blocks.0.img_attn.norm.key_norm.weight": torch.ones(2),
+             "model.diffusion_model.single_blocks.0.norm.query_norm.weight": torch.full((2,), 2.0),
+             "model.diffusion_model.single_blocks.0.linear1.weight": torch.zeros(2, 2)}
+    metadata = stand_ins.stand_in_metadata("flux")
+    for family in ("flux", "sd35"):
+        path = tmp_path / f"{family}.safetensors"
+        save_file(saved, str(path), metadata=metadata)
+        stand_ins._public_key_names(path, family, metadata)
+        with safe_open(str(path), framework="pt") as f:
+            tensors = {k: f.get_tensor(k) for k in f.keys()}
+            assert f.metadata() == metadata
+        if family == "sd35":          # no renames for the other families
+            assert set(tensors) == set(saved)
+            continue
+        assert set(tensors) == {"model.diffusion_model.double_blocks.0.img_attn.norm.key_norm.scale",
+                                "model.diffusion_model.single_blocks.0.norm.query_norm.scale",
+                                "model.diffusion_model.single_blocks.0.linear1.weight"}
+        assert torch.equal(tensors["model.diffusion_model.single_blocks.0.norm.query_norm.scale"], torch.full((2,), 2.0))
 
 
 def test_vae_decodes_the_family_latent(loaded):

@@ -31,9 +31,9 @@ call (a forward hook); it is timed on its own and added to the pack's share.
 Step model (bench/step_model.py): S(b), the seconds of one denoiser call on b rows, and D(n), one decode
 of n latents, predict generate-all = T*S(2N) + D(N) and Probe-Select = c*S(2N) + (T-c)*S(2K) + D(K).
 S(b) is the mean of the runs' own calls at that batch size (a wall time is the sum of its calls, slow ones
-included; the median and calls timed on their own before the runs are reported beside it), D(n) likewise. The FLOP model is bench/flops_model.py with this run's components counted by
-`torch.utils.flop_counter` (a denoiser call at batch 2, one decode at 256 px, the probe; no evaluator:
-neither run has one).
+included; the median and calls timed on their own before the runs are reported beside it), D(n) likewise.
+The FLOP model is bench/flops_model.py with this run's components counted by `torch.utils.flop_counter`
+(a denoiser call at batch 2, one decode at 256 px, the probe; no evaluator: neither run has one).
 
 A call's cost drifts with the machine (2 cores, whatever else runs): each method runs --repeats times (2 by
 default) in ABBA order (GA PS PS GA), so that a steady drift weighs on both alike, and the figures add the
@@ -386,7 +386,8 @@ def analyse(generate_all: Profile, probe_select: Profile, standalone: dict[int, 
     prediction_mean = step_model.predict(in_run_mean, candidates, keep, steps, CHECKPOINT)
     in_run = step_model.CallCosts(step={r: statistics.median(v) for r, v in by_rows.items()}, decode=decodes)
     prediction = step_model.predict(in_run, candidates, keep, steps, CHECKPOINT)
-    linear = step_model.predict(step_model.linear_costs(in_run_mean, candidates, keep), candidates, keep, steps, CHECKPOINT)
+    linear = step_model.predict(step_model.linear_costs(in_run_mean, candidates, keep), candidates, keep, steps,
+                                CHECKPOINT)
     # Each run priced with its own calls' medians: blind to the load's drift between the runs, so it checks
     # the structure alone (the calls are those the formulas count, nothing else costs).
     own_costs = {}
@@ -402,7 +403,8 @@ def analyse(generate_all: Profile, probe_select: Profile, standalone: dict[int, 
     result = {
         "measured": {"generate_all_s": generate_all.wall_s, "probe_select_s": probe_select.wall_s,
                      "ratio": measured_ratio},
-        "step_costs_in_run": {"step_mean_s": in_run_mean.step, "step_median_s": in_run.step, "step_calls": {r: len(v) for r, v in by_rows.items()},
+        "step_costs_in_run": {"step_mean_s": in_run_mean.step, "step_median_s": in_run.step,
+                              "step_calls": {r: len(v) for r, v in by_rows.items()},
                               "step_min_s": {r: min(v) for r, v in by_rows.items()},
                               "step_max_s": {r: max(v) for r, v in by_rows.items()}, "decode_s": decodes},
         "step_model": {**asdict(prediction_mean), "step_mean_s": in_run_mean.step, "ratio": prediction_mean.ratio,

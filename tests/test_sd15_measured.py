@@ -136,8 +136,8 @@ def test_decodes_are_priced_at_their_mean():
 def test_the_benchmark_runs_the_nodes_end_to_end_on_tiny_models(tmp_path):
     """bench/bench_sd15_measured.py on tiny models (N=2, K=1, 5 steps: checkpoint step 1): every denoiser
     call is where the step model puts it, and the report is written from the figures."""
-    data = main(["--tiny", "--candidates", "2", "--keep", "1", "--steps", "5", "--standalone-repeats", "1", "--repeats", "1",
-                 "--output-stem", str(tmp_path / "tiny")])
+    data = main(["--tiny", "--candidates", "2", "--keep", "1", "--steps", "5", "--standalone-repeats", "1",
+                 "--repeats", "1", "--output-stem", str(tmp_path / "tiny")])
     runs = data["runs"]
     assert [rows for rows, _ in runs["generate_all"]["calls"]] == [4] * 5
     # The early phase evaluates step 0 only (it stops at the first call of step 1); the resume replays that

@@ -155,7 +155,8 @@ def test_saved_keys_are_renamed_to_the_public_names(tmp_path):
         assert set(tensors) == {"model.diffusion_model.double_blocks.0.img_attn.norm.key_norm.scale",
                                 "model.diffusion_model.single_blocks.0.norm.query_norm.scale",
                                 "model.diffusion_model.single_blocks.0.linear1.weight"}
-        assert torch.equal(tensors["model.diffusion_model.single_blocks.0.norm.query_norm.scale"], torch.full((2,), 2.0))
+        renamed = tensors["model.diffusion_model.single_blocks.0.norm.query_norm.scale"]
+        assert torch.equal(renamed, torch.full((2,), 2.0))
 
 
 def test_vae_decodes_the_family_latent(loaded):

@@ -452,7 +452,8 @@ def report(data: dict) -> str:
     stop = checkpoint_step(s["steps"], CHECKPOINT)
     lines = [
         "# Probe-Select measured on SD1.5 with random weights (CPU)", "",
-        f"Written by `make bench-sd15` (`bench/bench_sd15_measured.py --candidates {n} --keep {k}`). "
+        f"Written by `make bench-sd15` (`bench/bench_sd15_measured.py --candidates {n} --keep {k} "
+        f"--repeats {s.get('repeats', 1)}`). "
         f"Machine: {data['machine']['cores']} cores ({data['machine']['cpu']}; its load average before and after "
         f"each run is below), torch {data['machine']['torch']} on the CPU with {data['machine']['torch_threads']} thread(s) "
         f"(OMP_NUM_THREADS={data['machine']['omp_num_threads']}), ComfyUI {data['machine']['comfyui']}.", "",

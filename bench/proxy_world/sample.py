@@ -313,9 +313,10 @@ def _markdown(results: Dict, command: str) -> str:
                   "whatever the sampler, and what it gets wrong is decided early. A stronger UNet is the next step. "
                   "Tried so far: a 128-channel one trained for an hour lost colour binding (round 2); this "
                   "64-channel one trained 3.9x longer (7000 steps x 8, 48 min; round 3, branch "
-                  "experiment/unet-long) draws cleaner shapes and satisfies 15% with dpmpp_2m_sde (x0-preview Spearman 0.64), and with euler_ancestral "
-                  "brings the Spearman into the band (0.30 [0.18, 0.42], 42% mixed prompts) but satisfies 10% (12% at "
-                  "CFG 6 or 8): more training does not give it more right counts and colour bindings. Until then the "
+                  "experiment/unet-long) draws cleaner shapes and satisfies 15% with dpmpp_2m_sde (x0-preview "
+                  "Spearman 0.64), and with euler_ancestral brings the Spearman into the band (0.30 [0.18, 0.42], 42% "
+                  "mixed prompts) but satisfies 10% (12% at CFG 6 or 8): more training does not give it more right "
+                  "counts and colour bindings. Until then the "
                   "UNet's early-selection figures are optimistic for the x0-preview scorer."]
     variants = [(fam, name, v) for fam, r in results["families"].items() for name, v in r.get("variants", {}).items()]
     if variants:

@@ -301,8 +301,9 @@ def write_checkpoint_stand_in(family: str, path, seed: int = DEFAULT_SEED) -> Pa
     try:
         # ComfyUI's own checkpoint saver (what its CheckpointSave node calls): the state-dict methods
         # under it changed their arguments between versions (0.33 takes the UNet's state dict first).
-        comfy.sd.save_checkpoint(str(tmp), _patcher(model), clip, vae, metadata=stand_in_metadata(family, seed))
-        _public_key_names(tmp, family, stand_in_metadata(family, seed))
+        metadata = stand_in_metadata(family, seed)
+        comfy.sd.save_checkpoint(str(tmp), _patcher(model), clip, vae, metadata=metadata)
+        _public_key_names(tmp, family, metadata)
         os.chmod(tmp, 0o644)          # safetensors creates files 0600; the cache may be shared
         os.replace(tmp, path)
     finally:
@@ -327,12 +328,14 @@ def _public_key_names(path: Path, family: str, metadata: dict[str, str]) -> None
     """Rename, in place, the keys ComfyUI's saver wrote under another name than the public file's."""
     if family not in PUBLIC_KEY_NAMES:
         return
+    from safetensors import safe_open
     from safetensors.torch import load_file, save_file
 
     pattern, replacement = PUBLIC_KEY_NAMES[family]
+    with safe_open(str(path), framework="pt") as f:     # the names alone: no tensor is read when none differs
+        if not any(pattern.search(key) for key in f.keys()):
+            return
     tensors = load_file(str(path))
-    if not any(pattern.search(key) for key in tensors):
-        return
     save_file({pattern.sub(replacement, key): value for key, value in tensors.items()}, str(path), metadata=metadata)
 
 

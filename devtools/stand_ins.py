@@ -47,6 +47,7 @@ import logging
 import math
 import os
 import re
+import shutil
 import time
 from pathlib import Path
 
@@ -346,7 +347,28 @@ def cached_checkpoint_stand_in(family: str, cache_dir, seed: int = DEFAULT_SEED)
     if path.is_file() and path.stat().st_size > 0:
         log.info("using cached %s stand-in %s", family, path)
         return path
-    return write_checkpoint_stand_in(family, path, seed)
+    written = write_checkpoint_stand_in(family, path, seed)
+    remove_stale_versions(path.parent)
+    return written
+
+
+def remove_stale_versions(folder: Path) -> list[Path]:
+    """Delete the cache folders of older (or other) recipe versions beside `folder`, a cache folder
+    named `<stem>_v<version>_s<seed>`, and return them.
+
+    A recipe bump writes a new folder of the same size (up to 1.8 GB here); the old one is never read
+    again, and keeping both has filled CI's disk. Folders of other seeds or other names are kept.
+    """
+    match = re.fullmatch(r"(.+)_v\d+_(s\d+)", folder.name)
+    if match is None:
+        raise ValueError(f"{folder.name!r} is not a cache folder named <stem>_v<version>_s<seed>")
+    stem, seed = match.groups()
+    stale = [other for other in folder.parent.iterdir()
+             if other != folder and other.is_dir() and re.fullmatch(rf"{re.escape(stem)}_v\d+_{seed}", other.name)]
+    for other in stale:
+        log.info("removing the stale stand-in cache %s (now %s)", other, folder.name)
+        shutil.rmtree(other, ignore_errors=True)
+    return stale
 
 
 def write_open_clip_stand_in(model_name: str, path, seed: int = DEFAULT_SEED) -> Path:
@@ -400,4 +422,6 @@ def cached_open_clip_stand_in(model_name: str, cache_dir, seed: int = DEFAULT_SE
     path = Path(cache_dir) / f"open_clip_{model_name}_v{OPEN_CLIP_RECIPE_VERSION}_s{seed}" / f"{model_name}.safetensors"
     if path.is_file() and path.stat().st_size > 0:
         return path
-    return write_open_clip_stand_in(model_name, path, seed)
+    written = write_open_clip_stand_in(model_name, path, seed)
+    remove_stale_versions(path.parent)
+    return written

@@ -253,7 +253,34 @@ def test_flux_text_encoder_node_is_seeded(test_nodes, flux_clip):
 
 @pytest.fixture(scope="module")
 def open_clip_file(tmp_path_factory):
-    return stand_ins.cached_open_clip_stand_in("ViT-B-32", tmp_path_factory.mktemp("cache"), seed=0)
+    """Written into a cache that already holds a stale recipe version (removed by the write) and another
+    seed's folder (kept): `test_a_new_recipe_version_removes_the_stale_cache` checks both."""
+    cache = tmp_path_factory.mktemp("cache")
+    for name in ("open_clip_ViT-B-32_v1_s0", "open_clip_ViT-B-32_v1_s1"):
+        (cache / name).mkdir()
+        (cache / name / "ViT-B-32.safetensors").write_bytes(b"old")
+    return stand_ins.cached_open_clip_stand_in("ViT-B-32", cache, seed=0)
+
+
+def test_a_new_recipe_version_removes_the_stale_cache(open_clip_file):
+    assert stand_ins.OPEN_CLIP_RECIPE_VERSION > 1
+    assert sorted(p.name for p in open_clip_file.parents[1].iterdir()) == sorted([
+        f"open_clip_ViT-B-32_v{stand_ins.OPEN_CLIP_RECIPE_VERSION}_s0", "open_clip_ViT-B-32_v1_s1"])
+
+
+def test_remove_stale_versions_keeps_other_stems_seeds_and_files(tmp_path):
+    names = ["stand_in_flux_v1_s0", "stand_in_flux_v2_s0", "stand_in_flux_v3_s0", "stand_in_flux_v1_s1",
+             "stand_in_flux2_v1_s0", "stand_in_sd15_v1_s0"]
+    for name in names:
+        (tmp_path / name).mkdir()
+    (tmp_path / "stand_in_flux_v9_s0.safetensors").write_bytes(b"a file, not a cache folder")
+    removed = stand_ins.remove_stale_versions(tmp_path / "stand_in_flux_v2_s0")
+    assert sorted(p.name for p in removed) == ["stand_in_flux_v1_s0", "stand_in_flux_v3_s0"]
+    assert sorted(p.name for p in tmp_path.iterdir()) == [
+        "stand_in_flux2_v1_s0", "stand_in_flux_v1_s1", "stand_in_flux_v2_s0", "stand_in_flux_v9_s0.safetensors",
+        "stand_in_sd15_v1_s0"]
+    with pytest.raises(ValueError, match="not a cache folder"):
+        stand_ins.remove_stale_versions(tmp_path / "models")
 
 
 def test_open_clip_stand_in_loads_in_the_clipscore_node(open_clip_file, monkeypatch):

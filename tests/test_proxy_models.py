@@ -127,6 +127,24 @@ def test_training_is_deterministic():
             assert torch.equal(pa, pb)
 
 
+def test_training_continues_from_saved_weights(tmp_path):
+    first = train_models.train(train_models.TrainConfig(family="unet", steps=3, batch_size=4, log_every=0))
+    saved = models.save(tmp_path / "proxy_unet.safetensors", first.patcher, first.text_encoder, "unet",
+                        first.info, dtype=train_models.STORED_DTYPE)
+    # No step: the result is the saved file's weights (stored as float16), not a fresh initialisation.
+    resumed = train_models.train(train_models.TrainConfig(family="unet", steps=0, init_from=str(saved), log_every=0))
+    stored, _ = models.load("unet", saved)
+    for name, value in stored.model.diffusion_model.state_dict().items():
+        assert torch.equal(resumed.patcher.model.diffusion_model.state_dict()[name], value.float()), name
+    fresh = models.build("unet", seed=0).model.diffusion_model.state_dict()
+    assert any(not torch.equal(fresh[k], v) for k, v in resumed.patcher.model.diffusion_model.state_dict().items())
+    assert resumed.info["init_from"] == {"path": str(saved), "info": first.info}
+    # Two more steps train on from there.
+    more = train_models.train(train_models.TrainConfig(family="unet", steps=2, batch_size=4, init_from=str(saved),
+                                                       log_every=0))
+    assert len(more.losses) == 2 and more.info["init_from"]["info"]["steps_done"] == 3
+
+
 @pytest.mark.parametrize("family", models.FAMILIES)
 def test_loss_decreases_on_a_fixed_batch(family):
     cfg = train_models.TrainConfig(family=family, steps=30, batch_size=8, warmup=5, fixed_batch=True, log_every=0)

@@ -95,6 +95,7 @@ class TrainConfig:
     stop_at_step: Optional[int] = None   # stop after this many steps (reproduces a --minutes-capped run)
     fixed_batch: bool = False     # tests: one batch (images, prompts, noise, sigmas) for every step
     log_every: int = 50
+    init_from: Optional[str] = None   # a saved weights file to continue from (its EMA weights), not a fresh init
 
 
 @dataclass
@@ -184,6 +185,16 @@ def train(cfg: TrainConfig) -> TrainResult:
     patcher = models.build(family, seed=cfg.seed)
     model = patcher.model
     enc = models.build_text_encoder(family, seed=cfg.seed)
+    init_info = None
+    if cfg.init_from:
+        # Continue a saved run: its weights (the EMA, in its stored precision) replace the fresh init,
+        # and this run's schedule (warm-up, cosine decay) starts over on them.
+        saved_patcher, saved_enc = models.load(family, cfg.init_from)
+        model.diffusion_model.load_state_dict(
+            {k: v.float() for k, v in saved_patcher.model.diffusion_model.state_dict().items()}, strict=True)
+        enc.load_state_dict({k: v.float() for k, v in saved_enc.state_dict().items()}, strict=True)
+        init_info = models.read_info(cfg.init_from).get("info")
+        log.info("%s: continuing from %s (%s)", family, cfg.init_from, init_info)
     model.diffusion_model.train()
     enc.train()
     # Everything trains. Said explicitly: ComfyUI 0.33 builds its layers with frozen weights
@@ -260,6 +271,8 @@ def train(cfg: TrainConfig) -> TrainResult:
         "params_diffusion": models.param_count(patcher), "params_text": models.param_count(enc),
         "torch": torch.__version__,
     }
+    if cfg.init_from:
+        info["init_from"] = {"path": str(cfg.init_from), "info": init_info}
     return TrainResult(patcher=patcher, text_encoder=enc, losses=losses, info=info)
 
 
@@ -304,6 +317,7 @@ def main(argv=None) -> int:
     ap.add_argument("--threads", type=int, default=2)
     ap.add_argument("--commit-weights", choices=("auto", "yes", "no"), default="auto",
                     help="also write bench/proxy_world/weights/ (auto: when all weights < 24 MB)")
+    ap.add_argument("--init-from", default=None, help="continue from this saved weights file (a new schedule)")
     ap.add_argument("--no-save", action="store_true")
     args = ap.parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s %(message)s", force=True)
@@ -312,7 +326,8 @@ def main(argv=None) -> int:
     torch.set_num_threads(args.threads)
     cfg = TrainConfig(family=args.family, steps=args.steps or DEFAULT_STEPS[args.family],
                       batch_size=args.batch_size or DEFAULT_BATCH[args.family], seed=args.seed, lr=args.lr,
-                      minutes=args.minutes or None, stop_at_step=args.stop_at_step)
+                      minutes=args.minutes or None, stop_at_step=args.stop_at_step,
+                      init_from=args.init_from)
     log.info("training proxy-world %s: %s", args.family, cfg)
     result = train(cfg)
     log.info("done: %s", json.dumps({k: v for k, v in result.info.items() if k != "loss_curve_per_100_steps"}))

@@ -278,7 +278,7 @@ def attention_picture(family: str) -> Picture:
         words="red circle, blue square, left of", show_steps="1, 4, 8, 14, 20", resolutions="all", cell_size=96,
         clip=ProxyClip(text), prompt=PROMPT, vae=ProxyVAE(family)).result
     maps, sharpness, _masks, _latent, summary = result
-    what = {"unet": "SD1.x-family UNet (cross-attention at its 8 x 8 level)",
+    what = {"unet": "SD1.x-family UNet (cross-attention at its 16 x 16 and 8 x 8 levels)",
             "dit": "SD3-family MMDiT (image-to-text part of the joint attention, 8 x 8 tokens)"}[family]
     maps_pil, sharp_pil = image_to_pil(maps[0]), image_to_pil(sharpness[0])
     sharp_pil = sharp_pil.resize((maps_pil.width, maps_pil.width * sharp_pil.height // sharp_pil.width), Image.LANCZOS) \

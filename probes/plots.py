@@ -28,6 +28,16 @@ def _range(values: np.ndarray) -> tuple[float, float]:
     return lo - pad, hi + pad
 
 
+def tick_labels(values: Sequence[float]) -> list[str]:
+    """The values in the fewest significant digits (3 at least, 8 at most) that tell them apart: a curve that
+    moves within 0.998-1.0 gets 0.998 / 0.999 / 1, not 0.999 twice."""
+    for digits in range(3, 9):
+        labels = [f"{v:.{digits}g}" for v in values]
+        if len(set(labels)) == len(set(float(v) for v in values)):
+            return labels
+    return labels
+
+
 class _Axes:
     def __init__(self, panel: ImageDraw.ImageDraw, box: tuple[int, int, int, int], xr, yr, title: str,
                  x_ticks: Optional[Sequence[float]] = None):
@@ -37,12 +47,12 @@ class _Axes:
         panel.text((x0, y0 - 16), title, fill=(0, 0, 0))
         if yr[0] < 0 < yr[1]:       # the zero line: where "better than chance" starts for correlations
             panel.line((x0, self.y(0.0), x1, self.y(0.0)), fill=(200, 200, 200), width=1)
-        for frac in (0.0, 0.5, 1.0):
-            yv = yr[0] + frac * (yr[1] - yr[0])
-            panel.text((x0 - 52, self.y(yv) - 6), f"{yv:.3g}", fill=(60, 60, 60))
+        y_ticks = [yr[0] + frac * (yr[1] - yr[0]) for frac in (0.0, 0.5, 1.0)]
+        for yv, label in zip(y_ticks, tick_labels(y_ticks)):
+            panel.text((x0 - 52, self.y(yv) - 6), label, fill=(60, 60, 60))
         ticks = x_ticks if x_ticks is not None else [xr[0] + f * (xr[1] - xr[0]) for f in (0.0, 0.5, 1.0)]
-        for xv in ticks:
-            panel.text((self.x(xv) - 10, y1 + 4), f"{xv:.3g}", fill=(60, 60, 60))
+        for xv, label in zip(ticks, tick_labels(ticks)):
+            panel.text((self.x(xv) - 10, y1 + 4), label, fill=(60, 60, 60))
 
     def x(self, v: float) -> float:
         x0, _, x1, _ = self.box

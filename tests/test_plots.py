@@ -23,3 +23,13 @@ def test_line_plot_places_every_point_at_its_x_value():
 def test_line_plot_refuses_x_values_that_do_not_match_the_series():
     with pytest.raises(ValueError, match="3 x values"):
         line_plot([{"probe": [0.1, 0.2]}], ["t"], x_values=[[0.1, 0.2, 0.3]])
+
+
+def test_tick_labels_use_the_fewest_digits_that_tell_the_ticks_apart():
+    from probe_select.probes.plots import tick_labels
+
+    assert tick_labels([0.0, 0.5, 1.0]) == ["0", "0.5", "1"]
+    assert tick_labels([0.12345, 0.5, 0.98765]) == ["0.123", "0.5", "0.988"]
+    # A curve that moves within 0.9986-1.0 (spatial entropy): 3 digits would print 0.999 twice.
+    assert tick_labels([0.99855, 0.99925, 0.99995]) == ["0.9986", "0.9992", "1"]
+    assert tick_labels([1.0, 1.0]) == ["1", "1"]

@@ -337,3 +337,14 @@ def test_a_run_for_one_family_keeps_the_others_figures():
         "- unet: `sample.py --family unet`", "- dit: `old`"]
     both = {"families": {"unet": {"command": "all"}, "dit": {"command": "all"}}}
     assert sample.reproduce_lines(both, "all") == ["Reproduce: `all`"]
+
+
+def test_training_figures_add_up_a_continued_run():
+    from bench.proxy_world import sample
+
+    first = {"steps_done": 3418, "steps": 5000, "batch_size": 8, "wall_s": 2220.0}
+    continued = {"steps_done": 1600, "steps": 1600, "batch_size": 8, "wall_s": 1158.0,
+                 "init_from": {"path": "first.safetensors", "info": first}}
+    assert sample._training_runs(continued) == [continued, first]
+    assert sample._training_cell(continued) == "3418 + 1600 steps x 8, 56.3 min"
+    assert sample._training_cell(first) == "3418 steps x 8, 37.0 min"

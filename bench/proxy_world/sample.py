@@ -231,6 +231,22 @@ def calibration_checks(r: Dict) -> Dict[str, bool]:
             f"x0-preview Spearman {rho:.2f} (target 0.15-0.35)": 0.15 <= rho <= 0.35}
 
 
+def _training_runs(info: Dict) -> List[Dict]:
+    """A weights file's training runs, latest first (``init_from``: the run it continued)."""
+    runs = [info]
+    while runs[-1].get("init_from", {}).get("info"):
+        runs.append(runs[-1]["init_from"]["info"])
+    return runs
+
+
+def _training_cell(info: Dict) -> str:
+    """Steps x batch and wall time of a weights file's training, its earlier runs included."""
+    runs = _training_runs(info)
+    steps = " + ".join(str(run.get("steps_done")) for run in reversed(runs))
+    minutes = sum(run.get("wall_s", 0) for run in runs) / 60
+    return f"{steps} steps x {info.get('batch_size')}, {minutes:.1f} min"
+
+
 def _spearman_cell(v: Dict) -> str:
     return f"{v['mean']:.3f} [{v['low']:.3f}, {v['high']:.3f}]"
 
@@ -273,8 +289,7 @@ def _markdown(results: Dict, command: str) -> str:
         t = r["training"]
         lines.append(
             f"| {fam} | {r['comfy_class']} | {t.get('params_diffusion', 0) / 1e6:.2f} M + "
-            f"{t.get('params_text', 0) / 1e6:.3f} M | {t.get('steps_done')} steps x {t.get('batch_size')}, "
-            f"{t.get('wall_s', 0) / 60:.1f} min | {t.get('final_loss')} | {r['cfg']} | {r['mean_score']:.3f} | "
+            f"{t.get('params_text', 0) / 1e6:.3f} M | {_training_cell(t)} | {t.get('final_loss')} | {r['cfg']} | {r['mean_score']:.3f} | "
             f"{r['within_prompt_sd']:.3f} | {100 * r['failure_fraction']:.1f}% | {r['best_minus_mean_gap']:.3f} "
             f"(median {r['best_minus_mean_gap_median']:.3f}) | {r['best_of_n_mean_score']:.3f} | "
             f"{100 * r['prompts_with_mixed_outcomes']:.0f}% |")
@@ -308,16 +323,18 @@ def _markdown(results: Dict, command: str) -> str:
                   "where, how many, which side), and with it this reward, in their first steps, so a blurry x0 preview "
                   "already shows it (calibration round 2: 0.59 on the DiT, 0.74 on the UNet, at 20% of the steps). A "
                   "stochastic sampler keeps moving the layout after the checkpoint, as later steps still do in large "
-                  "models; that brings the DiT into the band (euler_ancestral; the sweep below). The UNet stays above "
-                  "it and satisfies too few prompts: this 1.9 M-parameter model gets most relations and counts wrong "
-                  "whatever the sampler, and what it gets wrong is decided early. A stronger UNet is the next step. "
-                  "Tried so far: a 128-channel one trained for an hour lost colour binding (round 2); this "
-                  "64-channel one trained 3.9x longer (7000 steps x 8, 48 min; round 3, branch "
-                  "experiment/unet-long) draws cleaner shapes and satisfies 15% with dpmpp_2m_sde (x0-preview "
-                  "Spearman 0.64), and with euler_ancestral brings the Spearman into the band (0.30 [0.18, 0.42], 42% "
-                  "mixed prompts) but satisfies 10% (12% at CFG 6 or 8): more training does not give it more right "
-                  "counts and colour bindings. Until then the "
-                  "UNet's early-selection figures are optimistic for the x0-preview scorer."]
+                  "models: euler_ancestral (the sweep below)."]
+        lines += [line for fam, r in results["families"].items() if fam in missed for line in ("", f"The {fam} under {r.get('sampler', DEFAULT_SAMPLER[fam])}: success "
+                  f"{100 * r['success_fraction']:.0f}%, x0-preview Spearman {_spearman_cell(r['x0_preview_within_spearman'])}"
+                  " against the band's 0.15-0.35: its x0 preview ranks the seeds better than on real models, so its "
+                  "early-selection figures are optimistic for the x0-preview scorer.")]
+        if "unet" in missed:
+            lines += ["", "UNet history: rounds 1-3 (attention at 8x8 only; 1.9 M parameters, up to 7000 steps x 8) "
+                      "satisfied 10-15% of the samples whatever the sampler (euler_ancestral 0-14%): they got most "
+                      "counts and colour bindings wrong. Round 4 (these weights) adds attention at 16x16, where a shape "
+                      "is 2-4 cells wide (2.14 M parameters; 3418 steps of a 5000-step schedule, continued for 1600 "
+                      "steps on a fresh decaying schedule, 56 min in all): 33% with euler_ancestral, 43% with "
+                      "dpmpp_2m_sde (whose x0 preview ranks at 0.71)."]
     variants = [(fam, name, v) for fam, r in results["families"].items() for name, v in r.get("variants", {}).items()]
     if variants:
         lines += ["", "Evaluator variants on the same samples (shape factor floor; the default is "
@@ -356,10 +373,11 @@ def _markdown(results: Dict, command: str) -> str:
     lines += ["", "## Training", ""]
     for fam, r in results["families"].items():
         t = r["training"]
-        lines.append(f"- {fam}: weights `{r['weights']}`; {t.get('steps_done')} of {t.get('steps')} steps, batch "
-                     f"{t.get('batch_size')}, {t.get('wall_s')} s wall / {t.get('cpu_s')} s CPU on "
-                     f"{t.get('threads')} threads; loss (mean of the last {t.get('final_loss_window')} steps) "
-                     f"{t.get('final_loss')} (first 100 steps {t.get('first_loss')}).")
+        lines.append(f"- {fam}: weights `{r['weights']}`; " + "; continued from ".join(
+            f"{run.get('steps_done')} of {run.get('steps')} steps, batch {run.get('batch_size')}, {run.get('wall_s')} s "
+            f"wall / {run.get('cpu_s')} s CPU on {run.get('threads')} threads; loss (mean of the last "
+            f"{run.get('final_loss_window')} steps) {run.get('final_loss')} (first 100 steps {run.get('first_loss')})"
+            for run in _training_runs(t)) + ".")
     lines.append("")
     return "\n".join(lines)
 

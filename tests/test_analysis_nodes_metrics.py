@@ -173,7 +173,7 @@ def test_bad_inputs_name_the_node_and_the_fix(nodes, dirs, tmp_path):
         nim.ProbeSelectSaveReferenceStats.execute("../x", "clean", 4, images=smooth_images(2), inception=extractor)
 
 
-def test_load_inception_never_downloads_and_checks_the_hash(nodes, tmp_path):
+def test_load_inception_never_downloads_and_checks_the_hash(nodes, tmp_path, monkeypatch):
     import folder_paths
 
     nim, _, ProbeSelectError, _ = nodes
@@ -185,7 +185,10 @@ def test_load_inception_never_downloads_and_checks_the_hash(nodes, tmp_path):
     folder = tmp_path / "inception"
     folder.mkdir()
     torch.save({"fc.weight": torch.zeros(2)}, folder / "pt_inception-2015-12-05-6726825d.pth")
-    folder_paths.add_model_folder_path("inception", str(folder))
+    # Registered for this test only: tmp_path may be gone when later tests list the folder.
+    paths, extensions = folder_paths.folder_names_and_paths["inception"]
+    monkeypatch.setitem(folder_paths.folder_names_and_paths, "inception", ([str(folder), *paths], extensions))
+    monkeypatch.setattr(folder_paths, "filename_list_cache", {})
     assert nim.inception_files()[0] == "pt_inception-2015-12-05-6726825d.pth"
     with pytest.raises(ProbeSelectError, match=r"^\[ProbeSelectLoadInception\] .*not the standard FID Inception file"):
         nim.ProbeSelectLoadInception.execute("pt_inception-2015-12-05-6726825d.pth", "cpu")

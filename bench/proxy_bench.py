@@ -251,6 +251,11 @@ def train_config(setting: Setting, **overrides):
     return TrainConfig(**{**base, **overrides})
 
 
+def _float_or_nan(value) -> float:
+    """A validation figure as a float; NaN where it is undefined (None: constant scores or predictions)."""
+    return float("nan") if value is None else float(value)
+
+
 def train_and_evaluate(train_ds, held_ds, t: float, out: Path, setting: Setting, target: str, config, tcfg,
                        use_text: bool = False, train_prompts=None, fractions=None) -> dict:
     """Train a probe at checkpoint t on the training prompts; score it on the held-out prompts."""
@@ -267,7 +272,7 @@ def train_and_evaluate(train_ds, held_ds, t: float, out: Path, setting: Setting,
     evaluation = evaluate_probe_on(probe, meta, held_ds.arrays(checkpoint_t=t, evaluator=EVALUATOR))
     best = result.history[result.best_epoch] if 0 <= result.best_epoch < len(result.history) else {}
     row = {"train_rows": sizes["train"], "train_seconds": round(train_seconds, 1), "best_epoch": result.best_epoch,
-           "val_within": float(best.get("val_within_spearman", float("nan"))),
+           "val_within": _float_or_nan(best.get("val_within_spearman")),
            "probe_parameters": sum(p.numel() for p in probe.parameters()),
            "probe": within_ci(evaluation.predicted, evaluation.actual, evaluation.group, setting.bootstrap)}
     row["probe"]["oracle_gain"] = {n: oracle_gain(evaluation.predicted, evaluation.actual, evaluation.group, n)
@@ -445,7 +450,7 @@ def finished_point(path: Path, held_ds, count: int, overrides: dict, setting: Se
         return None
     evaluation = evaluate_probe_on(probe, meta, held_ds.arrays(checkpoint_t=BULK_CHECKPOINT, evaluator=EVALUATOR))
     log.info("  %s: finished training found, scored again", path.name)
-    return {"train_rows": info["data"]["train_rows"], "val_within": float(info["val"]["within_spearman"]),
+    return {"train_rows": info["data"]["train_rows"], "val_within": _float_or_nan(info["val"]["within_spearman"]),
             "best_epoch": info["best_epoch"], "train_seconds": None,
             "probe": within_ci(evaluation.predicted, evaluation.actual, evaluation.group, setting.bootstrap)}
 

@@ -289,7 +289,8 @@ def _markdown(results: Dict, command: str) -> str:
         t = r["training"]
         lines.append(
             f"| {fam} | {r['comfy_class']} | {t.get('params_diffusion', 0) / 1e6:.2f} M + "
-            f"{t.get('params_text', 0) / 1e6:.3f} M | {_training_cell(t)} | {t.get('final_loss')} | {r['cfg']} | {r['mean_score']:.3f} | "
+            f"{t.get('params_text', 0) / 1e6:.3f} M | {_training_cell(t)} | {t.get('final_loss')} | {r['cfg']} | "
+            f"{r['mean_score']:.3f} | "
             f"{r['within_prompt_sd']:.3f} | {100 * r['failure_fraction']:.1f}% | {r['best_minus_mean_gap']:.3f} "
             f"(median {r['best_minus_mean_gap_median']:.3f}) | {r['best_of_n_mean_score']:.3f} | "
             f"{100 * r['prompts_with_mixed_outcomes']:.0f}% |")
@@ -324,10 +325,13 @@ def _markdown(results: Dict, command: str) -> str:
                   "already shows it (calibration round 2: 0.59 on the DiT, 0.74 on the UNet, at 20% of the steps). A "
                   "stochastic sampler keeps moving the layout after the checkpoint, as later steps still do in large "
                   "models: euler_ancestral (the sweep below)."]
-        lines += [line for fam, r in results["families"].items() if fam in missed for line in ("", f"The {fam} under {r.get('sampler', DEFAULT_SAMPLER[fam])}: success "
-                  f"{100 * r['success_fraction']:.0f}%, x0-preview Spearman {_spearman_cell(r['x0_preview_within_spearman'])}"
-                  " against the band's 0.15-0.35: its x0 preview ranks the seeds better than on real models, so its "
-                  "early-selection figures are optimistic for the x0-preview scorer.")]
+        for fam in missed:
+            r = results["families"][fam]
+            lines += ["", f"The {fam} under {r.get('sampler', DEFAULT_SAMPLER[fam])}: success "
+                      f"{100 * r['success_fraction']:.0f}%, x0-preview Spearman "
+                      f"{_spearman_cell(r['x0_preview_within_spearman'])} against the band's 0.15-0.35: its x0 preview "
+                      "ranks the seeds better than on real models, so its early-selection figures are optimistic for "
+                      "the x0-preview scorer."]
         if "unet" in missed:
             lines += ["", "UNet history: rounds 1-3 (attention at 8x8 only; 1.9 M parameters, up to 7000 steps x 8) "
                       "satisfied 10-15% of the samples whatever the sampler (euler_ancestral 0-14%): they got most "

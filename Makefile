@@ -97,10 +97,14 @@ bench-proxy: proxy-models
 	$(PY) bench/proxy_bench.py $(PROXY_BENCH_ARGS) --reuse-datasets
 
 # The learning curve on more data (REPORT.md, "Learning curve on more data"): 940 training prompts x 12 seeds
-# of the DiT at t = 0.2 (11,280 rows, about an hour on one core; resumable). Run it before bench-proxy, whose
-# report step trains every learned scorer on growing parts of it.
+# of each model at t = 0.2 (11,280 rows; collected in two lanes, one per core: about two hours a model;
+# resumable). Run it before bench-proxy, whose report step trains every learned scorer on growing parts of it.
 bench-proxy-bulk: proxy-models
-	$(PY) bench/proxy_bench.py $(PROXY_BENCH_ARGS) --families dit --collect-only bulk
+	@set -e; for family in unet dit; do \
+	  $(PY) bench/proxy_bench.py $(PROXY_BENCH_ARGS) --families $$family --collect-only bulk --lane 1/2 & lane1=$$!; \
+	  $(PY) bench/proxy_bench.py $(PROXY_BENCH_ARGS) --families $$family --collect-only bulk --lane 2/2 & lane2=$$!; \
+	  wait $$lane1; wait $$lane2; \
+	done
 
 demo: proxy-models
 	$(PY) bench/demo.py

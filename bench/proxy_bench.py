@@ -24,6 +24,7 @@ import json
 import logging
 import os
 import platform
+import re
 import shutil
 import sys
 import time
@@ -117,11 +118,13 @@ def _modules():
 # ---- 1. collection -------------------------------------------------------------------------------
 
 def collect(family: str, prompts: list[str], seeds: int, setting: Setting, dataset_dir: Path, seed_base: int,
-            resume: bool = False) -> dict:
+            resume: bool = False, lane: tuple[int, int] = (1, 1)) -> dict:
     """Run every prompt's candidates to the end; write a dataset; return preview scores per t.
 
     ``resume``: keep the rows already in ``dataset_dir`` and collect only the prompts it lacks (the bulk set takes
-    an hour: an interrupted run goes on where it stopped); otherwise the dataset is collected anew."""
+    hours: an interrupted run goes on where it stopped); otherwise the dataset is collected anew.
+    ``lane`` (i, n): collect only every n-th prompt, starting at the i-th, so that n processes (one per core) fill
+    one dataset together; each writes its own shards, and a prompt's seeds do not depend on the lane."""
     pack, grammar, models, evaluator = _modules()
     from probe_select.nodes.engine import split_sampling
     from probe_select.nodes.nodes_tap import apply_tap
@@ -140,8 +143,9 @@ def collect(family: str, prompts: list[str], seeds: int, setting: Setting, datas
     elif dataset_dir.exists():
         shutil.rmtree(dataset_dir)
     writer = None
+    lane_index, lanes = lane
     for p, prompt in enumerate(prompts):
-        if prompt_id(prompt) in done:
+        if p % lanes != lane_index - 1 or prompt_id(prompt) in done:
             continue
         positive = text.conditioning(prompt)
         scene = grammar.parse_prompt(prompt)
@@ -156,7 +160,7 @@ def collect(family: str, prompts: list[str], seeds: int, setting: Setting, datas
             scores[f"x0@{t:g}"] = torch.as_tensor(preview, dtype=torch.float32)
         manifest, rows = rows_from_activations(result.activations, scores, prompt, x0_size=X0_SIZE)
         if writer is None:
-            writer = DatasetWriter(dataset_dir, manifest, writer_id="bench")
+            writer = DatasetWriter(dataset_dir, manifest, writer_id="bench" if lanes == 1 else f"bench-lane{lane_index}")
         writer.append(rows)
         if (p + 1) % 20 == 0 or p + 1 == len(prompts):
             log.info("  %s: collected %d/%d prompts", family, p + 1, len(prompts))
@@ -1058,6 +1062,14 @@ def write_report(results: dict, setting: Setting, command: str, images: list[str
     (RESULTS / "REPORT.md").write_text("\n".join(lines) + "\n")
 
 
+def parse_lane(text: str) -> tuple[int, int]:
+    """'I/N' -> (I, N), 1 <= I <= N: one of N collection lanes."""
+    match = re.fullmatch(r"\s*(\d+)\s*/\s*(\d+)\s*", text)
+    if not match or not 1 <= int(match[1]) <= int(match[2]):
+        raise argparse.ArgumentTypeError(f"--lane {text!r}: expected I/N with 1 <= I <= N, e.g. 1/2 and 2/2")
+    return int(match[1]), int(match[2])
+
+
 def main(argv=None) -> dict:
     global RESULTS, CACHE, UNTRAINED, BULK_CURVE
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
@@ -1083,7 +1095,12 @@ def main(argv=None) -> dict:
     parser.add_argument("--collect-only", choices=["train", "heldout", "bulk"],
                         help="only collect this dataset and stop (run them in parallel processes, then "
                              "the report with --reuse-datasets); bulk: the learning curve's training rows")
+    parser.add_argument("--lane", type=parse_lane, default=(1, 1), metavar="I/N",
+                        help="with --collect-only bulk: collect every N-th prompt from the I-th (run lanes 1/N .. N/N "
+                             "at once, one per core)")
     args = parser.parse_args(argv)
+    if args.lane != (1, 1) and args.collect_only != "bulk":
+        parser.error("--lane splits the bulk collection only: use it with --collect-only bulk")
     if args.choose_demo_scorer:
         logging.basicConfig(level=logging.INFO, format="%(message)s")
         CACHE = args.cache
@@ -1118,7 +1135,7 @@ def main(argv=None) -> dict:
         if args.collect_only == "bulk":
             collect(family, train_prompts[:BULK_PROMPTS], BULK_SEEDS,
                     dataclasses.replace(setting, checkpoints=(BULK_CHECKPOINT,)), CACHE / f"{family}_bulk", 0,
-                    resume=True)
+                    resume=True, lane=args.lane)
             continue
         if args.collect_only:
             prompts_, seeds_, dir_, base_ = ((train_prompts[: setting.train_prompts], setting.train_seeds, train_dir, 0)

@@ -30,10 +30,17 @@ def test_proxy_bench_quick_writes_a_report(pack, tmp_path, monkeypatch):
                                                                   heldout_prompts=4))
     common = ["--quick", "--untrained", "--families", "unet", "--out", str(tmp_path / "results"),
               "--cache", str(tmp_path / "cache")]
-    proxy_bench.main([*common, "--collect-only", "bulk"])
+    # two lanes fill one set: every other prompt each, in shards of their own
+    proxy_bench.main([*common, "--collect-only", "bulk", "--lane", "2/2"])
+    proxy_bench.main([*common, "--collect-only", "bulk", "--lane", "1/2"])
     shards = sorted((tmp_path / "cache" / "unet_bulk" / "shards").iterdir())
+    assert [p.name.split("-")[2] for p in shards] == ["lane1"] * 5 + ["lane2"] * 5
     proxy_bench.main([*common, "--collect-only", "bulk"])          # resumes: nothing left to collect
     assert sorted((tmp_path / "cache" / "unet_bulk" / "shards").iterdir()) == shards and len(shards) == 10
+    from probe_select.probes.training.dataset import ProbeDataset
+    bulk = ProbeDataset(tmp_path / "cache" / "unet_bulk")
+    # a prompt's seeds do not depend on the lane that collected it (prompt i: seeds 1000 i, 1000 i + 1)
+    assert sorted(bulk.seeds.tolist()) == sorted(1000 * i + s for i in range(10) for s in range(2))
     results = proxy_bench.main(common)
     unet = results["families"]["unet"]
     report = (tmp_path / "results" / "REPORT.md").read_text()

@@ -23,6 +23,7 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path.append(str(ROOT))
 
 import tools  # noqa: E402,F401  (registers the package probe_select: the library's one import name)
+from probe_select.probes.atomic import atomic_write_text  # noqa: E402
 
 import numpy as np  # noqa: E402
 import open_clip  # noqa: E402
@@ -128,8 +129,8 @@ def main() -> None:
     ]
     lines += [f"| {name} | {value:.4g} |" for name, value in figures.items()]
     RESULTS.mkdir(parents=True, exist_ok=True)
-    (RESULTS / "analysis.md").write_text("\n".join(lines) + "\n")
-    (RESULTS / "analysis.json").write_text(json.dumps({"args": vars(args), "figures": figures}, indent=2) + "\n")
+    atomic_write_text(RESULTS / "analysis.md", "\n".join(lines) + "\n")
+    atomic_write_text(RESULTS / "analysis.json", json.dumps({"args": vars(args), "figures": figures}, indent=2) + "\n")
     log.info("wrote %s", RESULTS / "analysis.md")
 
 

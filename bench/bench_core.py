@@ -23,7 +23,8 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path.append(str(ROOT))          # last: ComfyUI's `nodes` must win over the pack's nodes/
 
 from devtools import load_pack  # noqa: E402  (bootstraps ComfyUI in-process, exactly as the tests do)
-from probe_select.probes.checkpoints import checkpoint_step  # noqa: E402  (devtools registered probe_select)
+from probe_select.probes.atomic import atomic_write_text  # noqa: E402  (devtools registered probe_select)
+from probe_select.probes.checkpoints import checkpoint_step  # noqa: E402
 
 import torch  # noqa: E402
 
@@ -152,7 +153,7 @@ def write_report(core: dict, repro: list[dict], repeats: int) -> None:
     RESULTS.mkdir(parents=True, exist_ok=True)
     machine = {"cpu": platform.processor() or platform.machine(), "cores": os.cpu_count(),
                "torch_threads": torch.get_num_threads(), "torch": torch.__version__, "python": platform.python_version()}
-    (RESULTS / "core.json").write_text(json.dumps({"machine": machine, "repeats": repeats, "core": core,
+    atomic_write_text(RESULTS / "core.json", json.dumps({"machine": machine, "repeats": repeats, "core": core,
                                                    "reproducibility": repro}, indent=2) + "\n")
     lines = [
         "# Core benchmark", "",
@@ -178,7 +179,7 @@ def write_report(core: dict, repro: list[dict], repeats: int) -> None:
         "| family | sampler | max relative difference |", "| --- | --- | --- |",
     ]
     lines += [f"| {r['family']} | {r['sampler']} | {r['max_rel_diff']:.2e} |" for r in repro]
-    (RESULTS / "core.md").write_text("\n".join(lines) + "\n")
+    atomic_write_text(RESULTS / "core.md", "\n".join(lines) + "\n")
     log.info("wrote %s", RESULTS / "core.md")
 
 

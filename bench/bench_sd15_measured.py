@@ -82,7 +82,7 @@ from torch.utils.flop_counter import FlopCounterMode  # noqa: E402
 from bench import flops_model, step_model  # noqa: E402
 from probe_select.nodes import nodes_sampling, nodes_selection, nodes_tap  # noqa: E402
 from probe_select.nodes.engine.capture import find_tap  # noqa: E402
-from probe_select.probes.atomic import atomic_write  # noqa: E402
+from probe_select.probes.atomic import atomic_write_text  # noqa: E402
 from probe_select.probes.checkpoints import checkpoint_step  # noqa: E402
 from probe_select.probes.features import pool_feature_map  # noqa: E402
 from probe_select.probes.io import ProbeMetadata, save_probe  # noqa: E402
@@ -644,10 +644,6 @@ def reanalyse(data: dict) -> dict:
     return {**data, "analysis": analysis}
 
 
-def _write_text(path: Path, text: str) -> None:
-    atomic_write(path, lambda temp: temp.write_text(text))
-
-
 def _measure(args, setup: Setup, model, vae, pos, neg, timer: CallTimer, probes_dir: Path):
     """Warm-up, FLOP count, standalone calls, then the two measured runs."""
     n, k = args.candidates, args.keep
@@ -712,8 +708,8 @@ def main(argv: Optional[list[str]] = None) -> dict:
         if args.other_run:
             data["other_run"] = summary(Path(args.other_run))
         stem = args.output_stem or str(Path(args.from_json).with_suffix(""))
-        _write_text(Path(stem + ".json"), json.dumps(data, indent=1, default=str) + "\n")
-        _write_text(Path(stem + ".md"), report(data))
+        atomic_write_text(Path(stem + ".json"), json.dumps(data, indent=1, default=str) + "\n")
+        atomic_write_text(Path(stem + ".md"), report(data))
         return data
     torch.set_num_threads(args.threads)
     setup = TINY if args.tiny else REAL
@@ -758,8 +754,8 @@ def main(argv: Optional[list[str]] = None) -> dict:
     stem = args.output_stem or (None if args.tiny else str(RESULTS / "sd15_measured"))
     if stem:
         Path(stem).parent.mkdir(parents=True, exist_ok=True)
-        _write_text(Path(stem + ".json"), json.dumps(data, indent=1, default=str) + "\n")
-        _write_text(Path(stem + ".md"), report(data))
+        atomic_write_text(Path(stem + ".json"), json.dumps(data, indent=1, default=str) + "\n")
+        atomic_write_text(Path(stem + ".md"), report(data))
         log.info("wrote %s.md", stem)
     return data
 

@@ -42,6 +42,7 @@ sys.path.insert(0, str(ROOT))
 import torch  # noqa: E402
 
 import tools  # noqa: E402,F401  (registers the package probe_select, the library's one import name)
+from probe_select.probes.atomic import atomic_write_text  # noqa: E402
 
 from probe_select.probes.model import ProbeConfig  # noqa: E402
 from probe_select.probes.training.dataset import CandidateRows, DatasetManifest, DatasetWriter, ProbeDataset, split_by_prompt  # noqa: E402
@@ -126,7 +127,7 @@ def measure(mode: str, dataset: Path, steps: int, workers: int, out: Path, io: s
             train_streamed(source, probe_config, config, META, Path(tmp) / "p.safetensors",
                            stream_config=StreamConfig(num_workers=workers, io=io), should_stop=should_stop)
     step_seconds = [b - a for a, b in zip(stamps[1:], stamps[2:])]   # batch 0 (warm-up) is left out
-    out.write_text(json.dumps({"load_seconds": load_seconds, "step_seconds": step_seconds,
+    atomic_write_text(out, json.dumps({"load_seconds": load_seconds, "step_seconds": step_seconds,
                                "peak_rss_mb": peak_rss_mb()}))
 
 
@@ -288,8 +289,8 @@ def main() -> int:
                          BATCH_PROMPTS * SEEDS / statistics.median(one["step_seconds"]), one["peak_pss_tree_mb"],
                          one["peak_rss_mb"])
                 RESULTS.mkdir(parents=True, exist_ok=True)
-                results_path.write_text(json.dumps(results, indent=1))
-                (RESULTS / "streaming.md").write_text(render(results))
+                atomic_write_text(results_path, json.dumps(results, indent=1))
+                atomic_write_text(RESULTS / "streaming.md", render(results))
         finally:
             if not args.keep:
                 shutil.rmtree(work, ignore_errors=True)

@@ -32,6 +32,7 @@ sys.path.insert(0, str(ROOT))
 import torch  # noqa: E402
 
 import tools  # noqa: E402,F401  (registers the package probe_select, the library's one import name)
+from probe_select.probes.atomic import atomic_write_text  # noqa: E402
 
 from probe_select.probes.training.losses import ProbeLoss  # noqa: E402
 from probe_select.probes.model import ProbeConfig, build_probe  # noqa: E402
@@ -139,7 +140,7 @@ def main() -> None:
     report = {"machine": machine, "batch_prompts": args.batch_prompts, "seeds": args.seeds,
               "steps": args.steps, "warmup": args.warmup, "results": rows}
     RESULTS.mkdir(parents=True, exist_ok=True)
-    (RESULTS / "train.json").write_text(json.dumps(report, indent=1))
+    atomic_write_text(RESULTS / "train.json", json.dumps(report, indent=1))
 
     lines = [
         "# Training throughput",
@@ -173,7 +174,7 @@ def main() -> None:
         f"{50_000 / fastest['step_samples_per_s'] / 60:.0f} min on this CPU.",
         "",
     ]
-    (RESULTS / "train.md").write_text("\n".join(lines))
+    atomic_write_text(RESULTS / "train.md", "\n".join(lines))
     log.info("wrote %s and %s", RESULTS / "train.md", RESULTS / "train.json")
 
 

@@ -31,6 +31,7 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path.append(str(ROOT))          # last: ComfyUI's `nodes` must win over the pack's nodes/
 
 from devtools import load_pack  # noqa: E402
+from probe_select.probes.atomic import atomic_write_text  # noqa: E402  (devtools registered probe_select)
 
 import numpy as np  # noqa: E402
 import torch  # noqa: E402
@@ -283,7 +284,7 @@ def main(argv=None) -> dict:
         f"wrote {args.out / 'candidates.png'} and the SaveImage outputs in {args.out}",
         f"total time {time.perf_counter() - started:.1f} s",
     ])
-    (args.out / "summary.txt").write_text(summary + "\n")
+    atomic_write_text(args.out / "summary.txt", summary + "\n")
     for line in summary.splitlines():
         log.info("[demo] %s", line)
     return {"kept_score": run["kept_score"], "mean_score": run["mean_score"], "kept": run["kept"],

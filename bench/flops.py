@@ -60,7 +60,7 @@ from torch.nn.attention import SDPBackend, sdpa_kernel  # noqa: E402
 from torch.utils.flop_counter import FlopCounterMode  # noqa: E402
 
 from bench import flops_model  # noqa: E402
-from probe_select.probes.atomic import atomic_write  # noqa: E402
+from probe_select.probes.atomic import atomic_write_text  # noqa: E402
 from probe_select.probes.pruning import checkpoint_step  # noqa: E402
 
 log = logging.getLogger("bench_flops")
@@ -428,10 +428,6 @@ def measured_section(path: Path) -> list[str]:
     return lines + [""]
 
 
-def _write_text(path: Path, text: str) -> None:
-    atomic_write(path, lambda temp: temp.write_text(text))
-
-
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument("--only", nargs="*", default=[], help="count only these components (no report)")
@@ -440,7 +436,7 @@ def main() -> None:
     args = parser.parse_args()
     logging.basicConfig(level=logging.INFO, format="%(message)s")
     if args.report_only:
-        _write_text(RESULTS / "flops.md", report(json.loads((RESULTS / "flops.json").read_text())) + "\n")
+        atomic_write_text(RESULTS / "flops.md", report(json.loads((RESULTS / "flops.json").read_text())) + "\n")
         log.info("wrote %s", RESULTS / "flops.md")
         return
     torch.set_num_threads(1)
@@ -448,8 +444,8 @@ def main() -> None:
     if args.only:
         return
     RESULTS.mkdir(parents=True, exist_ok=True)
-    _write_text(RESULTS / "flops.json", json.dumps(results, indent=1) + "\n")
-    _write_text(RESULTS / "flops.md", report(results) + "\n")
+    atomic_write_text(RESULTS / "flops.json", json.dumps(results, indent=1) + "\n")
+    atomic_write_text(RESULTS / "flops.md", report(results) + "\n")
     log.info("wrote %s", RESULTS / "flops.md")
 
 

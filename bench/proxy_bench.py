@@ -36,7 +36,8 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path.append(str(ROOT))          # last: ComfyUI's `nodes` must win over the pack's nodes/
 
 from devtools import load_pack  # noqa: E402  (bootstraps ComfyUI in-process, as the tests do)
-from probe_select.probes.checkpoints import checkpoint_step  # noqa: E402  (devtools registered probe_select)
+from probe_select.probes.atomic import atomic_write_text  # noqa: E402  (devtools registered probe_select)
+from probe_select.probes.checkpoints import checkpoint_step  # noqa: E402
 
 import numpy as np  # noqa: E402
 import torch  # noqa: E402
@@ -399,7 +400,7 @@ def choose_demo_scorers(families: list[str], results_dir: Path) -> dict:
                  row["x0_preview"]["val_within"], res.get("best_learned", "probe"),
                  row[res.get("best_learned", "probe")]["val_within"], res["demo_scorer"])
     saved["command"] = followed_by(saved, f"--choose-demo-scorer --families {' '.join(families)}")
-    path.write_text(json.dumps(saved, indent=2, default=float) + "\n")
+    atomic_write_text(path, json.dumps(saved, indent=2, default=float) + "\n")
     return saved
 
 
@@ -649,7 +650,7 @@ def add_ablations(families: list[str], results_dir: Path) -> dict:
     for family in families:
         saved["families"][family]["ablation"] = ablation(family, setting, CACHE / f"{family}_train",
                                                          CACHE / f"{family}_heldout")
-        path.write_text(json.dumps(saved, indent=2, default=float) + "\n")     # each family as soon as it is done
+        atomic_write_text(path, json.dumps(saved, indent=2, default=float) + "\n")  # each family as soon as done
     return saved
 
 
@@ -786,7 +787,7 @@ def add_bulk_curves(families: list[str], setting: Setting, results_dir: Path) ->
         target = training_target(held_ds.manifest)
         curves[family] = bulk_learning_curve(family, setting, held_ds, target)
     out = {"setting": setting_json, "families": curves}
-    path.write_text(json.dumps(out, indent=2, default=float) + "\n")
+    atomic_write_text(path, json.dumps(out, indent=2, default=float) + "\n")
     return out
 
 
@@ -1059,7 +1060,7 @@ def write_report(results: dict, setting: Setting, command: str, images: list[str
         "- Core figures on a 25 M-parameter SD1 UNet (tap overhead, probe latency, split/resume exactness): "
         "bench/results/core.md.", ""]
     lines += [f"![{name}]({name})" for name in images]
-    (RESULTS / "REPORT.md").write_text("\n".join(lines) + "\n")
+    atomic_write_text(RESULTS / "REPORT.md", "\n".join(lines) + "\n")
 
 
 def parse_lane(text: str) -> tuple[int, int]:
@@ -1168,7 +1169,7 @@ def main(argv=None) -> dict:
     command = "bench/proxy_bench.py " + " ".join(argv if argv is not None else sys.argv[1:])
     results["command"] = command
     # the figures first: they took the time; the report is rewritten from them with --report-only
-    (RESULTS / "proxy_bench.json").write_text(json.dumps(results, indent=2, default=float) + "\n")
+    atomic_write_text(RESULTS / "proxy_bench.json", json.dumps(results, indent=2, default=float) + "\n")
     write_report(results, setting, command, plots(results, setting))
     log.info("wrote %s", RESULTS / "REPORT.md")
     return results

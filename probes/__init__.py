@@ -10,12 +10,12 @@ finished. This package never imports ComfyUI; the nodes in ``nodes/`` call into 
 - :mod:`.model`: :class:`ProbeConfig`, :class:`Probe`, :func:`build_probe`.
 - :mod:`.io`: self-describing safetensors probe files.
 - :mod:`.scoring`: compatibility checks and :func:`score_candidates`.
-- :mod:`.atomic`: :func:`atomic_write` for any file the pack writes.
+- :mod:`.atomic`: :func:`atomic_write` (and :func:`atomic_write_text`) for any file the pack writes.
 - :mod:`.checkpoints`: the one rule from a requested fraction of the sampling to a stored checkpoint.
 - :mod:`.evaluators`: image evaluators (the scores probes learn to predict).
 - :mod:`.training`: datasets, losses, metrics, the trainer and evaluation (see its ``__init__``).
 """
-from .atomic import atomic_write
+from .atomic import atomic_write, atomic_write_text
 from .features import FEATURE_DTYPE, ActivationSeries, ActivationSet, pool_feature_map, tokens_to_grid
 from .io import (
     FORMAT_NAME,
@@ -49,6 +49,7 @@ __all__ = [
     "load_probe",
     "read_probe_metadata",
     "atomic_write",
+    "atomic_write_text",
     "ProbeCompatibilityError",
     "CandidateScores",
     "check_compatible",

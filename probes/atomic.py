@@ -8,7 +8,7 @@ import secrets
 from pathlib import Path
 from typing import Callable, Union
 
-__all__ = ["atomic_write", "fsync_directory"]
+__all__ = ["atomic_write", "atomic_write_text", "fsync_directory"]
 
 logger = logging.getLogger(__name__)
 
@@ -61,6 +61,12 @@ def atomic_write(path: Union[str, os.PathLike], write_fn: Callable[[Path], None]
         raise
     fsync_directory(directory)
     return path
+
+
+def atomic_write_text(path: Union[str, os.PathLike], text: str, encoding: str = "utf-8") -> Path:
+    """Write ``text`` to ``path`` atomically (:func:`atomic_write`): a report or a results file that took
+    hours to compute is never left half-written by an interrupted run."""
+    return atomic_write(path, lambda temp: temp.write_text(text, encoding=encoding))
 
 
 def fsync_directory(directory: Path) -> None:

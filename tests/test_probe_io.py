@@ -9,7 +9,7 @@ import torch
 from safetensors import safe_open
 from safetensors.torch import load_file, save_file
 
-from probe_select.probes import atomic_write
+from probe_select.probes import atomic_write, atomic_write_text
 from probe_select.probes.io import (
     FORMAT_NAME,
     FORMAT_VERSION,
@@ -280,6 +280,18 @@ def test_atomic_write_success_replaces(tmp_path):
     assert atomic_write(target, lambda temp_path: temp_path.write_bytes(b"new content")) == target
     assert target.read_bytes() == b"new content"
     assert [p.name for p in tmp_path.iterdir()] == ["shard.bin"]
+
+
+def test_atomic_write_text_replaces_whole_or_not_at_all(tmp_path, monkeypatch):
+    target = tmp_path / "REPORT.md"
+    target.write_text("old report\n")
+    assert atomic_write_text(target, "new report \u2264 0.5\n") == target
+    assert target.read_text(encoding="utf-8") == "new report \u2264 0.5\n"
+    # text that cannot be encoded fails before the rename: the old report stays, no temporary file is left
+    with pytest.raises(UnicodeEncodeError):
+        atomic_write_text(target, "caf\u00e9", encoding="ascii")
+    assert target.read_text(encoding="utf-8") == "new report \u2264 0.5\n"
+    assert [p.name for p in tmp_path.iterdir()] == ["REPORT.md"]
 
 
 def test_atomic_write_gives_the_usual_permissions(tmp_path):

@@ -49,6 +49,7 @@ from bench.proxy_world.evaluator import SHAPE_FLOOR, score_terms  # noqa: E402
 from bench.proxy_world.grammar import parse_prompt  # noqa: E402
 from bench.proxy_world.train_models import prompt_split  # noqa: E402
 import tools  # noqa: E402,F401  (registers the package probe_select: the library's one import name)
+from probe_select.probes.atomic import atomic_write_text  # noqa: E402
 from probe_select.probes.analysis.noise_levels import NoiseLevel, noise_level_at_fraction  # noqa: E402
 from probe_select.probes.analysis.schedules import FLOW, VP  # noqa: E402
 from probe_select.probes.training.metrics import bootstrap_ci, per_group_spearman  # noqa: E402
@@ -413,7 +414,7 @@ def main(argv=None) -> int:
     torch.set_num_threads(args.threads)
     if args.markdown_only:
         results = json.loads(args.out.with_suffix(".json").read_text())
-        args.out.with_suffix(".md").write_text(_markdown(results, results["command"]))
+        atomic_write_text(args.out.with_suffix(".md"), _markdown(results, results["command"]))
         return 0
     families = args.family or list(models.FAMILIES)
     floors = [float(v) for v in args.shape_floors.split(",") if v.strip()]
@@ -467,8 +468,8 @@ def main(argv=None) -> int:
         kept = {fam: {"command": old.get("command"), **r} for fam, r in old["families"].items()}
         results["families"] = merge_families(kept, results["families"])
     args.out.parent.mkdir(parents=True, exist_ok=True)
-    args.out.with_suffix(".json").write_text(json.dumps(results, indent=2) + "\n")
-    args.out.with_suffix(".md").write_text(_markdown(results, command))
+    atomic_write_text(args.out.with_suffix(".json"), json.dumps(results, indent=2) + "\n")
+    atomic_write_text(args.out.with_suffix(".md"), _markdown(results, command))
     log.info("wrote %s.{md,json}", args.out)
     return 0
 

@@ -358,7 +358,9 @@ def evaluate_family(family: str, setting: Setting, train_dir: Path, heldout_dir:
             "learning_curve": learning_curve(family, setting, train_ds, held_ds, best, train_target, t02,
                                              rows[t02][best]),
             "bulk_learning_curve": bulk_learning_curve(family, setting, held_ds, train_target) if BULK_CURVE else {},
-            "equal_compute": equal_compute(family, setting, predictions, finals, groups, best)}
+            "equal_compute": equal_compute(family, setting,
+                                           {name: predictions[name] for name in ("x0_preview", *LEARNED)},
+                                           finals, groups, best)}
 
 
 def preview_validation(train_ds, t: float) -> float:
@@ -460,6 +462,11 @@ def finished_point(path: Path, held_ds, count: int, overrides: dict, setting: Se
             "probe": within_ci(evaluation.predicted, evaluation.actual, evaluation.group, setting.bootstrap)}
 
 
+def bulk_probe_file(family: str, scorer: str, train_prompts: int) -> Path:
+    """Where the bulk curve keeps the probe of one of its points."""
+    return CACHE / "bulk_curve" / f"{family}_{scorer}_{train_prompts}.safetensors"
+
+
 def bulk_learning_curve(family: str, setting: Setting, held_ds, target: str) -> dict:
     """Every learned scorer at t = 0.2 trained on growing prefixes of the bulk training set (``--collect-only
     bulk``, up to >= 10,000 training rows), each scored on the held-out prompts; {} when it was not collected."""
@@ -476,7 +483,7 @@ def bulk_learning_curve(family: str, setting: Setting, held_ds, target: str) -> 
     for scorer, overrides in LEARNED.items():
         points = []
         for count in sorted({min(c, available) for c in BULK_CURVE_PROMPTS}):
-            out = CACHE / "bulk_curve" / f"{family}_{scorer}_{count}.safetensors"
+            out = bulk_probe_file(family, scorer, count)
             row = finished_point(out, held_ds, count, overrides, setting)
             if row is None:
                 row, _ = train_and_evaluate(bulk, held_ds, BULK_CHECKPOINT, out, setting, target,
@@ -487,7 +494,41 @@ def bulk_learning_curve(family: str, setting: Setting, held_ds, target: str) -> 
                                       best_epoch=row["best_epoch"], train_seconds=row["train_seconds"]))
             log.info("  %s bulk curve %s: %d rows -> %.3f", family, scorer, row["train_rows"], row["probe"]["within"])
         curves[scorer] = points
-    return {"rows": len(bulk.prompt_ids), "prompts": available, "epochs": BULK_EPOCHS, "curves": curves}
+    return {"rows": len(bulk.prompt_ids), "prompts": available, "epochs": BULK_EPOCHS, "curves": curves,
+            "equal_compute": bulk_equal_compute(family, setting, held_ds, curves)}
+
+
+def bulk_scorer_name(scorer: str, train_rows: int) -> str:
+    """How the equal-compute figures name a scorer trained on the bulk set's largest point."""
+    return f"{scorer} on {train_rows} bulk rows"
+
+
+def bulk_equal_compute(family: str, setting: Setting, held_ds, curves: dict) -> dict:
+    """Does more data make the learned scorer pay? The bulk curve's largest point, the scorer validation
+    favours there, at equal compute on the held-out prompts: pruning once at t = 0.2 with it, and in two stages
+    (t = 0.2 with it, t = 0.4 with the main run's scorer of the same kind: the bulk set has t = 0.2 only).
+    Its curves go beside the main run's in the report; {} when the main run's t = 0.4 probe is not cached."""
+    from probe_select.probes.io import load_probe
+    from probe_select.probes.training.evaluation import evaluate_probe_on
+
+    largest = {scorer: points[-1] for scorer, points in curves.items()}
+    best = max(largest, key=lambda scorer: np.nan_to_num(largest[scorer]["val_within"], nan=-np.inf))
+    stage_probes = {BULK_CHECKPOINT: bulk_probe_file(family, best, largest[best]["train_prompts"]),
+                    0.4: CACHE / probe_file_name(family, best, 0.4)}
+    if 0.4 not in setting.checkpoints or not all(path.exists() for path in stage_probes.values()):
+        return {}
+    learned = {}
+    for t, path in stage_probes.items():
+        probe, meta = load_probe(path)
+        learned[t] = np.asarray(evaluate_probe_on(probe, meta, held_ds.arrays(checkpoint_t=t, evaluator=EVALUATOR))
+                                .predicted, dtype=np.float64)
+    finals = held_ds.scores(EVALUATOR).double().numpy()
+    groups = held_ds.arrays(checkpoint_t=BULK_CHECKPOINT, evaluator=EVALUATOR).prompt_groups().numpy()
+    preview = {t: held_ds.scores(f"x0@{t:g}").double().numpy() for t in (0.2, 0.4)}
+    name = bulk_scorer_name(best, largest[best]["train_rows"])
+    eq = equal_compute(family, dataclasses.replace(setting, checkpoints=(0.2, 0.4)),
+                       {"x0_preview": preview, name: learned}, finals, groups, best)
+    return dict(eq, scorer=name)
 
 
 # Prices in step-equivalents (1 = one denoiser step of one candidate, CFG included) of what the real
@@ -535,12 +576,12 @@ def equal_compute(family: str, setting: Setting, predictions: dict, finals: np.n
     steps = setting.steps
     ts = [t for t in setting.checkpoints if t in (0.2, 0.4)]
     order = list(dict.fromkeys(groups.tolist()))
-    scorers = {name: predictions[name] for name in ("x0_preview", *LEARNED)}
+    scorers = dict(predictions)       # x0_preview and learned scorers (any other name is priced as a probe)
     rng = np.random.default_rng(0)
     scorers["random"] = {t: rng.random(len(finals)) for t in ts}
     scorers["oracle"] = {t: finals for t in ts}
     cost_of = {name: StageCosts(score=prices["x0_preview"] if name == "x0_preview" else
-                                prices["probe"] if name in LEARNED else 0.0,
+                                0.0 if name in ("random", "oracle") else prices["probe"],
                                 decode=prices["decode"], final_score=prices["evaluator"]) for name in scorers}
     unit = full_generation_cost(steps, StageCosts(decode=prices["decode"], final_score=prices["evaluator"]))
 
@@ -889,8 +930,11 @@ def equal_compute_summary(results: dict) -> list:
                   "on the other half (best-of-8 there) | best reward at <= 0.5 of best-of-8's compute |",
                   "| --- | --- | --- | --- | --- |"]
         bo8 = eq["best_of_8"]["compute"]
-        for key, points in eq["curves"].items():
-            found = eq["match_best_of_8"].get(key) or []
+        bulk_eq = (res.get("bulk_learning_curve") or {}).get("equal_compute") or {}
+        bulk_rows = {key: points for key, points in bulk_eq.get("curves", {}).items()
+                     if key.endswith(f" / {bulk_eq['scorer']}")}
+        for key, points in {**eq["curves"], **bulk_rows}.items():
+            found = (eq["match_best_of_8"].get(key) if key in eq["curves"] else bulk_eq["match_best_of_8"][key]) or []
             within_half = [p for p in points if p["compute"] <= 0.5 * bo8]
             best_half = max((p["reward"] for p in within_half), default=float("nan"))
             if found:
@@ -900,6 +944,10 @@ def equal_compute_summary(results: dict) -> list:
             else:
                 frac, chosen, judged = "never", "-", "-"
             lines.append(f"| {key} | {frac} | {chosen} | {judged} | {best_half:.4f} |")
+        if bulk_rows:
+            lines += ["", f"'{bulk_eq['scorer']}': the learned scorer validation favours at the largest point of the "
+                      "learning curve on more data (below), trained on the bulk set at t=0.2; its two-stage rows "
+                      "score t=0.4 with the main run's scorer of the same kind (the bulk set has t=0.2 only)."]
         lines.append("")
     return lines
 

@@ -72,6 +72,18 @@ def test_proxy_bench_quick_writes_a_report(pack, tmp_path, monkeypatch):
         assert [p["train_rows"] for p in points] == [6, 12]
         assert all(math.isnan(p["within"]) if undefined else -1.0 <= p["within"] <= 1.0 for p in points)
     assert "Learning curve on more data" in report and "| prompt-conditioned x0-latent probe |" in report
+    # the largest point's scorer (by validation) at equal compute, beside the main run's scorers
+    bulk_eq = bulk["equal_compute"]
+    largest = {scorer: points[-1]["val_within"] for scorer, points in bulk["curves"].items()}
+    chosen = max(largest, key=lambda scorer: -math.inf if math.isnan(largest[scorer]) else largest[scorer])
+    assert bulk_eq["scorer"] == f"{chosen} on 12 bulk rows"
+    assert bulk_eq["best_of_8"] == unet["equal_compute"]["best_of_8"]      # the same held-out prompts and seeds
+    once, twice = (f"{method} / {bulk_eq['scorer']}" for method in ("one stage at 0.2", "two stages (0.2, 0.4)"))
+    # priced like every learned scorer: the same schedules cost what the main run's x0-latent probe's cost
+    for key, main_key in ((once, "one stage at 0.2 / x0_probe"), (twice, "two stages (0.2, 0.4) / x0_probe")):
+        assert [(p["schedule"], p["compute"]) for p in bulk_eq["curves"][key]] == [
+            (p["schedule"], p["compute"]) for p in unet["equal_compute"]["curves"][main_key]]
+        assert f"| {key} |" in report
     # the bulk curve can also be added to a saved run afterwards (the bulk set takes an hour to collect)
     again = proxy_bench.main([*common, "--bulk-curve-only"])
     saved_curve = json.loads((tmp_path / "results" / "proxy_bulk_curve.json").read_text())["families"]["unet"]

@@ -528,7 +528,11 @@ def bulk_equal_compute(family: str, setting: Setting, held_ds, curves: dict) -> 
     name = bulk_scorer_name(best, largest[best]["train_rows"])
     eq = equal_compute(family, dataclasses.replace(setting, checkpoints=(0.2, 0.4)),
                        {"x0_preview": preview, name: learned}, finals, groups, best)
-    return dict(eq, scorer=name)
+    # Kept: the rows that read the bulk-trained probe (best-of-N, the x0 preview, random and the oracle are the
+    # main run's rows; pruning once at t = 0.4 would not read that probe at all).
+    reads_it = [key for key in eq["curves"] if key.endswith(f" / {name}") and not key.startswith("one stage at 0.4")]
+    return dict(eq, scorer=name, curves={key: eq["curves"][key] for key in reads_it},
+                match_best_of_8={key: eq["match_best_of_8"][key] for key in reads_it})
 
 
 # Prices in step-equivalents (1 = one denoiser step of one candidate, CFG included) of what the real
@@ -828,6 +832,18 @@ def add_bulk_curves(families: list[str], setting: Setting, results_dir: Path) ->
         target = training_target(held_ds.manifest)
         curves[family] = bulk_learning_curve(family, setting, held_ds, target)
     out = {"setting": setting_json, "families": curves}
+    # the saved run's own copy of each curve (a run with the bulk curve holds one) would hide the new one
+    run_path = results_dir / "proxy_bench.json"
+    if run_path.exists():
+        run = json.loads(run_path.read_text())
+        stale = [family for family in families if run.get("setting") == setting_json
+                 and run["families"].get(family, {}).get("bulk_learning_curve")]
+        for family in stale:
+            run["families"][family]["bulk_learning_curve"] = curves[family]
+        if stale:
+            size = "--quick " if setting == QUICK else "--medium " if setting == MEDIUM else ""
+            run["command"] = followed_by(run, f"{size}--bulk-curve-only --families {' '.join(families)}")
+            atomic_write_text(run_path, json.dumps(run, indent=2, default=float) + "\n")
     atomic_write_text(path, json.dumps(out, indent=2, default=float) + "\n")
     return out
 
@@ -931,8 +947,7 @@ def equal_compute_summary(results: dict) -> list:
                   "| --- | --- | --- | --- | --- |"]
         bo8 = eq["best_of_8"]["compute"]
         bulk_eq = (res.get("bulk_learning_curve") or {}).get("equal_compute") or {}
-        bulk_rows = {key: points for key, points in bulk_eq.get("curves", {}).items()
-                     if key.endswith(f" / {bulk_eq['scorer']}")}
+        bulk_rows = bulk_eq.get("curves", {})
         for key, points in {**eq["curves"], **bulk_rows}.items():
             found = (eq["match_best_of_8"].get(key) if key in eq["curves"] else bulk_eq["match_best_of_8"][key]) or []
             within_half = [p for p in points if p["compute"] <= 0.5 * bo8]
@@ -1111,6 +1126,17 @@ def write_report(results: dict, setting: Setting, command: str, images: list[str
     atomic_write_text(RESULTS / "REPORT.md", "\n".join(lines) + "\n")
 
 
+def rewrite_report() -> dict:
+    """REPORT.md again from the saved run (proxy_bench.json) and the saved bulk curves; returns the run."""
+    _modules()
+    saved = json.loads((RESULTS / "proxy_bench.json").read_text())
+    saved["families"] = {family: restore_keys(res) for family, res in saved["families"].items()}
+    attach_bulk_curves(saved, RESULTS)
+    setting = saved_setting(saved)
+    write_report(saved, setting, saved.get("command", "make bench-proxy"), plots(saved, setting))
+    return saved
+
+
 def parse_lane(text: str) -> tuple[int, int]:
     """'I/N' -> (I, N), 1 <= I <= N: one of N collection lanes."""
     match = re.fullmatch(r"\s*(\d+)\s*/\s*(\d+)\s*", text)
@@ -1134,7 +1160,8 @@ def main(argv=None) -> dict:
     parser.add_argument("--skip-bulk-curve", action="store_true",
                         help="leave out the learning curve on the bulk set (add it later with --bulk-curve-only)")
     parser.add_argument("--bulk-curve-only", action="store_true",
-                        help="add the bulk learning curve to the saved run (proxy_bench.json) and rewrite the report")
+                        help="add the bulk learning curve to the saved run (proxy_bulk_curve.json, and proxy_bench.json "
+                             "when it holds an older one) and rewrite the report")
     parser.add_argument("--ablation-only", action="store_true",
                         help="train the probe variants at t=0.2 (ablations) for the saved run, on its cached datasets, "
                              "and rewrite the report")
@@ -1159,19 +1186,16 @@ def main(argv=None) -> dict:
         CACHE = args.cache
         add_ablations(args.families, args.out)
     if args.report_only or args.choose_demo_scorer or args.ablation_only:
-        _modules()
-        saved = json.loads((args.out / "proxy_bench.json").read_text())
-        saved["families"] = {family: restore_keys(res) for family, res in saved["families"].items()}
-        attach_bulk_curves(saved, args.out)
-        setting = saved_setting(saved)
         RESULTS = args.out
-        write_report(saved, setting, saved.get("command", "make bench-proxy"), plots(saved, setting))
-        return saved
+        return rewrite_report()
     logging.basicConfig(level=logging.INFO, format="%(message)s")
     setting = QUICK if args.quick else MEDIUM if args.medium else FULL
     RESULTS, CACHE, UNTRAINED, BULK_CURVE = args.out, args.cache, args.untrained, not args.skip_bulk_curve
     if args.bulk_curve_only:
-        return add_bulk_curves(args.families, setting, args.out)
+        curves = add_bulk_curves(args.families, setting, args.out)
+        if (RESULTS / "proxy_bench.json").exists():
+            rewrite_report()
+        return curves
     RESULTS.mkdir(parents=True, exist_ok=True)
     CACHE.mkdir(parents=True, exist_ok=True)
     _, grammar, _, _ = _modules()

@@ -84,6 +84,7 @@ def test_proxy_bench_quick_writes_a_report(pack, tmp_path, monkeypatch):
         assert [(p["schedule"], p["compute"]) for p in bulk_eq["curves"][key]] == [
             (p["schedule"], p["compute"]) for p in unet["equal_compute"]["curves"][main_key]]
         assert f"| {key} |" in report
+    assert f"one stage at 0.4 / {bulk_eq['scorer']}" not in bulk_eq["curves"]      # it would not read that probe
     # the bulk curve can also be added to a saved run afterwards (the bulk set takes an hour to collect)
     again = proxy_bench.main([*common, "--bulk-curve-only"])
     saved_curve = json.loads((tmp_path / "results" / "proxy_bulk_curve.json").read_text())["families"]["unet"]
@@ -96,6 +97,7 @@ def test_proxy_bench_quick_writes_a_report(pack, tmp_path, monkeypatch):
         assert all(p["train_seconds"] is None for p in points)
     # ... and the report rewritten from the saved figures alone is the same report
     written = (tmp_path / "results" / "REPORT.md").read_text()
+    assert "; then bench/proxy_bench.py --quick --bulk-curve-only --families unet`" in written    # rewritten by it
     proxy_bench.main([*common, "--report-only"])
     rewritten = (tmp_path / "results" / "REPORT.md").read_text()
     assert re.sub(r"Generated [^.]*\.", "", rewritten) == re.sub(r"Generated [^.]*\.", "", written)

@@ -12,7 +12,7 @@ PYTEST_ARGS ?=
 # TEST_WORKERS= runs it in one process.
 TEST_WORKERS ?= -n 2 --dist loadfile --no-loadscope-reorder
 
-.PHONY: setup test test-fast bench bench-core bench-flops bench-noise-levels bench-sd15 bench-streaming bench-proxy bench-proxy-bulk proxy-models demo lint package clean mutation pictures
+.PHONY: setup test test-fast bench bench-core bench-flops bench-noise-levels bench-sd15 bench-streaming bench-proxy bench-proxy-bulk bench-preview-reward proxy-models demo lint package clean mutation pictures
 
 setup:
 	@bash scripts/setup_env.sh
@@ -105,6 +105,12 @@ bench-proxy-bulk: proxy-models
 	  $(PY) bench/proxy_bench.py $(PROXY_BENCH_ARGS) --families $$family --collect-only bulk --lane 2/2 & lane2=$$!; \
 	  wait $$lane1; wait $$lane2; \
 	done
+
+# A noise-aware preview reward (the real-model analogue: a reward model fine-tuned on noisy previews): the
+# evaluator's factors on the x0 preview, re-weighted on the training prompts' previews; reads bench-proxy's
+# cached datasets -> bench/results/preview_reward.md (about a minute).
+bench-preview-reward: setup
+	$(PY) bench/preview_reward.py
 
 demo: proxy-models
 	$(PY) bench/demo.py

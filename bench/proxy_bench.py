@@ -565,7 +565,7 @@ def compute_schedules(max_n: int) -> dict:
 
 
 def equal_compute(family: str, setting: Setting, predictions: dict, finals: np.ndarray, groups: np.ndarray,
-                  best: str) -> dict:
+                  best: str, previews: tuple = ("x0_preview",)) -> dict:
     """Mean kept reward against compute for every method and scorer, on the held-out prompts' recorded scores.
 
     Compute counts denoiser steps, the scorer at each pruning stage, the decode of every finished
@@ -573,7 +573,8 @@ def equal_compute(family: str, setting: Setting, predictions: dict, finals: np.n
     family (:func:`step_prices`), in full generations (best-of-1 = 1). The headline is the compute at which
     each method first matches best-of-8's mean reward; the cheapest such schedule is chosen on one half of
     the prompts and its reward and compute are reported on the other half (and the other way round), so
-    the choice never sees the prompts it is judged on."""
+    the choice never sees the prompts it is judged on. ``previews``: the scorers that decode the x0 preview and
+    run the evaluator on it (priced so); every other scorer but random and the oracle is priced as a probe."""
     from probe_select.probes.pruning import (ScoreTable, StageCosts, full_generation_cost, mean_kept_reward,
                                              parse_schedule, schedule_cost)
     prices = step_prices(family)
@@ -584,7 +585,7 @@ def equal_compute(family: str, setting: Setting, predictions: dict, finals: np.n
     rng = np.random.default_rng(0)
     scorers["random"] = {t: rng.random(len(finals)) for t in ts}
     scorers["oracle"] = {t: finals for t in ts}
-    cost_of = {name: StageCosts(score=prices["x0_preview"] if name == "x0_preview" else
+    cost_of = {name: StageCosts(score=prices["x0_preview"] if name in previews else
                                 0.0 if name in ("random", "oracle") else prices["probe"],
                                 decode=prices["decode"], final_score=prices["evaluator"]) for name in scorers}
     unit = full_generation_cost(steps, StageCosts(decode=prices["decode"], final_score=prices["evaluator"]))

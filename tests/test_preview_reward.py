@@ -1,0 +1,74 @@
+"""The noise-aware preview reward (bench/preview_reward.py): its features are the evaluator's own factors, and its
+ranker learns which of them rank a prompt's rows."""
+import sys
+
+import numpy as np
+import pytest
+import torch
+
+from conftest import ROOT
+
+
+@pytest.fixture(scope="module")
+def preview_reward(pack):
+    sys.path.append(str(ROOT / "bench"))     # after ComfyUI: the pack's nodes/ must not shadow ComfyUI's nodes
+    import preview_reward
+    return preview_reward
+
+
+class StoredRows:
+    """What preview_features reads of a dataset: its prompts and each row's x0 latent at a checkpoint."""
+
+    def __init__(self, latents: torch.Tensor, prompts: list[str]):
+        self.latents, self.prompts = latents, prompts
+
+    def x0(self, t: float) -> torch.Tensor:
+        return self.latents
+
+
+@pytest.mark.parametrize("family", ["unet", "dit"])
+def test_features_are_the_evaluators_factors_of_the_decoded_preview(preview_reward, family):
+    from bench.proxy_world import evaluator, grammar, models
+    from bench.proxy_world.render import render_batch
+
+    prompts = ["a red circle left of a blue square", "two green triangles", "a white cross above a yellow circle"]
+    images = render_batch([grammar.parse_prompt(p) for p in prompts], rng=[0, 1, 2])
+    features, scores = preview_reward.preview_features(StoredRows(models.image_to_latent(images, family), prompts),
+                                                       family, 0.2)
+    terms = evaluator.score_terms(images, [grammar.parse_prompt(p) for p in prompts])
+    assert features.shape == (3, len(preview_reward.FEATURES))
+    np.testing.assert_allclose(scores, terms["score"].numpy(), rtol=1e-4, atol=1e-6)
+    # the score is the product of the six factors: their logs add up to its log
+    factors = [preview_reward.FEATURES.index(name) for name in preview_reward.TERMS]
+    np.testing.assert_allclose(features[:, factors].sum(1), np.log(scores), rtol=1e-4)
+    np.testing.assert_allclose(features[:, preview_reward.FEATURES.index("fill")], terms["fill"].numpy(), rtol=1e-4)
+
+
+def test_within_pairs_orders_rows_of_one_prompt_only(preview_reward):
+    target = np.array([0.1, 0.5, 0.3, 0.9, 0.9])
+    groups = np.array([0, 0, 0, 1, 1])
+    better, worse = preview_reward.within_pairs(target, groups)
+    assert sorted(zip(better.tolist(), worse.tolist())) == [(1, 0), (1, 2), (2, 0)]     # the tie makes no pair
+
+
+def test_ranker_finds_the_feature_that_ranks_a_prompts_rows(preview_reward):
+    rng = np.random.default_rng(0)
+    prompts, rows = 60, 8
+    groups = np.repeat(np.arange(prompts), rows)
+    features = rng.normal(size=(prompts * rows, len(preview_reward.FEATURES)))
+    relation = preview_reward.FEATURES.index("relation")
+    # a prompt-level offset on another feature moves every row of a prompt alike: it must not be learned
+    features[:, 0] += 5.0 * np.repeat(rng.normal(size=prompts), rows)
+    target = features[:, relation] + 0.1 * rng.normal(size=len(groups)) + np.repeat(rng.normal(size=prompts), rows)
+    fit, held = groups < 40, groups >= 40
+    ranker = preview_reward.fit_ranker(features[fit], target[fit], groups[fit])
+    assert preview_reward.within(ranker(features[held]), target[held], groups[held]) > 0.9
+    weights = ranker.weights()
+    assert max(weights, key=lambda name: abs(weights[name])) == "relation" and weights["relation"] > 0
+    mlp = preview_reward.fit_ranker(features[fit], target[fit], groups[fit], hidden=16)
+    assert mlp.weights() == {} and preview_reward.within(mlp(features[held]), target[held], groups[held]) > 0.8
+
+
+def test_ranker_refuses_targets_with_nothing_to_rank(preview_reward):
+    with pytest.raises(ValueError, match="nothing to rank"):
+        preview_reward.fit_ranker(np.ones((4, 9)), np.array([1.0, 1.0, 2.0, 2.0]), np.array([0, 0, 1, 1]))

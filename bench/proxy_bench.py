@@ -478,6 +478,13 @@ def bulk_learning_curve(family: str, setting: Setting, held_ds, target: str) -> 
     bulk = ProbeDataset(bulk_dir)
     channels = bulk.manifest.feature_shape[0]
     available = len(set(bulk.prompt_ids))
+    if available < BULK_PROMPTS:
+        # The curve's points are prefixes of the set in shard order, and each lane's shards grow in place: a
+        # partial set's points would be other prompts than the finished set's, and their cached probes would be
+        # taken for the finished set's points.
+        log.warning("  %s: the bulk set has %d of its %d prompts; finish it (--collect-only bulk, resumable) before "
+                    "its learning curve", family, available, BULK_PROMPTS)
+        return {}
     (CACHE / "bulk_curve").mkdir(parents=True, exist_ok=True)
     curves = {}
     for scorer, overrides in LEARNED.items():
@@ -828,16 +835,20 @@ def add_bulk_curves(families: list[str], setting: Setting, results_dir: Path) ->
     saved = json.loads(path.read_text()) if path.exists() else {}
     setting_json = json.loads(json.dumps(setting.__dict__))
     curves = saved.get("families", {}) if saved.get("setting") == setting_json else {}
+    renewed = []              # families with a new curve (an unfinished bulk set gives none: the saved one stays)
     for family in families:
         held_ds = ProbeDataset(CACHE / f"{family}_heldout")
         target = training_target(held_ds.manifest)
-        curves[family] = bulk_learning_curve(family, setting, held_ds, target)
+        curve = bulk_learning_curve(family, setting, held_ds, target)
+        if curve:
+            curves[family] = curve
+            renewed.append(family)
     out = {"setting": setting_json, "families": curves}
     # the saved run's own copy of each curve (a run with the bulk curve holds one) would hide the new one
     run_path = results_dir / "proxy_bench.json"
     if run_path.exists():
         run = json.loads(run_path.read_text())
-        stale = [family for family in families if run.get("setting") == setting_json
+        stale = [family for family in renewed if run.get("setting") == setting_json
                  and run["families"].get(family, {}).get("bulk_learning_curve")]
         for family in stale:
             run["families"][family]["bulk_learning_curve"] = curves[family]

@@ -96,6 +96,12 @@ def test_proxy_bench_quick_writes_a_report(pack, tmp_path, monkeypatch):
     proxy_bench.main([*common, "--report-only"])
     rewritten = (tmp_path / "results" / "REPORT.md").read_text()
     assert re.sub(r"Generated [^.]*\.", "", rewritten) == re.sub(r"Generated [^.]*\.", "", written)
+    # a bulk set that lacks prompts (an unfinished collection) gives no curve: the saved one stays as it was
+    monkeypatch.setattr(proxy_bench, "BULK_PROMPTS", 11)
+    curve_file = (tmp_path / "results" / "proxy_bulk_curve.json").read_text()
+    assert proxy_bench.bulk_learning_curve("unet", proxy_bench.QUICK, None, "proxy_log") == {}
+    assert proxy_bench.main([*common, "--bulk-curve-only"])["families"]["unet"] == saved_curve
+    assert (tmp_path / "results" / "proxy_bulk_curve.json").read_text() == curve_file
     curve = unet["learning_curve"]
     assert len(curve) == 4 and [p["train_rows"] for p in curve] == sorted(p["train_rows"] for p in curve)
     assert curve[0]["train_rows"] < curve[-1]["train_rows"]

@@ -1260,4 +1260,7 @@ def main(argv=None) -> dict:
 
 
 if __name__ == "__main__":
+    from devtools import bootstrap_comfy
+
+    bootstrap_comfy(pytorch_attention=True)   # hours of sampling: PyTorch's attention (see bootstrap_comfy)
     main()

@@ -81,10 +81,12 @@ QUICK = Setting(train_prompts=16, heldout_prompts=8, train_seeds=4, heldout_seed
                 checkpoints=(0.2, 0.4), epochs=2, feature_size=4, bootstrap=50, cost_repeats=1)
 
 
-# The learning curve's bulk training set (``--collect-only bulk``): rows at t = 0.2 only, enough prompts that
-# the largest point trains on >= 10,000 rows once 10% of the prompts are held for validation. The probes are
-# judged on the held-out dataset, so the bulk set needs no test split of its own.
+# The learning curve's bulk training set (``--collect-only bulk``): enough prompts that the largest point trains
+# on >= 10,000 rows once 10% of the prompts are held for validation. The probes are judged on the held-out
+# dataset, so the bulk set needs no test split of its own. The curve is at t = 0.2; the rows also hold t = 0.4
+# (free: the candidates pass it on their way to the end) for the second stage of two-stage pruning.
 BULK_PROMPTS, BULK_SEEDS, BULK_CHECKPOINT = 940, 12, 0.2      # 11,280 rows: 846 train prompts, 10,152 rows
+BULK_SECOND_STAGE = 0.4
 BULK_SPLIT = (0.9, 0.1, 0.0)
 
 UNTRAINED = False     # --untrained: random-initialised proxy models (smoke tests of the pipeline only)
@@ -440,7 +442,7 @@ BULK_CURVE_PROMPTS = (96, 212, 423, 846)          # of the train split: 1,152 to
 BULK_EPOCHS = 12
 
 
-def finished_point(path: Path, held_ds, count: int, overrides: dict, setting: Setting):
+def finished_point(path: Path, held_ds, count: int, overrides: dict, setting: Setting, t: float = BULK_CHECKPOINT):
     """A learning-curve point whose training already finished (its probe file says so, for the same prompts,
     epochs and inputs), scored on the held-out prompts again instead of trained again; None otherwise."""
     from probe_select.probes.io import load_probe
@@ -455,16 +457,17 @@ def finished_point(path: Path, held_ds, count: int, overrides: dict, setting: Se
             or info.get("data", {}).get("train_prompts") != count or meta.config.inputs != wanted.inputs
             or meta.config.text_film != wanted.text_film):
         return None
-    evaluation = evaluate_probe_on(probe, meta, held_ds.arrays(checkpoint_t=BULK_CHECKPOINT, evaluator=EVALUATOR))
+    evaluation = evaluate_probe_on(probe, meta, held_ds.arrays(checkpoint_t=t, evaluator=EVALUATOR))
     log.info("  %s: finished training found, scored again", path.name)
     return {"train_rows": info["data"]["train_rows"], "val_within": _float_or_nan(info["val"]["within_spearman"]),
             "best_epoch": info["best_epoch"], "train_seconds": None,
             "probe": within_ci(evaluation.predicted, evaluation.actual, evaluation.group, setting.bootstrap)}
 
 
-def bulk_probe_file(family: str, scorer: str, train_prompts: int) -> Path:
-    """Where the bulk curve keeps the probe of one of its points."""
-    return CACHE / "bulk_curve" / f"{family}_{scorer}_{train_prompts}.safetensors"
+def bulk_probe_file(family: str, scorer: str, train_prompts: int, t: float = BULK_CHECKPOINT) -> Path:
+    """Where the bulk curve keeps the probe of one of its points (and the second stage's probe, at t)."""
+    at = "" if t == BULK_CHECKPOINT else f"_t{t:g}"
+    return CACHE / "bulk_curve" / f"{family}_{scorer}_{train_prompts}{at}.safetensors"
 
 
 def bulk_learning_curve(family: str, setting: Setting, held_ds, target: str) -> dict:
@@ -502,7 +505,7 @@ def bulk_learning_curve(family: str, setting: Setting, held_ds, target: str) -> 
             log.info("  %s bulk curve %s: %d rows -> %.3f", family, scorer, row["train_rows"], row["probe"]["within"])
         curves[scorer] = points
     return {"rows": len(bulk.prompt_ids), "prompts": available, "epochs": BULK_EPOCHS, "curves": curves,
-            "equal_compute": bulk_equal_compute(family, setting, held_ds, curves)}
+            "equal_compute": bulk_equal_compute(family, setting, held_ds, curves, bulk, target)}
 
 
 def bulk_scorer_name(scorer: str, train_rows: int) -> str:
@@ -510,19 +513,29 @@ def bulk_scorer_name(scorer: str, train_rows: int) -> str:
     return f"{scorer} on {train_rows} bulk rows"
 
 
-def bulk_equal_compute(family: str, setting: Setting, held_ds, curves: dict) -> dict:
+def bulk_equal_compute(family: str, setting: Setting, held_ds, curves: dict, bulk=None, target: str = "") -> dict:
     """Does more data make the learned scorer pay? The bulk curve's largest point, the scorer validation
     favours there, at equal compute on the held-out prompts: pruning once at t = 0.2 with it, and in two stages
-    (t = 0.2 with it, t = 0.4 with the main run's scorer of the same kind: the bulk set has t = 0.2 only).
-    Its curves go beside the main run's in the report; {} when the main run's t = 0.4 probe is not cached."""
+    (t = 0.2 with it; t = 0.4 with the same kind of scorer trained on the bulk set's t = 0.4 rows where ``bulk``
+    holds them, else the main run's). Its curves go beside the main run's in the report; {} when that t = 0.4
+    probe is missing."""
     from probe_select.probes.io import load_probe
     from probe_select.probes.training.evaluation import evaluate_probe_on
 
     largest = {scorer: points[-1] for scorer, points in curves.items()}
     best = max(largest, key=lambda scorer: np.nan_to_num(largest[scorer]["val_within"], nan=-np.inf))
-    stage_probes = {BULK_CHECKPOINT: bulk_probe_file(family, best, largest[best]["train_prompts"]),
-                    0.4: CACHE / probe_file_name(family, best, 0.4)}
-    if 0.4 not in setting.checkpoints or not all(path.exists() for path in stage_probes.values()):
+    count = largest[best]["train_prompts"]
+    second_from_bulk = bulk is not None and BULK_SECOND_STAGE in bulk.manifest.checkpoints
+    stage_probes = {BULK_CHECKPOINT: bulk_probe_file(family, best, count),
+                    BULK_SECOND_STAGE: (bulk_probe_file(family, best, count, BULK_SECOND_STAGE) if second_from_bulk
+                                        else CACHE / probe_file_name(family, best, BULK_SECOND_STAGE))}
+    if second_from_bulk and finished_point(stage_probes[BULK_SECOND_STAGE], held_ds, count, LEARNED[best], setting,
+                                           t=BULK_SECOND_STAGE) is None:
+        train_and_evaluate(bulk, held_ds, BULK_SECOND_STAGE, stage_probes[BULK_SECOND_STAGE], setting, target,
+                           probe_config(bulk.manifest.feature_shape[0], setting, **LEARNED[best]),
+                           train_config(setting, epochs=BULK_EPOCHS), use_text=reads_text(LEARNED[best]),
+                           train_prompts=count, fractions=BULK_SPLIT)
+    if BULK_SECOND_STAGE not in setting.checkpoints or not all(path.exists() for path in stage_probes.values()):
         return {}
     learned = {}
     for t, path in stage_probes.items():
@@ -538,7 +551,8 @@ def bulk_equal_compute(family: str, setting: Setting, held_ds, curves: dict) -> 
     # Kept: the rows that read the bulk-trained probe (best-of-N, the x0 preview, random and the oracle are the
     # main run's rows; pruning once at t = 0.4 would not read that probe at all).
     reads_it = [key for key in eq["curves"] if key.endswith(f" / {name}") and not key.startswith("one stage at 0.4")]
-    return dict(eq, scorer=name, curves={key: eq["curves"][key] for key in reads_it},
+    return dict(eq, scorer=name, second_stage="bulk" if second_from_bulk else "main run",
+                curves={key: eq["curves"][key] for key in reads_it},
                 match_best_of_8={key: eq["match_best_of_8"][key] for key in reads_it})
 
 
@@ -974,7 +988,9 @@ def equal_compute_summary(results: dict) -> list:
         if bulk_rows:
             lines += ["", f"'{bulk_eq['scorer']}': the learned scorer validation favours at the largest point of the "
                       "learning curve on more data (below), trained on the bulk set at t=0.2; its two-stage rows "
-                      "score t=0.4 with the main run's scorer of the same kind (the bulk set has t=0.2 only)."]
+                      + ("score t=0.4 with the same kind of scorer trained on the bulk set's t=0.4 rows."
+                         if bulk_eq.get("second_stage") == "bulk" else
+                         "score t=0.4 with the main run's scorer of the same kind (the bulk set has t=0.2 only).")]
         lines.append("")
     return lines
 
@@ -1219,7 +1235,7 @@ def main(argv=None) -> dict:
         train_dir, held_dir = CACHE / f"{family}_train", CACHE / f"{family}_heldout"
         if args.collect_only == "bulk":
             collect(family, train_prompts[:BULK_PROMPTS], BULK_SEEDS,
-                    dataclasses.replace(setting, checkpoints=(BULK_CHECKPOINT,)), CACHE / f"{family}_bulk", 0,
+                    dataclasses.replace(setting, checkpoints=(BULK_CHECKPOINT, BULK_SECOND_STAGE)), CACHE / f"{family}_bulk", 0,
                     resume=True, lane=args.lane)
             continue
         if args.collect_only:

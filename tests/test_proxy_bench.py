@@ -40,9 +40,10 @@ def test_proxy_bench_quick_writes_a_report(pack, tmp_path, monkeypatch):
     proxy_bench.main([*common, "--collect-only", "bulk"])          # resumes: nothing left to collect
     assert sorted((tmp_path / "cache" / "unet_bulk" / "shards").iterdir()) == shards and len(shards) == 10
     from probe_select.probes.training.dataset import ProbeDataset
-    bulk = ProbeDataset(tmp_path / "cache" / "unet_bulk")
+    bulk_ds = ProbeDataset(tmp_path / "cache" / "unet_bulk")
     # a prompt's seeds do not depend on the lane that collected it (prompt i: seeds 1000 i, 1000 i + 1)
-    assert sorted(bulk.seeds.tolist()) == sorted(1000 * i + s for i in range(10) for s in range(2))
+    assert sorted(bulk_ds.seeds.tolist()) == sorted(1000 * i + s for i in range(10) for s in range(2))
+    assert list(bulk_ds.manifest.checkpoints) == [0.2, 0.4]       # the curve's t and the second pruning stage's
     results = proxy_bench.main(common)
     unet = results["families"]["unet"]
     report = (tmp_path / "results" / "REPORT.md").read_text()
@@ -80,6 +81,13 @@ def test_proxy_bench_quick_writes_a_report(pack, tmp_path, monkeypatch):
             (p["schedule"], p["compute"]) for p in unet["equal_compute"]["curves"][main_key]]
         assert f"| {key} |" in report
     assert f"one stage at 0.4 / {bulk_eq['scorer']}" not in bulk_eq["curves"]      # it would not read that probe
+    # the second stage reads the same kind of scorer trained on the bulk set's t = 0.4 rows, not the main run's
+    assert bulk_eq["second_stage"] == "bulk"
+    second = read_probe_metadata(tmp_path / "cache" / "bulk_curve" / f"unet_{chosen}_6_t0.4.safetensors")
+    wanted = proxy_bench.probe_config(bulk_ds.manifest.feature_shape[0], proxy_bench.QUICK, **proxy_bench.LEARNED[chosen])
+    assert (second.checkpoint_t, second.training["data"]["train_prompts"]) == (0.4, 6)
+    assert (second.config.inputs, second.config.text_film) == (wanted.inputs, wanted.text_film)
+    assert "trained on the bulk set's t=0.4 rows" in report
     # the bulk curve can also be added to a saved run afterwards (the bulk set takes an hour to collect)
     again = proxy_bench.main([*common, "--bulk-curve-only"])
     saved_curve = json.loads((tmp_path / "results" / "proxy_bulk_curve.json").read_text())["families"]["unet"]

@@ -97,7 +97,7 @@ bench-proxy: proxy-models
 	$(PY) bench/proxy_bench.py $(PROXY_BENCH_ARGS) --reuse-datasets
 
 # The learning curve on more data (REPORT.md, "Learning curve on more data"): 940 training prompts x 12 seeds
-# of each model at t = 0.2 (11,280 rows; collected in two lanes, one per core: about two hours a model;
+# of each model at t = 0.2 and 0.4 (11,280 rows; collected in two lanes, one per core: about 80 min a model;
 # resumable). Run it before bench-proxy, whose report step trains every learned scorer on growing parts of it.
 bench-proxy-bulk: proxy-models
 	@set -e; for family in unet dit; do \

@@ -243,6 +243,8 @@ LEARNED_LABELS = {"probe": "probe (activations)", "x0_probe": "x0-latent probe",
 def reads_text(overrides: dict) -> bool:
     """Whether a learned scorer's probe reads the prompt's text embedding."""
     return bool(overrides.get("text_film"))
+
+
 SCORERS = (*LEARNED, "x0_preview", "random")
 
 

@@ -18,6 +18,10 @@ STEPS, CHECKPOINT, STOP = 6, 0.34, 2
 SEED, CANDIDATES, KEPT = 10, 3, [2, 0]
 # SD1 with CFG (cond and uncond evaluated); Flux as it is run, CFG 1 (ComfyUI skips the uncond).
 CFG = {"sd1": 3.0, "flux": 1.0}
+# Samplers whose own update contracts the batch's history with torch.tensordot (sa_solver's Adams sums): a BLAS
+# matrix-vector product whose blocking follows the batch size, so on some CPUs (AVX-512) row 0 of a batch of two
+# rounds differently from a batch of one (within 1e-6 relative). Their resumed candidate is exact alone.
+BATCH_ROUNDED_UPDATE = ("sa_solver", "sa_solver_pece")
 
 
 @pytest.fixture(scope="module")
@@ -84,7 +88,8 @@ def test_resumed_candidate_equals_plain_ksampler(split, family, sampler):
                        latent)
     assert finished.shape[0] == len(KEPT) and finished.shape[1:] == reference.shape[1:]
     assert max_rel_diff(finished[:1], reference) <= 1e-5
-    assert torch.equal(finished[:1], reference)
+    if sampler not in BATCH_ROUNDED_UPDATE:
+        assert torch.equal(finished[:1], reference)
 
     # Evaluations per candidate: the early phase's calls for N, the rest of the plain run's for K, and
     # nothing for the replayed early steps.
@@ -95,6 +100,10 @@ def test_resumed_candidate_equals_plain_ksampler(split, family, sampler):
     assert resume_evaluations == len(KEPT) * (per_candidate_total - per_candidate_early)
     if per_candidate_total == STEPS:         # one evaluation per step: N*s + K*(T-s)
         assert early_evaluations + resume_evaluations == CANDIDATES * STOP + len(KEPT) * (STEPS - STOP)
+
+    # A lone kept candidate: the sampler's own arithmetic runs at batch 1 too, so it is exact for every sampler.
+    alone = split.resume(model, pos, neg, split.select_rows(early.latent, KEPT[:1]), cfg)["samples"]
+    assert torch.equal(alone, reference)
 
 
 @pytest.mark.parametrize("sampler", SAMPLERS)

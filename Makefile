@@ -87,8 +87,11 @@ proxy-models: setup
 # bench/results/REPORT.md.
 # PROXY_BENCH_ARGS=--medium: fewer prompts (what the committed report was run with, see its command line).
 PROXY_BENCH_ARGS ?=
+# Background lanes ignore Ctrl-C (bash does that to `&` jobs of a script): on Ctrl-C or TERM the recipe stops
+# its whole process group with TERM, which the lanes handle by removing their temporary files and exiting.
+STOP_LANES_ON_INTERRUPT = trap 'trap - INT TERM; kill -TERM 0; exit 130' INT TERM
 bench-proxy: proxy-models
-	@set -e; \
+	@set -e; $(STOP_LANES_ON_INTERRUPT); \
 	$(PY) bench/proxy_bench.py $(PROXY_BENCH_ARGS) --families unet --collect-only train & lane1=$$!; \
 	( $(PY) bench/proxy_bench.py $(PROXY_BENCH_ARGS) --families unet --collect-only heldout && \
 	  $(PY) bench/proxy_bench.py $(PROXY_BENCH_ARGS) --families dit --collect-only train && \
@@ -100,7 +103,7 @@ bench-proxy: proxy-models
 # of each model at t = 0.2 and 0.4 (11,280 rows; collected in two lanes, one per core: about 80 min a model;
 # resumable). Run it before bench-proxy, whose report step trains every learned scorer on growing parts of it.
 bench-proxy-bulk: proxy-models
-	@set -e; for family in unet dit; do \
+	@set -e; $(STOP_LANES_ON_INTERRUPT); for family in unet dit; do \
 	  $(PY) bench/proxy_bench.py $(PROXY_BENCH_ARGS) --families $$family --collect-only bulk --lane 1/2 & lane1=$$!; \
 	  $(PY) bench/proxy_bench.py $(PROXY_BENCH_ARGS) --families $$family --collect-only bulk --lane 2/2 & lane2=$$!; \
 	  wait $$lane1; wait $$lane2; \

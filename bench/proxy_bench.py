@@ -1277,8 +1277,17 @@ def main(argv=None) -> dict:
     return results
 
 
+def stop_on_sigterm(signum, frame) -> None:
+    """SIGTERM (make's lanes are stopped with it: background lanes ignore Ctrl-C) unwinds like Ctrl-C, so an
+    interrupted collection removes its temporary shard files and keeps every finished shard."""
+    raise SystemExit(128 + signum)
+
+
 if __name__ == "__main__":
+    import signal
+
     from devtools import bootstrap_comfy
 
+    signal.signal(signal.SIGTERM, stop_on_sigterm)
     bootstrap_comfy(pytorch_attention=True)   # hours of sampling: PyTorch's attention (see bootstrap_comfy)
     main()

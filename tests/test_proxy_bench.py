@@ -206,3 +206,18 @@ def test_bulk_curves_saved_apart_go_to_the_families_without_one(pack, tmp_path):
     proxy_bench.attach_bulk_curves(results, tmp_path)
     assert results["families"]["dit"]["bulk_learning_curve"] == {"rows": 7}
     assert results["families"]["unet"]["bulk_learning_curve"] == {"rows": 1}      # its own curve stays
+
+
+def test_sigterm_unwinds_like_ctrl_c(tmp_path):
+    """make's lanes are stopped with SIGTERM: the handler raises SystemExit, so `finally` blocks (the dataset
+    writer's removal of its temporary shard) run and the exit status says the signal."""
+    import subprocess
+
+    marker = tmp_path / "unwound"
+    script = (f"import os, signal, sys, time; sys.path.insert(0, {str(ROOT)!r}); "
+              "from bench.proxy_bench import stop_on_sigterm; signal.signal(signal.SIGTERM, stop_on_sigterm)\n"
+              f"try:\n    os.kill(os.getpid(), signal.SIGTERM); time.sleep(30)\n"
+              f"finally:\n    open({str(marker)!r}, 'w').write('yes')\n")
+    done = subprocess.run([sys.executable, "-c", script], cwd=ROOT, timeout=120)
+    assert done.returncode == 128 + 15
+    assert marker.read_text() == "yes"

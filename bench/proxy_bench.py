@@ -472,6 +472,21 @@ def bulk_probe_file(family: str, scorer: str, train_prompts: int, t: float = BUL
     return CACHE / "bulk_curve" / f"{family}_{scorer}_{train_prompts}{at}.safetensors"
 
 
+def bulk_point(family: str, scorer: str, count: int, bulk, held_ds, setting: Setting, target: str,
+               t: float = BULK_CHECKPOINT) -> dict:
+    """Scorer ``scorer`` trained at t on the first ``count`` prompts of the bulk set and scored on the held-out
+    prompts: its cached probe when that training already finished, else trained now."""
+    out = bulk_probe_file(family, scorer, count, t)
+    overrides = LEARNED[scorer]
+    row = finished_point(out, held_ds, count, overrides, setting, t=t)
+    if row is None:
+        row, _ = train_and_evaluate(bulk, held_ds, t, out, setting, target,
+                                    probe_config(bulk.manifest.feature_shape[0], setting, **overrides),
+                                    train_config(setting, epochs=BULK_EPOCHS), use_text=reads_text(overrides),
+                                    train_prompts=count, fractions=BULK_SPLIT)
+    return row
+
+
 def bulk_learning_curve(family: str, setting: Setting, held_ds, target: str) -> dict:
     """Every learned scorer at t = 0.2 trained on growing prefixes of the bulk training set (``--collect-only
     bulk``, up to >= 10,000 training rows), each scored on the held-out prompts; {} when it was not collected."""
@@ -481,7 +496,6 @@ def bulk_learning_curve(family: str, setting: Setting, held_ds, target: str) -> 
     if not (bulk_dir / "manifest.json").exists():
         return {}
     bulk = ProbeDataset(bulk_dir)
-    channels = bulk.manifest.feature_shape[0]
     available = len(set(bulk.prompt_ids))
     if available < BULK_PROMPTS:
         # The curve's points are prefixes of the set in shard order, and each lane's shards grow in place: a
@@ -492,16 +506,10 @@ def bulk_learning_curve(family: str, setting: Setting, held_ds, target: str) -> 
         return {}
     (CACHE / "bulk_curve").mkdir(parents=True, exist_ok=True)
     curves = {}
-    for scorer, overrides in LEARNED.items():
+    for scorer in LEARNED:
         points = []
         for count in sorted({min(c, available) for c in BULK_CURVE_PROMPTS}):
-            out = bulk_probe_file(family, scorer, count)
-            row = finished_point(out, held_ds, count, overrides, setting)
-            if row is None:
-                row, _ = train_and_evaluate(bulk, held_ds, BULK_CHECKPOINT, out, setting, target,
-                                            probe_config(channels, setting, **overrides),
-                                            train_config(setting, epochs=BULK_EPOCHS), use_text=reads_text(overrides),
-                                            train_prompts=count, fractions=BULK_SPLIT)
+            row = bulk_point(family, scorer, count, bulk, held_ds, setting, target)
             points.append(curve_point(count, row["train_rows"], row["val_within"], row["probe"],
                                       best_epoch=row["best_epoch"], train_seconds=row["train_seconds"]))
             log.info("  %s bulk curve %s: %d rows -> %.3f", family, scorer, row["train_rows"], row["probe"]["within"])
@@ -531,13 +539,11 @@ def bulk_equal_compute(family: str, setting: Setting, held_ds, curves: dict, bul
     stage_probes = {BULK_CHECKPOINT: bulk_probe_file(family, best, count),
                     BULK_SECOND_STAGE: (bulk_probe_file(family, best, count, BULK_SECOND_STAGE) if second_from_bulk
                                         else CACHE / probe_file_name(family, best, BULK_SECOND_STAGE))}
-    if second_from_bulk and finished_point(stage_probes[BULK_SECOND_STAGE], held_ds, count, LEARNED[best], setting,
-                                           t=BULK_SECOND_STAGE) is None:
-        train_and_evaluate(bulk, held_ds, BULK_SECOND_STAGE, stage_probes[BULK_SECOND_STAGE], setting, target,
-                           probe_config(bulk.manifest.feature_shape[0], setting, **LEARNED[best]),
-                           train_config(setting, epochs=BULK_EPOCHS), use_text=reads_text(LEARNED[best]),
-                           train_prompts=count, fractions=BULK_SPLIT)
-    if BULK_SECOND_STAGE not in setting.checkpoints or not all(path.exists() for path in stage_probes.values()):
+    if BULK_SECOND_STAGE not in setting.checkpoints:
+        return {}
+    if second_from_bulk:
+        bulk_point(family, best, count, bulk, held_ds, setting, target, t=BULK_SECOND_STAGE)
+    if not all(path.exists() for path in stage_probes.values()):
         return {}
     learned = {}
     for t, path in stage_probes.items():
@@ -1237,8 +1243,8 @@ def main(argv=None) -> dict:
         train_dir, held_dir = CACHE / f"{family}_train", CACHE / f"{family}_heldout"
         if args.collect_only == "bulk":
             collect(family, train_prompts[:BULK_PROMPTS], BULK_SEEDS,
-                    dataclasses.replace(setting, checkpoints=(BULK_CHECKPOINT, BULK_SECOND_STAGE)), CACHE / f"{family}_bulk", 0,
-                    resume=True, lane=args.lane)
+                    dataclasses.replace(setting, checkpoints=(BULK_CHECKPOINT, BULK_SECOND_STAGE)),
+                    CACHE / f"{family}_bulk", 0, resume=True, lane=args.lane)
             continue
         if args.collect_only:
             prompts_, seeds_, dir_, base_ = ((train_prompts[: setting.train_prompts], setting.train_seeds, train_dir, 0)

@@ -84,7 +84,8 @@ def test_proxy_bench_quick_writes_a_report(pack, tmp_path, monkeypatch):
     # the second stage reads the same kind of scorer trained on the bulk set's t = 0.4 rows, not the main run's
     assert bulk_eq["second_stage"] == "bulk"
     second = read_probe_metadata(tmp_path / "cache" / "bulk_curve" / f"unet_{chosen}_6_t0.4.safetensors")
-    wanted = proxy_bench.probe_config(bulk_ds.manifest.feature_shape[0], proxy_bench.QUICK, **proxy_bench.LEARNED[chosen])
+    wanted = proxy_bench.probe_config(bulk_ds.manifest.feature_shape[0], proxy_bench.QUICK,
+                                      **proxy_bench.LEARNED[chosen])
     assert (second.checkpoint_t, second.training["data"]["train_prompts"]) == (0.4, 6)
     assert (second.config.inputs, second.config.text_film) == (wanted.inputs, wanted.text_film)
     assert "trained on the bulk set's t=0.4 rows" in report
@@ -216,7 +217,7 @@ def test_sigterm_unwinds_like_ctrl_c(tmp_path):
     marker = tmp_path / "unwound"
     script = (f"import os, signal, sys, time; sys.path.insert(0, {str(ROOT)!r}); "
               "from bench.proxy_bench import stop_on_sigterm; signal.signal(signal.SIGTERM, stop_on_sigterm)\n"
-              f"try:\n    os.kill(os.getpid(), signal.SIGTERM); time.sleep(30)\n"
+              "try:\n    os.kill(os.getpid(), signal.SIGTERM); time.sleep(30)\n"
               f"finally:\n    open({str(marker)!r}, 'w').write('yes')\n")
     done = subprocess.run([sys.executable, "-c", script], cwd=ROOT, timeout=120)
     assert done.returncode == 128 + 15

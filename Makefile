@@ -12,7 +12,7 @@ PYTEST_ARGS ?=
 # TEST_WORKERS= runs it in one process.
 TEST_WORKERS ?= -n 2 --dist loadfile --no-loadscope-reorder
 
-.PHONY: setup test test-fast bench bench-core bench-flops bench-noise-levels bench-sd15 bench-streaming bench-proxy bench-proxy-bulk bench-preview-reward proxy-models demo lint package clean mutation pictures
+.PHONY: setup test test-fast bench bench-core bench-flops bench-noise-levels bench-sd15 bench-streaming bench-proxy bench-proxy-bulk bench-proxy-ceiling bench-preview-reward proxy-models demo lint package clean mutation pictures
 
 setup:
 	@bash scripts/setup_env.sh
@@ -108,6 +108,18 @@ bench-proxy-bulk: proxy-models
 	  $(PY) bench/proxy_bench.py $(PROXY_BENCH_ARGS) --families $$family --collect-only bulk --lane 2/2 & lane2=$$!; \
 	  wait $$lane1; wait $$lane2; \
 	done
+
+# The ceiling of early selection (REPORT.md, bench/results/proxy_ceiling.md): every held-out candidate of the
+# proxy bench finished again from t = 0.2 and 0.4 with other noise after t, which estimates the expected final
+# reward given the state there, the most any scorer at t can know. Two lanes a model (about 25 min a model on 2
+# cores; resumable), then the figures.
+bench-proxy-ceiling: proxy-models
+	@set -e; $(STOP_LANES_ON_INTERRUPT); for family in unet dit; do \
+	  $(PY) bench/proxy_ceiling.py --families $$family --collect-only --lane 1/2 & lane1=$$!; \
+	  $(PY) bench/proxy_ceiling.py --families $$family --collect-only --lane 2/2 & lane2=$$!; \
+	  wait $$lane1; wait $$lane2; \
+	done
+	$(PY) bench/proxy_ceiling.py
 
 # A noise-aware preview reward (the real-model analogue: a reward model fine-tuned on noisy previews): the
 # evaluator's factors on the x0 preview, re-weighted on the training prompts' previews; reads bench-proxy's

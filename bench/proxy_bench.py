@@ -93,6 +93,23 @@ UNTRAINED = False     # --untrained: random-initialised proxy models (smoke test
 BULK_CURVE = True     # --skip-bulk-curve: left to a later --bulk-curve-only run (the bulk set may still be collecting)
 
 
+# Candidate i of prompt p is seed ``first_seed(seed_base, p) + i``; the held-out prompts' seeds start far from the
+# training prompts' (seed base 0), so no held-out candidate repeats a training one.
+HELDOUT_SEED_BASE = 10_000_000
+
+
+def first_seed(seed_base: int, prompt_index: int) -> int:
+    """The seed of candidate 0 of the ``prompt_index``-th prompt of a collection."""
+    return seed_base + prompt_index * 1000
+
+
+def heldout_prompts(setting: Setting) -> list[str]:
+    """The held-out prompts the report is measured on (the first ``setting.heldout_prompts`` of the split)."""
+    from bench.proxy_world import grammar
+    _, held = grammar.split_prompts(grammar.all_prompts(seed=0), seed=0)
+    return held[: setting.heldout_prompts]
+
+
 def cfg_of(family: str, setting: Setting) -> float:
     """The setting's CFG, or the model's own (models.DEFAULT_CFG) when the setting leaves it to the model."""
     from bench.proxy_world import models
@@ -153,7 +170,7 @@ def collect(family: str, prompts: list[str], seeds: int, setting: Setting, datas
         positive = text.conditioning(prompt)
         scene = grammar.parse_prompt(prompt)
         result = split_sampling.run_candidates(
-            tapped, positive, negative, models.empty_latent(family, 1), seed_base + p * 1000, seeds, steps,
+            tapped, positive, negative, models.empty_latent(family, 1), first_seed(seed_base, p), seeds, steps,
             cfg_of(family, setting), sampler_of(family), "normal", stop_step=steps, capture_at=capture)
         final = evaluator.score(models.latent_to_image(result.latent["samples"], family), [scene] * seeds)
         final = torch.as_tensor(final, dtype=torch.float64)
@@ -594,7 +611,7 @@ def compute_schedules(max_n: int) -> dict:
 
 
 def equal_compute(family: str, setting: Setting, predictions: dict, finals: np.ndarray, groups: np.ndarray,
-                  best: str, previews: tuple = ("x0_preview",)) -> dict:
+                  best: str, previews: tuple = ("x0_preview",), free: tuple = ()) -> dict:
     """Mean kept reward against compute for every method and scorer, on the held-out prompts' recorded scores.
 
     Compute counts denoiser steps, the scorer at each pruning stage, the decode of every finished
@@ -603,7 +620,8 @@ def equal_compute(family: str, setting: Setting, predictions: dict, finals: np.n
     each method first matches best-of-8's mean reward; the cheapest such schedule is chosen on one half of
     the prompts and its reward and compute are reported on the other half (and the other way round), so
     the choice never sees the prompts it is judged on. ``previews``: the scorers that decode the x0 preview and
-    run the evaluator on it (priced so); every other scorer but random and the oracle is priced as a probe."""
+    run the evaluator on it (priced so); ``free``: scorers priced at nothing, like random and the oracle (bounds, not
+    methods); every other scorer is priced as a probe."""
     from probe_select.probes.pruning import (ScoreTable, StageCosts, full_generation_cost, mean_kept_reward,
                                              parse_schedule, schedule_cost)
     prices = step_prices(family)
@@ -615,7 +633,7 @@ def equal_compute(family: str, setting: Setting, predictions: dict, finals: np.n
     scorers["random"] = {t: rng.random(len(finals)) for t in ts}
     scorers["oracle"] = {t: finals for t in ts}
     cost_of = {name: StageCosts(score=prices["x0_preview"] if name in previews else
-                                0.0 if name in ("random", "oracle") else prices["probe"],
+                                0.0 if name in ("random", "oracle", *free) else prices["probe"],
                                 decode=prices["decode"], final_score=prices["evaluator"]) for name in scorers}
     unit = full_generation_cost(steps, StageCosts(decode=prices["decode"], final_score=prices["evaluator"]))
 
@@ -1042,6 +1060,9 @@ def write_report(results: dict, setting: Setting, command: str, images: list[str
                       f"{t02[best]['within'] - t02['x0_preview']['within']:+.3f} | {t02['random']['within']:.3f} | "
                       f"{c['wallclock_ratio_probe']} | {c['denoiser_ratio']} |")
     lines += ["", real_levels_line(), ""]
+    ceilings = saved_ceilings(setting)
+    if ceilings:
+        lines += ceiling_summary(ceilings), ""
     if any(res.get("equal_compute") for res in results["families"].values()):
         lines += equal_compute_summary(results)
     for family, res in results["families"].items():
@@ -1104,6 +1125,8 @@ def write_report(results: dict, setting: Setting, command: str, images: list[str
                     f"{p['within']:.3f} [{p['low']:.3f}, {p['high']:.3f}] ({p['val_within']:.3f})" for p in points)
                     + " |")
             lines += ["", f"x0-preview scorer on the same held-out prompts: {t02['x0_preview']['within']:.3f}.", ""]
+        if family in ceilings:
+            lines += ceiling_lines(ceilings[family], t02, best, bulk), ""
         if res.get("ablation") == {}:
             lines += ["The probe variants at t=0.2 (ablations) were not run for this report (`--skip-ablation`).", ""]
         if res.get("ablation"):
@@ -1160,6 +1183,59 @@ def write_report(results: dict, setting: Setting, command: str, images: list[str
         "bench/results/core.md.", ""]
     lines += [f"![{name}]({name})" for name in images]
     atomic_write_text(RESULTS / "REPORT.md", "\n".join(lines) + "\n")
+
+
+CEILING_FILE = "proxy_ceiling.json"
+
+
+def saved_ceilings(setting: Setting) -> dict:
+    """Per family, the ceiling of early selection (bench/proxy_ceiling.py) measured in ``setting``; {} if none."""
+    path = RESULTS / CEILING_FILE
+    if not path.exists():
+        return {}
+    saved = json.loads(path.read_text())
+    return saved["families"] if saved.get("setting") == json.loads(json.dumps(setting.__dict__)) else {}
+
+
+def _fraction_of_best_of_8(found: list, unit: float) -> str:
+    if not found:
+        return "never"
+    return " / ".join(f"{f['compute'] / unit:.2f}" for f in found) + ("" if len(found) == 2 else " (one half only)")
+
+
+def ceiling_summary(ceilings: dict) -> str:
+    """The Summary's sentence on what any scorer at t = 0.2 could reach."""
+    parts = []
+    for family, entry in ceilings.items():
+        row, eq = entry["by_t"]["0.2"], entry["equal_compute"]
+        match = _fraction_of_best_of_8(eq["match_best_of_8"]["one stage at 0.2 / expected"], eq["best_of_8"]["compute"])
+        parts.append(f"{family} {cell(row['expected_final'])} (mean of {row['redraws']} redraws; extrapolated "
+                     f"{row['ceiling']:.3f}), matching best-of-8 at {match} of its compute in one stage at 0.2")
+    return ("The ceiling at t = 0.2 (bench/results/proxy_ceiling.md): both models sample with euler_ancestral, so "
+            "every later step draws fresh noise and the final reward is not a function of the state at t. The "
+            "expected final reward given that state, the most any scorer at t can know, ranks the seeds at "
+            + "; ".join(parts) + ".")
+
+
+def ceiling_lines(entry: dict, t02: dict, best: str, bulk: dict) -> list:
+    """A family's learned scorers and x0 preview at t = 0.2 against the ceiling there, and the ceiling at equal
+    compute."""
+    row, eq = entry["by_t"]["0.2"], entry["equal_compute"]
+    learned = [f"the {LEARNED_LABELS[best]} (validation's pick) {t02[best]['within']:.3f}"]
+    largest = {scorer: points[-1] for scorer, points in (bulk.get("curves") or {}).items()}
+    if largest:
+        pick = max(largest, key=lambda scorer: np.nan_to_num(largest[scorer]["val_within"], nan=-np.inf))
+        learned.append(f"on {largest[pick]['train_rows']} bulk rows the {LEARNED_LABELS[pick]} (validation's pick) "
+                       f"{largest[pick]['within']:.3f}")
+    matches = {key: _fraction_of_best_of_8(eq["match_best_of_8"][key], eq["best_of_8"]["compute"])
+               for key in ("one stage at 0.2 / expected", "two stages (0.2, 0.4) / expected", "one stage at 0.2 / oracle")}
+    return [f"Against the ceiling at t = 0.2 (bench/results/proxy_ceiling.md; same prompts and seeds): test-retest "
+            f"of two finishes of one state {row['test_retest']:.3f}; expected final reward (mean of {row['redraws']} "
+            f"redraws) {cell(row['expected_final'])}, extrapolated to infinitely many {row['ceiling']:.3f}; x0 preview "
+            f"{t02['x0_preview']['within']:.3f}; " + "; ".join(learned) + ". At equal compute the expected final "
+            f"reward (priced at nothing) matches best-of-8 at {matches['one stage at 0.2 / expected']} of its compute "
+            f"in one stage at 0.2 and at {matches['two stages (0.2, 0.4) / expected']} in two stages (0.2, 0.4); the "
+            f"realised-final oracle at {matches['one stage at 0.2 / oracle']} in one stage."]
 
 
 def rewrite_report() -> dict:
@@ -1236,7 +1312,7 @@ def main(argv=None) -> dict:
     CACHE.mkdir(parents=True, exist_ok=True)
     _, grammar, _, _ = _modules()
     prompts = grammar.all_prompts(seed=0)
-    train_prompts, held = grammar.split_prompts(prompts, seed=0)
+    train_prompts, _ = grammar.split_prompts(prompts, seed=0)
     results = {"setting": setting.__dict__, "families": {}}
     for family in args.families:
         log.info("%s: collecting", family)
@@ -1249,7 +1325,7 @@ def main(argv=None) -> dict:
         if args.collect_only:
             prompts_, seeds_, dir_, base_ = ((train_prompts[: setting.train_prompts], setting.train_seeds, train_dir, 0)
                                             if args.collect_only == "train" else
-                                            (held[: setting.heldout_prompts], setting.heldout_seeds, held_dir, 10_000_000))
+                                            (heldout_prompts(setting), setting.heldout_seeds, held_dir, HELDOUT_SEED_BASE))
             collect(family, prompts_, seeds_, setting, dir_, base_)
             continue
         if args.reuse_datasets and (train_dir / "manifest.json").exists() and (held_dir / "manifest.json").exists():
@@ -1257,7 +1333,7 @@ def main(argv=None) -> dict:
             info = {"rows": None, "tap": read_manifest(train_dir).tap}
         else:
             info = collect(family, train_prompts[: setting.train_prompts], setting.train_seeds, setting, train_dir, 0)
-            collect(family, held[: setting.heldout_prompts], setting.heldout_seeds, setting, held_dir, 10_000_000)
+            collect(family, heldout_prompts(setting), setting.heldout_seeds, setting, held_dir, HELDOUT_SEED_BASE)
         log.info("%s: training probes and evaluating", family)
         res = evaluate_family(family, setting, train_dir, held_dir)
         res["collect"] = info

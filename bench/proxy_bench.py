@@ -1062,7 +1062,7 @@ def write_report(results: dict, setting: Setting, command: str, images: list[str
     lines += ["", real_levels_line(), ""]
     ceilings = saved_ceilings(setting)
     if ceilings:
-        lines += ceiling_summary(ceilings), ""
+        lines += [ceiling_summary(ceilings), ""]
     if any(res.get("equal_compute") for res in results["families"].values()):
         lines += equal_compute_summary(results)
     for family, res in results["families"].items():
@@ -1126,7 +1126,7 @@ def write_report(results: dict, setting: Setting, command: str, images: list[str
                     + " |")
             lines += ["", f"x0-preview scorer on the same held-out prompts: {t02['x0_preview']['within']:.3f}.", ""]
         if family in ceilings:
-            lines += ceiling_lines(ceilings[family], t02, best, bulk), ""
+            lines += [*ceiling_lines(ceilings[family], t02, best, bulk), ""]
         if res.get("ablation") == {}:
             lines += ["The probe variants at t=0.2 (ablations) were not run for this report (`--skip-ablation`).", ""]
         if res.get("ablation"):

@@ -10,6 +10,7 @@ import json
 import math
 import re
 
+import numpy as np
 import pytest
 import sys
 from pathlib import Path
@@ -166,6 +167,27 @@ def test_proxy_bench_quick_writes_a_report(pack, tmp_path, monkeypatch):
     report = (tmp_path / "results" / "REPORT.md").read_text()
     assert "--ablation-only --families unet`" in report and f"| {first} |" in report
     assert "`make demo` scores with the one validation favours" in report
+    # the ceiling of early selection (bench/proxy_ceiling.py), measured in the same setting, joins the report
+    import proxy_ceiling
+    setting = proxy_bench.QUICK
+    rng = np.random.default_rng(0)
+    rows = setting.heldout_prompts * setting.heldout_seeds
+    state = rng.random(rows)
+    arrays = {"final": state + 0.1 * rng.random(rows), "redraws_0.2": state[:, None] + 0.1 * rng.random((rows, 3)),
+              "redraws_0.4": state[:, None] + 0.05 * rng.random((rows, 2)), "preview_0.2": rng.random(rows),
+              "preview_0.4": state, "groups": np.repeat(np.arange(setting.heldout_prompts), setting.heldout_seeds)}
+    entry = json.loads(json.dumps(proxy_ceiling.summarize("unet", arrays, setting), default=float))
+    ceiling_file = {"setting": json.loads(json.dumps(setting.__dict__)), "families": {"unet": entry}}
+    (tmp_path / "results" / proxy_bench.CEILING_FILE).write_text(json.dumps(ceiling_file))
+    proxy_bench.main([*common, "--report-only"])
+    report = (tmp_path / "results" / "REPORT.md").read_text()
+    assert f"ranks the seeds at unet {entry['by_t']['0.2']['expected_final']['within']:.3f} [" in report
+    assert f"test-retest of two finishes of one state {entry['by_t']['0.2']['test_retest']:.3f}" in report
+    # ... and only a ceiling of the same setting (other prompts and seeds would be another experiment)
+    ceiling_file["setting"]["heldout_seeds"] += 1
+    (tmp_path / "results" / proxy_bench.CEILING_FILE).write_text(json.dumps(ceiling_file))
+    proxy_bench.main([*common, "--report-only"])
+    assert "test-retest" not in (tmp_path / "results" / "REPORT.md").read_text()
 
 
 def test_a_run_of_one_family_keeps_the_other_family_of_a_saved_run_with_the_same_setting(pack, tmp_path):

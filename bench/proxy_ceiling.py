@@ -81,7 +81,9 @@ def check_redraw(finished: torch.Tensor, again: torch.Tensor, what: str) -> None
     the state it was given, and every redraw figure would measure something else."""
     error = (finished - again).abs().max().item()
     scale = finished.abs().max().item()
-    if error > 1e-5 * max(scale, 1.0):
+    # Not bitwise: the resume converts the stopped LATENT back to the sampler's x, and that float rounding grows over
+    # the remaining steps (up to 3e-5 of the scale on the DiT); a redraw moves the finish by more than 1e-2 of it.
+    if error > 1e-4 * max(scale, 1.0):
         raise RuntimeError(f"{what}: finishing the stopped candidates again with their own noise differs from their "
                            f"finish by {error:.3g} (scale {scale:.3g}); the redraws would not continue the same state")
     log.info("  %s: a redraw with the candidates' own seeds equals their finish (max |diff| %.2g)", what, error)

@@ -19,14 +19,15 @@ def ceiling(pack):
     return proxy_ceiling
 
 
-def test_redraw_continues_the_state_with_other_noise(ceiling):
+@pytest.mark.parametrize("family", ["unet", "dit"])
+def test_redraw_continues_the_state_with_other_noise(ceiling, family):
     from bench.proxy_world import models
     from probe_select.nodes.engine import split_sampling
 
-    patcher, text = models.load("unet")
+    patcher, text = models.load(family)
     positive, negative = text.conditioning("a red circle left of a blue square"), text.conditioning("")
     seeds = [50, 51, 52]
-    early = split_sampling.run_candidates(patcher, positive, negative, models.empty_latent("unet", 1), seeds[0],
+    early = split_sampling.run_candidates(patcher, positive, negative, models.empty_latent(family, 1), seeds[0],
                                           len(seeds), 10, 4.0, "euler_ancestral", "normal", stop_step=2,
                                           capture_at=(2,))
     before = early.latent["samples"].clone()
@@ -37,17 +38,17 @@ def test_redraw_continues_the_state_with_other_noise(ceiling):
     finished = finish(early.latent)
     # the candidates' own seeds: the plain finish (the check the bench runs on its first prompt passes) ...
     own = finish(ceiling.redraw(early.latent, seeds))
-    ceiling.check_redraw(finished, own, "unet")
-    assert (own - finished).abs().max() <= 1e-5 * finished.abs().max()      # float rounding of LATENT <-> x
+    ceiling.check_redraw(finished, own, family)
+    assert (own - finished).abs().max() <= 1e-4 * finished.abs().max()      # float rounding of LATENT <-> x
     # ... other seeds: every candidate ends elsewhere, the same way every time; the early LATENT is not touched
     other = finish(ceiling.redraw(early.latent, ceiling.redraw_seeds(seeds, 0)))
-    assert ((other - finished).flatten(1).abs().amax(1) > 1e-2).all()
+    assert ((other - finished).flatten(1).abs().amax(1) > 1e-2 * finished.abs().max()).all()
     torch.testing.assert_close(finish(ceiling.redraw(early.latent, ceiling.redraw_seeds(seeds, 0))), other,
                                rtol=0, atol=0)
     assert not torch.equal(finish(ceiling.redraw(early.latent, ceiling.redraw_seeds(seeds, 1))), other)
     assert torch.equal(early.latent["samples"], before)
     with pytest.raises(RuntimeError, match="would not continue the same state"):
-        ceiling.check_redraw(finished, other, "unet")
+        ceiling.check_redraw(finished, other, family)
     with pytest.raises(ValueError, match="2 seeds for 3 candidates"):
         ceiling.redraw(early.latent, seeds[:2])
 

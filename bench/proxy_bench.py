@@ -371,7 +371,7 @@ def evaluate_family(family: str, setting: Setting, train_dir: Path, heldout_dir:
     groups = held_ds.arrays(checkpoint_t=setting.checkpoints[0], evaluator=EVALUATOR).prompt_groups().numpy()
     spread = float(np.mean([finals[groups == g].std() for g in np.unique(groups)]))
     t02 = min(setting.checkpoints, key=lambda c: abs(c - 0.2))
-    best = max(LEARNED, key=lambda name: rows[t02][name]["val_within"])        # chosen by validation only
+    best = validation_pick({name: rows[t02][name] for name in LEARNED})        # chosen by validation only
     rows[t02]["x0_preview"]["val_within"] = preview_validation(train_ds, t02)
     return {"by_t": rows, "heldout_mean_score": float(finals.mean()), "within_prompt_sd": spread,
             "semantic_failure_rate": float((finals < 0.5).mean()), "noise_levels": noise_levels(family, setting),
@@ -535,6 +535,12 @@ def bulk_learning_curve(family: str, setting: Setting, held_ds, target: str) -> 
             "equal_compute": bulk_equal_compute(family, setting, held_ds, curves, bulk, target)}
 
 
+def validation_pick(points: dict) -> str:
+    """The scorer whose point (one per scorer, e.g. the largest of each bulk curve) has the best validation
+    figure; an undefined one (NaN) never wins."""
+    return max(points, key=lambda scorer: np.nan_to_num(points[scorer]["val_within"], nan=-np.inf))
+
+
 def bulk_scorer_name(scorer: str, train_rows: int) -> str:
     """How the equal-compute figures name a scorer trained on the bulk set's largest point."""
     return f"{scorer} on {train_rows} bulk rows"
@@ -550,7 +556,7 @@ def bulk_equal_compute(family: str, setting: Setting, held_ds, curves: dict, bul
     from probe_select.probes.training.evaluation import evaluate_probe_on
 
     largest = {scorer: points[-1] for scorer, points in curves.items()}
-    best = max(largest, key=lambda scorer: np.nan_to_num(largest[scorer]["val_within"], nan=-np.inf))
+    best = validation_pick(largest)
     count = largest[best]["train_prompts"]
     second_from_bulk = bulk is not None and BULK_SECOND_STAGE in bulk.manifest.checkpoints
     stage_probes = {BULK_CHECKPOINT: bulk_probe_file(family, best, count),
@@ -1197,7 +1203,9 @@ def saved_ceilings(setting: Setting) -> dict:
     return saved["families"] if saved.get("setting") == json.loads(json.dumps(setting.__dict__)) else {}
 
 
-def _fraction_of_best_of_8(found: list, unit: float) -> str:
+def fraction_of_best_of_8(found: list, unit: float) -> str:
+    """Where a method matches best-of-8 (``match_best_of_8``: one entry per half of the prompts it was chosen on),
+    as fractions of best-of-8's compute ``unit``."""
     if not found:
         return "never"
     return " / ".join(f"{f['compute'] / unit:.2f}" for f in found) + ("" if len(found) == 2 else " (one half only)")
@@ -1208,7 +1216,7 @@ def ceiling_summary(ceilings: dict) -> str:
     parts = []
     for family, entry in ceilings.items():
         row, eq = entry["by_t"]["0.2"], entry["equal_compute"]
-        match = _fraction_of_best_of_8(eq["match_best_of_8"]["one stage at 0.2 / expected"], eq["best_of_8"]["compute"])
+        match = fraction_of_best_of_8(eq["match_best_of_8"]["one stage at 0.2 / expected"], eq["best_of_8"]["compute"])
         parts.append(f"{family} {cell(row['expected_final'])} (mean of {row['redraws']} redraws; extrapolated "
                      f"{row['ceiling']:.3f}), matching best-of-8 at {match} of its compute in one stage at 0.2")
     return ("The ceiling at t = 0.2 (bench/results/proxy_ceiling.md): both models sample with euler_ancestral, so "
@@ -1224,10 +1232,10 @@ def ceiling_lines(entry: dict, t02: dict, best: str, bulk: dict) -> list:
     learned = [f"the {LEARNED_LABELS[best]} (validation's pick) {t02[best]['within']:.3f}"]
     largest = {scorer: points[-1] for scorer, points in (bulk.get("curves") or {}).items()}
     if largest:
-        pick = max(largest, key=lambda scorer: np.nan_to_num(largest[scorer]["val_within"], nan=-np.inf))
+        pick = validation_pick(largest)
         learned.append(f"on {largest[pick]['train_rows']} bulk rows the {LEARNED_LABELS[pick]} (validation's pick) "
                        f"{largest[pick]['within']:.3f}")
-    matches = {key: _fraction_of_best_of_8(eq["match_best_of_8"][key], eq["best_of_8"]["compute"])
+    matches = {key: fraction_of_best_of_8(eq["match_best_of_8"][key], eq["best_of_8"]["compute"])
                for key in ("one stage at 0.2 / expected", "two stages (0.2, 0.4) / expected", "one stage at 0.2 / oracle")}
     return [f"Against the ceiling at t = 0.2 (bench/results/proxy_ceiling.md; same prompts and seeds): test-retest "
             f"of two finishes of one state {row['test_retest']:.3f}; expected final reward (mean of {row['redraws']} "

@@ -210,12 +210,6 @@ def _ci(row: dict) -> str:
     return f"{row['within']:.3f} [{row['low']:.3f}, {row['high']:.3f}]"
 
 
-def _match(found: list) -> str:
-    if len(found) < 2:
-        return "never" if not found else f"{found[0]['compute']:.2f} on one half only"
-    return " / ".join(f"{f['compute']:.2f}" for f in found)
-
-
 def markdown(results: dict) -> str:
     setting = results["setting"]
     lines = ["# The ceiling of early selection in the proxy world", "",
@@ -250,9 +244,8 @@ def markdown(results: dict) -> str:
             if key == "best-of-N":
                 continue
             budget = [p["reward"] for p in eq["curves"][key] if p["compute"] <= 0.5 * unit]
-            found = [dict(f, compute=f["compute"] / unit) for f in found]
-            lines.append(f"| {family} | {key} | {_match(found)} | {max(budget):.4f} |" if budget else
-                         f"| {family} | {key} | {_match(found)} | - |")
+            lines.append(f"| {family} | {key} | {proxy_bench.fraction_of_best_of_8(found, unit)} | "
+                         + (f"{max(budget):.4f} |" if budget else "- |"))
     return "\n".join(lines) + "\n"
 
 

@@ -112,12 +112,18 @@ def collect_prompt(patcher, text, family: str, prompt: str, index: int, setting,
         return np.asarray(evaluator.score(image, [scene] * len(seeds)), dtype=np.float64)
 
     out = {}
+    early = None
     for t in CHECKPOINTS:
         k = checkpoint_step(setting.steps, t)
-        early = split_sampling.run_candidates(patcher, positive, negative, models.empty_latent(family, 1), first,
-                                              len(seeds), setting.steps, cfg, proxy_bench.sampler_of(family), "normal",
-                                              stop_step=k, capture_at=(k,))
-        out[f"preview_{t:g}"] = reward(early.x0_at[k])
+        if early is None:
+            early = split_sampling.run_candidates(patcher, positive, negative, models.empty_latent(family, 1), first,
+                                                  len(seeds), setting.steps, cfg, proxy_bench.sampler_of(family),
+                                                  "normal", stop_step=k, capture_at=(k,))
+        else:
+            # carried on from the previous checkpoint, as the pack's multi-stage pruning does (exact: it replays the
+            # recorded steps), instead of sampling the first steps again
+            early = split_sampling.advance(patcher, positive, negative, early.latent, cfg, k)
+        out[f"preview_{t:g}"] = reward(early.x0)
         if t == CHECKPOINTS[-1]:
             # the recorded finish: the pack's exact resume (it replays the early steps)
             finished = split_sampling.resume(patcher, positive, negative, early.latent, cfg)
@@ -167,10 +173,6 @@ def load(family: str, setting, cache: Path) -> dict:
     return data
 
 
-def mean_within(pred: np.ndarray, target: np.ndarray, groups: np.ndarray, n_boot: int) -> dict:
-    return proxy_bench.within_ci(pred, target, groups, n_boot)
-
-
 def reliability_ceiling(test_retest: float, m: float = float("inf")) -> float:
     """Correlation with a finish of the mean of ``m`` redraws when final = f(state) + independent noise and two
     finishes of one state correlate ``test_retest``: r / sqrt(r + (1 - r) / m); sqrt(r) as m grows."""
@@ -190,11 +192,11 @@ def summarize(family: str, data: dict, setting) -> dict:
         draws = np.concatenate([finals[:, None], redraws], axis=1)
         pairs = [(a, b) for a in range(draws.shape[1]) for b in range(a + 1, draws.shape[1])]
         retest = float(np.mean([np.nanmean(per_group_spearman(draws[:, a], draws[:, b], groups)) for a, b in pairs]))
-        expected = mean_within(redraws.mean(axis=1), finals, groups, setting.bootstrap)
+        expected = proxy_bench.within_ci(redraws.mean(axis=1), finals, groups, setting.bootstrap)
         by_t[t] = {"redraws": int(redraws.shape[1]), "test_retest": retest, "expected_final": expected,
                    "model_at_redraws": reliability_ceiling(retest, redraws.shape[1]),
                    "ceiling": reliability_ceiling(retest),
-                   "x0_preview": mean_within(data[f"preview_{t:g}"], finals, groups, setting.bootstrap)}
+                   "x0_preview": proxy_bench.within_ci(data[f"preview_{t:g}"], finals, groups, setting.bootstrap)}
     predictions = {"x0_preview": {t: data[f"preview_{t:g}"] for t in CHECKPOINTS},
                    "expected": {t: data[f"redraws_{t:g}"].mean(axis=1) for t in CHECKPOINTS}}
     eq = proxy_bench.equal_compute(family, dataclasses.replace(setting, checkpoints=CHECKPOINTS), predictions,
@@ -204,10 +206,6 @@ def summarize(family: str, data: dict, setting) -> dict:
     return {"prompts": int(len(np.unique(groups))), "seeds": int(setting.heldout_seeds), "by_t": by_t,
             "equal_compute": dict(eq, curves={k: eq["curves"][k] for k in keep},
                                   match_best_of_8={k: eq["match_best_of_8"][k] for k in keep})}
-
-
-def _ci(row: dict) -> str:
-    return f"{row['within']:.3f} [{row['low']:.3f}, {row['high']:.3f}]"
 
 
 def markdown(results: dict) -> str:
@@ -226,9 +224,9 @@ def markdown(results: dict) -> str:
              "ceiling (extrapolated) | x0 preview |", "| --- | --- | --- | --- | --- | --- | --- |"]
     for family, entry in results["families"].items():
         for t, row in entry["by_t"].items():
-            lines.append(f"| {family} | {float(t):g} | {row['test_retest']:.3f} | {_ci(row['expected_final'])} "
-                         f"({row['redraws']}) | {row['model_at_redraws']:.3f} | {row['ceiling']:.3f} | "
-                         f"{_ci(row['x0_preview'])} |")
+            expected, preview = proxy_bench.cell(row["expected_final"]), proxy_bench.cell(row["x0_preview"])
+            lines.append(f"| {family} | {float(t):g} | {row['test_retest']:.3f} | {expected} ({row['redraws']}) | "
+                         f"{row['model_at_redraws']:.3f} | {row['ceiling']:.3f} | {preview} |")
     lines += ["", "## At equal compute", "",
               "The proxy bench's schedules and prices (REPORT.md, 'Reward at equal compute'). 'expected': the mean of "
               "the redraws as the scorer, priced at nothing (the best any scorer at that checkpoint could do, up "

@@ -1,6 +1,7 @@
 """Small shared helpers for the ComfyUI-side tests."""
 from __future__ import annotations
 
+import numpy as np
 import torch
 
 
@@ -49,3 +50,17 @@ def with_recorder(model, recorder: ApplyModelRecorder, key: str = "test_recorder
     m = model.clone()
     m.add_wrapper_with_key(comfy.patcher_extension.WrappersMP.APPLY_MODEL, key, recorder)
     return m
+
+
+def ceiling_arrays(prompts: int, seeds: int, late_noise: float, seed: int = 0) -> dict:
+    """What bench/proxy_ceiling.py caches and summarises, made up: final = state + late noise, and redraws of
+    the same states (3 from t = 0.2, 2 from t = 0.4); the t = 0.4 preview is the state, the t = 0.2 one noise."""
+    rng = np.random.default_rng(seed)
+    state = rng.random(prompts * seeds)
+
+    def draw(n: int) -> np.ndarray:
+        return state[:, None] + late_noise * rng.random((prompts * seeds, n))
+
+    return {"final": draw(1)[:, 0], "redraws_0.2": draw(3), "redraws_0.4": draw(2),
+            "preview_0.2": rng.random(prompts * seeds), "preview_0.4": state,
+            "groups": np.repeat(np.arange(prompts), seeds)}

@@ -10,7 +10,6 @@ import json
 import math
 import re
 
-import numpy as np
 import pytest
 import sys
 from pathlib import Path
@@ -169,13 +168,9 @@ def test_proxy_bench_quick_writes_a_report(pack, tmp_path, monkeypatch):
     assert "`make demo` scores with the one validation favours" in report
     # the ceiling of early selection (bench/proxy_ceiling.py), measured in the same setting, joins the report
     import proxy_ceiling
+    from helpers import ceiling_arrays
     setting = proxy_bench.QUICK
-    rng = np.random.default_rng(0)
-    rows = setting.heldout_prompts * setting.heldout_seeds
-    state = rng.random(rows)
-    arrays = {"final": state + 0.1 * rng.random(rows), "redraws_0.2": state[:, None] + 0.1 * rng.random((rows, 3)),
-              "redraws_0.4": state[:, None] + 0.05 * rng.random((rows, 2)), "preview_0.2": rng.random(rows),
-              "preview_0.4": state, "groups": np.repeat(np.arange(setting.heldout_prompts), setting.heldout_seeds)}
+    arrays = ceiling_arrays(setting.heldout_prompts, setting.heldout_seeds, late_noise=0.1)
     entry = json.loads(json.dumps(proxy_ceiling.summarize("unet", arrays, setting), default=float))
     ceiling_file = {"setting": json.loads(json.dumps(setting.__dict__)), "families": {"unet": entry}}
     (tmp_path / "results" / proxy_bench.CEILING_FILE).write_text(json.dumps(ceiling_file))

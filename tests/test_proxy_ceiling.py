@@ -10,6 +10,7 @@ import pytest
 import torch
 
 from conftest import ROOT
+from helpers import ceiling_arrays
 
 
 @pytest.fixture(scope="module")
@@ -79,21 +80,11 @@ def test_reliability_model_predicts_the_mean_of_redraws(ceiling):
     assert ceiling.reliability_ceiling(1.0, 2) == 1.0 and ceiling.reliability_ceiling(-0.1) == 0.0
 
 
-def synthetic(prompts: int, seeds: int, late_noise: float, seed: int = 0) -> dict:
-    """Recorded arrays as the bench caches them: final = state + late noise; redraws of the same state."""
-    rng = np.random.default_rng(seed)
-    state = rng.random(prompts * seeds)
-    draw = lambda n: state[:, None] + late_noise * rng.random((prompts * seeds, n))  # noqa: E731
-    return {"final": draw(1)[:, 0], "redraws_0.2": draw(3), "redraws_0.4": draw(2),
-            "preview_0.2": rng.random(prompts * seeds), "preview_0.4": state,
-            "groups": np.repeat(np.arange(prompts), seeds)}
-
-
 def test_summary_of_states_that_decide_everything_and_of_pure_noise(ceiling):
     import proxy_bench
 
     setting = dataclasses.replace(proxy_bench.QUICK, bootstrap=50)
-    decided = ceiling.summarize("unet", synthetic(6, 8, late_noise=0.0), setting)
+    decided = ceiling.summarize("unet", ceiling_arrays(6, 8, late_noise=0.0), setting)
     for t in (0.2, 0.4):
         row = decided["by_t"][t]
         assert row["test_retest"] == pytest.approx(1.0) and row["ceiling"] == pytest.approx(1.0)
@@ -106,7 +97,7 @@ def test_summary_of_states_that_decide_everything_and_of_pure_noise(ceiling):
     assert set(eq["curves"]) == {"best-of-N"} | {f"{m} / {s}" for m in ("one stage at 0.2", "one stage at 0.4",
                                                                        "two stages (0.2, 0.4)")
                                                   for s in ("x0_preview", "expected", "oracle")}
-    noise = ceiling.summarize("unet", synthetic(30, 8, late_noise=1e6, seed=1), setting)
+    noise = ceiling.summarize("unet", ceiling_arrays(30, 8, late_noise=1e6, seed=1), setting)
     for t in (0.2, 0.4):
         assert abs(noise["by_t"][t]["test_retest"]) < 0.1 and noise["by_t"][t]["ceiling"] < 0.35
 
@@ -147,7 +138,7 @@ def test_report_sets_the_scorers_against_the_ceiling(ceiling):
     import proxy_bench
 
     setting = dataclasses.replace(proxy_bench.QUICK, bootstrap=50)
-    entry = json.loads(json.dumps(ceiling.summarize("unet", synthetic(6, 8, late_noise=0.5), setting), default=float))
+    entry = json.loads(json.dumps(ceiling.summarize("unet", ceiling_arrays(6, 8, late_noise=0.5), setting), default=float))
     row = entry["by_t"]["0.2"]
     summary = proxy_bench.ceiling_summary({"unet": entry})
     assert f"unet {row['expected_final']['within']:.3f} [" in summary and f"extrapolated {row['ceiling']:.3f}" in summary

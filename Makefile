@@ -12,7 +12,7 @@ PYTEST_ARGS ?=
 # TEST_WORKERS= runs it in one process.
 TEST_WORKERS ?= -n 2 --dist loadfile --no-loadscope-reorder
 
-.PHONY: setup test test-fast bench bench-core bench-flops bench-noise-levels bench-sd15 bench-streaming bench-proxy bench-proxy-bulk bench-proxy-ceiling bench-preview-reward proxy-models demo lint package clean mutation pictures
+.PHONY: setup test test-fast bench bench-core bench-flops bench-noise-levels bench-sd15 bench-streaming bench-proxy bench-proxy-bulk bench-proxy-ceiling bench-learned-limits bench-preview-reward proxy-models demo lint package clean mutation pictures
 
 setup:
 	@bash scripts/setup_env.sh
@@ -120,6 +120,12 @@ bench-proxy-ceiling: proxy-models
 	  wait $$lane1; wait $$lane2; \
 	done
 	$(PY) bench/proxy_ceiling.py
+
+# What limits the learned scorer (REPORT.md, bench/results/learned_limits.md): can a probe learn the x0 preview's
+# own score (a target without noise) from the bulk set's rows, and does it pick the top or only rank the failures?
+# Reads bench-proxy-bulk's and bench-proxy's cached datasets and the saved bulk curve (about 10 min a model).
+bench-learned-limits: setup
+	$(PY) bench/learned_limits.py
 
 # A noise-aware preview reward (the real-model analogue: a reward model fine-tuned on noisy previews): the
 # evaluator's factors on the x0 preview, re-weighted on the training prompts' previews; reads bench-proxy's

@@ -1066,7 +1066,8 @@ def write_report(results: dict, setting: Setting, command: str, images: list[str
                       f"{t02[best]['within'] - t02['x0_preview']['within']:+.3f} | {t02['random']['within']:.3f} | "
                       f"{c['wallclock_ratio_probe']} | {c['denoiser_ratio']} |")
     lines += ["", real_levels_line(), ""]
-    ceilings = saved_ceilings(setting)
+    # the ceiling of early selection (bench/proxy_ceiling.py) and what limits the learned scorer (learned_limits.py)
+    ceilings, limits = saved_families(RESULTS / CEILING_FILE, setting), saved_families(RESULTS / LIMITS_FILE, setting)
     if ceilings:
         lines += [ceiling_summary(ceilings), ""]
     if any(res.get("equal_compute") for res in results["families"].values()):
@@ -1133,6 +1134,8 @@ def write_report(results: dict, setting: Setting, command: str, images: list[str
             lines += ["", f"x0-preview scorer on the same held-out prompts: {t02['x0_preview']['within']:.3f}.", ""]
         if family in ceilings:
             lines += [*ceiling_lines(ceilings[family], t02, best, bulk), ""]
+        if family in limits:
+            lines += [limits[family]["summary"], ""]
         if res.get("ablation") == {}:
             lines += ["The probe variants at t=0.2 (ablations) were not run for this report (`--skip-ablation`).", ""]
         if res.get("ablation"):
@@ -1192,11 +1195,12 @@ def write_report(results: dict, setting: Setting, command: str, images: list[str
 
 
 CEILING_FILE = "proxy_ceiling.json"
+LIMITS_FILE = "learned_limits.json"
 
 
-def saved_ceilings(setting: Setting) -> dict:
-    """Per family, the ceiling of early selection (bench/proxy_ceiling.py) measured in ``setting``; {} if none."""
-    path = RESULTS / CEILING_FILE
+def saved_families(path: Path, setting: Setting) -> dict:
+    """Per family, the figures a bench script saved at ``path`` (its JSON: ``setting`` and ``families``) when they
+    were measured in ``setting``; {} when there are none or they are another setting's."""
     if not path.exists():
         return {}
     saved = json.loads(path.read_text())

@@ -183,6 +183,12 @@ def test_proxy_bench_quick_writes_a_report(pack, tmp_path, monkeypatch):
     (tmp_path / "results" / proxy_bench.CEILING_FILE).write_text(json.dumps(ceiling_file))
     proxy_bench.main([*common, "--report-only"])
     assert "test-retest" not in (tmp_path / "results" / "REPORT.md").read_text()
+    # what limits the learned scorer (bench/learned_limits.py) joins it the same way
+    limits_file = {"setting": json.loads(json.dumps(setting.__dict__)),
+                   "families": {"unet": {"summary": "What limits the learned scorer (unet, made up)."}}}
+    (tmp_path / "results" / proxy_bench.LIMITS_FILE).write_text(json.dumps(limits_file))
+    proxy_bench.main([*common, "--report-only"])
+    assert "\nWhat limits the learned scorer (unet, made up).\n" in (tmp_path / "results" / "REPORT.md").read_text()
 
 
 def test_a_run_of_one_family_keeps_the_other_family_of_a_saved_run_with_the_same_setting(pack, tmp_path):

@@ -1,0 +1,234 @@
+"""What limits the learned scorer? Two measurements on the proxy bench's bulk set and held-out prompts (t = 0.2).
+
+    make bench-learned-limits                            # after make bench-proxy-bulk and make bench-proxy
+
+The learned scorers of the bulk learning curve rank a prompt's seeds better than the x0 preview does (within-prompt
+Spearman) and yet match best-of-8 only at more compute. Two questions, each with its table:
+
+* **Can the probe learn the evaluator?** The x0 preview's own score is a fixed function of the latent the probe
+  reads (the x0 latent, decoded by a fixed map, scored by the analytic evaluator): a target without noise. The
+  scorer validation favours at the bulk curve's largest point is trained, with the same configuration, rows and
+  seed, on that score instead of the final reward. How well it reproduces the score on the held-out prompts says
+  how much of the evaluator's logic (which colour where, how many) a probe learns from this many rows; how well it
+  then ranks the final reward says what the learned part is worth.
+* **Ranking or picking?** Within-prompt Spearman counts every pair of seeds, most of them pairs of failures;
+  selection only asks for the top. For every learned scorer of the bulk curve's largest point and for the x0
+  preview: the Spearman, the fraction of the oracle gain that top-1 of 5 and of 10 captures, and the success AUC
+  (the chance that, within a prompt, a seed whose final score is >= 0.5 outscores one that fails).
+
+Figures go to bench/results/learned_limits.{md,json} and a summary into REPORT.md. The probes trained here are
+cached under ``bench/cache/proxy_bench/limits/``; the bulk curve's own probes are reused from its cache (trained
+again where missing: same rows, configuration and seed).
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import logging
+import signal
+import sys
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT / "bench"))
+
+import proxy_bench  # noqa: E402  (bootstraps ComfyUI and registers probe_select)
+from probe_select.probes.atomic import atomic_write_text  # noqa: E402
+from probe_select.probes.training.metrics import per_group_spearman  # noqa: E402
+
+import numpy as np  # noqa: E402
+
+log = logging.getLogger("learned_limits")
+CHECKPOINT = proxy_bench.BULK_CHECKPOINT
+PREVIEW = f"x0@{CHECKPOINT:g}"          # the x0 preview's score column: the noise-free target
+SUCCESS_AT = 0.5                        # a final score >= this satisfies the prompt (as in proxy_models.md)
+PICK_OF = (5, 10)
+RESULTS_FILE = "learned_limits.json"
+# Below this within-prompt Spearman with the x0 preview's own score, the report reads the probe as having learned
+# little of the evaluator (a scorer that had learned it would rank the seeds as the preview does, near 1).
+LEARNS_THE_EVALUATOR = 0.5
+
+
+def success_auc(scores: np.ndarray, finals: np.ndarray, groups: np.ndarray) -> float:
+    """Mean over prompts with both outcomes of P(a success outscores a failure) among that prompt's seeds (ties
+    count one half); NaN when no prompt has both."""
+    aucs = []
+    for g in np.unique(groups):
+        rows = groups == g
+        won, lost = scores[rows & (finals >= SUCCESS_AT)], scores[rows & (finals < SUCCESS_AT)]
+        if len(won) and len(lost):
+            diff = won[:, None] - lost[None, :]
+            aucs.append(float((diff > 0).mean() + 0.5 * (diff == 0).mean()))
+    return float(np.mean(aucs)) if aucs else float("nan")
+
+
+def picking(scores: np.ndarray, finals: np.ndarray, groups: np.ndarray) -> dict:
+    """How a scorer ranks and how it picks: within-prompt Spearman, the oracle gain of top-1 of N, success AUC."""
+    return {"within": float(np.nanmean(per_group_spearman(scores, finals, groups))),
+            **{f"oracle_gain_{n}": proxy_bench.oracle_gain(scores, finals, groups, n) for n in PICK_OF},
+            "success_auc": success_auc(scores, finals, groups)}
+
+
+def saved_bulk_curve(family: str) -> dict:
+    """The family's bulk learning curve as proxy_bench saved it ({} when it has none)."""
+    path = proxy_bench.RESULTS / proxy_bench.BULK_CURVE_FILE
+    if not path.exists():
+        return {}
+    return json.loads(path.read_text())["families"].get(family, {})
+
+
+def predictions(path: Path, held_ds, t: float = CHECKPOINT) -> np.ndarray:
+    """A saved probe's scores of the held-out rows (in the dataset's row order)."""
+    from probe_select.probes.io import load_probe
+    from probe_select.probes.training.evaluation import evaluate_probe_on
+
+    probe, meta = load_probe(path)
+    evaluation = evaluate_probe_on(probe, meta, held_ds.arrays(checkpoint_t=t, evaluator=proxy_bench.EVALUATOR))
+    return np.asarray(evaluation.predicted, dtype=np.float64)
+
+
+def noise_free_target(family: str, scorer: str, count: int, bulk, held_ds, setting, cache: Path) -> dict:
+    """``scorer`` trained on the first ``count`` bulk prompts with the x0 preview's score as its target, scored on
+    the held-out prompts against that score and against the final reward."""
+    overrides = proxy_bench.LEARNED[scorer]
+    out = cache / f"{family}_{scorer}_{count}_preview_target.safetensors"
+    out.parent.mkdir(parents=True, exist_ok=True)
+    row = proxy_bench.finished_point(out, held_ds, count, overrides, setting)      # a finished training is reused
+    if row is None:
+        row, _ = proxy_bench.train_and_evaluate(
+            bulk, held_ds, CHECKPOINT, out, setting, PREVIEW,
+            proxy_bench.probe_config(bulk.manifest.feature_shape[0], setting, **overrides),
+            proxy_bench.train_config(setting, epochs=proxy_bench.BULK_EPOCHS),
+            use_text=proxy_bench.reads_text(overrides), train_prompts=count, fractions=proxy_bench.BULK_SPLIT)
+    scores = predictions(out, held_ds)
+    groups = held_ds.arrays(checkpoint_t=CHECKPOINT, evaluator=PREVIEW).prompt_groups().numpy()
+    preview = held_ds.scores(PREVIEW).double().numpy()
+    against_preview = proxy_bench.within_ci(scores, preview, groups, setting.bootstrap)
+    return {"scorer": scorer, "train_rows": row["train_rows"], "val_within": row["val_within"],
+            "best_epoch": row["best_epoch"], "against_preview": against_preview, "against_final": row["probe"]}
+
+
+def measure(family: str, setting, cache: Path) -> dict:
+    """Both measurements for one family; {} when its bulk set or its saved bulk curve is missing."""
+    from probe_select.probes.training.dataset import ProbeDataset
+
+    bulk_dir, held_dir = proxy_bench.CACHE / f"{family}_bulk", proxy_bench.CACHE / f"{family}_heldout"
+    curve = saved_bulk_curve(family)
+    if not (bulk_dir / "manifest.json").exists() or not (held_dir / "manifest.json").exists() or not curve:
+        log.warning("  %s: needs its bulk set, its held-out set and its saved bulk curve (make bench-proxy-bulk, "
+                    "make bench-proxy); skipped", family)
+        return {}
+    bulk, held_ds = ProbeDataset(bulk_dir), ProbeDataset(held_dir)
+    target = proxy_bench.training_target(bulk.manifest)
+    largest = {scorer: points[-1] for scorer, points in curve["curves"].items()}
+    pick = proxy_bench.validation_pick(largest)
+    on_final = {point["train_prompts"]: point for point in curve["curves"][pick]}
+    counts = sorted({min(on_final), max(on_final)})        # the curve's smallest and largest points
+    finals = held_ds.scores(proxy_bench.EVALUATOR).double().numpy()
+    groups = held_ds.arrays(checkpoint_t=CHECKPOINT, evaluator=proxy_bench.EVALUATOR).prompt_groups().numpy()
+    scorers = {"x0 preview": held_ds.scores(PREVIEW).double().numpy()}
+    for scorer, point in largest.items():
+        proxy_bench.bulk_point(family, scorer, point["train_prompts"], bulk, held_ds, setting, target)
+        scorers[proxy_bench.LEARNED_LABELS[scorer]] = predictions(
+            proxy_bench.bulk_probe_file(family, scorer, point["train_prompts"]), held_ds)
+    noise_free = [dict(noise_free_target(family, pick, count, bulk, held_ds, setting, cache),
+                       trained_on_final=on_final[count]["within"]) for count in counts]
+    for point in noise_free:
+        log.info("  %s: %s on the preview's score, %d rows -> %.3f with it, %.3f with the final reward", family,
+                 pick, point["train_rows"], point["against_preview"]["within"], point["against_final"]["within"])
+    return {"pick": pick, "pick_label": proxy_bench.LEARNED_LABELS[pick], "noise_free": noise_free,
+            "picking": {name: picking(scores, finals, groups) for name, scores in scorers.items()}}
+
+
+def summary_line(family: str, entry: dict) -> str:
+    """REPORT.md's sentence on a family's learned-scorer limits (its reading follows the figures)."""
+    largest = entry["noise_free"][-1]
+    preview, learned = entry["picking"]["x0 preview"], entry["picking"][entry["pick_label"]]
+    reproduced = largest["against_preview"]["within"]
+    learns = ("it learns little of the evaluator's logic (which colour where, how many) from this many rows"
+              if reproduced < LEARNS_THE_EVALUATOR else "it learns much of the evaluator's logic from this many rows")
+    ranks = "better" if learned["within"] > preview["within"] else "no better"
+    picks = ("but picks worse" if learned["oracle_gain_10"] < preview["oracle_gain_10"] else "and picks at least as well")
+    return (f"What limits the learned scorer ({family}, bench/results/learned_limits.md): trained on "
+            f"{largest['train_rows']} bulk rows to reproduce the x0 preview's own score, a fixed function of the "
+            f"latent it reads, the {entry['pick_label']} reaches {reproduced:.3f} within-prompt Spearman with it on "
+            f"the held-out prompts (and {largest['against_final']['within']:.3f} with the final reward): {learns}. "
+            f"Trained on the final reward it ranks the seeds {ranks} than the x0 preview ({learned['within']:.3f} "
+            f"against {preview['within']:.3f}) {picks}: top-1 of 10 captures {learned['oracle_gain_10']:.2f} of the "
+            f"oracle gain against {preview['oracle_gain_10']:.2f}, and a success outscores a failure of its prompt "
+            f"with probability {learned['success_auc']:.2f} against {preview['success_auc']:.2f}.")
+
+
+def markdown(results: dict) -> str:
+    lines = ["# What limits the learned scorer", "",
+             f"Command: `{results['command']}`. Held-out prompts of the proxy bench (32 x 20 seeds), t = "
+             f"{CHECKPOINT:g}; bulk rows as in REPORT.md's learning curve on more data (same split, epochs, seed). "
+             f"Intervals: bootstrap 95% over held-out prompts.", ""]
+    families = results["families"]
+    lines += ["## Can the probe learn the evaluator?", "",
+              "The learned scorer validation favours at the bulk curve's largest point, trained on the x0 preview's "
+              "own score (a fixed function of the latent it reads: no noise in the target) instead of the final "
+              "reward. Held-out within-prompt Spearman:", "",
+              "| model | scorer | training rows | with the x0 preview's score [95% CI] | with the final reward [95% CI] "
+              "| the same scorer trained on the final reward, with it | the x0 preview, with the final reward |",
+              "| --- | --- | --- | --- | --- | --- | --- |"]
+    for family, entry in families.items():
+        for point in entry["noise_free"]:
+            lines.append(f"| {family} | {entry['pick_label']} | {point['train_rows']} | "
+                         f"{proxy_bench.cell(point['against_preview'])} | {proxy_bench.cell(point['against_final'])} | "
+                         f"{point['trained_on_final']:.3f} | {entry['picking']['x0 preview']['within']:.3f} |")
+    lines += ["", "## Ranking or picking?", "",
+              f"Within-prompt Spearman with the final reward (every pair of seeds), the fraction of the oracle gain that "
+              f"top-1 of N captures (mean over prompts and random N-subsets of (kept - mean) / (best - mean)), and the "
+              f"success AUC (within a prompt, the chance that a seed scoring >= {SUCCESS_AT:g} at the end outscores one "
+              f"that fails; prompts with both). Learned scorers: the bulk curve's largest point.", "",
+              "| model | scorer | within-prompt Spearman | oracle gain, top-1 of 5 | oracle gain, top-1 of 10 "
+              "| success AUC |", "| --- | --- | --- | --- | --- | --- |"]
+    for family, entry in families.items():
+        for name, row in entry["picking"].items():
+            lines.append(f"| {family} | {name} | {row['within']:.3f} | {row['oracle_gain_5']:.3f} | "
+                         f"{row['oracle_gain_10']:.3f} | {row['success_auc']:.3f} |")
+    lines += ["", "## Reading", ""] + [f"- {entry['summary']}" for entry in families.values()]
+    return "\n".join(lines) + "\n"
+
+
+def report(families: list[str], setting, cache: Path, out: Path, command: str) -> dict:
+    results = {"command": command, "setting": json.loads(json.dumps(setting.__dict__)), "families": {}}
+    results["families"].update(proxy_bench.saved_families(out / RESULTS_FILE, setting))   # a one-family run keeps the other's
+    for family in families:
+        entry = measure(family, setting, cache)
+        if entry:
+            results["families"][family] = entry
+    if not results["families"]:
+        raise SystemExit("learned_limits: no family has its bulk set, held-out set and bulk curve; nothing written")
+    for family, entry in results["families"].items():        # REPORT.md reads each family's sentence from here
+        entry["summary"] = summary_line(family, entry)
+    atomic_write_text(out / RESULTS_FILE, json.dumps(results, indent=1, allow_nan=True))
+    atomic_write_text(out / "learned_limits.md", markdown(results))
+    return results
+
+
+def main(argv=None) -> dict:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--families", nargs="+", default=["unet", "dit"])
+    parser.add_argument("--out", type=Path, default=proxy_bench.RESULTS)
+    parser.add_argument("--cache", type=Path, default=proxy_bench.CACHE / "limits")
+    args = parser.parse_args(argv)
+    logging.basicConfig(level=logging.INFO, format="%(message)s")
+    setting = proxy_bench.MEDIUM
+    proxy_bench.load_pack()
+    results = report(args.families, setting, args.cache, args.out,
+                     "bench/learned_limits.py " + " ".join(argv if argv is not None else sys.argv[1:]))
+    log.info("wrote %s", args.out / "learned_limits.md")
+    if (args.out / "proxy_bench.json").exists():      # REPORT.md's summary
+        proxy_bench.RESULTS = args.out
+        proxy_bench.rewrite_report()
+    return results
+
+
+if __name__ == "__main__":
+    from devtools import bootstrap_comfy
+
+    signal.signal(signal.SIGTERM, proxy_bench.stop_on_sigterm)
+    bootstrap_comfy(pytorch_attention=True)
+    main()

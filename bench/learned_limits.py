@@ -142,17 +142,19 @@ def measure(family: str, setting, cache: Path) -> dict:
 
 def summary_line(family: str, entry: dict) -> str:
     """REPORT.md's sentence on a family's learned-scorer limits (its reading follows the figures)."""
-    largest = entry["noise_free"][-1]
+    smallest, largest = entry["noise_free"][0], entry["noise_free"][-1]
     preview, learned = entry["picking"]["x0 preview"], entry["picking"][entry["pick_label"]]
     reproduced = largest["against_preview"]["within"]
-    learns = ("it learns little of the evaluator's logic (which colour where, how many) from this many rows"
-              if reproduced < LEARNS_THE_EVALUATOR else "it learns much of the evaluator's logic from this many rows")
+    learns = ("the probe does not learn to compute the evaluator (which colour where, how many) from this many "
+              "rows; what it learns from the final reward are correlates of success"
+              if reproduced < LEARNS_THE_EVALUATOR else "the probe learns much of the evaluator from this many rows")
     ranks = "better" if learned["within"] > preview["within"] else "no better"
     picks = ("but picks worse" if learned["oracle_gain_10"] < preview["oracle_gain_10"] else "and picks at least as well")
     return (f"What limits the learned scorer ({family}, bench/results/learned_limits.md): trained on "
             f"{largest['train_rows']} bulk rows to reproduce the x0 preview's own score, a fixed function of the "
             f"latent it reads, the {entry['pick_label']} reaches {reproduced:.3f} within-prompt Spearman with it on "
-            f"the held-out prompts (and {largest['against_final']['within']:.3f} with the final reward): {learns}. "
+            f"the held-out prompts ({smallest['against_preview']['within']:.3f} from {smallest['train_rows']} rows, "
+            f"where trained on the final reward it reaches {smallest['trained_on_final']:.3f} with that): {learns}. "
             f"Trained on the final reward it ranks the seeds {ranks} than the x0 preview ({learned['within']:.3f} "
             f"against {preview['within']:.3f}) {picks}: top-1 of 10 captures {learned['oracle_gain_10']:.2f} of the "
             f"oracle gain against {preview['oracle_gain_10']:.2f}, and a success outscores a failure of its prompt "

@@ -47,6 +47,7 @@ RESULTS_FILE = "learned_limits.json"
 # Below this within-prompt Spearman with the x0 preview's own score, the report reads the probe as having learned
 # little of the evaluator (a scorer that had learned it would rank the seeds as the preview does, near 1).
 LEARNS_THE_EVALUATOR = 0.5
+SAYS_NOTHING = 0.1          # a within-prompt Spearman with the final reward below this reads as none
 
 
 def success_auc(scores: np.ndarray, finals: np.ndarray, groups: np.ndarray) -> float:
@@ -144,21 +145,26 @@ def summary_line(family: str, entry: dict) -> str:
     """REPORT.md's sentence on a family's learned-scorer limits (its reading follows the figures)."""
     smallest, largest = entry["noise_free"][0], entry["noise_free"][-1]
     preview, learned = entry["picking"]["x0 preview"], entry["picking"][entry["pick_label"]]
-    reproduced = largest["against_preview"]["within"]
-    learns = ("the probe does not learn to compute the evaluator (which colour where, how many) from this many "
-              "rows; what it learns from the final reward are correlates of success"
-              if reproduced < LEARNS_THE_EVALUATOR else "the probe learns much of the evaluator from this many rows")
-    ranks = "better" if learned["within"] > preview["within"] else "no better"
-    picks = ("but picks worse" if learned["oracle_gain_10"] < preview["oracle_gain_10"] else "and picks at least as well")
+    reproduced, carried = largest["against_preview"]["within"], largest["against_final"]["within"]
+    learns = ("it learns little of the evaluator's judgement from this many rows" if reproduced < LEARNS_THE_EVALUATOR
+              else "it learns much of that score")
+    if carried >= preview["within"]:
+        carries = "what it learns ranks the final reward at least as well as the preview itself"
+    elif carried < SAYS_NOTHING:
+        carries = ("what it learns of that score says nothing of the final reward: it learns the part that does not "
+                   "predict the outcome")
+    else:
+        carries = "what it learns ranks the final reward less well than the preview itself"
+    picks = "worse than" if learned["oracle_gain_10"] < preview["oracle_gain_10"] else "at least as well as"
     return (f"What limits the learned scorer ({family}, bench/results/learned_limits.md): trained on "
             f"{largest['train_rows']} bulk rows to reproduce the x0 preview's own score, a fixed function of the "
             f"latent it reads, the {entry['pick_label']} reaches {reproduced:.3f} within-prompt Spearman with it on "
-            f"the held-out prompts ({smallest['against_preview']['within']:.3f} from {smallest['train_rows']} rows, "
-            f"where trained on the final reward it reaches {smallest['trained_on_final']:.3f} with that): {learns}. "
-            f"Trained on the final reward it ranks the seeds {ranks} than the x0 preview ({learned['within']:.3f} "
-            f"against {preview['within']:.3f}) {picks}: top-1 of 10 captures {learned['oracle_gain_10']:.2f} of the "
-            f"oracle gain against {preview['oracle_gain_10']:.2f}, and a success outscores a failure of its prompt "
-            f"with probability {learned['success_auc']:.2f} against {preview['success_auc']:.2f}.")
+            f"the held-out prompts ({smallest['against_preview']['within']:.3f} from {smallest['train_rows']} rows) and "
+            f"{carried:.3f} with the final reward, against the preview's own {preview['within']:.3f}: {learns}, and "
+            f"{carries}. Trained on the final reward it ranks the seeds at {learned['within']:.3f} and picks {picks} "
+            f"the x0 preview: top-1 of 10 captures {learned['oracle_gain_10']:.2f} of the oracle gain against "
+            f"{preview['oracle_gain_10']:.2f}, and a success outscores a failure of its prompt with probability "
+            f"{learned['success_auc']:.2f} against {preview['success_auc']:.2f}.")
 
 
 def markdown(results: dict) -> str:

@@ -61,16 +61,20 @@ def test_report_states_both_measurements(limits):
 
     entry = made_up_entry(limits)
     assert "10152 bulk rows" in entry["summary"] and "reaches 0.314 within-prompt Spearman with it" in entry["summary"]
-    assert "(0.050 from 1152 rows, where trained on the final reward it reaches 0.346 with that)" in entry["summary"]
-    assert "the probe does not learn to compute the evaluator" in entry["summary"]
-    assert "ranks the seeds better than the x0 preview (0.572 against 0.377) and picks at least as well" in entry["summary"]
+    assert "(0.050 from 1152 rows) and 0.438 with the final reward, against the preview's own 0.377" in entry["summary"]
+    assert "it learns little of the evaluator's judgement" in entry["summary"]
+    assert "what it learns ranks the final reward at least as well as the preview itself" in entry["summary"]
+    assert "ranks the seeds at 0.572 and picks at least as well as the x0 preview" in entry["summary"]
     assert "top-1 of 10 captures 0.19 of the oracle gain against 0.13" in entry["summary"]
     # the reading follows the figures
     entry["picking"]["x0 preview"]["oracle_gain_10"] = 0.5
     entry["noise_free"][-1]["against_preview"]["within"] = 0.9
+    entry["noise_free"][-1]["against_final"]["within"] = -0.02
     other = limits.summary_line("unet", entry)
-    assert "but picks worse: top-1 of 10 captures 0.19 of the oracle gain against 0.50" in other
-    assert "the probe learns much of the evaluator" in other
+    assert "picks worse than the x0 preview: top-1 of 10 captures 0.19 of the oracle gain against 0.50" in other
+    assert "it learns much of that score, and what it learns of that score says nothing of the final reward" in other
+    entry["noise_free"][-1]["against_final"]["within"] = 0.2
+    assert "ranks the final reward less well than the preview itself" in limits.summary_line("unet", entry)
     entry = made_up_entry(limits)
     text = limits.markdown({"command": "bench/learned_limits.py", "families": {"unet": entry}})
     assert "| unet | x0-latent probe | 1152 | 0.050 [-0.050, 0.150] | 0.110 [0.010, 0.210] | 0.346 | 0.377 |" in text

@@ -70,27 +70,11 @@ def picking(scores: np.ndarray, finals: np.ndarray, groups: np.ndarray) -> dict:
             "success_auc": success_auc(scores, finals, groups)}
 
 
-def saved_bulk_curve(family: str) -> dict:
-    """The family's bulk learning curve as proxy_bench saved it ({} when it has none)."""
-    path = proxy_bench.RESULTS / proxy_bench.BULK_CURVE_FILE
-    if not path.exists():
-        return {}
-    return json.loads(path.read_text())["families"].get(family, {})
-
-
-def predictions(path: Path, held_ds, t: float = CHECKPOINT) -> np.ndarray:
-    """A saved probe's scores of the held-out rows (in the dataset's row order)."""
-    from probe_select.probes.io import load_probe
-    from probe_select.probes.training.evaluation import evaluate_probe_on
-
-    probe, meta = load_probe(path)
-    evaluation = evaluate_probe_on(probe, meta, held_ds.arrays(checkpoint_t=t, evaluator=proxy_bench.EVALUATOR))
-    return np.asarray(evaluation.predicted, dtype=np.float64)
-
-
-def noise_free_target(family: str, scorer: str, count: int, bulk, held_ds, setting, cache: Path) -> dict:
+def noise_free_target(family: str, scorer: str, count: int, bulk, held_ds, setting, cache: Path,
+                      preview: np.ndarray, groups: np.ndarray) -> dict:
     """``scorer`` trained on the first ``count`` bulk prompts with the x0 preview's score as its target, scored on
-    the held-out prompts against that score and against the final reward."""
+    the held-out prompts against that score (``preview``, per held-out row; ``groups``: their prompts) and against
+    the final reward."""
     overrides = proxy_bench.LEARNED[scorer]
     out = cache / f"{family}_{scorer}_{count}_preview_target.safetensors"
     out.parent.mkdir(parents=True, exist_ok=True)
@@ -101,9 +85,7 @@ def noise_free_target(family: str, scorer: str, count: int, bulk, held_ds, setti
             proxy_bench.probe_config(bulk.manifest.feature_shape[0], setting, **overrides),
             proxy_bench.train_config(setting, epochs=proxy_bench.BULK_EPOCHS),
             use_text=proxy_bench.reads_text(overrides), train_prompts=count, fractions=proxy_bench.BULK_SPLIT)
-    scores = predictions(out, held_ds)
-    groups = held_ds.arrays(checkpoint_t=CHECKPOINT, evaluator=PREVIEW).prompt_groups().numpy()
-    preview = held_ds.scores(PREVIEW).double().numpy()
+    scores = proxy_bench.heldout_predictions(out, held_ds, CHECKPOINT)
     against_preview = proxy_bench.within_ci(scores, preview, groups, setting.bootstrap)
     return {"scorer": scorer, "train_rows": row["train_rows"], "val_within": row["val_within"],
             "best_epoch": row["best_epoch"], "against_preview": against_preview, "against_final": row["probe"]}
@@ -114,7 +96,7 @@ def measure(family: str, setting, cache: Path) -> dict:
     from probe_select.probes.training.dataset import ProbeDataset
 
     bulk_dir, held_dir = proxy_bench.CACHE / f"{family}_bulk", proxy_bench.CACHE / f"{family}_heldout"
-    curve = saved_bulk_curve(family)
+    curve = proxy_bench.saved_families(proxy_bench.RESULTS / proxy_bench.BULK_CURVE_FILE, setting).get(family, {})
     if not (bulk_dir / "manifest.json").exists() or not (held_dir / "manifest.json").exists() or not curve:
         log.warning("  %s: needs its bulk set, its held-out set and its saved bulk curve (make bench-proxy-bulk, "
                     "make bench-proxy); skipped", family)
@@ -127,12 +109,13 @@ def measure(family: str, setting, cache: Path) -> dict:
     counts = sorted({min(on_final), max(on_final)})        # the curve's smallest and largest points
     finals = held_ds.scores(proxy_bench.EVALUATOR).double().numpy()
     groups = held_ds.arrays(checkpoint_t=CHECKPOINT, evaluator=proxy_bench.EVALUATOR).prompt_groups().numpy()
-    scorers = {"x0 preview": held_ds.scores(PREVIEW).double().numpy()}
+    preview = held_ds.scores(PREVIEW).double().numpy()
+    scorers = {"x0 preview": preview}
     for scorer, point in largest.items():
         proxy_bench.bulk_point(family, scorer, point["train_prompts"], bulk, held_ds, setting, target)
-        scorers[proxy_bench.LEARNED_LABELS[scorer]] = predictions(
-            proxy_bench.bulk_probe_file(family, scorer, point["train_prompts"]), held_ds)
-    noise_free = [dict(noise_free_target(family, pick, count, bulk, held_ds, setting, cache),
+        scorers[proxy_bench.LEARNED_LABELS[scorer]] = proxy_bench.heldout_predictions(
+            proxy_bench.bulk_probe_file(family, scorer, point["train_prompts"]), held_ds, CHECKPOINT)
+    noise_free = [dict(noise_free_target(family, pick, count, bulk, held_ds, setting, cache, preview, groups),
                        trained_on_final=on_final[count]["within"]) for count in counts]
     for point in noise_free:
         log.info("  %s: %s on the preview's score, %d rows -> %.3f with it, %.3f with the final reward", family,

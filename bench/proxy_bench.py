@@ -546,15 +546,22 @@ def bulk_scorer_name(scorer: str, train_rows: int) -> str:
     return f"{scorer} on {train_rows} bulk rows"
 
 
+def heldout_predictions(path: Path, held_ds, t: float) -> np.ndarray:
+    """A saved probe's scores of the held-out rows at checkpoint t, in the dataset's row order (float64)."""
+    from probe_select.probes.io import load_probe
+    from probe_select.probes.training.evaluation import evaluate_probe_on
+
+    probe, meta = load_probe(path)
+    evaluation = evaluate_probe_on(probe, meta, held_ds.arrays(checkpoint_t=t, evaluator=EVALUATOR))
+    return np.asarray(evaluation.predicted, dtype=np.float64)
+
+
 def bulk_equal_compute(family: str, setting: Setting, held_ds, curves: dict, bulk=None, target: str = "") -> dict:
     """Does more data make the learned scorer pay? The bulk curve's largest point, the scorer validation
     favours there, at equal compute on the held-out prompts: pruning once at t = 0.2 with it, and in two stages
     (t = 0.2 with it; t = 0.4 with the same kind of scorer trained on the bulk set's t = 0.4 rows where ``bulk``
     holds them, else the main run's). Its curves go beside the main run's in the report; {} when that t = 0.4
     probe is missing."""
-    from probe_select.probes.io import load_probe
-    from probe_select.probes.training.evaluation import evaluate_probe_on
-
     largest = {scorer: points[-1] for scorer, points in curves.items()}
     best = validation_pick(largest)
     count = largest[best]["train_prompts"]
@@ -568,11 +575,7 @@ def bulk_equal_compute(family: str, setting: Setting, held_ds, curves: dict, bul
         bulk_point(family, best, count, bulk, held_ds, setting, target, t=BULK_SECOND_STAGE)
     if not all(path.exists() for path in stage_probes.values()):
         return {}
-    learned = {}
-    for t, path in stage_probes.items():
-        probe, meta = load_probe(path)
-        learned[t] = np.asarray(evaluate_probe_on(probe, meta, held_ds.arrays(checkpoint_t=t, evaluator=EVALUATOR))
-                                .predicted, dtype=np.float64)
+    learned = {t: heldout_predictions(path, held_ds, t) for t, path in stage_probes.items()}
     finals = held_ds.scores(EVALUATOR).double().numpy()
     groups = held_ds.arrays(checkpoint_t=BULK_CHECKPOINT, evaluator=EVALUATOR).prompt_groups().numpy()
     preview = {t: held_ds.scores(f"x0@{t:g}").double().numpy() for t in (0.2, 0.4)}
@@ -878,9 +881,8 @@ def add_bulk_curves(families: list[str], setting: Setting, results_dir: Path) ->
 
     _modules()
     path = results_dir / BULK_CURVE_FILE
-    saved = json.loads(path.read_text()) if path.exists() else {}
     setting_json = json.loads(json.dumps(setting.__dict__))
-    curves = saved.get("families", {}) if saved.get("setting") == setting_json else {}
+    curves = saved_families(path, setting)
     renewed = []              # families with a new curve (an unfinished bulk set gives none: the saved one stays)
     for family in families:
         held_ds = ProbeDataset(CACHE / f"{family}_heldout")

@@ -12,7 +12,7 @@ PYTEST_ARGS ?=
 # TEST_WORKERS= runs it in one process.
 TEST_WORKERS ?= -n 2 --dist loadfile --no-loadscope-reorder
 
-.PHONY: setup test test-fast bench bench-core bench-flops bench-noise-levels bench-sd15 bench-streaming bench-proxy bench-proxy-bulk bench-proxy-ceiling bench-learned-limits bench-preview-reward proxy-models demo lint package clean mutation pictures
+.PHONY: setup test test-fast bench bench-core bench-flops bench-noise-levels bench-sd15 bench-streaming bench-proxy bench-proxy-bulk bench-proxy-ceiling bench-learned-limits bench-score-blend bench-preview-reward proxy-models demo lint package clean mutation pictures
 
 setup:
 	@bash scripts/setup_env.sh
@@ -126,6 +126,13 @@ bench-proxy-ceiling: proxy-models
 # Reads bench-proxy-bulk's and bench-proxy's cached datasets and the saved bulk curve (about 10 min a model).
 bench-learned-limits: setup
 	$(PY) bench/learned_limits.py
+
+# The x0 preview blended with a probe (ProbeSelectBlendScores; REPORT.md, bench/results/score_blend.md): each
+# learned scorer's blend with the plain and the noise-aware preview, weights fitted on the bulk set's validation
+# prompts, judged on the held-out prompts and at equal compute. Reads the cached bulk and held-out sets and the
+# saved bulk curve (a few minutes a model).
+bench-score-blend: setup
+	$(PY) bench/score_blend.py
 
 # A noise-aware preview reward (the real-model analogue: a reward model fine-tuned on noisy previews): the
 # evaluator's factors on the x0 preview, re-weighted on the training prompts' previews; reads bench-proxy's

@@ -23,7 +23,6 @@ again where missing: same rows, configuration and seed).
 from __future__ import annotations
 
 import argparse
-import json
 import logging
 import signal
 import sys
@@ -33,7 +32,6 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT / "bench"))
 
 import proxy_bench  # noqa: E402  (bootstraps ComfyUI and registers probe_select)
-from probe_select.probes.atomic import atomic_write_text  # noqa: E402
 from probe_select.probes.training.metrics import per_group_spearman  # noqa: E402
 
 import numpy as np  # noqa: E402
@@ -184,19 +182,8 @@ def markdown(results: dict) -> str:
 
 
 def report(families: list[str], setting, cache: Path, out: Path, command: str) -> dict:
-    results = {"command": command, "setting": json.loads(json.dumps(setting.__dict__)), "families": {}}
-    results["families"].update(proxy_bench.saved_families(out / RESULTS_FILE, setting))   # a one-family run keeps the other's
-    for family in families:
-        entry = measure(family, setting, cache)
-        if entry:
-            results["families"][family] = entry
-    if not results["families"]:
-        raise SystemExit("learned_limits: no family has its bulk set, held-out set and bulk curve; nothing written")
-    for family, entry in results["families"].items():        # REPORT.md reads each family's sentence from here
-        entry["summary"] = summary_line(family, entry)
-    atomic_write_text(out / RESULTS_FILE, json.dumps(results, indent=1, allow_nan=True))
-    atomic_write_text(out / "learned_limits.md", markdown(results))
-    return results
+    return proxy_bench.family_results(out, Path(RESULTS_FILE).stem, families, setting, command,
+                                      lambda family: measure(family, setting, cache), summary_line, markdown)
 
 
 def main(argv=None) -> dict:
@@ -211,9 +198,7 @@ def main(argv=None) -> dict:
     results = report(args.families, setting, args.cache, args.out,
                      "bench/learned_limits.py " + " ".join(argv if argv is not None else sys.argv[1:]))
     log.info("wrote %s", args.out / "learned_limits.md")
-    if (args.out / "proxy_bench.json").exists():      # REPORT.md's summary
-        proxy_bench.RESULTS = args.out
-        proxy_bench.rewrite_report()
+    proxy_bench.rewrite_report_from(args.out)      # REPORT.md's summary
     return results
 
 

@@ -300,10 +300,16 @@ def train_and_evaluate(train_ds, held_ds, t: float, out: Path, setting: Setting,
     row = {"train_rows": sizes["train"], "train_seconds": round(train_seconds, 1), "best_epoch": result.best_epoch,
            "val_within": _float_or_nan(best.get("val_within_spearman")),
            "probe_parameters": sum(p.numel() for p in probe.parameters()),
-           "probe": within_ci(evaluation.predicted, evaluation.actual, evaluation.group, setting.bootstrap)}
-    row["probe"]["oracle_gain"] = {n: oracle_gain(evaluation.predicted, evaluation.actual, evaluation.group, n)
-                                   for n in (2, 5, 10, 20)}
+           "probe": heldout_figures(evaluation, setting)}
     return row, evaluation
+
+
+def heldout_figures(evaluation, setting: Setting) -> dict:
+    """A probe's held-out figures: within-prompt Spearman with its interval, global Spearman, top-1 oracle gains."""
+    figures = within_ci(evaluation.predicted, evaluation.actual, evaluation.group, setting.bootstrap)
+    figures["oracle_gain"] = {n: oracle_gain(evaluation.predicted, evaluation.actual, evaluation.group, n)
+                              for n in (2, 5, 10, 20)}
+    return figures
 
 
 def noise_levels(family: str, setting: Setting) -> dict:
@@ -479,8 +485,7 @@ def finished_point(path: Path, held_ds, count: int, overrides: dict, setting: Se
     evaluation = evaluate_probe_on(probe, meta, held_ds.arrays(checkpoint_t=t, evaluator=EVALUATOR))
     log.info("  %s: finished training found, scored again", path.name)
     return {"train_rows": info["data"]["train_rows"], "val_within": _float_or_nan(info["val"]["within_spearman"]),
-            "best_epoch": info["best_epoch"], "train_seconds": None,
-            "probe": within_ci(evaluation.predicted, evaluation.actual, evaluation.group, setting.bootstrap)}
+            "best_epoch": info["best_epoch"], "train_seconds": None, "probe": heldout_figures(evaluation, setting)}
 
 
 def bulk_probe_file(family: str, scorer: str, train_prompts: int, t: float = BULK_CHECKPOINT) -> Path:
@@ -620,7 +625,7 @@ def compute_schedules(max_n: int) -> dict:
 
 
 def equal_compute(family: str, setting: Setting, predictions: dict, finals: np.ndarray, groups: np.ndarray,
-                  best: str, previews: tuple = ("x0_preview",), free: tuple = ()) -> dict:
+                  best: str, previews: tuple = ("x0_preview",), free: tuple = (), blends: tuple = ()) -> dict:
     """Mean kept reward against compute for every method and scorer, on the held-out prompts' recorded scores.
 
     Compute counts denoiser steps, the scorer at each pruning stage, the decode of every finished
@@ -630,7 +635,8 @@ def equal_compute(family: str, setting: Setting, predictions: dict, finals: np.n
     the prompts and its reward and compute are reported on the other half (and the other way round), so
     the choice never sees the prompts it is judged on. ``previews``: the scorers that decode the x0 preview and
     run the evaluator on it (priced so); ``free``: scorers priced at nothing, like random and the oracle (bounds, not
-    methods); every other scorer is priced as a probe."""
+    methods); ``blends``: scorers that mix a preview with a probe (probes.training.blending), priced as both; every
+    other scorer is priced as a probe."""
     from probe_select.probes.pruning import (ScoreTable, StageCosts, full_generation_cost, mean_kept_reward,
                                              parse_schedule, schedule_cost)
     prices = step_prices(family)
@@ -641,7 +647,8 @@ def equal_compute(family: str, setting: Setting, predictions: dict, finals: np.n
     rng = np.random.default_rng(0)
     scorers["random"] = {t: rng.random(len(finals)) for t in ts}
     scorers["oracle"] = {t: finals for t in ts}
-    cost_of = {name: StageCosts(score=prices["x0_preview"] if name in previews else
+    cost_of = {name: StageCosts(score=prices["x0_preview"] + prices["probe"] if name in blends else
+                                prices["x0_preview"] if name in previews else
                                 0.0 if name in ("random", "oracle", *free) else prices["probe"],
                                 decode=prices["decode"], final_score=prices["evaluator"]) for name in scorers}
     unit = full_generation_cost(steps, StageCosts(decode=prices["decode"], final_score=prices["evaluator"]))
@@ -1070,6 +1077,7 @@ def write_report(results: dict, setting: Setting, command: str, images: list[str
     lines += ["", real_levels_line(), ""]
     # the ceiling of early selection (bench/proxy_ceiling.py) and what limits the learned scorer (learned_limits.py)
     ceilings, limits = saved_families(RESULTS / CEILING_FILE, setting), saved_families(RESULTS / LIMITS_FILE, setting)
+    blends = saved_families(RESULTS / BLEND_FILE, setting)      # the x0 preview blended with a probe (score_blend.py)
     if ceilings:
         lines += [ceiling_summary(ceilings), ""]
     if any(res.get("equal_compute") for res in results["families"].values()):
@@ -1138,6 +1146,8 @@ def write_report(results: dict, setting: Setting, command: str, images: list[str
             lines += [*ceiling_lines(ceilings[family], t02, best, bulk), ""]
         if family in limits:
             lines += [limits[family]["summary"], ""]
+        if family in blends:
+            lines += [blends[family]["summary"], ""]
         if res.get("ablation") == {}:
             lines += ["The probe variants at t=0.2 (ablations) were not run for this report (`--skip-ablation`).", ""]
         if res.get("ablation"):
@@ -1198,6 +1208,7 @@ def write_report(results: dict, setting: Setting, command: str, images: list[str
 
 CEILING_FILE = "proxy_ceiling.json"
 LIMITS_FILE = "learned_limits.json"
+BLEND_FILE = "score_blend.json"
 
 
 def saved_families(path: Path, setting: Setting) -> dict:
@@ -1207,6 +1218,36 @@ def saved_families(path: Path, setting: Setting) -> dict:
         return {}
     saved = json.loads(path.read_text())
     return saved["families"] if saved.get("setting") == json.loads(json.dumps(setting.__dict__)) else {}
+
+
+def family_results(out: Path, name: str, families: list, setting: Setting, command: str, measure, summary_line,
+                   markdown) -> dict:
+    """The figures of a script that adds a sentence per family to REPORT.md (learned_limits.py, score_blend.py):
+    ``measure(family)`` for each family ({} when it lacks its data: skipped), joined to the other families' figures
+    saved in ``out/<name>.json`` in the same setting, each with its sentence ``summary_line(family, entry)`` (which
+    REPORT.md reads); written atomically to ``out/<name>.json`` and ``.md`` (``markdown(results)``). Nothing is
+    written when no family has figures."""
+    results = {"command": command, "setting": json.loads(json.dumps(setting.__dict__)), "families": {}}
+    results["families"].update(saved_families(out / f"{name}.json", setting))     # a one-family run keeps the other's
+    for family in families:
+        entry = measure(family)
+        if entry:
+            results["families"][family] = entry
+    if not results["families"]:
+        raise SystemExit(f"{name}: no family has its bulk set, held-out set and bulk curve; nothing written")
+    for family, entry in results["families"].items():
+        entry["summary"] = summary_line(family, entry)
+    atomic_write_text(out / f"{name}.json", json.dumps(results, indent=1, allow_nan=True))
+    atomic_write_text(out / f"{name}.md", markdown(results))
+    return results
+
+
+def rewrite_report_from(out: Path) -> None:
+    """REPORT.md again, with the figures a later script saved in ``out``, when the proxy bench's run is there."""
+    global RESULTS
+    if (out / "proxy_bench.json").exists():
+        RESULTS = out
+        rewrite_report()
 
 
 def fraction_of_best_of_8(found: list, unit: float) -> str:

@@ -284,9 +284,7 @@ def main(argv=None) -> dict:
     results = report(args.families, setting, args.cache, args.out,
                      "bench/proxy_ceiling.py " + " ".join(argv if argv is not None else sys.argv[1:]))
     log.info("wrote %s", args.out / "proxy_ceiling.md")
-    if (args.out / "proxy_bench.json").exists():      # REPORT.md's summary of the ceiling
-        proxy_bench.RESULTS = args.out
-        proxy_bench.rewrite_report()
+    proxy_bench.rewrite_report_from(args.out)      # REPORT.md's summary of the ceiling
     return results
 
 

@@ -6,7 +6,7 @@
 import { app } from "../../scripts/app.js";
 
 const NODES_WITH_SCORES = new Set([
-  "ProbeSelectScore", "ProbeSelectPreviewScore", "ProbeSelectTopK", "ProbeSelectSampler",
+  "ProbeSelectScore", "ProbeSelectPreviewScore", "ProbeSelectBlendScores", "ProbeSelectTopK", "ProbeSelectSampler",
   "ProbeSelectPickCandidates",
 ]);
 const WIDGET_NAME = "probe_select_scores";

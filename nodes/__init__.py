@@ -3,6 +3,7 @@ from comfy_api.latest import ComfyExtension, io
 
 from .nodes_activation_pca import PCA_NODES
 from .nodes_attention import ATTENTION_NODES
+from .nodes_blend_scores import ProbeSelectBlendScores
 from .nodes_custom_sampling import ProbeSelectEarlySamplerCustom, ProbeSelectResumeCustom
 from .nodes_dataset import ProbeSelectCompactDataset, ProbeSelectDatasetWriter
 from .nodes_evaluators import EVALUATOR_NODES
@@ -24,6 +25,7 @@ NODES: list[type[io.ComfyNode]] = [
     ProbeSelectLoadProbe,
     ProbeSelectScore,
     ProbeSelectPreviewScore,
+    ProbeSelectBlendScores,
     ProbeSelectTopK,
     ProbeSelectPickCandidates,
     ProbeSelectResume,

@@ -76,6 +76,7 @@ NEGATIVE = "blurry, low quality"
 SEED, CANDIDATES, KEEP, CHECKPOINT_PERCENT = 42, 5, 1, 0.2
 COLLECT_PERCENTS = "0.1,0.2,0.3,0.4,0.6"
 TAP = {"block": "auto", "feature_size": 16}
+BLEND_PROBE_WEIGHT = 0.7            # ProbeSelectBlendScores' default: the proxy bench's validation fit
 NOTE_SIZE = (440, 420)
 
 # Node ids shared by every selection template (tests/test_server.py and tests/test_browser.py edit
@@ -149,6 +150,15 @@ def early_sampler(family: Family, node_id: int, model: tuple, guider_id: int = 2
     return Node(node_id, "ProbeSelectEarlySampler", {
         "model": model, "positive": positive, "negative": negative, "latent_image": (LATENT, 0),
         **ksampler_settings(family), "checkpoint_percent": CHECKPOINT_PERCENT, "denoise": 1.0})
+
+
+def tapped_early_run(family: Family) -> tuple[list, Node]:
+    """(sampling nodes, early sampler 6) of a template whose early run samples the tapped model (node 5). In the
+    custom form the early run samples it through guider 17; the finish needs no tap (guider 21)."""
+    if not family.custom:
+        return [], early_sampler(family, 6, (5, 0))
+    tapped_guider = custom_sampling(family, (5, 0), guider_id=17)[1]
+    return [*custom_sampling(family, (CKPT, 0)), tapped_guider], early_sampler(family, 6, (5, 0), guider_id=17)
 
 
 def resume(family: Family, node_id: int, kept: tuple, guider_id: int = 21) -> Node:
@@ -249,13 +259,7 @@ def probe_selection(family: Family) -> Workflow:
     description = (f"Probe selection: {CANDIDATES} candidates run to {CHECKPOINT_PERCENT:.0%} of the steps, a trained "
                    "probe predicts each one's final score from the tapped activations and only the best is "
                    f"finished. Needs the checkpoint and a probe trained for {family.label}.")
-    if family.custom:
-        # The early run samples the tapped model (guider 17); the finish needs no tap (guider 21).
-        tapped_guider = custom_sampling(family, (5, 0), guider_id=17)[1]
-        sampling = [*custom_sampling(family, (CKPT, 0)), tapped_guider]
-        early = early_sampler(family, 6, (5, 0), guider_id=17)
-    else:
-        sampling, early = [], early_sampler(family, 6, (5, 0))
+    sampling, early = tapped_early_run(family)
     return Workflow([
         *inputs(family),
         Node(5, "ProbeSelectTap", {"model": (CKPT, 0), **TAP}),
@@ -274,6 +278,40 @@ def probe_selection(family: Family) -> Workflow:
              "- Tap: the block and feature size the probe was trained with (auto = the pack's default block).",
              f"- Compute: {CHECKPOINT_PERCENT} + {1 - CHECKPOINT_PERCENT:.1f} K/N of N full runs. A kept candidate "
              "equals a plain sampler run of its seed (shown on Top-K).",
+             "- " + settings_text(family)),
+    ], description=description)
+
+
+def probe_blend_selection(family: Family) -> Workflow:
+    description = (f"Probe and x0 preview together: {CANDIDATES} candidates run to {CHECKPOINT_PERCENT:.0%} of the "
+                   "steps; a trained probe predicts each one's final score from the tapped activations, CLIPScore "
+                   "rates each decoded x0 preview, the two rankings are blended and only the best is finished. Needs "
+                   f"the checkpoint, open_clip weights for CLIPScore and a probe trained for {family.label}.")
+    sampling, early = tapped_early_run(family)
+    return Workflow([
+        Node(13, "PrimitiveStringMultiline", {"value": POSITIVE}, title="prompt", color="green"),
+        *inputs(family, prompt_node=13),
+        Node(5, "ProbeSelectTap", {"model": (CKPT, 0), **TAP}),
+        *sampling,
+        early,
+        Node(7, "ProbeSelectLoadProbe", {"probe_name": family.probe}),
+        Node(8, "ProbeSelectScore", {"probe": (7, 0), "activations": (6, 2)}),
+        Node(14, "ProbeSelectCLIPScore", {"model_name": CLIP_ARCH, "weights": CLIP_WEIGHTS}),
+        Node(18, "ProbeSelectPreviewScore", {"x0_preview": (6, 1), "vae": (CKPT, 2), "evaluator": (14, 0),
+                                             "prompt": (13, 0)}),
+        Node(19, "ProbeSelectBlendScores", {"first_scores": (18, 0), "second_scores": (8, 0),
+                                            "second_weight": BLEND_PROBE_WEIGHT}),
+        Node(9, "ProbeSelectTopK", {"early_latent": (6, 0), "scores": (19, 0), "keep": KEEP}),
+        resume(family, 10, (9, 0)),
+        Node(11, "VAEDecode", {"samples": (10, 0), "vae": (CKPT, 2)}),
+        Node(12, "SaveImage", {"images": (11, 0), "filename_prefix": f"probe_select_{family.key}_blend"}),
+        note(15, f"{family.label}: probe and x0 preview, blended", description,
+             checkpoint_line(family), probe_lines(family), clip_line(),
+             "- Blend: each scorer is standardised within the batch, then mixed; `second_weight` is the probe's "
+             "share (0 = the preview alone, 1 = the probe alone). Fit it on validation prompts "
+             "(probes.training.blending.fit_blend_weight); 0.7 is the proxy bench's fit. Costs a decode and a "
+             "CLIPScore pass per candidate on top of the probe.",
+             "- Type the prompt in the **prompt** box: it feeds the text encoder and CLIPScore.",
              "- " + settings_text(family)),
     ], description=description)
 
@@ -372,6 +410,7 @@ TEMPLATES = {
     "x0_preview_CLIPScore_selection": clipscore_selection,
     "probe_selection": probe_selection,
     "probe_selection_one_box": probe_one_box,
+    "probe_plus_x0_preview_blend_selection": probe_blend_selection,
     "collect_probe_dataset": collect_dataset,
     "train_probe": train_probe,
     "evaluate_probe": evaluate_probe,

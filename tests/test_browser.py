@@ -18,6 +18,7 @@ from pathlib import Path
 import pytest
 
 import test_server as server_tests
+from devtools import stand_ins
 from server_utils import ComfyServer
 from test_server import FEATURE_SIZE, PROBE_NAME, parse_scores_text
 
@@ -31,6 +32,7 @@ log = logging.getLogger(__name__)
 
 ROOT = Path(__file__).resolve().parents[1]
 SHOTS = ROOT / "out" / "browser"
+CACHE_DIR = Path(os.environ.get("PROBE_SELECT_TEST_CACHE", ROOT / "bench" / "cache"))
 CHROMIUM = os.environ.get("PROBE_SELECT_CHROMIUM", "/usr/bin/chromium")
 # Another frontend build to test against (its static/ folder), e.g. comfyui-frontend-package 1.49.6.
 FRONTEND_ROOT = os.environ.get("PROBE_SELECT_FRONTEND_ROOT")
@@ -84,12 +86,21 @@ def browser():
         instance.close()
 
 
+def _blend_template() -> dict:
+    return json.loads((example_workflows()[0].parent / "SD1.5_probe_plus_x0_preview_blend_selection.json").read_text())
+
+
 @pytest.fixture(scope="module")
 def server(tmp_path_factory, tiny_checkpoint, auto_tap, browser):
     base = tmp_path_factory.mktemp("comfy_browser")
     srv = ComfyServer(base, extra_args=["--front-end-root", FRONTEND_ROOT] if FRONTEND_ROOT else [])
     srv.add_model("checkpoints", tiny_checkpoint)
     server_tests._write_probe(srv.model_dir("probes") / PROBE_NAME, *auto_tap)
+    # the blend template's CLIPScore weights: the open_clip stand-in under the template's file name
+    (clip,) = [n for n in _blend_template()["nodes"] if n["type"] == "ProbeSelectCLIPScore"]
+    arch, weights = clip["widgets_values"][:2]
+    srv.model_dir("evaluators").mkdir(parents=True, exist_ok=True)
+    srv.add_model("evaluators", stand_ins.cached_open_clip_stand_in(arch, CACHE_DIR), weights)
     with srv:
         yield srv
 
@@ -280,6 +291,11 @@ def test_a_broken_workflow_is_caught(page, broken_workflow):
 def _selection_workflow(tiny_checkpoint: Path) -> dict:
     """The probe-selection example scaled down for the tiny checkpoint (UI format)."""
     workflow = json.loads((example_workflows()[0].parent / "SD1.5_probe_selection.json").read_text())
+    return _scaled_down(workflow, tiny_checkpoint)
+
+
+def _scaled_down(workflow: dict, tiny_checkpoint: Path) -> dict:
+    """A selection example (UI format) with the tiny checkpoint, the test's sizes and the test's probe."""
     values = {CKPT: {0: tiny_checkpoint.name}, LATENT: {0: SIZE, 1: SIZE}, TAP: {1: FEATURE_SIZE},
               EARLY: {0: SEED, 2: CANDIDATES, 3: STEPS}, LOAD_PROBE: {0: PROBE_NAME}, TOPK: {0: KEEP}}
     for node in workflow["nodes"]:
@@ -389,6 +405,29 @@ GALLERY_PART = """([id, selector]) => {
 ONE_BOX = 6        # ProbeSelectSampler in the one-box example workflow (same ids as above for the others)
 # Two stages, both scored by the one probe (t = 0.2; 0.3 is within its tolerance): 4 -> 3 -> 2.
 SCHEDULE, SCHEDULE_STOPS, SCHEDULE_KEPT = "0.2->3, 0.3->2", (2, 3), (3, 2)
+
+
+def test_blend_run_shows_the_blended_ranking(page, server, tiny_checkpoint):
+    """The probe + x0 preview template, run from the UI: the blend node shows its ranking, and Top-K's gallery
+    keeps the blend's best."""
+    workflow = _scaled_down(_blend_template(), tiny_checkpoint)
+    (blend,) = [n["id"] for n in workflow["nodes"] if n["type"] == "ProbeSelectBlendScores"]
+    page.load(workflow)
+    before = set(server.history())
+    page.click_run()
+    entry = _wait_for_new_prompt(server, before)
+    assert entry["status"]["status_str"] == "success", json.dumps(entry["status"])[:3000]
+    header, ranking = parse_scores_text(entry["outputs"][str(blend)]["text"][0])
+    assert header.startswith("blend w=0.70 ") and len(ranking) == CANDIDATES
+    page.show_node(blend)
+    box = page.js(SCORES_BOX, blend)
+    assert box and box["visible"] and not box["clipped"], box
+    assert box["text"].splitlines()[1].split()[:3] == ["#1", "candidate", str(ranking[0]["candidate"])], box
+    page.page.wait_for_function(f"() => ({TILES})({TOPK})?.every(t => t.loaded)", timeout=20_000)
+    tiles = page.js(TILES, TOPK)
+    assert [t["index"] for t in tiles] == [r["candidate"] for r in ranking]
+    assert [t["state"] for t in tiles] == ["kept"] * KEEP + ["pruned"] * (CANDIDATES - KEEP)
+    log.info("blend screenshot: %s", page.screenshot("blend.png"))
 
 
 def _one_box_workflow(tiny_checkpoint: Path, schedule: str) -> dict:

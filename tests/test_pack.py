@@ -10,7 +10,7 @@ PUBLIC_NODE_IDS = {
     "ProbeSelectDatasetWriter", "ProbeSelectCompactDataset", "ProbeSelectTrain", "ProbeSelectEvaluateProbe", "ProbeSelectCLIPScore",
     "ProbeSelectImageReward", "ProbeSelectHPSv2", "ProbeSelectPickScore", "ProbeSelectEvaluateImages",
     "ProbeSelectScoresFromFloats", "ProbeSelectPreviewScore", "ProbeSelectEarlySamplerCustom", "ProbeSelectResumeCustom",
-    "ProbeSelectPlanSchedule",
+    "ProbeSelectPlanSchedule", "ProbeSelectBlendScores",
 }
 
 

@@ -189,6 +189,12 @@ def test_proxy_bench_quick_writes_a_report(pack, tmp_path, monkeypatch):
     (tmp_path / "results" / proxy_bench.LIMITS_FILE).write_text(json.dumps(limits_file))
     proxy_bench.main([*common, "--report-only"])
     assert "\nWhat limits the learned scorer (unet, made up).\n" in (tmp_path / "results" / "REPORT.md").read_text()
+    # ... and so does the blend of the x0 preview with a probe (bench/score_blend.py), after it
+    blend_file = {"setting": limits_file["setting"], "families": {"unet": {"summary": "Blending (unet, made up)."}}}
+    (tmp_path / "results" / proxy_bench.BLEND_FILE).write_text(json.dumps(blend_file))
+    proxy_bench.main([*common, "--report-only"])
+    assert ("\nWhat limits the learned scorer (unet, made up).\n\nBlending (unet, made up).\n"
+            in (tmp_path / "results" / "REPORT.md").read_text())
 
 
 def test_a_run_of_one_family_keeps_the_other_family_of_a_saved_run_with_the_same_setting(pack, tmp_path):

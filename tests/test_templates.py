@@ -293,6 +293,23 @@ def test_probe_one_box_finishes_the_best(server, family, trained):
     check_scores(text_of(entry, sampler), templates.KEEP)
 
 
+def test_probe_plus_x0_preview_blend_selection(server, family, trained):
+    workflow = api_copy(family, "probe_plus_x0_preview_blend_selection")
+    entry = run(server, workflow)
+    saved(server, workflow, entry, count=templates.KEEP)
+    (probe,), (preview,), (blend,), (top_k,) = (nodes_of(workflow, node) for node in (
+        "ProbeSelectScore", "ProbeSelectPreviewScore", "ProbeSelectBlendScores", "ProbeSelectTopK"))
+    for node in (probe, preview, blend):
+        check_scores(text_of(entry, node), templates.KEEP)
+    weight = templates.BLEND_PROBE_WEIGHT
+    assert text_of(entry, blend).startswith(f"blend w={weight:.2f} "), text_of(entry, blend)
+    assert workflow[blend]["inputs"]["first_scores"] == [preview, 0]
+    assert workflow[blend]["inputs"]["second_scores"] == [probe, 0]
+    # Top-K keeps the blend's best, whatever either scorer alone would keep
+    kept = [r["candidate"] for r in score_rows(text_of(entry, top_k)) if r["kept"]]
+    assert kept == [r["candidate"] for r in score_rows(text_of(entry, blend))][:templates.KEEP]
+
+
 def _waiting(server: ComfyServer) -> list:
     with urllib.request.urlopen(f"{server.url}/probe_select/pick", timeout=10) as answer:
         return json.loads(answer.read())["waiting"]

@@ -1,6 +1,7 @@
 """Training probes (pure PyTorch): activation datasets (:mod:`.dataset`), losses, metrics, the
-training loop (:mod:`.train`), evaluation, the dataset -> probe pipeline (:mod:`.pipeline`) and the pruning
-planner's score tables (:mod:`.planning`)."""
+training loop (:mod:`.train`), evaluation, the dataset -> probe pipeline (:mod:`.pipeline`), the pruning
+planner's score tables (:mod:`.planning`) and the blend of two scorers with its weight fitted on validation data
+(:mod:`.blending`)."""
 from .dataset import (
     CandidateRows,
     DatasetArrays,

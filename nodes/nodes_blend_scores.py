@@ -2,8 +2,10 @@
 
 The x0 preview's evaluator score tells which candidates will satisfy the prompt; a probe trained on finished
 images orders the rest. Blended (each standardised within the batch, see probes.training.blending), they rank a
-prompt's seeds better than either alone in the proxy bench (bench/results/REPORT.md, "Blending the x0 preview with a
-probe"). The blend pays for both scorers: a decode and an evaluator pass per candidate, and the probe.
+prompt's seeds better than either alone in the proxy bench's UNet world, though they pick its best no better than
+the preview; on its DiT, whose probes learned nothing, validation gives the probe almost no weight
+(bench/results/score_blend.md). The blend pays for both scorers: a decode and an evaluator pass per candidate, and
+the probe.
 """
 from __future__ import annotations
 

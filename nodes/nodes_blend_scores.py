@@ -2,8 +2,8 @@
 
 The x0 preview's evaluator score tells which candidates will satisfy the prompt; a probe trained on finished
 images orders the rest. Blended (each standardised within the batch, see probes.training.blending), they rank a
-prompt's seeds better than either alone in the proxy bench's UNet world, though they pick its best no better than
-the preview; on its DiT, whose probes learned nothing, validation gives the probe almost no weight
+prompt's seeds a little better than either alone in the proxy bench's UNet world, though they prune no cheaper than
+the preview at equal compute; on its DiT, whose probes learned nothing, validation gives the probe almost no weight
 (bench/results/score_blend.md). The blend pays for both scorers: a decode and an evaluator pass per candidate, and
 the probe.
 """
@@ -17,7 +17,8 @@ from .engine.selection import scores_text
 from .errors import ProbeSelectError
 from .types import CATEGORY, Scores
 
-# The proxy bench's validation fit for the x0 preview + x0-latent probe on the UNet (bench/results/REPORT.md).
+# Within the proxy bench's validation fits for the x0 preview + an x0-latent probe on the UNet (0.70 to 0.85 over its
+# calibration rounds; bench/results/score_blend.md).
 DEFAULT_SECOND_WEIGHT = 0.7
 
 
@@ -52,8 +53,8 @@ class ProbeSelectBlendScores(io.ComfyNode):
                 Scores.Input("second_scores", tooltip="E.g. a probe's scores (ProbeSelectScore) of the same run."),
                 io.Float.Input("second_weight", default=DEFAULT_SECOND_WEIGHT, min=0.0, max=1.0, step=0.05,
                                tooltip="0 ranks as the first scores, 1 as the second. Choose it on validation "
-                                       "prompts (probes.training.blending.fit_blend_weight); 0.7 is the proxy "
-                                       "bench's fit."),
+                                       "prompts (probes.training.blending.fit_blend_weight); the proxy bench "
+                                       "fitted 0.7-0.85 on its UNet."),
             ],
             outputs=[Scores.Output(display_name="scores")],
         )

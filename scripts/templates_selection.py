@@ -309,7 +309,7 @@ def probe_blend_selection(family: Family) -> Workflow:
              checkpoint_line(family), probe_lines(family), clip_line(),
              "- Blend: each scorer is standardised within the batch, then mixed; `second_weight` is the probe's "
              "share (0 = the preview alone, 1 = the probe alone). Fit it on validation prompts "
-             "(probes.training.blending.fit_blend_weight); 0.7 is the proxy bench's fit. Costs a decode and a "
+             "(probes.training.blending.fit_blend_weight); the proxy bench fitted 0.7-0.85. Costs a decode and a "
              "CLIPScore pass per candidate on top of the probe.",
              "- Type the prompt in the **prompt** box: it feeds the text encoder and CLIPScore.",
              "- " + settings_text(family)),

@@ -348,3 +348,20 @@ def test_training_figures_add_up_a_continued_run():
     assert sample._training_runs(continued) == [continued, first]
     assert sample._training_cell(continued) == "3418 + 1600 steps x 8, 56.3 min"
     assert sample._training_cell(first) == "3418 steps x 8, 37.0 min"
+
+
+def test_evaluator_variants_name_their_floors_and_rescore():
+    from bench.proxy_world import sample
+    from bench.proxy_world.render import render
+
+    variants = sample.evaluator_variants("0.1,1.0", "0.1")
+    assert variants == {"shape floor 0.1": {"shape_floor": 0.1}, "shape floor 1": {"shape_floor": 1.0},
+                        "relation floor 0.1": {"relation_floor": 0.1}}
+    assert sample.evaluator_variants("", "") == {}
+    # the same image, a wrong relation: the strict floor scores it at about a quarter of the default's 0.4
+    prompt = "a red circle left of a blue square"
+    flipped = render(parse_prompt("a red circle right of a blue square"), rng=1)[None]
+    default = sample.summarize([flipped], [flipped], [prompt])
+    strict = sample.summarize([flipped], [flipped], [prompt], **variants["relation floor 0.1"])
+    ratio = strict["per_prompt"][0]["scores"][0] / default["per_prompt"][0]["scores"][0]
+    assert ratio == pytest.approx(0.1 / 0.4, rel=0.05)

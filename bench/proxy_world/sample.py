@@ -45,7 +45,7 @@ import numpy as np  # noqa: E402
 import torch  # noqa: E402
 
 from bench.proxy_world import models  # noqa: E402
-from bench.proxy_world.evaluator import SHAPE_FLOOR, score_terms  # noqa: E402
+from bench.proxy_world.evaluator import RELATION_FLOOR, SHAPE_FLOOR, score_terms  # noqa: E402
 from bench.proxy_world.grammar import parse_prompt  # noqa: E402
 from bench.proxy_world.train_models import prompt_split  # noqa: E402
 import tools  # noqa: E402,F401  (registers the package probe_select: the library's one import name)
@@ -112,14 +112,15 @@ def within_prompt(pred: np.ndarray, target: np.ndarray, n_boot: int = 1000) -> D
 
 
 def evaluate(patcher, text_encoder, family: str, prompts: Sequence[str], n_seeds: int, cfg: float,
-             seed: int = 0, steps: int = STEPS, shape_floors: Sequence[float] = (),
+             seed: int = 0, steps: int = STEPS, variants: Optional[Dict[str, Dict]] = None,
              sampler: Optional[str] = None) -> Dict:
     """Sample every prompt with seeds ``seed .. seed + n_seeds - 1``; return the figures and rows.
 
     Also scores the x0 preview at the checkpoint (:data:`CHECKPOINT` of the steps, on the schedule the
     model samples with) and reports its within-prompt Spearman with the final score: the figure that
     says whether the world is as hard at t = 0.2 as real models are (0.17-0.27 on FLUX.1-dev and SDXL).
-    ``shape_floors``: evaluator variants (the shape factor's floor) to report beside the default."""
+    ``variants``: evaluator variants to report beside the default, by name: the keyword arguments of
+    :func:`score_terms` (``shape_floor``, ``relation_floor``), as :func:`evaluator_variants` builds them."""
     seeds = [seed + i for i in range(n_seeds)]
     sampler = sampler or DEFAULT_SAMPLER[family]
     level = checkpoint_level(patcher, family, CHECKPOINT, steps)
@@ -132,7 +133,8 @@ def evaluate(patcher, text_encoder, family: str, prompts: Sequence[str], n_seeds
         previews.append(prev)
     wall = time.perf_counter() - t0
     out = summarize(images, previews, prompts)
-    out["variants"] = {str(f): _headline(summarize(images, previews, prompts, shape_floor=f)) for f in shape_floors}
+    out["variants"] = {name: _headline(summarize(images, previews, prompts, **kwargs))
+                       for name, kwargs in (variants or {}).items()}
     out.update({"family": family, "comfy_family": models.COMFY_FAMILY[family], "prompts": len(prompts),
                 "seeds_per_prompt": n_seeds, "cfg": cfg, "steps": steps, "sampler": sampler,
                 "scheduler": SCHEDULER, "checkpoint": level.as_dict(), "sampling_wall_s": round(wall, 1)})
@@ -150,14 +152,14 @@ def _headline(r: Dict) -> Dict:
 
 
 def summarize(images: Sequence[torch.Tensor], previews: Sequence[torch.Tensor], prompts: Sequence[str],
-              shape_floor: Optional[float] = None) -> Dict:
+              shape_floor: Optional[float] = None, relation_floor: Optional[float] = None) -> Dict:
     """The figures of one evaluator setting over sampled images [P][S, 3, H, W] and their previews."""
     scores, prev_scores, factors = [], [], {k: [] for k in FACTORS}
     for prompt, imgs, prev in zip(prompts, images, previews):
         scene = parse_prompt(prompt)
-        terms = score_terms(imgs, scene, shape_floor)
+        terms = score_terms(imgs, scene, shape_floor, relation_floor)
         scores.append(terms["score"].numpy())
-        prev_scores.append(score_terms(prev, scene, shape_floor)["score"].numpy())
+        prev_scores.append(score_terms(prev, scene, shape_floor, relation_floor)["score"].numpy())
         for k in FACTORS:
             factors[k].append(terms[k].numpy())
     s = np.stack(scores)                                    # [P, S]
@@ -207,18 +209,27 @@ def save_grid(images: torch.Tensor, path: Path, rows: int = 12) -> None:
 
 
 def sweep(patcher, enc, family: str, prompts: Sequence[str], cfgs: Sequence[float], samplers: Sequence[str],
-          seeds: int, shape_floors: Sequence[float] = ()) -> List[Dict]:
+          seeds: int, variants: Optional[Dict[str, Dict]] = None) -> List[Dict]:
     """The calibration figures at each sampler and CFG (and evaluator variant) on prompts the report does not show."""
     rows = []
     for sampler in samplers:
         for cfg in cfgs:
-            r = evaluate(patcher, enc, family, prompts, seeds, cfg, seed=1000, shape_floors=shape_floors,
+            r = evaluate(patcher, enc, family, prompts, seeds, cfg, seed=1000, variants=variants,
                          sampler=sampler)
-            variants = {"default": _headline(r), **r["variants"]}
-            for name, v in variants.items():
+            for name, v in {"default": _headline(r), **r["variants"]}.items():
                 rows.append({"sampler": sampler, "cfg": cfg, "evaluator": name, **{k: v[k] for k in HEADLINE}})
                 log.info("%s sweep %s", family, rows[-1])
     return rows
+
+
+def evaluator_variants(shape_floors: str = "", relation_floors: str = "") -> Dict[str, Dict]:
+    """Evaluator variants by name from comma-separated floors: ``{"shape floor 0.1": {"shape_floor": 0.1},
+    "relation floor 0.1": {"relation_floor": 0.1}, ...}`` (the keyword arguments of :func:`score_terms`)."""
+    variants = {}
+    for factor, text in (("shape", shape_floors), ("relation", relation_floors)):
+        for value in (float(v) for v in text.split(",") if v.strip()):
+            variants[f"{factor} floor {value:g}"] = {f"{factor}_floor": value}
+    return variants
 
 
 def calibration_checks(r: Dict) -> Dict[str, bool]:
@@ -319,6 +330,17 @@ def _markdown(results: Dict, command: str) -> str:
     for fam, r in results["families"].items():
         failed = [name for name, ok in calibration_checks(r).items() if not ok]
         lines.append(f"- {fam}: " + ("calibrated." if not failed else "NOT calibrated: " + "; ".join(failed) + "."))
+    strict = {fam: r["variants"]["relation floor 0.1"] for fam, r in results["families"].items()
+              if "relation floor 0.1" in r.get("variants", {})}
+    if strict:
+        lines += ["", "Calibration round 5 (the evaluator's relation floor, bench/proxy_world/evaluator.py): a wrong "
+                  f"relation keeps {results.get('relation_floor')} of the score instead of 0.1 (still a failure, but "
+                  "above a missing, miscoloured or miscounted object), as real reward models see spatial relations only "
+                  "weakly. With 0.1 the side each colour landed on, fixed in the first steps, ruled the ranking. On the "
+                  "same samples the x0-preview Spearman moves " + "; ".join(
+                      f"{fam} {v['x0_preview_within_spearman']['mean']:.3f} -> "
+                      f"{results['families'][fam]['x0_preview_within_spearman']['mean']:.3f}" for fam, v in strict.items())
+                  + "; success, mixed prompts and the semantic share of failures stay as they were (the variants below)."]
     missed = [fam for fam, r in results["families"].items() if not all(calibration_checks(r).values())]
     if missed:
         lines += ["", f"Reading ({', '.join(missed)}): with plain euler both models settle the layout (which colour "
@@ -342,9 +364,10 @@ def _markdown(results: Dict, command: str) -> str:
                       "dpmpp_2m_sde (whose x0 preview ranks at 0.71)."]
     variants = [(fam, name, v) for fam, r in results["families"].items() for name, v in r.get("variants", {}).items()]
     if variants:
-        lines += ["", "Evaluator variants on the same samples (shape factor floor; the default is "
-                  f"{results.get('shape_floor')}):", "",
-                  "| family | shape floor | success | mixed prompts | semantic share | x0-preview Spearman |",
+        default = f"shape floor {results.get('shape_floor')}" + (
+            f", relation floor {results['relation_floor']}" if "relation_floor" in results else "")
+        lines += ["", f"Evaluator variants on the same samples (the default: {default}):", "",
+                  "| family | evaluator | success | mixed prompts | semantic share | x0-preview Spearman |",
                   "| --- | --- | --- | --- | --- | --- |"]
         for fam, name, v in variants:
             lines.append(f"| {fam} | {name} | {100 * v['success_fraction']:.1f}% | "
@@ -367,7 +390,7 @@ def _markdown(results: Dict, command: str) -> str:
                   "sampler, CFG and evaluator)", "",
                   "Intervals over 16 prompts are wide: a setting is chosen because its figures meet the targets, "
                   "not because it differs significantly from the others.", "",
-                  "| family | sampler | CFG | evaluator (shape floor) | mean score | success | mixed prompts | "
+                  "| family | sampler | CFG | evaluator | mean score | success | mixed prompts | "
                   "semantic share | x0-preview Spearman |", "| --- | --- | --- | --- | --- | --- | --- | --- | --- |"]
         for fam, r in results["families"].items():
             for row in r.get("sweep") or []:
@@ -403,6 +426,8 @@ def main(argv=None) -> int:
     ap.add_argument("--sweep-seeds", type=int, default=8, help="seeds per prompt in the CFG sweep")
     ap.add_argument("--shape-floors", type=str, default="",
                     help="comma-separated evaluator variants (shape factor floors) to report beside the default")
+    ap.add_argument("--relation-floors", type=str, default="",
+                    help="comma-separated evaluator variants (relation factor floors) to report beside the default")
     ap.add_argument("--threads", type=int, default=2)
     ap.add_argument("--markdown-only", action="store_true", help="rewrite the .md from the .json of a previous run")
     ap.add_argument("--out", type=Path, default=RESULTS / "proxy_models")
@@ -417,13 +442,13 @@ def main(argv=None) -> int:
         atomic_write_text(args.out.with_suffix(".md"), _markdown(results, results["command"]))
         return 0
     families = args.family or list(models.FAMILIES)
-    floors = [float(v) for v in args.shape_floors.split(",") if v.strip()]
+    variants = evaluator_variants(args.shape_floors, args.relation_floors)
     _, held = prompt_split()
     prompts = held[:args.prompts]
     sweep_prompts = held[args.prompts:args.prompts + 16]
     results = {"prompts": len(prompts), "seeds": args.seeds, "machine": f"{platform.machine()} CPU, "
                f"{os.cpu_count()} cores", "torch": torch.__version__, "threads": torch.get_num_threads(),
-               "shape_floor": SHAPE_FLOOR, "families": {}}
+               "shape_floor": SHAPE_FLOOR, "relation_floor": RELATION_FLOOR, "families": {}}
     for fam in families:
         patcher, enc = models.load(fam)
         path = models.weights_path(fam)
@@ -433,9 +458,9 @@ def main(argv=None) -> int:
             r["sweep"] = sweep(patcher, enc, fam, sweep_prompts,
                                [float(v) for v in args.cfg_sweep.split(",") if v.strip()] or [DEFAULT_CFG[fam]],
                                [v.strip() for v in args.sampler_sweep.split(",") if v.strip()] or [DEFAULT_SAMPLER[fam]],
-                               args.sweep_seeds, floors)
+                               args.sweep_seeds, variants)
         cfg = args.cfg if args.cfg is not None else DEFAULT_CFG[fam]
-        ev = evaluate(patcher, enc, fam, prompts, args.seeds, cfg, seed=args.seed, shape_floors=floors,
+        ev = evaluate(patcher, enc, fam, prompts, args.seeds, cfg, seed=args.seed, variants=variants,
                       sampler=args.sampler)
         if fam == "dit":
             ev["shift"] = float(patcher.get_model_object("model_sampling").shift)
@@ -458,7 +483,8 @@ def main(argv=None) -> int:
         f" --sampler-sweep {args.sampler_sweep}" if args.sampler_sweep else "") + (
         f" --prompts {args.prompts}" if args.prompts != 40 else "") + (
         f" --seeds {args.seeds}" if args.seeds != 8 else "") + (
-        f" --shape-floors {args.shape_floors}" if args.shape_floors else "")
+        f" --shape-floors {args.shape_floors}" if args.shape_floors else "") + (
+        f" --relation-floors {args.relation_floors}" if args.relation_floors else "")
     for fam in families:
         results["families"][fam]["command"] = command
     results["command"] = command

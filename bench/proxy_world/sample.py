@@ -45,7 +45,7 @@ import numpy as np  # noqa: E402
 import torch  # noqa: E402
 
 from bench.proxy_world import models  # noqa: E402
-from bench.proxy_world.evaluator import RELATION_FLOOR, SHAPE_FLOOR, score_terms  # noqa: E402
+from bench.proxy_world.evaluator import FLOOR, RELATION_FLOOR, SHAPE_FLOOR, score_terms  # noqa: E402
 from bench.proxy_world.grammar import parse_prompt  # noqa: E402
 from bench.proxy_world.train_models import prompt_split  # noqa: E402
 import tools  # noqa: E402,F401  (registers the package probe_select: the library's one import name)
@@ -330,13 +330,16 @@ def _markdown(results: Dict, command: str) -> str:
     for fam, r in results["families"].items():
         failed = [name for name, ok in calibration_checks(r).items() if not ok]
         lines.append(f"- {fam}: " + ("calibrated." if not failed else "NOT calibrated: " + "; ".join(failed) + "."))
-    strict = {fam: r["variants"]["relation floor 0.1"] for fam, r in results["families"].items()
-              if "relation floor 0.1" in r.get("variants", {})}
+    # the variant with the relation floored like every other semantic factor (rounds 1-4), named as the CLI names it
+    strict_name = next(iter(evaluator_variants(relation_floors=f"{FLOOR:g}")))
+    strict = {fam: r["variants"][strict_name] for fam, r in results["families"].items()
+              if strict_name in r.get("variants", {})}
     if strict:
         lines += ["", "Calibration round 5 (the evaluator's relation floor, bench/proxy_world/evaluator.py): a wrong "
-                  f"relation keeps {results.get('relation_floor')} of the score instead of 0.1 (still a failure, but "
-                  "above a missing, miscoloured or miscounted object), as real reward models see spatial relations only "
-                  "weakly. With 0.1 the side each colour landed on, fixed in the first steps, ruled the ranking. On the "
+                  f"relation keeps {results.get('relation_floor')} of the score instead of {FLOOR:g} (still a failure, "
+                  "but above a missing, miscoloured or miscounted object), as real reward models see spatial relations "
+                  f"only weakly. With {FLOOR:g} the side each colour landed on, fixed in the first steps, ruled the "
+                  "ranking. On the "
                   "same samples the x0-preview Spearman moves " + "; ".join(
                       f"{fam} {v['x0_preview_within_spearman']['mean']:.3f} -> "
                       f"{results['families'][fam]['x0_preview_within_spearman']['mean']:.3f}" for fam, v in strict.items())

@@ -31,7 +31,7 @@ import itertools
 import math
 import re
 from dataclasses import dataclass, field
-from typing import Optional, Sequence
+from typing import Mapping, Optional, Sequence, Union
 
 import torch
 from torch import Tensor
@@ -182,15 +182,32 @@ class StageCosts:
 
     Attributes:
         score: scoring one running candidate at a checkpoint (probe: probe/step; x0 preview: (preview
-            decode + evaluator)/step). Paid only at stages that prune.
+            decode + evaluator)/step). Paid only at stages that prune. A mapping {checkpoint t: price}
+            prices each checkpoint on its own, for score tables whose columns come from different scorers
+            (a probe at 0.2, the x0 preview at 0.4); a single number prices every checkpoint alike.
         decode: decoding one finished candidate.
         final_score: the evaluator on one finished candidate, paid only when more than one is
             finished (the final pick needs it; a single finished candidate is the pick).
     """
 
-    score: float = 0.0
+    score: Union[float, Mapping[float, float]] = 0.0
     decode: float = 0.0
     final_score: float = 0.0
+
+    def __post_init__(self) -> None:
+        if isinstance(self.score, Mapping):      # stored as sorted (t, price) pairs: frozen and comparable
+            object.__setattr__(self, "score", tuple(sorted((float(t), float(p)) for t, p in self.score.items())))
+
+    def score_at(self, checkpoint: float) -> float:
+        """The price of scoring one candidate at ``checkpoint``."""
+        if not isinstance(self.score, tuple):
+            return float(self.score)
+        for t, price in self.score:
+            if math.isclose(t, checkpoint, abs_tol=1e-9):
+                return price
+        priced = ", ".join(f"{t:g}" for t, _ in self.score)
+        raise ScheduleError(f"no scoring price for checkpoint {checkpoint:g}; StageCosts prices {priced}.",
+                            "give StageCosts.score a price for every checkpoint the schedule prunes at.")
 
 
 def denoiser_evaluations(schedule: PruningSchedule, steps: int) -> int:
@@ -203,9 +220,10 @@ def denoiser_evaluations(schedule: PruningSchedule, steps: int) -> int:
 def schedule_cost(schedule: PruningSchedule, steps: int, costs: StageCosts = StageCosts()) -> float:
     """Total cost in step-equivalents: denoiser evaluations, scoring at pruning stages, decode, final pick."""
     running = schedule.running()
-    scoring = sum(before for before, after in zip(running[:-1], running[1:]) if after < before)
+    scoring = sum(before * costs.score_at(stage.checkpoint)
+                  for stage, before, after in zip(schedule.stages, running[:-1], running[1:]) if after < before)
     finished = running[-1]
-    return (denoiser_evaluations(schedule, steps) + scoring * costs.score + finished * costs.decode
+    return (denoiser_evaluations(schedule, steps) + scoring + finished * costs.decode
             + (finished * costs.final_score if finished > 1 else 0.0))
 
 
@@ -338,7 +356,8 @@ def _stack(tables: Sequence[ScoreTable]) -> dict[int, tuple[Tensor, Tensor]]:
             for size, group in sorted(groups.items())}
 
 
-def _mean_reward(groups: dict[int, tuple[Tensor, Tensor]], columns: list[int], schedule: PruningSchedule) -> float:
+def _mean_reward(groups: dict[int, tuple[Tensor, Tensor]], columns: list[int], schedule: PruningSchedule,
+                 draws: int = 0, seed: int = 0) -> float:
     n = schedule.candidates
     keeps = [s.keep for s in schedule.stages]
     per_prompt = []
@@ -348,22 +367,40 @@ def _mean_reward(groups: dict[int, tuple[Tensor, Tensor]], columns: list[int], s
             raise ScheduleError(f"the schedule starts {n} candidates but a table has only {size}.",
                                 "use a smaller N or tables with more candidates.")
         prompts = final.shape[0]
-        run_scores = scores[:, :runs * n].reshape(prompts * runs, n, scores.shape[-1])
-        run_final = final[:, :runs * n].reshape(prompts * runs, n)
+        if draws:
+            # The first N of a random permutation of each prompt's candidates, drawn afresh for every draw; the
+            # permutations depend on the seed and the tables' sizes only, so every scorer and every schedule
+            # is judged on the same subsets.
+            generator = torch.Generator().manual_seed(seed + size)
+            subsets = torch.argsort(torch.rand(prompts, draws, size, generator=generator), dim=-1)[..., :n]
+            runs = draws
+            run_scores = torch.gather(scores[:, None].expand(-1, draws, -1, -1), 2,
+                                      subsets[..., None].expand(-1, -1, -1, scores.shape[-1]))
+            run_scores = run_scores.reshape(prompts * draws, n, scores.shape[-1])
+            run_final = torch.gather(final[:, None].expand(-1, draws, -1), 2, subsets).reshape(prompts * draws, n)
+        else:
+            run_scores = scores[:, :runs * n].reshape(prompts * runs, n, scores.shape[-1])
+            run_final = final[:, :runs * n].reshape(prompts * runs, n)
         _, pick = _simulate(run_scores, run_final, keeps, columns)
         per_prompt.append(torch.gather(run_final, 1, pick[:, None]).reshape(prompts, runs).mean(dim=1))
     return float(torch.cat(per_prompt).mean())
 
 
-def mean_kept_reward(tables: Sequence[ScoreTable], schedule: PruningSchedule, steps: int) -> float:
+def mean_kept_reward(tables: Sequence[ScoreTable], schedule: PruningSchedule, steps: int, draws: int = 0,
+                     seed: int = 0) -> float:
     """Mean final reward of the pick over prompts.
 
-    Each table with M candidates gives floor(M / N) disjoint runs of N consecutive candidates; a
-    prompt's figure is the mean over its runs, and prompts weigh equally. Every table must be
-    recorded at the same checkpoints.
+    ``draws = 0``: each table with M candidates gives floor(M / N) disjoint runs of N consecutive
+    candidates. ``draws > 0``: each table gives ``draws`` runs, each on N of its M candidates drawn at
+    random without replacement (seeded by ``seed``): every candidate takes part, which makes the figure
+    far less noisy when N is a large part of M (with N = 11 of 20, one disjoint run would use 11 of them
+    and leave the other 9 unused). A prompt's figure is the mean over its runs, and prompts weigh
+    equally. Every table must be recorded at the same checkpoints.
     """
+    if draws < 0:
+        raise ValueError(f"mean_kept_reward: draws must be >= 0, got {draws}")
     groups = _stack(tables)
-    return _mean_reward(groups, tables[0].columns(schedule, steps), schedule)
+    return _mean_reward(groups, tables[0].columns(schedule, steps), schedule, draws, seed)
 
 
 @dataclass(frozen=True)
@@ -426,11 +463,13 @@ def candidate_schedules(grid: PlannerGrid, checkpoints: Sequence[float], steps: 
 
 
 def plan_schedule(tables: Sequence[ScoreTable], budget_generations: float, steps: int,
-                  costs: StageCosts = StageCosts(), grid: PlannerGrid = PlannerGrid(), top: int = 5) -> Plan:
+                  costs: StageCosts = StageCosts(), grid: PlannerGrid = PlannerGrid(), top: int = 5,
+                  draws: int = 0) -> Plan:
     """Pick N, the checkpoints and the Ks that maximise the mean kept reward on ``tables`` within a budget.
 
     The budget is in full generations: ``budget_generations * full_generation_cost(steps, costs)``
-    step-equivalents. Every schedule of the grid within it is simulated (:func:`mean_kept_reward`);
+    step-equivalents. Every schedule of the grid within it is simulated (:func:`mean_kept_reward`, with
+    ``draws`` random subsets per table when > 0);
     the best mean reward wins, ties going to the lower cost, then fewer stages, then smaller N, then
     the schedule's text. Deterministic.
 
@@ -447,7 +486,7 @@ def plan_schedule(tables: Sequence[ScoreTable], budget_generations: float, steps
         cost = schedule_cost(schedule, steps, costs)
         if cost > budget * (1 + 1e-9):
             continue
-        results.append((schedule, _mean_reward(groups, tables[0].columns(schedule, steps), schedule), cost))
+        results.append((schedule, _mean_reward(groups, tables[0].columns(schedule, steps), schedule, draws), cost))
     if not results:
         raise ScheduleError(f"no schedule fits a budget of {budget_generations:g} full generations "
                             f"({budget:g} step-equivalents).", "raise the budget (1 full generation at least).")

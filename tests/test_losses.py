@@ -74,6 +74,38 @@ def test_ranking_loss_gradient_and_errors():
         listwise_ranking_loss(PRED, TARGET[:5], GROUP, tau=1.0, alpha=0.0)
 
 
+def test_ranking_loss_top_weight_by_hand():
+    # g = 1: row i of prompt p weighs |p| * e^{y_i} / sum_{j in p} e^{y_j}; the per-row terms are those above.
+    terms = [log(1 + exp(-2) + exp(-4)), log(1 + exp(-2)), 0.0, 0.0, log(1 + exp(-2) + exp(-5)), log(1 + exp(3))]
+    first = [exp(3), exp(2), exp(1)]
+    second = [exp(0), exp(1), exp(0.5)]
+    weights = [3 * w / sum(first) for w in first] + [3 * w / sum(second) for w in second]
+    expected = sum(w * term for w, term in zip(weights, terms)) / 6
+    loss = listwise_ranking_loss(PRED, TARGET, GROUP, tau=0.5, alpha=0.0, top_weight=1.0)
+    assert loss.item() == pytest.approx(expected, rel=1e-5)
+    # The best row of each prompt weighs more than the unweighted loss gives it: its share of the loss grows.
+    assert weights[0] > 1 and weights[4] > 1 and weights[2] < 1
+    # g = 0 is the unweighted loss exactly; shifting every target by a constant changes no weight.
+    assert listwise_ranking_loss(PRED, TARGET, GROUP, 0.5, 0.0, top_weight=0.0).item() == \
+        listwise_ranking_loss(PRED, TARGET, GROUP, 0.5, 0.0).item()
+    shifted = listwise_ranking_loss(PRED, TARGET + 100.0, GROUP, tau=0.5, alpha=0.0, top_weight=1.0)
+    assert shifted.item() == pytest.approx(expected, rel=1e-5)
+    with pytest.raises(ValueError, match="top_weight"):
+        listwise_ranking_loss(PRED, TARGET, GROUP, tau=0.5, alpha=0.0, top_weight=-1.0)
+
+
+def test_top_weight_reaches_the_trainer_config():
+    from probe_select.probes.training.train import TrainConfig
+
+    assert TrainConfig(top_weight=2.0).to_dict()["top_weight"] == 2.0
+    with pytest.raises(ValueError, match="top_weight"):
+        TrainConfig(top_weight=-0.5)
+    # ProbeLoss hands it to the ranking term.
+    assert combined_loss(PRED, TARGET, GROUP, 0.5, 0.0, lambda_align=0.0, top_weight=1.0).ranking.item() == \
+        pytest.approx(listwise_ranking_loss(PRED, TARGET, GROUP, 0.5, 0.0, top_weight=1.0).item())
+    assert ProbeLoss(top_weight=1.0).top_weight == 1.0
+
+
 def test_anneal_first_and_last_epoch():
     assert anneal(0, 10, alpha_max=0.2) == pytest.approx((1.0, 0.2))
     # Last epoch e = E - 1: tau = max(1/E, tau_min), alpha = alpha_max / E.

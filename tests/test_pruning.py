@@ -107,6 +107,19 @@ def test_cost_formula_by_hand():
     assert schedule_cost(schedule, 20, costs) == pytest.approx(184 + (32 + 8) * 0.5 + 2 * 1.5 + 2 * 0.1)
 
 
+def test_cost_prices_each_checkpoint_on_its_own():
+    # A probe at 0.2 (0.01 a candidate), the x0 preview at 0.4 (0.5 a candidate): the 32 scored at 0.2 pay the
+    # probe's price, the 8 scored at 0.4 the preview's.
+    costs = StageCosts(score={0.2: 0.01, 0.4: 0.5}, decode=1.5, final_score=0.1)
+    schedule = parse_schedule("32: 0.2->8, 0.4->2")
+    assert schedule_cost(schedule, 20, costs) == pytest.approx(184 + 32 * 0.01 + 8 * 0.5 + 2 * 1.5 + 2 * 0.1)
+    # A one-stage schedule at 0.4 pays 0.4's price, and a single price still prices every checkpoint alike.
+    assert schedule_cost(parse_schedule("8: 0.4->1"), 20, costs) == pytest.approx(8 * 8 + 12 + 8 * 0.5 + 1.5)
+    assert StageCosts(score={0.2: 0.3, 0.4: 0.3}) == StageCosts(score={0.4: 0.3, 0.2: 0.3})
+    with pytest.raises(ScheduleError, match="no scoring price for checkpoint 0.6; StageCosts prices 0.2, 0.4"):
+        schedule_cost(parse_schedule("8: 0.6->1"), 20, costs)
+
+
 def test_cost_uses_the_rounded_steps():
     # T = 10: 0.25 -> step 2 (round half to even), 0.35 -> step 4.
     assert denoiser_evaluations(parse_schedule("6: 0.25->3, 0.35->1"), 10) == 6 * 2 + 3 * 2 + 1 * 6
@@ -209,6 +222,40 @@ def test_mean_kept_reward_averages_disjoint_runs_then_prompts():
     assert mean_kept_reward([first], parse_schedule("4"), 20) == pytest.approx(40.0)
 
 
+def test_mean_kept_reward_over_random_subsets_is_the_expected_pick():
+    # Six candidates with finals 1..6 and a perfect scorer at 0.2: "3: 0.2->1" keeps the best of a random three,
+    # whose expectation over all C(6, 3) = 20 subsets is (3*1 + 4*3 + 5*6 + 6*10) / 20 = 5.25. The disjoint runs
+    # see only (1, 2, 3) and (4, 5, 6): (3 + 6) / 2 = 4.5.
+    final = [1.0, 2.0, 3.0, 4.0, 5.0, 6.0]
+    table = _table([final, final], final)
+    schedule = parse_schedule("3: 0.2->1")
+    assert mean_kept_reward([table], schedule, 20) == pytest.approx(4.5)
+    drawn = mean_kept_reward([table], schedule, 20, draws=4000)
+    assert drawn == pytest.approx(5.25, abs=0.05)
+    # Seeded: the same draws again give the same figure; another seed other subsets.
+    assert mean_kept_reward([table], schedule, 20, draws=4000) == drawn
+    assert mean_kept_reward([table], schedule, 20, draws=4000, seed=1) != drawn
+    # N = M: every draw is the whole table, so the figure is exact.
+    assert mean_kept_reward([table], parse_schedule("6: 0.2->1"), 20, draws=7) == 6.0
+    with pytest.raises(ValueError, match="draws must be >= 0"):
+        mean_kept_reward([table], schedule, 20, draws=-1)
+
+
+def test_random_subsets_are_shared_by_every_scorer():
+    # Two scorers of the same tables are judged on the same subsets: a scorer that is the final reward itself
+    # never loses to another on any draw, so its figure is at least the other's, draw for draw.
+    generator = torch.Generator().manual_seed(3)
+    final = torch.randn(10, generator=generator, dtype=torch.float64)
+    noisy = final + torch.randn(10, generator=generator, dtype=torch.float64)
+    perfect = ScoreTable((0.2,), final[:, None], final)
+    other = ScoreTable((0.2,), noisy[:, None], final)
+    schedule = parse_schedule("5: 0.2->1")
+    assert mean_kept_reward([perfect], schedule, 20, draws=50) >= mean_kept_reward([other], schedule, 20, draws=50)
+    # best-of-N ignores the scores: the same figure from either table.
+    assert mean_kept_reward([perfect], parse_schedule("5"), 20, draws=50) == \
+        mean_kept_reward([other], parse_schedule("5"), 20, draws=50)
+
+
 # --- planner ---------------------------------------------------------------------------------------------------
 
 def _synthetic(prompts=2000, size=16, early_is_perfect=False, seed=0):
@@ -255,6 +302,13 @@ def test_planner_budget_includes_scoring_decode_and_evaluator():
     assert plan.budget == 80
     assert str(plan.schedule) == "10: 0.5->1"
     assert plan.cost == pytest.approx(10 * 5 + 10 * 1 + 5 + 5)
+
+
+def test_planner_can_judge_on_random_subsets():
+    tables = _synthetic(prompts=50, size=8)
+    plan = plan_schedule(tables, 4, 10, grid=GRID, draws=20)
+    assert plan.mean_reward == pytest.approx(mean_kept_reward(tables, plan.schedule, 10, draws=20))
+    assert str(plan.schedule) == "7: 0.5->1"
 
 
 def test_planner_rejects_a_budget_nothing_fits():

@@ -41,8 +41,9 @@ def _check_rows(name: str, **tensors: Tensor) -> int:
     return rows.pop()
 
 
-def listwise_ranking_loss(pred: Tensor, target: Tensor, group: Tensor, tau: float, alpha: float) -> Tensor:
-    """Listwise ranking loss within prompts, with a margin.
+def listwise_ranking_loss(pred: Tensor, target: Tensor, group: Tensor, tau: float, alpha: float,
+                          top_weight: float = 0.0) -> Tensor:
+    """Listwise ranking loss within prompts, with a margin, optionally weighted toward each prompt's best rows.
 
     With ``s = pred / tau`` and, for each row i, the comparison set
     ``S_i = {i} U {j : group_j == group_i and y_j + alpha < y_i}`` (i and the rows of its prompt that
@@ -56,12 +57,19 @@ def listwise_ranking_loss(pred: Tensor, target: Tensor, group: Tensor, tau: floa
     every other row within the margin) has ``l_i = 0`` exactly and still counts in the mean: the
     mean is over all B rows, so the loss scale does not jump when the margin empties some sets.
 
+    With ``top_weight = g > 0`` the mean is weighted: row i of prompt p weighs
+    ``w_i = |p| * exp(g * y_i) / sum_{j in p} exp(g * y_j)`` (a prompt's weights still sum to its row count). Seed
+    selection keeps the best few candidates, so what counts is that the best rows outscore the rest; the
+    unweighted loss spends most of its gradient ordering a prompt's failures among themselves. ``g = 0`` is the
+    unweighted loss exactly.
+
     Args:
         pred: ``[B]`` predicted (z-scored) scores.
         target: ``[B]`` z-scored evaluator scores y.
         group: ``[B]`` integer prompt id of each row.
         tau: temperature (> 0); smaller values sharpen the softmax.
         alpha: margin in target units (>= 0).
+        top_weight: g above (>= 0), in inverse target units.
 
     Returns:
         Scalar tensor (float32, or pred's dtype if wider).
@@ -70,6 +78,8 @@ def listwise_ranking_loss(pred: Tensor, target: Tensor, group: Tensor, tau: floa
         raise ValueError(f"listwise_ranking_loss: tau must be > 0, got {tau}")
     if alpha < 0:
         raise ValueError(f"listwise_ranking_loss: alpha must be >= 0, got {alpha}")
+    if not top_weight >= 0:
+        raise ValueError(f"listwise_ranking_loss: top_weight must be >= 0, got {top_weight}")
     _check_rows("listwise_ranking_loss", pred=pred, target=target, group=group)
     if pred.ndim != 1:
         raise ValueError(f"listwise_ranking_loss: pred must be [B], got {tuple(pred.shape)}")
@@ -81,7 +91,13 @@ def listwise_ranking_loss(pred: Tensor, target: Tensor, group: Tensor, tau: floa
     members = (same & worse) | torch.eye(len(s), dtype=torch.bool, device=s.device)
     logits = s[None, :].expand(len(s), -1).masked_fill(~members, -math.inf)
     losses = torch.logsumexp(logits, dim=1) - s
-    return losses.mean()
+    if top_weight == 0:
+        return losses.mean()
+    # w_i = |p| * softmax_{j in p}(g * y)_i, row by row over the same-prompt mask (max-shifted per prompt).
+    z = top_weight * y
+    shifted = z - z[None, :].expand(len(z), -1).masked_fill(~same, -math.inf).amax(dim=1)
+    weights = same.sum(dim=1) * torch.exp(shifted) / (same * torch.exp(shifted)[None, :]).sum(dim=1)
+    return (weights * losses).mean()
 
 
 def anneal(epoch: int, epochs: int, alpha_max: float, tau_min: float = 0.1) -> tuple[float, float]:
@@ -172,6 +188,7 @@ def combined_loss(
     lambda_align: float = 10.0,
     lambda_pearson: float = 0.0,
     temperature: float = 0.07,
+    top_weight: float = 0.0,
 ) -> LossTerms:
     """``ranking + lambda_align * InfoNCE(u, text_proj) + lambda_pearson * (1 - Pearson)``.
 
@@ -179,7 +196,7 @@ def combined_loss(
     ``lambda_align > 0``; the Pearson term only when ``lambda_pearson > 0``. Terms not used are
     reported as 0.
     """
-    ranking = listwise_ranking_loss(pred, target, group, tau, alpha)
+    ranking = listwise_ranking_loss(pred, target, group, tau, alpha, top_weight)
     zero = ranking.new_zeros(())
     align = zero
     if lambda_align > 0 and u is not None and text_proj is not None:
@@ -197,11 +214,14 @@ class ProbeLoss:
         lambda_align: weight of the InfoNCE alignment term (10 in the reference).
         lambda_pearson: weight of ``1 - Pearson(pred, y)`` (the reference used 10; 0 = off).
         temperature: InfoNCE temperature.
+        top_weight: weighting of the ranking loss toward each prompt's best rows (see
+            :func:`listwise_ranking_loss`; 0 = unweighted).
     """
 
     lambda_align: float = 10.0
     lambda_pearson: float = 0.0
     temperature: float = 0.07
+    top_weight: float = 0.0
 
     def __call__(
         self,
@@ -237,5 +257,6 @@ class ProbeLoss:
             pred, target.to(pred.device), group.to(pred.device), tau, alpha,
             u=captured.get("u"), text_proj=captured.get("e"),
             lambda_align=self.lambda_align, lambda_pearson=self.lambda_pearson, temperature=self.temperature,
+            top_weight=self.top_weight,
         )
         return pred, terms

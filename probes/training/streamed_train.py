@@ -245,7 +245,7 @@ def _run(source: StreamSource, probe_config: ProbeConfig, config: TrainConfig, s
         param.requires_grad_(False)
     optimizer = make_optimizer(model, config)
     loss_fn = ProbeLoss(lambda_align=config.lambda_align, lambda_pearson=config.lambda_pearson,
-                        temperature=config.temperature)
+                        temperature=config.temperature, top_weight=config.top_weight)
     num_batches = len(epoch_plan(index, source.train_groups, seed=config.seed, epoch=0,
                                  batch_prompts=config.batch_prompts, buffer_groups=stream.buffer_groups))
     steps_per_epoch = -(-num_batches // context.world_size)

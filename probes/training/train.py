@@ -74,6 +74,8 @@ class TrainConfig:
             z units.
         lambda_align: weight of the InfoNCE text alignment (probes with a text branch only).
         lambda_pearson: weight of ``1 - Pearson(pred, y)`` over each batch; 0 = off.
+        top_weight: weight the ranking loss toward each prompt's best rows (see
+            :func:`probes.losses.listwise_ranking_loss`); 0 = unweighted.
         temperature: InfoNCE temperature.
         grad_clip: clip the global gradient norm to this value; 0 = no clipping.
         patience: stop after this many epochs without a better validation within-prompt
@@ -100,6 +102,7 @@ class TrainConfig:
     tau_min: float = 0.1
     lambda_align: float = 10.0
     lambda_pearson: float = 0.0
+    top_weight: float = 0.0
     temperature: float = 0.07
     grad_clip: float = 1.0
     patience: int = 10
@@ -128,6 +131,8 @@ class TrainConfig:
             raise ValueError(f"TrainConfig.ema_decay must be in [0, 1), got {self.ema_decay}")
         if self.alpha_max < 0 or not 0 < self.tau_min <= 1:
             raise ValueError(f"TrainConfig: need alpha_max >= 0 and 0 < tau_min <= 1, got {self.alpha_max}, {self.tau_min}")
+        if not (math.isfinite(self.top_weight) and self.top_weight >= 0):
+            raise ValueError(f"TrainConfig.top_weight must be finite and >= 0, got {self.top_weight}")
         if (self.score_mean is None) != (self.score_std is None):
             raise ValueError("TrainConfig: give both score_mean and score_std, or neither")
         if self.score_std is not None and not (math.isfinite(self.score_std) and self.score_std > 0):
@@ -605,7 +610,8 @@ def _train(
     for param in ema.parameters():
         param.requires_grad_(False)
     optimizer = make_optimizer(model, config)
-    loss_fn = ProbeLoss(lambda_align=config.lambda_align, lambda_pearson=config.lambda_pearson, temperature=config.temperature)
+    loss_fn = ProbeLoss(lambda_align=config.lambda_align, lambda_pearson=config.lambda_pearson, temperature=config.temperature,
+                        top_weight=config.top_weight)
 
     num_prompts = len(train.prompt_rows)
     steps_per_epoch = math.ceil(num_prompts / config.batch_prompts)
@@ -624,6 +630,7 @@ def _train(
             "ranking": "listwise within prompt", "alpha_max": config.alpha_max, "tau_min": config.tau_min,
             "lambda_align": config.lambda_align if probe_config.has_text else 0.0,
             "lambda_pearson": config.lambda_pearson, "temperature": config.temperature,
+            "top_weight": config.top_weight,
         },
         "optimizer": {
             "name": "AdamW", "lr": config.lr, "weight_decay": config.weight_decay, "schedule": config.schedule,

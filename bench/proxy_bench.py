@@ -387,7 +387,27 @@ def evaluate_family(family: str, setting: Setting, train_dir: Path, heldout_dir:
             "bulk_learning_curve": bulk_learning_curve(family, setting, held_ds, train_target) if BULK_CURVE else {},
             "equal_compute": equal_compute(family, setting,
                                            {name: predictions[name] for name in ("x0_preview", *LEARNED)},
-                                           finals, groups, best)}
+                                           finals, groups, best, mixes=learned_then_preview(best, setting))}
+
+
+def learned_then_preview(scorer: str, setting: Setting) -> tuple:
+    """The two-stage mix the learned scorer earns its place in: it prunes the many at t = 0.2 for (almost) nothing,
+    the x0 preview prunes the few left at 0.4, where it ranks far better than at 0.2."""
+    return ((scorer, "x0_preview"),) if {0.2, 0.4} <= set(setting.checkpoints) else ()
+
+
+def main_run_equal_compute(family: str, setting: Setting, best: str) -> dict:
+    """The main run's equal-compute figures again, from its cached probes and held-out set (no training)."""
+    from probe_select.probes.training.dataset import ProbeDataset
+
+    held_ds = ProbeDataset(CACHE / f"{family}_heldout")
+    ts = [t for t in setting.checkpoints if t in (0.2, 0.4)]
+    predictions = {"x0_preview": {t: held_ds.scores(f"x0@{t:g}").double().numpy() for t in ts}}
+    for name in LEARNED:
+        predictions[name] = {t: heldout_predictions(CACHE / probe_file_name(family, name, t), held_ds, t) for t in ts}
+    finals = held_ds.scores(EVALUATOR).double().numpy()
+    groups = held_ds.arrays(checkpoint_t=setting.checkpoints[0], evaluator=EVALUATOR).prompt_groups().numpy()
+    return equal_compute(family, setting, predictions, finals, groups, best, mixes=learned_then_preview(best, setting))
 
 
 def preview_validation(train_ds, t: float) -> float:
@@ -585,11 +605,13 @@ def bulk_equal_compute(family: str, setting: Setting, held_ds, curves: dict, bul
     groups = held_ds.arrays(checkpoint_t=BULK_CHECKPOINT, evaluator=EVALUATOR).prompt_groups().numpy()
     preview = {t: held_ds.scores(f"x0@{t:g}").double().numpy() for t in (0.2, 0.4)}
     name = bulk_scorer_name(best, largest[best]["train_rows"])
-    eq = equal_compute(family, dataclasses.replace(setting, checkpoints=(0.2, 0.4)),
-                       {"x0_preview": preview, name: learned}, finals, groups, best)
+    two = dataclasses.replace(setting, checkpoints=(0.2, 0.4))
+    eq = equal_compute(family, two, {"x0_preview": preview, name: learned}, finals, groups, best,
+                       mixes=learned_then_preview(name, two))
     # Kept: the rows that read the bulk-trained probe (best-of-N, the x0 preview, random and the oracle are the
     # main run's rows; pruning once at t = 0.4 would not read that probe at all).
-    reads_it = [key for key in eq["curves"] if key.endswith(f" / {name}") and not key.startswith("one stage at 0.4")]
+    reads_it = [key for key in eq["curves"] if key.endswith((f" / {name}", f" / {mix_name(name, 'x0_preview')}"))
+                and not key.startswith("one stage at 0.4")]
     return dict(eq, scorer=name, second_stage="bulk" if second_from_bulk else "main run",
                 curves={key: eq["curves"][key] for key in reads_it},
                 match_best_of_8={key: eq["match_best_of_8"][key] for key in reads_it})
@@ -613,30 +635,45 @@ def step_prices(family: str) -> dict:
             "probe": flops[probe]["flops"] / unit}
 
 
+# Random N-subsets of each prompt's seeds every schedule is judged on (probes.pruning.mean_kept_reward): with
+# 20 seeds a prompt, disjoint runs of N = 11 would use 11 of them once, and the figures of neighbouring schedules
+# would differ by which seeds they happened to read more than by what they do.
+EQUAL_COMPUTE_DRAWS = 200
+
+
 def compute_schedules(max_n: int) -> dict:
-    """The schedules of each method (pruning library syntax), up to ``max_n`` candidates."""
-    ns = [n for n in (2, 3, 4, 5, 6, 8, 10, 12, 16, 20, 24, 32) if n <= max_n]
-    methods = {"best-of-N": [f"{n}" for n in [1, *ns]]}
-    methods["one stage at 0.2"] = [f"{n}: 0.2->{k}" for n in ns for k in (1, 2, 4) if k < n]
-    methods["one stage at 0.4"] = [f"{n}: 0.4->{k}" for n in ns for k in (1, 2, 4) if k < n]
-    methods["two stages (0.2, 0.4)"] = [f"{n}: 0.2->{k1}, 0.4->{k2}" for n in ns for k1 in (2, 4, 8) for k2 in (1, 2)
-                                        if k2 < k1 < n]
+    """The schedules of each method (pruning library syntax), every N up to ``max_n`` candidates."""
+    ns = range(2, max_n + 1)
+    methods = {"best-of-N": [f"{n}" for n in range(1, max_n + 1)]}
+    methods["one stage at 0.2"] = [f"{n}: 0.2->{k}" for n in ns for k in (1, 2, 3, 4) if k < n]
+    methods["one stage at 0.4"] = [f"{n}: 0.4->{k}" for n in ns for k in (1, 2, 3, 4) if k < n]
+    methods["two stages (0.2, 0.4)"] = [f"{n}: 0.2->{k1}, 0.4->{k2}" for n in ns for k1 in (2, 3, 4, 5, 6, 8)
+                                        for k2 in (1, 2, 3) if k2 < k1 < n]
     return methods
 
 
+def mix_name(first: str, second: str) -> str:
+    """A two-stage scorer that scores t = 0.2 with ``first`` and t = 0.4 with ``second``."""
+    return f"{first} -> {second}"
+
+
 def equal_compute(family: str, setting: Setting, predictions: dict, finals: np.ndarray, groups: np.ndarray,
-                  best: str, previews: tuple = ("x0_preview",), free: tuple = (), blends: tuple = ()) -> dict:
+                  best: str, previews: tuple = ("x0_preview",), free: tuple = (), blends: tuple = (),
+                  mixes: tuple = ()) -> dict:
     """Mean kept reward against compute for every method and scorer, on the held-out prompts' recorded scores.
 
     Compute counts denoiser steps, the scorer at each pruning stage, the decode of every finished
     candidate and the evaluator's final pick (see probes.pruning.schedule_cost), priced as on the real
-    family (:func:`step_prices`), in full generations (best-of-1 = 1). The headline is the compute at which
-    each method first matches best-of-8's mean reward; the cheapest such schedule is chosen on one half of
-    the prompts and its reward and compute are reported on the other half (and the other way round), so
-    the choice never sees the prompts it is judged on. ``previews``: the scorers that decode the x0 preview and
-    run the evaluator on it (priced so); ``free``: scorers priced at nothing, like random and the oracle (bounds, not
-    methods); ``blends``: scorers that mix a preview with a probe (probes.training.blending), priced as both; every
-    other scorer is priced as a probe."""
+    family (:func:`step_prices`), in full generations (best-of-1 = 1). Every schedule is judged on
+    EQUAL_COMPUTE_DRAWS random N-subsets of each prompt's seeds, the same for every scorer. The headline is
+    the compute at which each method first matches best-of-8's mean reward; the cheapest such schedule is
+    chosen on one half of the prompts and its reward and compute are reported on the other half (and the
+    other way round), so the choice never sees the prompts it is judged on. ``previews``: the scorers that
+    decode the x0 preview and run the evaluator on it (priced so); ``free``: scorers priced at nothing, like
+    random and the oracle (bounds, not methods); ``blends``: scorers that mix a preview with a probe
+    (probes.training.blending), priced as both; every other scorer is priced as a probe. ``mixes``: pairs
+    (first, second) of those scorers, each giving a two-stage scorer (:func:`mix_name`) that prunes at
+    t = 0.2 with the first and at 0.4 with the second, each stage priced as its own scorer."""
     from probe_select.probes.pruning import (ScoreTable, StageCosts, full_generation_cost, mean_kept_reward,
                                              parse_schedule, schedule_cost)
     prices = step_prices(family)
@@ -647,10 +684,18 @@ def equal_compute(family: str, setting: Setting, predictions: dict, finals: np.n
     rng = np.random.default_rng(0)
     scorers["random"] = {t: rng.random(len(finals)) for t in ts}
     scorers["oracle"] = {t: finals for t in ts}
-    cost_of = {name: StageCosts(score=prices["x0_preview"] + prices["probe"] if name in blends else
-                                prices["x0_preview"] if name in previews else
-                                0.0 if name in ("random", "oracle", *free) else prices["probe"],
-                                decode=prices["decode"], final_score=prices["evaluator"]) for name in scorers}
+
+    def price(name: str) -> float:
+        return (prices["x0_preview"] + prices["probe"] if name in blends else prices["x0_preview"] if name in previews
+                else 0.0 if name in ("random", "oracle", *free) else prices["probe"])
+
+    stage_prices = {name: {t: price(name) for t in ts} for name in scorers}
+    for first, second in mixes:
+        name = mix_name(first, second)
+        scorers[name] = {0.2: scorers[first][0.2], 0.4: scorers[second][0.4]}
+        stage_prices[name] = {0.2: price(first), 0.4: price(second)}
+    cost_of = {name: StageCosts(score=stage_prices[name], decode=prices["decode"], final_score=prices["evaluator"])
+               for name in scorers}
     unit = full_generation_cost(steps, StageCosts(decode=prices["decode"], final_score=prices["evaluator"]))
 
     max_n = min(int((groups == g).sum()) for g in order)
@@ -662,12 +707,16 @@ def equal_compute(family: str, setting: Setting, predictions: dict, finals: np.n
                      for g in order}
         tables[name] = [list(by_prompt.values())] + [[by_prompt[g] for g in half] for half in halves]
     curves, headline = {}, {}
+    mixed = {mix_name(first, second) for first, second in mixes}
     for method, texts in compute_schedules(max_n).items():
         for name in (["random"] if method == "best-of-N" else scorers):
+            if name in mixed and not method.startswith("two stages"):
+                continue                        # pruning once, a mix is one of its parts
             points = []
             for text in texts:
                 schedule = parse_schedule(text)
-                every, *in_halves = (mean_kept_reward(part, schedule, steps) for part in tables[name])
+                every, *in_halves = (mean_kept_reward(part, schedule, steps, draws=EQUAL_COMPUTE_DRAWS)
+                                     for part in tables[name])
                 points.append({"schedule": text, "compute": schedule_cost(schedule, steps, cost_of[name]) / unit,
                                "reward": every, "halves": in_halves})
             curves[f"{method} / {name}" if method != "best-of-N" else method] = points
@@ -683,7 +732,7 @@ def equal_compute(family: str, setting: Setting, predictions: dict, finals: np.n
                               "reward": chosen["halves"][judge_on], "best_of_8": bo8["halves"][judge_on]})
         headline[key] = found
     return {"prices": prices, "unit_steps": unit, "best_of_8": bo8, "curves": curves, "match_best_of_8": headline,
-            "best_learned": best, "prompts": len(order), "seeds": max_n}
+            "best_learned": best, "prompts": len(order), "seeds": max_n, "draws": EQUAL_COMPUTE_DRAWS}
 
 
 
@@ -759,6 +808,21 @@ def add_ablations(families: list[str], results_dir: Path) -> dict:
     for family in families:
         saved["families"][family]["ablation"] = ablation(family, setting, CACHE / f"{family}_train",
                                                          CACHE / f"{family}_heldout")
+        atomic_write_text(path, json.dumps(saved, indent=2, default=float) + "\n")  # each family as soon as done
+    return saved
+
+
+def add_equal_compute(families: list[str], results_dir: Path) -> dict:
+    """``--equal-compute-only``: the saved run's equal-compute figures measured again (after a change to how they
+    are measured), from its cached probes and held-out sets; the report is then rewritten from the saved figures."""
+    _modules()
+    path = results_dir / "proxy_bench.json"
+    saved = json.loads(path.read_text())
+    setting = saved_setting(saved)
+    saved["command"] = followed_by(saved, f"--equal-compute-only --families {' '.join(families)}")
+    for family in families:
+        res = saved["families"][family]
+        res["equal_compute"] = main_run_equal_compute(family, setting, res["best_learned"])
         atomic_write_text(path, json.dumps(saved, indent=2, default=float) + "\n")  # each family as soon as done
     return saved
 
@@ -996,7 +1060,10 @@ def equal_compute_summary(results: dict) -> list:
              "steps, the scorer at each pruning stage, the decode of every finished candidate and the evaluator's "
              "final pick, priced in step-equivalents as on each model's real family (bench/results/flops.json). "
              "Schedules in the pruning library's syntax ('N: t->K, ...'). Oracle: the final reward itself as the "
-             "scorer (the ceiling of a scorer at that checkpoint). Match best-of-8: the cheapest schedule of a "
+             "scorer (the ceiling of a scorer at that checkpoint). 'A -> B': A prunes at t = 0.2 and B at 0.4, each "
+             "stage priced as its own scorer. Every schedule, N from 1 to the recorded seeds, is judged on "
+             f"{EQUAL_COMPUTE_DRAWS} random N-subsets of each prompt's seeds, the same subsets for every scorer. "
+             "Match best-of-8: the cheapest schedule of a "
              "method whose reward reaches best-of-8's on one half of the prompts, judged on the other half (both "
              "ways); 'never' when no schedule up to the recorded candidates reaches it.", ""]
     for family, res in results["families"].items():
@@ -1332,6 +1399,9 @@ def main(argv=None) -> dict:
     parser.add_argument("--ablation-only", action="store_true",
                         help="train the probe variants at t=0.2 (ablations) for the saved run, on its cached datasets, "
                              "and rewrite the report")
+    parser.add_argument("--equal-compute-only", action="store_true",
+                        help="measure the saved run's reward at equal compute again from its cached probes and "
+                             "held-out sets, and rewrite the report")
     parser.add_argument("--choose-demo-scorer", action="store_true",
                         help="add the x0 preview's validation figure and the demo's scorer (by validation) to the "
                              "saved run, from the cached training sets, and rewrite the report")
@@ -1352,7 +1422,11 @@ def main(argv=None) -> dict:
         logging.basicConfig(level=logging.INFO, format="%(message)s")
         CACHE = args.cache
         add_ablations(args.families, args.out)
-    if args.report_only or args.choose_demo_scorer or args.ablation_only:
+    if args.equal_compute_only:
+        logging.basicConfig(level=logging.INFO, format="%(message)s")
+        CACHE = args.cache
+        add_equal_compute(args.families, args.out)
+    if args.report_only or args.choose_demo_scorer or args.ablation_only or args.equal_compute_only:
         RESULTS = args.out
         return rewrite_report()
     logging.basicConfig(level=logging.INFO, format="%(message)s")

@@ -153,7 +153,8 @@ def measure(family: str, setting) -> dict:
 
     # Both stages for the equal-compute rows: the pick's blends, the noise-aware preview and its blend with the pick.
     fit_rows, val_rows = splits["train"].numpy(), splits["val"].numpy()
-    stages = {PREVIEW: {}, blend_name(PREVIEW, pick): {}, TUNED: {}, blend_name(TUNED, pick): {}}
+    label = proxy_bench.LEARNED_LABELS[pick]
+    stages = {PREVIEW: {}, blend_name(PREVIEW, pick): {}, TUNED: {}, blend_name(TUNED, pick): {}, label: {}}
     weights = {}
     for t in CHECKPOINTS:
         if t == proxy_bench.BULK_CHECKPOINT:
@@ -167,6 +168,7 @@ def measure(family: str, setting) -> dict:
         tuned_fit, tuned_blend = blended(tuned_val, on_val, val[t], tuned_held, on_held, held[t])
         stages[PREVIEW][t], stages[blend_name(PREVIEW, pick)][t] = held[t].preview, preview_blend
         stages[TUNED][t], stages[blend_name(TUNED, pick)][t] = tuned_held, tuned_blend
+        stages[label][t] = on_held
         weights[f"{t:g}"] = {blend_name(PREVIEW, pick): preview_fit, blend_name(TUNED, pick): tuned_fit}
         if t == proxy_bench.BULK_CHECKPOINT:
             scorers[TUNED] = judged(tuned_held, held[t], setting.bootstrap)
@@ -175,11 +177,14 @@ def measure(family: str, setting) -> dict:
                 tuned_blend, held[t], setting.bootstrap, **tuned_fit,
                 gain=paired_gain(tuned_blend, better_alone, held[t], setting.bootstrap))
     t = proxy_bench.BULK_CHECKPOINT
+    # The probe alone, and as the cheap first stage of two whose second (t = 0.4) is a preview.
+    mixes = ((label, PREVIEW), (label, TUNED))
     eq = proxy_bench.equal_compute(family, dataclasses.replace(setting, checkpoints=CHECKPOINTS), stages,
                                    held[t].finals, held[t].groups, pick, previews=(PREVIEW, TUNED),
-                                   blends=tuple(name for name in stages if "+" in name))
+                                   blends=tuple(name for name in stages if "+" in name), mixes=mixes)
     unit = eq["best_of_8"]["compute"]
     keys = [f"{method} / {name}" for method in EQUAL_COMPUTE_METHODS for name in stages]
+    keys += [f"{EQUAL_COMPUTE_METHODS[-1]} / {proxy_bench.mix_name(*mix)}" for mix in mixes]
     rows = {key: {"match": proxy_bench.fraction_of_best_of_8(eq["match_best_of_8"][key], unit),
                   "at_half": max((p["reward"] for p in eq["curves"][key] if p["compute"] <= 0.5 * unit),
                                  default=float("nan"))} for key in keys}
@@ -209,7 +214,9 @@ def summary_line(family: str, entry: dict) -> str:
             f"{signed(tuned_blend['gain'])} over the better alone). In two stages "
             f"(0.2, 0.4) they match best-of-8 at {two[f'two stages (0.2, 0.4) / {PREVIEW} + {pick}']['match']} and "
             f"{two[f'two stages (0.2, 0.4) / {TUNED} + {pick}']['match']} of its compute (the x0 preview alone "
-            f"{two[f'two stages (0.2, 0.4) / {PREVIEW}']['match']}).")
+            f"{two[f'two stages (0.2, 0.4) / {PREVIEW}']['match']}); the probe alone at 0.2 then the x0 preview at 0.4 "
+            f"at {two[f'two stages (0.2, 0.4) / {proxy_bench.mix_name(pick, PREVIEW)}']['match']}, then the noise-aware "
+            f"preview at {two[f'two stages (0.2, 0.4) / {proxy_bench.mix_name(pick, TUNED)}']['match']}.")
 
 
 def markdown(results: dict) -> str:
@@ -232,7 +239,7 @@ def markdown(results: dict) -> str:
             lines.append(f"| {name} | {fit} | {proxy_bench.cell(row['interval'])} | {gain} | "
                          f"{row['oracle_gain_5']:.3f} | {row['oracle_gain_10']:.3f} | {row['success_auc']:.3f} |")
         lines += ["", f"At equal compute (best-of-8: reward {entry['best_of_8']:.4f}; the proxy bench's schedules and "
-                      f"prices, a blend paying for the preview and the probe; second stages at t = 0.4 with weights "
+                      f"prices, a blend paying for the preview and the probe, 'A -> B' pruning at 0.2 with A and at 0.4 with B, each stage paying for its own scorer; second stages at t = 0.4 with weights "
                       + ", ".join(f"{name} {fit['weight']:.2f}" for name, fit in entry["weights_by_t"]["0.4"].items())
                       + "):", "",
                   "| method / scorer | compute to match best-of-8 (fraction, per half) | best reward at <= 0.5 of its "

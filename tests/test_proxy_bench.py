@@ -121,6 +121,23 @@ def test_proxy_bench_quick_writes_a_report(pack, tmp_path, monkeypatch):
     oracle = {p["schedule"]: p["reward"] for p in eq["curves"]["one stage at 0.2 / oracle"]}
     best_of = {p["schedule"]: p["reward"] for p in eq["curves"]["best-of-N"]}
     assert oracle["4: 0.2->1"] == best_of["4"]          # the oracle keeps the best of the 4 at t = 0.2
+    assert eq["draws"] == proxy_bench.EQUAL_COMPUTE_DRAWS and [p["schedule"] for p in eq["curves"]["best-of-N"]] == [
+        str(n) for n in range(1, eq["seeds"] + 1)]
+    # the learned pick prunes at 0.2, the x0 preview at 0.4, each stage priced as its own scorer: for "4: 0.2->2,
+    # 0.4->1" (10 steps: 0.2 is step 2, 0.4 step 4) 4 candidates pay the probe, 2 the preview, 1 is decoded
+    mix = f"two stages (0.2, 0.4) / {unet['best_learned']} -> x0_preview"
+    assert f"one stage at 0.2 / {unet['best_learned']} -> x0_preview" not in eq["curves"]
+    prices, unit = eq["prices"], eq["unit_steps"]
+    mixed = {p["schedule"]: p["compute"] for p in eq["curves"][mix]}
+    assert mixed["4: 0.2->2, 0.4->1"] * unit == pytest.approx(4 * 2 + 2 * 2 + 1 * 6 + 4 * prices["probe"]
+                                                              + 2 * prices["x0_preview"] + prices["decode"])
+    assert f"| {mix} |" in report
+    assert f"two stages (0.2, 0.4) / {bulk_eq['scorer']} -> x0_preview" in bulk_eq["curves"]
+    # measured again from the cached probes (after a change to how it is measured): the same figures
+    proxy_bench.main([*common, "--equal-compute-only"])
+    again = json.loads((tmp_path / "results" / "proxy_bench.json").read_text())["families"]["unet"]["equal_compute"]
+    assert json.dumps(again["curves"][mix]) == json.dumps(eq["curves"][mix])
+    assert json.dumps(again["match_best_of_8"]) == json.dumps(eq["match_best_of_8"])
     assert "## Reward at equal compute" in report
     cost = unet["cost"][0]
     assert cost["denoiser_evals"] == {"generate_all": 50, "probe_select": 18, "x0_preview": 18}

@@ -54,6 +54,32 @@ def test_a_blend_is_priced_as_the_preview_and_the_probe(blend_bench):
     assert compute("blend") - compute("probe") == pytest.approx(8 * prices["x0_preview"] / unit)
 
 
+def test_a_mix_pays_for_each_stage_as_its_own_scorer(blend_bench):
+    import proxy_bench
+
+    rng = np.random.default_rng(1)
+    groups = np.repeat(np.arange(4), 10)
+    finals = rng.random(40)
+    probe, preview = ({t: rng.random(40) for t in (0.2, 0.4)} for _ in range(2))
+    eq = proxy_bench.equal_compute("unet", proxy_bench.MEDIUM, {"preview": preview, "probe": probe}, finals, groups,
+                                   "probe", previews=("preview",), mixes=(("probe", "preview"),))
+    prices, unit = eq["prices"], eq["unit_steps"]
+    mixed = {p["schedule"]: p for p in eq["curves"]["two stages (0.2, 0.4) / probe -> preview"]}
+    alone = {p["schedule"]: p for p in eq["curves"]["two stages (0.2, 0.4) / probe"]}
+    # "8: 0.2->4, 0.4->1": 8 scored at 0.2 by the probe, 4 at 0.4 by the preview in place of the probe
+    assert (mixed["8: 0.2->4, 0.4->1"]["compute"] - alone["8: 0.2->4, 0.4->1"]["compute"]) * unit == pytest.approx(
+        4 * (prices["x0_preview"] - prices["probe"]))
+    # it ranks with the probe at 0.2 and the preview at 0.4: with the preview's scores at 0.4 made the final reward,
+    # keeping 2 at 0.2 and the best of them at 0.4 is the best of the probe's two, as "8: 0.2->2" finished both
+    exact = proxy_bench.equal_compute("unet", proxy_bench.MEDIUM, {"preview": {0.2: preview[0.2], 0.4: finals},
+                                                                   "probe": probe}, finals, groups, "probe",
+                                      previews=("preview",), mixes=(("probe", "preview"),))
+    two = {p["schedule"]: p["reward"] for p in exact["curves"]["two stages (0.2, 0.4) / probe -> preview"]}
+    once = {p["schedule"]: p["reward"] for p in exact["curves"]["one stage at 0.2 / probe"]}
+    assert two["8: 0.2->2, 0.4->1"] == pytest.approx(once["8: 0.2->2"])
+    assert "one stage at 0.2 / probe -> preview" not in eq["curves"]
+
+
 def made_up_entry(blend_bench, blend_within=0.63, gain=(0.058, 0.01, 0.11)) -> dict:
     def row(within, **fit):
         return dict(fit, within=within, oracle_gain_5=within / 2, oracle_gain_10=within / 3, success_auc=0.7,
@@ -70,6 +96,8 @@ def made_up_entry(blend_bench, blend_within=0.63, gain=(0.058, 0.01, 0.11)) -> d
     matches = dict(zip(names, ("0.52 / 0.47", "0.51 / 0.47", "0.51 / 0.42", "never")))
     equal = {f"{method} / {name}": {"match": matches[name], "at_half": 0.66}
              for method in blend_bench.EQUAL_COMPUTE_METHODS for name in names}
+    for second, match in (("x0 preview", "0.55 / 0.60"), ("noise-aware preview", "0.49 / 0.53")):
+        equal[f"two stages (0.2, 0.4) / {pick} -> {second}"] = {"match": match, "at_half": 0.67}
     entry = {"pick": "x0_probe", "pick_label": pick, "train_rows": 10152, "scorers": scorers, "best_of_8": 0.6738,
              "weights_by_t": {"0.4": {f"x0 preview + {pick}": {"weight": 0.15}, f"noise-aware preview + {pick}":
                                       {"weight": 0.1}}},
@@ -88,7 +116,8 @@ def test_the_report_reads_the_figures(blend_bench):
     assert "top-1 of 10 captures 0.21 of the oracle gain (the preview 0.13, the probe 0.19)" in summary
     assert "noise-aware preview in place of the plain one: 0.765 (0.725 alone; +0.040 [-0.010, +0.090] over the " \
            "better alone)" in summary
-    assert "match best-of-8 at 0.51 / 0.47 and never of its compute (the x0 preview alone 0.52 / 0.47)" in summary
+    assert "match best-of-8 at 0.51 / 0.47 and never of its compute (the x0 preview alone 0.52 / 0.47); the probe " \
+           "alone at 0.2 then the x0 preview at 0.4 at 0.55 / 0.60, then the noise-aware preview at 0.49 / 0.53." in summary
     # the reading follows the paired interval, not the point figures
     same = made_up_entry(blend_bench, blend_within=0.60, gain=(0.01, -0.03, 0.05))["summary"]
     assert "ranks the seeds about as well as the better of the two alone (by +0.010 [-0.030, +0.050]" in same

@@ -77,6 +77,9 @@ SEED, CANDIDATES, KEEP, CHECKPOINT_PERCENT = 42, 5, 1, 0.2
 COLLECT_PERCENTS = "0.1,0.2,0.3,0.4,0.6"
 TAP = {"block": "auto", "feature_size": 16}
 BLEND_PROBE_WEIGHT = 0.7            # ProbeSelectBlendScores' default: the proxy bench's validation fit
+# Two stages, the probe first: it prunes N to FIRST_KEEP at CHECKPOINT_PERCENT (almost free), the x0 preview the
+# few left to KEEP at LATER_PERCENT, where a preview ranks far better than at 20% (bench/results/REPORT.md).
+FIRST_KEEP, LATER_PERCENT = 3, 0.4
 NOTE_SIZE = (440, 420)
 
 # Node ids shared by every selection template (tests/test_server.py and tests/test_browser.py edit
@@ -161,12 +164,14 @@ def tapped_early_run(family: Family) -> tuple[list, Node]:
     return [*custom_sampling(family, (CKPT, 0)), tapped_guider], early_sampler(family, 6, (5, 0), guider_id=17)
 
 
-def resume(family: Family, node_id: int, kept: tuple, guider_id: int = 21) -> Node:
+def resume(family: Family, node_id: int, kept: tuple, guider_id: int = 21, until_percent: float = 1.0) -> Node:
+    """Resume the kept candidates: to the end, or (until_percent < 1) to a later checkpoint."""
+    until = {} if until_percent == 1.0 else {"until_percent": until_percent}
     if family.custom:
         return Node(node_id, "ProbeSelectResumeCustom", {"guider": (guider_id, 0), "sampler": (22, 0),
-                                                         "latent": kept, "sigmas": (23, 0)})
+                                                         "latent": kept, "sigmas": (23, 0), **until})
     return Node(node_id, "ProbeSelectResume", {"model": (CKPT, 0), "positive": (POS, 0), "negative": (NEG, 0),
-                                               "latent": kept, "cfg": family.cfg})
+                                               "latent": kept, "cfg": family.cfg, **until})
 
 
 def settings_text(family: Family, ksampler_form: bool = False) -> str:
@@ -316,6 +321,44 @@ def probe_blend_selection(family: Family) -> Workflow:
     ], description=description)
 
 
+def probe_then_x0_preview(family: Family) -> Workflow:
+    description = (f"Two stages, the probe first: {CANDIDATES} candidates run to {CHECKPOINT_PERCENT:.0%} of the "
+                   f"steps, the trained probe keeps the best {FIRST_KEEP} (no decode); those run on to "
+                   f"{LATER_PERCENT:.0%}, CLIPScore rates their decoded x0 previews and only the best is finished. "
+                   f"Needs the checkpoint, open_clip weights for CLIPScore and a probe trained for {family.label}.")
+    sampling, early = tapped_early_run(family)
+    later = resume(family, 30, (9, 0), until_percent=LATER_PERCENT)
+    return Workflow([
+        Node(13, "PrimitiveStringMultiline", {"value": POSITIVE}, title="prompt", color="green"),
+        *inputs(family, prompt_node=13),
+        Node(5, "ProbeSelectTap", {"model": (CKPT, 0), **TAP}),
+        *sampling,
+        early,
+        Node(7, "ProbeSelectLoadProbe", {"probe_name": family.probe}),
+        Node(8, "ProbeSelectScore", {"probe": (7, 0), "activations": (6, 2)}),
+        Node(9, "ProbeSelectTopK", {"early_latent": (6, 0), "scores": (8, 0), "keep": FIRST_KEEP},
+             title=f"Top-K at {CHECKPOINT_PERCENT:.0%} (probe)"),
+        later,
+        Node(14, "ProbeSelectCLIPScore", {"model_name": CLIP_ARCH, "weights": CLIP_WEIGHTS}),
+        Node(31, "ProbeSelectPreviewScore", {"x0_preview": (30, 1), "vae": (CKPT, 2), "evaluator": (14, 0),
+                                             "prompt": (13, 0)}),
+        Node(32, "ProbeSelectTopK", {"early_latent": (30, 0), "scores": (31, 0), "keep": KEEP},
+             title=f"Top-K at {LATER_PERCENT:.0%} (x0 preview)"),
+        resume(family, 10, (32, 0)),
+        Node(11, "VAEDecode", {"samples": (10, 0), "vae": (CKPT, 2)}),
+        Node(12, "SaveImage", {"images": (11, 0), "filename_prefix": f"probe_select_{family.key}_two_stages"}),
+        note(15, f"{family.label}: the probe at {CHECKPOINT_PERCENT:.0%}, the x0 preview at {LATER_PERCENT:.0%}",
+             description, checkpoint_line(family), probe_lines(family), clip_line(),
+             f"- Schedule '{CANDIDATES}: {CHECKPOINT_PERCENT:g}->{FIRST_KEEP}, {LATER_PERCENT:g}->{KEEP}'. The "
+             "probe's stage costs almost nothing, so many seeds can start; the decode and CLIPScore are paid "
+             "only for the few left at the later checkpoint. In the proxy bench this mix matched best-of-8 "
+             "with less compute than either scorer in both stages; plan N and the Ks for a budget with "
+             "ProbeSelectPlanSchedule.",
+             "- Type the prompt in the **prompt** box: it feeds the text encoder and CLIPScore.",
+             "- " + settings_text(family)),
+    ], description=description)
+
+
 def probe_one_box(family: Family) -> Workflow:
     description = (f"Probe selection in one node: runs {CANDIDATES} candidates to the checkpoint, scores them with "
                    "the probe and finishes only the best. Needs the checkpoint and a probe trained for "
@@ -411,6 +454,7 @@ TEMPLATES = {
     "probe_selection": probe_selection,
     "probe_selection_one_box": probe_one_box,
     "probe_plus_x0_preview_blend_selection": probe_blend_selection,
+    "probe_then_x0_preview_two_stages": probe_then_x0_preview,
     "collect_probe_dataset": collect_dataset,
     "train_probe": train_probe,
     "evaluate_probe": evaluate_probe,

@@ -1096,9 +1096,10 @@ def equal_compute_summary(results: dict) -> list:
         if bulk_rows:
             lines += ["", f"'{bulk_eq['scorer']}': the learned scorer validation favours at the largest point of the "
                       "learning curve on more data (below), trained on the bulk set at t=0.2; its two-stage rows "
-                      + ("score t=0.4 with the same kind of scorer trained on the bulk set's t=0.4 rows."
+                      + ("score t=0.4 with the same kind of scorer trained on the bulk set's t=0.4 rows"
                          if bulk_eq.get("second_stage") == "bulk" else
-                         "score t=0.4 with the main run's scorer of the same kind (the bulk set has t=0.2 only).")]
+                         "score t=0.4 with the main run's scorer of the same kind (the bulk set has t=0.2 only)")
+                      + "; its '-> x0_preview' row with the x0 preview instead."]
         lines.append("")
     return lines
 

@@ -16,6 +16,12 @@ Spearman) and yet match best-of-8 only at more compute. Two questions, each with
   preview: the Spearman, the fraction of the oracle gain that top-1 of 5 and of 10 captures, and the success AUC
   (the chance that, within a prompt, a seed whose final score is >= 0.5 outscores one that fails).
 
+* **Does a picking-oriented variant help?** The same scorer at the same largest point, trained with a ranking
+  loss weighted toward each prompt's best seeds (``TrainConfig.top_weight``), or pooling its x0 features to 2x2
+  instead of 1x1 (where things are: this world's relations): validation and held-out figures, and the compute at
+  which it matches best-of-8 as the first of two stages before the x0 preview. The UNet only: the DiT's learned
+  scorers rank at about 0 at every size, and a variant of a scorer that learned nothing tells nothing.
+
 Figures go to bench/results/learned_limits.{md,json} and a summary into REPORT.md. The probes trained here are
 cached under ``bench/cache/proxy_bench/limits/``; the bulk curve's own probes are reused from its cache (trained
 again where missing: same rows, configuration and seed).
@@ -23,6 +29,7 @@ again where missing: same rows, configuration and seed).
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import logging
 import signal
 import sys
@@ -66,6 +73,72 @@ def picking(scores: np.ndarray, finals: np.ndarray, groups: np.ndarray) -> dict:
     return {"within": float(np.nanmean(per_group_spearman(scores, finals, groups))),
             **{f"oracle_gain_{n}": proxy_bench.oracle_gain(scores, finals, groups, n) for n in PICK_OF},
             "success_auc": success_auc(scores, finals, groups)}
+
+
+# name: (ProbeConfig overrides, TrainConfig overrides) on the validation pick at the bulk curve's largest point.
+VARIANTS = {
+    "ranking loss weighted toward the best seeds (top_weight 1)": ({}, {"top_weight": 1.0}),
+    "ranking loss weighted toward the best seeds (top_weight 2)": ({}, {"top_weight": 2.0}),
+    "x0 features pooled 2x2 (not 1x1)": ({"pooled_size": 2}, {}),
+}
+VARIANT_FAMILIES = ("unet",)
+
+
+def variant_file(cache: Path, family: str, scorer: str, count: int, name: str) -> Path:
+    probe_overrides, train_overrides = VARIANTS[name]
+    tag = "_".join(f"{key}{value:g}" for key, value in sorted({**probe_overrides, **train_overrides}.items()))
+    return cache / f"{family}_{scorer}_{count}_{tag}.safetensors"
+
+
+def _finished_variant(path: Path, wanted, top_weight: float, count: int) -> bool:
+    """Whether ``path`` holds a finished training of this variant (same probe configuration, loss and prompts)."""
+    from probe_select.probes.io import read_probe_metadata
+
+    if not path.exists():
+        return False
+    meta = read_probe_metadata(path)
+    info = meta.training
+    # text_dim is set by training, from the dataset's text embeddings
+    same_probe = dataclasses.replace(meta.config, text_dim=wanted.text_dim).to_dict() == wanted.to_dict()
+    return (info.get("stopped") in ("early_stopping", "completed") and info.get("epochs") == proxy_bench.BULK_EPOCHS
+            and info.get("data", {}).get("train_prompts") == count and same_probe
+            and info.get("loss", {}).get("top_weight", 0.0) == top_weight)
+
+
+def variant(family: str, scorer: str, count: int, name: str, bulk, held_ds, setting, cache: Path, target: str,
+            previews: dict, finals: np.ndarray, groups: np.ndarray) -> dict:
+    """One variant of ``scorer``, trained on the first ``count`` bulk prompts (cached in ``cache``): its validation
+    Spearman, held-out picking figures, and where it matches best-of-8 as the first stage before the x0 preview."""
+    probe_overrides, train_overrides = VARIANTS[name]
+    overrides = {**proxy_bench.LEARNED[scorer], **probe_overrides}
+    wanted = proxy_bench.probe_config(bulk.manifest.feature_shape[0], setting, **overrides)
+    out = variant_file(cache, family, scorer, count, name)
+    out.parent.mkdir(parents=True, exist_ok=True)
+    if not _finished_variant(out, wanted, train_overrides.get("top_weight", 0.0), count):
+        proxy_bench.train_and_evaluate(bulk, held_ds, CHECKPOINT, out, setting, target, wanted,
+                                       proxy_bench.train_config(setting, epochs=proxy_bench.BULK_EPOCHS,
+                                                                **train_overrides),
+                                       use_text=proxy_bench.reads_text(overrides), train_prompts=count,
+                                       fractions=proxy_bench.BULK_SPLIT)
+    from probe_select.probes.io import read_probe_metadata
+
+    info = read_probe_metadata(out).training
+    scores = proxy_bench.heldout_predictions(out, held_ds, CHECKPOINT)
+    return {"val_within": proxy_bench._float_or_nan(info["val"]["within_spearman"]), "best_epoch": info["best_epoch"],
+            "interval": proxy_bench.within_ci(scores, finals, groups, setting.bootstrap),
+            **picking(scores, finals, groups),
+            "then_preview": first_stage_match(family, setting, name, scores, previews, finals, groups)}
+
+
+def first_stage_match(family: str, setting, name: str, first: np.ndarray, previews: dict, finals: np.ndarray,
+                      groups: np.ndarray) -> str:
+    """Where ``first`` at t = 0.2, then the x0 preview (``previews``: its scores by t) at 0.4, matches best-of-8
+    (fractions of its compute; REPORT.md's method and prices)."""
+    two = dataclasses.replace(setting, checkpoints=(CHECKPOINT, proxy_bench.BULK_SECOND_STAGE))
+    eq = proxy_bench.equal_compute(family, two, {"x0_preview": previews, name: {t: first for t in previews}},
+                                   finals, groups, name, mixes=((name, "x0_preview"),))
+    key = f"two stages (0.2, 0.4) / {proxy_bench.mix_name(name, 'x0_preview')}"
+    return proxy_bench.fraction_of_best_of_8(eq["match_best_of_8"][key], eq["best_of_8"]["compute"])
 
 
 def noise_free_target(family: str, scorer: str, count: int, bulk, held_ds, setting, cache: Path,
@@ -118,8 +191,24 @@ def measure(family: str, setting, cache: Path) -> dict:
     for point in noise_free:
         log.info("  %s: %s on the preview's score, %d rows -> %.3f with it, %.3f with the final reward", family,
                  pick, point["train_rows"], point["against_preview"]["within"], point["against_final"]["within"])
-    return {"pick": pick, "pick_label": proxy_bench.LEARNED_LABELS[pick], "noise_free": noise_free,
-            "picking": {name: picking(scores, finals, groups) for name, scores in scorers.items()}}
+    entry = {"pick": pick, "pick_label": proxy_bench.LEARNED_LABELS[pick], "noise_free": noise_free,
+             "picking": {name: picking(scores, finals, groups) for name, scores in scorers.items()}}
+    if family in VARIANT_FAMILIES:
+        count = largest[pick]["train_prompts"]
+        pick_scores = scorers[proxy_bench.LEARNED_LABELS[pick]]
+        previews = {t: held_ds.scores(f"x0@{t:g}").double().numpy() for t in (CHECKPOINT, proxy_bench.BULK_SECOND_STAGE)}
+        entry["variants"] = {"as in the bulk curve": {
+            "val_within": largest[pick]["val_within"], "best_epoch": largest[pick]["best_epoch"],
+            "interval": proxy_bench.within_ci(pick_scores, finals, groups, setting.bootstrap),
+            **entry["picking"][proxy_bench.LEARNED_LABELS[pick]],
+            "then_preview": first_stage_match(family, setting, "as in the bulk curve", pick_scores, previews, finals,
+                                              groups)}}
+        for name in VARIANTS:
+            entry["variants"][name] = variant(family, pick, count, name, bulk, held_ds, setting, cache, target,
+                                              previews, finals, groups)
+            log.info("  %s: %s -> %.3f (validation %.3f)", family, name, entry["variants"][name]["within"],
+                     entry["variants"][name]["val_within"])
+    return entry
 
 
 def summary_line(family: str, entry: dict) -> str:
@@ -145,7 +234,23 @@ def summary_line(family: str, entry: dict) -> str:
             f"{carries}. Trained on the final reward it ranks the seeds at {learned['within']:.3f} and picks {picks} "
             f"the x0 preview: top-1 of 10 captures {learned['oracle_gain_10']:.2f} of the oracle gain against "
             f"{preview['oracle_gain_10']:.2f}, and a success outscores a failure of its prompt with probability "
-            f"{learned['success_auc']:.2f} against {preview['success_auc']:.2f}.")
+            f"{learned['success_auc']:.2f} against {preview['success_auc']:.2f}." + variants_sentence(entry))
+
+
+def variants_sentence(entry: dict) -> str:
+    """The variants' reading: which one validation favours, and what it changes on the held-out prompts."""
+    variants = entry.get("variants")
+    if not variants:
+        return ""
+    base = variants["as in the bulk curve"]
+    chosen = max(variants, key=lambda name: -np.inf if np.isnan(variants[name]["val_within"])
+                 else variants[name]["val_within"])
+    others = ", ".join(f"{name} {row['within']:.3f} (top-1 of 10 {row['oracle_gain_10']:.2f}, first stage "
+                       f"{row['then_preview']})" for name, row in variants.items() if name != "as in the bulk curve")
+    verdict = ("validation keeps the scorer as trained" if chosen == "as in the bulk curve"
+               else f"validation favours the {chosen}")
+    return (f" Variants ({verdict}): as trained {base['within']:.3f} (top-1 of 10 {base['oracle_gain_10']:.2f}, "
+            f"first stage before the x0 preview {base['then_preview']}); {others}.")
 
 
 def markdown(results: dict) -> str:
@@ -177,6 +282,20 @@ def markdown(results: dict) -> str:
         for name, row in entry["picking"].items():
             lines.append(f"| {family} | {name} | {row['within']:.3f} | {row['oracle_gain_5']:.3f} | "
                          f"{row['oracle_gain_10']:.3f} | {row['success_auc']:.3f} |")
+    with_variants = {family: entry for family, entry in families.items() if entry.get("variants")}
+    if with_variants:
+        lines += ["", "## Does a picking-oriented variant help?", "",
+                  "The validation pick at the bulk curve's largest point, as trained there and in variants (same rows, "
+                  "split, epochs and seed; chosen by validation only). First stage: where it matches best-of-8 when "
+                  "it prunes at t = 0.2 and the x0 preview at 0.4 (fractions of best-of-8's compute, the two halves of "
+                  "the prompts; REPORT.md's method).", "",
+                  "| model | variant | validation Spearman | held-out Spearman [95% CI] | oracle gain, top-1 of 5 | "
+                  "of 10 | success AUC | first stage before the x0 preview |", "| --- | --- | --- | --- | --- | --- | --- | --- |"]
+        for family, entry in with_variants.items():
+            for name, row in entry["variants"].items():
+                lines.append(f"| {family} | {name} | {row['val_within']:.3f} | {proxy_bench.cell(row['interval'])} | "
+                             f"{row['oracle_gain_5']:.3f} | {row['oracle_gain_10']:.3f} | {row['success_auc']:.3f} | "
+                             f"{row['then_preview']} |")
     lines += ["", "## Reading", ""] + [f"- {entry['summary']}" for entry in families.values()]
     return "\n".join(lines) + "\n"
 

@@ -84,6 +84,68 @@ def test_report_states_both_measurements(limits):
     assert proxy_bench.LIMITS_FILE == limits.RESULTS_FILE
 
 
+def test_the_variants_table_and_reading_follow_validation(limits):
+    entry = made_up_entry(limits)
+
+    def row(val, within, gain10, first):
+        return {"val_within": val, "best_epoch": 3, "within": within, "oracle_gain_5": 0.4, "oracle_gain_10": gain10,
+                "success_auc": 0.75, "interval": {"within": within, "low": within - 0.1, "high": within + 0.1},
+                "then_preview": first}
+
+    entry["variants"] = {"as in the bulk curve": row(0.682, 0.624, 0.37, "0.59 / 0.54"),
+                         "ranking loss weighted toward the best seeds (top_weight 1)": row(0.665, 0.643, 0.40,
+                                                                                          "0.61 / 0.53")}
+    summary = limits.summary_line("unet", entry)
+    assert summary.endswith(" Variants (validation keeps the scorer as trained): as trained 0.624 (top-1 of 10 0.37, "
+                            "first stage before the x0 preview 0.59 / 0.54); ranking loss weighted toward the best "
+                            "seeds (top_weight 1) 0.643 (top-1 of 10 0.40, first stage 0.61 / 0.53).")
+    entry["variants"]["ranking loss weighted toward the best seeds (top_weight 1)"]["val_within"] = 0.7
+    assert "(validation favours the ranking loss weighted toward the best seeds (top_weight 1))" in \
+        limits.summary_line("unet", entry)
+    entry["summary"] = summary
+    text = limits.markdown({"command": "bench/learned_limits.py", "families": {"unet": entry}})
+    assert "## Does a picking-oriented variant help?" in text
+    assert ("| unet | ranking loss weighted toward the best seeds (top_weight 1) | 0.700 | 0.643 [0.543, 0.743] | "
+            "0.400 | 0.400 | 0.750 | 0.61 / 0.53 |") in text
+    # a family without variants (the DiT) has no rows and no sentence
+    assert limits.variants_sentence(made_up_entry(limits)) == ""
+
+
+def test_a_variant_file_is_reused_only_for_the_same_training(limits, tmp_path):
+    import proxy_bench
+    from probe_select.probes.io import ProbeMetadata, save_probe
+    from probe_select.probes.model import build_probe
+
+    name = "ranking loss weighted toward the best seeds (top_weight 2)"
+    path = limits.variant_file(tmp_path, "unet", "x0_text_probe", 846, name)
+    assert path.name == "unet_x0_text_probe_846_top_weight2.safetensors"
+    assert limits.variant_file(tmp_path, "unet", "x0_probe", 846, "x0 features pooled 2x2 (not 1x1)").name == \
+        "unet_x0_probe_846_pooled_size2.safetensors"
+    config = proxy_bench.probe_config(64, proxy_bench.MEDIUM, **proxy_bench.LEARNED["x0_probe"])
+    assert not limits._finished_variant(path, config, 2.0, 846)              # nothing there yet
+    training = {"stopped": "completed", "epochs": proxy_bench.BULK_EPOCHS, "data": {"train_prompts": 846},
+                "loss": {"top_weight": 2.0}}
+    save_probe(path, build_probe(config), ProbeMetadata(
+        backbone_family="sd1", tap="output_blocks.3.0", checkpoint_t=0.2, feature_shape=(64, config.feature_size,
+                                                                                       config.feature_size),
+        pooling="adaptive_avg", evaluator="proxy_log", training=training, config=config))
+    assert limits._finished_variant(path, config, 2.0, 846)
+    # training sets text_dim from the dataset: a probe that reads text is still the same variant
+    import dataclasses
+    text_config = dataclasses.replace(config, text_film=True, text_dim=0)
+    text_path = tmp_path / "text.safetensors"
+    save_probe(text_path, build_probe(dataclasses.replace(text_config, text_dim=64)), ProbeMetadata(
+        backbone_family="sd1", tap="output_blocks.3.0", checkpoint_t=0.2, feature_shape=(64, config.feature_size,
+                                                                                       config.feature_size),
+        pooling="adaptive_avg", evaluator="proxy_log", training=training,
+        config=dataclasses.replace(text_config, text_dim=64)))
+    assert limits._finished_variant(text_path, text_config, 2.0, 846)
+    assert not limits._finished_variant(path, config, 1.0, 846)              # another loss
+    assert not limits._finished_variant(path, config, 2.0, 423)              # other prompts
+    other = proxy_bench.probe_config(64, proxy_bench.MEDIUM, **proxy_bench.LEARNED["x0_probe"], pooled_size=2)
+    assert not limits._finished_variant(path, other, 2.0, 846)               # another probe
+
+
 def test_a_family_without_its_bulk_set_is_skipped(limits, tmp_path, monkeypatch):
     import proxy_bench
 

@@ -39,6 +39,10 @@ MAX_BUDGET = 64.0                 # the planner grid's largest N
 DEFAULT_MAX_STAGES, MAX_STAGES = 2, 3
 SHOWN_ALTERNATIVES = 5
 EVERY_SCHEDULE = sys.maxsize      # plan_schedule's `top`: keep the whole ranking (the runnable best is looked up in it)
+# Each schedule is judged on this many random N-subsets of each prompt's candidates: a dataset records a handful
+# of candidates a prompt, and one disjoint run of N near that handful would judge a schedule on the luck of which
+# candidates it happened to read.
+PLANNER_DRAWS = 100
 
 
 def check_plan_numbers(node_id: str, budget_generations: float | None, steps: int | None,
@@ -75,8 +79,8 @@ def plan_summary(data: PlannerData, plan: Plan, chosen: tuple[PruningSchedule, f
     schedule, reward, cost = chosen
     evaluator = data.evaluator
     best_of = min(int(math.floor(budget_generations + 1e-9)), data.smallest)
-    best_of_reward = mean_kept_reward(data.tables, PruningSchedule(best_of), steps)
-    single = mean_kept_reward(data.tables, PruningSchedule(1), steps)
+    best_of_reward = mean_kept_reward(data.tables, PruningSchedule(best_of), steps, draws=PLANNER_DRAWS)
+    single = mean_kept_reward(data.tables, PruningSchedule(1), steps, draws=PLANNER_DRAWS)
     lines = []
     if not plan.schedule.stages:
         lines.append(f"Best-of-{plan.schedule.candidates} ({plan.mean_reward:.4f}) matches or beats every pruning "
@@ -96,7 +100,7 @@ def plan_summary(data: PlannerData, plan: Plan, chosen: tuple[PruningSchedule, f
         lines.append(f"alternatives (mean kept {evaluator}, cost in generations):")
         lines += [f"  {str(s):<28} {r:.4f}  {_generations(c, steps)}" for s, r, c in others]
     lines.append(f"{plan.evaluated} schedules of up to {max_stages} stages fit the budget and were simulated "
-                 f"(N up to {data.smallest}).")
+                 f"(N up to {data.smallest}; each on {PLANNER_DRAWS} random N-subsets of every prompt's candidates).")
     counts = data.candidate_counts
     each = f"{min(counts)}" if min(counts) == max(counts) else f"{min(counts)}-{max(counts)}"
     left_out = (f"; {data.dropped_prompts} prompts left out with fewer than 2 candidates" if data.dropped_prompts
@@ -197,7 +201,7 @@ class ProbeSelectPlanSchedule(io.ComfyNode):
                                             f"'{dataset}': {error}") from None
         try:
             plan = plan_schedule(data.tables, budget_generations, steps, grid=PlannerGrid(max_stages=max_stages),
-                                 top=EVERY_SCHEDULE)
+                                 top=EVERY_SCHEDULE, draws=PLANNER_DRAWS)
         except ScheduleError as error:
             raise ProbeSelectError(node_id, error.problem, error.fix) from None
         chosen = next((entry for entry in plan.ranking if entry[0].stages), None)

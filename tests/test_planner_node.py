@@ -268,6 +268,13 @@ def plan_node():
     return ProbeSelectPlanSchedule
 
 
+def planner_draws() -> int:
+    """The random N-subsets per prompt the node judges each schedule on."""
+    from probe_select.nodes.nodes_planner import PLANNER_DRAWS
+
+    return PLANNER_DRAWS
+
+
 def test_the_node_plans_what_plan_schedule_plans_on_the_held_out_prompts(comfy_output, predictive):
     node = plan_node()
     budget = 3.0
@@ -279,16 +286,18 @@ def test_the_node_plans_what_plan_schedule_plans_on_the_held_out_prompts(comfy_o
 
     data = probe_score_tables(ProbeDataset(os.path.join(comfy_output, "probe_select_datasets", "planner_ds")),
                               [predictive], STEPS, split="all")
-    plan = plan_schedule(data.tables, budget, STEPS, StageCosts(), PlannerGrid(max_stages=2))
+    plan = plan_schedule(data.tables, budget, STEPS, StageCosts(), PlannerGrid(max_stages=2),
+                         draws=planner_draws())
     assert str(plan.schedule) == schedule_text
     # A perfect probe at 0.2 and 30 steps of budget: 8 candidates to step 2 (16 steps), the best finished
     # (8 more) is the most candidates a stage at 0.2 affords (12 would cost 32).
     assert schedule_text == "8: 0.2->1"
-    best_of_3 = mean_kept_reward(data.tables, parse_schedule("3"), STEPS)
+    best_of_3 = mean_kept_reward(data.tables, parse_schedule("3"), STEPS, draws=planner_draws())
     assert plan.mean_reward > best_of_3
     assert summary.splitlines()[0].startswith(f"schedule: {schedule_text}")
     assert f"{plan.mean_reward:.4f} vs {best_of_3:.4f} for best-of-3" in summary
     assert f"{PROMPTS} prompts of dataset 'planner_ds' (split all" in summary
+    assert f"each on {planner_draws()} random N-subsets of every prompt's candidates" in summary
     assert "not covered by a probe (no stage there): t = 0.5, 0.8" in summary and "optimistic" in summary
 
     # ProbeSelectSampler takes it as it is (its schedule and candidates inputs; same probe, same steps).
@@ -306,7 +315,7 @@ def test_a_probe_that_ranks_backwards_loses_to_best_of_n(comfy_output, predictiv
                                                       split="all").result
     data = probe_score_tables(ProbeDataset(os.path.join(comfy_output, "probe_select_datasets", "planner_ds")),
                               [bad], STEPS, split="all")
-    plan = plan_schedule(data.tables, 3.0, STEPS, top=10**6)
+    plan = plan_schedule(data.tables, 3.0, STEPS, top=10**6, draws=planner_draws())
     assert str(plan.schedule) == "3" and not plan.schedule.stages
     assert summary.startswith("Best-of-3")
     # The output is the best schedule with a stage (ProbeSelectSampler needs one), worse than best-of-3.

@@ -312,23 +312,30 @@ def test_probe_plus_x0_preview_blend_selection(server, family, trained):
 
 def test_probe_then_x0_preview_two_stages(server, family, trained):
     workflow = api_copy(family, "probe_then_x0_preview_two_stages")
+    # more candidates than the first stage keeps (the test's usual 3 would all survive it)
+    started = templates.FIRST_KEEP + 2
+    (early,) = nodes_of(workflow, "ProbeSelectEarlySampler") + nodes_of(workflow, "ProbeSelectEarlySamplerCustom")
+    workflow[early]["inputs"]["candidates"] = started
     entry = run(server, workflow)
     saved(server, workflow, entry, count=templates.KEEP)
     (probe,), (preview,) = (nodes_of(workflow, node) for node in ("ProbeSelectScore", "ProbeSelectPreviewScore"))
     first, second = sorted(nodes_of(workflow, "ProbeSelectTopK"), key=lambda i: workflow[i]["inputs"]["keep"],
                            reverse=True)
-    check_scores(text_of(entry, probe), templates.FIRST_KEEP)
-    # the probe's stage keeps its best FIRST_KEEP; the preview scores only those, at the later checkpoint
-    kept_first = [r["candidate"] for r in score_rows(text_of(entry, first)) if r["kept"]]
-    assert kept_first == [r["candidate"] for r in score_rows(text_of(entry, probe))][:templates.FIRST_KEEP]
+    ranked = score_rows(text_of(entry, probe))
+    assert sorted(r["candidate"] for r in ranked) == list(range(started))
+    assert [r["score"] for r in ranked] == sorted((r["score"] for r in ranked), reverse=True)
+    # the probe's stage keeps its best FIRST_KEEP; the preview scores only those (by seed: the survivors are a new
+    # batch), at the later checkpoint
+    kept_first = [r["seed"] for r in score_rows(text_of(entry, first)) if r["kept"]]
+    assert kept_first == [r["seed"] for r in ranked][:templates.FIRST_KEEP]
     later = score_rows(text_of(entry, preview))
-    assert sorted(r["candidate"] for r in later) == sorted(kept_first), text_of(entry, preview)
+    assert sorted(r["seed"] for r in later) == sorted(kept_first), text_of(entry, preview)
     (resumed,) = [i for i in nodes_of(workflow, "ProbeSelectResume") + nodes_of(workflow, "ProbeSelectResumeCustom")
                   if workflow[i]["inputs"].get("until_percent") == templates.LATER_PERCENT]
     assert workflow[preview]["inputs"]["x0_preview"] == [resumed, 1]
     # the second Top-K keeps the preview's best of the survivors
-    kept = [r["candidate"] for r in score_rows(text_of(entry, second)) if r["kept"]]
-    assert kept == [r["candidate"] for r in later][:templates.KEEP]
+    kept = [r["seed"] for r in score_rows(text_of(entry, second)) if r["kept"]]
+    assert kept == [r["seed"] for r in later][:templates.KEEP]
 
 
 def _waiting(server: ComfyServer) -> list:

@@ -797,34 +797,34 @@ def saved_setting(saved: dict) -> Setting:
     return Setting(**{k: tuple(v) if k == "checkpoints" else v for k, v in saved["setting"].items()})
 
 
-def add_ablations(families: list[str], results_dir: Path) -> dict:
-    """``--ablation-only``: the probe variants at t=0.2 for a saved run (proxy_bench.json) whose report step skipped
-    them, trained on its cached datasets with the run's setting; the report is then rewritten from the saved figures."""
+def update_saved_run(families: list[str], results_dir: Path, step: str, figures) -> dict:
+    """A later step on a saved run (proxy_bench.json): ``figures(family, its saved results, setting)`` puts new
+    figures into each family's results, each written as soon as done; the report is rewritten afterwards."""
     _modules()
     path = results_dir / "proxy_bench.json"
     saved = json.loads(path.read_text())
     setting = saved_setting(saved)
-    saved["command"] = followed_by(saved, f"--ablation-only --families {' '.join(families)}")
+    saved["command"] = followed_by(saved, f"{step} --families {' '.join(families)}")
     for family in families:
-        saved["families"][family]["ablation"] = ablation(family, setting, CACHE / f"{family}_train",
-                                                         CACHE / f"{family}_heldout")
-        atomic_write_text(path, json.dumps(saved, indent=2, default=float) + "\n")  # each family as soon as done
+        figures(family, saved["families"][family], setting)
+        atomic_write_text(path, json.dumps(saved, indent=2, default=float) + "\n")
     return saved
+
+
+def add_ablations(families: list[str], results_dir: Path) -> dict:
+    """``--ablation-only``: the probe variants at t=0.2 for a saved run (proxy_bench.json) whose report step skipped
+    them, trained on its cached datasets with the run's setting; the report is then rewritten from the saved figures."""
+    def figures(family: str, res: dict, setting: Setting) -> None:
+        res["ablation"] = ablation(family, setting, CACHE / f"{family}_train", CACHE / f"{family}_heldout")
+    return update_saved_run(families, results_dir, "--ablation-only", figures)
 
 
 def add_equal_compute(families: list[str], results_dir: Path) -> dict:
     """``--equal-compute-only``: the saved run's equal-compute figures measured again (after a change to how they
     are measured), from its cached probes and held-out sets; the report is then rewritten from the saved figures."""
-    _modules()
-    path = results_dir / "proxy_bench.json"
-    saved = json.loads(path.read_text())
-    setting = saved_setting(saved)
-    saved["command"] = followed_by(saved, f"--equal-compute-only --families {' '.join(families)}")
-    for family in families:
-        res = saved["families"][family]
+    def figures(family: str, res: dict, setting: Setting) -> None:
         res["equal_compute"] = main_run_equal_compute(family, setting, res["best_learned"])
-        atomic_write_text(path, json.dumps(saved, indent=2, default=float) + "\n")  # each family as soon as done
-    return saved
+    return update_saved_run(families, results_dir, "--equal-compute-only", figures)
 
 
 # ---- 4. cost ----------------------------------------------------------------------------------------

@@ -287,13 +287,11 @@ def probe_selection(family: Family) -> Workflow:
     ], description=description)
 
 
-def probe_blend_selection(family: Family) -> Workflow:
-    description = (f"Probe and x0 preview together: {CANDIDATES} candidates run to {CHECKPOINT_PERCENT:.0%} of the "
-                   "steps; a trained probe predicts each one's final score from the tapped activations, CLIPScore "
-                   "rates each decoded x0 preview, the two rankings are blended and only the best is finished. Needs "
-                   f"the checkpoint, open_clip weights for CLIPScore and a probe trained for {family.label}.")
+def probe_scored_early_run(family: Family) -> list:
+    """The head of the templates that score with the probe and CLIPScore: the prompt box (13) feeding the text
+    encoder, the tapped early run (6) and the probe's scores (8)."""
     sampling, early = tapped_early_run(family)
-    return Workflow([
+    return [
         Node(13, "PrimitiveStringMultiline", {"value": POSITIVE}, title="prompt", color="green"),
         *inputs(family, prompt_node=13),
         Node(5, "ProbeSelectTap", {"model": (CKPT, 0), **TAP}),
@@ -301,6 +299,16 @@ def probe_blend_selection(family: Family) -> Workflow:
         early,
         Node(7, "ProbeSelectLoadProbe", {"probe_name": family.probe}),
         Node(8, "ProbeSelectScore", {"probe": (7, 0), "activations": (6, 2)}),
+    ]
+
+
+def probe_blend_selection(family: Family) -> Workflow:
+    description = (f"Probe and x0 preview together: {CANDIDATES} candidates run to {CHECKPOINT_PERCENT:.0%} of the "
+                   "steps; a trained probe predicts each one's final score from the tapped activations, CLIPScore "
+                   "rates each decoded x0 preview, the two rankings are blended and only the best is finished. Needs "
+                   f"the checkpoint, open_clip weights for CLIPScore and a probe trained for {family.label}.")
+    return Workflow([
+        *probe_scored_early_run(family),
         Node(14, "ProbeSelectCLIPScore", {"model_name": CLIP_ARCH, "weights": CLIP_WEIGHTS}),
         Node(18, "ProbeSelectPreviewScore", {"x0_preview": (6, 1), "vae": (CKPT, 2), "evaluator": (14, 0),
                                              "prompt": (13, 0)}),
@@ -326,19 +334,11 @@ def probe_then_x0_preview(family: Family) -> Workflow:
                    f"steps, the trained probe keeps the best {FIRST_KEEP} (no decode); those run on to "
                    f"{LATER_PERCENT:.0%}, CLIPScore rates their decoded x0 previews and only the best is finished. "
                    f"Needs the checkpoint, open_clip weights for CLIPScore and a probe trained for {family.label}.")
-    sampling, early = tapped_early_run(family)
-    later = resume(family, 30, (9, 0), until_percent=LATER_PERCENT)
     return Workflow([
-        Node(13, "PrimitiveStringMultiline", {"value": POSITIVE}, title="prompt", color="green"),
-        *inputs(family, prompt_node=13),
-        Node(5, "ProbeSelectTap", {"model": (CKPT, 0), **TAP}),
-        *sampling,
-        early,
-        Node(7, "ProbeSelectLoadProbe", {"probe_name": family.probe}),
-        Node(8, "ProbeSelectScore", {"probe": (7, 0), "activations": (6, 2)}),
+        *probe_scored_early_run(family),
         Node(9, "ProbeSelectTopK", {"early_latent": (6, 0), "scores": (8, 0), "keep": FIRST_KEEP},
              title=f"Top-K at {CHECKPOINT_PERCENT:.0%} (probe)"),
-        later,
+        resume(family, 30, (9, 0), until_percent=LATER_PERCENT),
         Node(14, "ProbeSelectCLIPScore", {"model_name": CLIP_ARCH, "weights": CLIP_WEIGHTS}),
         Node(31, "ProbeSelectPreviewScore", {"x0_preview": (30, 1), "vae": (CKPT, 2), "evaluator": (14, 0),
                                              "prompt": (13, 0)}),

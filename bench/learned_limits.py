@@ -97,12 +97,10 @@ def _finished_variant(path: Path, wanted, top_weight: float, count: int) -> bool
     if not path.exists():
         return False
     meta = read_probe_metadata(path)
-    info = meta.training
     # text_dim is set by training, from the dataset's text embeddings
     same_probe = dataclasses.replace(meta.config, text_dim=wanted.text_dim).to_dict() == wanted.to_dict()
-    return (info.get("stopped") in ("early_stopping", "completed") and info.get("epochs") == proxy_bench.BULK_EPOCHS
-            and info.get("data", {}).get("train_prompts") == count and same_probe
-            and info.get("loss", {}).get("top_weight", 0.0) == top_weight)
+    return (proxy_bench.bulk_training_finished(meta.training, count) and same_probe
+            and meta.training.get("loss", {}).get("top_weight", 0.0) == top_weight)
 
 
 def variant(family: str, scorer: str, count: int, name: str, bulk, held_ds, setting, cache: Path, target: str,
@@ -196,7 +194,7 @@ def measure(family: str, setting, cache: Path) -> dict:
     if family in VARIANT_FAMILIES:
         count = largest[pick]["train_prompts"]
         pick_scores = scorers[proxy_bench.LEARNED_LABELS[pick]]
-        previews = {t: held_ds.scores(f"x0@{t:g}").double().numpy() for t in (CHECKPOINT, proxy_bench.BULK_SECOND_STAGE)}
+        previews = proxy_bench.preview_scores(held_ds, (CHECKPOINT, proxy_bench.BULK_SECOND_STAGE))
         entry["variants"] = {"as in the bulk curve": {
             "val_within": largest[pick]["val_within"], "best_epoch": largest[pick]["best_epoch"],
             "interval": proxy_bench.within_ci(pick_scores, finals, groups, setting.bootstrap),
@@ -290,7 +288,8 @@ def markdown(results: dict) -> str:
                   "it prunes at t = 0.2 and the x0 preview at 0.4 (fractions of best-of-8's compute, the two halves of "
                   "the prompts; REPORT.md's method).", "",
                   "| model | variant | validation Spearman | held-out Spearman [95% CI] | oracle gain, top-1 of 5 | "
-                  "of 10 | success AUC | first stage before the x0 preview |", "| --- | --- | --- | --- | --- | --- | --- | --- |"]
+                  "of 10 | success AUC | first stage before the x0 preview |",
+                  "| --- | --- | --- | --- | --- | --- | --- | --- |"]
         for family, entry in with_variants.items():
             for name, row in entry["variants"].items():
                 lines.append(f"| {family} | {name} | {row['val_within']:.3f} | {proxy_bench.cell(row['interval'])} | "

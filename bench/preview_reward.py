@@ -148,8 +148,7 @@ def evaluate_family(family: str, cache: Path) -> dict:
                    "x0_preview_as_read": interval(as_read, finals, groups)}
         log.info("%s t=%g: tuned preview %.3f (hidden %d, val %.3f), x0 preview %.3f", family, t,
                  by_t[t]["tuned"]["within"], hidden, val, by_t[t]["x0_preview"]["within"])
-    previews = {"x0_preview": {t: held.scores(f"x0@{t:g}").double().numpy() for t in CHECKPOINTS},
-                "tuned_preview": tuned}
+    previews = {"x0_preview": proxy_bench.preview_scores(held, CHECKPOINTS), "tuned_preview": tuned}
     setting = proxy_bench.MEDIUM
     eq = proxy_bench.equal_compute(family, setting, previews, finals, groups, "tuned_preview",
                                    previews=("x0_preview", "tuned_preview"))

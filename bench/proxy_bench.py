@@ -402,7 +402,7 @@ def main_run_equal_compute(family: str, setting: Setting, best: str) -> dict:
 
     held_ds = ProbeDataset(CACHE / f"{family}_heldout")
     ts = [t for t in setting.checkpoints if t in (0.2, 0.4)]
-    predictions = {"x0_preview": {t: held_ds.scores(f"x0@{t:g}").double().numpy() for t in ts}}
+    predictions = {"x0_preview": preview_scores(held_ds, ts)}
     for name in LEARNED:
         predictions[name] = {t: heldout_predictions(CACHE / probe_file_name(family, name, t), held_ds, t) for t in ts}
     finals = held_ds.scores(EVALUATOR).double().numpy()
@@ -487,6 +487,12 @@ BULK_CURVE_PROMPTS = (96, 212, 423, 846)          # of the train split: 1,152 to
 BULK_EPOCHS = 12
 
 
+def bulk_training_finished(training: dict, count: int) -> bool:
+    """Whether a probe file's training summary is a finished bulk-set training on its first ``count`` prompts."""
+    return (training.get("stopped") in ("early_stopping", "completed") and training.get("epochs") == BULK_EPOCHS
+            and training.get("data", {}).get("train_prompts") == count)
+
+
 def finished_point(path: Path, held_ds, count: int, overrides: dict, setting: Setting, t: float = BULK_CHECKPOINT):
     """A learning-curve point whose training already finished (its probe file says so, for the same prompts,
     epochs and inputs), scored on the held-out prompts again instead of trained again; None otherwise."""
@@ -498,8 +504,7 @@ def finished_point(path: Path, held_ds, count: int, overrides: dict, setting: Se
     probe, meta = load_probe(path)
     info = meta.training
     wanted = probe_config(meta.config.in_channels, setting, **overrides)
-    if (info.get("stopped") not in ("early_stopping", "completed") or info.get("epochs") != BULK_EPOCHS
-            or info.get("data", {}).get("train_prompts") != count or meta.config.inputs != wanted.inputs
+    if (not bulk_training_finished(info, count) or meta.config.inputs != wanted.inputs
             or meta.config.text_film != wanted.text_film):
         return None
     evaluation = evaluate_probe_on(probe, meta, held_ds.arrays(checkpoint_t=t, evaluator=EVALUATOR))
@@ -571,6 +576,11 @@ def bulk_scorer_name(scorer: str, train_rows: int) -> str:
     return f"{scorer} on {train_rows} bulk rows"
 
 
+def preview_scores(dataset, checkpoints) -> dict:
+    """The x0 preview's recorded score of every row of ``dataset`` at each checkpoint t: {t: [rows] float64}."""
+    return {t: dataset.scores(f"x0@{t:g}").double().numpy() for t in checkpoints}
+
+
 def heldout_predictions(path: Path, held_ds, t: float) -> np.ndarray:
     """A saved probe's scores of the held-out rows at checkpoint t, in the dataset's row order (float64)."""
     from probe_select.probes.io import load_probe
@@ -603,7 +613,7 @@ def bulk_equal_compute(family: str, setting: Setting, held_ds, curves: dict, bul
     learned = {t: heldout_predictions(path, held_ds, t) for t, path in stage_probes.items()}
     finals = held_ds.scores(EVALUATOR).double().numpy()
     groups = held_ds.arrays(checkpoint_t=BULK_CHECKPOINT, evaluator=EVALUATOR).prompt_groups().numpy()
-    preview = {t: held_ds.scores(f"x0@{t:g}").double().numpy() for t in (0.2, 0.4)}
+    preview = preview_scores(held_ds, (0.2, 0.4))
     name = bulk_scorer_name(best, largest[best]["train_rows"])
     two = dataclasses.replace(setting, checkpoints=(0.2, 0.4))
     eq = equal_compute(family, two, {"x0_preview": preview, name: learned}, finals, groups, best,

@@ -239,7 +239,8 @@ def markdown(results: dict) -> str:
             lines.append(f"| {name} | {fit} | {proxy_bench.cell(row['interval'])} | {gain} | "
                          f"{row['oracle_gain_5']:.3f} | {row['oracle_gain_10']:.3f} | {row['success_auc']:.3f} |")
         lines += ["", f"At equal compute (best-of-8: reward {entry['best_of_8']:.4f}; the proxy bench's schedules and "
-                      f"prices, a blend paying for the preview and the probe, 'A -> B' pruning at 0.2 with A and at 0.4 with B, each stage paying for its own scorer; second stages at t = 0.4 with weights "
+                      "prices, a blend paying for the preview and the probe, 'A -> B' pruning at 0.2 with A and at "
+                      "0.4 with B, each stage paying for its own scorer; second stages at t = 0.4 with weights "
                       + ", ".join(f"{name} {fit['weight']:.2f}" for name, fit in entry["weights_by_t"]["0.4"].items())
                       + "):", "",
                   "| method / scorer | compute to match best-of-8 (fraction, per half) | best reward at <= 0.5 of its "

@@ -136,7 +136,7 @@ bench-score-blend: setup
 
 # A noise-aware preview reward (the real-model analogue: a reward model fine-tuned on noisy previews): the
 # evaluator's factors on the x0 preview, re-weighted on the training prompts' previews; reads bench-proxy's
-# cached datasets -> bench/results/preview_reward.md (about a minute).
+# cached datasets -> bench/results/preview_reward.md (about 10 minutes; equal compute at every checkpoint up to 0.4).
 bench-preview-reward: setup
 	$(PY) bench/preview_reward.py
 

@@ -401,7 +401,7 @@ def main_run_equal_compute(family: str, setting: Setting, best: str) -> dict:
     from probe_select.probes.training.dataset import ProbeDataset
 
     held_ds = ProbeDataset(CACHE / f"{family}_heldout")
-    ts = [t for t in setting.checkpoints if t in (0.2, 0.4)]
+    ts = [t for t in setting.checkpoints if t in PRUNING_CHECKPOINTS]
     predictions = {"x0_preview": preview_scores(held_ds, ts)}
     for name in LEARNED:
         predictions[name] = {t: heldout_predictions(CACHE / probe_file_name(family, name, t), held_ds, t) for t in ts}
@@ -651,14 +651,22 @@ def step_prices(family: str) -> dict:
 EQUAL_COMPUTE_DRAWS = 200
 
 
-def compute_schedules(max_n: int) -> dict:
-    """The schedules of each method (pruning library syntax), every N up to ``max_n`` candidates."""
+# The checkpoints every pruning method cuts at unless told otherwise: the headline's 0.2 and the later 0.4.
+PRUNING_CHECKPOINTS = (0.2, 0.4)
+
+
+def compute_schedules(max_n: int, checkpoints: tuple = PRUNING_CHECKPOINTS) -> dict:
+    """The schedules of each method (pruning library syntax), every N up to ``max_n`` candidates: best-of-N, one
+    stage at each checkpoint, two stages at each pair of checkpoints (earlier first)."""
     ns = range(2, max_n + 1)
     methods = {"best-of-N": [f"{n}" for n in range(1, max_n + 1)]}
-    methods["one stage at 0.2"] = [f"{n}: 0.2->{k}" for n in ns for k in (1, 2, 3, 4) if k < n]
-    methods["one stage at 0.4"] = [f"{n}: 0.4->{k}" for n in ns for k in (1, 2, 3, 4) if k < n]
-    methods["two stages (0.2, 0.4)"] = [f"{n}: 0.2->{k1}, 0.4->{k2}" for n in ns for k1 in (2, 3, 4, 5, 6, 8)
-                                        for k2 in (1, 2, 3) if k2 < k1 < n]
+    for t in checkpoints:
+        methods[f"one stage at {t:g}"] = [f"{n}: {t:g}->{k}" for n in ns for k in (1, 2, 3, 4) if k < n]
+    for i, first in enumerate(checkpoints):
+        for second in checkpoints[i + 1:]:
+            methods[f"two stages ({first:g}, {second:g})"] = [
+                f"{n}: {first:g}->{k1}, {second:g}->{k2}" for n in ns for k1 in (2, 3, 4, 5, 6, 8)
+                for k2 in (1, 2, 3) if k2 < k1 < n]
     return methods
 
 
@@ -669,7 +677,7 @@ def mix_name(first: str, second: str) -> str:
 
 def equal_compute(family: str, setting: Setting, predictions: dict, finals: np.ndarray, groups: np.ndarray,
                   best: str, previews: tuple = ("x0_preview",), free: tuple = (), blends: tuple = (),
-                  mixes: tuple = ()) -> dict:
+                  mixes: tuple = (), checkpoints: tuple = PRUNING_CHECKPOINTS) -> dict:
     """Mean kept reward against compute for every method and scorer, on the held-out prompts' recorded scores.
 
     Compute counts denoiser steps, the scorer at each pruning stage, the decode of every finished
@@ -683,12 +691,15 @@ def equal_compute(family: str, setting: Setting, predictions: dict, finals: np.n
     random and the oracle (bounds, not methods); ``blends``: scorers that mix a preview with a probe
     (probes.training.blending), priced as both; every other scorer is priced as a probe. ``mixes``: pairs
     (first, second) of those scorers, each giving a two-stage scorer (:func:`mix_name`) that prunes at
-    t = 0.2 with the first and at 0.4 with the second, each stage priced as its own scorer."""
+    t = 0.2 with the first and at 0.4 with the second, each stage priced as its own scorer. ``checkpoints``: where
+    the methods cut (:func:`compute_schedules`; each must be one of ``setting.checkpoints``)."""
     from probe_select.probes.pruning import (ScoreTable, StageCosts, full_generation_cost, mean_kept_reward,
                                              parse_schedule, schedule_cost)
     prices = step_prices(family)
     steps = setting.steps
-    ts = [t for t in setting.checkpoints if t in (0.2, 0.4)]
+    ts = [t for t in setting.checkpoints if t in checkpoints]
+    if len(ts) != len(checkpoints):
+        raise ValueError(f"equal_compute: checkpoints {checkpoints} are not all among the recorded {setting.checkpoints}")
     order = list(dict.fromkeys(groups.tolist()))
     scorers = dict(predictions)       # x0_preview and learned scorers (any other name is priced as a probe)
     rng = np.random.default_rng(0)
@@ -700,6 +711,8 @@ def equal_compute(family: str, setting: Setting, predictions: dict, finals: np.n
                 else 0.0 if name in ("random", "oracle", *free) else prices["probe"])
 
     stage_prices = {name: {t: price(name) for t in ts} for name in scorers}
+    if mixes and tuple(ts) != (0.2, 0.4):
+        raise ValueError("equal_compute: a mix prunes at 0.2 and 0.4 and nowhere else; leave checkpoints (0.2, 0.4)")
     for first, second in mixes:
         name = mix_name(first, second)
         scorers[name] = {0.2: scorers[first][0.2], 0.4: scorers[second][0.4]}
@@ -718,10 +731,10 @@ def equal_compute(family: str, setting: Setting, predictions: dict, finals: np.n
         tables[name] = [list(by_prompt.values())] + [[by_prompt[g] for g in half] for half in halves]
     curves, headline = {}, {}
     mixed = {mix_name(first, second) for first, second in mixes}
-    for method, texts in compute_schedules(max_n).items():
+    for method, texts in compute_schedules(max_n, tuple(ts)).items():
         for name in (["random"] if method == "best-of-N" else scorers):
-            if name in mixed and not method.startswith("two stages"):
-                continue                        # pruning once, a mix is one of its parts
+            if name in mixed and method != "two stages (0.2, 0.4)":
+                continue                        # a mix is one scorer at 0.2 and another at 0.4
             points = []
             for text in texts:
                 schedule = parse_schedule(text)

@@ -72,3 +72,56 @@ def test_ranker_finds_the_feature_that_ranks_a_prompts_rows(preview_reward):
 def test_ranker_refuses_targets_with_nothing_to_rank(preview_reward):
     with pytest.raises(ValueError, match="nothing to rank"):
         preview_reward.fit_ranker(np.ones((4, 9)), np.array([1.0, 1.0, 2.0, 2.0]), np.array([0, 0, 1, 1]))
+
+
+def test_coarser_read_is_the_evaluator_on_the_latent_pooled_once_more(preview_reward):
+    from bench.proxy_world import evaluator, grammar, models
+    from bench.proxy_world.render import render_batch
+
+    prompts = ["a red circle left of a blue square", "two green triangles"]
+    images = render_batch([grammar.parse_prompt(p) for p in prompts], rng=[3, 4])
+    latents = models.image_to_latent(images, "unet")
+    rows = StoredRows(latents, prompts)
+    coarse = torch.nn.functional.interpolate(models.latent_to_image(torch.nn.functional.avg_pool2d(latents, 2), "unet"),
+                                             size=models.IMAGE_SIZE, mode="bilinear", align_corners=False)
+    features, scores = preview_reward.preview_features(rows, "unet", 0.2, coarser=1)
+    np.testing.assert_allclose(scores, evaluator.score_terms(coarse, [grammar.parse_prompt(p) for p in prompts])["score"]
+                               .numpy(), rtol=1e-4, atol=1e-6)
+    both = preview_reward.scaled_features(rows, "unet", 0.2, scales=2)
+    assert both.shape == (2, 2 * len(preview_reward.FEATURES))
+    np.testing.assert_allclose(both[:, len(preview_reward.FEATURES):], features)
+    np.testing.assert_allclose(both[:, :len(preview_reward.FEATURES)],
+                               preview_reward.preview_features(rows, "unet", 0.2)[0])
+    names = preview_reward.feature_names(2)
+    assert names[:9] == preview_reward.FEATURES and names[9] == "presence@2x" and len(names) == 18
+
+
+def test_prompt_folds_keep_a_prompts_rows_together_and_are_even(preview_reward):
+    groups = np.repeat(np.arange(13), 4)
+    folds = preview_reward.prompt_folds(groups, folds=5, seed=1)
+    for g in range(13):
+        assert len(set(folds[groups == g].tolist())) == 1
+    prompts_per_fold = np.bincount(folds[::4], minlength=5)
+    assert sorted(prompts_per_fold.tolist()) == [2, 2, 3, 3, 3]
+    assert not np.array_equal(folds, preview_reward.prompt_folds(groups, folds=5, seed=2))
+    with pytest.raises(ValueError, match="cannot fill 5 folds"):
+        preview_reward.prompt_folds(np.array([0, 0, 1, 1]), folds=5)
+
+
+def test_cross_validation_chooses_the_read_that_carries_the_ranking(preview_reward):
+    rng = np.random.default_rng(0)
+    prompts, rows = 40, 6
+    groups = np.repeat(np.arange(prompts), rows)
+    width = len(preview_reward.FEATURES)
+    fine = rng.normal(size=(len(groups), width))
+    coarse = rng.normal(size=(len(groups), width))
+    target = coarse[:, 4] + 0.2 * rng.normal(size=len(groups))      # only the coarser read's relation ranks
+    best, cv, ranker = preview_reward.choose_ranker({1: fine, 2: np.concatenate([fine, coarse], 1)}, target, groups)
+    assert best[0] == 2 and set(cv) == {(1, 0), (1, 16), (2, 0), (2, 16)}
+    assert cv[best] > 0.8 and max(cv[(1, 0)], cv[(1, 16)]) < 0.3
+    assert len(ranker.rankers) == preview_reward.ENSEMBLE
+    if best[1] == 0:      # linear: the mean weights name the coarser read's relation
+        weights = ranker.weights()
+        assert max(weights, key=lambda name: abs(weights[name])) == "relation@2x"
+    scores = ranker(np.concatenate([fine, coarse], 1))
+    np.testing.assert_allclose(scores, np.mean([r(np.concatenate([fine, coarse], 1)) for r in ranker.rankers], 0))

@@ -268,3 +268,53 @@ def test_sigterm_unwinds_like_ctrl_c(tmp_path):
     done = subprocess.run([sys.executable, "-c", script], cwd=ROOT, timeout=120)
     assert done.returncode == 128 + 15
     assert marker.read_text() == "yes"
+
+
+def test_schedules_cut_at_every_checkpoint_and_pair_they_are_given(pack):
+    sys.path.append(str(ROOT / "bench"))
+    import proxy_bench
+    from probe_select.probes.pruning import parse_schedule
+
+    assert list(proxy_bench.compute_schedules(10)) == ["best-of-N", "one stage at 0.2", "one stage at 0.4",
+                                                       "two stages (0.2, 0.4)"]
+    methods = proxy_bench.compute_schedules(10, (0.1, 0.2, 0.3))
+    assert list(methods) == ["best-of-N", "one stage at 0.1", "one stage at 0.2", "one stage at 0.3",
+                             "two stages (0.1, 0.2)", "two stages (0.1, 0.3)", "two stages (0.2, 0.3)"]
+    for method, texts in methods.items():
+        for text in texts:
+            stages = parse_schedule(text).stages
+            assert [s.checkpoint for s in stages] == sorted(s.checkpoint for s in stages)
+            if method.startswith("two stages (0.1, 0.3)"):
+                assert [s.checkpoint for s in stages] == [0.1, 0.3]
+    assert "8: 0.1->6, 0.3->1" in methods["two stages (0.1, 0.3)"]
+
+
+def test_equal_compute_at_other_checkpoints_prices_the_earlier_cut_lower(pack):
+    sys.path.append(str(ROOT / "bench"))
+    import numpy as np
+    import proxy_bench
+
+    rng = np.random.default_rng(0)
+    groups = np.repeat(np.arange(6), 10)
+    finals = rng.random(60)
+    # exact at 0.1, noise at 0.4: cutting early to one keeps each subset's best
+    preview = {0.1: finals, 0.2: rng.random(60), 0.4: rng.random(60)}
+    eq = proxy_bench.equal_compute("unet", proxy_bench.MEDIUM, {"x0_preview": preview}, finals, groups,
+                                   "x0_preview", checkpoints=(0.1, 0.4))
+    assert {"one stage at 0.1 / x0_preview", "two stages (0.1, 0.4) / x0_preview"} <= set(eq["curves"])
+    assert not any("0.2" in key for key in eq["curves"])
+
+    def point(key, schedule):
+        return next(p for p in eq["curves"][key] if p["schedule"] == schedule)
+
+    early, late = point("one stage at 0.1 / x0_preview", "8: 0.1->1"), point("one stage at 0.4 / x0_preview",
+                                                                             "8: 0.4->1")
+    assert early["compute"] < late["compute"]
+    assert late["compute"] - early["compute"] == pytest.approx(7 * 6 / eq["unit_steps"])    # 7 pruned x 6 steps
+    assert early["reward"] == pytest.approx(point("one stage at 0.1 / oracle", "8: 0.1->1")["reward"])
+    with pytest.raises(ValueError, match="not all among the recorded"):
+        proxy_bench.equal_compute("unet", proxy_bench.MEDIUM, {"x0_preview": preview}, finals, groups,
+                                  "x0_preview", checkpoints=(0.15, 0.4))
+    with pytest.raises(ValueError, match="a mix prunes at 0.2 and 0.4"):
+        proxy_bench.equal_compute("unet", proxy_bench.MEDIUM, {"x0_preview": preview}, finals, groups,
+                                  "x0_preview", mixes=(("x0_preview", "x0_preview"),), checkpoints=(0.1, 0.4))

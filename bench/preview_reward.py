@@ -27,7 +27,6 @@ up to 0.4 and every pair of them ("where to cut").
 from __future__ import annotations
 
 import argparse
-import json
 import logging
 import sys
 from pathlib import Path
@@ -36,7 +35,6 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT / "bench"))
 
 import proxy_bench  # noqa: E402  (bootstraps ComfyUI and registers probe_select)
-from probe_select.probes.atomic import atomic_write_text  # noqa: E402
 from probe_select.probes.training.metrics import bootstrap_ci, per_group_spearman  # noqa: E402
 
 import numpy as np  # noqa: E402
@@ -263,11 +261,12 @@ SCORER_LABELS = {"x0_preview": "x0 preview", "tuned_preview_one_scale": "noise-a
 
 
 def markdown(results: dict) -> str:
+    families = results["families"]
     sizes = ", ".join(f"{family} {res['train_rows']} training / {res['heldout_rows']} held-out rows"
-                      for family, res in results.items())
+                      for family, res in families.items())
     names = [candidate_name(scales, hidden) for scales in SCALE_CHOICES for hidden in HIDDEN_CHOICES]
     lines = ["# A noise-aware preview reward", "",
-             f"Command: `.venv/bin/python bench/preview_reward.py` (reads the proxy bench's cached datasets: {sizes}).",
+             f"Command: `{results['command']}` (reads the proxy bench's cached datasets: {sizes}).",
              "",
              "The evaluator's six factors and three diagnostics, measured on each candidate's x0 preview, re-weighted "
              "by a ranker fit on the training prompts' previews against their finished scores (within-prompt pairwise "
@@ -282,7 +281,7 @@ def markdown(results: dict) -> str:
              "| model | t | x0 preview | x0 preview as read, evaluator unchanged | noise-aware preview | chosen | "
              f"cross-validated: {' / '.join(names)}; x0 preview |",
              "| --- | --- | --- | --- | --- | --- | --- |"]
-    for family, res in results.items():
+    for family, res in families.items():
         for t, row in res["by_t"].items():
             cv = " / ".join(f"{row['cross_validated'][name]:.3f}" for name in names)
             lines.append(f"| {family} | {t} | {proxy_bench.cell(row['x0_preview'])} | "
@@ -290,7 +289,7 @@ def markdown(results: dict) -> str:
                          f"{row['chosen']} | {cv}; {row['x0_preview_on_training_prompts']:.3f} |")
     lines += ["", "Every candidate on the held-out prompts (reported, not chosen on):", "",
               f"| model | t | {' | '.join(names)} |", "| --- | --- |" + " --- |" * len(names)]
-    for family, res in results.items():
+    for family, res in families.items():
         for t, row in res["by_t"].items():
             lines.append(f"| {family} | {t} | "
                          + " | ".join(proxy_bench.cell(row["heldout_by_candidate"][name]) for name in names) + " |")
@@ -300,7 +299,7 @@ def markdown(results: dict) -> str:
               "without the coarser read:", "",
               "| model | method | scorer | compute to match best-of-8 (fraction) | best reward at <= 0.5 "
               "(best-of-8: reward) |", "| --- | --- | --- | --- | --- |"]
-    for family, res in results.items():
+    for family, res in families.items():
         bo8 = res["best_of_8"]
         for key, found in res["match_best_of_8"].items():
             method, _, scorer = key.partition(" / ")
@@ -314,7 +313,7 @@ def markdown(results: dict) -> str:
               "compute, chosen on one half of the prompts / on the other; the reward the chosen schedule reaches on "
               "the half it is judged on, against best-of-8's there):", "",
               "| model | method | x0 preview | noise-aware preview | oracle |", "| --- | --- | --- | --- | --- |"]
-    for family, res in results.items():
+    for family, res in families.items():
         found, bo8 = res["every_checkpoint"]["match_best_of_8"], res["best_of_8"]["compute"]
         methods = dict.fromkeys(key.partition(" / ")[0] for key in found if " / " in key)
         for method in methods:
@@ -323,11 +322,59 @@ def markdown(results: dict) -> str:
                      for scorer in ("x0_preview", "tuned_preview", "oracle")]
             lines.append(f"| {family} | {method} | " + " | ".join(cells) + " |")
     lines += ["", "Linear rankers' weights (standardised features; the mean over the seeds' fits):", ""]
-    for family, res in results.items():
+    for family, res in families.items():
         for t, row in res["by_t"].items():
             if row["weights"]:
                 lines.append(f"- {family} t={t}: " + ", ".join(f"{k} {v:+.2f}" for k, v in row["weights"].items()))
+    lines += ["", "## Reading", ""] + [f"- {res['summary']}" for res in families.values()]
     return "\n".join(lines) + "\n"
+
+
+def measure(family: str, cache: Path) -> dict:
+    """A family's figures (:func:`evaluate_family`); {} when the proxy bench's sets of it are not collected."""
+    if not all((cache / f"{family}_{part}" / "manifest.json").exists() for part in ("train", "heldout")):
+        log.warning("  %s: needs the proxy bench's training and held-out sets (make bench-proxy); skipped", family)
+        return {}
+    return evaluate_family(family, cache)
+
+
+def at_t(by_t: dict, t: float) -> dict:
+    """``by_t``'s row at checkpoint ``t``, its keys floats (as measured) or strings (as read back from JSON)."""
+    return by_t[t] if t in by_t else by_t[f"{t:g}"]
+
+
+def cheapest_anywhere(entry: dict, scorer: str = "tuned_preview") -> list:
+    """For each half of the prompts a method may be chosen on: the cheapest (method, match) of ``scorer`` at any
+    recorded checkpoint or pair of them, judged on the other half."""
+    found = [(key.partition(" / ")[0], match) for key, matches in entry["every_checkpoint"]["match_best_of_8"].items()
+             if key.endswith(f" / {scorer}") for match in matches]
+    return [min(((method, match) for method, match in found if match["chosen_on"] == half),
+                key=lambda pair: pair[1]["compute"]) for half in (0, 1)
+            if any(match["chosen_on"] == half for _, match in found)]
+
+
+def summary_line(family: str, entry: dict) -> str:
+    """REPORT.md's sentence on a family's noise-aware preview."""
+    unit = entry["best_of_8"]["compute"]
+    t01, t02 = at_t(entry["by_t"], 0.1), at_t(entry["by_t"], 0.2)
+    one, two = (proxy_bench.fraction_of_best_of_8(entry["match_best_of_8"][f"{method} / tuned_preview"], unit)
+                for method in ("one stage at 0.2", "two stages (0.2, 0.4)"))
+    anywhere = "; ".join(f"{method} at {match['compute'] / unit:.2f}, reaching {match['reward']:.3f} on the other half "
+                         f"against best-of-8's {match['best_of_8']:.3f}" for method, match in cheapest_anywhere(entry))
+    return (f"The noise-aware preview ({family}, bench/results/preview_reward.md; the evaluator's factors on the x0 "
+            "preview re-weighted on the training prompts' previews, the stand-in for a reward model fine-tuned on noisy "
+            "previews; it decodes and runs the evaluator, so it is not a probe): at t = 0.2 "
+            f"{proxy_bench.cell(t02['tuned'])} against the x0 preview's {t02['x0_preview']['within']:.3f}, at t = 0.1 "
+            f"{t01['tuned']['within']:.3f} against {t01['x0_preview']['within']:.3f}. At equal compute it matches "
+            f"best-of-8 at {one} of its compute in one stage at 0.2 and at {two} in two stages (0.2, 0.4); cutting at "
+            f"any recorded checkpoint up to 0.4, the cheapest method chosen on each half of the prompts: "
+            f"{anywhere or 'none matches'}.")
+
+
+def report(families: list[str], cache: Path, out: Path, command: str) -> dict:
+    return proxy_bench.family_results(out, Path(proxy_bench.PREVIEW_REWARD_FILE).stem, families, proxy_bench.MEDIUM,
+                                      command, lambda family: measure(family, cache), summary_line, markdown,
+                                      needs="the proxy bench's training and held-out sets")
 
 
 def main(argv=None) -> dict:
@@ -338,10 +385,9 @@ def main(argv=None) -> dict:
     args = parser.parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(message)s")
     proxy_bench._modules()
-    results = {family: evaluate_family(family, args.cache) for family in args.families}
-    args.out.mkdir(parents=True, exist_ok=True)
-    atomic_write_text(args.out / "preview_reward.json", json.dumps(results, indent=2, default=float) + "\n")
-    atomic_write_text(args.out / "preview_reward.md", markdown(results))
+    results = report(args.families, args.cache, args.out,
+                     " ".join(["bench/preview_reward.py", *(argv if argv is not None else sys.argv[1:])]))
+    proxy_bench.rewrite_report_from(args.out)      # REPORT.md's sentences
     return results
 
 

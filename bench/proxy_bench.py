@@ -751,7 +751,7 @@ def equal_compute(family: str, setting: Setting, predictions: dict, finals: np.n
             matching = [p for p in points if p["halves"][pick_on] >= bo8["halves"][pick_on]]
             if matching:
                 chosen = min(matching, key=lambda p: p["compute"])
-                found.append({"schedule": chosen["schedule"], "compute": chosen["compute"],
+                found.append({"schedule": chosen["schedule"], "compute": chosen["compute"], "chosen_on": pick_on,
                               "reward": chosen["halves"][judge_on], "best_of_8": bo8["halves"][judge_on]})
         headline[key] = found
     return {"prices": prices, "unit_steps": unit, "best_of_8": bo8, "curves": curves, "match_best_of_8": headline,
@@ -1169,6 +1169,7 @@ def write_report(results: dict, setting: Setting, command: str, images: list[str
     # the ceiling of early selection (bench/proxy_ceiling.py) and what limits the learned scorer (learned_limits.py)
     ceilings, limits = saved_families(RESULTS / CEILING_FILE, setting), saved_families(RESULTS / LIMITS_FILE, setting)
     blends = saved_families(RESULTS / BLEND_FILE, setting)      # the x0 preview blended with a probe (score_blend.py)
+    tuned = saved_families(RESULTS / PREVIEW_REWARD_FILE, setting)     # the noise-aware preview (preview_reward.py)
     if ceilings:
         lines += [ceiling_summary(ceilings), ""]
     if any(res.get("equal_compute") for res in results["families"].values()):
@@ -1239,6 +1240,8 @@ def write_report(results: dict, setting: Setting, command: str, images: list[str
             lines += [limits[family]["summary"], ""]
         if family in blends:
             lines += [blends[family]["summary"], ""]
+        if family in tuned:
+            lines += [tuned[family]["summary"], ""]
         if res.get("ablation") == {}:
             lines += ["The probe variants at t=0.2 (ablations) were not run for this report (`--skip-ablation`).", ""]
         if res.get("ablation"):
@@ -1300,6 +1303,7 @@ def write_report(results: dict, setting: Setting, command: str, images: list[str
 CEILING_FILE = "proxy_ceiling.json"
 LIMITS_FILE = "learned_limits.json"
 BLEND_FILE = "score_blend.json"
+PREVIEW_REWARD_FILE = "preview_reward.json"
 
 
 def saved_families(path: Path, setting: Setting) -> dict:
@@ -1312,12 +1316,12 @@ def saved_families(path: Path, setting: Setting) -> dict:
 
 
 def family_results(out: Path, name: str, families: list, setting: Setting, command: str, measure, summary_line,
-                   markdown) -> dict:
+                   markdown, needs: str = "its bulk set, held-out set and bulk curve") -> dict:
     """The figures of a script that adds a sentence per family to REPORT.md (learned_limits.py, score_blend.py):
     ``measure(family)`` for each family ({} when it lacks its data: skipped), joined to the other families' figures
     saved in ``out/<name>.json`` in the same setting, each with its sentence ``summary_line(family, entry)`` (which
     REPORT.md reads); written atomically to ``out/<name>.json`` and ``.md`` (``markdown(results)``). Nothing is
-    written when no family has figures."""
+    written when no family has figures (``needs``: what a family lacks then, for the message)."""
     results = {"command": command, "setting": json.loads(json.dumps(setting.__dict__)), "families": {}}
     results["families"].update(saved_families(out / f"{name}.json", setting))     # a one-family run keeps the other's
     for family in families:
@@ -1325,7 +1329,7 @@ def family_results(out: Path, name: str, families: list, setting: Setting, comma
         if entry:
             results["families"][family] = entry
     if not results["families"]:
-        raise SystemExit(f"{name}: no family has its bulk set, held-out set and bulk curve; nothing written")
+        raise SystemExit(f"{name}: no family has {needs}; nothing written")
     for family, entry in results["families"].items():
         entry["summary"] = summary_line(family, entry)
     atomic_write_text(out / f"{name}.json", json.dumps(results, indent=1, allow_nan=True))

@@ -125,3 +125,42 @@ def test_cross_validation_chooses_the_read_that_carries_the_ranking(preview_rewa
         assert max(weights, key=lambda name: abs(weights[name])) == "relation@2x"
     scores = ranker(np.concatenate([fine, coarse], 1))
     np.testing.assert_allclose(scores, np.mean([r(np.concatenate([fine, coarse], 1)) for r in ranker.rankers], 0))
+
+
+def _match(compute, chosen_on, reward=0.7):
+    return {"schedule": "8: 0.1->2", "compute": compute, "chosen_on": chosen_on, "reward": reward, "best_of_8": 0.69}
+
+
+def _entry():
+    every = {"one stage at 0.1 / tuned_preview": [_match(3.0, 0), _match(2.0, 1, 0.6)],
+             "two stages (0.1, 0.4) / tuned_preview": [_match(2.5, 0)],
+             "two stages (0.1, 0.4) / oracle": [_match(1.0, 0), _match(1.0, 1)],
+             "one stage at 0.4 / tuned_preview": []}
+    by_t = {f"{t:g}": {"tuned": {"within": 0.5 + t, "low": 0.4, "high": 0.9}, "x0_preview": {"within": t}}
+            for t in (0.1, 0.2, 0.3, 0.4)}         # string keys: as read back from the JSON
+    return {"best_of_8": {"compute": 8.0}, "by_t": by_t, "every_checkpoint": {"match_best_of_8": every},
+            "match_best_of_8": {"one stage at 0.2 / tuned_preview": [_match(4.0, 0), _match(3.6, 1)],
+                                "two stages (0.2, 0.4) / tuned_preview": [_match(4.4, 1)]}}
+
+
+def test_the_cheapest_cut_anywhere_is_chosen_on_each_half_apart(preview_reward):
+    cheapest = preview_reward.cheapest_anywhere(_entry())
+    assert [(method, match["compute"], match["chosen_on"]) for method, match in cheapest] == [
+        ("two stages (0.1, 0.4)", 2.5, 0), ("one stage at 0.1", 2.0, 1)]      # the oracle's cheaper cuts are not its
+    assert preview_reward.cheapest_anywhere(_entry(), scorer="oracle")[0][1]["compute"] == 1.0
+    assert preview_reward.cheapest_anywhere({"every_checkpoint": {"match_best_of_8": {}}}) == []
+
+
+def test_the_reports_sentence_reads_the_figures_back_from_json(preview_reward):
+    line = preview_reward.summary_line("unet", _entry())
+    assert "at t = 0.2 0.700 [0.400, 0.900] against the x0 preview's 0.200, at t = 0.1 0.600 against 0.100" in line
+    assert "0.50 / 0.45 of its compute in one stage at 0.2 and at 0.55 (one half only) in two stages" in line
+    assert ("two stages (0.1, 0.4) at 0.31, reaching 0.700 on the other half against best-of-8's 0.690; "
+            "one stage at 0.1 at 0.25, reaching 0.600") in line
+
+
+def test_a_family_without_its_sets_is_skipped_and_none_writes_nothing(preview_reward, tmp_path):
+    assert preview_reward.measure("unet", tmp_path / "cache") == {}
+    with pytest.raises(SystemExit, match="no family has the proxy bench's training and held-out sets"):
+        preview_reward.report(["unet", "dit"], tmp_path / "cache", tmp_path / "out", "bench/preview_reward.py")
+    assert not (tmp_path / "out").exists() or not any((tmp_path / "out").iterdir())

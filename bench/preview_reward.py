@@ -162,24 +162,26 @@ def prompt_folds(groups: np.ndarray, folds: int = FOLDS, seed: int = 0) -> np.nd
 
 
 def cross_validated(features: np.ndarray, target: np.ndarray, groups: np.ndarray, hidden: int,
-                    folds: np.ndarray) -> float:
+                    folds: np.ndarray, seeds: int = ENSEMBLE) -> float:
     """Mean within-prompt Spearman of rankers fitted on all folds but one, each scoring the one left out."""
     scores = []
     for fold in np.unique(folds):
         fit, left_out = folds != fold, folds == fold
-        ranker = fit_ensemble(features[fit], target[fit], groups[fit], hidden)
+        ranker = fit_ensemble(features[fit], target[fit], groups[fit], hidden, seeds=seeds)
         scores.append(within(ranker(features[left_out]), target[left_out], groups[left_out]))
     return float(np.mean(scores))
 
 
-def choose_ranker(train_features: dict, target: np.ndarray, groups: np.ndarray) -> tuple[tuple, dict, Ensemble]:
-    """Every (scales, hidden) candidate's cross-validated Spearman; the best one's key, and that ranker fitted on
-    every row. ``train_features``: {scales: features of the training rows}."""
-    folds = prompt_folds(groups)
-    cv = {(scales, hidden): cross_validated(train_features[scales], target, groups, hidden, folds)
+def choose_ranker(train_features: dict, target: np.ndarray, groups: np.ndarray, folds: int = FOLDS,
+                  seeds: int = ENSEMBLE) -> tuple[tuple, dict, Ensemble]:
+    """Every (scales, hidden) candidate's cross-validated Spearman; the best one's key, and that ranker (the mean
+    of ``seeds`` fits) fitted on every row. ``train_features``: {scales: features of the training rows}."""
+    fold_of_row = prompt_folds(groups, folds)
+    cv = {(scales, hidden): cross_validated(train_features[scales], target, groups, hidden, fold_of_row, seeds)
           for scales in train_features for hidden in HIDDEN_CHOICES}
     best = max(cv, key=cv.get)
-    return best, cv, fit_ensemble(train_features[best[0]], target, groups, best[1], names=feature_names(best[0]))
+    return best, cv, fit_ensemble(train_features[best[0]], target, groups, best[1], names=feature_names(best[0]),
+                                  seeds=seeds)
 
 
 def within(pred: np.ndarray, target: np.ndarray, groups: np.ndarray) -> float:
@@ -362,8 +364,8 @@ def summary_line(family: str, entry: dict) -> str:
     anywhere = "; ".join(f"{method} at {match['compute'] / unit:.2f}, reaching {match['reward']:.3f} on the other half "
                          f"against best-of-8's {match['best_of_8']:.3f}" for method, match in cheapest_anywhere(entry))
     return (f"The noise-aware preview ({family}, bench/results/preview_reward.md; the evaluator's factors on the x0 "
-            "preview re-weighted on the training prompts' previews, the stand-in for a reward model fine-tuned on noisy "
-            "previews; it decodes and runs the evaluator, so it is not a probe): at t = 0.2 "
+            "preview re-weighted on the training prompts' previews, the stand-in for a reward model fine-tuned on "
+            "noisy previews; it decodes and runs the evaluator, so it is not a probe): at t = 0.2 "
             f"{proxy_bench.cell(t02['tuned'])} against the x0 preview's {t02['x0_preview']['within']:.3f}, at t = 0.1 "
             f"{t01['tuned']['within']:.3f} against {t01['x0_preview']['within']:.3f}. At equal compute it matches "
             f"best-of-8 at {one} of its compute in one stage at 0.2 and at {two} in two stages (0.2, 0.4); cutting at "

@@ -699,7 +699,8 @@ def equal_compute(family: str, setting: Setting, predictions: dict, finals: np.n
     steps = setting.steps
     ts = [t for t in setting.checkpoints if t in checkpoints]
     if len(ts) != len(checkpoints):
-        raise ValueError(f"equal_compute: checkpoints {checkpoints} are not all among the recorded {setting.checkpoints}")
+        raise ValueError(f"equal_compute: checkpoints {checkpoints} are not all among the recorded "
+                         f"{setting.checkpoints}")
     order = list(dict.fromkeys(groups.tolist()))
     scorers = dict(predictions)       # x0_preview and learned scorers (any other name is priced as a probe)
     rng = np.random.default_rng(0)
@@ -1317,7 +1318,8 @@ def saved_families(path: Path, setting: Setting) -> dict:
 
 def family_results(out: Path, name: str, families: list, setting: Setting, command: str, measure, summary_line,
                    markdown, needs: str = "its bulk set, held-out set and bulk curve") -> dict:
-    """The figures of a script that adds a sentence per family to REPORT.md (learned_limits.py, score_blend.py):
+    """The figures of a script that adds a sentence per family to REPORT.md (learned_limits.py, score_blend.py,
+    preview_reward.py):
     ``measure(family)`` for each family ({} when it lacks its data: skipped), joined to the other families' figures
     saved in ``out/<name>.json`` in the same setting, each with its sentence ``summary_line(family, entry)`` (which
     REPORT.md reads); written atomically to ``out/<name>.json`` and ``.md`` (``markdown(results)``). Nothing is

@@ -247,8 +247,7 @@ def evaluate_family(family: str, cache: Path) -> dict:
 
 def at_half_compute(eq: dict) -> dict:
     """The best mean kept reward of each method and scorer at no more than half of best-of-8's compute."""
-    half = 0.5 * eq["best_of_8"]["compute"]
-    return {key: max((p["reward"] for p in points if p["compute"] <= half), default=float("nan"))
+    return {key: proxy_bench.best_reward_at_half(points, eq["best_of_8"]["compute"])
             for key, points in eq["curves"].items()}
 
 

@@ -1108,8 +1108,7 @@ def equal_compute_summary(results: dict) -> list:
         bulk_rows = bulk_eq.get("curves", {})
         for key, points in {**eq["curves"], **bulk_rows}.items():
             found = (eq["match_best_of_8"].get(key) if key in eq["curves"] else bulk_eq["match_best_of_8"][key]) or []
-            within_half = [p for p in points if p["compute"] <= 0.5 * bo8]
-            best_half = max((p["reward"] for p in within_half), default=float("nan"))
+            best_half = best_reward_at_half(points, bo8)
             if found:
                 frac = " / ".join(f"{f['compute']:.2f} ({f['compute'] / bo8:.2f})" for f in found)
                 chosen = " / ".join(f["schedule"] for f in found)
@@ -1345,6 +1344,12 @@ def rewrite_report_from(out: Path) -> None:
     if (out / "proxy_bench.json").exists():
         RESULTS = out
         rewrite_report()
+
+
+def best_reward_at_half(points: list, unit: float) -> float:
+    """The best mean kept reward of one method's curve (``points``) at no more than half of best-of-8's compute
+    ``unit``; nan when no point is that cheap."""
+    return max((p["reward"] for p in points if p["compute"] <= 0.5 * unit), default=float("nan"))
 
 
 def fraction_of_best_of_8(found: list, unit: float) -> str:

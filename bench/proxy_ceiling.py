@@ -30,6 +30,7 @@ import argparse
 import dataclasses
 import json
 import logging
+import math
 import signal
 import sys
 from pathlib import Path
@@ -241,9 +242,9 @@ def markdown(results: dict) -> str:
         for key, found in eq["match_best_of_8"].items():
             if key == "best-of-N":
                 continue
-            budget = [p["reward"] for p in eq["curves"][key] if p["compute"] <= 0.5 * unit]
+            best_half = proxy_bench.best_reward_at_half(eq["curves"][key], unit)
             lines.append(f"| {family} | {key} | {proxy_bench.fraction_of_best_of_8(found, unit)} | "
-                         + (f"{max(budget):.4f} |" if budget else "- |"))
+                         + (f"{best_half:.4f} |" if math.isfinite(best_half) else "- |"))
     return "\n".join(lines) + "\n"
 
 

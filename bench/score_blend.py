@@ -186,8 +186,7 @@ def measure(family: str, setting) -> dict:
     keys = [f"{method} / {name}" for method in EQUAL_COMPUTE_METHODS for name in stages]
     keys += [f"{EQUAL_COMPUTE_METHODS[-1]} / {proxy_bench.mix_name(*mix)}" for mix in mixes]
     rows = {key: {"match": proxy_bench.fraction_of_best_of_8(eq["match_best_of_8"][key], unit),
-                  "at_half": max((p["reward"] for p in eq["curves"][key] if p["compute"] <= 0.5 * unit),
-                                 default=float("nan"))} for key in keys}
+                  "at_half": proxy_bench.best_reward_at_half(eq["curves"][key], unit)} for key in keys}
     return {"pick": pick, "pick_label": proxy_bench.LEARNED_LABELS[pick], "train_rows": largest[pick]["train_rows"],
             "scorers": scorers, "weights_by_t": weights, "best_of_8": eq["best_of_8"]["reward"],
             "equal_compute": rows}

@@ -7,10 +7,11 @@ export COMFYUI_VERSION VENV
 PY := $(VENV)/bin/python
 export OMP_NUM_THREADS ?= 1
 PYTEST_ARGS ?=
-# The suite on two pytest-xdist workers (the CI machine has 2 cores), each taking whole files, longest
-# first (tests/conftest.py): a file's module fixtures (servers, tiny models) are set up once, on one worker.
-# TEST_WORKERS= runs it in one process.
-TEST_WORKERS ?= -n 2 --dist loadfile --no-loadscope-reorder
+# The suite on three pytest-xdist workers, each taking whole files, longest first (tests/conftest.py): a
+# file's module fixtures (servers, tiny models) are set up once, on one worker. Three on the CI machine's 2
+# cores, because a worker often waits (a ComfyUI server starting, a browser page, a subprocess) and a third
+# fills those gaps: 661 s against 747 s with two on a 2-core AMD EPYC. TEST_WORKERS= runs it in one process.
+TEST_WORKERS ?= -n 3 --dist loadfile --no-loadscope-reorder
 
 .PHONY: setup test test-fast bench bench-core bench-flops bench-noise-levels bench-sd15 bench-streaming bench-proxy bench-proxy-bulk bench-proxy-ceiling bench-learned-limits bench-score-blend bench-preview-reward proxy-models demo lint package clean mutation pictures
 

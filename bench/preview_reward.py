@@ -35,7 +35,7 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT / "bench"))
 
 import proxy_bench  # noqa: E402  (bootstraps ComfyUI and registers probe_select)
-from probe_select.probes.training.metrics import bootstrap_ci, per_group_spearman  # noqa: E402
+from probe_select.probes.training.metrics import per_group_spearman  # noqa: E402
 
 import numpy as np  # noqa: E402
 import torch  # noqa: E402
@@ -78,7 +78,17 @@ def preview_features(dataset, family: str, t: float, coarser: int = 0) -> tuple[
 
 def scaled_features(dataset, family: str, t: float, scales: int) -> np.ndarray:
     """:func:`preview_features` of the preview read at ``scales`` scales, side by side ``[rows, 9 * scales]``."""
-    return np.concatenate([preview_features(dataset, family, t, coarser)[0] for coarser in range(scales)], 1)
+    return side_by_side(preview_reads(dataset, family, t, scales), scales)
+
+
+def preview_reads(dataset, family: str, t: float, scales: int) -> list[tuple[np.ndarray, np.ndarray]]:
+    """:func:`preview_features` at each of ``scales`` scales (the stored one first), each read once."""
+    return [preview_features(dataset, family, t, coarser) for coarser in range(scales)]
+
+
+def side_by_side(reads: list[tuple[np.ndarray, np.ndarray]], scales: int) -> np.ndarray:
+    """The features of the first ``scales`` of :func:`preview_reads`' reads, side by side."""
+    return np.concatenate([features for features, _ in reads[:scales]], 1)
 
 
 def within_pairs(target: np.ndarray, groups: np.ndarray, margin: float = 1e-3) -> tuple[np.ndarray, np.ndarray]:
@@ -206,8 +216,9 @@ def evaluate_family(family: str, cache: Path) -> dict:
     groups = held.arrays(checkpoint_t=CHECKPOINTS[0], evaluator=proxy_bench.EVALUATOR).prompt_groups().numpy()
     by_t, tuned, one_scale = {}, {}, {}
     for t in CHECKPOINTS:
-        train_x = {scales: scaled_features(train, family, t, scales) for scales in SCALE_CHOICES}
-        held_x = {scales: scaled_features(held, family, t, scales) for scales in SCALE_CHOICES}
+        train_reads, held_reads = (preview_reads(ds, family, t, max(SCALE_CHOICES)) for ds in (train, held))
+        train_x = {scales: side_by_side(train_reads, scales) for scales in SCALE_CHOICES}
+        held_x = {scales: side_by_side(held_reads, scales) for scales in SCALE_CHOICES}
         best, cv, ranker = choose_ranker(train_x, target, train_groups)
         # every candidate fitted on all training rows and scored on the held-out prompts: reported, never chosen on
         held_scores = {key: (ranker if key == best else fit_ensemble(train_x[key[0]], target, train_groups, key[1],
@@ -226,7 +237,7 @@ def evaluate_family(family: str, cache: Path) -> dict:
                                             for key, scores in held_scores.items()},
                    "tuned": interval(tuned[t], finals, groups), "one_scale": interval(one_scale[t], finals, groups),
                    "x0_preview": interval(plain, finals, groups),
-                   "x0_preview_as_read": interval(preview_features(held, family, t)[1], finals, groups)}
+                   "x0_preview_as_read": interval(held_reads[0][1], finals, groups)}
         log.info("%s t=%g: noise-aware preview %.3f (%s, cross-validated %.3f), x0 preview %.3f", family, t,
                  by_t[t]["tuned"]["within"], by_t[t]["chosen"], cv[best], by_t[t]["x0_preview"]["within"])
     previews = {"x0_preview": proxy_bench.preview_scores(held, CHECKPOINTS), "tuned_preview_one_scale": one_scale,
@@ -252,9 +263,9 @@ def at_half_compute(eq: dict) -> dict:
 
 
 def interval(pred: np.ndarray, target: np.ndarray, groups: np.ndarray) -> dict:
-    per_prompt = per_group_spearman(pred, target, groups)
-    ci = bootstrap_ci(per_prompt[np.isfinite(per_prompt)], n=1000, seed=0)
-    return {"within": ci["mean"], "low": ci["low"], "high": ci["high"]}
+    """Within-prompt Spearman with its bootstrap interval (proxy_bench's, 1000 draws) and nothing else."""
+    ci = proxy_bench.within_ci(pred, target, groups, n_boot=1000)
+    return {key: ci[key] for key in ("within", "low", "high")}
 
 
 SCORER_LABELS = {"x0_preview": "x0 preview", "tuned_preview_one_scale": "noise-aware preview, one scale",

@@ -48,14 +48,14 @@ def pytest_configure(config):
     config.pluginmanager.register(_PackRootIsADirectory(), "probe_select_pack_root")
 
 
-# `make test` runs the suite on two pytest-xdist workers, a file at a time each (--dist loadfile
+# `make test` runs the suite on three pytest-xdist workers, a file at a time each (--dist loadfile
 # --no-loadscope-reorder: files in collection order). The files that take longest go first, so that the
-# short ones fill in at the end and both workers finish together (longest first). Seconds on 2 cores,
-# from --durations, longest first; a file not listed goes after these, in its usual order.
-LONGEST_FILES = ("test_templates.py", "test_exact_resume.py", "test_browser.py", "test_stand_ins.py",
-                 "test_proxy_bench.py", "test_cli.py", "test_demo.py", "test_multistage.py", "test_server.py",
-                 "test_training_nodes.py", "test_proxy_models.py", "test_nodes_x0.py", "test_distributed.py",
-                 "test_compaction.py", "test_evaluators.py")
+# short ones fill in at the end and the workers finish together. Longest first by each file's seconds on 2
+# cores (the sum of its tests' times in a --junitxml report); a file not listed goes after these, in its usual order.
+LONGEST_FILES = ("test_templates.py", "test_browser.py", "test_exact_resume.py", "test_cli.py", "test_stand_ins.py",
+                 "test_proxy_bench.py", "test_multistage.py", "test_demo.py", "test_proxy_ceiling.py",
+                 "test_training_nodes.py", "test_evaluators.py", "test_proxy_models.py", "test_compaction.py",
+                 "test_distributed.py", "test_server.py", "test_custom_sampling.py", "test_nodes_x0.py")
 
 
 def pytest_collection_modifyitems(config, items):

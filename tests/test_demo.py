@@ -1,7 +1,7 @@
 """`make demo` on what a fresh clone has: the committed proxy models and demo probes.
 
 The demo runs in its own process (it loads custom nodes and sets ComfyUI's output directory, which
-must not leak into the other tests), on a reduced setting: 4 candidates, 10 steps.
+must not leak into the other tests), on a reduced setting: 4 candidates, 5 steps.
 """
 import json
 import os
@@ -49,7 +49,7 @@ def test_demo_runs_the_selection_workflow_and_writes_its_outputs(family, scorer,
     env = dict(os.environ, OMP_NUM_THREADS="1")
     # run from elsewhere with a relative --out, as a user may (ComfyUI's SaveImage needs it made absolute)
     proc = subprocess.run([default_python(), str(ROOT / "bench" / "demo.py"), "--family", family, "--out", "demo",
-                           "--candidates", "4", "--steps", "10", "--more-prompts", "2", "--scorer", scorer],
+                           "--candidates", "4", "--steps", "5", "--more-prompts", "2", "--scorer", scorer],
                           cwd=tmp_path, env=env, capture_output=True, text=True, timeout=600)
     assert proc.returncode == 0, proc.stderr[-3000:]
     log = proc.stderr + proc.stdout
@@ -71,8 +71,8 @@ def test_demo_runs_the_selection_workflow_and_writes_its_outputs(family, scorer,
     assert over, summary
     kept3, mean3, best3 = map(float, over.groups()[:3])
     assert 0.0 <= kept3 <= best3 and mean3 <= best3 and int(over.group(4)) <= 3
-    # N=4, K=1, 10 steps, checkpoint 0.2 -> stop at step 2: 4*2 + 1*8 = 16 of 40
-    assert "denoiser evaluations: 16 instead of 40 (60% saved)" in summary
+    # N=4, K=1, 5 steps, checkpoint 0.2 -> stop at step 1: 4*1 + 1*4 = 8 of 20
+    assert "denoiser evaluations: 8 instead of 20 (60% saved)" in summary
 
     grid = Image.open(out / "candidates.png")
     assert grid.width == (4 + 1 + 1) * (128 + 8) + 8 and grid.height > 2 * 128

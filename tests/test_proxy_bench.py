@@ -26,10 +26,10 @@ def test_proxy_bench_quick_writes_a_report(pack, tmp_path, monkeypatch):
     monkeypatch.setattr(proxy_bench, "BULK_SEEDS", 2)
     monkeypatch.setattr(proxy_bench, "BULK_CURVE_PROMPTS", (3, 6))
     monkeypatch.setattr(proxy_bench, "BULK_EPOCHS", 1)
-    # --quick with half its prompts: collection is most of the run's time, and what is checked is the
-    # pipeline's mechanics (files, keys, orders, costs), which do not depend on how many prompts there are
+    # --quick with half its prompts and steps: sampling is most of the run's time, and what is checked is the
+    # pipeline's mechanics (files, keys, orders, costs), which do not depend on how many prompts or steps there are
     monkeypatch.setattr(proxy_bench, "QUICK", dataclasses.replace(proxy_bench.QUICK, train_prompts=8,
-                                                                  heldout_prompts=4))
+                                                                  heldout_prompts=4, steps=5))
     common = ["--quick", "--families", "unet", "--out", str(tmp_path / "results"),
               "--cache", str(tmp_path / "cache")]
     # two lanes fill one set: every other prompt each, in shards of their own
@@ -124,12 +124,12 @@ def test_proxy_bench_quick_writes_a_report(pack, tmp_path, monkeypatch):
     assert eq["draws"] == proxy_bench.EQUAL_COMPUTE_DRAWS and [p["schedule"] for p in eq["curves"]["best-of-N"]] == [
         str(n) for n in range(1, eq["seeds"] + 1)]
     # the learned pick prunes at 0.2, the x0 preview at 0.4, each stage priced as its own scorer: for "4: 0.2->2,
-    # 0.4->1" (10 steps: 0.2 is step 2, 0.4 step 4) 4 candidates pay the probe, 2 the preview, 1 is decoded
+    # 0.4->1" (5 steps: 0.2 is step 1, 0.4 step 2) 4 candidates pay the probe, 2 the preview, 1 is decoded
     mix = f"two stages (0.2, 0.4) / {unet['best_learned']} -> x0_preview"
     assert f"one stage at 0.2 / {unet['best_learned']} -> x0_preview" not in eq["curves"]
     prices, unit = eq["prices"], eq["unit_steps"]
     mixed = {p["schedule"]: p["compute"] for p in eq["curves"][mix]}
-    assert mixed["4: 0.2->2, 0.4->1"] * unit == pytest.approx(4 * 2 + 2 * 2 + 1 * 6 + 4 * prices["probe"]
+    assert mixed["4: 0.2->2, 0.4->1"] * unit == pytest.approx(4 * 1 + 2 * 1 + 1 * 3 + 4 * prices["probe"]
                                                               + 2 * prices["x0_preview"] + prices["decode"])
     assert f"| {mix} |" in report
     assert f"two stages (0.2, 0.4) / {bulk_eq['scorer']} -> x0_preview" in bulk_eq["curves"]
@@ -140,7 +140,7 @@ def test_proxy_bench_quick_writes_a_report(pack, tmp_path, monkeypatch):
     assert json.dumps(again["match_best_of_8"]) == json.dumps(eq["match_best_of_8"])
     assert "## Reward at equal compute" in report
     cost = unet["cost"][0]
-    assert cost["denoiser_evals"] == {"generate_all": 50, "probe_select": 18, "x0_preview": 18}
+    assert cost["denoiser_evals"] == {"generate_all": 25, "probe_select": 9, "x0_preview": 9}     # 5 x 5; 5 x 1 + 4
     assert cost["seconds"]["generate_all"] > 0
     over = unet["overheads"]
     # auto tap of the SD1 proxy UNet: output_blocks.3.0 (64 channels at 16x16), pooled to 4x4, fp16
@@ -149,9 +149,9 @@ def test_proxy_bench_quick_writes_a_report(pack, tmp_path, monkeypatch):
     assert set(unet["ablation"]) == set(proxy_bench.ABLATIONS)
     assert "demo_probe" not in unet            # only the full run writes the committed demo probe
     assert "within-prompt" in report and "proxy_unet.png" in report
-    # every checkpoint with the noise level it lands on (10 steps of SD1.5's schedule: t = 0.2 is step 2)
+    # every checkpoint with the noise level it lands on (5 steps of SD1.5's schedule: t = 0.2 is step 1)
     levels = unet["noise_levels"]
-    assert set(levels) == {0.2, 0.4} and levels[0.2]["step"] == 2 and levels[0.4]["step"] == 4
+    assert set(levels) == {0.2, 0.4} and levels[0.2]["step"] == 1 and levels[0.4]["step"] == 2
     assert levels[0.2]["log_snr"] < levels[0.4]["log_snr"] < 0
     assert f"| 0.2 | {levels[0.2]['sigma']:.4f} | {levels[0.2]['log_snr']:.2f} |" in report
     assert "SD1.5 -3.16" in report and "FLUX.1-dev -5.07" in report

@@ -671,7 +671,7 @@ def compute_schedules(max_n: int, checkpoints: tuple = PRUNING_CHECKPOINTS) -> d
 
 
 def mix_name(first: str, second: str) -> str:
-    """A two-stage scorer that scores t = 0.2 with ``first`` and t = 0.4 with ``second``."""
+    """A two-stage scorer that scores the earlier cut with ``first`` and the later with ``second``."""
     return f"{first} -> {second}"
 
 
@@ -690,9 +690,10 @@ def equal_compute(family: str, setting: Setting, predictions: dict, finals: np.n
     decode the x0 preview and run the evaluator on it (priced so); ``free``: scorers priced at nothing, like
     random and the oracle (bounds, not methods); ``blends``: scorers that mix a preview with a probe
     (probes.training.blending), priced as both; every other scorer is priced as a probe. ``mixes``: pairs
-    (first, second) of those scorers, each giving a two-stage scorer (:func:`mix_name`) that prunes at
-    t = 0.2 with the first and at 0.4 with the second, each stage priced as its own scorer. ``checkpoints``: where
-    the methods cut (:func:`compute_schedules`; each must be one of ``setting.checkpoints``)."""
+    (first, second) of those scorers, each giving a two-stage scorer (:func:`mix_name`) that prunes at the
+    earlier cut of each pair of checkpoints with the first and at the later with the second, each stage priced as
+    its own scorer. ``checkpoints``: where the methods cut (:func:`compute_schedules`; each must be one of
+    ``setting.checkpoints``)."""
     from probe_select.probes.pruning import (ScoreTable, StageCosts, full_generation_cost, mean_kept_reward,
                                              parse_schedule, schedule_cost)
     prices = step_prices(family)
@@ -711,37 +712,38 @@ def equal_compute(family: str, setting: Setting, predictions: dict, finals: np.n
         return (prices["x0_preview"] + prices["probe"] if name in blends else prices["x0_preview"] if name in previews
                 else 0.0 if name in ("random", "oracle", *free) else prices["probe"])
 
-    stage_prices = {name: {t: price(name) for t in ts} for name in scorers}
-    if mixes and tuple(ts) != (0.2, 0.4):
-        raise ValueError("equal_compute: a mix prunes at 0.2 and 0.4 and nowhere else; leave checkpoints (0.2, 0.4)")
-    for first, second in mixes:
-        name = mix_name(first, second)
-        scorers[name] = {0.2: scorers[first][0.2], 0.4: scorers[second][0.4]}
-        stage_prices[name] = {0.2: price(first), 0.4: price(second)}
-    cost_of = {name: StageCosts(score=stage_prices[name], decode=prices["decode"], final_score=prices["evaluator"])
-               for name in scorers}
     unit = full_generation_cost(steps, StageCosts(decode=prices["decode"], final_score=prices["evaluator"]))
-
     max_n = min(int((groups == g).sum()) for g in order)
     halves = [order[0::2], order[1::2]]
-    # per scorer: its score tables on every prompt, then on each half (built once, read by every schedule)
-    tables = {}
-    for name in scorers:
-        by_prompt = {g: ScoreTable(ts, np.stack([scorers[name][t][groups == g] for t in ts], 1), finals[groups == g])
+
+    def stage(scores: dict, stage_price: dict) -> tuple[list, StageCosts]:
+        """A scorer's score tables on every prompt, then on each half (built once, read by every schedule), and
+        what its stages cost."""
+        at = tuple(scores)
+        by_prompt = {g: ScoreTable(at, np.stack([scores[t][groups == g] for t in at], 1), finals[groups == g])
                      for g in order}
-        tables[name] = [list(by_prompt.values())] + [[by_prompt[g] for g in half] for half in halves]
+        tables = [list(by_prompt.values())] + [[by_prompt[g] for g in half] for half in halves]
+        return tables, StageCosts(score=stage_price, decode=prices["decode"], final_score=prices["evaluator"])
+
+    staged = {name: stage({t: scorers[name][t] for t in ts}, {t: price(name) for t in ts}) for name in scorers}
+    # a mix is one scorer at a pair's earlier cut and another at its later one: its tables and prices per pair
+    mixed = {(mix_name(first, second), (a, b)): stage({a: scorers[first][a], b: scorers[second][b]},
+                                                      {a: price(first), b: price(second)})
+             for first, second in mixes for i, a in enumerate(ts) for b in ts[i + 1:]}
     curves, headline = {}, {}
-    mixed = {mix_name(first, second) for first, second in mixes}
     for method, texts in compute_schedules(max_n, tuple(ts)).items():
-        for name in (["random"] if method == "best-of-N" else scorers):
-            if name in mixed and method != "two stages (0.2, 0.4)":
-                continue                        # a mix is one scorer at 0.2 and another at 0.4
+        # the checkpoints a two-stage method cuts at, read off its first schedule (None for other methods)
+        cuts = tuple(stage.checkpoint for stage in parse_schedule(texts[0]).stages) if texts else ()
+        pair = cuts if len(cuts) == 2 else None
+        runs = {name: staged[name] for name in (["random"] if method == "best-of-N" else scorers)}
+        runs.update({name: found for (name, at), found in mixed.items() if at == pair})
+        for name, (tables, cost) in runs.items():
             points = []
             for text in texts:
                 schedule = parse_schedule(text)
                 every, *in_halves = (mean_kept_reward(part, schedule, steps, draws=EQUAL_COMPUTE_DRAWS)
-                                     for part in tables[name])
-                points.append({"schedule": text, "compute": schedule_cost(schedule, steps, cost_of[name]) / unit,
+                                     for part in tables)
+                points.append({"schedule": text, "compute": schedule_cost(schedule, steps, cost) / unit,
                                "reward": every, "halves": in_halves})
             curves[f"{method} / {name}" if method != "best-of-N" else method] = points
     # best-of-8 (best-of-the-most when fewer seeds were recorded, as in the quick smoke run)

@@ -315,6 +315,35 @@ def test_equal_compute_at_other_checkpoints_prices_the_earlier_cut_lower(pack):
     with pytest.raises(ValueError, match="not all among the recorded"):
         proxy_bench.equal_compute("unet", proxy_bench.MEDIUM, {"x0_preview": preview}, finals, groups,
                                   "x0_preview", checkpoints=(0.15, 0.4))
-    with pytest.raises(ValueError, match="a mix prunes at 0.2 and 0.4"):
-        proxy_bench.equal_compute("unet", proxy_bench.MEDIUM, {"x0_preview": preview}, finals, groups,
-                                  "x0_preview", mixes=(("x0_preview", "x0_preview"),), checkpoints=(0.1, 0.4))
+
+
+def test_a_mix_scores_each_pair_of_cuts_earlier_with_the_first_later_with_the_second(pack):
+    sys.path.append(str(ROOT / "bench"))
+    import numpy as np
+    import proxy_bench
+
+    rng = np.random.default_rng(1)
+    groups = np.repeat(np.arange(6), 10)
+    finals = rng.random(60)
+    probe = {t: rng.random(60) for t in (0.1, 0.2, 0.4)}
+    preview = {t: rng.random(60) for t in (0.1, 0.2, 0.4)}
+    eq = proxy_bench.equal_compute("unet", proxy_bench.MEDIUM, {"probe": probe, "x0_preview": preview}, finals, groups,
+                                   "probe", mixes=(("probe", "x0_preview"),), checkpoints=(0.1, 0.2, 0.4))
+    mix = proxy_bench.mix_name("probe", "x0_preview")
+    assert [key for key in eq["curves"] if mix in key] == [
+        f"two stages ({a}, {b}) / {mix}" for a, b in (("0.1", "0.2"), ("0.1", "0.4"), ("0.2", "0.4"))]
+    prices = eq["prices"]
+    for a, b in ((0.1, 0.2), (0.1, 0.4), (0.2, 0.4)):
+        # the same as a scorer that is the probe at a and the preview at b, each stage at its own scorer's price
+        by_hand = {a: probe[a], b: preview[b]}
+        alone = proxy_bench.equal_compute("unet", proxy_bench.MEDIUM, {"by hand": by_hand}, finals, groups, "by hand",
+                                          previews=(), checkpoints=(a, b))
+        key = f"two stages ({a:g}, {b:g})"
+        mixed, hand = eq["curves"][f"{key} / {mix}"], alone["curves"][f"{key} / by hand"]
+        assert [(p["schedule"], p["reward"], p["halves"]) for p in mixed] == [
+            (p["schedule"], p["reward"], p["halves"]) for p in hand]
+        point = next(p for p in mixed if p["schedule"] == f"8: {a:g}->4, {b:g}->1")
+        probe_only = next(p for p in hand if p["schedule"] == f"8: {a:g}->4, {b:g}->1")
+        # the preview's stage costs its price for the 4 it scores at b, where the by-hand scorer paid a probe's
+        extra = 4 * (prices["x0_preview"] - prices["probe"]) / eq["unit_steps"]
+        assert point["compute"] - probe_only["compute"] == pytest.approx(extra)

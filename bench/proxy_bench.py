@@ -733,7 +733,7 @@ def equal_compute(family: str, setting: Setting, predictions: dict, finals: np.n
     curves, headline = {}, {}
     for method, texts in compute_schedules(max_n, tuple(ts)).items():
         # the checkpoints a two-stage method cuts at, read off its first schedule (None for other methods)
-        cuts = tuple(stage.checkpoint for stage in parse_schedule(texts[0]).stages) if texts else ()
+        cuts = tuple(cut.checkpoint for cut in parse_schedule(texts[0]).stages) if texts else ()
         pair = cuts if len(cuts) == 2 else None
         runs = {name: staged[name] for name in (["random"] if method == "best-of-N" else scorers)}
         runs.update({name: found for (name, at), found in mixed.items() if at == pair})

@@ -53,7 +53,7 @@ ENSEMBLE = 3                       # seeds whose fits one ranker averages (a ful
 
 
 def feature_names(scales: int) -> tuple[str, ...]:
-    """The names of :func:`scaled_features`' columns: FEATURES, then each coarser read's, suffixed."""
+    """The names of :func:`side_by_side`'s columns: FEATURES, then each coarser read's, suffixed."""
     return tuple(name if s == 0 else f"{name}@{2 ** s}x" for s in range(scales) for name in FEATURES)
 
 
@@ -76,18 +76,13 @@ def preview_features(dataset, family: str, t: float, coarser: int = 0) -> tuple[
     return torch.stack(columns, 1).double().numpy(), terms["score"].double().numpy()
 
 
-def scaled_features(dataset, family: str, t: float, scales: int) -> np.ndarray:
-    """:func:`preview_features` of the preview read at ``scales`` scales, side by side ``[rows, 9 * scales]``."""
-    return side_by_side(preview_reads(dataset, family, t, scales), scales)
-
-
 def preview_reads(dataset, family: str, t: float, scales: int) -> list[tuple[np.ndarray, np.ndarray]]:
     """:func:`preview_features` at each of ``scales`` scales (the stored one first), each read once."""
     return [preview_features(dataset, family, t, coarser) for coarser in range(scales)]
 
 
 def side_by_side(reads: list[tuple[np.ndarray, np.ndarray]], scales: int) -> np.ndarray:
-    """The features of the first ``scales`` of :func:`preview_reads`' reads, side by side."""
+    """The features of the first ``scales`` of :func:`preview_reads`' reads, side by side ``[rows, 9 * scales]``."""
     return np.concatenate([features for features, _ in reads[:scales]], 1)
 
 

@@ -664,10 +664,15 @@ def compute_schedules(max_n: int, checkpoints: tuple = PRUNING_CHECKPOINTS) -> d
         methods[f"one stage at {t:g}"] = [f"{n}: {t:g}->{k}" for n in ns for k in (1, 2, 3, 4) if k < n]
     for i, first in enumerate(checkpoints):
         for second in checkpoints[i + 1:]:
-            methods[f"two stages ({first:g}, {second:g})"] = [
+            methods[two_stage_method(first, second)] = [
                 f"{n}: {first:g}->{k1}, {second:g}->{k2}" for n in ns for k1 in (2, 3, 4, 5, 6, 8)
                 for k2 in (1, 2, 3) if k2 < k1 < n]
     return methods
+
+
+def two_stage_method(first: float, second: float) -> str:
+    """How :func:`compute_schedules` names the method that cuts at checkpoints ``first`` then ``second``."""
+    return f"two stages ({first:g}, {second:g})"
 
 
 def mix_name(first: str, second: str) -> str:
@@ -727,16 +732,13 @@ def equal_compute(family: str, setting: Setting, predictions: dict, finals: np.n
 
     staged = {name: stage({t: scorers[name][t] for t in ts}, {t: price(name) for t in ts}) for name in scorers}
     # a mix is one scorer at a pair's earlier cut and another at its later one: its tables and prices per pair
-    mixed = {(mix_name(first, second), (a, b)): stage({a: scorers[first][a], b: scorers[second][b]},
-                                                      {a: price(first), b: price(second)})
+    mixed = {(two_stage_method(a, b), mix_name(first, second)): stage({a: scorers[first][a], b: scorers[second][b]},
+                                                                      {a: price(first), b: price(second)})
              for first, second in mixes for i, a in enumerate(ts) for b in ts[i + 1:]}
     curves, headline = {}, {}
     for method, texts in compute_schedules(max_n, tuple(ts)).items():
-        # the checkpoints a two-stage method cuts at, read off its first schedule (None for other methods)
-        cuts = tuple(cut.checkpoint for cut in parse_schedule(texts[0]).stages) if texts else ()
-        pair = cuts if len(cuts) == 2 else None
         runs = {name: staged[name] for name in (["random"] if method == "best-of-N" else scorers)}
-        runs.update({name: found for (name, at), found in mixed.items() if at == pair})
+        runs.update({name: found for (cuts_at, name), found in mixed.items() if cuts_at == method})
         for name, (tables, cost) in runs.items():
             points = []
             for text in texts:

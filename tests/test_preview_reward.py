@@ -87,7 +87,7 @@ def test_coarser_read_is_the_evaluator_on_the_latent_pooled_once_more(preview_re
     features, scores = preview_reward.preview_features(rows, "unet", 0.2, coarser=1)
     expected = evaluator.score_terms(coarse, [grammar.parse_prompt(p) for p in prompts])["score"].numpy()
     np.testing.assert_allclose(scores, expected, rtol=1e-4, atol=1e-6)
-    both = preview_reward.scaled_features(rows, "unet", 0.2, scales=2)
+    both = preview_reward.side_by_side(preview_reward.preview_reads(rows, "unet", 0.2, scales=2), scales=2)
     assert both.shape == (2, 2 * len(preview_reward.FEATURES))
     np.testing.assert_allclose(both[:, len(preview_reward.FEATURES):], features)
     np.testing.assert_allclose(both[:, :len(preview_reward.FEATURES)],

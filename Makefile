@@ -13,7 +13,7 @@ PYTEST_ARGS ?=
 # fills those gaps: 661 s against 747 s with two on a 2-core AMD EPYC. TEST_WORKERS= runs it in one process.
 TEST_WORKERS ?= -n 3 --dist loadfile --no-loadscope-reorder
 
-.PHONY: setup test test-fast bench bench-core bench-flops bench-noise-levels bench-sd15 bench-streaming bench-proxy bench-proxy-bulk bench-proxy-ceiling bench-learned-limits bench-score-blend bench-preview-reward proxy-models demo lint package clean mutation pictures
+.PHONY: setup test test-fast bench bench-core bench-flops bench-noise-levels bench-sd15 bench-streaming bench-proxy bench-proxy-bulk bench-proxy-ceiling bench-learned-limits bench-score-blend bench-preview-reward bench-distilled-probe proxy-models demo lint package clean mutation pictures
 
 setup:
 	@bash scripts/setup_env.sh
@@ -140,6 +140,13 @@ bench-score-blend: setup
 # cached datasets -> bench/results/preview_reward.md (about 10 minutes; equal compute at every checkpoint up to 0.4).
 bench-preview-reward: setup
 	$(PY) bench/preview_reward.py
+
+# A learned scorer without the decode (REPORT.md, bench/results/distilled_probe.md): a probe on the x0 latent and
+# the prompt, trained to predict the evaluator's factors on the decoded preview (every recorded x0 latent of the
+# main and bulk sets and its flips), with a ranker folded into its head; one probe file a checkpoint in
+# bench/cache/proxy_bench/probes/, judged on the held-out prompts and at equal compute (about 25 min for the UNet).
+bench-distilled-probe: setup
+	$(PY) bench/distilled_probe.py
 
 demo: proxy-models
 	$(PY) bench/demo.py

@@ -62,15 +62,20 @@ def preview_features(dataset, family: str, t: float, coarser: int = 0) -> tuple[
     preview at checkpoint ``t`` (the stored x0 latent decoded, resized to the evaluator's image size); and the
     evaluator's own score of that preview ``[rows]``. ``coarser``: how many times the latent is average-pooled
     2x2 before the decode."""
+    return latent_features(dataset.x0(t).float(), dataset.prompts, family, coarser)
+
+
+def latent_features(latent: torch.Tensor, prompts: list[str], family: str,
+                    coarser: int = 0) -> tuple[np.ndarray, np.ndarray]:
+    """:func:`preview_features` of any x0 latents ``[rows, c, S, S]`` with their prompts."""
     from bench.proxy_world import evaluator, grammar, models
 
-    latent = dataset.x0(t).float()
     for _ in range(coarser):
         latent = F.avg_pool2d(latent, 2)
     images = models.latent_to_image(latent, family)
     if images.shape[-1] != models.IMAGE_SIZE:
         images = F.interpolate(images, size=models.IMAGE_SIZE, mode="bilinear", align_corners=False)
-    terms = evaluator.score_terms(images, [grammar.parse_prompt(p) for p in dataset.prompts])
+    terms = evaluator.score_terms(images, [grammar.parse_prompt(p) for p in prompts])
     columns = [torch.log(terms[name].clamp(min=1e-6)) for name in TERMS]
     columns += [terms["extra_mass"], terms["fill"], torch.log1p(terms["shape_dist2"])]
     return torch.stack(columns, 1).double().numpy(), terms["score"].double().numpy()

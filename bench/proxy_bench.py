@@ -1110,8 +1110,12 @@ def equal_compute_summary(results: dict) -> list:
         bo8 = eq["best_of_8"]["compute"]
         bulk_eq = (res.get("bulk_learning_curve") or {}).get("equal_compute") or {}
         bulk_rows = bulk_eq.get("curves", {})
-        for key, points in {**eq["curves"], **bulk_rows}.items():
-            found = (eq["match_best_of_8"].get(key) if key in eq["curves"] else bulk_eq["match_best_of_8"][key]) or []
+        distilled = res.get("distilled_probe") or {}
+        distilled_eq = distilled.get("equal_compute") or {}
+        matches = {**eq["match_best_of_8"], **bulk_eq.get("match_best_of_8", {}),
+                   **distilled_eq.get("match_best_of_8", {})}
+        for key, points in {**eq["curves"], **bulk_rows, **distilled_eq.get("curves", {})}.items():
+            found = matches.get(key) or []
             best_half = best_reward_at_half(points, bo8)
             if found:
                 frac = " / ".join(f"{f['compute']:.2f} ({f['compute'] / bo8:.2f})" for f in found)
@@ -1127,8 +1131,22 @@ def equal_compute_summary(results: dict) -> list:
                          if bulk_eq.get("second_stage") == "bulk" else
                          "score t=0.4 with the main run's scorer of the same kind (the bulk set has t=0.2 only)")
                       + "; its '-> x0_preview' row with the x0 preview instead."]
+        if distilled:
+            lines += ["", distilled_line(distilled)]
         lines.append("")
     return lines
+
+
+def distilled_line(distilled: dict) -> str:
+    """The report's sentence on the probe distilled from the preview's reading (bench/distilled_probe.py)."""
+    at = {t: figures for t, figures in distilled["heldout"].items()}
+    spearman = "; ".join(f"t = {t}: {f['distilled_probe']['within']:.3f} [{f['distilled_probe']['low']:.3f}, "
+                         f"{f['distilled_probe']['high']:.3f}] against the x0 preview's {f['x0_preview']['within']:.3f}"
+                         for t, f in at.items())
+    return ("'distilled_probe' (bench/results/distilled_probe.md): a probe on the x0 latent and the prompt, trained on "
+            f"{distilled['train_rows']} rows of the main and bulk sets to predict the evaluator's factors on the decoded "
+            "preview (the noise-aware preview's inputs), with a linear ranker folded into its head: no decode and no "
+            f"evaluator at inference, priced as a probe. Held-out within-prompt Spearman: {spearman}.")
 
 
 def write_report(results: dict, setting: Setting, command: str, images: list[str]) -> None:

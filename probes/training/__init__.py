@@ -1,7 +1,7 @@
 """Training probes (pure PyTorch): activation datasets (:mod:`.dataset`), losses, metrics, the
 training loop (:mod:`.train`), evaluation, the dataset -> probe pipeline (:mod:`.pipeline`), the pruning
-planner's score tables (:mod:`.planning`) and the blend of two scorers with its weight fitted on validation data
-(:mod:`.blending`)."""
+planner's score tables (:mod:`.planning`), the blend of two scorers with its weight fitted on validation data
+(:mod:`.blending`) and a probe distilled from the evaluator's reading of the x0 preview (:mod:`.distillation`)."""
 from .dataset import (
     CandidateRows,
     DatasetArrays,

@@ -1,0 +1,305 @@
+"""A learned scorer without the decode: a probe on the x0 latent distilled from the evaluator's reading of the preview.
+
+    .venv/bin/python bench/distilled_probe.py [--families unet dit] [--epochs 10]
+        # -> bench/results/distilled_probe.{md,json}; probe files in bench/cache/proxy_bench/probes/;
+        #    with a saved proxy bench run, its REPORT.md gains the distilled probe's rows (about 25 minutes for the UNet)
+
+The noise-aware preview (bench/preview_reward.py) ranks a prompt's seeds well at t = 0.2 (0.76 within-prompt on the
+UNet) but decodes every candidate and runs the evaluator. The probes trained on the finished score alone reach 0.2-0.3
+there, from one noisy number per row. This probe learns the preview's reading instead
+(:mod:`probes.training.distillation`): the teacher is the evaluator's factors on the decoded x0 preview at two scales
+(preview_reward's 18 features), computed offline for every recorded x0 latent of the training sets (the main set at
+every checkpoint, the bulk set at 0.2 and 0.4) and for its three flips, which the teacher labels afresh. One
+time-conditioned probe (the pack's x0 branch with the prompt's FiLM) regresses all of them; a linear ranker over its
+predicted readings, fit on the training prompts at each checkpoint, is folded into its head, giving one ordinary probe
+file per checkpoint: the x0 latent and the prompt in, a score out, no decode and no evaluator at inference.
+
+Everything is chosen on validation prompts held out of the training sets (the epoch: by the validation within-prompt
+Spearman of the ranker at 0.2 and 0.4); the held-out prompts are only scored, by the saved probe files. At equal
+compute the probe is priced as a probe, and its mix with the x0 preview as each stage's own scorer.
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import logging
+import sys
+import time
+from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+import preview_reward  # noqa: E402
+import proxy_bench  # noqa: E402  (bootstraps ComfyUI and registers probe_select)
+
+import numpy as np  # noqa: E402
+import torch  # noqa: E402
+
+log = logging.getLogger("distilled_probe")
+ROOT = Path(__file__).resolve().parents[1]
+RESULTS = ROOT / "bench" / "results"
+NAME = "distilled_probe"
+CHECKPOINTS = (0.1, 0.2, 0.3, 0.4)     # where a cut could pay; one folded probe file each
+VALIDATION_AT = (0.2, 0.4)             # the default schedule's cuts: the epoch is chosen on their mean
+VALIDATION_SHARE = 0.15                # of the training prompts, held out of the fit to choose the epoch
+TEACHER_SCALES = 2                     # preview_reward's reads: the x0 latent as stored, and pooled 2x2 once more
+VIEWS = 4                              # the latent and its flips (probes.training.distillation.FLIP_VIEWS)
+EPOCHS = 10                            # at most: validation picks the epoch
+PROBE = dict(inputs=("x0",), x0_size=16, text_film=True, x0_stem_width=48, x0_widths=(96, 160), embed_dim=128,
+             mlp_hidden=256, head_hidden=(128,), pooled_size=4, attention=False)
+
+
+def teacher_readings(latent: torch.Tensor, prompts: list[str], family: str) -> torch.Tensor:
+    """``[rows, VIEWS, 9 * TEACHER_SCALES]``: the evaluator's factors on the decoded preview of each view of each
+    latent (preview_reward's features, both scales side by side)."""
+    from probe_select.probes.training.distillation import flip_view
+    views = []
+    for view in range(VIEWS):
+        flipped = flip_view(latent, view)
+        views.append(np.concatenate([preview_reward.latent_features(flipped, prompts, family, coarser)[0]
+                                     for coarser in range(TEACHER_SCALES)], 1))
+    return torch.as_tensor(np.stack(views, 1), dtype=torch.float32)
+
+
+class Rows:
+    """Every training row at every checkpoint it was recorded at: x0 latent, checkpoint, prompt embedding, the
+    teacher's readings, the finished score, and its group (one prompt of one dataset at one checkpoint)."""
+
+    def __init__(self, parts: list[tuple]):
+        self.x0, self.t, self.text, self.readings, self.final = (torch.cat([p[i] for p in parts]) for i in range(5))
+        self.prompts = sum((p[5] for p in parts), [])
+        keys = sum((p[6] for p in parts), [])
+        index = {key: i for i, key in enumerate(dict.fromkeys(keys))}
+        self.groups = np.array([index[key] for key in keys])
+
+    @staticmethod
+    def part(dataset, name: str, checkpoints, family: str) -> tuple:
+        x0, t, text, readings, final, prompts, keys = [], [], [], [], [], [], []
+        for at in checkpoints:
+            latent = dataset.x0(at).float()
+            x0.append(latent)
+            t.append(torch.full((len(dataset),), float(at)))
+            text.append(dataset.text_embedding.float())
+            readings.append(teacher_readings(latent, dataset.prompts, family))
+            final.append(dataset.scores(proxy_bench.EVALUATOR).double())
+            prompts += list(dataset.prompts)
+            keys += [f"{name}|{p}|{at:g}" for p in dataset.prompts]
+        return (torch.cat(x0), torch.cat(t), torch.cat(text), torch.cat(readings), torch.cat(final), prompts, keys)
+
+    def rows(self, mask: np.ndarray) -> dict:
+        m = torch.as_tensor(mask)
+        return {"x0": self.x0[m], "t": self.t[m], "text": self.text[m], "readings": self.readings[m],
+                "final": self.final[m], "groups": self.groups[mask]}
+
+
+def predicted_readings(probe, x0: torch.Tensor, t: torch.Tensor, text: torch.Tensor) -> torch.Tensor:
+    """A distilled probe's readings (teacher units) of many rows, in batches."""
+    out = []
+    with torch.no_grad():
+        for i in range(0, len(x0), 512):
+            out.append(probe(None, t[i:i + 512], text[i:i + 512], x0=x0[i:i + 512]))
+    return torch.cat(out).double() * probe.reading_std.double() + probe.reading_mean.double()
+
+
+def ranker_within(probe, fit: dict, judge: dict, at: float) -> float:
+    """Within-prompt Spearman on ``judge``'s rows at checkpoint ``at`` of the linear ranker fit on ``fit``'s rows
+    there, both over the probe's predicted readings."""
+    from probe_select.probes.training.distillation import fit_linear_ranker
+    from probe_select.probes.training.metrics import within_prompt_spearman
+    f, j = fit["t"] == at, judge["t"] == at
+    ranker = fit_linear_ranker(predicted_readings(probe, fit["x0"][f], fit["t"][f], fit["text"][f]),
+                               fit["final"][f], torch.as_tensor(fit["groups"][f.numpy()]))
+    scores = ranker(predicted_readings(probe, judge["x0"][j], judge["t"][j], judge["text"][j]))
+    return within_prompt_spearman(scores.numpy(), judge["final"][j].numpy(), judge["groups"][j.numpy()])
+
+
+def folded_probes(family: str, probe, rows: Rows, dataset_meta, out_dir: Path, training: dict) -> dict:
+    """One probe file per checkpoint: the ranker fit on every training row there, folded into the probe's head,
+    its output mapped (least squares) onto the finished score's z-score. {t: path}."""
+    from probe_select.probes.io import ProbeMetadata, save_probe
+    from probe_select.probes.training.distillation import fit_linear_ranker, fold_ranker
+    every = rows.rows(np.ones(len(rows.groups), bool))
+    mean, std = float(every["final"].mean()), float(every["final"].std())
+    paths = {}
+    for at in CHECKPOINTS:
+        here = every["t"] == at
+        if not bool(here.any()):
+            continue
+        readings = predicted_readings(probe, every["x0"][here], every["t"][here], every["text"][here])
+        ranker = fit_linear_ranker(readings, every["final"][here], torch.as_tensor(every["groups"][here.numpy()]))
+        score = ranker(readings).numpy()
+        z = (every["final"][here].numpy() - mean) / std
+        scale, shift = np.polyfit(score, z, 1)
+        folded = fold_ranker(probe, ranker, scale=max(float(scale), 1e-3), shift=float(shift))
+        meta = ProbeMetadata(backbone_family=dataset_meta.backbone_family, tap=dataset_meta.tap, checkpoint_t=at,
+                             feature_shape=tuple(dataset_meta.feature_shape), pooling=dataset_meta.pooling,
+                             evaluator=proxy_bench.EVALUATOR, score_mean=mean, score_std=std, config=folded.config,
+                             training={**training, "ranker_weights": [round(float(w), 4) for w in ranker.weights]})
+        paths[at] = save_probe(out_dir / f"{family}_{NAME}_t{at:g}.safetensors", folded, meta)
+    return paths
+
+
+def heldout_scores(paths: dict, held) -> dict:
+    """{t: [rows]} each saved probe file's scores of the held-out rows at its checkpoint."""
+    from probe_select.probes.io import load_probe
+    scores = {}
+    for at, path in paths.items():
+        probe, _ = load_probe(path)
+        x0, t, text = held.x0(at).float(), torch.full((len(held),), float(at)), held.text_embedding.float()
+        with torch.no_grad():
+            scores[at] = torch.cat([probe(None, t[i:i + 512], text[i:i + 512], x0=x0[i:i + 512])
+                                    for i in range(0, len(x0), 512)]).double().numpy()
+    return scores
+
+
+def datasets(family: str, cache: Path) -> tuple:
+    from probe_select.probes.training.dataset import ProbeDataset
+    train, held = ProbeDataset(cache / f"{family}_train"), ProbeDataset(cache / f"{family}_heldout")
+    bulk_dir = cache / f"{family}_bulk"
+    bulk = ProbeDataset(bulk_dir) if (bulk_dir / "manifest.json").exists() else None
+    seen = set(train.prompts) | set(bulk.prompts if bulk is not None else ())
+    if set(held.prompts) & seen:
+        raise ValueError(f"{family}: held-out prompts are among the training prompts")
+    return train, bulk, held
+
+
+def measure(family: str, cache: Path, epochs: int) -> dict:
+    from probe_select.probes.model import ProbeConfig
+    from probe_select.probes.training.distillation import DistillConfig, distill_probe
+    started = time.perf_counter()
+    train, bulk, held = datasets(family, cache)
+    parts = [Rows.part(train, "train", train.manifest.checkpoints, family)]
+    if bulk is not None:
+        parts.append(Rows.part(bulk, "bulk", bulk.manifest.checkpoints, family))
+    rows = Rows(parts)
+    prompts = sorted(set(rows.prompts))
+    chosen = set(np.random.default_rng(0).permutation(prompts)[: int(len(prompts) * VALIDATION_SHARE)].tolist())
+    is_val = np.array([p in chosen for p in rows.prompts])
+    fit, val = rows.rows(~is_val), rows.rows(is_val)
+    log.info("%s: %d training rows (%d validation, %d prompts), teacher read in %.0f s", family, len(rows.groups),
+             int(is_val.sum()), len(chosen), time.perf_counter() - started)
+    manifest = train.manifest
+    config = ProbeConfig(in_channels=manifest.feature_shape[0], feature_size=manifest.feature_shape[1],
+                         x0_channels=manifest.x0_shape[0], text_dim=manifest.text_dim, **PROBE)
+
+    def validate(probe) -> float:
+        figures = [ranker_within(probe, fit, val, at) for at in VALIDATION_AT]
+        log.info("%s: validation within-prompt at %s: %s", family, VALIDATION_AT, [round(f, 4) for f in figures])
+        return float(np.mean(figures))
+
+    probe, history = distill_probe(config, fit["x0"], fit["t"], fit["text"], fit["readings"],
+                                   DistillConfig(epochs=epochs), validate)
+    best = max(history, key=lambda h: h["validation"])
+    training = {"method": "distilled from the evaluator's factors on the decoded x0 preview, then a linear ranker",
+                "teacher": list(preview_reward.feature_names(TEACHER_SCALES)), "views": VIEWS,
+                "train_rows": int((~is_val).sum()), "validation_rows": int(is_val.sum()), "epochs": epochs,
+                "chosen_epoch": best["epoch"], "history": history, "checkpoints": list(CHECKPOINTS)}
+    # the kept epoch's probe, its ranker refit on every training row (validation prompts too), one file a checkpoint
+    paths = folded_probes(family, probe, rows, manifest, cache / "probes", training)
+    scores = heldout_scores(paths, held)
+    finals = held.scores(proxy_bench.EVALUATOR).double().numpy()
+    groups = held.arrays(checkpoint_t=0.2, evaluator=proxy_bench.EVALUATOR).prompt_groups().numpy()
+    previews = proxy_bench.preview_scores(held, CHECKPOINTS)
+    heldout = {f"{at:g}": {NAME: proxy_bench.within_ci(scores[at], finals, groups, 1000),
+                           "x0_preview": proxy_bench.within_ci(previews[at], finals, groups, 1000)} for at in scores}
+    predictions = {"x0_preview": previews, NAME: scores}
+    mixes = ((NAME, "x0_preview"),)
+    default = proxy_bench.equal_compute(family, proxy_bench.MEDIUM, predictions, finals, groups, NAME, mixes=mixes)
+    anywhere = proxy_bench.equal_compute(family, proxy_bench.MEDIUM, predictions, finals, groups, NAME, mixes=mixes,
+                                         checkpoints=tuple(scores))
+    return {"training": training, "probe_files": {f"{at:g}": str(Path(p).relative_to(ROOT)) for at, p in paths.items()},
+            "heldout": heldout, "equal_compute": default, "equal_compute_anywhere": anywhere,
+            "seconds": round(time.perf_counter() - started)}
+
+
+def scorer_rows(eq: dict) -> list[tuple]:
+    """(method / scorer, [(fraction, schedule, reward, best-of-8's reward)] per half, best reward at <= 0.5)"""
+    bo8 = eq["best_of_8"]["compute"]
+    rows = []
+    for key, points in eq["curves"].items():
+        if "oracle" in key or "random" in key:
+            continue
+        found = [(f["compute"] / bo8, f["schedule"], f["reward"], f["best_of_8"]) for f in eq["match_best_of_8"][key]]
+        rows.append((key, found, proxy_bench.best_reward_at_half(points, bo8)))
+    return rows
+
+
+def fraction_text(found: list) -> str:
+    return " / ".join(f"{frac:.2f} ({schedule}: {reward:.3f} vs {bo8:.3f})" for frac, schedule, reward, bo8 in found) \
+        if found else "never"
+
+
+def markdown(results: dict, command: str) -> str:
+    lines = ["# A probe distilled from the preview's reading (no decode, no evaluator at inference)", "",
+             f"Command: `{command}`.", "", *__doc__.split("\n\n")[2:4], "",
+             "Rows: " + "; ".join(f"{family} {r['training']['train_rows']} training rows + "
+                                  f"{r['training']['validation_rows']} validation rows (epoch {r['training']['chosen_epoch']} "
+                                  f"of {r['training']['epochs']} chosen on them), {r['seconds']} s"
+                                  for family, r in results.items()), "",
+             "## Held-out within-prompt Spearman (95% bootstrap CI over prompts)", "",
+             "| model | t | distilled probe | x0 preview |", "| --- | --- | --- | --- |"]
+    for family, r in results.items():
+        for at, figures in r["heldout"].items():
+            d, p = figures[NAME], figures["x0_preview"]
+            lines.append(f"| {family} | {at} | {d['within']:.3f} [{d['low']:.3f}, {d['high']:.3f}] | "
+                         f"{p['within']:.3f} [{p['low']:.3f}, {p['high']:.3f}] |")
+    lines += ["", "Validation (training prompts held out of the fit) per epoch, within-prompt Spearman at "
+              f"{', '.join(map(str, VALIDATION_AT))} (mean):", ""]
+    for family, r in results.items():
+        lines.append(f"- {family}: " + ", ".join(f"{h['epoch']}: {h['validation']:.3f} (loss {h['loss']:.3f})"
+                                               for h in r["training"]["history"]))
+    for label, key in (("at the proxy bench's cuts (0.2, 0.4)", "equal_compute"),
+                       (f"cutting at any of {', '.join(f'{t:g}' for t in CHECKPOINTS)} and any pair of them",
+                        "equal_compute_anywhere")):
+        lines += ["", f"## Equal compute, {label}", "",
+                  "Compute to match best-of-8's mean kept reward, as a fraction of best-of-8's (the cheapest schedule "
+                  "chosen on one half of the held-out prompts, judged on the other, both ways; in brackets its reward "
+                  "against best-of-8's on that half), and the best reward at <= 0.5 of best-of-8's compute.", "",
+                  "| model | method / scorer | compute to match best-of-8 | best reward at <= 0.5 (best-of-8) |",
+                  "| --- | --- | --- | --- |"]
+        for family, r in results.items():
+            eq = r[key]
+            for name, found, half in scorer_rows(eq):
+                lines.append(f"| {family} | {name} | {fraction_text(found)} | {half:.4f} ({eq['best_of_8']['reward']:.4f}) |")
+    return "\n".join(lines) + "\n"
+
+
+def report_entry(result: dict) -> dict:
+    """What the proxy bench's saved run keeps of it: the held-out figures and the equal-compute rows at its cuts."""
+    eq = result["equal_compute"]
+    keep = [key for key in eq["curves"] if NAME in key]
+    return {"heldout": result["heldout"], "chosen_epoch": result["training"]["chosen_epoch"],
+            "train_rows": result["training"]["train_rows"],
+            "equal_compute": {"curves": {k: eq["curves"][k] for k in keep},
+                              "match_best_of_8": {k: eq["match_best_of_8"][k] for k in keep}}}
+
+
+def main(argv=None) -> dict:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--families", nargs="+", default=["unet"])
+    parser.add_argument("--epochs", type=int, default=EPOCHS)
+    parser.add_argument("--cache", type=Path, default=proxy_bench.CACHE)
+    parser.add_argument("--out", type=Path, default=RESULTS)
+    args = parser.parse_args(argv)
+    logging.basicConfig(level=logging.INFO, format="%(message)s")
+    torch.set_num_threads(max(1, torch.get_num_threads()))
+    proxy_bench._modules()
+    from probe_select.probes.atomic import atomic_write_text
+    command = "bench/distilled_probe.py " + " ".join(argv if argv is not None else sys.argv[1:])
+    args.out.mkdir(parents=True, exist_ok=True)
+    results = {}
+    for family in args.families:        # each family's figures saved as soon as measured: they took the time
+        results[family] = measure(family, args.cache, args.epochs)
+        atomic_write_text(args.out / f"{NAME}.json", json.dumps(results, indent=2, default=float) + "\n")
+    atomic_write_text(args.out / f"{NAME}.md", markdown(results, command.strip()))
+    saved_run = args.out / "proxy_bench.json"
+    if saved_run.exists():
+        saved = json.loads(saved_run.read_text())
+        for family, result in results.items():
+            saved["families"][family][NAME] = report_entry(result)
+        atomic_write_text(saved_run, json.dumps(saved, indent=2, default=float) + "\n")
+        proxy_bench.rewrite_report_from(args.out)
+    return results
+
+
+if __name__ == "__main__":
+    main()

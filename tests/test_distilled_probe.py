@@ -1,0 +1,58 @@
+"""The distilled probe's bench (bench/distilled_probe.py): its teacher reads every flip of a latent afresh, and its
+figures reach the proxy bench's report."""
+import sys
+
+import numpy as np
+import pytest
+import torch
+
+from conftest import ROOT
+
+
+@pytest.fixture(scope="module")
+def distilled(pack):
+    sys.path.append(str(ROOT / "bench"))     # after ComfyUI: the pack's nodes/ must not shadow ComfyUI's nodes
+    import distilled_probe
+    return distilled_probe
+
+
+def test_the_teacher_reads_each_flip_of_a_preview_afresh_so_a_relation_follows_the_flip(distilled):
+    from bench.proxy_world import grammar, models
+    from bench.proxy_world.render import render_batch
+
+    prompts = ["a red circle left of a blue square", "two green triangles"]
+    latent = models.image_to_latent(render_batch([grammar.parse_prompt(p) for p in prompts], rng=[0, 1]), "unet")
+    readings = distilled.teacher_readings(latent, prompts, "unet")
+    assert readings.shape == (2, distilled.VIEWS, 9 * distilled.TEACHER_SCALES)
+    stored, _ = distilled.preview_reward.latent_features(latent, prompts, "unet")
+    coarser, _ = distilled.preview_reward.latent_features(latent, prompts, "unet", coarser=1)
+    np.testing.assert_allclose(readings[:, 0].numpy(), np.concatenate([stored, coarser], 1), rtol=1e-5, atol=1e-5)
+    relation = distilled.preview_reward.FEATURES.index("relation")
+    # the rendered "left of" holds as stored and upside down, and fails once mirrored left-right
+    assert readings[0, 0, relation] > np.log(0.9) and readings[0, 2, relation] > np.log(0.9)
+    assert readings[0, 1, relation] < readings[0, 0, relation] - 0.5
+    # a count prompt has no relation: its factor stays 1 (log 0) in every view
+    assert torch.all(readings[1, :, relation] == 0)
+
+
+def test_the_distilled_rows_and_sentence_reach_the_equal_compute_section_of_the_report(pack):
+    sys.path.append(str(ROOT / "bench"))
+    import proxy_bench
+
+    point = {"schedule": "10: 0.2->8, 0.4->2", "compute": 3.6, "reward": 0.7, "halves": [0.71, 0.69]}
+    eq = {"prices": {"priced_as": "SD1.5", "decode": 1.5, "evaluator": 0.2, "x0_preview": 0.3, "probe": 0.0002},
+          "unit_steps": 21.8, "best_of_8": {"reward": 0.69, "compute": 8.0}, "prompts": 2, "seeds": 20,
+          "curves": {"best-of-N": [dict(point, schedule="8", compute=8.0)]},
+          "match_best_of_8": {"best-of-N": []}}
+    key = "two stages (0.2, 0.4) / distilled_probe -> x0_preview"
+    distilled = {"train_rows": 1234, "heldout": {"0.2": {"distilled_probe": {"within": 0.61, "low": 0.55, "high": 0.66},
+                                                         "x0_preview": {"within": 0.32, "low": 0.2, "high": 0.4}}},
+                 "equal_compute": {"curves": {key: [point]},
+                                   "match_best_of_8": {key: [{"schedule": point["schedule"], "compute": 3.6,
+                                                              "reward": 0.7, "best_of_8": 0.69}]}}}
+    lines = proxy_bench.equal_compute_summary({"families": {"unet": {"equal_compute": eq,
+                                                                     "distilled_probe": distilled}}})
+    row = next(line for line in lines if line.startswith(f"| {key} |"))
+    assert "3.60 (0.45)" in row and "10: 0.2->8, 0.4->2" in row and "0.7000 (0.6900)" in row
+    sentence = next(line for line in lines if line.startswith("'distilled_probe'"))
+    assert "1234 rows" in sentence and "t = 0.2: 0.610 [0.550, 0.660] against the x0 preview's 0.320" in sentence

@@ -91,37 +91,20 @@ def side_by_side(reads: list[tuple[np.ndarray, np.ndarray]], scales: int) -> np.
     return np.concatenate([features for features, _ in reads[:scales]], 1)
 
 
-def within_pairs(target: np.ndarray, groups: np.ndarray, margin: float = 1e-3) -> tuple[np.ndarray, np.ndarray]:
-    """Every ordered pair (better, worse) of rows of one prompt whose targets differ by more than ``margin``."""
-    better, worse = [], []
-    for g in np.unique(groups):
-        rows = np.flatnonzero(groups == g)
-        gap = target[rows][:, None] - target[rows][None, :]
-        i, j = np.nonzero(gap > margin)
-        better.append(rows[i])
-        worse.append(rows[j])
-    return np.concatenate(better), np.concatenate(worse)
-
-
 def fit_ranker(features: np.ndarray, target: np.ndarray, groups: np.ndarray, hidden: int = 0, steps: int = 300,
                seed: int = 0, names: tuple[str, ...] = FEATURES) -> "Ranker":
-    """A ranker over standardised features, fit by a within-prompt pairwise logistic loss (full batch, Adam)."""
+    """A ranker over standardised features, fit by a within-prompt pairwise logistic loss (full batch, Adam;
+    probes.training.distillation.fit_pairwise)."""
+    from probe_select.probes.training.distillation import fit_pairwise, within_pairs
     torch.manual_seed(seed)
     mean, std = features.mean(0), features.std(0) + 1e-6
     x = torch.as_tensor((features - mean) / std, dtype=torch.float32)
     net = (torch.nn.Linear(x.shape[1], 1) if hidden == 0 else
            torch.nn.Sequential(torch.nn.Linear(x.shape[1], hidden), torch.nn.GELU(), torch.nn.Linear(hidden, 1)))
-    better, worse = (torch.as_tensor(i) for i in within_pairs(target, groups))
+    better, worse = within_pairs(target, groups)
     if len(better) == 0:
         raise ValueError("fit_ranker: no prompt has two rows with different targets: nothing to rank")
-    optimiser = torch.optim.Adam(net.parameters(), lr=1e-2, weight_decay=1e-3)
-    for _ in range(steps):
-        scores = net(x)[:, 0]
-        loss = F.softplus(scores[worse] - scores[better]).mean()
-        optimiser.zero_grad()
-        loss.backward()
-        optimiser.step()
-    return Ranker(net.eval(), mean, std, names)
+    return Ranker(fit_pairwise(net, x, better, worse, steps), mean, std, names)
 
 
 class Ranker:

@@ -44,10 +44,11 @@ def test_features_are_the_evaluators_factors_of_the_decoded_preview(preview_rewa
     np.testing.assert_allclose(features[:, preview_reward.FEATURES.index("fill")], terms["fill"].numpy(), rtol=1e-4)
 
 
-def test_within_pairs_orders_rows_of_one_prompt_only(preview_reward):
+def test_within_pairs_orders_rows_of_one_prompt_only(pack):
+    from probe_select.probes.training.distillation import within_pairs
     target = np.array([0.1, 0.5, 0.3, 0.9, 0.9])
     groups = np.array([0, 0, 0, 1, 1])
-    better, worse = preview_reward.within_pairs(target, groups)
+    better, worse = within_pairs(target, groups)
     assert sorted(zip(better.tolist(), worse.tolist())) == [(1, 0), (1, 2), (2, 0)]     # the tie makes no pair
 
 

@@ -31,8 +31,8 @@ from torch import Tensor, nn
 
 from ..model import Probe, ProbeConfig, build_probe
 
-__all__ = ["FLIP_VIEWS", "DistillConfig", "LinearRanker", "flip_view", "widen_head", "distill_probe",
-           "fit_linear_ranker", "fold_ranker"]
+__all__ = ["FLIP_VIEWS", "DistillConfig", "LinearRanker", "flip_view", "widen_head", "distill_probe", "within_pairs",
+           "fit_pairwise", "fit_linear_ranker", "fold_ranker"]
 
 logger = logging.getLogger(__name__)
 
@@ -157,22 +157,40 @@ class LinearRanker:
         return ((torch.as_tensor(readings, dtype=torch.float64) - self.mean) / self.std) @ self.weights
 
 
-def _within_pairs(target: Tensor, groups: Tensor, margin: float) -> tuple[Tensor, Tensor]:
-    better, worse = [], []
+def within_pairs(target, groups, margin: float = 1e-3) -> tuple[Tensor, Tensor]:
+    """Every ordered pair (better, worse) of rows of one group whose targets differ by more than ``margin``: two
+    ``[pairs]`` row indices, group by group in sorted order."""
+    target, groups = torch.as_tensor(target, dtype=torch.float64), torch.as_tensor(groups)
+    better, worse = [torch.zeros(0, dtype=torch.long)], [torch.zeros(0, dtype=torch.long)]
     for group in torch.unique(groups):
         rows = torch.nonzero(groups == group)[:, 0]
-        diff = target[rows][:, None] - target[rows][None, :]
-        i, j = torch.nonzero(diff > margin, as_tuple=True)
+        gap = target[rows][:, None] - target[rows][None, :]
+        i, j = torch.nonzero(gap > margin, as_tuple=True)
         better.append(rows[i])
         worse.append(rows[j])
     return torch.cat(better), torch.cat(worse)
 
 
+def fit_pairwise(net: nn.Module, x: Tensor, better: Tensor, worse: Tensor, steps: int = 300) -> nn.Module:
+    """Fit ``net`` (rows ``x [rows, k]`` -> ``[rows, 1]``) so that each ``better`` row outscores its ``worse`` one:
+    pairwise logistic loss, full batch, Adam. Returns ``net`` in eval mode."""
+    if len(better) == 0:
+        raise ValueError("no group has two rows with different targets: nothing to rank")
+    optimiser = torch.optim.Adam(net.parameters(), lr=1e-2, weight_decay=1e-3)
+    for _ in range(steps):
+        scores = net(x)[:, 0]
+        loss = F.softplus(scores[worse] - scores[better]).mean()
+        optimiser.zero_grad()
+        loss.backward()
+        optimiser.step()
+    return net.eval()
+
+
 def fit_linear_ranker(readings: Tensor, target: Tensor, groups: Tensor, steps: int = 300, seeds: int = 3,
                       margin: float = 1e-3) -> LinearRanker:
     """A :class:`LinearRanker` fit so that, within each group (a prompt's seeds), rows with a higher ``target`` score
-    higher: pairwise logistic loss over every pair whose targets differ by more than ``margin``, full batch, Adam.
-    The weights are the mean over ``seeds`` fits (a full-batch fit still depends on its initialisation)."""
+    higher (:func:`fit_pairwise` over every pair whose targets differ by more than ``margin``). The weights are the
+    mean over ``seeds`` fits (a full-batch fit still depends on its initialisation)."""
     readings = torch.as_tensor(readings, dtype=torch.float64)
     target, groups = torch.as_tensor(target, dtype=torch.float64), torch.as_tensor(groups)
     if readings.ndim != 2 or target.shape != (readings.shape[0],) or groups.shape != target.shape:
@@ -180,20 +198,13 @@ def fit_linear_ranker(readings: Tensor, target: Tensor, groups: Tensor, steps: i
                          f"{tuple(readings.shape)}, {tuple(target.shape)}, {tuple(groups.shape)}")
     mean, std = readings.mean(0), readings.std(0).clamp(min=1e-6)
     x = ((readings - mean) / std).float()
-    better, worse = _within_pairs(target, groups, margin)
+    better, worse = within_pairs(target, groups, margin)
     if len(better) == 0:
         raise ValueError("fit_linear_ranker: no group has two rows with different targets: nothing to rank")
     fits = []
     for seed in range(seeds):
         torch.manual_seed(seed)
-        layer = nn.Linear(x.shape[1], 1)
-        optimiser = torch.optim.Adam(layer.parameters(), lr=1e-2, weight_decay=1e-3)
-        for _ in range(steps):
-            scores = layer(x)[:, 0]
-            loss = F.softplus(scores[worse] - scores[better]).mean()
-            optimiser.zero_grad()
-            loss.backward()
-            optimiser.step()
+        layer = fit_pairwise(nn.Linear(x.shape[1], 1), x, better, worse, steps)
         fits.append(layer.weight.detach()[0].double())
     return LinearRanker(torch.stack(fits).mean(0), mean, std)
 

@@ -120,6 +120,7 @@ def folded_probes(family: str, probe, rows: Rows, dataset_meta, out_dir: Path, t
     every = rows.rows(np.ones(len(rows.groups), bool))
     mean, std = float(every["final"].mean()), float(every["final"].std())
     paths = {}
+    out_dir.mkdir(parents=True, exist_ok=True)
     for at in CHECKPOINTS:
         here = every["t"] == at
         if not bool(here.any()):
@@ -162,9 +163,10 @@ def datasets(family: str, cache: Path) -> tuple:
     return train, bulk, held
 
 
-def measure(family: str, cache: Path, epochs: int) -> dict:
-    from probe_select.probes.model import ProbeConfig
-    from probe_select.probes.training.distillation import DistillConfig, distill_probe
+def measure(family: str, cache: Path, epochs: int, reuse: bool = False) -> dict:
+    from probe_select.probes.atomic import atomic_write
+    from probe_select.probes.model import ProbeConfig, build_probe
+    from probe_select.probes.training.distillation import DistillConfig, distill_probe, widen_head
     started = time.perf_counter()
     train, bulk, held = datasets(family, cache)
     parts = [Rows.part(train, "train", train.manifest.checkpoints, family)]
@@ -186,8 +188,20 @@ def measure(family: str, cache: Path, epochs: int) -> dict:
         log.info("%s: validation within-prompt at %s: %s", family, VALIDATION_AT, [round(f, 4) for f in figures])
         return float(np.mean(figures))
 
-    probe, history = distill_probe(config, fit["x0"], fit["t"], fit["text"], fit["readings"],
-                                   DistillConfig(epochs=epochs), validate)
+    kept = cache / "probes" / f"{family}_{NAME}_readings.pt"     # the distilled probe before any ranker
+    if reuse and kept.exists():
+        state, history = torch.load(kept)
+        probe = widen_head(build_probe(config), fit["readings"].shape[-1])
+        for buffer in ("reading_mean", "reading_std"):
+            probe.register_buffer(buffer, state[buffer])
+        probe.load_state_dict(state)
+        probe.eval()
+        log.info("%s: reusing the distilled probe in %s", family, kept)
+    else:
+        probe, history = distill_probe(config, fit["x0"], fit["t"], fit["text"], fit["readings"],
+                                       DistillConfig(epochs=epochs), validate)
+        kept.parent.mkdir(parents=True, exist_ok=True)
+        atomic_write(kept, lambda temp: torch.save((probe.state_dict(), history), temp))
     best = max(history, key=lambda h: h["validation"])
     training = {"method": "distilled from the evaluator's factors on the decoded x0 preview, then a linear ranker",
                 "teacher": list(preview_reward.feature_names(TEACHER_SCALES)), "views": VIEWS,
@@ -279,6 +293,8 @@ def main(argv=None) -> dict:
     parser.add_argument("--epochs", type=int, default=EPOCHS)
     parser.add_argument("--cache", type=Path, default=proxy_bench.CACHE)
     parser.add_argument("--out", type=Path, default=RESULTS)
+    parser.add_argument("--reuse-distilled", action="store_true",
+                        help="start from the distilled probe a previous run kept in the cache (ranker, files, figures again)")
     args = parser.parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(message)s")
     torch.set_num_threads(max(1, torch.get_num_threads()))
@@ -287,17 +303,16 @@ def main(argv=None) -> dict:
     command = "bench/distilled_probe.py " + " ".join(argv if argv is not None else sys.argv[1:])
     args.out.mkdir(parents=True, exist_ok=True)
     results = {}
-    for family in args.families:        # each family's figures saved as soon as measured: they took the time
-        results[family] = measure(family, args.cache, args.epochs)
-        atomic_write_text(args.out / f"{NAME}.json", json.dumps(results, indent=2, default=float) + "\n")
-    atomic_write_text(args.out / f"{NAME}.md", markdown(results, command.strip()))
     saved_run = args.out / "proxy_bench.json"
-    if saved_run.exists():
-        saved = json.loads(saved_run.read_text())
-        for family, result in results.items():
-            saved["families"][family][NAME] = report_entry(result)
-        atomic_write_text(saved_run, json.dumps(saved, indent=2, default=float) + "\n")
-        proxy_bench.rewrite_report_from(args.out)
+    for family in args.families:        # each family's figures written as soon as measured: they took the time
+        results[family] = measure(family, args.cache, args.epochs, args.reuse_distilled)
+        atomic_write_text(args.out / f"{NAME}.json", json.dumps(results, indent=2, default=float) + "\n")
+        atomic_write_text(args.out / f"{NAME}.md", markdown(results, command.strip()))
+        if saved_run.exists():
+            saved = json.loads(saved_run.read_text())
+            saved["families"][family][NAME] = report_entry(results[family])
+            atomic_write_text(saved_run, json.dumps(saved, indent=2, default=float) + "\n")
+            proxy_bench.rewrite_report_from(args.out)
     return results
 
 

@@ -221,19 +221,28 @@ def measure(family: str, cache: Path, epochs: int, reuse: bool = False) -> dict:
     anywhere = proxy_bench.equal_compute(family, proxy_bench.MEDIUM, predictions, finals, groups, NAME, mixes=mixes,
                                          checkpoints=tuple(scores))
     return {"training": training, "probe_files": {f"{at:g}": str(Path(p).relative_to(ROOT)) for at, p in paths.items()},
-            "heldout": heldout, "equal_compute": default, "equal_compute_anywhere": anywhere,
+            "heldout": heldout, "equal_compute": compact(default), "equal_compute_anywhere": compact(anywhere),
             "seconds": round(time.perf_counter() - started)}
+
+
+def compact(eq: dict) -> dict:
+    """proxy_bench.equal_compute's figures without the other scorers' curves (megabytes of points): every
+    method's match and best reward at <= 0.5 of best-of-8's compute, and the distilled probe's own curves."""
+    bo8 = eq["best_of_8"]["compute"]
+    return {**{k: v for k, v in eq.items() if k != "curves"},
+            "best_at_half": {key: proxy_bench.best_reward_at_half(points, bo8) for key, points in eq["curves"].items()},
+            "curves": {key: points for key, points in eq["curves"].items() if NAME in key}}
 
 
 def scorer_rows(eq: dict) -> list[tuple]:
     """(method / scorer, [(fraction, schedule, reward, best-of-8's reward)] per half, best reward at <= 0.5)"""
     bo8 = eq["best_of_8"]["compute"]
     rows = []
-    for key, points in eq["curves"].items():
+    for key, half in eq["best_at_half"].items():
         if "oracle" in key or "random" in key:
             continue
         found = [(f["compute"] / bo8, f["schedule"], f["reward"], f["best_of_8"]) for f in eq["match_best_of_8"][key]]
-        rows.append((key, found, proxy_bench.best_reward_at_half(points, bo8)))
+        rows.append((key, found, half))
     return rows
 
 

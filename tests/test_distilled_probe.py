@@ -56,3 +56,23 @@ def test_the_distilled_rows_and_sentence_reach_the_equal_compute_section_of_the_
     assert "3.60 (0.45)" in row and "10: 0.2->8, 0.4->2" in row and "0.7000 (0.6900)" in row
     sentence = next(line for line in lines if line.startswith("'distilled_probe'"))
     assert "1234 rows" in sentence and "t = 0.2: 0.610 [0.550, 0.660] against the x0 preview's 0.320" in sentence
+
+
+def test_the_saved_figures_keep_every_methods_match_but_only_the_distilled_probes_curves(distilled):
+    def points(reward):
+        return [{"schedule": "8", "compute": 8.0, "reward": reward, "halves": [reward, reward]},
+                {"schedule": "10: 0.2->2", "compute": 3.0, "reward": reward + 0.1, "halves": [reward, reward]}]
+
+    keys = ("best-of-N", "one stage at 0.2 / x0_preview", "one stage at 0.2 / distilled_probe",
+            "one stage at 0.2 / oracle")
+    eq = {"best_of_8": {"compute": 8.0, "reward": 0.6}, "prices": {}, "curves": {k: points(0.5) for k in keys},
+          "match_best_of_8": {k: [] for k in keys}}
+    eq["match_best_of_8"]["one stage at 0.2 / distilled_probe"] = [
+        {"schedule": "10: 0.2->2", "compute": 3.0, "reward": 0.61, "best_of_8": 0.6}]
+    saved = distilled.compact(eq)
+    assert list(saved["curves"]) == ["one stage at 0.2 / distilled_probe"]
+    assert saved["best_at_half"] == {k: pytest.approx(0.6) for k in keys}     # the 3.0 point: <= 0.5 of 8.0
+    rows = distilled.scorer_rows(saved)
+    assert [row[0] for row in rows] == list(keys[:3])                          # no oracle row
+    assert rows[2][1] == [(3.0 / 8.0, "10: 0.2->2", 0.61, 0.6)]
+    assert "0.38 (10: 0.2->2: 0.610 vs 0.600)" in distilled.fraction_text(rows[2][1])

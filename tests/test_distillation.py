@@ -125,3 +125,15 @@ def test_a_folded_probe_scores_exactly_as_the_ranker_on_the_distilled_readings_a
         fold_ranker(distilled, ranker, scale=-1.0)
     with pytest.raises(ValueError, match="reads \\(3,\\) readings, the head predicts 4"):
         fold_ranker(distilled, LinearRanker(torch.zeros(3), torch.zeros(3), torch.ones(3)))
+
+
+def test_distillation_is_reproducible_from_its_seed_whatever_the_global_random_state():
+    x0, t, text = torch.randn(64, 4, 8, 8), torch.rand(64), torch.randn(64, 6)
+    targets = torch.randn(64, 2, 3)
+    outputs = []
+    for global_seed in (1, 2):
+        torch.manual_seed(global_seed)
+        probe, _ = distill_probe(TINY, x0, t, text, targets, DistillConfig(epochs=1, batch_size=32, seed=5))
+        with torch.no_grad():
+            outputs.append(probe(None, t, text, x0=x0))
+    assert torch.equal(outputs[0], outputs[1])

@@ -106,7 +106,10 @@ def distill_probe(config: ProbeConfig, x0: Tensor, t: Tensor, text: Optional[Ten
         raise ValueError(f"distill_probe: the probe must read the x0 latent only, not {list(config.inputs)}")
     _check_rows(x0, t, text, targets)
     generator = torch.Generator().manual_seed(distill.seed)
-    probe = widen_head(build_probe(config, seed=distill.seed), targets.shape[-1])
+    probe = build_probe(config, seed=distill.seed)
+    with torch.random.fork_rng(devices=[]):     # the new layer's initial weights from the seed too
+        torch.manual_seed(distill.seed)
+        widen_head(probe, targets.shape[-1])
     mean, std = targets[:, 0].mean(0), targets[:, 0].std(0).clamp(min=1e-6)
     probe.register_buffer("reading_mean", mean.float())
     probe.register_buffer("reading_std", std.float())

@@ -2,7 +2,7 @@
 
     .venv/bin/python bench/distilled_probe.py [--families unet dit] [--epochs 10]
         # -> bench/results/distilled_probe.{md,json}; probe files in bench/cache/proxy_bench/probes/;
-        #    with a saved proxy bench run, its REPORT.md gains the distilled probe's rows (about 25 minutes for the UNet)
+        #    with a saved proxy bench run, its REPORT.md gains the distilled probe's rows (about 35 minutes for the UNet)
 
 The noise-aware preview (bench/preview_reward.py) ranks a prompt's seeds well at t = 0.2 (0.76 within-prompt on the
 UNet) but decodes every candidate and runs the evaluator. The probes trained on the finished score alone reach 0.2-0.3
@@ -221,17 +221,18 @@ def measure(family: str, cache: Path, epochs: int, reuse: bool = False) -> dict:
     anywhere = proxy_bench.equal_compute(family, proxy_bench.MEDIUM, predictions, finals, groups, NAME, mixes=mixes,
                                          checkpoints=tuple(scores))
     return {"training": training, "probe_files": {f"{at:g}": str(Path(p).relative_to(ROOT)) for at, p in paths.items()},
-            "heldout": heldout, "equal_compute": compact(default), "equal_compute_anywhere": compact(anywhere),
+            "heldout": heldout, "equal_compute": compact(default), "equal_compute_anywhere": compact(anywhere, curves=False),
             "seconds": round(time.perf_counter() - started)}
 
 
-def compact(eq: dict) -> dict:
+def compact(eq: dict, curves: bool = True) -> dict:
     """proxy_bench.equal_compute's figures without the other scorers' curves (megabytes of points): every
-    method's match and best reward at <= 0.5 of best-of-8's compute, and the distilled probe's own curves."""
+    method's match and best reward at <= 0.5 of best-of-8's compute, and the distilled probe's own curves (none
+    when ``curves`` is False)."""
     bo8 = eq["best_of_8"]["compute"]
     return {**{k: v for k, v in eq.items() if k != "curves"},
             "best_at_half": {key: proxy_bench.best_reward_at_half(points, bo8) for key, points in eq["curves"].items()},
-            "curves": {key: points for key, points in eq["curves"].items() if NAME in key}}
+            "curves": {key: points for key, points in eq["curves"].items() if curves and NAME in key}}
 
 
 def scorer_rows(eq: dict) -> list[tuple]:

@@ -144,7 +144,8 @@ bench-preview-reward: setup
 # A learned scorer without the decode (REPORT.md, bench/results/distilled_probe.md): a probe on the x0 latent and
 # the prompt, trained to predict the evaluator's factors on the decoded preview (every recorded x0 latent of the
 # main and bulk sets and its flips), with a ranker folded into its head; one probe file a checkpoint in
-# bench/cache/proxy_bench/probes/, judged on the held-out prompts and at equal compute (about 35 min for the UNet, 15 for the DiT).
+# bench/cache/proxy_bench/probes/, judged on the held-out prompts and at equal compute (about 35 min for the UNet,
+# 15 for the DiT).
 bench-distilled-probe: setup
 	$(PY) bench/distilled_probe.py
 

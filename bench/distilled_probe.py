@@ -169,9 +169,10 @@ def measure(family: str, cache: Path, epochs: int, reuse: bool = False) -> dict:
     from probe_select.probes.training.distillation import DistillConfig, distill_probe, widen_head
     started = time.perf_counter()
     train, bulk, held = datasets(family, cache)
-    parts = [Rows.part(train, "train", train.manifest.checkpoints, family)]
+    parts, sets = [Rows.part(train, "train", train.manifest.checkpoints, family)], ["main"]
     if bulk is not None:
         parts.append(Rows.part(bulk, "bulk", bulk.manifest.checkpoints, family))
+        sets.append("bulk")
     rows = Rows(parts)
     prompts = sorted(set(rows.prompts))
     chosen = set(np.random.default_rng(0).permutation(prompts)[: int(len(prompts) * VALIDATION_SHARE)].tolist())
@@ -205,7 +206,7 @@ def measure(family: str, cache: Path, epochs: int, reuse: bool = False) -> dict:
     best = max(history, key=lambda h: h["validation"])
     training = {"method": "distilled from the evaluator's factors on the decoded x0 preview, then a linear ranker",
                 "teacher": list(preview_reward.feature_names(TEACHER_SCALES)), "views": VIEWS,
-                "train_rows": int((~is_val).sum()), "validation_rows": int(is_val.sum()), "epochs": epochs,
+                "sets": sets, "train_rows": int((~is_val).sum()), "validation_rows": int(is_val.sum()), "epochs": epochs,
                 "chosen_epoch": best["epoch"], "history": history, "checkpoints": list(CHECKPOINTS)}
     # the kept epoch's probe, its ranker refit on every training row (validation prompts too), one file a checkpoint
     paths = folded_probes(family, probe, rows, manifest, cache / "probes", training)
@@ -292,7 +293,7 @@ def report_entry(result: dict) -> dict:
     eq = result["equal_compute"]
     keep = [key for key in eq["curves"] if NAME in key]
     return {"heldout": result["heldout"], "chosen_epoch": result["training"]["chosen_epoch"],
-            "train_rows": result["training"]["train_rows"],
+            "train_rows": result["training"]["train_rows"], "sets": result["training"]["sets"],
             "equal_compute": {"curves": {k: eq["curves"][k] for k in keep},
                               "match_best_of_8": {k: eq["match_best_of_8"][k] for k in keep}}}
 

@@ -1144,7 +1144,8 @@ def distilled_line(distilled: dict) -> str:
                          f"{f['distilled_probe']['high']:.3f}] against the x0 preview's {f['x0_preview']['within']:.3f}"
                          for t, f in at.items())
     return ("'distilled_probe' (bench/results/distilled_probe.md): a probe on the x0 latent and the prompt, trained on "
-            f"{distilled['train_rows']} rows of the main and bulk sets to predict the evaluator's factors on the decoded "
+            f"{distilled['train_rows']} rows of the {' and '.join(distilled['sets'])} set"
+            f"{'s' if len(distilled['sets']) > 1 else ''} to predict the evaluator's factors on the decoded "
             "preview (the noise-aware preview's inputs), with a linear ranker folded into its head: no decode and no "
             f"evaluator at inference, priced as a probe. Held-out within-prompt Spearman: {spearman}.")
 

@@ -45,7 +45,7 @@ def test_the_distilled_rows_and_sentence_reach_the_equal_compute_section_of_the_
           "curves": {"best-of-N": [dict(point, schedule="8", compute=8.0)]},
           "match_best_of_8": {"best-of-N": []}}
     key = "two stages (0.2, 0.4) / distilled_probe -> x0_preview"
-    distilled = {"train_rows": 1234, "heldout": {"0.2": {"distilled_probe": {"within": 0.61, "low": 0.55, "high": 0.66},
+    distilled = {"train_rows": 1234, "sets": ["main", "bulk"], "heldout": {"0.2": {"distilled_probe": {"within": 0.61, "low": 0.55, "high": 0.66},
                                                          "x0_preview": {"within": 0.32, "low": 0.2, "high": 0.4}}},
                  "equal_compute": {"curves": {key: [point]},
                                    "match_best_of_8": {key: [{"schedule": point["schedule"], "compute": 3.6,
@@ -55,7 +55,7 @@ def test_the_distilled_rows_and_sentence_reach_the_equal_compute_section_of_the_
     row = next(line for line in lines if line.startswith(f"| {key} |"))
     assert "3.60 (0.45)" in row and "10: 0.2->8, 0.4->2" in row and "0.7000 (0.6900)" in row
     sentence = next(line for line in lines if line.startswith("'distilled_probe'"))
-    assert "1234 rows" in sentence and "t = 0.2: 0.610 [0.550, 0.660] against the x0 preview's 0.320" in sentence
+    assert "1234 rows of the main and bulk sets" in sentence and "t = 0.2: 0.610 [0.550, 0.660] against the x0 preview's 0.320" in sentence
 
 
 def test_the_saved_figures_keep_every_methods_match_but_only_the_distilled_probes_curves(distilled):

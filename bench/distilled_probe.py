@@ -139,19 +139,6 @@ def folded_probes(family: str, probe, rows: Rows, dataset_meta, out_dir: Path, t
     return paths
 
 
-def heldout_scores(paths: dict, held) -> dict:
-    """{t: [rows]} each saved probe file's scores of the held-out rows at its checkpoint."""
-    from probe_select.probes.io import load_probe
-    scores = {}
-    for at, path in paths.items():
-        probe, _ = load_probe(path)
-        x0, t, text = held.x0(at).float(), torch.full((len(held),), float(at)), held.text_embedding.float()
-        with torch.no_grad():
-            scores[at] = torch.cat([probe(None, t[i:i + 512], text[i:i + 512], x0=x0[i:i + 512])
-                                    for i in range(0, len(x0), 512)]).double().numpy()
-    return scores
-
-
 def datasets(family: str, cache: Path) -> tuple:
     from probe_select.probes.training.dataset import ProbeDataset
     train, held = ProbeDataset(cache / f"{family}_train"), ProbeDataset(cache / f"{family}_heldout")
@@ -210,7 +197,8 @@ def measure(family: str, cache: Path, epochs: int, reuse: bool = False) -> dict:
                 "chosen_epoch": best["epoch"], "history": history, "checkpoints": list(CHECKPOINTS)}
     # the kept epoch's probe, its ranker refit on every training row (validation prompts too), one file a checkpoint
     paths = folded_probes(family, probe, rows, manifest, cache / "probes", training)
-    scores = heldout_scores(paths, held)
+    # the saved files score the held-out rows as the pack would (in evaluator units: same order as the z-scores)
+    scores = {at: proxy_bench.heldout_predictions(path, held, at) for at, path in paths.items()}
     finals = held.scores(proxy_bench.EVALUATOR).double().numpy()
     groups = held.arrays(checkpoint_t=0.2, evaluator=proxy_bench.EVALUATOR).prompt_groups().numpy()
     previews = proxy_bench.preview_scores(held, CHECKPOINTS)
@@ -308,7 +296,6 @@ def main(argv=None) -> dict:
                         help="start from the distilled probe a previous run kept in the cache (ranker, files, figures again)")
     args = parser.parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(message)s")
-    torch.set_num_threads(max(1, torch.get_num_threads()))
     proxy_bench._modules()
     from probe_select.probes.atomic import atomic_write_text
     command = "bench/distilled_probe.py " + " ".join(argv if argv is not None else sys.argv[1:])

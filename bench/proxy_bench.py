@@ -1139,10 +1139,9 @@ def equal_compute_summary(results: dict) -> list:
 
 def distilled_line(distilled: dict) -> str:
     """The report's sentence on the probe distilled from the preview's reading (bench/distilled_probe.py)."""
-    at = {t: figures for t, figures in distilled["heldout"].items()}
     spearman = "; ".join(f"t = {t}: {f['distilled_probe']['within']:.3f} [{f['distilled_probe']['low']:.3f}, "
                          f"{f['distilled_probe']['high']:.3f}] against the x0 preview's {f['x0_preview']['within']:.3f}"
-                         for t, f in at.items())
+                         for t, f in distilled["heldout"].items())
     return ("'distilled_probe' (bench/results/distilled_probe.md): a probe on the x0 latent and the prompt, trained on "
             f"{distilled['train_rows']} rows of the {' and '.join(distilled['sets'])} set"
             f"{'s' if len(distilled['sets']) > 1 else ''} to predict the evaluator's factors on the decoded "

@@ -143,11 +143,16 @@ bench-preview-reward: setup
 
 # A learned scorer without the decode (REPORT.md, bench/results/distilled_probe.md): a probe on the x0 latent and
 # the prompt, trained to predict the evaluator's factors on the decoded preview (every recorded x0 latent of the
-# main and bulk sets and its flips), with a ranker folded into its head; one probe file a checkpoint in
-# bench/cache/proxy_bench/probes/, judged on the held-out prompts and at equal compute (about 35 min for the UNet,
-# 15 for the DiT).
-bench-distilled-probe: setup
-	$(PY) bench/distilled_probe.py
+# main, bulk and early sets and its flips), with a ranker folded into its head; one probe file a checkpoint in
+# bench/cache/proxy_bench/probes/, judged on the held-out prompts and at equal compute. The early set (every
+# training-split prompt x 8 seeds run to t = 0.4 only: the teacher needs no finished image) is collected first in
+# two lanes (about 40 min, resumable); the distillation then takes about 60 min for the UNet.
+bench-distilled-probe: proxy-models
+	@set -e; $(STOP_LANES_ON_INTERRUPT); \
+	$(PY) bench/proxy_bench.py --families unet --collect-only early --lane 1/2 & lane1=$$!; \
+	$(PY) bench/proxy_bench.py --families unet --collect-only early --lane 2/2 & lane2=$$!; \
+	wait $$lane1; wait $$lane2
+	$(PY) bench/distilled_probe.py --families unet --epochs 5
 
 demo: proxy-models
 	$(PY) bench/demo.py

@@ -73,14 +73,17 @@ class Rows:
 
     @staticmethod
     def part(dataset, name: str, checkpoints, family: str) -> tuple:
+        """One dataset's rows; its finished scores NaN when it has none (the early set: the teacher needs none)."""
         x0, t, text, readings, final, prompts, keys = [], [], [], [], [], [], []
+        finished = proxy_bench.EVALUATOR in dataset.manifest.evaluators
         for at in checkpoints:
             latent = dataset.x0(at).float()
             x0.append(latent)
             t.append(torch.full((len(dataset),), float(at)))
             text.append(dataset.text_embedding.float())
             readings.append(teacher_readings(latent, dataset.prompts, family))
-            final.append(dataset.scores(proxy_bench.EVALUATOR).double())
+            final.append(dataset.scores(proxy_bench.EVALUATOR).double() if finished
+                         else torch.full((len(dataset),), float("nan"), dtype=torch.float64))
             prompts += list(dataset.prompts)
             keys += [f"{name}|{p}|{at:g}" for p in dataset.prompts]
         return (torch.cat(x0), torch.cat(t), torch.cat(text), torch.cat(readings), torch.cat(final), prompts, keys)
@@ -89,6 +92,18 @@ class Rows:
         m = torch.as_tensor(mask)
         return {"x0": self.x0[m], "t": self.t[m], "text": self.text[m], "readings": self.readings[m],
                 "final": self.final[m], "groups": self.groups[mask]}
+
+
+def validation_split(prompts: list[str], final: np.ndarray) -> tuple[np.ndarray, np.ndarray, set]:
+    """(fit rows, validation rows, validation prompts): VALIDATION_SHARE of the prompts that have finished scores
+    (so the same prompts with or without the early set) are validation prompts; their rows with a finished score
+    are the validation rows, and none of their rows, early ones included, is fit: validation judges prompts the
+    probe never saw."""
+    finished = np.isfinite(final)
+    candidates = sorted(set(p for p, done in zip(prompts, finished) if done))
+    chosen = set(np.random.default_rng(0).permutation(candidates)[: int(len(candidates) * VALIDATION_SHARE)].tolist())
+    in_chosen = np.array([p in chosen for p in prompts])
+    return ~in_chosen, in_chosen & finished, chosen
 
 
 def predicted_readings(probe, x0: torch.Tensor, t: torch.Tensor, text: torch.Tensor) -> torch.Tensor:
@@ -105,7 +120,7 @@ def ranker_within(probe, fit: dict, judge: dict, at: float) -> float:
     there, both over the probe's predicted readings."""
     from probe_select.probes.training.distillation import fit_linear_ranker
     from probe_select.probes.training.metrics import within_prompt_spearman
-    f, j = fit["t"] == at, judge["t"] == at
+    f, j = (fit["t"] == at) & fit["final"].isfinite(), judge["t"] == at
     ranker = fit_linear_ranker(predicted_readings(probe, fit["x0"][f], fit["t"][f], fit["text"][f]),
                                fit["final"][f], torch.as_tensor(fit["groups"][f.numpy()]))
     scores = ranker(predicted_readings(probe, judge["x0"][j], judge["t"][j], judge["text"][j]))
@@ -117,7 +132,7 @@ def folded_probes(family: str, probe, rows: Rows, dataset_meta, out_dir: Path, t
     its output mapped (least squares) onto the finished score's z-score. {t: path}."""
     from probe_select.probes.io import ProbeMetadata, save_probe
     from probe_select.probes.training.distillation import fit_linear_ranker, fold_ranker
-    every = rows.rows(np.ones(len(rows.groups), bool))
+    every = rows.rows(np.isfinite(rows.final.numpy()))       # the rows with a finished score
     mean, std = float(every["final"].mean()), float(every["final"].std())
     paths = {}
     out_dir.mkdir(parents=True, exist_ok=True)
@@ -140,33 +155,34 @@ def folded_probes(family: str, probe, rows: Rows, dataset_meta, out_dir: Path, t
 
 
 def datasets(family: str, cache: Path) -> tuple:
+    """The main training set, the bulk and early sets where collected (else None), the held-out set."""
     from probe_select.probes.training.dataset import ProbeDataset
     train, held = ProbeDataset(cache / f"{family}_train"), ProbeDataset(cache / f"{family}_heldout")
-    bulk_dir = cache / f"{family}_bulk"
-    bulk = ProbeDataset(bulk_dir) if (bulk_dir / "manifest.json").exists() else None
-    seen = set(train.prompts) | set(bulk.prompts if bulk is not None else ())
+    bulk, early = (ProbeDataset(cache / f"{family}_{name}") if (cache / f"{family}_{name}" / "manifest.json").exists()
+                   else None for name in ("bulk", "early"))
+    seen = set(train.prompts).union(*(d.prompts for d in (bulk, early) if d is not None))
     if set(held.prompts) & seen:
         raise ValueError(f"{family}: held-out prompts are among the training prompts")
-    return train, bulk, held
+    return train, bulk, early, held
 
 
-def measure(family: str, cache: Path, epochs: int, reuse: bool = False) -> dict:
+def measure(family: str, cache: Path, epochs: int, reuse: bool = False, early_rows: bool = True) -> dict:
     from probe_select.probes.atomic import atomic_write
     from probe_select.probes.model import ProbeConfig, build_probe
     from probe_select.probes.training.distillation import DistillConfig, distill_probe, widen_head
     started = time.perf_counter()
-    train, bulk, held = datasets(family, cache)
+    train, bulk, early, held = datasets(family, cache)
     parts, sets = [Rows.part(train, "train", train.manifest.checkpoints, family)], ["main"]
-    if bulk is not None:
-        parts.append(Rows.part(bulk, "bulk", bulk.manifest.checkpoints, family))
-        sets.append("bulk")
+    for name, dataset in (("bulk", bulk), ("early", early if early_rows else None)):
+        if dataset is not None:
+            parts.append(Rows.part(dataset, name, [t for t in dataset.manifest.checkpoints if t in CHECKPOINTS], family))
+            sets.append(name)
     rows = Rows(parts)
-    prompts = sorted(set(rows.prompts))
-    chosen = set(np.random.default_rng(0).permutation(prompts)[: int(len(prompts) * VALIDATION_SHARE)].tolist())
-    is_val = np.array([p in chosen for p in rows.prompts])
-    fit, val = rows.rows(~is_val), rows.rows(is_val)
-    log.info("%s: %d training rows (%d validation, %d prompts), teacher read in %.0f s", family, len(rows.groups),
-             int(is_val.sum()), len(chosen), time.perf_counter() - started)
+    fit_mask, is_val, chosen = validation_split(rows.prompts, rows.final.numpy())
+    fit, val = rows.rows(fit_mask), rows.rows(is_val)
+    log.info("%s: %d training rows (%d without a finished score), %d validation rows (%d prompts), teacher read in "
+             "%.0f s", family, int(fit_mask.sum()), int((~np.isfinite(fit["final"].numpy())).sum()), int(is_val.sum()),
+             len(chosen), time.perf_counter() - started)
     manifest = train.manifest
     config = ProbeConfig(in_channels=manifest.feature_shape[0], feature_size=manifest.feature_shape[1],
                          x0_channels=manifest.x0_shape[0], text_dim=manifest.text_dim, **PROBE)
@@ -193,7 +209,9 @@ def measure(family: str, cache: Path, epochs: int, reuse: bool = False) -> dict:
     best = max(history, key=lambda h: h["validation"])
     training = {"method": "distilled from the evaluator's factors on the decoded x0 preview, then a linear ranker",
                 "teacher": list(preview_reward.feature_names(TEACHER_SCALES)), "views": VIEWS,
-                "sets": sets, "train_rows": int((~is_val).sum()), "validation_rows": int(is_val.sum()), "epochs": epochs,
+                "sets": sets, "train_rows": int(fit_mask.sum()),
+                "unfinished_rows": int((~np.isfinite(fit["final"].numpy())).sum()),
+                "validation_rows": int(is_val.sum()), "epochs": epochs,
                 "chosen_epoch": best["epoch"], "history": history, "checkpoints": list(CHECKPOINTS)}
     # the kept epoch's probe, its ranker refit on every training row (validation prompts too), one file a checkpoint
     paths = folded_probes(family, probe, rows, manifest, cache / "probes", training)
@@ -208,7 +226,7 @@ def measure(family: str, cache: Path, epochs: int, reuse: bool = False) -> dict:
     mixes = ((NAME, "x0_preview"),)
     default = proxy_bench.equal_compute(family, proxy_bench.MEDIUM, predictions, finals, groups, NAME, mixes=mixes)
     anywhere = proxy_bench.equal_compute(family, proxy_bench.MEDIUM, predictions, finals, groups, NAME, mixes=mixes,
-                                         checkpoints=tuple(scores))
+                                         checkpoints=tuple(scores), stages=3)
     return {"training": training, "probe_files": {f"{at:g}": str(Path(p).relative_to(ROOT)) for at, p in paths.items()},
             "heldout": heldout, "equal_compute": compact(default), "equal_compute_anywhere": compact(anywhere, curves=False),
             "seconds": round(time.perf_counter() - started)}
@@ -244,7 +262,8 @@ def fraction_text(found: list) -> str:
 def markdown(results: dict, command: str) -> str:
     lines = ["# A probe distilled from the preview's reading (no decode, no evaluator at inference)", "",
              f"Command: `{command}`.", "", *__doc__.split("\n\n")[2:4], "",
-             "Rows: " + "; ".join(f"{family} {r['training']['train_rows']} training rows + "
+             "Rows: " + "; ".join(f"{family} {r['training']['train_rows']} training rows "
+                                  f"({r['training'].get('unfinished_rows', 0)} without a finished score) + "
                                   f"{r['training']['validation_rows']} validation rows (epoch {r['training']['chosen_epoch']} "
                                   f"of {r['training']['epochs']} chosen on them), {r['seconds']} s"
                                   for family, r in results.items()), "",
@@ -255,13 +274,29 @@ def markdown(results: dict, command: str) -> str:
             d, p = figures[NAME], figures["x0_preview"]
             lines.append(f"| {family} | {at} | {d['within']:.3f} [{d['low']:.3f}, {d['high']:.3f}] | "
                          f"{p['within']:.3f} [{p['low']:.3f}, {p['high']:.3f}] |")
+    lines += ["", "## More rows (the early set: candidates stopped at t = 0.4, no finished image)", "",
+              "Each combination of training sets measured (the newest run last): training rows (of them without a "
+              "finished score), the validation figure of the chosen epoch, held-out within-prompt Spearman at each "
+              "checkpoint, and the fraction of best-of-8's compute at which the learned scorer matches it (two "
+              "stages at 0.2 and 0.4 with the x0 preview at 0.4; and the cheapest schedule of any method that "
+              "reads the probe matching on both halves).", "",
+              "| model | sets | training rows (unfinished) | validation | "
+              + " | ".join(f"t = {t:g}" for t in CHECKPOINTS) + " | two stages -> x0 preview | cheapest anywhere |",
+              "| --- | --- | --- | --- | " + " | ".join("---" for _ in CHECKPOINTS) + " | --- | --- |"]
+    for family, r in results.items():
+        for sets, f in (r.get("by_sets") or {}).items():
+            within = [f["heldout"].get(f"{t:g}", {}).get("within") for t in CHECKPOINTS]
+            lines.append(f"| {family} | {sets} | {f['train_rows']} ({f['unfinished_rows']}) | {f['validation']:.3f} | "
+                         + " | ".join("-" if w is None else f"{w:.3f}" for w in within) + " | "
+                         + (" / ".join(f"{x:.2f}" for x in f["mix_match"]) or "never") + " | "
+                         + (" / ".join(f"{x:.2f}" for x in f["cheapest_anywhere"]) or "never") + " |")
     lines += ["", "Validation (training prompts held out of the fit) per epoch, within-prompt Spearman at "
               f"{', '.join(map(str, VALIDATION_AT))} (mean):", ""]
     for family, r in results.items():
         lines.append(f"- {family}: " + ", ".join(f"{h['epoch']}: {h['validation']:.3f} (loss {h['loss']:.3f})"
                                                for h in r["training"]["history"]))
     for label, key in (("at the proxy bench's cuts (0.2, 0.4)", "equal_compute"),
-                       (f"cutting at any of {', '.join(f'{t:g}' for t in CHECKPOINTS)} and any pair of them",
+                       (f"cutting at any of {', '.join(f'{t:g}' for t in CHECKPOINTS)}, any pair and any triple of them",
                         "equal_compute_anywhere")):
         lines += ["", f"## Equal compute, {label}", "",
                   "Compute to match best-of-8's mean kept reward, as a fraction of best-of-8's (the cheapest schedule "
@@ -276,12 +311,41 @@ def markdown(results: dict, command: str) -> str:
     return "\n".join(lines) + "\n"
 
 
+def set_figures(result: dict) -> dict:
+    """What a run on one combination of training sets measured, in brief: its rows, the held-out within-prompt
+    Spearman at every checkpoint and its cheapest matches of best-of-8 (the two-stage mix at the bench's cuts, and
+    anywhere)."""
+    training, eq, anywhere = result["training"], result["equal_compute"], result["equal_compute_anywhere"]
+    mix = f"{proxy_bench.two_stage_method(*VALIDATION_AT)} / {proxy_bench.mix_name(NAME, 'x0_preview')}"
+    learned = [key for key in anywhere["match_best_of_8"] if key.endswith(NAME) or NAME + " ->" in key]
+    return {"train_rows": training["train_rows"], "unfinished_rows": training.get("unfinished_rows", 0),
+            "chosen_epoch": training["chosen_epoch"], "epochs": training["epochs"],
+            "validation": max(h["validation"] for h in training["history"]),
+            "heldout": {t: f[NAME] for t, f in result["heldout"].items()},
+            "mix_match": [f["compute"] / eq["best_of_8"]["compute"] for f in eq["match_best_of_8"].get(mix, [])],
+            "cheapest_anywhere": min(([f["compute"] / anywhere["best_of_8"]["compute"] for f in
+                                       anywhere["match_best_of_8"][key]] for key in learned
+                                      if len(anywhere["match_best_of_8"][key]) == 2), key=max, default=[])}
+
+
+def by_sets(earlier: dict | None, result: dict) -> dict:
+    """Every combination of training sets measured so far ('main+bulk', 'main+bulk+early'), this run's last: the
+    learning curve of the distillation on more rows. An earlier run on the same sets is replaced."""
+    kept = dict((earlier or {}).get("by_sets") or {})
+    if earlier and "training" in earlier and not kept:     # a run from before the record: its own figures
+        kept["+".join(earlier["training"]["sets"])] = set_figures(earlier)
+    key = "+".join(result["training"]["sets"])
+    kept.pop(key, None)
+    return {**kept, key: set_figures(result)}
+
+
 def report_entry(result: dict) -> dict:
     """What the proxy bench's saved run keeps of it: the held-out figures and the equal-compute rows at its cuts."""
     eq = result["equal_compute"]
     keep = [key for key in eq["curves"] if NAME in key]
     return {"heldout": result["heldout"], "chosen_epoch": result["training"]["chosen_epoch"],
             "train_rows": result["training"]["train_rows"], "sets": result["training"]["sets"],
+            "unfinished_rows": result["training"].get("unfinished_rows", 0),
             "equal_compute": {"curves": {k: eq["curves"][k] for k in keep},
                               "match_best_of_8": {k: eq["match_best_of_8"][k] for k in keep}}}
 
@@ -292,6 +356,8 @@ def main(argv=None) -> dict:
     parser.add_argument("--epochs", type=int, default=EPOCHS)
     parser.add_argument("--cache", type=Path, default=proxy_bench.CACHE)
     parser.add_argument("--out", type=Path, default=RESULTS)
+    parser.add_argument("--no-early-rows", action="store_true",
+                        help="leave the early set out of the distillation (the main and bulk sets only)")
     parser.add_argument("--reuse-distilled", action="store_true",
                         help="start from the distilled probe a previous run kept in the cache (ranker, files, figures again)")
     args = parser.parse_args(argv)
@@ -300,10 +366,13 @@ def main(argv=None) -> dict:
     from probe_select.probes.atomic import atomic_write_text
     command = "bench/distilled_probe.py " + " ".join(argv if argv is not None else sys.argv[1:])
     args.out.mkdir(parents=True, exist_ok=True)
-    results = {}
+    figures = args.out / f"{NAME}.json"
+    earlier = json.loads(figures.read_text()) if figures.exists() else {}
+    results = dict(earlier)             # the families not measured now keep their figures
     saved_run = args.out / "proxy_bench.json"
     for family in args.families:        # each family's figures written as soon as measured: they took the time
-        results[family] = measure(family, args.cache, args.epochs, args.reuse_distilled)
+        results[family] = measure(family, args.cache, args.epochs, args.reuse_distilled, not args.no_early_rows)
+        results[family]["by_sets"] = by_sets(earlier.get(family), results[family])
         atomic_write_text(args.out / f"{NAME}.json", json.dumps(results, indent=2, default=float) + "\n")
         atomic_write_text(args.out / f"{NAME}.md", markdown(results, command.strip()))
         if saved_run.exists():

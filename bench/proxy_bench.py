@@ -20,6 +20,7 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
+import itertools
 import json
 import logging
 import os
@@ -89,6 +90,13 @@ BULK_PROMPTS, BULK_SEEDS, BULK_CHECKPOINT = 940, 12, 0.2      # 11,280 rows: 846
 BULK_SECOND_STAGE = 0.4
 BULK_SPLIT = (0.9, 0.1, 0.0)
 
+# The early set (``--collect-only early``): every training-split prompt's candidates run only to EARLY_STOP, their
+# x0 latents kept at each checkpoint up to it and no finished score. A learner of the preview's reading
+# (bench/distilled_probe.py) needs nothing more: its teacher reads the x0 latent itself, so a row costs 0.4 of a
+# generation instead of a whole one. Its seeds start far from every other set's, so no trajectory repeats one.
+EARLY_SEEDS, EARLY_STOP, EARLY_CHECKPOINTS = 8, 0.4, (0.1, 0.2, 0.3, 0.4)
+EARLY_SEED_BASE = 20_000_000
+
 UNTRAINED = False     # --untrained: random-initialised proxy models (smoke tests of the pipeline only)
 BULK_CURVE = True     # --skip-bulk-curve: left to a later --bulk-curve-only run (the bulk set may still be collecting)
 
@@ -138,8 +146,11 @@ def _modules():
 # ---- 1. collection -------------------------------------------------------------------------------
 
 def collect(family: str, prompts: list[str], seeds: int, setting: Setting, dataset_dir: Path, seed_base: int,
-            resume: bool = False, lane: tuple[int, int] = (1, 1)) -> dict:
+            resume: bool = False, lane: tuple[int, int] = (1, 1), stop_at: float | None = None) -> dict:
     """Run every prompt's candidates to the end; write a dataset; return preview scores per t.
+
+    ``stop_at``: run them only to that fraction of the steps instead (every checkpoint at or before it); the rows
+    then hold no finished score, only the evaluator's score of each checkpoint's preview (``x0@t``).
 
     ``resume``: keep the rows already in ``dataset_dir`` and collect only the prompts it lacks (the bulk set takes
     hours: an interrupted run goes on where it stopped); otherwise the dataset is collected anew.
@@ -156,6 +167,9 @@ def collect(family: str, prompts: list[str], seeds: int, setting: Setting, datas
     negative = text.conditioning("")
     steps = setting.steps
     capture = [checkpoint_step(steps, t) for t in setting.checkpoints]
+    stop_step = steps if stop_at is None else checkpoint_step(steps, stop_at)
+    if max(capture) > stop_step:
+        raise ValueError(f"collect: checkpoints {setting.checkpoints} go past stop_at={stop_at}")
     done = set()
     if resume and (dataset_dir / "manifest.json").exists():
         done = set(ProbeDataset(dataset_dir).prompt_ids)
@@ -171,10 +185,12 @@ def collect(family: str, prompts: list[str], seeds: int, setting: Setting, datas
         scene = grammar.parse_prompt(prompt)
         result = split_sampling.run_candidates(
             tapped, positive, negative, models.empty_latent(family, 1), first_seed(seed_base, p), seeds, steps,
-            cfg_of(family, setting), sampler_of(family), "normal", stop_step=steps, capture_at=capture)
-        final = evaluator.score(models.latent_to_image(result.latent["samples"], family), [scene] * seeds)
-        final = torch.as_tensor(final, dtype=torch.float64)
-        scores = {EVALUATOR: final.float(), TRAIN_TARGET: final.clamp(min=LOG_FLOOR).log().float()}
+            cfg_of(family, setting), sampler_of(family), "normal", stop_step=stop_step, capture_at=capture)
+        scores = {}
+        if stop_at is None:
+            final = evaluator.score(models.latent_to_image(result.latent["samples"], family), [scene] * seeds)
+            final = torch.as_tensor(final, dtype=torch.float64)
+            scores = {EVALUATOR: final.float(), TRAIN_TARGET: final.clamp(min=LOG_FLOOR).log().float()}
         for t, k in zip(setting.checkpoints, capture):
             preview = evaluator.score(models.latent_to_image(result.x0_at[k], family), [scene] * seeds)
             scores[f"x0@{t:g}"] = torch.as_tensor(preview, dtype=torch.float32)
@@ -655,9 +671,10 @@ EQUAL_COMPUTE_DRAWS = 200
 PRUNING_CHECKPOINTS = (0.2, 0.4)
 
 
-def compute_schedules(max_n: int, checkpoints: tuple = PRUNING_CHECKPOINTS) -> dict:
+def compute_schedules(max_n: int, checkpoints: tuple = PRUNING_CHECKPOINTS, stages: int = 2) -> dict:
     """The schedules of each method (pruning library syntax), every N up to ``max_n`` candidates: best-of-N, one
-    stage at each checkpoint, two stages at each pair of checkpoints (earlier first)."""
+    stage at each checkpoint, two stages at each pair of checkpoints (earlier first), and with ``stages`` = 3
+    three stages at each triple."""
     ns = range(2, max_n + 1)
     methods = {"best-of-N": [f"{n}" for n in range(1, max_n + 1)]}
     for t in checkpoints:
@@ -667,22 +684,32 @@ def compute_schedules(max_n: int, checkpoints: tuple = PRUNING_CHECKPOINTS) -> d
             methods[two_stage_method(first, second)] = [
                 f"{n}: {first:g}->{k1}, {second:g}->{k2}" for n in ns for k1 in (2, 3, 4, 5, 6, 8)
                 for k2 in (1, 2, 3) if k2 < k1 < n]
+    if stages >= 3:
+        for cuts in itertools.combinations(checkpoints, 3):
+            methods[staged_method(cuts)] = [
+                f"{n}: {cuts[0]:g}->{k1}, {cuts[1]:g}->{k2}, {cuts[2]:g}->{k3}" for n in ns
+                for k1 in (3, 4, 6, 8, 10, 12) for k2 in (2, 3, 4, 6) for k3 in (1, 2) if k3 < k2 < k1 < n]
     return methods
+
+
+def staged_method(cuts: tuple) -> str:
+    """How :func:`compute_schedules` names the method that cuts at each of ``cuts`` in turn (two or three)."""
+    return f"{('two', 'three')[len(cuts) - 2]} stages ({', '.join(f'{t:g}' for t in cuts)})"
 
 
 def two_stage_method(first: float, second: float) -> str:
     """How :func:`compute_schedules` names the method that cuts at checkpoints ``first`` then ``second``."""
-    return f"two stages ({first:g}, {second:g})"
+    return staged_method((first, second))
 
 
 def mix_name(first: str, second: str) -> str:
-    """A two-stage scorer that scores the earlier cut with ``first`` and the later with ``second``."""
+    """A staged scorer that scores every cut but the last with ``first`` and the last with ``second``."""
     return f"{first} -> {second}"
 
 
 def equal_compute(family: str, setting: Setting, predictions: dict, finals: np.ndarray, groups: np.ndarray,
                   best: str, previews: tuple = ("x0_preview",), free: tuple = (), blends: tuple = (),
-                  mixes: tuple = (), checkpoints: tuple = PRUNING_CHECKPOINTS) -> dict:
+                  mixes: tuple = (), checkpoints: tuple = PRUNING_CHECKPOINTS, stages: int = 2) -> dict:
     """Mean kept reward against compute for every method and scorer, on the held-out prompts' recorded scores.
 
     Compute counts denoiser steps, the scorer at each pruning stage, the decode of every finished
@@ -695,10 +722,10 @@ def equal_compute(family: str, setting: Setting, predictions: dict, finals: np.n
     decode the x0 preview and run the evaluator on it (priced so); ``free``: scorers priced at nothing, like
     random and the oracle (bounds, not methods); ``blends``: scorers that mix a preview with a probe
     (probes.training.blending), priced as both; every other scorer is priced as a probe. ``mixes``: pairs
-    (first, second) of those scorers, each giving a two-stage scorer (:func:`mix_name`) that prunes at the
-    earlier cut of each pair of checkpoints with the first and at the later with the second, each stage priced as
-    its own scorer. ``checkpoints``: where the methods cut (:func:`compute_schedules`; each must be one of
-    ``setting.checkpoints``)."""
+    (first, second) of those scorers, each giving a staged scorer (:func:`mix_name`) that prunes at every cut of a
+    multi-stage method but its last with the first and at the last with the second, each stage priced as its own
+    scorer. ``checkpoints``: where the methods cut and ``stages`` how many cuts a schedule makes at most
+    (:func:`compute_schedules`; each checkpoint must be one of ``setting.checkpoints``)."""
     from probe_select.probes.pruning import (ScoreTable, StageCosts, full_generation_cost, mean_kept_reward,
                                              parse_schedule, schedule_cost)
     prices = step_prices(family)
@@ -731,12 +758,14 @@ def equal_compute(family: str, setting: Setting, predictions: dict, finals: np.n
         return tables, StageCosts(score=stage_price, decode=prices["decode"], final_score=prices["evaluator"])
 
     staged = {name: stage({t: scorers[name][t] for t in ts}, {t: price(name) for t in ts}) for name in scorers}
-    # a mix is one scorer at a pair's earlier cut and another at its later one: its tables and prices per pair
-    mixed = {(two_stage_method(a, b), mix_name(first, second)): stage({a: scorers[first][a], b: scorers[second][b]},
-                                                                      {a: price(first), b: price(second)})
-             for first, second in mixes for i, a in enumerate(ts) for b in ts[i + 1:]}
+    # a mix is one scorer at a staged method's earlier cuts and another at its last: its tables and prices per method
+    cut_sets = [cuts for size in range(2, stages + 1) for cuts in itertools.combinations(ts, size)]
+    mixed = {(staged_method(cuts), mix_name(first, second)):
+             stage({t: scorers[first if t != cuts[-1] else second][t] for t in cuts},
+                   {t: price(first if t != cuts[-1] else second) for t in cuts})
+             for first, second in mixes for cuts in cut_sets}
     curves, headline = {}, {}
-    for method, texts in compute_schedules(max_n, tuple(ts)).items():
+    for method, texts in compute_schedules(max_n, tuple(ts), stages).items():
         runs = {name: staged[name] for name in (["random"] if method == "best-of-N" else scorers)}
         runs.update({name: found for (cuts_at, name), found in mixed.items() if cuts_at == method})
         for name, (tables, cost) in runs.items():
@@ -1144,7 +1173,10 @@ def distilled_line(distilled: dict) -> str:
                          for t, f in distilled["heldout"].items())
     return ("'distilled_probe' (bench/results/distilled_probe.md): a probe on the x0 latent and the prompt, trained on "
             f"{distilled['train_rows']} rows of the {' and '.join(distilled['sets'])} set"
-            f"{'s' if len(distilled['sets']) > 1 else ''} to predict the evaluator's factors on the decoded "
+            f"{'s' if len(distilled['sets']) > 1 else ''}"
+            + (f" ({distilled['unfinished_rows']} of them early rows, candidates stopped at t = {EARLY_STOP:g}: the "
+               "teacher needs no finished image)" if distilled.get("unfinished_rows") else "")
+            + " to predict the evaluator's factors on the decoded "
             "preview (the noise-aware preview's inputs), with a linear ranker folded into its head: no decode and no "
             f"evaluator at inference, priced as a probe. Held-out within-prompt Spearman: {spearman}.")
 
@@ -1462,15 +1494,16 @@ def main(argv=None) -> dict:
     parser.add_argument("--choose-demo-scorer", action="store_true",
                         help="add the x0 preview's validation figure and the demo's scorer (by validation) to the "
                              "saved run, from the cached training sets, and rewrite the report")
-    parser.add_argument("--collect-only", choices=["train", "heldout", "bulk"],
+    parser.add_argument("--collect-only", choices=["train", "heldout", "bulk", "early"],
                         help="only collect this dataset and stop (run them in parallel processes, then "
-                             "the report with --reuse-datasets); bulk: the learning curve's training rows")
+                             "the report with --reuse-datasets); bulk: the learning curve's training rows; early: "
+                             "the distilled probe's extra rows (candidates run to 0.4 only, no finished score)")
     parser.add_argument("--lane", type=parse_lane, default=(1, 1), metavar="I/N",
-                        help="with --collect-only bulk: collect every N-th prompt from the I-th (run lanes 1/N .. N/N "
+                        help="with --collect-only bulk or early: collect every N-th prompt from the I-th (run lanes 1/N .. N/N "
                              "at once, one per core)")
     args = parser.parse_args(argv)
-    if args.lane != (1, 1) and args.collect_only != "bulk":
-        parser.error("--lane splits the bulk collection only: use it with --collect-only bulk")
+    if args.lane != (1, 1) and args.collect_only not in ("bulk", "early"):
+        parser.error("--lane splits the bulk and early collections only: use it with --collect-only bulk or early")
     if args.choose_demo_scorer:
         logging.basicConfig(level=logging.INFO, format="%(message)s")
         CACHE = args.cache
@@ -1507,6 +1540,10 @@ def main(argv=None) -> dict:
             collect(family, train_prompts[:BULK_PROMPTS], BULK_SEEDS,
                     dataclasses.replace(setting, checkpoints=(BULK_CHECKPOINT, BULK_SECOND_STAGE)),
                     CACHE / f"{family}_bulk", 0, resume=True, lane=args.lane)
+            continue
+        if args.collect_only == "early":
+            collect(family, train_prompts, EARLY_SEEDS, dataclasses.replace(setting, checkpoints=EARLY_CHECKPOINTS),
+                    CACHE / f"{family}_early", EARLY_SEED_BASE, resume=True, lane=args.lane, stop_at=EARLY_STOP)
             continue
         if args.collect_only:
             prompts_, seeds_, dir_, base_ = ((train_prompts[: setting.train_prompts], setting.train_seeds, train_dir, 0)

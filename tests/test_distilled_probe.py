@@ -76,3 +76,40 @@ def test_the_saved_figures_keep_every_methods_match_but_only_the_distilled_probe
     assert [row[0] for row in rows] == list(keys[:3])                          # no oracle row
     assert rows[2][1] == [(3.0 / 8.0, "10: 0.2->2", 0.61, 0.6)]
     assert "0.38 (10: 0.2->2: 0.610 vs 0.600)" in distilled.fraction_text(rows[2][1])
+
+
+def test_validation_prompts_have_finished_scores_and_none_of_their_rows_is_fit(distilled):
+    prompts = [f"p{i}" for i in range(20) for _ in range(3)] + [f"p{i}" for i in range(40) for _ in range(2)]
+    final = np.concatenate([np.arange(60.0), np.full(80, np.nan)])     # p20..p39 only in the early set
+    fit, val, chosen = distilled.validation_split(prompts, final)
+    assert len(chosen) == int(20 * distilled.VALIDATION_SHARE) and chosen <= {f"p{i}" for i in range(20)}
+    without_early = distilled.validation_split(prompts[:60], final[:60])
+    assert without_early[2] == chosen                   # the early set does not move the validation prompts
+    for row, prompt in enumerate(prompts):
+        assert fit[row] == (prompt not in chosen)
+        assert val[row] == (prompt in chosen and np.isfinite(final[row]))
+    assert val.sum() == 3 * len(chosen) and not (fit & val).any()
+
+
+def test_each_combination_of_training_sets_is_kept_and_the_same_one_replaced(distilled):
+    def result(sets, within, unfinished=0):
+        match = [{"compute": 4.0, "schedule": "s", "reward": 0.7, "best_of_8": 0.69}]
+        mix = "two stages (0.2, 0.4) / distilled_probe -> x0_preview"
+        anywhere = {"two stages (0.1, 0.4) / distilled_probe -> x0_preview": [dict(match[0], compute=3.0)] * 2,
+                    "one stage at 0.1 / distilled_probe": [dict(match[0], compute=2.0)],        # one half only
+                    "one stage at 0.1 / x0_preview": [dict(match[0], compute=1.0)] * 2}         # not the probe
+        return {"training": {"sets": sets, "train_rows": 10, "unfinished_rows": unfinished, "chosen_epoch": 1,
+                             "epochs": 2, "history": [{"validation": 0.4}, {"validation": 0.5}]},
+                "heldout": {"0.2": {"distilled_probe": {"within": within}, "x0_preview": {"within": 0.3}}},
+                "equal_compute": {"best_of_8": {"compute": 8.0}, "match_best_of_8": {mix: match * 2}},
+                "equal_compute_anywhere": {"best_of_8": {"compute": 8.0}, "match_best_of_8": anywhere}}
+
+    old = result(["main", "bulk"], 0.6)
+    new = result(["main", "bulk", "early"], 0.7, unfinished=5)
+    record = distilled.by_sets(old, new)          # a run from before the record: its own figures first
+    assert list(record) == ["main+bulk", "main+bulk+early"]
+    assert record["main+bulk"]["heldout"]["0.2"]["within"] == 0.6 and record["main+bulk+early"]["unfinished_rows"] == 5
+    assert record["main+bulk+early"]["mix_match"] == [0.5, 0.5] and record["main+bulk"]["validation"] == 0.5
+    assert record["main+bulk+early"]["cheapest_anywhere"] == [0.375, 0.375]
+    again = distilled.by_sets(dict(new, by_sets=record), result(["main", "bulk"], 0.65))
+    assert list(again) == ["main+bulk+early", "main+bulk"] and again["main+bulk"]["heldout"]["0.2"]["within"] == 0.65

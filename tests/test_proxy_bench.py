@@ -347,3 +347,64 @@ def test_a_mix_scores_each_pair_of_cuts_earlier_with_the_first_later_with_the_se
         # the preview's stage costs its price for the 4 it scores at b, where the by-hand scorer paid a probe's
         extra = 4 * (prices["x0_preview"] - prices["probe"]) / eq["unit_steps"]
         assert point["compute"] - probe_only["compute"] == pytest.approx(extra)
+
+
+def test_early_collection_keeps_the_full_runs_latents_up_to_its_stop_and_no_finished_score(pack, tmp_path):
+    sys.path.append(str(ROOT / "bench"))
+    import proxy_bench
+    from probe_select.probes.training.dataset import ProbeDataset
+
+    prompts = ["a red circle left of a blue square", "two green triangles"]
+    setting = dataclasses.replace(proxy_bench.QUICK, steps=5, checkpoints=(0.2, 0.4))
+    proxy_bench.collect("unet", prompts, 2, setting, tmp_path / "full", proxy_bench.EARLY_SEED_BASE)
+    proxy_bench.collect("unet", prompts, 2, setting, tmp_path / "early", proxy_bench.EARLY_SEED_BASE, stop_at=0.4)
+    full, early = ProbeDataset(tmp_path / "full"), ProbeDataset(tmp_path / "early")
+    assert early.manifest.evaluators == ["x0@0.2", "x0@0.4"] and proxy_bench.EVALUATOR in full.manifest.evaluators
+    assert early.seeds.tolist() == full.seeds.tolist() == [20_000_000, 20_000_001, 20_001_000, 20_001_001]
+    for t in (0.2, 0.4):     # stopping at 0.4 changes nothing before it: the same latents, the same previews
+        assert torch_equal(early.x0(t), full.x0(t))
+        assert torch_equal(early.scores(f"x0@{t:g}"), full.scores(f"x0@{t:g}"))
+    with pytest.raises(ValueError, match=r"go past stop_at=0.2"):
+        proxy_bench.collect("unet", prompts, 2, setting, tmp_path / "bad", proxy_bench.EARLY_SEED_BASE, stop_at=0.2)
+    assert not (tmp_path / "bad").exists()
+
+
+def torch_equal(a, b) -> bool:
+    import torch
+    return a.shape == b.shape and bool(torch.equal(a, b))
+
+
+def test_three_stage_schedules_cut_at_each_triple_and_a_mix_reads_the_second_scorer_at_the_last_cut_only(pack):
+    sys.path.append(str(ROOT / "bench"))
+    import numpy as np
+    import proxy_bench
+    from probe_select.probes.pruning import parse_schedule
+
+    methods = proxy_bench.compute_schedules(12, (0.1, 0.2, 0.4), stages=3)
+    assert list(methods)[-1] == "three stages (0.1, 0.2, 0.4)" and "three stages" not in " ".join(list(methods)[:-1])
+    for text in methods["three stages (0.1, 0.2, 0.4)"]:
+        keeps = [s.keep for s in parse_schedule(text).stages]
+        assert [s.checkpoint for s in parse_schedule(text).stages] == [0.1, 0.2, 0.4]
+        assert keeps == sorted(keeps, reverse=True) and len(set(keeps)) == 3 and keeps[0] < int(text.split(":")[0])
+    assert "12: 0.1->8, 0.2->3, 0.4->1" in methods["three stages (0.1, 0.2, 0.4)"]
+    assert "three stages" not in " ".join(proxy_bench.compute_schedules(12, (0.1, 0.2, 0.4)))   # two by default
+
+    rng = np.random.default_rng(2)
+    groups = np.repeat(np.arange(6), 12)
+    finals = rng.random(72)
+    probe = {t: rng.random(72) for t in (0.1, 0.2, 0.4)}
+    preview = {t: rng.random(72) for t in (0.1, 0.2, 0.4)}
+    mix = proxy_bench.mix_name("probe", "x0_preview")
+    eq = proxy_bench.equal_compute("unet", proxy_bench.MEDIUM, {"probe": probe, "x0_preview": preview}, finals, groups,
+                                   "probe", mixes=(("probe", "x0_preview"),), checkpoints=(0.1, 0.2, 0.4), stages=3)
+    by_hand = {0.1: probe[0.1], 0.2: probe[0.2], 0.4: preview[0.4]}
+    alone = proxy_bench.equal_compute("unet", proxy_bench.MEDIUM, {"by hand": by_hand}, finals, groups, "by hand",
+                                      previews=(), checkpoints=(0.1, 0.2, 0.4), stages=3)
+    key = "three stages (0.1, 0.2, 0.4)"
+    mixed, hand = eq["curves"][f"{key} / {mix}"], alone["curves"][f"{key} / by hand"]
+    assert [(p["schedule"], p["reward"]) for p in mixed] == [(p["schedule"], p["reward"]) for p in hand]
+    point = next(p for p in mixed if p["schedule"] == "12: 0.1->8, 0.2->3, 0.4->1")
+    probe_only = next(p for p in hand if p["schedule"] == "12: 0.1->8, 0.2->3, 0.4->1")
+    # only the last stage (3 candidates scored at 0.4) pays the preview's price
+    assert point["compute"] - probe_only["compute"] == pytest.approx(
+        3 * (eq["prices"]["x0_preview"] - eq["prices"]["probe"]) / eq["unit_steps"])

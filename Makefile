@@ -152,7 +152,7 @@ bench-distilled-probe: proxy-models
 	$(PY) bench/proxy_bench.py --families unet --collect-only early --lane 1/2 & lane1=$$!; \
 	$(PY) bench/proxy_bench.py --families unet --collect-only early --lane 2/2 & lane2=$$!; \
 	wait $$lane1; wait $$lane2
-	$(PY) bench/distilled_probe.py --families unet --epochs 5
+	$(PY) bench/distilled_probe.py --families unet --epochs 6
 
 demo: proxy-models
 	$(PY) bench/demo.py

@@ -9,7 +9,8 @@ UNet) but decodes every candidate and runs the evaluator. The probes trained on 
 there, from one noisy number per row. This probe learns the preview's reading instead
 (:mod:`probes.training.distillation`): the teacher is the evaluator's factors on the decoded x0 preview at two scales
 (preview_reward's 18 features), computed offline for every recorded x0 latent of the training sets (the main set at
-every checkpoint, the bulk set at 0.2 and 0.4) and for its three flips, which the teacher labels afresh. One
+every checkpoint, the bulk set at 0.2 and 0.4, the early set at 0.1-0.4: candidates run only to 0.4, since the teacher
+needs no finished image) and for its three flips, which the teacher labels afresh. One
 time-conditioned probe (the pack's x0 branch with the prompt's FiLM) regresses all of them; a linear ranker over its
 predicted readings, fit on the training prompts at each checkpoint, is folded into its head, giving one ordinary probe
 file per checkpoint: the x0 latent and the prompt in, a score out, no decode and no evaluator at inference.
@@ -277,9 +278,11 @@ def markdown(results: dict, command: str) -> str:
     lines += ["", "## More rows (the early set: candidates stopped at t = 0.4, no finished image)", "",
               "Each combination of training sets measured (the newest run last): training rows (of them without a "
               "finished score), the validation figure of the chosen epoch, held-out within-prompt Spearman at each "
-              "checkpoint, and the fraction of best-of-8's compute at which the learned scorer matches it (two "
-              "stages at 0.2 and 0.4 with the x0 preview at 0.4; and the cheapest schedule of any method that "
-              "reads the probe matching on both halves).", "",
+              "checkpoint, and the fraction of best-of-8's compute at which the learned scorer matches it: two "
+              "stages at 0.2 and 0.4 with the x0 preview at 0.4, the schedule chosen on one half of the held-out "
+              "prompts, each way ('short': it falls short of best-of-8 on the other half); and the cheapest method "
+              "reading the probe, at any checkpoints, whose choice reaches best-of-8 on the other half both ways "
+              "('none': no such method).", "",
               "| model | sets | training rows (unfinished) | validation | "
               + " | ".join(f"t = {t:g}" for t in CHECKPOINTS) + " | two stages -> x0 preview | cheapest anywhere |",
               "| --- | --- | --- | --- | " + " | ".join("---" for _ in CHECKPOINTS) + " | --- | --- |"]
@@ -288,8 +291,10 @@ def markdown(results: dict, command: str) -> str:
             within = [f["heldout"].get(f"{t:g}", {}).get("within") for t in CHECKPOINTS]
             lines.append(f"| {family} | {sets} | {f['train_rows']} ({f['unfinished_rows']}) | {f['validation']:.3f} | "
                          + " | ".join("-" if w is None else f"{w:.3f}" for w in within) + " | "
-                         + (" / ".join(f"{x:.2f}" for x in f["mix_match"]) or "never") + " | "
-                         + (" / ".join(f"{x:.2f}" for x in f["cheapest_anywhere"]) or "never") + " |")
+                         + (" / ".join(f"{x:.2f}" + ("" if reached else " (short)") for x, reached in f["mix_match"])
+                            or "never") + " | "
+                         + (f"{' / '.join(f'{x:.2f}' for x in f['cheapest_anywhere']['fractions'])} "
+                            f"({f['cheapest_anywhere']['method']})" if f["cheapest_anywhere"] else "none") + " |")
     lines += ["", "Validation (training prompts held out of the fit) per epoch, within-prompt Spearman at "
               f"{', '.join(map(str, VALIDATION_AT))} (mean):", ""]
     for family, r in results.items():
@@ -313,19 +318,27 @@ def markdown(results: dict, command: str) -> str:
 
 def set_figures(result: dict) -> dict:
     """What a run on one combination of training sets measured, in brief: its rows, the held-out within-prompt
-    Spearman at every checkpoint and its cheapest matches of best-of-8 (the two-stage mix at the bench's cuts, and
-    anywhere)."""
+    Spearman at every checkpoint and its matches of best-of-8: the two-stage mix at the bench's cuts ([fraction of
+    best-of-8's compute, whether the schedule chosen on one half reaches best-of-8 on the other] each way), and the
+    cheapest method reading the probe anywhere whose choice reaches best-of-8 on the other half both ways."""
     training, eq, anywhere = result["training"], result["equal_compute"], result["equal_compute_anywhere"]
     mix = f"{proxy_bench.two_stage_method(*VALIDATION_AT)} / {proxy_bench.mix_name(NAME, 'x0_preview')}"
+
+    def matches(figures: dict, key: str) -> list:
+        return [[f["compute"] / figures["best_of_8"]["compute"], f["reward"] >= f["best_of_8"]]
+                for f in figures["match_best_of_8"].get(key, [])]
+
     learned = [key for key in anywhere["match_best_of_8"] if key.endswith(NAME) or NAME + " ->" in key]
+    both_ways = {key: found for key in learned
+                 if len(found := matches(anywhere, key)) == 2 and all(reached for _, reached in found)}
+    cheapest = min(both_ways, key=lambda key: max(f for f, _ in both_ways[key]), default=None)
     return {"train_rows": training["train_rows"], "unfinished_rows": training.get("unfinished_rows", 0),
             "chosen_epoch": training["chosen_epoch"], "epochs": training["epochs"],
             "validation": max(h["validation"] for h in training["history"]),
             "heldout": {t: f[NAME] for t, f in result["heldout"].items()},
-            "mix_match": [f["compute"] / eq["best_of_8"]["compute"] for f in eq["match_best_of_8"].get(mix, [])],
-            "cheapest_anywhere": min(([f["compute"] / anywhere["best_of_8"]["compute"] for f in
-                                       anywhere["match_best_of_8"][key]] for key in learned
-                                      if len(anywhere["match_best_of_8"][key]) == 2), key=max, default=[])}
+            "mix_match": matches(eq, mix),
+            "cheapest_anywhere": {"method": cheapest, "fractions": [f for f, _ in both_ways[cheapest]]} if cheapest
+            else {}}
 
 
 def by_sets(earlier: dict | None, result: dict) -> dict:

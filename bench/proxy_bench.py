@@ -1172,7 +1172,7 @@ def distilled_line(distilled: dict) -> str:
                          f"{f['distilled_probe']['high']:.3f}] against the x0 preview's {f['x0_preview']['within']:.3f}"
                          for t, f in distilled["heldout"].items())
     return ("'distilled_probe' (bench/results/distilled_probe.md): a probe on the x0 latent and the prompt, trained on "
-            f"{distilled['train_rows']} rows of the {' and '.join(distilled['sets'])} set"
+            f"{distilled['train_rows']} rows of the {' and '.join([', '.join(distilled['sets'][:-1]), distilled['sets'][-1]] if len(distilled['sets']) > 1 else distilled['sets'])} set"
             f"{'s' if len(distilled['sets']) > 1 else ''}"
             + (f" ({distilled['unfinished_rows']} of them early rows, candidates stopped at t = {EARLY_STOP:g}: the "
                "teacher needs no finished image)" if distilled.get("unfinished_rows") else "")

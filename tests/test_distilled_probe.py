@@ -97,6 +97,9 @@ def test_each_combination_of_training_sets_is_kept_and_the_same_one_replaced(dis
         mix = "two stages (0.2, 0.4) / distilled_probe -> x0_preview"
         anywhere = {"two stages (0.1, 0.4) / distilled_probe -> x0_preview": [dict(match[0], compute=3.0)] * 2,
                     "one stage at 0.1 / distilled_probe": [dict(match[0], compute=2.0)],        # one half only
+                    # chosen on each half, but the second choice falls short of best-of-8 on the other half
+                    "one stage at 0.2 / distilled_probe": [dict(match[0], compute=2.5),
+                                                           dict(match[0], compute=2.5, reward=0.6)],
                     "one stage at 0.1 / x0_preview": [dict(match[0], compute=1.0)] * 2}         # not the probe
         return {"training": {"sets": sets, "train_rows": 10, "unfinished_rows": unfinished, "chosen_epoch": 1,
                              "epochs": 2, "history": [{"validation": 0.4}, {"validation": 0.5}]},
@@ -109,7 +112,14 @@ def test_each_combination_of_training_sets_is_kept_and_the_same_one_replaced(dis
     record = distilled.by_sets(old, new)          # a run from before the record: its own figures first
     assert list(record) == ["main+bulk", "main+bulk+early"]
     assert record["main+bulk"]["heldout"]["0.2"]["within"] == 0.6 and record["main+bulk+early"]["unfinished_rows"] == 5
-    assert record["main+bulk+early"]["mix_match"] == [0.5, 0.5] and record["main+bulk"]["validation"] == 0.5
-    assert record["main+bulk+early"]["cheapest_anywhere"] == [0.375, 0.375]
+    assert record["main+bulk+early"]["mix_match"] == [[0.5, True], [0.5, True]] and record["main+bulk"]["validation"] == 0.5
+    assert record["main+bulk+early"]["cheapest_anywhere"] == {
+        "method": "two stages (0.1, 0.4) / distilled_probe -> x0_preview", "fractions": [0.375, 0.375]}
+    short = result(["main"], 0.5)
+    short["equal_compute"]["match_best_of_8"]["two stages (0.2, 0.4) / distilled_probe -> x0_preview"][1] = dict(
+        reward=0.6, best_of_8=0.69, compute=2.0)
+    del short["equal_compute_anywhere"]["match_best_of_8"]["two stages (0.1, 0.4) / distilled_probe -> x0_preview"]
+    assert distilled.set_figures(short)["mix_match"] == [[0.5, True], [0.25, False]]
+    assert distilled.set_figures(short)["cheapest_anywhere"] == {}
     again = distilled.by_sets(dict(new, by_sets=record), result(["main", "bulk"], 0.65))
     assert list(again) == ["main+bulk+early", "main+bulk"] and again["main+bulk"]["heldout"]["0.2"]["within"] == 0.65

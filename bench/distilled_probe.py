@@ -217,20 +217,85 @@ def measure(family: str, cache: Path, epochs: int, reuse: bool = False, early_ro
     # the kept epoch's probe, its ranker refit on every training row (validation prompts too), one file a checkpoint
     paths = folded_probes(family, probe, rows, manifest, cache / "probes", training)
     # the saved files score the held-out rows as the pack would (in evaluator units: same order as the z-scores)
-    scores = {at: proxy_bench.heldout_predictions(path, held, at) for at, path in paths.items()}
-    finals = held.scores(proxy_bench.EVALUATOR).double().numpy()
-    groups = held.arrays(checkpoint_t=0.2, evaluator=proxy_bench.EVALUATOR).prompt_groups().numpy()
-    previews = proxy_bench.preview_scores(held, CHECKPOINTS)
-    heldout = {f"{at:g}": {NAME: proxy_bench.within_ci(scores[at], finals, groups, 1000),
-                           "x0_preview": proxy_bench.within_ci(previews[at], finals, groups, 1000)} for at in scores}
-    predictions = {"x0_preview": previews, NAME: scores}
-    mixes = ((NAME, "x0_preview"),)
-    default = proxy_bench.equal_compute(family, proxy_bench.MEDIUM, predictions, finals, groups, NAME, mixes=mixes)
-    anywhere = proxy_bench.equal_compute(family, proxy_bench.MEDIUM, predictions, finals, groups, NAME, mixes=mixes,
-                                         checkpoints=tuple(scores), stages=3)
+    predictions, finals, groups = scored(held, paths)
+    heldout = {f"{at:g}": {name: proxy_bench.within_ci(predictions[name][at], finals, groups, 1000)
+                           for name in (NAME, "x0_preview")} for at in paths}
+    default = proxy_bench.equal_compute(family, proxy_bench.MEDIUM, predictions, finals, groups, NAME,
+                                        mixes=((NAME, "x0_preview"),))
+    anywhere = anywhere_figures(family, predictions, finals, groups)
     return {"training": training, "probe_files": {f"{at:g}": str(Path(p).relative_to(ROOT)) for at, p in paths.items()},
             "heldout": heldout, "equal_compute": compact(default), "equal_compute_anywhere": compact(anywhere, curves=False),
-            "seconds": round(time.perf_counter() - started)}
+            "confirmation": confirm_family(family, cache, anywhere), "seconds": round(time.perf_counter() - started)}
+
+
+def chosen_on_all(curves: dict, best_of_8: float) -> dict:
+    """{method / scorer: its cheapest point whose reward on every held-out prompt reaches ``best_of_8``}: the
+    schedule each method would ship with, chosen on the whole held-out set (oracle and random left out)."""
+    chosen = {}
+    for key, points in curves.items():
+        reaching = [p for p in points if p["reward"] >= best_of_8]
+        if reaching and "oracle" not in key and "random" not in key:
+            chosen[key] = min(reaching, key=lambda p: p["compute"])
+    return chosen
+
+
+def kept_reward(key: str, schedule_text: str, scorers: dict, finals: np.ndarray, groups: np.ndarray) -> float:
+    """Mean kept reward of method / scorer ``key`` (as proxy_bench.equal_compute names it; a mix 'A -> B' reads B at
+    its last cut and A before) with one schedule, on another set's scores, as equal_compute draws its subsets."""
+    from probe_select.probes.pruning import ScoreTable, mean_kept_reward, parse_schedule
+    schedule = parse_schedule(schedule_text)
+    cuts = [stage.checkpoint for stage in schedule.stages]
+    name = key.split(" / ", 1)[1] if " / " in key else None
+    first, _, second = (name or "").partition(" -> ")
+    columns = {t: scorers[second if second and t == cuts[-1] else first][t] for t in cuts}
+    tables = [ScoreTable(tuple(cuts), np.stack([columns[t][groups == g] for t in cuts], 1) if cuts
+                         else np.zeros(((groups == g).sum(), 0)), finals[groups == g])
+              for g in dict.fromkeys(groups.tolist())]
+    return mean_kept_reward(tables, schedule, proxy_bench.MEDIUM.steps, draws=proxy_bench.EQUAL_COMPUTE_DRAWS)
+
+
+def confirmation(anywhere: dict, scorers: dict, finals: np.ndarray, groups: np.ndarray) -> dict:
+    """Every method's schedule chosen on the whole held-out set (:func:`chosen_on_all`) judged on the confirmation
+    set: its reward there against best-of-8's there, at the compute it costs (the same on any prompts)."""
+    bo8 = anywhere["best_of_8"]
+    best_of_8 = kept_reward("best-of-N", bo8["schedule"], scorers, finals, groups)
+    rows = {key: {"schedule": p["schedule"], "fraction": p["compute"] / bo8["compute"], "heldout": p["reward"],
+                  "confirmation": kept_reward(key, p["schedule"], scorers, finals, groups)}
+            for key, p in chosen_on_all(anywhere["curves"], bo8["reward"]).items()}
+    return {"prompts": len(set(groups.tolist())), "best_of_8": {"heldout": bo8["reward"], "confirmation": best_of_8},
+            "methods": dict(sorted(rows.items(), key=lambda item: item[1]["fraction"]))}
+
+
+def probe_paths(family: str, cache: Path) -> dict:
+    """{t: the folded probe file of checkpoint t} that a run left in the cache."""
+    return {at: cache / "probes" / f"{family}_{NAME}_t{at:g}.safetensors" for at in CHECKPOINTS
+            if (cache / "probes" / f"{family}_{NAME}_t{at:g}.safetensors").exists()}
+
+
+def scored(dataset, paths: dict) -> tuple[dict, np.ndarray, np.ndarray]:
+    """({scorer: {t: scores}} of the x0 preview and the saved probe files, finished scores, prompt groups)."""
+    scores = {"x0_preview": proxy_bench.preview_scores(dataset, tuple(paths)),
+              NAME: {at: proxy_bench.heldout_predictions(path, dataset, at) for at, path in paths.items()}}
+    groups = dataset.arrays(checkpoint_t=0.2, evaluator=proxy_bench.EVALUATOR).prompt_groups().numpy()
+    return scores, dataset.scores(proxy_bench.EVALUATOR).double().numpy(), groups
+
+
+def anywhere_figures(family: str, scores: dict, finals: np.ndarray, groups: np.ndarray) -> dict:
+    """Equal compute on the held-out prompts cutting at any checkpoint, pair or triple of them."""
+    return proxy_bench.equal_compute(family, proxy_bench.MEDIUM, scores, finals, groups, NAME,
+                                     mixes=((NAME, "x0_preview"),), checkpoints=tuple(scores[NAME]), stages=3)
+
+
+def confirm_family(family: str, cache: Path, anywhere: dict | None = None) -> dict | None:
+    """The confirmation set's verdict on the saved probe files (None when that set was not collected)."""
+    from probe_select.probes.training.dataset import ProbeDataset
+    where = cache / f"{family}_confirm"
+    if not (where / "manifest.json").exists():
+        return None
+    paths = probe_paths(family, cache)
+    if anywhere is None:
+        anywhere = anywhere_figures(family, *scored(datasets(family, cache)[-1], paths))
+    return confirmation(anywhere, *scored(ProbeDataset(where), paths))
 
 
 def compact(eq: dict, curves: bool = True) -> dict:
@@ -295,6 +360,21 @@ def markdown(results: dict, command: str) -> str:
                             or "never") + " | "
                          + (f"{' / '.join(f'{x:.2f}' for x in f['cheapest_anywhere']['fractions'])} "
                             f"({f['cheapest_anywhere']['method']})" if f["cheapest_anywhere"] else "none") + " |")
+    for family, r in results.items():
+        c = r.get("confirmation")
+        if not c:
+            continue
+        lines += ["", f"## Confirmation on {c['prompts']} more held-out prompts ({family})", "",
+                  "Each method's cheapest schedule (cutting anywhere, in up to three stages) whose mean kept reward on "
+                  "all the held-out prompts above reaches best-of-8's there, judged on held-out prompts that no "
+                  "choice saw (`proxy_bench.py --collect-only confirm`; as many seeds each, the same random subsets). "
+                  f"Best-of-8 there: {c['best_of_8']['confirmation']:.4f} (on the held-out prompts "
+                  f"{c['best_of_8']['heldout']:.4f}).", "",
+                  "| method / scorer | schedule | fraction of best-of-8's compute | held-out | confirmation | "
+                  "reaches best-of-8 there |", "| --- | --- | --- | --- | --- | --- |"]
+        for key, m in c["methods"].items():
+            lines.append(f"| {key} | {m['schedule']} | {m['fraction']:.2f} | {m['heldout']:.4f} | "
+                         f"{m['confirmation']:.4f} | {'yes' if m['confirmation'] >= c['best_of_8']['confirmation'] else 'no'} |")
     lines += ["", "Validation (training prompts held out of the fit) per epoch, within-prompt Spearman at "
               f"{', '.join(map(str, VALIDATION_AT))} (mean):", ""]
     for family, r in results.items():
@@ -369,6 +449,9 @@ def main(argv=None) -> dict:
     parser.add_argument("--epochs", type=int, default=EPOCHS)
     parser.add_argument("--cache", type=Path, default=proxy_bench.CACHE)
     parser.add_argument("--out", type=Path, default=RESULTS)
+    parser.add_argument("--confirm-only", action="store_true",
+                        help="judge the saved probe files' schedules on the confirmation set (proxy_bench.py "
+                             "--collect-only confirm) and rewrite the figures")
     parser.add_argument("--no-early-rows", action="store_true",
                         help="leave the early set out of the distillation (the main and bulk sets only)")
     parser.add_argument("--reuse-distilled", action="store_true",
@@ -384,8 +467,11 @@ def main(argv=None) -> dict:
     results = dict(earlier)             # the families not measured now keep their figures
     saved_run = args.out / "proxy_bench.json"
     for family in args.families:        # each family's figures written as soon as measured: they took the time
-        results[family] = measure(family, args.cache, args.epochs, args.reuse_distilled, not args.no_early_rows)
-        results[family]["by_sets"] = by_sets(earlier.get(family), results[family])
+        if args.confirm_only:
+            results[family]["confirmation"] = confirm_family(family, args.cache)
+        else:
+            results[family] = measure(family, args.cache, args.epochs, args.reuse_distilled, not args.no_early_rows)
+            results[family]["by_sets"] = by_sets(earlier.get(family), results[family])
         atomic_write_text(args.out / f"{NAME}.json", json.dumps(results, indent=2, default=float) + "\n")
         atomic_write_text(args.out / f"{NAME}.md", markdown(results, command.strip()))
         if saved_run.exists():

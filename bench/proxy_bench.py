@@ -97,6 +97,11 @@ BULK_SPLIT = (0.9, 0.1, 0.0)
 EARLY_SEEDS, EARLY_STOP, EARLY_CHECKPOINTS = 8, 0.4, (0.1, 0.2, 0.3, 0.4)
 EARLY_SEED_BASE = 20_000_000
 
+# The confirmation set (``--collect-only confirm``): the held-out prompts after the report's, as many seeds each. A
+# schedule chosen on the report's held-out prompts is judged on these, which no choice has seen
+# (bench/distilled_probe.py). Its seeds start far from every other set's.
+CONFIRM_PROMPTS, CONFIRM_SEED_BASE = 48, 30_000_000
+
 UNTRAINED = False     # --untrained: random-initialised proxy models (smoke tests of the pipeline only)
 BULK_CURVE = True     # --skip-bulk-curve: left to a later --bulk-curve-only run (the bulk set may still be collecting)
 
@@ -116,6 +121,13 @@ def heldout_prompts(setting: Setting) -> list[str]:
     from bench.proxy_world import grammar
     _, held = grammar.split_prompts(grammar.all_prompts(seed=0), seed=0)
     return held[: setting.heldout_prompts]
+
+
+def confirmation_prompts(setting: Setting) -> list[str]:
+    """The confirmation set's prompts: the CONFIRM_PROMPTS held-out prompts after :func:`heldout_prompts`."""
+    from bench.proxy_world import grammar
+    _, held = grammar.split_prompts(grammar.all_prompts(seed=0), seed=0)
+    return held[setting.heldout_prompts: setting.heldout_prompts + CONFIRM_PROMPTS]
 
 
 def cfg_of(family: str, setting: Setting) -> float:
@@ -1494,16 +1506,17 @@ def main(argv=None) -> dict:
     parser.add_argument("--choose-demo-scorer", action="store_true",
                         help="add the x0 preview's validation figure and the demo's scorer (by validation) to the "
                              "saved run, from the cached training sets, and rewrite the report")
-    parser.add_argument("--collect-only", choices=["train", "heldout", "bulk", "early"],
+    parser.add_argument("--collect-only", choices=["train", "heldout", "bulk", "early", "confirm"],
                         help="only collect this dataset and stop (run them in parallel processes, then "
                              "the report with --reuse-datasets); bulk: the learning curve's training rows; early: "
-                             "the distilled probe's extra rows (candidates run to 0.4 only, no finished score)")
+                             "the distilled probe's extra rows (candidates run to 0.4 only, no finished score); confirm: held-out "
+                             "prompts beyond the report's, to judge schedules chosen on the report's")
     parser.add_argument("--lane", type=parse_lane, default=(1, 1), metavar="I/N",
-                        help="with --collect-only bulk or early: collect every N-th prompt from the I-th (run lanes 1/N .. N/N "
+                        help="with --collect-only bulk, early or confirm: collect every N-th prompt from the I-th (run lanes 1/N .. N/N "
                              "at once, one per core)")
     args = parser.parse_args(argv)
-    if args.lane != (1, 1) and args.collect_only not in ("bulk", "early"):
-        parser.error("--lane splits the bulk and early collections only: use it with --collect-only bulk or early")
+    if args.lane != (1, 1) and args.collect_only not in ("bulk", "early", "confirm"):
+        parser.error("--lane splits the bulk, early and confirm collections only: use it with one of them")
     if args.choose_demo_scorer:
         logging.basicConfig(level=logging.INFO, format="%(message)s")
         CACHE = args.cache
@@ -1540,6 +1553,10 @@ def main(argv=None) -> dict:
             collect(family, train_prompts[:BULK_PROMPTS], BULK_SEEDS,
                     dataclasses.replace(setting, checkpoints=(BULK_CHECKPOINT, BULK_SECOND_STAGE)),
                     CACHE / f"{family}_bulk", 0, resume=True, lane=args.lane)
+            continue
+        if args.collect_only == "confirm":
+            collect(family, confirmation_prompts(setting), setting.heldout_seeds, setting, CACHE / f"{family}_confirm",
+                    CONFIRM_SEED_BASE, resume=True, lane=args.lane)
             continue
         if args.collect_only == "early":
             collect(family, train_prompts, EARLY_SEEDS, dataclasses.replace(setting, checkpoints=EARLY_CHECKPOINTS),

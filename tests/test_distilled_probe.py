@@ -123,3 +123,36 @@ def test_each_combination_of_training_sets_is_kept_and_the_same_one_replaced(dis
     assert distilled.set_figures(short)["cheapest_anywhere"] == {}
     again = distilled.by_sets(dict(new, by_sets=record), result(["main", "bulk"], 0.65))
     assert list(again) == ["main+bulk+early", "main+bulk"] and again["main+bulk"]["heldout"]["0.2"]["within"] == 0.65
+
+
+def test_the_confirmation_judges_each_methods_cheapest_match_and_on_the_same_prompts_repeats_its_figures(distilled):
+    import proxy_bench
+
+    rng = np.random.default_rng(3)
+    groups = np.repeat(np.arange(8), 20)
+    finals = rng.random(160)
+    noisy = {t: finals + rng.normal(0, 0.02 / t, 160) for t in (0.1, 0.2, 0.4)}      # better later
+    preview = {t: finals + rng.normal(0, 0.1, 160) for t in (0.1, 0.2, 0.4)}
+    scorers = {"x0_preview": preview, distilled.NAME: noisy}
+    anywhere = proxy_bench.equal_compute("unet", proxy_bench.MEDIUM, scorers, finals, groups, distilled.NAME,
+                                         mixes=((distilled.NAME, "x0_preview"),), checkpoints=(0.1, 0.2, 0.4),
+                                         stages=3)
+    bo8 = anywhere["best_of_8"]
+    verdict = distilled.confirmation(anywhere, scorers, finals, groups)
+    assert verdict["prompts"] == 8 and verdict["best_of_8"] == {"heldout": bo8["reward"], "confirmation": bo8["reward"]}
+    methods = verdict["methods"]
+    assert methods and not any("oracle" in key or "random" in key for key in methods)
+    assert any(" -> " in key and key.startswith("three stages") for key in methods)
+    fractions = [m["fraction"] for m in methods.values()]
+    assert fractions == sorted(fractions)
+    for key, m in methods.items():
+        points = anywhere["curves"][key]
+        reaching = [p for p in points if p["reward"] >= bo8["reward"]]
+        assert m["schedule"] == min(reaching, key=lambda p: p["compute"])["schedule"]
+        # judged on the same prompts, the same subsets: the curve's own figure, mixes included
+        assert m["confirmation"] == pytest.approx(m["heldout"], abs=1e-12)
+    # a schedule judged on other prompts reads each stage's own scorer there
+    other = {name: {t: -v for t, v in by_t.items()} for name, by_t in scorers.items()}
+    key = next(k for k in methods if " -> " in k)
+    worse = distilled.kept_reward(key, methods[key]["schedule"], other, finals, groups)
+    assert worse < methods[key]["heldout"]

@@ -100,7 +100,7 @@ EARLY_SEED_BASE = 20_000_000
 # The confirmation set (``--collect-only confirm``): the held-out prompts after the report's, as many seeds each. A
 # schedule chosen on the report's held-out prompts is judged on these, which no choice has seen
 # (bench/distilled_probe.py). Its seeds start far from every other set's.
-CONFIRM_PROMPTS, CONFIRM_SEED_BASE = 48, 30_000_000
+CONFIRM_PROMPTS, CONFIRM_SEED_BASE = 32, 30_000_000
 
 UNTRAINED = False     # --untrained: random-initialised proxy models (smoke tests of the pipeline only)
 BULK_CURVE = True     # --skip-bulk-curve: left to a later --bulk-curve-only run (the bulk set may still be collecting)

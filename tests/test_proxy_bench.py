@@ -408,3 +408,18 @@ def test_three_stage_schedules_cut_at_each_triple_and_a_mix_reads_the_second_sco
     # only the last stage (3 candidates scored at 0.4) pays the preview's price
     assert point["compute"] - probe_only["compute"] == pytest.approx(
         3 * (eq["prices"]["x0_preview"] - eq["prices"]["probe"]) / eq["unit_steps"])
+
+
+def test_the_confirmation_prompts_follow_the_held_out_ones_and_train_on_nothing(pack):
+    sys.path.append(str(ROOT / "bench"))
+    import proxy_bench
+    from bench.proxy_world import grammar
+
+    train, held = grammar.split_prompts(grammar.all_prompts(seed=0), seed=0)
+    confirm = proxy_bench.confirmation_prompts(proxy_bench.MEDIUM)
+    assert len(confirm) == proxy_bench.CONFIRM_PROMPTS
+    assert proxy_bench.heldout_prompts(proxy_bench.MEDIUM) + confirm == held[:32 + proxy_bench.CONFIRM_PROMPTS]
+    assert not set(confirm) & set(train)
+    # no candidate of any set repeats another's: the seed bases lie further apart than any set's prompts x 1000
+    bases = sorted([0, proxy_bench.HELDOUT_SEED_BASE, proxy_bench.EARLY_SEED_BASE, proxy_bench.CONFIRM_SEED_BASE])
+    assert all(b - a > 1000 * len(train) for a, b in zip(bases, bases[1:]))

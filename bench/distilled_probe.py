@@ -44,6 +44,9 @@ VALIDATION_AT = (0.2, 0.4)             # the default schedule's cuts: the epoch 
 VALIDATION_SHARE = 0.15                # of the training prompts, held out of the fit to choose the epoch
 TEACHER_SCALES = 2                     # preview_reward's reads: the x0 latent as stored, and pooled 2x2 once more
 VIEWS = 4                              # the latent and its flips (probes.training.distillation.FLIP_VIEWS)
+LATER_AT = 0.4                         # the later teacher reads the candidate's preview here (the early set's last)
+TEACHERS = {"now": "the preview at the row's own checkpoint",
+            "later": "the preview at the row's own checkpoint and the same candidate's at t = 0.4"}
 EPOCHS = 10                            # at most: validation picks the epoch
 PROBE = dict(inputs=("x0",), x0_size=16, text_film=True, x0_stem_width=48, x0_widths=(96, 160), embed_dim=128,
              mlp_hidden=256, head_hidden=(128,), pooled_size=4, attention=False)
@@ -73,16 +76,32 @@ class Rows:
         self.groups = np.array([index[key] for key in keys])
 
     @staticmethod
-    def part(dataset, name: str, checkpoints, family: str) -> tuple:
-        """One dataset's rows; its finished scores NaN when it has none (the early set: the teacher needs none)."""
+    def part(dataset, name: str, checkpoints, family: str, teacher: str = "now") -> tuple:
+        """One dataset's rows; its finished scores NaN when it has none (the early set: the teacher needs none).
+
+        ``teacher`` "later" adds, after the readings of each row's own preview, those of the same candidate's
+        preview at LATER_AT (a row past it: its own again): what the candidate will look like there, a label far
+        less noisy than the finished score and free wherever the candidate was run that far."""
+        if teacher not in TEACHERS:
+            raise ValueError(f"teacher must be one of {sorted(TEACHERS)}, got {teacher!r}")
+        if teacher == "later" and LATER_AT not in dataset.manifest.checkpoints:
+            raise ValueError(f"{name}: the later teacher reads t = {LATER_AT:g}, which this set did not record "
+                             f"(it has {list(dataset.manifest.checkpoints)})")
         x0, t, text, readings, final, prompts, keys = [], [], [], [], [], [], []
         finished = proxy_bench.EVALUATOR in dataset.manifest.evaluators
+        read: dict = {}
+
+        def readings_at(at: float) -> torch.Tensor:
+            if at not in read:
+                read[at] = teacher_readings(dataset.x0(at).float(), dataset.prompts, family)
+            return read[at]
+
         for at in checkpoints:
-            latent = dataset.x0(at).float()
-            x0.append(latent)
+            x0.append(dataset.x0(at).float())
             t.append(torch.full((len(dataset),), float(at)))
             text.append(dataset.text_embedding.float())
-            readings.append(teacher_readings(latent, dataset.prompts, family))
+            readings.append(readings_at(at) if teacher == "now"
+                            else torch.cat([readings_at(at), readings_at(max(at, LATER_AT))], -1))
             final.append(dataset.scores(proxy_bench.EVALUATOR).double() if finished
                          else torch.full((len(dataset),), float("nan"), dtype=torch.float64))
             prompts += list(dataset.prompts)
@@ -167,23 +186,43 @@ def datasets(family: str, cache: Path) -> tuple:
     return train, bulk, early, held
 
 
-def measure(family: str, cache: Path, epochs: int, reuse: bool = False, early_rows: bool = True) -> dict:
+def teacher_of(training: dict) -> str:
+    """The teacher a run learnt from (runs from before the later teacher recorded the readings' names there)."""
+    teacher = training.get("teacher", "now")
+    return teacher if isinstance(teacher, str) else "now"
+
+
+def set_key(training: dict) -> str:
+    """A run's entry in the record of training sets: its sets, and its teacher unless the first one."""
+    teacher = teacher_of(training)
+    return "+".join(training["sets"]) + ("" if teacher == "now" else f" ({teacher} teacher)")
+
+
+def measure(family: str, cache: Path, epochs: int, reuse: bool = False, early_rows: bool = True,
+            teacher: str = "now", aside: bool = False) -> dict:
+    """Distil, fold and judge one family's probe. ``aside``: its files go to a folder of their own under the cache's
+    probes/ (named after the run's sets and teacher), leaving the report's probe files alone."""
     from probe_select.probes.atomic import atomic_write
     from probe_select.probes.model import ProbeConfig, build_probe
     from probe_select.probes.training.distillation import DistillConfig, distill_probe, widen_head
     started = time.perf_counter()
     train, bulk, early, held = datasets(family, cache)
-    parts, sets = [Rows.part(train, "train", train.manifest.checkpoints, family)], ["main"]
+    parts, sets = [Rows.part(train, "train", train.manifest.checkpoints, family, teacher)], ["main"]
     for name, dataset in (("bulk", bulk), ("early", early if early_rows else None)):
         if dataset is not None:
-            parts.append(Rows.part(dataset, name, [t for t in dataset.manifest.checkpoints if t in CHECKPOINTS], family))
+            parts.append(Rows.part(dataset, name, [t for t in dataset.manifest.checkpoints if t in CHECKPOINTS],
+                                   family, teacher))
             sets.append(name)
+    probe_dir = cache / "probes"
+    if aside:
+        probe_dir = probe_dir / f"{family}_{NAME}_{'+'.join(sets)}_{teacher}"
     rows = Rows(parts)
     fit_mask, is_val, chosen = validation_split(rows.prompts, rows.final.numpy())
     fit, val = rows.rows(fit_mask), rows.rows(is_val)
+    unfinished = int((~np.isfinite(fit["final"].numpy())).sum())
     log.info("%s: %d training rows (%d without a finished score), %d validation rows (%d prompts), teacher read in "
-             "%.0f s", family, int(fit_mask.sum()), int((~np.isfinite(fit["final"].numpy())).sum()), int(is_val.sum()),
-             len(chosen), time.perf_counter() - started)
+             "%.0f s", family, int(fit_mask.sum()), unfinished, int(is_val.sum()), len(chosen),
+             time.perf_counter() - started)
     manifest = train.manifest
     config = ProbeConfig(in_channels=manifest.feature_shape[0], feature_size=manifest.feature_shape[1],
                          x0_channels=manifest.x0_shape[0], text_dim=manifest.text_dim, **PROBE)
@@ -193,7 +232,7 @@ def measure(family: str, cache: Path, epochs: int, reuse: bool = False, early_ro
         log.info("%s: validation within-prompt at %s: %s", family, VALIDATION_AT, [round(f, 4) for f in figures])
         return float(np.mean(figures))
 
-    kept = cache / "probes" / f"{family}_{NAME}_readings.pt"     # the distilled probe before any ranker
+    kept = probe_dir / f"{family}_{NAME}_readings.pt"     # the distilled probe before any ranker
     if reuse and kept.exists():
         state, history = torch.load(kept)
         probe = widen_head(build_probe(config), fit["readings"].shape[-1])
@@ -208,14 +247,15 @@ def measure(family: str, cache: Path, epochs: int, reuse: bool = False, early_ro
         kept.parent.mkdir(parents=True, exist_ok=True)
         atomic_write(kept, lambda temp: torch.save((probe.state_dict(), history), temp))
     best = max(history, key=lambda h: h["validation"])
-    training = {"method": "distilled from the evaluator's factors on the decoded x0 preview, then a linear ranker",
-                "teacher": list(preview_reward.feature_names(TEACHER_SCALES)), "views": VIEWS,
+    training = {"method": f"distilled from the evaluator's factors on the decoded x0 preview ({TEACHERS[teacher]}), "
+                          "then a linear ranker",
+                "teacher": teacher, "readings": list(preview_reward.feature_names(TEACHER_SCALES)), "views": VIEWS,
                 "sets": sets, "train_rows": int(fit_mask.sum()),
-                "unfinished_rows": int((~np.isfinite(fit["final"].numpy())).sum()),
+                "unfinished_rows": unfinished,
                 "validation_rows": int(is_val.sum()), "epochs": epochs,
                 "chosen_epoch": best["epoch"], "history": history, "checkpoints": list(CHECKPOINTS)}
     # the kept epoch's probe, its ranker refit on every training row (validation prompts too), one file a checkpoint
-    paths = folded_probes(family, probe, rows, manifest, cache / "probes", training)
+    paths = folded_probes(family, probe, rows, manifest, probe_dir, training)
     # the saved files score the held-out rows as the pack would (in evaluator units: same order as the z-scores)
     predictions, finals, groups = scored(held, paths)
     heldout = {f"{at:g}": {name: proxy_bench.within_ci(predictions[name][at], finals, groups, 1000)
@@ -225,7 +265,8 @@ def measure(family: str, cache: Path, epochs: int, reuse: bool = False, early_ro
     anywhere = anywhere_figures(family, predictions, finals, groups)
     return {"training": training, "probe_files": {f"{at:g}": str(Path(p).relative_to(ROOT)) for at, p in paths.items()},
             "heldout": heldout, "equal_compute": compact(default), "equal_compute_anywhere": compact(anywhere, curves=False),
-            "confirmation": confirm_family(family, cache, anywhere), "seconds": round(time.perf_counter() - started)}
+            "confirmation": confirm_family(family, cache, anywhere, probe_dir),
+            "seconds": round(time.perf_counter() - started)}
 
 
 def chosen_on_all(curves: dict, best_of_8: float) -> dict:
@@ -266,10 +307,10 @@ def confirmation(anywhere: dict, scorers: dict, finals: np.ndarray, groups: np.n
             "methods": dict(sorted(rows.items(), key=lambda item: item[1]["fraction"]))}
 
 
-def probe_paths(family: str, cache: Path) -> dict:
-    """{t: the folded probe file of checkpoint t} that a run left in the cache."""
-    return {at: cache / "probes" / f"{family}_{NAME}_t{at:g}.safetensors" for at in CHECKPOINTS
-            if (cache / "probes" / f"{family}_{NAME}_t{at:g}.safetensors").exists()}
+def probe_paths(family: str, probe_dir: Path) -> dict:
+    """{t: the folded probe file of checkpoint t} that a run left in ``probe_dir``."""
+    paths = {at: probe_dir / f"{family}_{NAME}_t{at:g}.safetensors" for at in CHECKPOINTS}
+    return {at: path for at, path in paths.items() if path.exists()}
 
 
 def scored(dataset, paths: dict) -> tuple[dict, np.ndarray, np.ndarray]:
@@ -286,13 +327,13 @@ def anywhere_figures(family: str, scores: dict, finals: np.ndarray, groups: np.n
                                      mixes=((NAME, "x0_preview"),), checkpoints=tuple(scores[NAME]), stages=3)
 
 
-def confirm_family(family: str, cache: Path, anywhere: dict | None = None) -> dict | None:
+def confirm_family(family: str, cache: Path, anywhere: dict | None = None, probe_dir: Path | None = None) -> dict | None:
     """The confirmation set's verdict on the saved probe files (None when that set was not collected)."""
     from probe_select.probes.training.dataset import ProbeDataset
     where = cache / f"{family}_confirm"
     if not (where / "manifest.json").exists():
         return None
-    paths = probe_paths(family, cache)
+    paths = probe_paths(family, probe_dir or cache / "probes")
     if anywhere is None:
         anywhere = anywhere_figures(family, *scored(datasets(family, cache)[-1], paths))
     return confirmation(anywhere, *scored(ProbeDataset(where), paths))
@@ -340,26 +381,38 @@ def markdown(results: dict, command: str) -> str:
             d, p = figures[NAME], figures["x0_preview"]
             lines.append(f"| {family} | {at} | {d['within']:.3f} [{d['low']:.3f}, {d['high']:.3f}] | "
                          f"{p['within']:.3f} [{p['low']:.3f}, {p['high']:.3f}] |")
-    lines += ["", "## More rows (the early set: candidates stopped at t = 0.4, no finished image)", "",
-              "Each combination of training sets measured (the newest run last): training rows (of them without a "
-              "finished score), the validation figure of the chosen epoch, held-out within-prompt Spearman at each "
-              "checkpoint, and the fraction of best-of-8's compute at which the learned scorer matches it: two "
-              "stages at 0.2 and 0.4 with the x0 preview at 0.4, the schedule chosen on one half of the held-out "
-              "prompts, each way ('short': it falls short of best-of-8 on the other half); and the cheapest method "
-              "reading the probe, at any checkpoints, whose choice reaches best-of-8 on the other half both ways "
-              "('none': no such method).", "",
+    lines += ["", "## More rows and other teachers", "",
+              "Each combination of training sets and teacher measured (the newest run last; the early set: candidates "
+              "stopped at t = 0.4, no finished image; the later teacher: " + TEACHERS["later"] + "): training rows (of "
+              "them without a finished score), the validation figure of the chosen epoch, held-out within-prompt "
+              "Spearman at each checkpoint, and the fraction of best-of-8's compute at which the learned scorer "
+              "matches it: two stages at 0.2 and 0.4 with the x0 preview at 0.4, the schedule chosen on one half of "
+              "the held-out prompts, each way ('short': it falls short of best-of-8 on the other half); the cheapest "
+              "method reading the probe, at any checkpoints, whose choice reaches best-of-8 on the other half both "
+              "ways ('none': no such method); and the cheapest one whose choice on every held-out prompt reaches "
+              "best-of-8 on the confirmation prompts ('none': no such method; '-': not judged there).", "",
               "| model | sets | training rows (unfinished) | validation | "
-              + " | ".join(f"t = {t:g}" for t in CHECKPOINTS) + " | two stages -> x0 preview | cheapest anywhere |",
-              "| --- | --- | --- | --- | " + " | ".join("---" for _ in CHECKPOINTS) + " | --- | --- |"]
+              + " | ".join(f"t = {t:g}" for t in CHECKPOINTS)
+              + " | two stages -> x0 preview | cheapest anywhere | cheapest confirmed |",
+              "| --- | --- | --- | --- | " + " | ".join("---" for _ in CHECKPOINTS) + " | --- | --- | --- |"]
+    commands = []
     for family, r in results.items():
         for sets, f in (r.get("by_sets") or {}).items():
             within = [f["heldout"].get(f"{t:g}", {}).get("within") for t in CHECKPOINTS]
+            confirmed = f.get("confirmed", "-")
             lines.append(f"| {family} | {sets} | {f['train_rows']} ({f['unfinished_rows']}) | {f['validation']:.3f} | "
                          + " | ".join("-" if w is None else f"{w:.3f}" for w in within) + " | "
                          + (" / ".join(f"{x:.2f}" + ("" if reached else " (short)") for x, reached in f["mix_match"])
                             or "never") + " | "
                          + (f"{' / '.join(f'{x:.2f}' for x in f['cheapest_anywhere']['fractions'])} "
-                            f"({f['cheapest_anywhere']['method']})" if f["cheapest_anywhere"] else "none") + " |")
+                            f"({f['cheapest_anywhere']['method']})" if f["cheapest_anywhere"] else "none") + " | "
+                         + (confirmed if isinstance(confirmed, str) else "none" if confirmed is None
+                            else f"{confirmed['fraction']:.2f} ({confirmed['method']})") + " |")
+            if f.get("command"):
+                commands.append(f"- {family}, {sets}: `{f['command']}`")
+    if commands:
+        lines += ["", "Runs recorded here only (their probe files aside, the figures above this table untouched):", "",
+                  *commands]
     for family, r in results.items():
         c = r.get("confirmation")
         if not c:
@@ -412,24 +465,41 @@ def set_figures(result: dict) -> dict:
     both_ways = {key: found for key in learned
                  if len(found := matches(anywhere, key)) == 2 and all(reached for _, reached in found)}
     cheapest = min(both_ways, key=lambda key: max(f for f, _ in both_ways[key]), default=None)
-    return {"train_rows": training["train_rows"], "unfinished_rows": training.get("unfinished_rows", 0),
+    confirmed = [(key, m) for key, m in ((result.get("confirmation") or {}).get("methods") or {}).items()
+                 if NAME in key and m["confirmation"] >= result["confirmation"]["best_of_8"]["confirmation"]]
+    return {"teacher": teacher_of(training), "train_rows": training["train_rows"],
+            "unfinished_rows": training.get("unfinished_rows", 0),
             "chosen_epoch": training["chosen_epoch"], "epochs": training["epochs"],
             "validation": max(h["validation"] for h in training["history"]),
             "heldout": {t: f[NAME] for t, f in result["heldout"].items()},
             "mix_match": matches(eq, mix),
             "cheapest_anywhere": {"method": cheapest, "fractions": [f for f, _ in both_ways[cheapest]]} if cheapest
-            else {}}
+            else {},
+            # the cheapest schedule reading the probe, chosen on every held-out prompt, that reaches best-of-8 on
+            # the confirmation prompts (None: none does; absent: no confirmation set)
+            **({"confirmed": ({"method": confirmed[0][0], "fraction": confirmed[0][1]["fraction"]} if confirmed
+                              else None)} if result.get("confirmation") else {})}
 
 
 def by_sets(earlier: dict | None, result: dict) -> dict:
-    """Every combination of training sets measured so far ('main+bulk', 'main+bulk+early'), this run's last: the
-    learning curve of the distillation on more rows. An earlier run on the same sets is replaced."""
+    """Every combination of training sets and teacher measured so far ('main+bulk', 'main+bulk+early', 'main+early
+    (later teacher)'), this run's last: the learning curve of the distillation on more rows, and the variants tried.
+    An earlier run of the same key is replaced; the saved run's own entry is always made from its figures."""
     kept = dict((earlier or {}).get("by_sets") or {})
-    if earlier and "training" in earlier and not kept:     # a run from before the record: its own figures
-        kept["+".join(earlier["training"]["sets"])] = set_figures(earlier)
-    key = "+".join(result["training"]["sets"])
+    if earlier and "training" in earlier and earlier is not result:     # the saved run: from its own figures
+        kept[set_key(earlier["training"])] = set_figures(earlier)
+    key = set_key(result["training"])
     kept.pop(key, None)
     return {**kept, key: set_figures(result)}
+
+
+def header_command(markdown_path: Path, fallback: str) -> str:
+    """The command a saved figures page names (the run behind its main figures), else ``fallback``."""
+    if markdown_path.exists():
+        for line in markdown_path.read_text().splitlines():
+            if line.startswith("Command: `") and line.endswith("`."):
+                return line[len("Command: `"):-2]
+    return fallback
 
 
 def report_entry(result: dict) -> dict:
@@ -454,6 +524,11 @@ def main(argv=None) -> dict:
                              "--collect-only confirm) and rewrite the figures")
     parser.add_argument("--no-early-rows", action="store_true",
                         help="leave the early set out of the distillation (the main and bulk sets only)")
+    parser.add_argument("--teacher", choices=sorted(TEACHERS), default="now",
+                        help="what the probe learns to read: " + "; ".join(f"{k}: {v}" for k, v in TEACHERS.items()))
+    parser.add_argument("--aside", action="store_true",
+                        help="record the run in the table of training sets and teachers only: its probe files in a "
+                             "folder of their own, the report's probe files and figures left as they are")
     parser.add_argument("--reuse-distilled", action="store_true",
                         help="start from the distilled probe a previous run kept in the cache (ranker, files, figures again)")
     args = parser.parse_args(argv)
@@ -469,8 +544,22 @@ def main(argv=None) -> dict:
     for family in args.families:        # each family's figures written as soon as measured: they took the time
         if args.confirm_only:
             results[family]["confirmation"] = confirm_family(family, args.cache)
+        elif args.aside:
+            if family not in results:
+                parser.error(f"--aside records a variant beside a saved run of {family}: run it without --aside first")
+            result = measure(family, args.cache, args.epochs, args.reuse_distilled, not args.no_early_rows,
+                             args.teacher, aside=True)
+            # another run may have recorded its variant while this one trained: read the figures again
+            results = json.loads(figures.read_text())
+            results[family]["by_sets"] = by_sets(results[family], result)
+            results[family]["by_sets"][set_key(result["training"])]["command"] = command.strip()
+            atomic_write_text(args.out / f"{NAME}.json", json.dumps(results, indent=2, default=float) + "\n")
+            atomic_write_text(args.out / f"{NAME}.md", markdown(results, header_command(args.out / f"{NAME}.md",
+                                                                                        command.strip())))
+            continue
         else:
-            results[family] = measure(family, args.cache, args.epochs, args.reuse_distilled, not args.no_early_rows)
+            results[family] = measure(family, args.cache, args.epochs, args.reuse_distilled, not args.no_early_rows,
+                                      args.teacher)
             results[family]["by_sets"] = by_sets(earlier.get(family), results[family])
         atomic_write_text(args.out / f"{NAME}.json", json.dumps(results, indent=2, default=float) + "\n")
         atomic_write_text(args.out / f"{NAME}.md", markdown(results, command.strip()))

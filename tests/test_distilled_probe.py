@@ -156,3 +156,75 @@ def test_the_confirmation_judges_each_methods_cheapest_match_and_on_the_same_pro
     key = next(k for k in methods if " -> " in k)
     worse = distilled.kept_reward(key, methods[key]["schedule"], other, finals, groups)
     assert worse < methods[key]["heldout"]
+
+
+class _EarlySet:
+    """A stand-in for a ProbeDataset run to t = 0.4 only: two candidates, x0 latents by checkpoint, no finished score."""
+
+    def __init__(self, checkpoints=(0.1, 0.2, 0.4)):
+        self.manifest = type("Manifest", (), {"checkpoints": list(checkpoints), "evaluators": []})()
+        self.prompts = ["a red circle", "two blue squares"]
+        self.text_embedding = torch.zeros(2, 3)
+
+    def __len__(self):
+        return 2
+
+    def x0(self, at):
+        return torch.full((2, 4, 2, 2), at) + torch.tensor([0.0, 10.0])[:, None, None, None]
+
+
+def test_the_later_teacher_adds_the_same_candidates_reading_at_0_4_and_a_set_without_it_is_refused(distilled, monkeypatch):
+    calls = []
+
+    def readings(latent, prompts, family):       # a reading that names its latent: [rows, views, 2]
+        calls.append(float(latent[0, 0, 0, 0]))
+        return latent.mean((1, 2, 3))[:, None, None].expand(-1, distilled.VIEWS, 2).clone()
+
+    monkeypatch.setattr(distilled, "teacher_readings", readings)
+    now = distilled.Rows.part(_EarlySet(), "early", (0.1, 0.2, 0.4), "unet")
+    assert now[3].shape == (6, distilled.VIEWS, 2) and torch.isnan(now[4]).all()
+    calls.clear()
+    later = distilled.Rows.part(_EarlySet(), "early", (0.1, 0.2, 0.4), "unet", "later")
+    assert calls == pytest.approx([0.1, 0.4, 0.2])       # each checkpoint's previews read once
+    assert later[3].shape == (6, distilled.VIEWS, 4)
+    assert torch.equal(later[3][..., :2], now[3])         # the row's own reading first
+    # then the same candidate's at 0.4: candidate 0 reads 0.4, candidate 1 reads 10.4, at every checkpoint
+    np.testing.assert_allclose(later[3][:, 0, 2].numpy(), [0.4, 10.4] * 3, rtol=1e-6)
+    assert later[6] == now[6] and [k.split("|")[-1] for k in later[6]] == ["0.1"] * 2 + ["0.2"] * 2 + ["0.4"] * 2
+    with pytest.raises(ValueError, match="later teacher reads t = 0.4"):
+        distilled.Rows.part(_EarlySet((0.1, 0.2)), "early", (0.1, 0.2), "unet", "later")
+    with pytest.raises(ValueError, match="teacher must be one of"):
+        distilled.Rows.part(_EarlySet(), "early", (0.1,), "unet", "future")
+
+
+def test_a_variant_is_recorded_under_its_teacher_beside_the_saved_runs_own_entry(distilled):
+    def result(sets, within, teacher=None, confirmed=True):
+        training = {"sets": sets, "train_rows": 10, "validation_rows": 4, "chosen_epoch": 0, "epochs": 1,
+                    "history": [{"epoch": 0, "validation": within, "loss": 0.5}]}
+        if teacher is not None:
+            training["teacher"] = teacher
+        methods = {"one stage at 0.2 / x0_preview": {"fraction": 0.3, "confirmation": 0.9},
+                   "one stage at 0.1 / distilled_probe": {"fraction": 0.4, "confirmation": 0.6 if confirmed else 0.4},
+                   "one stage at 0.2 / distilled_probe": {"fraction": 0.6, "confirmation": 0.7}}
+        methods = {key: dict(m, schedule="8: 0.2->1", heldout=0.6) for key, m in methods.items()}
+        empty = {"best_of_8": {"compute": 8.0, "reward": 0.5}, "match_best_of_8": {}, "best_at_half": {}}
+        return {"training": training, "heldout": {"0.2": {"distilled_probe": {"within": within}}},
+                "equal_compute": empty, "equal_compute_anywhere": empty,
+                "confirmation": {"prompts": 2, "best_of_8": {"confirmation": 0.5, "heldout": 0.55}, "methods": methods}}
+
+    # the saved run from before the teacher was recorded: its 'teacher' holds the readings' names
+    saved = result(["main", "bulk"], 0.6, teacher=["shape", "count"])
+    assert distilled.set_key(saved["training"]) == "main+bulk"
+    record = distilled.by_sets(saved, result(["main", "early"], 0.7, teacher="later", confirmed=False))
+    assert list(record) == ["main+bulk", "main+early (later teacher)"]
+    assert record["main+bulk"]["teacher"] == "now" and record["main+early (later teacher)"]["teacher"] == "later"
+    # the cheapest probe schedule that reaches best-of-8 on the confirmation prompts (the x0 preview's is not one)
+    assert record["main+bulk"]["confirmed"] == {"method": "one stage at 0.1 / distilled_probe", "fraction": 0.4}
+    assert record["main+early (later teacher)"]["confirmed"] == {"method": "one stage at 0.2 / distilled_probe",
+                                                                  "fraction": 0.6}
+    lines = distilled.markdown({"unet": {**saved, "by_sets": record, "seconds": 1, "heldout": {}}}, "cmd")
+    row = next(line for line in lines.splitlines() if line.startswith("| unet | main+early (later teacher) |"))
+    assert row.endswith("| 0.60 (one stage at 0.2 / distilled_probe) |")
+    unconfirmed = result(["main"], 0.5)
+    del unconfirmed["confirmation"]
+    assert "confirmed" not in distilled.set_figures(unconfirmed)

@@ -283,16 +283,14 @@ def chosen_on_all(curves: dict, best_of_8: float) -> dict:
 def kept_reward(key: str, schedule_text: str, scorers: dict, finals: np.ndarray, groups: np.ndarray) -> float:
     """Mean kept reward of method / scorer ``key`` (as proxy_bench.equal_compute names it; a mix 'A -> B' reads B at
     its last cut and A before) with one schedule, on another set's scores, as equal_compute draws its subsets."""
-    from probe_select.probes.pruning import ScoreTable, mean_kept_reward, parse_schedule
+    from probe_select.probes.pruning import mean_kept_reward, parse_schedule
     schedule = parse_schedule(schedule_text)
     cuts = [stage.checkpoint for stage in schedule.stages]
     name = key.split(" / ", 1)[1] if " / " in key else None
     first, _, second = (name or "").partition(" -> ")
     columns = {t: scorers[second if second and t == cuts[-1] else first][t] for t in cuts}
-    tables = [ScoreTable(tuple(cuts), np.stack([columns[t][groups == g] for t in cuts], 1) if cuts
-                         else np.zeros(((groups == g).sum(), 0)), finals[groups == g])
-              for g in dict.fromkeys(groups.tolist())]
-    return mean_kept_reward(tables, schedule, proxy_bench.MEDIUM.steps, draws=proxy_bench.EQUAL_COMPUTE_DRAWS)
+    return mean_kept_reward(proxy_bench.prompt_tables(columns, finals, groups), schedule, proxy_bench.MEDIUM.steps,
+                            draws=proxy_bench.EQUAL_COMPUTE_DRAWS)
 
 
 def confirmation(anywhere: dict, scorers: dict, finals: np.ndarray, groups: np.ndarray) -> dict:

@@ -116,18 +116,21 @@ def first_seed(seed_base: int, prompt_index: int) -> int:
     return seed_base + prompt_index * 1000
 
 
-def heldout_prompts(setting: Setting) -> list[str]:
-    """The held-out prompts the report is measured on (the first ``setting.heldout_prompts`` of the split)."""
+def heldout_split() -> list[str]:
+    """Every prompt of the grammar's held-out split, in the split's order (the bench reads it from the front)."""
     from bench.proxy_world import grammar
     _, held = grammar.split_prompts(grammar.all_prompts(seed=0), seed=0)
-    return held[: setting.heldout_prompts]
+    return held
+
+
+def heldout_prompts(setting: Setting) -> list[str]:
+    """The held-out prompts the report is measured on (the first ``setting.heldout_prompts`` of the split)."""
+    return heldout_split()[: setting.heldout_prompts]
 
 
 def confirmation_prompts(setting: Setting) -> list[str]:
     """The confirmation set's prompts: the CONFIRM_PROMPTS held-out prompts after :func:`heldout_prompts`."""
-    from bench.proxy_world import grammar
-    _, held = grammar.split_prompts(grammar.all_prompts(seed=0), seed=0)
-    return held[setting.heldout_prompts: setting.heldout_prompts + CONFIRM_PROMPTS]
+    return heldout_split()[setting.heldout_prompts: setting.heldout_prompts + CONFIRM_PROMPTS]
 
 
 def cfg_of(family: str, setting: Setting) -> float:
@@ -683,6 +686,10 @@ EQUAL_COMPUTE_DRAWS = 200
 PRUNING_CHECKPOINTS = (0.2, 0.4)
 
 
+# The Ks a staged method tries at each of its cuts, by its number of cuts (each K below the one before it and N).
+STAGED_KS = {2: ((2, 3, 4, 5, 6, 8), (1, 2, 3)), 3: ((3, 4, 6, 8, 10, 12), (2, 3, 4, 6), (1, 2))}
+
+
 def compute_schedules(max_n: int, checkpoints: tuple = PRUNING_CHECKPOINTS, stages: int = 2) -> dict:
     """The schedules of each method (pruning library syntax), every N up to ``max_n`` candidates: best-of-N, one
     stage at each checkpoint, two stages at each pair of checkpoints (earlier first), and with ``stages`` = 3
@@ -691,16 +698,11 @@ def compute_schedules(max_n: int, checkpoints: tuple = PRUNING_CHECKPOINTS, stag
     methods = {"best-of-N": [f"{n}" for n in range(1, max_n + 1)]}
     for t in checkpoints:
         methods[f"one stage at {t:g}"] = [f"{n}: {t:g}->{k}" for n in ns for k in (1, 2, 3, 4) if k < n]
-    for i, first in enumerate(checkpoints):
-        for second in checkpoints[i + 1:]:
-            methods[two_stage_method(first, second)] = [
-                f"{n}: {first:g}->{k1}, {second:g}->{k2}" for n in ns for k1 in (2, 3, 4, 5, 6, 8)
-                for k2 in (1, 2, 3) if k2 < k1 < n]
-    if stages >= 3:
-        for cuts in itertools.combinations(checkpoints, 3):
+    for size in range(2, stages + 1):
+        for cuts in itertools.combinations(checkpoints, size):
             methods[staged_method(cuts)] = [
-                f"{n}: {cuts[0]:g}->{k1}, {cuts[1]:g}->{k2}, {cuts[2]:g}->{k3}" for n in ns
-                for k1 in (3, 4, 6, 8, 10, 12) for k2 in (2, 3, 4, 6) for k3 in (1, 2) if k3 < k2 < k1 < n]
+                f"{n}: " + ", ".join(f"{t:g}->{k}" for t, k in zip(cuts, ks))
+                for n, *ks in itertools.product(ns, *STAGED_KS[size]) if all(a > b for a, b in zip([n, *ks], ks))]
     return methods
 
 
@@ -717,6 +719,15 @@ def two_stage_method(first: float, second: float) -> str:
 def mix_name(first: str, second: str) -> str:
     """A staged scorer that scores every cut but the last with ``first`` and the last with ``second``."""
     return f"{first} -> {second}"
+
+
+def prompt_tables(scores: dict, finals: np.ndarray, groups: np.ndarray) -> list:
+    """One pruning ScoreTable per prompt, in the order the prompts first appear in ``groups``: its seeds' scores at
+    each checkpoint of ``scores`` ({t: [rows]}; none for best-of-N) and their finished rewards."""
+    from probe_select.probes.pruning import ScoreTable
+    at = tuple(scores)
+    return [ScoreTable(at, np.stack([scores[t][groups == g] for t in at], 1) if at else np.zeros(((groups == g).sum(), 0)),
+                       finals[groups == g]) for g in dict.fromkeys(groups.tolist())]
 
 
 def equal_compute(family: str, setting: Setting, predictions: dict, finals: np.ndarray, groups: np.ndarray,
@@ -738,8 +749,8 @@ def equal_compute(family: str, setting: Setting, predictions: dict, finals: np.n
     multi-stage method but its last with the first and at the last with the second, each stage priced as its own
     scorer. ``checkpoints``: where the methods cut and ``stages`` how many cuts a schedule makes at most
     (:func:`compute_schedules`; each checkpoint must be one of ``setting.checkpoints``)."""
-    from probe_select.probes.pruning import (ScoreTable, StageCosts, full_generation_cost, mean_kept_reward,
-                                             parse_schedule, schedule_cost)
+    from probe_select.probes.pruning import (StageCosts, full_generation_cost, mean_kept_reward, parse_schedule,
+                                             schedule_cost)
     prices = step_prices(family)
     steps = setting.steps
     ts = [t for t in setting.checkpoints if t in checkpoints]
@@ -763,9 +774,7 @@ def equal_compute(family: str, setting: Setting, predictions: dict, finals: np.n
     def stage(scores: dict, stage_price: dict) -> tuple[list, StageCosts]:
         """A scorer's score tables on every prompt, then on each half (built once, read by every schedule), and
         what its stages cost."""
-        at = tuple(scores)
-        by_prompt = {g: ScoreTable(at, np.stack([scores[t][groups == g] for t in at], 1), finals[groups == g])
-                     for g in order}
+        by_prompt = dict(zip(order, prompt_tables(scores, finals, groups)))
         tables = [list(by_prompt.values())] + [[by_prompt[g] for g in half] for half in halves]
         return tables, StageCosts(score=stage_price, decode=prices["decode"], final_score=prices["evaluator"])
 
@@ -1178,13 +1187,18 @@ def equal_compute_summary(results: dict) -> list:
     return lines
 
 
+def english_list(items: list[str]) -> str:
+    """'a', 'a and b', 'a, b and c'."""
+    return " and ".join([", ".join(items[:-1]), items[-1]] if len(items) > 1 else items)
+
+
 def distilled_line(distilled: dict) -> str:
     """The report's sentence on the probe distilled from the preview's reading (bench/distilled_probe.py)."""
     spearman = "; ".join(f"t = {t}: {f['distilled_probe']['within']:.3f} [{f['distilled_probe']['low']:.3f}, "
                          f"{f['distilled_probe']['high']:.3f}] against the x0 preview's {f['x0_preview']['within']:.3f}"
                          for t, f in distilled["heldout"].items())
     return ("'distilled_probe' (bench/results/distilled_probe.md): a probe on the x0 latent and the prompt, trained on "
-            f"{distilled['train_rows']} rows of the {' and '.join([', '.join(distilled['sets'][:-1]), distilled['sets'][-1]] if len(distilled['sets']) > 1 else distilled['sets'])} set"
+            f"{distilled['train_rows']} rows of the {english_list(distilled['sets'])} set"
             f"{'s' if len(distilled['sets']) > 1 else ''}"
             + (f" ({distilled['unfinished_rows']} of them early rows, candidates stopped at t = {EARLY_STOP:g}: the "
                "teacher needs no finished image)" if distilled.get("unfinished_rows") else "")

@@ -91,15 +91,20 @@ class Rows:
                              f"(it has {list(dataset.manifest.checkpoints)})")
         x0, t, text, readings, final, prompts, keys = [], [], [], [], [], [], []
         finished = proxy_bench.EVALUATOR in dataset.manifest.evaluators
-        read: dict = {}
+        latents, read = {}, {}      # each checkpoint's latents loaded and read once, whichever row asks first
+
+        def latent_at(at: float) -> torch.Tensor:
+            if at not in latents:
+                latents[at] = dataset.x0(at).float()
+            return latents[at]
 
         def readings_at(at: float) -> torch.Tensor:
             if at not in read:
-                read[at] = teacher_readings(dataset.x0(at).float(), dataset.prompts, family)
+                read[at] = teacher_readings(latent_at(at), dataset.prompts, family)
             return read[at]
 
         for at in checkpoints:
-            x0.append(dataset.x0(at).float())
+            x0.append(latent_at(at))
             t.append(torch.full((len(dataset),), float(at)))
             text.append(dataset.text_embedding.float())
             readings.append(readings_at(at) if teacher == "now"
@@ -399,15 +404,13 @@ def markdown(results: dict, command: str) -> str:
     for family, r in results.items():
         for sets, f in (r.get("by_sets") or {}).items():
             within = [f["heldout"].get(f"{t:g}", {}).get("within") for t in CHECKPOINTS]
-            confirmed = f.get("confirmed", "-")
             lines.append(f"| {family} | {sets} | {f['train_rows']} ({f['unfinished_rows']}) | {f['validation']:.3f} | "
                          + " | ".join("-" if w is None else f"{w:.3f}" for w in within) + " | "
                          + (" / ".join(f"{x:.2f}" + ("" if reached else " (short)") for x, reached in f["mix_match"])
                             or "never") + " | "
                          + (f"{' / '.join(f'{x:.2f}' for x in f['cheapest_anywhere']['fractions'])} "
                             f"({f['cheapest_anywhere']['method']})" if f["cheapest_anywhere"] else "none") + " | "
-                         + (confirmed if isinstance(confirmed, str) else "none" if confirmed is None
-                            else f"{confirmed['fraction']:.2f} ({confirmed['method']})") + " |")
+                         + confirmed_text(f) + " |")
             if f.get("command"):
                 commands.append(f"- {family}, {sets}: `{f['command']}`")
     if commands:
@@ -465,20 +468,23 @@ def set_figures(result: dict) -> dict:
     both_ways = {key: found for key in learned
                  if len(found := matches(anywhere, key)) == 2 and all(reached for _, reached in found)}
     cheapest = min(both_ways, key=lambda key: max(f for f, _ in both_ways[key]), default=None)
-    confirmed = [(key, m) for key, m in ((result.get("confirmation") or {}).get("methods") or {}).items()
-                 if NAME in key and m["confirmation"] >= result["confirmation"]["best_of_8"]["confirmation"]]
-    return {"teacher": teacher_of(training), "train_rows": training["train_rows"],
+    figures = {"teacher": teacher_of(training), "train_rows": training["train_rows"],
             "unfinished_rows": training.get("unfinished_rows", 0),
             "chosen_epoch": training["chosen_epoch"], "epochs": training["epochs"],
             "validation": max(h["validation"] for h in training["history"]),
             "heldout": {t: f[NAME] for t, f in result["heldout"].items()},
             "mix_match": matches(eq, mix),
             "cheapest_anywhere": {"method": cheapest, "fractions": [f for f, _ in both_ways[cheapest]]} if cheapest
-            else {},
-            # the cheapest schedule reading the probe, chosen on every held-out prompt, that reaches best-of-8 on
-            # the confirmation prompts (None: none does; absent: no confirmation set)
-            **({"confirmed": ({"method": confirmed[0][0], "fraction": confirmed[0][1]["fraction"]} if confirmed
-                              else None)} if result.get("confirmation") else {})}
+            else {}}
+    confirmation = result.get("confirmation")
+    if confirmation:
+        # the cheapest schedule reading the probe, chosen on every held-out prompt, that reaches best-of-8 on the
+        # confirmation prompts (methods come sorted by compute); None: none does
+        bar = confirmation["best_of_8"]["confirmation"]
+        figures["confirmed"] = next(({"method": key, "fraction": m["fraction"]}
+                                     for key, m in confirmation["methods"].items()
+                                     if NAME in key and m["confirmation"] >= bar), None)
+    return figures
 
 
 def by_sets(earlier: dict | None, result: dict) -> dict:
@@ -486,11 +492,19 @@ def by_sets(earlier: dict | None, result: dict) -> dict:
     (later teacher)'), this run's last: the learning curve of the distillation on more rows, and the variants tried.
     An earlier run of the same key is replaced; the saved run's own entry is always made from its figures."""
     kept = dict((earlier or {}).get("by_sets") or {})
-    if earlier and "training" in earlier and earlier is not result:     # the saved run: from its own figures
+    if earlier and "training" in earlier:     # the saved run: from its own figures
         kept[set_key(earlier["training"])] = set_figures(earlier)
     key = set_key(result["training"])
     kept.pop(key, None)
     return {**kept, key: set_figures(result)}
+
+
+def confirmed_text(figures: dict) -> str:
+    """A set_figures entry's confirmed schedule as its table cell ('-': not judged on the confirmation prompts)."""
+    if "confirmed" not in figures:
+        return "-"
+    confirmed = figures["confirmed"]
+    return "none" if confirmed is None else f"{confirmed['fraction']:.2f} ({confirmed['method']})"
 
 
 def header_command(markdown_path: Path, fallback: str) -> str:
@@ -541,6 +555,10 @@ def main(argv=None) -> dict:
     earlier = json.loads(figures.read_text()) if figures.exists() else {}
     results = dict(earlier)             # the families not measured now keep their figures
     saved_run = args.out / "proxy_bench.json"
+    def write_figures(header: str) -> None:
+        atomic_write_text(args.out / f"{NAME}.json", json.dumps(results, indent=2, default=float) + "\n")
+        atomic_write_text(args.out / f"{NAME}.md", markdown(results, header))
+
     for family in args.families:        # each family's figures written as soon as measured: they took the time
         if args.confirm_only:
             results[family]["confirmation"] = confirm_family(family, args.cache)
@@ -553,16 +571,13 @@ def main(argv=None) -> dict:
             results = json.loads(figures.read_text())
             results[family]["by_sets"] = by_sets(results[family], result)
             results[family]["by_sets"][set_key(result["training"])]["command"] = command.strip()
-            atomic_write_text(args.out / f"{NAME}.json", json.dumps(results, indent=2, default=float) + "\n")
-            atomic_write_text(args.out / f"{NAME}.md", markdown(results, header_command(args.out / f"{NAME}.md",
-                                                                                        command.strip())))
+            write_figures(header_command(args.out / f"{NAME}.md", command.strip()))
             continue
         else:
             results[family] = measure(family, args.cache, args.epochs, args.reuse_distilled, not args.no_early_rows,
                                       args.teacher)
             results[family]["by_sets"] = by_sets(earlier.get(family), results[family])
-        atomic_write_text(args.out / f"{NAME}.json", json.dumps(results, indent=2, default=float) + "\n")
-        atomic_write_text(args.out / f"{NAME}.md", markdown(results, command.strip()))
+        write_figures(command.strip())
         if saved_run.exists():
             saved = json.loads(saved_run.read_text())
             saved["families"][family][NAME] = report_entry(results[family])

@@ -39,8 +39,9 @@ def _within_prompt_kendall(pred: np.ndarray, target: np.ndarray, group: np.ndarr
 
 
 def probe_predictions(probe: Probe, metadata: ProbeMetadata, arrays: DatasetArrays, batch_size: int = 256) -> torch.Tensor:
-    """The probe's score of every row of ``arrays``, ``[N]`` float32 in evaluator units
-    (``pred * score_std + score_mean``), reading what the probe reads (activations, x0, text)."""
+    """The probe's score of every row of ``arrays``, ``[N]`` float64 in evaluator units
+    (``pred * score_std + score_mean``, scaled in float64 as the streamed path scales it, so the two paths
+    order near-ties alike), reading what the probe reads (activations, x0, text)."""
     device = next(probe.parameters()).device
     preds = []
     with torch.no_grad():
@@ -59,13 +60,13 @@ def probe_predictions(probe: Probe, metadata: ProbeMetadata, arrays: DatasetArra
                 x0 = arrays.x0[rows].to(device)
             preds.append(probe(features, t, text, x0).float().cpu())
     pred = torch.cat(preds) if preds else torch.zeros(0)
-    return pred * metadata.score_std + metadata.score_mean
+    return pred.double() * metadata.score_std + metadata.score_mean
 
 
 def evaluate_probe_on(probe: Probe, metadata: ProbeMetadata, arrays: DatasetArrays,
                       batch_size: int = 256) -> ProbeEvaluation:
     """Score every row of `arrays` with the probe and compare with the evaluator's scores."""
-    predicted = probe_predictions(probe, metadata, arrays, batch_size).numpy().astype(np.float64)
+    predicted = probe_predictions(probe, metadata, arrays, batch_size).numpy()
     return evaluation_from_predictions(predicted, arrays.scores.double().numpy(), arrays.prompt_groups().numpy())
 
 

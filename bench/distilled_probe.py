@@ -52,6 +52,14 @@ TEACHERS = {"now": "the preview at the row's own checkpoint",
 EPOCHS = 10                            # at most: validation picks the epoch
 PROBE = dict(inputs=("x0",), x0_size=16, text_film=True, x0_stem_width=48, x0_widths=(96, 160), embed_dim=128,
              mlp_hidden=256, head_hidden=(128,), pooled_size=4, attention=False)
+# Other shapes of the distilled probe (--probe), to ask whether the probe's reading of the latent is what limits it:
+# "fine" keeps where each shape sits (the relations the evaluator reads), "wide" has more channels throughout.
+PROBE_SHAPES = {"default": "the report's", "fine": "the x0 branch's 8x8 grid read whole (one down block)",
+                "wide": "about 1.8 times the default's channels"}
+PROBES = {"default": PROBE,
+          "fine": {**PROBE, "x0_widths": (96,), "pooled_size": 8},
+          "wide": {**PROBE, "x0_stem_width": 64, "x0_widths": (128, 224), "embed_dim": 192, "mlp_hidden": 384,
+                   "head_hidden": (192,)}}
 
 
 def teacher_readings(latent: torch.Tensor, prompts: list[str], family: str) -> torch.Tensor:
@@ -200,15 +208,17 @@ def teacher_of(training: dict) -> str:
 
 
 def set_key(training: dict) -> str:
-    """A run's entry in the record of training sets: its sets, and its teacher unless the first one."""
-    teacher = teacher_of(training)
-    return "+".join(training["sets"]) + ("" if teacher == "now" else f" ({teacher} teacher)")
+    """A run's entry in the record of training sets: its sets, and its teacher and probe unless the defaults."""
+    variant = [f"{teacher_of(training)} teacher"] if teacher_of(training) != "now" else []
+    variant += [f"{training['probe']} probe"] if training.get("probe", "default") != "default" else []
+    return "+".join(training["sets"]) + (f" ({', '.join(variant)})" if variant else "")
 
 
 def measure(family: str, cache: Path, epochs: int, reuse: bool = False, early_rows: bool = True,
-            teacher: str = "now", aside: bool = False) -> dict:
-    """Distil, fold and judge one family's probe. ``aside``: its files go to a folder of their own under the cache's
-    probes/ (named after the run's sets and teacher), leaving the report's probe files alone."""
+            teacher: str = "now", aside: bool = False, probe_shape: str = "default") -> dict:
+    """Distil, fold and judge one family's probe (``probe_shape``: one of PROBES). ``aside``: its files go to a
+    folder of their own under the cache's probes/ (named after the run's sets, teacher and probe), leaving the
+    report's probe files alone."""
     from probe_select.probes.atomic import atomic_write
     from probe_select.probes.model import ProbeConfig, build_probe
     from probe_select.probes.training.distillation import DistillConfig, distill_probe, widen_head
@@ -222,7 +232,8 @@ def measure(family: str, cache: Path, epochs: int, reuse: bool = False, early_ro
             sets.append(name)
     probe_dir = cache / "probes"
     if aside:
-        probe_dir = probe_dir / f"{family}_{NAME}_{'+'.join(sets)}_{teacher}"
+        probe_dir = probe_dir / (f"{family}_{NAME}_{'+'.join(sets)}_{teacher}"
+                                 + ("" if probe_shape == "default" else f"_{probe_shape}"))
     rows = Rows(parts)
     fit_mask, is_val, chosen = validation_split(rows.prompts, rows.final.numpy())
     fit, val = rows.rows(fit_mask), rows.rows(is_val)
@@ -232,7 +243,7 @@ def measure(family: str, cache: Path, epochs: int, reuse: bool = False, early_ro
              time.perf_counter() - started)
     manifest = train.manifest
     config = ProbeConfig(in_channels=manifest.feature_shape[0], feature_size=manifest.feature_shape[1],
-                         x0_channels=manifest.x0_shape[0], text_dim=manifest.text_dim, **PROBE)
+                         x0_channels=manifest.x0_shape[0], text_dim=manifest.text_dim, **PROBES[probe_shape])
 
     def validate(probe) -> float:
         figures = [ranker_within(probe, fit, val, at) for at in VALIDATION_AT]
@@ -256,7 +267,7 @@ def measure(family: str, cache: Path, epochs: int, reuse: bool = False, early_ro
     best = max(history, key=lambda h: h["validation"])
     training = {"method": f"distilled from the evaluator's factors on the decoded x0 preview ({TEACHERS[teacher]}), "
                           "then a linear ranker",
-                "teacher": teacher, "readings": list(preview_reward.feature_names(TEACHER_SCALES)), "views": VIEWS,
+                "teacher": teacher, "probe": probe_shape, "readings": list(preview_reward.feature_names(TEACHER_SCALES)), "views": VIEWS,
                 "sets": sets, "train_rows": int(fit_mask.sum()),
                 "unfinished_rows": unfinished,
                 "validation_rows": int(is_val.sum()), "epochs": epochs,
@@ -388,7 +399,8 @@ def markdown(results: dict, command: str) -> str:
                          f"{p['within']:.3f} [{p['low']:.3f}, {p['high']:.3f}] |")
     lines += ["", "## More rows and other teachers", "",
               "Each combination of training sets and teacher measured (the newest run last; the early set: candidates "
-              "stopped at t = 0.4, no finished image; the later teacher: " + TEACHERS["later"] + "): training rows (of "
+              "stopped at t = 0.4, no finished image; the later teacher: " + TEACHERS["later"] + "; the probe shapes: "
+              + "; ".join(f"{k}, {v}" for k, v in PROBE_SHAPES.items() if k != "default") + "): training rows (of "
               "them without a finished score), the validation figure of the chosen epoch, held-out within-prompt "
               "Spearman at each checkpoint, and the fraction of best-of-8's compute at which the learned scorer "
               "matches it: two stages at 0.2 and 0.4 with the x0 preview at 0.4, the schedule chosen on one half of "
@@ -468,7 +480,7 @@ def set_figures(result: dict) -> dict:
     both_ways = {key: found for key in learned
                  if len(found := matches(anywhere, key)) == 2 and all(reached for _, reached in found)}
     cheapest = min(both_ways, key=lambda key: max(f for f, _ in both_ways[key]), default=None)
-    figures = {"teacher": teacher_of(training), "train_rows": training["train_rows"],
+    figures = {"teacher": teacher_of(training), "probe": training.get("probe", "default"), "train_rows": training["train_rows"],
             "unfinished_rows": training.get("unfinished_rows", 0),
             "chosen_epoch": training["chosen_epoch"], "epochs": training["epochs"],
             "validation": max(h["validation"] for h in training["history"]),
@@ -540,6 +552,8 @@ def main(argv=None) -> dict:
                         help="leave the early set out of the distillation (the main and bulk sets only)")
     parser.add_argument("--teacher", choices=sorted(TEACHERS), default="now",
                         help="what the probe learns to read: " + "; ".join(f"{k}: {v}" for k, v in TEACHERS.items()))
+    parser.add_argument("--probe", choices=sorted(PROBES), default="default",
+                        help="the distilled probe's shape: " + "; ".join(f"{k}: {v}" for k, v in PROBE_SHAPES.items()))
     parser.add_argument("--aside", action="store_true",
                         help="record the run in the table of training sets and teachers only: its probe files in a "
                              "folder of their own, the report's probe files and figures left as they are")
@@ -566,7 +580,7 @@ def main(argv=None) -> dict:
             if family not in results:
                 parser.error(f"--aside records a variant beside a saved run of {family}: run it without --aside first")
             result = measure(family, args.cache, args.epochs, args.reuse_distilled, not args.no_early_rows,
-                             args.teacher, aside=True)
+                             args.teacher, aside=True, probe_shape=args.probe)
             # another run may have recorded its variant while this one trained: read the figures again
             results = json.loads(figures.read_text())
             results[family]["by_sets"] = by_sets(results[family], result)
@@ -575,7 +589,7 @@ def main(argv=None) -> dict:
             continue
         else:
             results[family] = measure(family, args.cache, args.epochs, args.reuse_distilled, not args.no_early_rows,
-                                      args.teacher)
+                                      args.teacher, probe_shape=args.probe)
             results[family]["by_sets"] = by_sets(earlier.get(family), results[family])
         write_figures(command.strip())
         if saved_run.exists():

@@ -228,3 +228,26 @@ def test_a_variant_is_recorded_under_its_teacher_beside_the_saved_runs_own_entry
     unconfirmed = result(["main"], 0.5)
     del unconfirmed["confirmation"]
     assert "confirmed" not in distilled.set_figures(unconfirmed)
+
+
+def test_each_probe_shape_builds_reads_the_latent_and_is_recorded_under_its_own_key(distilled):
+    from probe_select.probes.model import ProbeConfig, build_probe
+    x0, t, text = torch.randn(3, 4, 16, 16), torch.full((3,), 0.2), torch.randn(3, 32)
+    grids, sizes = {}, {}
+    for shape, settings in distilled.PROBES.items():
+        config = ProbeConfig(in_channels=4, feature_size=8, x0_channels=4, text_dim=32, **settings)
+        probe = build_probe(config).eval()
+        with torch.no_grad():
+            assert probe(None, t, text, x0=x0).shape == (3,)
+        grids[shape] = 16 // 2 ** len(config.x0_widths)          # each down block halves the grid
+        sizes[shape] = sum(p.numel() for p in probe.parameters())
+    assert set(distilled.PROBES) == set(distilled.PROBE_SHAPES) and distilled.PROBES["default"] is distilled.PROBE
+    assert grids == {"default": 4, "fine": 8, "wide": 4} and distilled.PROBES["fine"]["pooled_size"] == 8
+    assert sizes["wide"] > 1.5 * sizes["default"]
+
+    training = {"sets": ["main", "early"], "teacher": "later", "probe": "fine"}
+    assert distilled.set_key(training) == "main+early (later teacher, fine probe)"
+    assert distilled.set_key(dict(training, teacher="now")) == "main+early (fine probe)"
+    assert distilled.set_key(dict(training, teacher="now", probe="default")) == "main+early"
+    with pytest.raises(SystemExit):
+        distilled.main(["--probe", "huge"])

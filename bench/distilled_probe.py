@@ -208,20 +208,24 @@ def teacher_of(training: dict) -> str:
 
 
 def set_key(training: dict) -> str:
-    """A run's entry in the record of training sets: its sets, and its teacher and probe unless the defaults."""
+    """A run's entry in the record of training sets: its sets, and its teacher, probe and target unless the
+    defaults."""
     variant = [f"{teacher_of(training)} teacher"] if teacher_of(training) != "now" else []
     variant += [f"{training['probe']} probe"] if training.get("probe", "default") != "default" else []
+    variant += ["centred readings"] if training.get("centred") else []
     return "+".join(training["sets"]) + (f" ({', '.join(variant)})" if variant else "")
 
 
 def measure(family: str, cache: Path, epochs: int, reuse: bool = False, early_rows: bool = True,
-            teacher: str = "now", aside: bool = False, probe_shape: str = "default") -> dict:
-    """Distil, fold and judge one family's probe (``probe_shape``: one of PROBES). ``aside``: its files go to a
-    folder of their own under the cache's probes/ (named after the run's sets, teacher and probe), leaving the
-    report's probe files alone."""
+            teacher: str = "now", aside: bool = False, probe_shape: str = "default", centred: bool = False) -> dict:
+    """Distil, fold and judge one family's probe (``probe_shape``: one of PROBES; ``centred``: it learns the
+    teacher's readings less their prompt's mean at that checkpoint). ``aside``: its files go to a folder of their
+    own under the cache's probes/ (named after the run's sets, teacher, probe and target), leaving the report's
+    probe files alone."""
     from probe_select.probes.atomic import atomic_write
     from probe_select.probes.model import ProbeConfig, build_probe
-    from probe_select.probes.training.distillation import DistillConfig, distill_probe, widen_head
+    from probe_select.probes.training.distillation import (DistillConfig, centre_within_groups, distill_probe,
+                                                           widen_head)
     started = time.perf_counter()
     train, bulk, early, held = datasets(family, cache)
     parts, sets = [Rows.part(train, "train", train.manifest.checkpoints, family, teacher)], ["main"]
@@ -233,8 +237,11 @@ def measure(family: str, cache: Path, epochs: int, reuse: bool = False, early_ro
     probe_dir = cache / "probes"
     if aside:
         probe_dir = probe_dir / (f"{family}_{NAME}_{'+'.join(sets)}_{teacher}"
-                                 + ("" if probe_shape == "default" else f"_{probe_shape}"))
+                                 + ("" if probe_shape == "default" else f"_{probe_shape}")
+                                 + ("_centred" if centred else ""))
     rows = Rows(parts)
+    if centred:     # each group is one prompt of one set at one checkpoint: what a within-prompt ranking compares
+        rows.readings = centre_within_groups(rows.readings, rows.groups)
     fit_mask, is_val, chosen = validation_split(rows.prompts, rows.final.numpy())
     fit, val = rows.rows(fit_mask), rows.rows(is_val)
     unfinished = int((~np.isfinite(fit["final"].numpy())).sum())
@@ -265,11 +272,11 @@ def measure(family: str, cache: Path, epochs: int, reuse: bool = False, early_ro
         kept.parent.mkdir(parents=True, exist_ok=True)
         atomic_write(kept, lambda temp: torch.save((probe.state_dict(), history), temp))
     best = max(history, key=lambda h: h["validation"])
-    training = {"method": f"distilled from the evaluator's factors on the decoded x0 preview ({TEACHERS[teacher]}), "
-                          "then a linear ranker",
-                "teacher": teacher, "probe": probe_shape, "readings": list(preview_reward.feature_names(TEACHER_SCALES)), "views": VIEWS,
-                "sets": sets, "train_rows": int(fit_mask.sum()),
-                "unfinished_rows": unfinished,
+    training = {"method": f"distilled from the evaluator's factors on the decoded x0 preview ({TEACHERS[teacher]}"
+                          + (", less their prompt's mean" if centred else "") + "), then a linear ranker",
+                "teacher": teacher, "probe": probe_shape, "centred": centred,
+                "readings": list(preview_reward.feature_names(TEACHER_SCALES)), "views": VIEWS,
+                "sets": sets, "train_rows": int(fit_mask.sum()), "unfinished_rows": unfinished,
                 "validation_rows": int(is_val.sum()), "epochs": epochs,
                 "chosen_epoch": best["epoch"], "history": history, "checkpoints": list(CHECKPOINTS)}
     # the kept epoch's probe, its ranker refit on every training row (validation prompts too), one file a checkpoint
@@ -480,7 +487,8 @@ def set_figures(result: dict) -> dict:
     both_ways = {key: found for key in learned
                  if len(found := matches(anywhere, key)) == 2 and all(reached for _, reached in found)}
     cheapest = min(both_ways, key=lambda key: max(f for f, _ in both_ways[key]), default=None)
-    figures = {"teacher": teacher_of(training), "probe": training.get("probe", "default"), "train_rows": training["train_rows"],
+    figures = {"teacher": teacher_of(training), "probe": training.get("probe", "default"),
+               "centred": bool(training.get("centred")), "train_rows": training["train_rows"],
             "unfinished_rows": training.get("unfinished_rows", 0),
             "chosen_epoch": training["chosen_epoch"], "epochs": training["epochs"],
             "validation": max(h["validation"] for h in training["history"]),
@@ -554,6 +562,9 @@ def main(argv=None) -> dict:
                         help="what the probe learns to read: " + "; ".join(f"{k}: {v}" for k, v in TEACHERS.items()))
     parser.add_argument("--probe", choices=sorted(PROBES), default="default",
                         help="the distilled probe's shape: " + "; ".join(f"{k}: {v}" for k, v in PROBE_SHAPES.items()))
+    parser.add_argument("--centred", action="store_true",
+                        help="learn the teacher's readings less their prompt's mean at each checkpoint (what a "
+                             "within-prompt ranking reads), not the readings themselves")
     parser.add_argument("--aside", action="store_true",
                         help="record the run in the table of training sets and teachers only: its probe files in a "
                              "folder of their own, the report's probe files and figures left as they are")
@@ -580,7 +591,7 @@ def main(argv=None) -> dict:
             if family not in results:
                 parser.error(f"--aside records a variant beside a saved run of {family}: run it without --aside first")
             result = measure(family, args.cache, args.epochs, args.reuse_distilled, not args.no_early_rows,
-                             args.teacher, aside=True, probe_shape=args.probe)
+                             args.teacher, aside=True, probe_shape=args.probe, centred=args.centred)
             # another run may have recorded its variant while this one trained: read the figures again
             results = json.loads(figures.read_text())
             results[family]["by_sets"] = by_sets(results[family], result)
@@ -589,7 +600,7 @@ def main(argv=None) -> dict:
             continue
         else:
             results[family] = measure(family, args.cache, args.epochs, args.reuse_distilled, not args.no_early_rows,
-                                      args.teacher, probe_shape=args.probe)
+                                      args.teacher, probe_shape=args.probe, centred=args.centred)
             results[family]["by_sets"] = by_sets(earlier.get(family), results[family])
         write_figures(command.strip())
         if saved_run.exists():

@@ -6,7 +6,7 @@ import torch
 from probe_select.probes.io import ProbeMetadata, load_probe, save_probe
 from probe_select.probes.model import ProbeConfig, build_probe
 from probe_select.probes.training.distillation import (
-    DistillConfig, LinearRanker, distill_probe, fit_linear_ranker, flip_view, fold_ranker, widen_head)
+    DistillConfig, LinearRanker, centre_within_groups, distill_probe, fit_linear_ranker, flip_view, fold_ranker, widen_head)
 from probe_select.probes.training.metrics import within_prompt_spearman
 
 TINY = ProbeConfig(in_channels=8, feature_size=4, inputs=("x0",), x0_size=8, x0_stem_width=8, x0_widths=(16,),
@@ -137,3 +137,19 @@ def test_distillation_is_reproducible_from_its_seed_whatever_the_global_random_s
         with torch.no_grad():
             outputs.append(probe(None, t, text, x0=x0))
     assert torch.equal(outputs[0], outputs[1])
+
+
+def test_centring_within_groups_leaves_only_how_a_groups_rows_differ_in_every_view_and_reading():
+    torch.manual_seed(0)
+    groups = np.array([3, 7, 3, 3, 7, 9])                    # any labels, rows of one group anywhere
+    targets = torch.randn(6, 2, 5) + torch.tensor([10.0, -4.0, 0.0, 2.0, 8.0, 1.0]).view(6, 1, 1)
+    centred = centre_within_groups(targets, groups)
+    assert centred.shape == targets.shape and centred.dtype == targets.dtype
+    for g in (3, 7, 9):
+        rows = torch.as_tensor(groups == g)
+        assert torch.allclose(centred[rows].mean(0), torch.zeros(2, 5), atol=1e-6)
+        # differences between a group's rows are kept exactly
+        assert torch.allclose(centred[rows] - centred[rows][:1], targets[rows] - targets[rows][:1], atol=1e-5)
+    assert torch.equal(centred[5], torch.zeros(2, 5))         # a group of one row has nothing to rank
+    with pytest.raises(ValueError, match="one group per row"):
+        centre_within_groups(targets, groups[:5])

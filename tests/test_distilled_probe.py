@@ -249,5 +249,6 @@ def test_each_probe_shape_builds_reads_the_latent_and_is_recorded_under_its_own_
     assert distilled.set_key(training) == "main+early (later teacher, fine probe)"
     assert distilled.set_key(dict(training, teacher="now")) == "main+early (fine probe)"
     assert distilled.set_key(dict(training, teacher="now", probe="default")) == "main+early"
+    assert distilled.set_key(dict(training, centred=True)) == "main+early (later teacher, fine probe, centred readings)"
     with pytest.raises(SystemExit):
         distilled.main(["--probe", "huge"])

@@ -31,8 +31,8 @@ from torch import Tensor, nn
 
 from ..model import Probe, ProbeConfig, build_probe
 
-__all__ = ["FLIP_VIEWS", "DistillConfig", "LinearRanker", "flip_view", "widen_head", "distill_probe", "within_pairs",
-           "fit_pairwise", "fit_linear_ranker", "fold_ranker"]
+__all__ = ["FLIP_VIEWS", "DistillConfig", "LinearRanker", "flip_view", "centre_within_groups", "widen_head",
+           "distill_probe", "within_pairs", "fit_pairwise", "fit_linear_ranker", "fold_ranker"]
 
 logger = logging.getLogger(__name__)
 
@@ -63,6 +63,26 @@ class DistillConfig:
                 raise ValueError(f"DistillConfig.{name} must be >= 1, got {getattr(self, name)}")
         if not self.lr > 0:
             raise ValueError(f"DistillConfig.lr must be > 0, got {self.lr}")
+
+
+def centre_within_groups(targets: Tensor, groups) -> Tensor:
+    """``targets [rows, ...]`` less the mean of their group's rows, element by element (a group: the candidates of
+    one prompt at one checkpoint).
+
+    A within-prompt ranking reads only how a prompt's candidates differ; what they share (most of what the prompt
+    alone decides) is a per-prompt constant it ignores. Regressing the centred readings spends the loss, and the
+    standardisation's scale, on the differences.
+    """
+    group = torch.as_tensor(groups, dtype=torch.long)
+    if group.shape != (targets.shape[0],):
+        raise ValueError(f"centre_within_groups: one group per row, got {tuple(group.shape)} for "
+                         f"{targets.shape[0]} rows")
+    _, member = torch.unique(group, return_inverse=True)
+    flat = targets.reshape(targets.shape[0], -1).double()
+    sums = torch.zeros(int(member.max()) + 1 if len(member) else 0, flat.shape[1], dtype=torch.float64)
+    sums.index_add_(0, member, flat)
+    means = sums / torch.bincount(member).double().unsqueeze(1)
+    return (flat - means[member]).reshape(targets.shape).to(targets.dtype)
 
 
 def widen_head(probe: Probe, outputs: int) -> Probe:

@@ -208,18 +208,20 @@ def teacher_of(training: dict) -> str:
 
 
 def set_key(training: dict) -> str:
-    """A run's entry in the record of training sets: its sets, and its teacher, probe and target unless the
+    """A run's entry in the record of training sets: its sets, and its teacher, probe, target and seed unless the
     defaults."""
     variant = [f"{teacher_of(training)} teacher"] if teacher_of(training) != "now" else []
     variant += [f"{training['probe']} probe"] if training.get("probe", "default") != "default" else []
     variant += ["centred readings"] if training.get("centred") else []
+    variant += [f"seed {training['seed']}"] if training.get("seed", 0) else []
     return "+".join(training["sets"]) + (f" ({', '.join(variant)})" if variant else "")
 
 
 def measure(family: str, cache: Path, epochs: int, reuse: bool = False, early_rows: bool = True,
-            teacher: str = "now", aside: bool = False, probe_shape: str = "default", centred: bool = False) -> dict:
+            teacher: str = "now", aside: bool = False, probe_shape: str = "default", centred: bool = False,
+            seed: int = 0) -> dict:
     """Distil, fold and judge one family's probe (``probe_shape``: one of PROBES; ``centred``: it learns the
-    teacher's readings less their prompt's mean at that checkpoint). ``aside``: its files go to a folder of their
+    teacher's readings less their prompt's mean at that checkpoint; ``seed``: the distillation's). ``aside``: its files go to a folder of their
     own under the cache's probes/ (named after the run's sets, teacher, probe and target), leaving the report's
     probe files alone."""
     from probe_select.probes.atomic import atomic_write
@@ -238,7 +240,7 @@ def measure(family: str, cache: Path, epochs: int, reuse: bool = False, early_ro
     if aside:
         probe_dir = probe_dir / (f"{family}_{NAME}_{'+'.join(sets)}_{teacher}"
                                  + ("" if probe_shape == "default" else f"_{probe_shape}")
-                                 + ("_centred" if centred else ""))
+                                 + ("_centred" if centred else "") + (f"_seed{seed}" if seed else ""))
     rows = Rows(parts)
     if centred:     # each group is one prompt of one set at one checkpoint: what a within-prompt ranking compares
         rows.readings = centre_within_groups(rows.readings, rows.groups)
@@ -268,13 +270,13 @@ def measure(family: str, cache: Path, epochs: int, reuse: bool = False, early_ro
         log.info("%s: reusing the distilled probe in %s", family, kept)
     else:
         probe, history = distill_probe(config, fit["x0"], fit["t"], fit["text"], fit["readings"],
-                                       DistillConfig(epochs=epochs), validate)
+                                       DistillConfig(epochs=epochs, seed=seed), validate)
         kept.parent.mkdir(parents=True, exist_ok=True)
         atomic_write(kept, lambda temp: torch.save((probe.state_dict(), history), temp))
     best = max(history, key=lambda h: h["validation"])
     training = {"method": f"distilled from the evaluator's factors on the decoded x0 preview ({TEACHERS[teacher]}"
                           + (", less their prompt's mean" if centred else "") + "), then a linear ranker",
-                "teacher": teacher, "probe": probe_shape, "centred": centred,
+                "teacher": teacher, "probe": probe_shape, "centred": centred, "seed": seed,
                 "readings": list(preview_reward.feature_names(TEACHER_SCALES)), "views": VIEWS,
                 "sets": sets, "train_rows": int(fit_mask.sum()), "unfinished_rows": unfinished,
                 "validation_rows": int(is_val.sum()), "epochs": epochs,
@@ -565,6 +567,9 @@ def main(argv=None) -> dict:
     parser.add_argument("--centred", action="store_true",
                         help="learn the teacher's readings less their prompt's mean at each checkpoint (what a "
                              "within-prompt ranking reads), not the readings themselves")
+    parser.add_argument("--seed", type=int, default=0,
+                        help="the distillation's seed (initial weights, order of rows, views): a second seed tells "
+                             "how far two runs of one variant differ")
     parser.add_argument("--aside", action="store_true",
                         help="record the run in the table of training sets and teachers only: its probe files in a "
                              "folder of their own, the report's probe files and figures left as they are")
@@ -591,7 +596,8 @@ def main(argv=None) -> dict:
             if family not in results:
                 parser.error(f"--aside records a variant beside a saved run of {family}: run it without --aside first")
             result = measure(family, args.cache, args.epochs, args.reuse_distilled, not args.no_early_rows,
-                             args.teacher, aside=True, probe_shape=args.probe, centred=args.centred)
+                             args.teacher, aside=True, probe_shape=args.probe, centred=args.centred,
+                             seed=args.seed)
             # another run may have recorded its variant while this one trained: read the figures again
             results = json.loads(figures.read_text())
             results[family]["by_sets"] = by_sets(results[family], result)
@@ -600,7 +606,8 @@ def main(argv=None) -> dict:
             continue
         else:
             results[family] = measure(family, args.cache, args.epochs, args.reuse_distilled, not args.no_early_rows,
-                                      args.teacher, probe_shape=args.probe, centred=args.centred)
+                                      args.teacher, probe_shape=args.probe, centred=args.centred,
+                                      seed=args.seed)
             results[family]["by_sets"] = by_sets(earlier.get(family), results[family])
         write_figures(command.strip())
         if saved_run.exists():

@@ -250,5 +250,6 @@ def test_each_probe_shape_builds_reads_the_latent_and_is_recorded_under_its_own_
     assert distilled.set_key(dict(training, teacher="now")) == "main+early (fine probe)"
     assert distilled.set_key(dict(training, teacher="now", probe="default")) == "main+early"
     assert distilled.set_key(dict(training, centred=True)) == "main+early (later teacher, fine probe, centred readings)"
+    assert distilled.set_key(dict(training, teacher="now", probe="default", seed=1)) == "main+early (seed 1)"
     with pytest.raises(SystemExit):
         distilled.main(["--probe", "huge"])

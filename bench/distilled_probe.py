@@ -28,6 +28,7 @@ import json
 import logging
 import sys
 import time
+from dataclasses import asdict, dataclass
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
@@ -201,35 +202,55 @@ def datasets(family: str, cache: Path) -> tuple:
     return train, bulk, early, held
 
 
-def teacher_of(training: dict) -> str:
-    """The teacher a run learnt from (runs from before the later teacher recorded the readings' names there)."""
-    teacher = training.get("teacher", "now")
-    return teacher if isinstance(teacher, str) else "now"
+@dataclass(frozen=True)
+class Variant:
+    """How a run distils, its training sets aside; the defaults are the report's run. ``teacher``: one of TEACHERS;
+    ``probe``: one of PROBES; ``centred``: the probe learns the teacher's readings less their prompt's mean at each
+    checkpoint (:func:`~probes.training.distillation.centre_within_groups`); ``seed``: the distillation's."""
+
+    teacher: str = "now"
+    probe: str = "default"
+    centred: bool = False
+    seed: int = 0
+
+    def __post_init__(self) -> None:
+        if self.teacher not in TEACHERS:
+            raise ValueError(f"teacher must be one of {sorted(TEACHERS)}, got {self.teacher!r}")
+        if self.probe not in PROBES:
+            raise ValueError(f"probe must be one of {sorted(PROBES)}, got {self.probe!r}")
+
+    @classmethod
+    def of(cls, training: dict) -> "Variant":
+        """The variant a run's training record names (runs from before the later teacher stored the readings' names
+        under "teacher"; runs from before the other fields were the defaults)."""
+        teacher = training.get("teacher", "now")
+        return cls(teacher=teacher if isinstance(teacher, str) else "now", probe=training.get("probe", "default"),
+                   centred=bool(training.get("centred", False)), seed=int(training.get("seed", 0)))
+
+    def words(self) -> list[str]:
+        """What sets it apart from the defaults, in words ([] for the report's run)."""
+        return ([f"{self.teacher} teacher"] if self.teacher != "now" else []) \
+            + ([f"{self.probe} probe"] if self.probe != "default" else []) \
+            + (["centred readings"] if self.centred else []) + ([f"seed {self.seed}"] if self.seed else [])
 
 
 def set_key(training: dict) -> str:
-    """A run's entry in the record of training sets: its sets, and its teacher, probe, target and seed unless the
-    defaults."""
-    variant = [f"{teacher_of(training)} teacher"] if teacher_of(training) != "now" else []
-    variant += [f"{training['probe']} probe"] if training.get("probe", "default") != "default" else []
-    variant += ["centred readings"] if training.get("centred") else []
-    variant += [f"seed {training['seed']}"] if training.get("seed", 0) else []
-    return "+".join(training["sets"]) + (f" ({', '.join(variant)})" if variant else "")
+    """A run's entry in the record of training sets: its sets, and its variant unless the defaults."""
+    words = Variant.of(training).words()
+    return "+".join(training["sets"]) + (f" ({', '.join(words)})" if words else "")
 
 
 def measure(family: str, cache: Path, epochs: int, reuse: bool = False, early_rows: bool = True,
-            teacher: str = "now", aside: bool = False, probe_shape: str = "default", centred: bool = False,
-            seed: int = 0) -> dict:
-    """Distil, fold and judge one family's probe (``probe_shape``: one of PROBES; ``centred``: it learns the
-    teacher's readings less their prompt's mean at that checkpoint; ``seed``: the distillation's). ``aside``: its files go to a folder of their
-    own under the cache's probes/ (named after the run's sets, teacher, probe and target), leaving the report's
-    probe files alone."""
+            variant: Variant = Variant(), aside: bool = False) -> dict:
+    """Distil, fold and judge one family's probe. ``aside``: its files go to a folder of their own under the cache's
+    probes/ (named after the run's sets and variant), leaving the report's probe files alone."""
     from probe_select.probes.atomic import atomic_write
     from probe_select.probes.model import ProbeConfig, build_probe
     from probe_select.probes.training.distillation import (DistillConfig, centre_within_groups, distill_probe,
                                                            widen_head)
     started = time.perf_counter()
     train, bulk, early, held = datasets(family, cache)
+    teacher = variant.teacher
     parts, sets = [Rows.part(train, "train", train.manifest.checkpoints, family, teacher)], ["main"]
     for name, dataset in (("bulk", bulk), ("early", early if early_rows else None)):
         if dataset is not None:
@@ -238,11 +259,10 @@ def measure(family: str, cache: Path, epochs: int, reuse: bool = False, early_ro
             sets.append(name)
     probe_dir = cache / "probes"
     if aside:
-        probe_dir = probe_dir / (f"{family}_{NAME}_{'+'.join(sets)}_{teacher}"
-                                 + ("" if probe_shape == "default" else f"_{probe_shape}")
-                                 + ("_centred" if centred else "") + (f"_seed{seed}" if seed else ""))
+        probe_dir = probe_dir / "_".join([f"{family}_{NAME}_{'+'.join(sets)}"]
+                                         + [word.replace(" ", "-") for word in variant.words()])
     rows = Rows(parts)
-    if centred:     # each group is one prompt of one set at one checkpoint: what a within-prompt ranking compares
+    if variant.centred:     # each group is one prompt of one set at one checkpoint: what a within-prompt ranking compares
         rows.readings = centre_within_groups(rows.readings, rows.groups)
     fit_mask, is_val, chosen = validation_split(rows.prompts, rows.final.numpy())
     fit, val = rows.rows(fit_mask), rows.rows(is_val)
@@ -252,7 +272,7 @@ def measure(family: str, cache: Path, epochs: int, reuse: bool = False, early_ro
              time.perf_counter() - started)
     manifest = train.manifest
     config = ProbeConfig(in_channels=manifest.feature_shape[0], feature_size=manifest.feature_shape[1],
-                         x0_channels=manifest.x0_shape[0], text_dim=manifest.text_dim, **PROBES[probe_shape])
+                         x0_channels=manifest.x0_shape[0], text_dim=manifest.text_dim, **PROBES[variant.probe])
 
     def validate(probe) -> float:
         figures = [ranker_within(probe, fit, val, at) for at in VALIDATION_AT]
@@ -270,13 +290,13 @@ def measure(family: str, cache: Path, epochs: int, reuse: bool = False, early_ro
         log.info("%s: reusing the distilled probe in %s", family, kept)
     else:
         probe, history = distill_probe(config, fit["x0"], fit["t"], fit["text"], fit["readings"],
-                                       DistillConfig(epochs=epochs, seed=seed), validate)
+                                       DistillConfig(epochs=epochs, seed=variant.seed), validate)
         kept.parent.mkdir(parents=True, exist_ok=True)
         atomic_write(kept, lambda temp: torch.save((probe.state_dict(), history), temp))
     best = max(history, key=lambda h: h["validation"])
     training = {"method": f"distilled from the evaluator's factors on the decoded x0 preview ({TEACHERS[teacher]}"
-                          + (", less their prompt's mean" if centred else "") + "), then a linear ranker",
-                "teacher": teacher, "probe": probe_shape, "centred": centred, "seed": seed,
+                          + (", less their prompt's mean" if variant.centred else "") + "), then a linear ranker",
+                **asdict(variant),
                 "readings": list(preview_reward.feature_names(TEACHER_SCALES)), "views": VIEWS,
                 "sets": sets, "train_rows": int(fit_mask.sum()), "unfinished_rows": unfinished,
                 "validation_rows": int(is_val.sum()), "epochs": epochs,
@@ -489,15 +509,14 @@ def set_figures(result: dict) -> dict:
     both_ways = {key: found for key in learned
                  if len(found := matches(anywhere, key)) == 2 and all(reached for _, reached in found)}
     cheapest = min(both_ways, key=lambda key: max(f for f, _ in both_ways[key]), default=None)
-    figures = {"teacher": teacher_of(training), "probe": training.get("probe", "default"),
-               "centred": bool(training.get("centred")), "train_rows": training["train_rows"],
-            "unfinished_rows": training.get("unfinished_rows", 0),
-            "chosen_epoch": training["chosen_epoch"], "epochs": training["epochs"],
-            "validation": max(h["validation"] for h in training["history"]),
-            "heldout": {t: f[NAME] for t, f in result["heldout"].items()},
-            "mix_match": matches(eq, mix),
-            "cheapest_anywhere": {"method": cheapest, "fractions": [f for f, _ in both_ways[cheapest]]} if cheapest
-            else {}}
+    figures = {**asdict(Variant.of(training)), "train_rows": training["train_rows"],
+               "unfinished_rows": training.get("unfinished_rows", 0),
+               "chosen_epoch": training["chosen_epoch"], "epochs": training["epochs"],
+               "validation": max(h["validation"] for h in training["history"]),
+               "heldout": {t: f[NAME] for t, f in result["heldout"].items()},
+               "mix_match": matches(eq, mix),
+               "cheapest_anywhere": {"method": cheapest, "fractions": [f for f, _ in both_ways[cheapest]]}
+               if cheapest else {}}
     confirmation = result.get("confirmation")
     if confirmation:
         # the cheapest schedule reading the probe, chosen on every held-out prompt, that reaches best-of-8 on the
@@ -576,6 +595,7 @@ def main(argv=None) -> dict:
     parser.add_argument("--reuse-distilled", action="store_true",
                         help="start from the distilled probe a previous run kept in the cache (ranker, files, figures again)")
     args = parser.parse_args(argv)
+    variant = Variant(args.teacher, args.probe, args.centred, args.seed)
     logging.basicConfig(level=logging.INFO, format="%(message)s")
     proxy_bench._modules()
     from probe_select.probes.atomic import atomic_write_text
@@ -596,8 +616,7 @@ def main(argv=None) -> dict:
             if family not in results:
                 parser.error(f"--aside records a variant beside a saved run of {family}: run it without --aside first")
             result = measure(family, args.cache, args.epochs, args.reuse_distilled, not args.no_early_rows,
-                             args.teacher, aside=True, probe_shape=args.probe, centred=args.centred,
-                             seed=args.seed)
+                             variant, aside=True)
             # another run may have recorded its variant while this one trained: read the figures again
             results = json.loads(figures.read_text())
             results[family]["by_sets"] = by_sets(results[family], result)
@@ -606,8 +625,7 @@ def main(argv=None) -> dict:
             continue
         else:
             results[family] = measure(family, args.cache, args.epochs, args.reuse_distilled, not args.no_early_rows,
-                                      args.teacher, probe_shape=args.probe, centred=args.centred,
-                                      seed=args.seed)
+                                      variant)
             results[family]["by_sets"] = by_sets(earlier.get(family), results[family])
         write_figures(command.strip())
         if saved_run.exists():

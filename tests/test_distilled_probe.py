@@ -230,7 +230,7 @@ def test_a_variant_is_recorded_under_its_teacher_beside_the_saved_runs_own_entry
     assert "confirmed" not in distilled.set_figures(unconfirmed)
 
 
-def test_each_probe_shape_builds_reads_the_latent_and_is_recorded_under_its_own_key(distilled):
+def test_each_probe_shape_builds_and_each_variant_is_recorded_under_its_own_key(distilled):
     from probe_select.probes.model import ProbeConfig, build_probe
     x0, t, text = torch.randn(3, 4, 16, 16), torch.full((3,), 0.2), torch.randn(3, 32)
     grids, sizes = {}, {}
@@ -251,5 +251,11 @@ def test_each_probe_shape_builds_reads_the_latent_and_is_recorded_under_its_own_
     assert distilled.set_key(dict(training, teacher="now", probe="default")) == "main+early"
     assert distilled.set_key(dict(training, centred=True)) == "main+early (later teacher, fine probe, centred readings)"
     assert distilled.set_key(dict(training, teacher="now", probe="default", seed=1)) == "main+early (seed 1)"
+    # a run's record names its variant; older records (the readings' names under "teacher") are the defaults
+    assert distilled.Variant.of(dict(training, centred=True, seed=2)) == distilled.Variant("later", "fine", True, 2)
+    assert distilled.Variant.of({"teacher": ["shape", "count"]}) == distilled.Variant()
+    assert distilled.Variant().words() == [] and distilled.Variant(seed=3).words() == ["seed 3"]
+    with pytest.raises(ValueError, match="probe must be one of"):
+        distilled.Variant(probe="huge")
     with pytest.raises(SystemExit):
         distilled.main(["--probe", "huge"])

@@ -54,13 +54,17 @@ EPOCHS = 10                            # at most: validation picks the epoch
 PROBE = dict(inputs=("x0",), x0_size=16, text_film=True, x0_stem_width=48, x0_widths=(96, 160), embed_dim=128,
              mlp_hidden=256, head_hidden=(128,), pooled_size=4, attention=False)
 # Other shapes of the distilled probe (--probe), to ask whether the probe's reading of the latent is what limits it:
-# "fine" keeps where each shape sits (the relations the evaluator reads), "wide" has more channels throughout.
+# "fine" keeps where each shape sits (the relations the evaluator reads), "wide" has more channels throughout,
+# "keypoints" reads where 8 text-conditioned maps of the full grid peak (the evaluator's relation compares the
+# centroids of two objects: no other shape learnt to read it).
 PROBE_SHAPES = {"default": "the report's", "fine": "the x0 branch's 8x8 grid read whole (one down block)",
-                "wide": "about 1.8 times the default's channels"}
+                "wide": "about 1.8 times the default's channels",
+                "keypoints": "the default reading where 8 text-conditioned maps of the full grid peak"}
 PROBES = {"default": PROBE,
           "fine": {**PROBE, "x0_widths": (96,), "pooled_size": 8},
           "wide": {**PROBE, "x0_stem_width": 64, "x0_widths": (128, 224), "embed_dim": 192, "mlp_hidden": 384,
-                   "head_hidden": (192,)}}
+                   "head_hidden": (192,)},
+          "keypoints": {**PROBE, "x0_keypoints": 8}}
 
 
 def teacher_readings(latent: torch.Tensor, prompts: list[str], family: str) -> torch.Tensor:

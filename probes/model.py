@@ -10,7 +10,8 @@ Layout (defaults in brackets)::
     x0 latent [B, c, S, S] (only when "x0" in inputs; the sampler's x0 prediction pooled to S = x0_size)
       --GroupNorm--> 3x3 conv stem [32] -> per x0 width [64, 128]: ResBlock(time) -> stride-2 conv
       -> GroupNorm, SiLU -> adaptive avg pool to pooled_size^2, + per-channel mean/std of the raw
-      latent (the scale GroupNorm removes) -> MLP -> u_x0 [embed_dim]
+      latent (the scale GroupNorm removes), + where x0_keypoints maps of the first ResBlock's output
+      (full grid) peak (soft-argmax: x, y each; none by default) -> MLP -> u_x0 [embed_dim]
     u = u_act, or u_x0, or Linear(concat[u_act, u_x0]) when the probe reads both (config.inputs)
     text [B, text_dim] -> MLP -> e [embed_dim]                       (only when text_dim > 0)
     head: MLP over u, or over concat[u, e, u*e, |u-e|] -> score [B]
@@ -30,7 +31,7 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 __all__ = ["PROBE_INPUTS", "PROBE_INPUT_CHOICES", "ProbeConfig", "Probe", "build_probe", "parse_probe_inputs",
-           "timestep_embedding"]
+           "spatial_soft_argmax", "timestep_embedding"]
 
 # The diffusion convention: t in [0, 1] is scaled to [0, 1000] before the sinusoidal embedding so
 # that its frequencies cover the same range as in the denoisers the activations come from.
@@ -83,6 +84,11 @@ class ProbeConfig:
             blue one": the prompt has to steer the encoder while the layout is still spatial. (A config
             may say text_film before its text_dim is known, as a training setting does before the
             dataset fills it in; building the probe checks it.)
+        x0_keypoints: how many keypoint maps the x0 branch reads positions from (0: none). Each is a 1x1 conv of
+            the first ResBlock's output at the latent's full grid, time- and text-conditioned, read as the
+            (x, y) its softmax over positions expects. A relation such as "the red circle left of the blue
+            square" compares two such positions; pooled features only say roughly where mass is, and a
+            distilled probe without keypoints could not read the evaluator's relation factor at all.
 
     The x0 fields and ``text_film`` are left out of :meth:`to_dict` while they keep their defaults, so that a
     config written for an activations-only probe is the same JSON as before they existed.
@@ -105,6 +111,7 @@ class ProbeConfig:
     x0_stem_width: int = 32
     x0_widths: tuple[int, ...] = (64, 128)
     text_film: bool = False
+    x0_keypoints: int = 0
 
     def __post_init__(self) -> None:
         # Accept lists (JSON) and store tuples so that configs compare equal and stay hashable.
@@ -120,6 +127,7 @@ class ProbeConfig:
         for name in positive:
             _check_int(name, getattr(self, name), minimum=1)
         _check_int("text_dim", self.text_dim, minimum=0)
+        _check_int("x0_keypoints", self.x0_keypoints, minimum=0)
         for name in ("widths", "head_hidden", "x0_widths"):
             for value in getattr(self, name):
                 _check_int(f"{name} entry", value, minimum=1)
@@ -179,7 +187,7 @@ class ProbeConfig:
 
 
 # Fields added after the first probe files; to_dict leaves them out at their defaults (see ProbeConfig).
-_OPTIONAL_FIELDS = ("inputs", "x0_channels", "x0_size", "x0_stem_width", "x0_widths", "text_film")
+_OPTIONAL_FIELDS = ("inputs", "x0_channels", "x0_size", "x0_stem_width", "x0_widths", "text_film", "x0_keypoints")
 
 
 def _check_int(name: str, value: Any, minimum: int) -> None:
@@ -194,6 +202,18 @@ def _num_groups(channels: int) -> int:
         if channels % groups == 0 and channels // groups >= 4:
             return groups
     return 1
+
+
+def spatial_soft_argmax(logits: Tensor) -> Tensor:
+    """``[B, 2K]``: for each of the ``K`` maps of ``logits [B, K, H, W]``, the (x, y) its softmax over positions
+    expects, both in [-1, 1] (grid cell centres; x to the right, y down), x and y of a map side by side."""
+    batch, maps, height, width = logits.shape
+    weights = logits.flatten(2).softmax(-1).view(batch, maps, height, width)
+    xs = torch.linspace(-1 + 1 / width, 1 - 1 / width, width, device=logits.device, dtype=logits.dtype)
+    ys = torch.linspace(-1 + 1 / height, 1 - 1 / height, height, device=logits.device, dtype=logits.dtype)
+    x = (weights.sum(2) * xs).sum(-1)
+    y = (weights.sum(3) * ys).sum(-1)
+    return torch.stack([x, y], -1).flatten(1)
 
 
 def timestep_embedding(t: Tensor, dim: int) -> Tensor:
@@ -311,8 +331,8 @@ class Probe(nn.Module):
             self.x0_stem = nn.Conv2d(config.x0_channels, config.x0_stem_width, 3, padding=1)
             self.x0_blocks, channels = _down_blocks(config.x0_stem_width, config.x0_widths, config.time_embed_dim)
             self.x0_out_norm = nn.GroupNorm(_num_groups(channels), channels)
-            self.x0_mlp = _mlp([channels * config.pooled_size**2 + 2 * config.x0_channels, config.mlp_hidden,
-                                config.embed_dim])
+            self.x0_mlp = _mlp([channels * config.pooled_size**2 + 2 * config.x0_channels + 2 * config.x0_keypoints,
+                                config.mlp_hidden, config.embed_dim])
         self.fuse = nn.Linear(2 * config.embed_dim, config.embed_dim) if len(config.inputs) == 2 else None
         # Where the image embedding u leaves the encoder, whatever it reads: the loss hooks it (InfoNCE).
         self.image_embedding = nn.Identity()
@@ -322,6 +342,8 @@ class Probe(nn.Module):
         # Created last, so that every other module keeps the initial weights a seed gave it before.
         self.text_film = (_mlp([config.text_dim, config.time_embed_dim, config.time_embed_dim])
                           if config.text_film else None)
+        self.x0_keypoint_maps = (nn.Conv2d(config.x0_widths[0], config.x0_keypoints, 1)
+                                 if config.reads_x0 and config.x0_keypoints else None)
 
     def _weight(self) -> Tensor:
         """A weight of the probe: its device and dtype are the ones inputs are cast to."""
@@ -391,11 +413,15 @@ class Probe(nn.Module):
         temb = self._conditioning(t, x.shape[0], text)
         stats = torch.cat([x.mean(dim=(2, 3)), x.std(dim=(2, 3), unbiased=False)], dim=1)
         h = self.x0_stem(self.x0_norm(x))
-        for block in self.x0_blocks:
-            h = block(h, temb)
+        parts = [stats]
+        for i, block in enumerate(self.x0_blocks):
+            h = block.res(h, temb)
+            if i == 0 and self.x0_keypoint_maps is not None:     # the full grid, already text-conditioned
+                parts.append(spatial_soft_argmax(self.x0_keypoint_maps(h)))
+            h = block.down(h)
         h = F.silu(self.x0_out_norm(h))
         h = F.adaptive_avg_pool2d(h, self.config.pooled_size).flatten(1)
-        return self.x0_mlp(torch.cat([h, stats], dim=1))
+        return self.x0_mlp(torch.cat([h, *parts], dim=1))
 
     def embed(self, features: Optional[Tensor], t: Union[float, Tensor], x0: Optional[Tensor] = None,
               text: Optional[Tensor] = None) -> Tensor:

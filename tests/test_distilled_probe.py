@@ -242,7 +242,8 @@ def test_each_probe_shape_builds_and_each_variant_is_recorded_under_its_own_key(
         grids[shape] = 16 // 2 ** len(config.x0_widths)          # each down block halves the grid
         sizes[shape] = sum(p.numel() for p in probe.parameters())
     assert set(distilled.PROBES) == set(distilled.PROBE_SHAPES) and distilled.PROBES["default"] is distilled.PROBE
-    assert grids == {"default": 4, "fine": 8, "wide": 4} and distilled.PROBES["fine"]["pooled_size"] == 8
+    assert grids == {"default": 4, "fine": 8, "wide": 4, "keypoints": 4} and distilled.PROBES["fine"]["pooled_size"] == 8
+    assert distilled.PROBES["keypoints"]["x0_keypoints"] == 8
     assert sizes["wide"] > 1.5 * sizes["default"]
 
     training = {"sets": ["main", "early"], "teacher": "later", "probe": "fine"}

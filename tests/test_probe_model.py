@@ -6,7 +6,7 @@ import pytest
 import torch
 from torch import nn
 
-from probe_select.probes.model import Probe, ProbeConfig, build_probe, timestep_embedding
+from probe_select.probes.model import Probe, ProbeConfig, build_probe, spatial_soft_argmax, timestep_embedding
 
 logger = logging.getLogger(__name__)
 
@@ -171,3 +171,46 @@ def test_probe_in_half_precision_reads_fp16_features():
     scores = probe(features(2, probe.config), 0.2)
     assert scores.dtype == torch.float32 and scores.shape == (2,)
     assert isinstance(probe, Probe)
+
+
+def test_spatial_soft_argmax_finds_where_each_map_peaks():
+    logits = torch.full((2, 3, 4, 8), -50.0)
+    logits[0, 0, 0, 0] = 50.0            # top left cell
+    logits[0, 1, 3, 7] = 50.0            # bottom right cell
+    logits[0, 2, 1, 2] = logits[0, 2, 1, 5] = 50.0    # two equal peaks on one row: halfway between them
+    logits[1] = 0.0                      # flat: the centre
+    points = spatial_soft_argmax(logits)
+    assert points.shape == (2, 6)
+    expected = torch.tensor([[-7 / 8, -3 / 4, 7 / 8, 3 / 4, (-3 / 8 + 3 / 8) / 2, -1 / 4], [0.0] * 6])
+    assert torch.allclose(points, expected, atol=1e-5)
+
+
+def test_keypoints_give_the_x0_branch_positions_and_keep_older_configs_as_they_were():
+    from probe_select.probes.model import _OPTIONAL_FIELDS
+    plain = ProbeConfig(in_channels=4, inputs=("x0",), x0_size=8, x0_stem_width=8, x0_widths=(16, 16), embed_dim=16,
+                        mlp_hidden=16, head_hidden=(8,), pooled_size=2, attention=False)
+    assert "x0_keypoints" in _OPTIONAL_FIELDS and "x0_keypoints" not in plain.to_dict()
+    with_points = ProbeConfig.from_dict({**plain.to_dict(), "x0_keypoints": 3})
+    assert with_points.to_dict()["x0_keypoints"] == 3 and ProbeConfig.from_dict(with_points.to_dict()) == with_points
+    with pytest.raises(ValueError, match="x0_keypoints"):
+        ProbeConfig(in_channels=4, x0_keypoints=-1)
+
+    before, after = build_probe(plain), build_probe(with_points)
+    assert not hasattr(before, "x0_keypoint_maps") or before.x0_keypoint_maps is None
+    assert after.x0_keypoint_maps.out_channels == 3 and after.x0_keypoint_maps.in_channels == 16
+    # the MLP reads 2 more numbers per keypoint; the layers before it start from the same weights for a seed
+    assert after.x0_mlp[0].in_features == before.x0_mlp[0].in_features + 6
+    earlier = [k for k in before.state_dict() if k.startswith(("time_mlp.", "x0_norm.", "x0_stem.", "x0_blocks."))]
+    assert len(earlier) > 10 and all(torch.equal(after.state_dict()[k], before.state_dict()[k]) for k in earlier)
+
+    # moving the latent's one bright blob moves the probe's reading of it, as the keypoints see it
+    x0 = torch.zeros(1, 4, 8, 8)
+    x0[0, :, 1, 1] = 5.0
+    moved = torch.roll(x0, shifts=(5, 5), dims=(2, 3))
+    with torch.no_grad():
+        assert after(None, 0.2, x0=x0).shape == (1,)
+        maps = after.x0_keypoint_maps
+        grid = lambda latent: after.x0_blocks[0].res(after.x0_stem(after.x0_norm(latent)),
+                                                     after._conditioning(0.2, 1, None))
+        here, there = spatial_soft_argmax(maps(grid(x0))), spatial_soft_argmax(maps(grid(moved)))
+    assert not torch.allclose(here, there)

@@ -167,6 +167,49 @@ def ranker_within(probe, fit: dict, judge: dict, at: float) -> float:
     return within_prompt_spearman(scores.numpy(), judge["final"][j].numpy(), judge["groups"][j.numpy()])
 
 
+DIAGNOSED_AT = (0.1, 0.2, 0.4)          # where reading_diagnosis swaps the teacher's own readings in
+
+
+def reading_diagnosis(probe, fit: dict, judge: dict, judge_all: dict) -> dict:
+    """What of its teacher a distilled probe reads, on the validation prompts.
+
+    ``r2``: {reading: within-prompt R^2 of the probe's prediction of it (both centred on their prompt's mean at that
+    checkpoint) over ``judge_all``'s rows (every row of the validation prompts, early ones too)}. ``swapped``:
+    {t: {factor: within-prompt Spearman, on ``judge``'s rows, of the ranker fit on ``fit``'s over the probe's
+    readings with that factor's (both scales) swapped for the teacher's own; "none" and "all" too}}: how much of
+    the gap to the teacher each factor holds. Only the readings of the row's own checkpoint are swapped."""
+    from probe_select.probes.training.distillation import centre_within_groups, fit_linear_ranker
+    from probe_select.probes.training.metrics import within_prompt_spearman
+    names = preview_reward.feature_names(TEACHER_SCALES)
+    own = len(names)                    # a later teacher's readings follow the row's own
+    truth = judge_all["readings"][:, 0, :own].double()
+    predicted = predicted_readings(probe, judge_all["x0"], judge_all["t"], judge_all["text"])[:, :own]
+    groups = judge_all["groups"]
+    truth, predicted = centre_within_groups(truth, groups), centre_within_groups(predicted, groups)
+    r2 = 1 - ((predicted - truth) ** 2).sum(0) / (truth ** 2).sum(0).clamp(min=1e-12)
+    swaps = {"none": [], **{f: [n for n in names if n.split("@")[0] == f] for f in preview_reward.FEATURES},
+             "all": list(names)}
+    swapped = {}
+    for at in DIAGNOSED_AT:
+        f, j = (fit["t"] == at) & fit["final"].isfinite(), judge["t"] == at
+        if not (bool(f.any()) and bool(j.any())):
+            continue
+        readings = {"fit": predicted_readings(probe, fit["x0"][f], fit["t"][f], fit["text"][f]),
+                    "judge": predicted_readings(probe, judge["x0"][j], judge["t"][j], judge["text"][j])}
+        teacher = {"fit": fit["readings"][f][:, 0].double(), "judge": judge["readings"][j][:, 0].double()}
+        swapped[f"{at:g}"] = {}
+        for label, columns in swaps.items():
+            index = [names.index(c) for c in columns]
+            mixed = {side: readings[side].clone() for side in readings}
+            for side in mixed:
+                mixed[side][:, index] = teacher[side][:, index]
+            ranker = fit_linear_ranker(mixed["fit"], fit["final"][f], torch.as_tensor(fit["groups"][f.numpy()]))
+            swapped[f"{at:g}"][label] = within_prompt_spearman(ranker(mixed["judge"]).numpy(),
+                                                               judge["final"][j].numpy(), judge["groups"][j.numpy()])
+    return {"r2": dict(zip(names, (round(float(v), 4) for v in r2))),
+            "swapped": {t: {k: round(float(v), 4) for k, v in row.items()} for t, row in swapped.items()}}
+
+
 def folded_probes(family: str, probe, rows: Rows, dataset_meta, out_dir: Path, training: dict) -> dict:
     """One probe file per checkpoint: the ranker fit on every training row there, folded into the probe's head,
     its output mapped (least squares) onto the finished score's z-score. {t: path}."""
@@ -317,6 +360,7 @@ def measure(family: str, cache: Path, epochs: int, reuse: bool = False, early_ro
     return {"training": training, "probe_files": {f"{at:g}": str(Path(p).relative_to(ROOT)) for at, p in paths.items()},
             "heldout": heldout, "equal_compute": compact(default), "equal_compute_anywhere": compact(anywhere, curves=False),
             "confirmation": confirm_family(family, cache, anywhere, probe_dir),
+            "diagnosis": reading_diagnosis(probe, fit, val, rows.rows(~fit_mask)),
             "seconds": round(time.perf_counter() - started)}
 
 
@@ -461,6 +505,7 @@ def markdown(results: dict, command: str) -> str:
     if commands:
         lines += ["", "Runs recorded here only (their probe files aside, the figures above this table untouched):", "",
                   *commands]
+    lines += diagnosis_lines(results)
     for family, r in results.items():
         c = r.get("confirmation")
         if not c:
@@ -497,6 +542,33 @@ def markdown(results: dict, command: str) -> str:
     return "\n".join(lines) + "\n"
 
 
+def diagnosis_lines(results: dict) -> list[str]:
+    """The section on what each diagnosed run reads of its teacher (:func:`reading_diagnosis`); [] when none is."""
+    runs = [(family, sets, f["diagnosis"]) for family, r in results.items()
+            for sets, f in (r.get("by_sets") or {}).items() if f.get("diagnosis")]
+    if not runs:
+        return []
+    factors = preview_reward.FEATURES
+    lines = ["", "## What the probe reads of its teacher", "",
+             "Within-prompt R^2 of the probe's prediction of each of the teacher's readings (the preview as stored / "
+             "pooled 2x2 once more; both centred on their prompt's mean at that checkpoint) on every row of the "
+             "validation prompts:", "",
+             "| model | sets | " + " | ".join(factors) + " |", "| --- | --- | " + " | ".join("---" for _ in factors) + " |"]
+    for family, sets, d in runs:
+        lines.append(f"| {family} | {sets} | " + " | ".join(
+            " / ".join(f"{d['r2'][n]:.2f}" for n in d["r2"] if n.split("@")[0] == factor) for factor in factors) + " |")
+    lines += ["", "The ranker over the probe's readings with one factor's readings (both scales) swapped for the "
+              "teacher's own, within-prompt Spearman on the validation prompts' finished rows: how much of the gap "
+              "to the teacher ('all') each factor holds.", "",
+              "| model | sets | t | none | " + " | ".join(factors) + " | all |",
+              "| --- | --- | --- | --- | " + " | ".join("---" for _ in factors) + " | --- |"]
+    for family, sets, d in runs:
+        for at, row in d["swapped"].items():
+            lines.append(f"| {family} | {sets} | {at} | {row['none']:.3f} | "
+                         + " | ".join(f"{row[factor]:.3f}" for factor in factors) + f" | {row['all']:.3f} |")
+    return lines
+
+
 def set_figures(result: dict) -> dict:
     """What a run on one combination of training sets measured, in brief: its rows, the held-out within-prompt
     Spearman at every checkpoint and its matches of best-of-8: the two-stage mix at the bench's cuts ([fraction of
@@ -521,6 +593,8 @@ def set_figures(result: dict) -> dict:
                "mix_match": matches(eq, mix),
                "cheapest_anywhere": {"method": cheapest, "fractions": [f for f, _ in both_ways[cheapest]]}
                if cheapest else {}}
+    if result.get("diagnosis"):
+        figures["diagnosis"] = result["diagnosis"]
     confirmation = result.get("confirmation")
     if confirmation:
         # the cheapest schedule reading the probe, chosen on every held-out prompt, that reaches best-of-8 on the

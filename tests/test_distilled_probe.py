@@ -260,3 +260,42 @@ def test_each_probe_shape_builds_and_each_variant_is_recorded_under_its_own_key(
         distilled.Variant(probe="huge")
     with pytest.raises(SystemExit):
         distilled.main(["--probe", "huge"])
+
+
+class _ReadingsProbe(torch.nn.Module):
+    """A stand-in distilled probe: its 'x0' carries the readings it predicts."""
+
+    def __init__(self, width):
+        super().__init__()
+        self.register_buffer("reading_mean", torch.zeros(width))
+        self.register_buffer("reading_std", torch.ones(width))
+
+    def forward(self, features, t, text, x0):
+        return x0.flatten(1)
+
+
+def test_the_diagnosis_finds_the_factor_the_probe_cannot_read_and_what_reading_it_would_give(distilled):
+    names = list(distilled.preview_reward.feature_names(distilled.TEACHER_SCALES))
+    relation = [names.index(n) for n in ("relation", "relation@2x")]
+    rng = np.random.default_rng(0)
+
+    def rows(prompts, offset):
+        count, seeds = len(prompts) * 8 * 2, 8
+        teacher = torch.as_tensor(rng.normal(size=(count, 1, len(names))))
+        predicted = teacher[:, 0].clone()
+        predicted[:, relation] = torch.as_tensor(rng.normal(size=(count, 2)))     # the probe reads no relation
+        final = teacher[:, 0, relation].sum(1) + 0.1 * torch.as_tensor(rng.normal(size=count))
+        return {"x0": predicted.float().view(count, 1, 1, -1), "t": torch.tensor([0.1, 0.2]).repeat_interleave(
+                    count // 2), "text": torch.zeros(count, 1), "readings": teacher.float(), "final": final,
+                "groups": np.arange(count) // seeds + offset}
+
+    fit, judge = rows(range(20), 0), rows(range(6), 1000)
+    d = distilled.reading_diagnosis(_ReadingsProbe(len(names)), fit, judge, judge)
+    assert d["r2"]["presence"] == pytest.approx(1.0) and d["r2"]["relation@2x"] < 0.0
+    assert set(d["swapped"]) == {"0.1", "0.2"}            # no rows at 0.4: not diagnosed there
+    for row in d["swapped"].values():
+        assert row["none"] < 0.3 and row["relation"] > 0.9 and row["all"] > 0.9 and row["count"] < 0.3
+    lines = distilled.diagnosis_lines({"unet": {"by_sets": {"main": {"diagnosis": d}, "main+early": {}}}})
+    assert lines[lines.index("## What the probe reads of its teacher") + 6].startswith("| unet | main | 1.00 / 1.00 |")
+    assert any(line.startswith("| unet | main | 0.2 |") for line in lines)
+    assert distilled.diagnosis_lines({"unet": {"by_sets": {"main": {}}}}) == []

@@ -50,6 +50,13 @@ VIEWS = 4                              # the latent and its flips (probes.traini
 LATER_AT = 0.4                         # the later teacher reads the candidate's preview here (the early set's last)
 TEACHERS = {"now": "the preview at the row's own checkpoint",
             "later": "the preview at the row's own checkpoint and the same candidate's at t = 0.4"}
+# What the probe reads of the prompt (--text). The pooled embedding the pack stores from the proxy UNet's
+# conditioning is a mean over its token features, nearly blind to word order ("a yellow cross below a red cross" and
+# "a red cross below a yellow cross" lie 0.04 apart, two prompts typically 4.3): a probe reading it cannot tell which
+# object belongs where, so it cannot read the evaluator's relation factor. The token features, flattened in order,
+# are the conditioning's own context tensor (no extra model run).
+PROMPT_TEXTS = {"pooled": "the pooled prompt embedding the dataset stores (what the pack reads from the conditioning)",
+                "tokens": "the prompt's token features flattened in order (the conditioning's context, word order kept)"}
 EPOCHS = 10                            # at most: validation picks the epoch
 PROBE = dict(inputs=("x0",), x0_size=16, text_film=True, x0_stem_width=48, x0_widths=(96, 160), embed_dim=128,
              mlp_hidden=256, head_hidden=(128,), pooled_size=4, attention=False)
@@ -65,6 +72,25 @@ PROBES = {"default": PROBE,
           "wide": {**PROBE, "x0_stem_width": 64, "x0_widths": (128, 224), "embed_dim": 192, "mlp_hidden": 384,
                    "head_hidden": (192,)},
           "keypoints": {**PROBE, "x0_keypoints": 8}}
+
+
+_TEXT_ENCODERS: dict = {}
+
+
+def prompt_text(dataset, family: str, text: str) -> torch.Tensor:
+    """``[rows, D]``: what a probe reading ``text`` (one of PROMPT_TEXTS) reads of each row's prompt."""
+    if text not in PROMPT_TEXTS:
+        raise ValueError(f"text must be one of {sorted(PROMPT_TEXTS)}, got {text!r}")
+    if text == "pooled":
+        return dataset.text_embedding.float()
+    if family not in _TEXT_ENCODERS:
+        from bench.proxy_world import models
+        _TEXT_ENCODERS[family] = models.load(family)[1]
+    prompts = list(dict.fromkeys(dataset.prompts))
+    with torch.no_grad():
+        context, _ = _TEXT_ENCODERS[family].encode(prompts)
+    by_prompt = dict(zip(prompts, context.flatten(1).float()))
+    return torch.stack([by_prompt[p] for p in dataset.prompts])
 
 
 def teacher_readings(latent: torch.Tensor, prompts: list[str], family: str) -> torch.Tensor:
@@ -91,12 +117,13 @@ class Rows:
         self.groups = np.array([index[key] for key in keys])
 
     @staticmethod
-    def part(dataset, name: str, checkpoints, family: str, teacher: str = "now") -> tuple:
+    def part(dataset, name: str, checkpoints, family: str, teacher: str = "now", text_kind: str = "pooled") -> tuple:
         """One dataset's rows; its finished scores NaN when it has none (the early set: the teacher needs none).
 
         ``teacher`` "later" adds, after the readings of each row's own preview, those of the same candidate's
         preview at LATER_AT (a row past it: its own again): what the candidate will look like there, a label far
-        less noisy than the finished score and free wherever the candidate was run that far."""
+        less noisy than the finished score and free wherever the candidate was run that far. ``text_kind``: what
+        the probe reads of the prompt (one of PROMPT_TEXTS)."""
         if teacher not in TEACHERS:
             raise ValueError(f"teacher must be one of {sorted(TEACHERS)}, got {teacher!r}")
         if teacher == "later" and LATER_AT not in dataset.manifest.checkpoints:
@@ -105,6 +132,7 @@ class Rows:
         x0, t, text, readings, final, prompts, keys = [], [], [], [], [], [], []
         finished = proxy_bench.EVALUATOR in dataset.manifest.evaluators
         latents, read = {}, {}      # each checkpoint's latents loaded and read once, whichever row asks first
+        prompt_embedding = prompt_text(dataset, family, text_kind)
 
         def latent_at(at: float) -> torch.Tensor:
             if at not in latents:
@@ -119,7 +147,7 @@ class Rows:
         for at in checkpoints:
             x0.append(latent_at(at))
             t.append(torch.full((len(dataset),), float(at)))
-            text.append(dataset.text_embedding.float())
+            text.append(prompt_embedding)
             readings.append(readings_at(at) if teacher == "now"
                             else torch.cat([readings_at(at), readings_at(max(at, LATER_AT))], -1))
             final.append(dataset.scores(proxy_bench.EVALUATOR).double() if finished
@@ -253,18 +281,22 @@ def datasets(family: str, cache: Path) -> tuple:
 class Variant:
     """How a run distils, its training sets aside; the defaults are the report's run. ``teacher``: one of TEACHERS;
     ``probe``: one of PROBES; ``centred``: the probe learns the teacher's readings less their prompt's mean at each
-    checkpoint (:func:`~probes.training.distillation.centre_within_groups`); ``seed``: the distillation's."""
+    checkpoint (:func:`~probes.training.distillation.centre_within_groups`); ``seed``: the distillation's;
+    ``text``: what it reads of the prompt, one of PROMPT_TEXTS."""
 
     teacher: str = "now"
     probe: str = "default"
     centred: bool = False
     seed: int = 0
+    text: str = "pooled"
 
     def __post_init__(self) -> None:
         if self.teacher not in TEACHERS:
             raise ValueError(f"teacher must be one of {sorted(TEACHERS)}, got {self.teacher!r}")
         if self.probe not in PROBES:
             raise ValueError(f"probe must be one of {sorted(PROBES)}, got {self.probe!r}")
+        if self.text not in PROMPT_TEXTS:
+            raise ValueError(f"text must be one of {sorted(PROMPT_TEXTS)}, got {self.text!r}")
 
     @classmethod
     def of(cls, training: dict) -> "Variant":
@@ -272,13 +304,15 @@ class Variant:
         under "teacher"; runs from before the other fields were the defaults)."""
         teacher = training.get("teacher", "now")
         return cls(teacher=teacher if isinstance(teacher, str) else "now", probe=training.get("probe", "default"),
-                   centred=bool(training.get("centred", False)), seed=int(training.get("seed", 0)))
+                   centred=bool(training.get("centred", False)), seed=int(training.get("seed", 0)),
+                   text=training.get("text", "pooled"))
 
     def words(self) -> list[str]:
         """What sets it apart from the defaults, in words ([] for the report's run)."""
         return ([f"{self.teacher} teacher"] if self.teacher != "now" else []) \
             + ([f"{self.probe} probe"] if self.probe != "default" else []) \
-            + (["centred readings"] if self.centred else []) + ([f"seed {self.seed}"] if self.seed else [])
+            + (["centred readings"] if self.centred else []) + ([f"{self.text} text"] if self.text != "pooled" else []) \
+            + ([f"seed {self.seed}"] if self.seed else [])
 
 
 def set_key(training: dict) -> str:
@@ -298,11 +332,11 @@ def measure(family: str, cache: Path, epochs: int, reuse: bool = False, early_ro
     started = time.perf_counter()
     train, bulk, early, held = datasets(family, cache)
     teacher = variant.teacher
-    parts, sets = [Rows.part(train, "train", train.manifest.checkpoints, family, teacher)], ["main"]
+    parts, sets = [Rows.part(train, "train", train.manifest.checkpoints, family, teacher, variant.text)], ["main"]
     for name, dataset in (("bulk", bulk), ("early", early if early_rows else None)):
         if dataset is not None:
             parts.append(Rows.part(dataset, name, [t for t in dataset.manifest.checkpoints if t in CHECKPOINTS],
-                                   family, teacher))
+                                   family, teacher, variant.text))
             sets.append(name)
     probe_dir = cache / "probes"
     if aside:
@@ -319,7 +353,7 @@ def measure(family: str, cache: Path, epochs: int, reuse: bool = False, early_ro
              time.perf_counter() - started)
     manifest = train.manifest
     config = ProbeConfig(in_channels=manifest.feature_shape[0], feature_size=manifest.feature_shape[1],
-                         x0_channels=manifest.x0_shape[0], text_dim=manifest.text_dim, **PROBES[variant.probe])
+                         x0_channels=manifest.x0_shape[0], text_dim=rows.text.shape[1], **PROBES[variant.probe])
 
     def validate(probe) -> float:
         figures = [ranker_within(probe, fit, val, at) for at in VALIDATION_AT]
@@ -351,7 +385,7 @@ def measure(family: str, cache: Path, epochs: int, reuse: bool = False, early_ro
     # the kept epoch's probe, its ranker refit on every training row (validation prompts too), one file a checkpoint
     paths = folded_probes(family, probe, rows, manifest, probe_dir, training)
     # the saved files score the held-out rows as the pack would (in evaluator units: same order as the z-scores)
-    predictions, finals, groups = scored(held, paths)
+    predictions, finals, groups = scored(held, paths, family, variant.text)
     heldout = {f"{at:g}": {name: proxy_bench.within_ci(predictions[name][at], finals, groups, 1000)
                            for name in (NAME, "x0_preview")} for at in paths}
     default = proxy_bench.equal_compute(family, proxy_bench.MEDIUM, predictions, finals, groups, NAME,
@@ -359,7 +393,7 @@ def measure(family: str, cache: Path, epochs: int, reuse: bool = False, early_ro
     anywhere = anywhere_figures(family, predictions, finals, groups)
     return {"training": training, "probe_files": {f"{at:g}": str(Path(p).relative_to(ROOT)) for at, p in paths.items()},
             "heldout": heldout, "equal_compute": compact(default), "equal_compute_anywhere": compact(anywhere, curves=False),
-            "confirmation": confirm_family(family, cache, anywhere, probe_dir),
+            "confirmation": confirm_family(family, cache, anywhere, probe_dir, variant.text),
             "diagnosis": reading_diagnosis(probe, fit, val, rows.rows(~fit_mask)),
             "seconds": round(time.perf_counter() - started)}
 
@@ -406,10 +440,12 @@ def probe_paths(family: str, probe_dir: Path) -> dict:
     return {at: path for at, path in paths.items() if path.exists()}
 
 
-def scored(dataset, paths: dict) -> tuple[dict, np.ndarray, np.ndarray]:
-    """({scorer: {t: scores}} of the x0 preview and the saved probe files, finished scores, prompt groups)."""
+def scored(dataset, paths: dict, family: str, text: str = "pooled") -> tuple[dict, np.ndarray, np.ndarray]:
+    """({scorer: {t: scores}} of the x0 preview and the saved probe files (reading ``text`` of the prompts),
+    finished scores, prompt groups)."""
+    prompt = None if text == "pooled" else prompt_text(dataset, family, text)
     scores = {"x0_preview": proxy_bench.preview_scores(dataset, tuple(paths)),
-              NAME: {at: proxy_bench.heldout_predictions(path, dataset, at) for at, path in paths.items()}}
+              NAME: {at: proxy_bench.heldout_predictions(path, dataset, at, prompt) for at, path in paths.items()}}
     groups = dataset.arrays(checkpoint_t=0.2, evaluator=proxy_bench.EVALUATOR).prompt_groups().numpy()
     return scores, dataset.scores(proxy_bench.EVALUATOR).double().numpy(), groups
 
@@ -420,7 +456,8 @@ def anywhere_figures(family: str, scores: dict, finals: np.ndarray, groups: np.n
                                      mixes=((NAME, "x0_preview"),), checkpoints=tuple(scores[NAME]), stages=3)
 
 
-def confirm_family(family: str, cache: Path, anywhere: dict | None = None, probe_dir: Path | None = None) -> dict | None:
+def confirm_family(family: str, cache: Path, anywhere: dict | None = None, probe_dir: Path | None = None,
+                   text: str = "pooled") -> dict | None:
     """The confirmation set's verdict on the saved probe files (None when that set was not collected)."""
     from probe_select.probes.training.dataset import ProbeDataset
     where = cache / f"{family}_confirm"
@@ -428,8 +465,8 @@ def confirm_family(family: str, cache: Path, anywhere: dict | None = None, probe
         return None
     paths = probe_paths(family, probe_dir or cache / "probes")
     if anywhere is None:
-        anywhere = anywhere_figures(family, *scored(datasets(family, cache)[-1], paths))
-    return confirmation(anywhere, *scored(ProbeDataset(where), paths))
+        anywhere = anywhere_figures(family, *scored(datasets(family, cache)[-1], paths, family, text))
+    return confirmation(anywhere, *scored(ProbeDataset(where), paths, family, text))
 
 
 def compact(eq: dict, curves: bool = True) -> dict:
@@ -667,13 +704,15 @@ def main(argv=None) -> dict:
     parser.add_argument("--seed", type=int, default=0,
                         help="the distillation's seed (initial weights, order of rows, views): a second seed tells "
                              "how far two runs of one variant differ")
+    parser.add_argument("--text", choices=sorted(PROMPT_TEXTS), default="pooled",
+                        help="what the probe reads of the prompt: " + "; ".join(f"{k}: {v}" for k, v in PROMPT_TEXTS.items()))
     parser.add_argument("--aside", action="store_true",
                         help="record the run in the table of training sets and teachers only: its probe files in a "
                              "folder of their own, the report's probe files and figures left as they are")
     parser.add_argument("--reuse-distilled", action="store_true",
                         help="start from the distilled probe a previous run kept in the cache (ranker, files, figures again)")
     args = parser.parse_args(argv)
-    variant = Variant(args.teacher, args.probe, args.centred, args.seed)
+    variant = Variant(args.teacher, args.probe, args.centred, args.seed, args.text)
     logging.basicConfig(level=logging.INFO, format="%(message)s")
     proxy_bench._modules()
     from probe_select.probes.atomic import atomic_write_text
@@ -689,7 +728,8 @@ def main(argv=None) -> dict:
 
     for family in args.families:        # each family's figures written as soon as measured: they took the time
         if args.confirm_only:
-            results[family]["confirmation"] = confirm_family(family, args.cache)
+            results[family]["confirmation"] = confirm_family(family, args.cache,
+                                                             text=Variant.of(results[family]["training"]).text)
         elif args.aside:
             if family not in results:
                 parser.error(f"--aside records a variant beside a saved run of {family}: run it without --aside first")

@@ -612,13 +612,19 @@ def preview_scores(dataset, checkpoints) -> dict:
     return {t: dataset.scores(f"x0@{t:g}").double().numpy() for t in checkpoints}
 
 
-def heldout_predictions(path: Path, held_ds, t: float) -> np.ndarray:
-    """A saved probe's scores of the held-out rows at checkpoint t, in the dataset's row order (float64)."""
+def heldout_predictions(path: Path, held_ds, t: float, text=None) -> np.ndarray:
+    """A saved probe's scores of the held-out rows at checkpoint t, in the dataset's row order (float64);
+    ``text``: ``[rows, D]`` prompt embeddings to read instead of the dataset's own."""
+    import dataclasses
+
     from probe_select.probes.io import load_probe
     from probe_select.probes.training.evaluation import evaluate_probe_on
 
     probe, meta = load_probe(path)
-    evaluation = evaluate_probe_on(probe, meta, held_ds.arrays(checkpoint_t=t, evaluator=EVALUATOR))
+    arrays = held_ds.arrays(checkpoint_t=t, evaluator=EVALUATOR)
+    if text is not None:
+        arrays = dataclasses.replace(arrays, text_embedding=text)
+    evaluation = evaluate_probe_on(probe, meta, arrays)
     return np.asarray(evaluation.predicted, dtype=np.float64)
 
 

@@ -299,3 +299,28 @@ def test_the_diagnosis_finds_the_factor_the_probe_cannot_read_and_what_reading_i
     assert lines[lines.index("## What the probe reads of its teacher") + 6].startswith("| unet | main | 1.00 / 1.00 |")
     assert any(line.startswith("| unet | main | 0.2 |") for line in lines)
     assert distilled.diagnosis_lines({"unet": {"by_sets": {"main": {}}}}) == []
+
+
+class _PromptRows:
+    prompts = ["a red cross below a yellow cross", "a yellow cross below a red cross", "a red cross below a yellow cross"]
+    text_embedding = torch.arange(3 * 64, dtype=torch.float16).view(3, 64)
+
+
+def test_the_token_text_keeps_the_word_order_the_pooled_embedding_all_but_loses(distilled):
+    from bench.proxy_world import models
+    rows = _PromptRows()
+    assert torch.equal(distilled.prompt_text(rows, "unet", "pooled"), rows.text_embedding.float())
+    tokens = distilled.prompt_text(rows, "unet", "tokens")
+    _, encoder = models.load("unet")
+    with torch.no_grad():
+        context, pooled = encoder.encode(rows.prompts[:2])
+    assert tokens.shape == (3, context.shape[1] * context.shape[2]) and torch.equal(tokens[0], tokens[2])
+    assert torch.allclose(tokens[1], context[1].flatten(), atol=1e-5)    # the conditioning's context, in order
+    # the same words in another order: the pooled mean barely moves, the tokens do
+    pooled_gap, token_gap = float((pooled[0] - pooled[1]).norm()), float((tokens[0] - tokens[1]).norm())
+    assert token_gap > 20 * pooled_gap, (token_gap, pooled_gap)
+    with pytest.raises(ValueError, match="text must be one of"):
+        distilled.prompt_text(rows, "unet", "words")
+    training = {"sets": ["main", "early"], "text": "tokens", "seed": 1}
+    assert distilled.Variant.of(training).text == "tokens"
+    assert distilled.set_key(training) == "main+early (tokens text, seed 1)"

@@ -148,7 +148,8 @@ bench-preview-reward: setup
 # training-split prompt x 8 seeds run to t = 0.4 only: the teacher needs no finished image) is collected first in
 # two lanes (about 40 min, resumable); the distillation then takes about 60 min for the UNet. A variant (another
 # teacher, fewer sets) is recorded beside that run without touching its figures: bench/distilled_probe.py --aside
-# [--teacher later] (the table of sets and teachers in distilled_probe.md lists each such run's command).
+# [--teacher later] [--probe fine|wide|keypoints] [--centred] [--text tokens] [--seed N] (the table of sets and
+# teachers in distilled_probe.md lists each such run's command).
 bench-distilled-probe: proxy-models
 	@set -e; $(STOP_LANES_ON_INTERRUPT); \
 	$(PY) bench/proxy_bench.py --families unet --collect-only early --lane 1/2 & lane1=$$!; \

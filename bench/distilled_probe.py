@@ -3,8 +3,10 @@
     .venv/bin/python bench/distilled_probe.py [--families unet dit] [--epochs 10]
         # -> bench/results/distilled_probe.{md,json}; probe files in bench/cache/proxy_bench/probes/;
         #    with a saved proxy bench run, its REPORT.md gains the distilled probe's rows (about 35 minutes for the UNet)
-    .venv/bin/python bench/distilled_probe.py --families unet --epochs 6 --aside [--teacher later]
-        # a variant beside the saved run: one more row of distilled_probe.md's table of sets and teachers
+    .venv/bin/python bench/distilled_probe.py --families unet --epochs 6 --aside [--teacher later] [--text tokens]
+        # a variant beside the saved run: one more row of distilled_probe.md's table of sets and teachers (also
+        # --probe fine|wide|keypoints, --centred, --seed N); the probe reading the prompt's token features in order
+        # (--text tokens) is the one that reads the evaluator's relation factor
 
 The noise-aware preview (bench/preview_reward.py) ranks a prompt's seeds well at t = 0.2 (0.76 within-prompt on the
 UNet) but decodes every candidate and runs the evaluator. The probes trained on the finished score alone reach 0.2-0.3

@@ -65,7 +65,7 @@ PROBE = dict(inputs=("x0",), x0_size=16, text_film=True, x0_stem_width=48, x0_wi
 # Other shapes of the distilled probe (--probe), to ask whether the probe's reading of the latent is what limits it:
 # "fine" keeps where each shape sits (the relations the evaluator reads), "wide" has more channels throughout,
 # "keypoints" reads where 8 text-conditioned maps of the full grid peak (the evaluator's relation compares the
-# centroids of two objects: no other shape learnt to read it).
+# centroids of two objects). None of them read the relation: the prompt the probe read was the limit (PROMPT_TEXTS).
 PROBE_SHAPES = {"default": "the report's", "fine": "the x0 branch's 8x8 grid read whole (one down block)",
                 "wide": "about 1.8 times the default's channels",
                 "keypoints": "the default reading where 8 text-conditioned maps of the full grid peak"}
@@ -313,7 +313,8 @@ class Variant:
         """What sets it apart from the defaults, in words ([] for the report's run)."""
         return ([f"{self.teacher} teacher"] if self.teacher != "now" else []) \
             + ([f"{self.probe} probe"] if self.probe != "default" else []) \
-            + (["centred readings"] if self.centred else []) + ([f"{self.text} text"] if self.text != "pooled" else []) \
+            + (["centred readings"] if self.centred else []) \
+            + ([f"{self.text} text"] if self.text != "pooled" else []) \
             + ([f"seed {self.seed}"] if self.seed else [])
 
 

@@ -87,8 +87,9 @@ class ProbeConfig:
         x0_keypoints: how many keypoint maps the x0 branch reads positions from (0: none). Each is a 1x1 conv of
             the first ResBlock's output at the latent's full grid, time- and text-conditioned, read as the
             (x, y) its softmax over positions expects. A relation such as "the red circle left of the blue
-            square" compares two such positions; pooled features only say roughly where mass is, and a
-            distilled probe without keypoints could not read the evaluator's relation factor at all.
+            square" compares two such positions, which pooled features only say roughly. (On the proxy world's
+            distilled probe they changed nothing: what kept it from the relation was a prompt embedding blind
+            to word order; bench/results/distilled_probe.md.)
 
     The x0 fields and ``text_film`` are left out of :meth:`to_dict` while they keep their defaults, so that a
     config written for an activations-only probe is the same JSON as before they existed.

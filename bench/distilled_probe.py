@@ -217,7 +217,7 @@ def reading_diagnosis(probe, fit: dict, judge: dict, judge_all: dict) -> dict:
     groups = judge_all["groups"]
     truth, predicted = centre_within_groups(truth, groups), centre_within_groups(predicted, groups)
     r2 = 1 - ((predicted - truth) ** 2).sum(0) / (truth ** 2).sum(0).clamp(min=1e-12)
-    swaps = {"none": [], **{f: [n for n in names if n.split("@")[0] == f] for f in preview_reward.FEATURES},
+    swaps = {"none": [], **{f: [n for n in names if preview_reward.factor_of(n) == f] for f in preview_reward.FEATURES},
              "all": list(names)}
     swapped = {}
     for at in DIAGNOSED_AT:
@@ -595,8 +595,9 @@ def diagnosis_lines(results: dict) -> list[str]:
              "validation prompts:", "",
              "| model | sets | " + " | ".join(factors) + " |", "| --- | --- | " + " | ".join("---" for _ in factors) + " |"]
     for family, sets, d in runs:
-        lines.append(f"| {family} | {sets} | " + " | ".join(
-            " / ".join(f"{d['r2'][n]:.2f}" for n in d["r2"] if n.split("@")[0] == factor) for factor in factors) + " |")
+        cells = (" / ".join(f"{d['r2'][n]:.2f}" for n in d["r2"] if preview_reward.factor_of(n) == factor)
+                 for factor in factors)
+        lines.append(f"| {family} | {sets} | " + " | ".join(cells) + " |")
     lines += ["", "The ranker over the probe's readings with one factor's readings (both scales) swapped for the "
               "teacher's own, within-prompt Spearman on the validation prompts' finished rows: how much of the gap "
               "to the teacher ('all') each factor holds.", "",

@@ -57,6 +57,11 @@ def feature_names(scales: int) -> tuple[str, ...]:
     return tuple(name if s == 0 else f"{name}@{2 ** s}x" for s in range(scales) for name in FEATURES)
 
 
+def factor_of(name: str) -> str:
+    """The FEATURES entry a :func:`feature_names` column reads, at whichever scale ("count@2x" -> "count")."""
+    return name.split("@")[0]
+
+
 def preview_features(dataset, family: str, t: float, coarser: int = 0) -> tuple[np.ndarray, np.ndarray]:
     """``[rows, len(FEATURES)]``: the log of each evaluator factor and three diagnostics, on each row's x0
     preview at checkpoint ``t`` (the stored x0 latent decoded, resized to the evaluator's image size); and the

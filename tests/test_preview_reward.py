@@ -95,6 +95,7 @@ def test_coarser_read_is_the_evaluator_on_the_latent_pooled_once_more(preview_re
                                preview_reward.preview_features(rows, "unet", 0.2)[0])
     names = preview_reward.feature_names(2)
     assert names[:9] == preview_reward.FEATURES and names[9] == "presence@2x" and len(names) == 18
+    assert [preview_reward.factor_of(n) for n in names] == list(preview_reward.FEATURES) * 2
 
 
 def test_prompt_folds_keep_a_prompts_rows_together_and_are_even(preview_reward):

@@ -638,13 +638,20 @@ def set_figures(result: dict) -> dict:
         figures["diagnosis"] = result["diagnosis"]
     confirmation = result.get("confirmation")
     if confirmation:
-        # the cheapest schedule reading the probe, chosen on every held-out prompt, that reaches best-of-8 on the
-        # confirmation prompts (methods come sorted by compute); None: none does
-        bar = confirmation["best_of_8"]["confirmation"]
-        figures["confirmed"] = next(({"method": key, "fraction": m["fraction"]}
-                                     for key, m in confirmation["methods"].items()
-                                     if NAME in key and m["confirmation"] >= bar), None)
+        confirmed = cheapest_confirmed(confirmation, NAME)
+        figures["confirmed"] = confirmed and {"method": confirmed["method"], "fraction": confirmed["fraction"]}
     return figures
+
+
+def cheapest_confirmed(confirmation: dict, scorer: str) -> dict | None:
+    """The cheapest method pruning by ``scorer`` (a mix 'A -> B' prunes by A and reads B at its last cut only) whose
+    schedule, chosen on every held-out prompt, reaches best-of-8 on the confirmation prompts: ``{"method",
+    "schedule", "fraction", "confirmation"}``; None: none does."""
+    bar = confirmation["best_of_8"]["confirmation"]
+    # methods come sorted by compute
+    return next(({"method": key, **m} for key, m in confirmation["methods"].items()
+                 if " / " in key and key.split(" / ", 1)[1].split(" -> ")[0] == scorer
+                 and m["confirmation"] >= bar), None)
 
 
 def by_sets(earlier: dict | None, result: dict) -> dict:
@@ -680,11 +687,17 @@ def report_entry(result: dict) -> dict:
     """What the proxy bench's saved run keeps of it: the held-out figures and the equal-compute rows at its cuts."""
     eq = result["equal_compute"]
     keep = [key for key in eq["curves"] if NAME in key]
-    return {"heldout": result["heldout"], "chosen_epoch": result["training"]["chosen_epoch"],
-            "train_rows": result["training"]["train_rows"], "sets": result["training"]["sets"],
-            "unfinished_rows": result["training"].get("unfinished_rows", 0),
-            "equal_compute": {"curves": {k: eq["curves"][k] for k in keep},
-                              "match_best_of_8": {k: eq["match_best_of_8"][k] for k in keep}}}
+    entry = {"heldout": result["heldout"], "chosen_epoch": result["training"]["chosen_epoch"],
+             "train_rows": result["training"]["train_rows"], "sets": result["training"]["sets"],
+             "unfinished_rows": result["training"].get("unfinished_rows", 0),
+             "equal_compute": {"curves": {k: eq["curves"][k] for k in keep},
+                               "match_best_of_8": {k: eq["match_best_of_8"][k] for k in keep}}}
+    confirmation = result.get("confirmation")
+    if confirmation:
+        entry["confirmation"] = {"prompts": confirmation["prompts"], "best_of_8": confirmation["best_of_8"],
+                                 "cheapest": {scorer: cheapest_confirmed(confirmation, scorer)
+                                              for scorer in (NAME, "x0_preview")}}
+    return entry
 
 
 def main(argv=None) -> dict:

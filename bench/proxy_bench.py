@@ -1210,7 +1210,28 @@ def distilled_line(distilled: dict) -> str:
                "teacher needs no finished image)" if distilled.get("unfinished_rows") else "")
             + " to predict the evaluator's factors on the decoded "
             "preview (the noise-aware preview's inputs), with a linear ranker folded into its head: no decode and no "
-            f"evaluator at inference, priced as a probe. Held-out within-prompt Spearman: {spearman}.")
+            f"evaluator at inference, priced as a probe. Held-out within-prompt Spearman: {spearman}."
+            + confirmation_sentence(distilled.get("confirmation")))
+
+
+def confirmation_sentence(confirmation: dict | None) -> str:
+    """The report's test on prompts no choice saw: each scorer's cheapest schedule chosen on every held-out prompt
+    that reaches best-of-8 on the confirmation prompts ('' when that set was not judged)."""
+    if not confirmation:
+        return ""
+    bo8 = confirmation["best_of_8"]
+
+    def verdict(scorer: str) -> str:
+        found = confirmation["cheapest"].get(scorer)
+        if found is None:
+            return f"{scorer}: none"
+        return (f"{scorer}: {found['fraction']:.2f} of best-of-8's compute ({found['method']}, "
+                f"{found['schedule']}; {found['confirmation']:.4f})")
+
+    return (f" Confirmation on {confirmation['prompts']} held-out prompts that no choice saw (each method's schedule "
+            "chosen on all the held-out prompts above, in up to three stages at any checkpoints; best-of-8 there "
+            f"{bo8['confirmation']:.4f}), the cheapest that reaches best-of-8 there, by scorer: "
+            + "; ".join(verdict(scorer) for scorer in confirmation["cheapest"]) + ".")
 
 
 def write_report(results: dict, setting: Setting, command: str, images: list[str]) -> None:

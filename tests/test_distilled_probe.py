@@ -230,6 +230,38 @@ def test_a_variant_is_recorded_under_its_teacher_beside_the_saved_runs_own_entry
     assert "confirmed" not in distilled.set_figures(unconfirmed)
 
 
+def test_the_report_states_each_scorers_cheapest_schedule_confirmed_on_new_prompts(distilled):
+    methods = {"two stages (0.1, 0.3) / distilled_probe -> x0_preview": (0.45, 0.58),   # short of best-of-8 there
+               "one stage at 0.1 / distilled_probe -> x0_preview": (0.47, 0.64),
+               "one stage at 0.2 / distilled_probe": (0.55, 0.70),
+               "one stage at 0.4 / x0_preview": (0.66, 0.63),
+               "best-of-N": (1.0, 0.62)}
+    result = {"training": {"sets": ["main", "early"], "train_rows": 10, "chosen_epoch": 1},
+              "heldout": {"0.2": {"distilled_probe": {"within": 0.7, "low": 0.6, "high": 0.8},
+                                  "x0_preview": {"within": 0.3}}},
+              "equal_compute": {"curves": {"one stage at 0.2 / x0_preview": [], "one stage at 0.2 / distilled_probe": []},
+                                "match_best_of_8": {"one stage at 0.2 / distilled_probe": []}},
+              "confirmation": {"prompts": 32, "best_of_8": {"confirmation": 0.62, "heldout": 0.69},
+                               "methods": {key: {"schedule": "10: 0.1->3", "fraction": f, "heldout": 0.7,
+                                                 "confirmation": c} for key, (f, c) in methods.items()}}}
+    entry = distilled.report_entry(result)
+    assert list(entry["equal_compute"]["curves"]) == ["one stage at 0.2 / distilled_probe"]
+    cheapest = entry["confirmation"]["cheapest"]
+    assert cheapest["distilled_probe"]["method"] == "one stage at 0.1 / distilled_probe -> x0_preview"
+    assert cheapest["x0_preview"]["method"] == "one stage at 0.4 / x0_preview"     # a mix is not the preview's
+    sentence = distilled.proxy_bench.confirmation_sentence(entry["confirmation"])
+    assert "best-of-8 there 0.6200" in sentence
+    assert ("distilled_probe: 0.47 of best-of-8's compute (one stage at 0.1 / distilled_probe -> x0_preview, "
+            "10: 0.1->3; 0.6400); x0_preview: 0.66 of") in sentence
+    line = distilled.proxy_bench.distilled_line({**entry, "unfinished_rows": 0})
+    assert line.endswith(sentence) and "t = 0.2: 0.700 [0.600, 0.800] against the x0 preview's 0.300" in line
+    del result["confirmation"]
+    assert "confirmation" not in distilled.report_entry(result)
+    assert distilled.proxy_bench.confirmation_sentence(None) == ""
+    none_confirmed = {**entry["confirmation"], "cheapest": {"distilled_probe": None}}
+    assert distilled.proxy_bench.confirmation_sentence(none_confirmed).endswith("by scorer: distilled_probe: none.")
+
+
 def test_each_probe_shape_builds_and_each_variant_is_recorded_under_its_own_key(distilled):
     from probe_select.probes.model import ProbeConfig, build_probe
     x0, t, text = torch.randn(3, 4, 16, 16), torch.full((3,), 0.2), torch.randn(3, 32)
@@ -306,7 +338,7 @@ class _PromptRows:
     text_embedding = torch.arange(3 * 64, dtype=torch.float16).view(3, 64)
 
 
-def test_the_token_text_keeps_the_word_order_the_pooled_embedding_all_but_loses(distilled):
+def test_the_token_text_keeps_the_word_order_and_is_what_a_unet_set_stores(distilled):
     from bench.proxy_world import models
     rows = _PromptRows()
     assert torch.equal(distilled.prompt_text(rows, "unet", "pooled"), rows.text_embedding.float())
@@ -316,9 +348,11 @@ def test_the_token_text_keeps_the_word_order_the_pooled_embedding_all_but_loses(
         context, pooled = encoder.encode(rows.prompts[:2])
     assert tokens.shape == (3, context.shape[1] * context.shape[2]) and torch.equal(tokens[0], tokens[2])
     assert torch.allclose(tokens[1], context[1].flatten(), atol=1e-5)    # the conditioning's context, in order
-    # the same words in another order: the pooled mean barely moves, the tokens do
-    pooled_gap, token_gap = float((pooled[0] - pooled[1]).norm()), float((tokens[0] - tokens[1]).norm())
-    assert token_gap > 20 * pooled_gap, (token_gap, pooled_gap)
+    # the UNet's conditioning carries the same features as its pooled output, which a collected set stores
+    assert torch.allclose(pooled, tokens[:2], atol=1e-5)
+    # the same words in another order: a mean over the positions barely moves, the tokens do
+    mean_gap, token_gap = float((context[0].mean(0) - context[1].mean(0)).norm()), float((tokens[0] - tokens[1]).norm())
+    assert token_gap > 20 * mean_gap, (token_gap, mean_gap)
     with pytest.raises(ValueError, match="text must be one of"):
         distilled.prompt_text(rows, "unet", "words")
     training = {"sets": ["main", "early"], "text": "tokens", "seed": 1}

@@ -1,11 +1,14 @@
 """The proxy-world diffusion models (bench/proxy_world/models.py, text.py, train_models.py) and
 their bench-only ComfyUI nodes. Fast: random or freshly saved weights, a few training steps."""
 import importlib.util
+import json
 import math
 
 import numpy as np
 import pytest
 import torch
+from safetensors import safe_open
+from safetensors.torch import save_file
 
 import comfy.latent_formats
 import comfy.model_base
@@ -15,7 +18,7 @@ import nodes as comfy_nodes_core
 from bench.proxy_world import models, train_models
 from bench.proxy_world.grammar import parse_prompt
 from bench.proxy_world.render import render_batch
-from bench.proxy_world.text import CONTEXT_DIM, POOLED_DIM, TEXT_LENGTH
+from bench.proxy_world.text import CONTEXT_DIM, POOLED_DIM, TEXT_LENGTH, TextEncoder
 
 from conftest import ROOT
 
@@ -99,21 +102,63 @@ def test_random_models_sample_with_common_ksampler(built, family):
     assert images.shape == (2, 3, 32, 32)
 
 
-def test_conditioning_shapes(built):
-    _, enc = built["dit"]
+@pytest.mark.parametrize("family", models.FAMILIES)
+def test_conditioning_shapes(built, family):
+    _, enc = built[family]
+    pooled_width = TEXT_LENGTH * CONTEXT_DIM if family == "unet" else POOLED_DIM
+    assert enc.pooling == models.TEXT_POOLING[family] and enc.pooled_width == pooled_width
     cond = enc.conditioning(PROMPTS[0])
     assert isinstance(cond, list) and len(cond) == 1 and len(cond[0]) == 2
     context, extras = cond[0]
     assert context.shape == (1, TEXT_LENGTH, CONTEXT_DIM)
-    assert extras["pooled_output"].shape == (1, POOLED_DIM)
+    assert extras["pooled_output"].shape == (1, pooled_width)
     uncond = enc.conditioning("")
     assert uncond[0][0].shape == context.shape
     assert not torch.allclose(uncond[0][0], context)
     # deterministic, and a batch encodes like single prompts
     torch.testing.assert_close(enc.conditioning(PROMPTS[0])[0][0], context)
     ctx, pooled = enc.encode(PROMPTS)
-    assert ctx.shape == (3, TEXT_LENGTH, CONTEXT_DIM) and pooled.shape == (3, POOLED_DIM)
+    assert ctx.shape == (3, TEXT_LENGTH, CONTEXT_DIM) and pooled.shape == (3, pooled_width)
     torch.testing.assert_close(ctx[:1], context, rtol=1e-5, atol=1e-5)
+    if family == "unet":         # the token features in order, as the cross-attention reads them
+        torch.testing.assert_close(pooled, ctx.flatten(1))
+    else:                        # the DiT's y: a projection of the token mean
+        torch.testing.assert_close(pooled, enc.pool_proj(ctx.mean(1)))
+
+
+def test_only_the_unet_pooled_output_tells_word_order(built):
+    swapped = ["a red cross below a yellow cross", "a yellow cross below a red cross"]
+    gaps = {}
+    for family in models.FAMILIES:
+        with torch.no_grad():
+            context, pooled = built[family][1].encode(swapped)
+        gaps[family] = float((pooled[0] - pooled[1]).norm() / pooled.norm(dim=1).mean())
+        assert float((context[0] - context[1]).norm()) > 0
+    # the mean over positions (DiT) all but loses which colour comes first; the UNet's token features keep it
+    assert gaps["unet"] > 5 * gaps["dit"], gaps
+
+
+def test_the_unet_never_reads_its_pooled_output(built):
+    patcher, enc = built["unet"]
+    pos, neg = enc.conditioning(PROMPTS[0]), enc.conditioning("")
+    blank = [[c, {**extras, "pooled_output": torch.zeros_like(extras["pooled_output"])}] for c, extras in pos]
+    latent = models.empty_latent("unet", batch=1)
+    (a,) = comfy_nodes_core.common_ksampler(patcher.clone(), 3, 3, 3.0, "euler", "normal", pos, neg, latent)
+    (b,) = comfy_nodes_core.common_ksampler(patcher.clone(), 3, 3, 3.0, "euler", "normal", blank, neg, latent)
+    assert torch.equal(a["samples"], b["samples"])
+
+
+def test_a_weights_file_without_a_pooling_gets_its_familys(built, tmp_path):
+    for family in models.FAMILIES:
+        path = models.save(tmp_path / f"{family}.safetensors", *built[family], family)
+        with safe_open(str(path), framework="pt") as f:
+            meta, tensors = dict(f.metadata()), {k: f.get_tensor(k) for k in f.keys()}
+        assert json.loads(meta["text_config"])["pooling"] == models.TEXT_POOLING[family]
+        older = {k: v for k, v in json.loads(meta["text_config"]).items() if k != "pooling"}
+        save_file(tensors, str(path), metadata={**meta, "text_config": json.dumps(older)})
+        assert models.load(family, path)[1].pooling == models.TEXT_POOLING[family]
+    with pytest.raises(ValueError, match="pooling must be one of"):
+        TextEncoder(pooling="max")
 
 
 def test_training_is_deterministic():

@@ -162,6 +162,16 @@ DIT_CONFIG = {
 }
 
 TEXT_CONFIG = {"width": CONTEXT_DIM, "pooled_dim": POOLED_DIM, "length": TEXT_LENGTH}
+# The pooled output each family's conditioning carries (text.POOLINGS): the DiT reads its pooled output as y (a
+# trained projection of the token mean); the UNet never reads it, so it is the order-aware token features that a
+# probe reads as the prompt, as a real SD1.x pooled output (CLIP's end-of-text token) depends on word order.
+TEXT_POOLING = {"unet": "tokens", "dit": "mean"}
+
+
+def text_config(family: str) -> dict:
+    """The text encoder's config for ``family`` (:data:`TEXT_CONFIG` and the family's pooling)."""
+    _check_family(family)
+    return {**TEXT_CONFIG, "pooling": TEXT_POOLING[family]}
 
 
 def default_config(family: str) -> dict:
@@ -341,7 +351,7 @@ def build(family: str, seed: int = 0, config: Optional[dict] = None) -> "comfy.m
 def build_text_encoder(family: str, seed: int = 0, config: Optional[dict] = None) -> TextEncoder:
     """A freshly initialised text encoder for ``family`` (deterministic in ``seed``)."""
     _check_family(family)
-    enc = TextEncoder(**(config or TEXT_CONFIG))
+    enc = TextEncoder(**(config or text_config(family)))
     enc.init_weights(torch.Generator().manual_seed(_seed_for("text-" + family, seed)))
     return enc.eval()
 
@@ -402,7 +412,7 @@ def save(path, patcher, text_encoder: TextEncoder, family: str, info: Optional[d
         "data_scale": repr(float(DATA_SCALE)),
         "data_center": repr(float(DATA_CENTER)),
         "model_config": json.dumps(config if config is not None else default_config(family)),
-        "text_config": json.dumps(TEXT_CONFIG),
+        "text_config": json.dumps(text_config(family)),
         "info": json.dumps(info or {}),
     }
     tmp = path.with_name(path.name + ".tmp")
@@ -450,7 +460,8 @@ def load(family: str, path=None, shift: Optional[float] = None) -> Tuple["comfy.
     model = _make_model(family, meta["model_config"])
     dm_state = {k[len("diffusion_model."):]: v for k, v in state.items() if k.startswith("diffusion_model.")}
     model.diffusion_model.load_state_dict(dm_state, strict=True)
-    enc = TextEncoder(**meta["text_config"])
+    # A file written before the pooling was a setting holds the same tensors: it gets its family's pooling.
+    enc = TextEncoder(**{"pooling": TEXT_POOLING[family], **meta["text_config"]})
     enc.load_state_dict({k[len("text_encoder."):]: v for k, v in state.items() if k.startswith("text_encoder.")},
                         strict=True)
     enc.eval()

@@ -152,6 +152,33 @@ def load_model(family: str):
     return models.load(family)
 
 
+# What the conditioning's pooled output, which the sets store and the prompt-conditioned probes read, is made of
+# (bench/proxy_world/text.py). A run records its family's; a record without one predates the UNet's "tokens".
+PROMPT_EMBEDDINGS = {"mean": "a projection of the mean over its tokens (nearly blind to word order)",
+                     "tokens": "its token features in order"}
+
+
+def prompt_embedding(family: str) -> str:
+    from bench.proxy_world import models
+    return models.TEXT_POOLING[family]
+
+
+def prompt_embedding_note(results: dict) -> str:
+    """The report's note on the prompt embedding each family's probes read, and where a saved bulk curve read
+    another (collected before the UNet's pooled output kept word order)."""
+    parts = []
+    for family, res in results["families"].items():
+        main = res.get("prompt_embedding", "mean")
+        bulk = res.get("bulk_learning_curve") or {}
+        part = f"{family}: {PROMPT_EMBEDDINGS[main]}"
+        if bulk and bulk.get("prompt_embedding", "mean") != main:
+            part += (f" (its bulk curve, collected before: {PROMPT_EMBEDDINGS[bulk.get('prompt_embedding', 'mean')]}; "
+                     "only its prompt-conditioned scorer reads it)")
+        parts.append(part)
+    return ("- Prompt embedding (the conditioning's pooled output: the sets store it, the prompt-conditioned probes "
+            "read it): " + "; ".join(parts) + ".")
+
+
 def _modules():
     pack = load_pack()
     from bench.proxy_world import evaluator, grammar, models
@@ -593,6 +620,7 @@ def bulk_learning_curve(family: str, setting: Setting, held_ds, target: str) -> 
             log.info("  %s bulk curve %s: %d rows -> %.3f", family, scorer, row["train_rows"], row["probe"]["within"])
         curves[scorer] = points
     return {"rows": len(bulk.prompt_ids), "prompts": available, "epochs": BULK_EPOCHS, "curves": curves,
+            "prompt_embedding": prompt_embedding(family),
             "equal_compute": bulk_equal_compute(family, setting, held_ds, curves, bulk, target)}
 
 
@@ -1401,6 +1429,7 @@ def write_report(results: dict, setting: Setting, command: str, images: list[str
         "- Seeds: candidate i of training prompt p has seed 1000 p + i, of held-out prompt p 10,000,000 + 1000 p + "
         "i; training and held-out prompts come from disjoint halves of the grammar's prompt list "
         "(grammar.split_prompts, seed 0).",
+        prompt_embedding_note(results),
         "- Core figures on a 25 M-parameter SD1 UNet (tap overhead, probe latency, split/resume exactness): "
         "bench/results/core.md.", ""]
     lines += [f"![{name}]({name})" for name in images]
@@ -1619,6 +1648,7 @@ def main(argv=None) -> dict:
         res = evaluate_family(family, setting, train_dir, held_dir)
         res["collect"] = info
         res["sampler"], res["cfg"] = sampler_of(family), cfg_of(family, setting)
+        res["prompt_embedding"] = prompt_embedding(family)
         res["ablation"] = {} if args.skip_ablation else ablation(family, setting, train_dir, held_dir)
         res["cost"] = [cost(family, setting, n, k, t, setting.cost_repeats)
                        for n, k, t in ((5, 1, 0.2), (10, 2, 0.2), (5, 1, 0.4))

@@ -68,6 +68,9 @@ def test_proxy_bench_quick_writes_a_report(pack, tmp_path, monkeypatch):
         assert [p["train_rows"] for p in points] == [6, 12]
         assert all(-1.0 <= p["within"] <= 1.0 for p in points)
     assert "Learning curve on more data" in report and "| prompt-conditioned x0-latent probe |" in report
+    # the prompt embedding the text probe read: the UNet's pooled output, its token features in order
+    assert unet["prompt_embedding"] == bulk["prompt_embedding"] == "tokens" and text_probe.text_dim == 8 * 64
+    assert "read it): unet: its token features in order." in report
     # the largest point's scorer (by validation) at equal compute, beside the main run's scorers
     bulk_eq = bulk["equal_compute"]
     largest = {scorer: points[-1]["val_within"] for scorer, points in bulk["curves"].items()}
@@ -423,3 +426,16 @@ def test_the_confirmation_prompts_follow_the_held_out_ones_and_train_on_nothing(
     # no candidate of any set repeats another's: the seed bases lie further apart than any set's prompts x 1000
     bases = sorted([0, proxy_bench.HELDOUT_SEED_BASE, proxy_bench.EARLY_SEED_BASE, proxy_bench.CONFIRM_SEED_BASE])
     assert all(b - a > 1000 * len(train) for a, b in zip(bases, bases[1:]))
+
+
+def test_the_report_says_which_prompt_embedding_a_saved_bulk_curve_read():
+    sys.path.append(str(ROOT / "bench"))
+    import proxy_bench
+    note = proxy_bench.prompt_embedding_note({"families": {
+        "unet": {"prompt_embedding": "tokens", "bulk_learning_curve": {"rows": 10}},     # saved before the setting
+        "dit": {"prompt_embedding": "mean", "bulk_learning_curve": {}}}})
+    assert note.endswith("read it): unet: its token features in order (its bulk curve, collected before: a projection "
+                         "of the mean over its tokens (nearly blind to word order); only its prompt-conditioned scorer "
+                         "reads it); dit: a projection of the mean over its tokens (nearly blind to word order).")
+    same = {"prompt_embedding": "tokens", "bulk_learning_curve": {"prompt_embedding": "tokens"}}
+    assert "collected before" not in proxy_bench.prompt_embedding_note({"families": {"unet": same}})

@@ -221,6 +221,9 @@ def main(argv=None) -> dict:
     parser.add_argument("--scorer", choices=["auto", "probe", "x0_preview"], default="auto",
                         help="what ranks the candidates at the checkpoint; auto (default): the one validation "
                              "favoured in the committed proxy-bench run (bench/results/proxy_bench.json)")
+    parser.add_argument("--probe", type=Path, default=None,
+                        help="with --scorer probe: this probe file instead of the demo probe (e.g. a distilled "
+                             "probe of bench/distilled_probe.py, bench/cache/proxy_bench/probes/)")
     args = parser.parse_args(argv)
     args.out = args.out.resolve()       # ComfyUI's SaveImage refuses a relative output directory
     if args.scorer == "auto":
@@ -231,8 +234,12 @@ def main(argv=None) -> dict:
     probes_dir = args.out / "probes"
     probes_dir.mkdir(exist_ok=True)
     probe_name = ""
+    if args.probe is not None and args.scorer != "probe":
+        parser.error("--probe needs --scorer probe")
     if args.scorer == "probe":
-        source = probe_file(args.family)
+        source = args.probe if args.probe is not None else probe_file(args.family)
+        if not source.is_file():
+            parser.error(f"--probe {source}: no such file")
         shutil.copy(source, probes_dir / source.name)
         probe_name = source.name
 
@@ -273,7 +280,7 @@ def main(argv=None) -> dict:
     spent = args.candidates * s + args.keep * (args.steps - s)
     summary = "\n".join([
         f"prompt: {args.prompt} ({args.family}, N={args.candidates}, K={args.keep}, seeds {args.seed}..)",
-        f"scorer: {SCORER_LABELS[args.scorer]}",
+        f"scorer: {SCORER_LABELS[args.scorer]}" + (f" ({probe_name})" if probe_name else ""),
         f"evaluator score of the kept image(s): {run['kept_score']:.4g}",
         f"mean over all {args.candidates} candidates: {run['mean_score']:.4g}; best: {run['best_score']:.4g}",
         f"over {len(runs)} prompts: kept {kept.mean():.4g} vs mean candidate {mean.mean():.4g} (best {best.mean():.4g}); "

@@ -3,6 +3,7 @@
 The demo runs in its own process (it loads custom nodes and sets ComfyUI's output directory, which
 must not leak into the other tests), on a reduced setting: 4 candidates, 5 steps.
 """
+import dataclasses
 import json
 import os
 import re
@@ -11,6 +12,7 @@ import sys
 from pathlib import Path
 
 import pytest
+import torch
 from PIL import Image
 
 from server_utils import default_python
@@ -42,21 +44,37 @@ def test_the_demo_scores_with_the_scorer_validation_favoured():
     assert preview["8"]["inputs"]["prompt"] == demo.PROMPT and preview["9"]["inputs"]["scores"] == ["8", 0]
 
 
-@pytest.mark.parametrize("family,scorer", [("unet", "auto"), ("dit", "auto"), ("dit", "probe")])
+def prompt_reading_probe(path: Path) -> Path:
+    """The committed UNet demo probe's kind (x0 latent), made to read the prompt too: the proxy UNet's pooled output,
+    its 8 x 64 token features, which the pack's early sampler takes from the conditioning (random weights)."""
+    from probe_select.probes.io import load_probe, save_probe
+    from probe_select.probes.model import build_probe
+    _, meta = load_probe(WEIGHTS / "unet_t0.2.safetensors")
+    meta = dataclasses.replace(meta, config=dataclasses.replace(meta.config, text_dim=8 * 64, text_film=True))
+    torch.manual_seed(0)
+    return save_probe(path, build_probe(meta.config), meta)
+
+
+@pytest.mark.parametrize("family,scorer", [("unet", "auto"), ("dit", "auto"), ("dit", "probe"), ("unet", "file")])
 def test_demo_runs_the_selection_workflow_and_writes_its_outputs(family, scorer, tmp_path):
     assert (WEIGHTS / f"{family}_t0.2.safetensors").exists(), "the demo probe must be committed"
     out = tmp_path / "demo"
     env = dict(os.environ, OMP_NUM_THREADS="1")
+    # --probe: another probe file (here one that reads the prompt as well as the x0 latent)
+    chosen = ["--scorer", scorer] if scorer != "file" else [
+        "--scorer", "probe", "--probe", str(prompt_reading_probe(tmp_path / "reads_the_prompt.safetensors"))]
     # run from elsewhere with a relative --out, as a user may (ComfyUI's SaveImage needs it made absolute)
     proc = subprocess.run([default_python(), str(ROOT / "bench" / "demo.py"), "--family", family, "--out", "demo",
-                           "--candidates", "4", "--steps", "5", "--more-prompts", "2", "--scorer", scorer],
+                           "--candidates", "4", "--steps", "5", "--more-prompts", "2", *chosen],
                           cwd=tmp_path, env=env, capture_output=True, text=True, timeout=600)
     assert proc.returncode == 0, proc.stderr[-3000:]
     log = proc.stderr + proc.stdout
-    used = "probe" if scorer == "probe" else json.loads((ROOT / "bench" / "results" / "proxy_bench.json").read_text())[
-        "families"][family]["demo_scorer"]
+    used = "probe" if scorer in ("probe", "file") else json.loads(
+        (ROOT / "bench" / "results" / "proxy_bench.json").read_text())["families"][family]["demo_scorer"]
     label = "the learned probe" if used != "x0_preview" else "the x0 preview"
     assert f"scorer: {label}" in (out / "summary.txt").read_text()
+    if scorer == "file":
+        assert "scorer: the learned probe (reads_the_prompt.safetensors)" in (out / "summary.txt").read_text()
     # it says what it is doing, in order
     steps = ["loading ComfyUI", "running the Probe-Select workflow", "the same workflow on 2 more held-out prompts"]
     positions = [log.find("[demo] " + s) for s in steps]

@@ -1165,6 +1165,15 @@ def cell(r: dict) -> str:
     return f"{r['within']:.3f} [{r['low']:.3f}, {r['high']:.3f}]"
 
 
+def distilled_cells(res: dict, t: float) -> str:
+    """The summary's distilled-probe cells at checkpoint t: its held-out figure [CI] and its lead over the x0 preview
+    on the same rows ('- | -' where the family has no distilled probe)."""
+    row = ((res.get("distilled_probe") or {}).get("heldout") or {}).get(f"{t:g}")
+    if not row:
+        return "- | -"
+    return f"{cell(row['distilled_probe'])} | {row['distilled_probe']['within'] - row['x0_preview']['within']:+.3f}"
+
+
 def equal_compute_summary(results: dict) -> list:
     """The report's lead: reward of the kept image against compute, and the compute to match best-of-8."""
     lines = ["## Reward at equal compute", "",
@@ -1283,12 +1292,14 @@ def write_report(results: dict, setting: Setting, command: str, images: list[str
     lines += ["## Summary (t = 0.2, N = 5, K = 1)", "",
               "Within-prompt Spearman with the final evaluator score on held-out prompts [95% CI]. The learned "
               "scorers need no decode and no evaluator at inference; the x0-preview scorer decodes the x0 "
-              "prediction and runs the evaluator on it. Best learned: the learned scorer with the best validation "
-              "Spearman (training prompts only).", "",
+              "prediction and runs the evaluator on it. Best learned: the learned scorer of this run with the best "
+              "validation Spearman (training prompts only). Distilled probe: the x0-latent probe that reads the "
+              "prompt and learned the preview's reading on more rows (bench/results/distilled_probe.md; see the "
+              "equal-compute notes below).", "",
               "| model | log-SNR at t = 0.2 | x0-preview | " + " | ".join(LEARNED_LABELS[n] for n in LEARNED)
-              + " | best learned (by validation) | best learned - x0-preview | random | "
-              "Probe-Select / generate-all, wall-clock | denoiser evaluations |",
-              "| --- | --- | --- |" + " --- |" * len(LEARNED) + " --- | --- | --- | --- | --- |"]
+              + " | best learned (by validation) | best learned - x0-preview | distilled probe | distilled probe - "
+              "x0-preview | random | Probe-Select / generate-all, wall-clock | denoiser evaluations |",
+              "| --- | --- | --- |" + " --- |" * len(LEARNED) + " --- | --- | --- | --- | --- | --- | --- |"]
     for family, res in results["families"].items():
         t02k = min(res["by_t"], key=lambda c: abs(c - 0.2))
         t02 = res["by_t"][t02k]
@@ -1298,8 +1309,8 @@ def write_report(results: dict, setting: Setting, command: str, images: list[str
         lines.append(f"| {family} | {lv['log_snr']:.2f} | " if lv else f"| {family} | - | ")
         lines[-1] += (f"{cell(t02['x0_preview'])} | " + " | ".join(cell(t02[name]) for name in LEARNED)
                       + f" | {LEARNED_LABELS[best]}: {t02[best]['within']:.3f} | "
-                      f"{t02[best]['within'] - t02['x0_preview']['within']:+.3f} | {t02['random']['within']:.3f} | "
-                      f"{c['wallclock_ratio_probe']} | {c['denoiser_ratio']} |")
+                      f"{t02[best]['within'] - t02['x0_preview']['within']:+.3f} | {distilled_cells(res, t02k)} | "
+                      f"{t02['random']['within']:.3f} | {c['wallclock_ratio_probe']} | {c['denoiser_ratio']} |")
     lines += ["", real_levels_line(), ""]
     # the ceiling of early selection (bench/proxy_ceiling.py) and what limits the learned scorer (learned_limits.py)
     ceilings, limits = saved_families(RESULTS / CEILING_FILE, setting), saved_families(RESULTS / LIMITS_FILE, setting)

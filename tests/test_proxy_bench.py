@@ -68,6 +68,10 @@ def test_proxy_bench_quick_writes_a_report(pack, tmp_path, monkeypatch):
         assert [p["train_rows"] for p in points] == [6, 12]
         assert all(-1.0 <= p["within"] <= 1.0 for p in points)
     assert "Learning curve on more data" in report and "| prompt-conditioned x0-latent probe |" in report
+    # the summary's rows fill every column of its header (no distilled probe here: '-')
+    header = next(line for line in report.splitlines() if line.startswith("| model | log-SNR at t = 0.2 |"))
+    row = next(line for line in report.splitlines() if line.startswith("| unet | "))
+    assert row.count("|") == header.count("|") and "| - | - |" in row
     # the prompt embedding the text probe read: the UNet's pooled output, its token features in order
     assert unet["prompt_embedding"] == bulk["prompt_embedding"] == "tokens" and text_probe.text_dim == 8 * 64
     assert "read it): unet: its token features in order." in report
@@ -439,3 +443,12 @@ def test_the_report_says_which_prompt_embedding_a_saved_bulk_curve_read():
                          "reads it); dit: a projection of the mean over its tokens (nearly blind to word order).")
     same = {"prompt_embedding": "tokens", "bulk_learning_curve": {"prompt_embedding": "tokens"}}
     assert "collected before" not in proxy_bench.prompt_embedding_note({"families": {"unet": same}})
+
+
+def test_the_summary_gives_the_distilled_probes_figure_and_lead_at_the_checkpoint():
+    sys.path.append(str(ROOT / "bench"))
+    import proxy_bench
+    figures = {"distilled_probe": {"within": 0.701, "low": 0.6, "high": 0.79}, "x0_preview": {"within": 0.321}}
+    res = {"distilled_probe": {"heldout": {"0.1": {}, "0.2": figures}}}
+    assert proxy_bench.distilled_cells(res, 0.2) == "0.701 [0.600, 0.790] | +0.380"
+    assert proxy_bench.distilled_cells(res, 0.3) == "- | -" == proxy_bench.distilled_cells({}, 0.2)

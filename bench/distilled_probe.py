@@ -30,7 +30,7 @@ import json
 import logging
 import sys
 import time
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, replace
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
@@ -57,7 +57,8 @@ TEACHERS = {"now": "the preview at the row's own checkpoint",
 # "a red cross below a yellow cross" lie 0.04 apart, two prompts typically 4.3): a probe reading it cannot tell which
 # object belongs where, so it cannot read the evaluator's relation factor. The token features, flattened in order,
 # are the conditioning's own context tensor (no extra model run).
-PROMPT_TEXTS = {"pooled": "the pooled prompt embedding the dataset stores (what the pack reads from the conditioning)",
+PROMPT_TEXTS = {"pooled": "the pooled prompt embedding the dataset stores (what the pack reads from the conditioning; "
+                          "the UNet's is its token features in order, the DiT's a projection of their mean)",
                 "tokens": "the prompt's token features flattened in order (the conditioning's context, word order kept)"}
 EPOCHS = 10                            # at most: validation picks the epoch
 PROBE = dict(inputs=("x0",), x0_size=16, text_film=True, x0_stem_width=48, x0_widths=(96, 160), embed_dim=128,
@@ -318,6 +319,16 @@ class Variant:
             + ([f"seed {self.seed}"] if self.seed else [])
 
 
+def named_variant(variant: Variant, family: str) -> Variant:
+    """The variant as a run is named and recorded: reading the pooled output of a family whose conditioning carries
+    the token features there (the UNet's, bench/proxy_world/models.TEXT_POOLING) is reading the tokens text, so its
+    probe folder and entry stand apart from the runs on the earlier, mean-pooled sets."""
+    from bench.proxy_world import models
+    if variant.text == "pooled" and models.TEXT_POOLING[family] == "tokens":
+        return replace(variant, text="tokens")
+    return variant
+
+
 def set_key(training: dict) -> str:
     """A run's entry in the record of training sets: its sets, and its variant unless the defaults."""
     words = Variant.of(training).words()
@@ -341,10 +352,11 @@ def measure(family: str, cache: Path, epochs: int, reuse: bool = False, early_ro
             parts.append(Rows.part(dataset, name, [t for t in dataset.manifest.checkpoints if t in CHECKPOINTS],
                                    family, teacher, variant.text))
             sets.append(name)
+    named = named_variant(variant, family)
     probe_dir = cache / "probes"
     if aside:
         probe_dir = probe_dir / "_".join([f"{family}_{NAME}_{'+'.join(sets)}"]
-                                         + [word.replace(" ", "-") for word in variant.words()])
+                                         + [word.replace(" ", "-") for word in named.words()])
     rows = Rows(parts)
     if variant.centred:     # each group is one prompt of one set at one checkpoint: what a within-prompt ranking compares
         rows.readings = centre_within_groups(rows.readings, rows.groups)
@@ -380,7 +392,7 @@ def measure(family: str, cache: Path, epochs: int, reuse: bool = False, early_ro
     best = max(history, key=lambda h: h["validation"])
     training = {"method": f"distilled from the evaluator's factors on the decoded x0 preview ({TEACHERS[teacher]}"
                           + (", less their prompt's mean" if variant.centred else "") + "), then a linear ranker",
-                **asdict(variant),
+                **asdict(named),
                 "readings": list(preview_reward.feature_names(TEACHER_SCALES)), "views": VIEWS,
                 "sets": sets, "train_rows": int(fit_mask.sum()), "unfinished_rows": unfinished,
                 "validation_rows": int(is_val.sum()), "epochs": epochs,
@@ -516,7 +528,9 @@ def markdown(results: dict, command: str) -> str:
                          f"{p['within']:.3f} [{p['low']:.3f}, {p['high']:.3f}] |")
     lines += ["", "## More rows and other teachers", "",
               "Each combination of training sets and teacher measured (the newest run last; the early set: candidates "
-              "stopped at t = 0.4, no finished image; the later teacher: " + TEACHERS["later"] + "; the probe shapes: "
+              "stopped at t = 0.4, no finished image; half early: half its prompts, in the sets collected before the "
+              "UNet's pooled output carried word order, so that runs without 'tokens text' read the mean-pooled "
+              "embedding; the text: " + "; ".join(f"{k}, {v}" for k, v in PROMPT_TEXTS.items()) + "; the later teacher: " + TEACHERS["later"] + "; the probe shapes: "
               + "; ".join(f"{k}, {v}" for k, v in PROBE_SHAPES.items() if k != "default") + "): training rows (of "
               "them without a finished score), the validation figure of the chosen epoch, held-out within-prompt "
               "Spearman at each checkpoint, and the fraction of best-of-8's compute at which the learned scorer "

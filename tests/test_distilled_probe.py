@@ -355,6 +355,10 @@ def test_the_token_text_keeps_the_word_order_and_is_what_a_unet_set_stores(disti
     assert token_gap > 20 * mean_gap, (token_gap, mean_gap)
     with pytest.raises(ValueError, match="text must be one of"):
         distilled.prompt_text(rows, "unet", "words")
+    # a run reading the UNet's stored pooled output reads its token features: named so, apart from mean-pooled runs
+    assert distilled.named_variant(distilled.Variant(), "unet") == distilled.Variant(text="tokens")
+    assert distilled.named_variant(distilled.Variant(), "dit") == distilled.Variant()
+    assert distilled.named_variant(distilled.Variant(text="tokens"), "dit").text == "tokens"
     training = {"sets": ["main", "early"], "text": "tokens", "seed": 1}
     assert distilled.Variant.of(training).text == "tokens"
     assert distilled.set_key(training) == "main+early (tokens text, seed 1)"

@@ -177,6 +177,21 @@ def validation_split(prompts: list[str], final: np.ndarray) -> tuple[np.ndarray,
     return ~in_chosen, in_chosen & finished, chosen
 
 
+def preview_within(sets: list[tuple], chosen: set, at: float) -> float:
+    """Within-prompt Spearman of the x0 preview at ``at`` on the validation rows (the finished rows of the ``chosen``
+    prompts in ``sets``, ``[(name, dataset)]`` as Rows names them): the figure the probe's validation is set beside."""
+    from probe_select.probes.training.metrics import within_prompt_spearman
+    preview, final, keys = [], [], []
+    for name, dataset in sets:
+        mask = np.array([p in chosen for p in dataset.prompts])
+        preview.append(dataset.scores(f"x0@{at:g}").double().numpy()[mask])
+        final.append(dataset.scores(proxy_bench.EVALUATOR).double().numpy()[mask])
+        keys += [f"{name}|{p}" for p, m in zip(dataset.prompts, mask) if m]
+    index = {key: i for i, key in enumerate(dict.fromkeys(keys))}
+    return float(within_prompt_spearman(np.concatenate(preview), np.concatenate(final),
+                                        np.array([index[key] for key in keys])))
+
+
 def predicted_readings(probe, x0: torch.Tensor, t: torch.Tensor, text: torch.Tensor) -> torch.Tensor:
     """A distilled probe's readings (teacher units) of many rows, in batches."""
     out = []
@@ -390,6 +405,10 @@ def measure(family: str, cache: Path, epochs: int, reuse: bool = False, early_ro
         kept.parent.mkdir(parents=True, exist_ok=True)
         atomic_write(kept, lambda temp: torch.save((probe.state_dict(), history), temp))
     best = max(history, key=lambda h: h["validation"])
+    # the chosen probe's ranker and the x0 preview on the same validation rows: what the demo's scorer is chosen by
+    finished = [("train", train)] + ([("bulk", bulk)] if bulk is not None else [])
+    validation = {f"{at:g}": {NAME: ranker_within(probe, fit, val, at), "x0_preview": preview_within(finished, chosen, at)}
+                  for at in VALIDATION_AT}
     training = {"method": f"distilled from the evaluator's factors on the decoded x0 preview ({TEACHERS[teacher]}"
                           + (", less their prompt's mean" if variant.centred else "") + "), then a linear ranker",
                 **asdict(named),
@@ -407,7 +426,8 @@ def measure(family: str, cache: Path, epochs: int, reuse: bool = False, early_ro
                                         mixes=((NAME, "x0_preview"),))
     anywhere = anywhere_figures(family, predictions, finals, groups)
     return {"training": training, "probe_files": {f"{at:g}": str(Path(p).relative_to(ROOT)) for at, p in paths.items()},
-            "heldout": heldout, "equal_compute": compact(default), "equal_compute_anywhere": compact(anywhere, curves=False),
+            "heldout": heldout, "validation": validation,
+            "equal_compute": compact(default), "equal_compute_anywhere": compact(anywhere, curves=False),
             "confirmation": confirm_family(family, cache, anywhere, probe_dir, variant.text),
             "diagnosis": reading_diagnosis(probe, fit, val, rows.rows(~fit_mask)),
             "seconds": round(time.perf_counter() - started)}
@@ -701,7 +721,8 @@ def report_entry(result: dict) -> dict:
     """What the proxy bench's saved run keeps of it: the held-out figures and the equal-compute rows at its cuts."""
     eq = result["equal_compute"]
     keep = [key for key in eq["curves"] if NAME in key]
-    entry = {"heldout": result["heldout"], "chosen_epoch": result["training"]["chosen_epoch"],
+    entry = {"heldout": result["heldout"], "validation": result.get("validation", {}),
+             "probe_files": result.get("probe_files", {}), "chosen_epoch": result["training"]["chosen_epoch"],
              "train_rows": result["training"]["train_rows"], "sets": result["training"]["sets"],
              "unfinished_rows": result["training"].get("unfinished_rows", 0),
              "equal_compute": {"curves": {k: eq["curves"][k] for k in keep},

@@ -23,6 +23,7 @@ import dataclasses
 import itertools
 import json
 import logging
+import math
 import os
 import platform
 import re
@@ -482,11 +483,30 @@ def preview_validation(train_ds, t: float) -> float:
     return float(within_prompt_spearman(preview.numpy(), rows.scores.numpy(), rows.prompt_groups().numpy()))
 
 
-def demo_scorer(row: dict, best_learned: str) -> str:
-    """The scorer `make demo` selects with: the best learned scorer or the x0 preview, whichever has the higher
-    validation Spearman (training prompts only; never the held-out figures the report judges by)."""
-    preview = row["x0_preview"].get("val_within", float("-inf"))
-    return "x0_preview" if preview > row[best_learned]["val_within"] else best_learned
+DISTILLED = "distilled_probe"        # bench/distilled_probe.py's scorer, as a family's figures name it
+
+
+def validation_leads(row: dict, best_learned: str, distilled: dict | None = None, t: float = 0.2) -> dict:
+    """{learned scorer: its validation Spearman less the x0 preview's on the same rows (training prompts only)}: this
+    run's best learned scorer (on its validation prompts) and, where measured, the distilled probe (on its own)."""
+    def known(figure) -> float:         # an undefined figure (constant scores: NaN) ranks nothing
+        return float("-inf") if figure is None or math.isnan(figure) else float(figure)
+
+    leads = {best_learned: known(row[best_learned]["val_within"]) - known(row["x0_preview"].get("val_within"))}
+    figures = ((distilled or {}).get("validation") or {}).get(f"{t:g}")
+    if figures:
+        leads[DISTILLED] = known(figures[DISTILLED]) - known(figures["x0_preview"])
+    return leads
+
+
+def demo_scorer(row: dict, best_learned: str, distilled: dict | None = None, t: float = 0.2) -> str:
+    """The scorer `make demo` selects with: the learned scorer with the largest validation lead over the x0 preview
+    (:func:`validation_leads`), or the x0 preview when none leads it (never the held-out figures the report judges
+    by)."""
+    leads = {scorer: lead for scorer, lead in validation_leads(row, best_learned, distilled, t).items()
+             if not math.isnan(lead)}
+    chosen = max(leads, key=leads.get, default="x0_preview")
+    return chosen if leads.get(chosen, 0) > 0 else "x0_preview"
 
 
 def choose_demo_scorers(families: list[str], results_dir: Path) -> dict:
@@ -502,10 +522,15 @@ def choose_demo_scorers(families: list[str], results_dir: Path) -> dict:
         t02 = min(res["by_t"], key=lambda c: abs(float(c) - 0.2))
         row = res["by_t"][t02]
         row["x0_preview"]["val_within"] = preview_validation(ProbeDataset(CACHE / f"{family}_train"), float(t02))
-        res["demo_scorer"] = demo_scorer(row, res.get("best_learned", "probe"))
-        log.info("%s: x0-preview validation %.3f, best learned (%s) %.3f -> the demo scores with %s", family,
-                 row["x0_preview"]["val_within"], res.get("best_learned", "probe"),
-                 row[res.get("best_learned", "probe")]["val_within"], res["demo_scorer"])
+        res["demo_scorer"] = demo_scorer(row, res.get("best_learned", "probe"), res.get(DISTILLED), float(t02))
+        log.info("%s: x0-preview validation %.3f, best learned (%s) %.3f, leads over the preview %s -> the demo "
+                 "scores with %s", family, row["x0_preview"]["val_within"], res.get("best_learned", "probe"),
+                 row[res.get("best_learned", "probe")]["val_within"],
+                 validation_leads(row, res.get("best_learned", "probe"), res.get(DISTILLED), float(t02)),
+                 res["demo_scorer"])
+        if res["demo_scorer"] == DISTILLED and not UNTRAINED:
+            res["demo_probe"] = str(write_demo_probe(family, source=ROOT / res[DISTILLED]["probe_files"][f"{t02:g}"])
+                                    .relative_to(ROOT))
     saved["command"] = followed_by(saved, f"--choose-demo-scorer --families {' '.join(families)}")
     atomic_write_text(path, json.dumps(saved, indent=2, default=float) + "\n")
     return saved
@@ -1043,11 +1068,12 @@ def overheads(family: str, setting: Setting, n: int = 5, t: float = 0.2, repeats
             "activation_shape": list(activations.features.shape[1:]), "activation_dtype": str(activations.features.dtype)}
 
 
-def write_demo_probe(family: str, scorer: str = "probe", t: float = 0.2) -> Path:
-    """The t=0.2 probe of the learned scorer validation favoured, in fp16, where `make demo` finds it on a
-    fresh clone (under the demo's name whatever it reads: the demo connects activations and x0)."""
+def write_demo_probe(family: str, scorer: str = "probe", t: float = 0.2, source: Path | None = None) -> Path:
+    """The t=0.2 probe of the learned scorer validation favoured (``source``: another probe file, e.g. the distilled
+    probe's), in fp16, where `make demo` finds it on a fresh clone (under the demo's name whatever it reads: the
+    demo connects activations and x0)."""
     from probe_select.probes.io import load_probe, save_probe
-    probe, meta = load_probe(CACHE / probe_file_name(family, scorer, t))
+    probe, meta = load_probe(source if source is not None else CACHE / probe_file_name(family, scorer, t))
     return save_probe(DEMO_PROBES / probe_file_name(family, "probe", t), probe, meta, dtype=torch.float16)
 
 

@@ -11,6 +11,7 @@ import math
 import re
 
 import pytest
+import torch
 import sys
 from pathlib import Path
 
@@ -173,10 +174,22 @@ def test_proxy_bench_quick_writes_a_report(pack, tmp_path, monkeypatch):
     assert json.dumps(t02["x0_preview"]["val_within"]) == json.dumps(proxy_bench.preview_validation(
         ProbeDataset(tmp_path / "cache" / "unet_train"), 0.2))      # NaN-safe (constant scores, see above)
     learned_val = t02[unet["best_learned"]]["val_within"]
-    assert unet["demo_scorer"] == ("x0_preview" if t02["x0_preview"]["val_within"] > learned_val else unet["best_learned"])
+    preview_val = -math.inf if math.isnan(t02["x0_preview"]["val_within"]) else t02["x0_preview"]["val_within"]
+    assert unet["demo_scorer"] == ("x0_preview" if math.isnan(learned_val) or preview_val >= learned_val
+                                   else unet["best_learned"])
     assert proxy_bench.demo_scorer({"x0_preview": {"val_within": 0.5}, "probe": {"val_within": 0.4}}, "probe") == "x0_preview"
     assert proxy_bench.demo_scorer({"x0_preview": {"val_within": 0.3}, "probe": {"val_within": 0.4}}, "probe") == "probe"
     assert proxy_bench.demo_scorer({"x0_preview": {}, "probe": {"val_within": -0.4}}, "probe") == "probe"
+    # the distilled probe is set beside the preview on its own validation rows: the larger lead wins
+    row = {"x0_preview": {"val_within": 0.3}, "probe": {"val_within": 0.4}}
+    distilled = {"validation": {"0.2": {"distilled_probe": 0.7, "x0_preview": 0.45}, "0.4": {}}}
+    assert proxy_bench.validation_leads(row, "probe", distilled) == pytest.approx({"probe": 0.1, "distilled_probe": 0.25})
+    assert proxy_bench.demo_scorer(row, "probe", distilled) == "distilled_probe"
+    assert proxy_bench.demo_scorer(row, "probe", distilled, t=0.3) == "probe"         # not measured there
+    behind = {"validation": {"0.2": {"distilled_probe": 0.4, "x0_preview": 0.45}}}
+    assert proxy_bench.demo_scorer({**row, "x0_preview": {"val_within": 0.5}}, "probe", behind) == "x0_preview"
+    assert proxy_bench.demo_scorer({"x0_preview": {"val_within": float("nan")}, "probe": {"val_within": float("nan")}},
+                                   "probe") == "x0_preview"
     # steps added to a saved run afterwards: the demo's choice and the ablations, each named in the report's command
     first = list(proxy_bench.ABLATIONS)[0]
     monkeypatch.setattr(proxy_bench, "ABLATIONS", {first: proxy_bench.ABLATIONS[first]})
@@ -452,3 +465,20 @@ def test_the_summary_gives_the_distilled_probes_figure_and_lead_at_the_checkpoin
     res = {"distilled_probe": {"heldout": {"0.1": {}, "0.2": figures}}}
     assert proxy_bench.distilled_cells(res, 0.2) == "0.701 [0.600, 0.790] | +0.380"
     assert proxy_bench.distilled_cells(res, 0.3) == "- | -" == proxy_bench.distilled_cells({}, 0.2)
+
+
+def test_the_demo_probe_can_be_another_probe_file_kept_in_fp16(tmp_path, monkeypatch):
+    sys.path.append(str(ROOT / "bench"))
+    import proxy_bench
+    from probe_select.probes.io import load_probe, save_probe
+    from probe_select.probes.model import build_probe
+    _, meta = load_probe(ROOT / "bench" / "proxy_world" / "weights" / "unet_t0.2.safetensors")
+    source = save_probe(tmp_path / "distilled_t0.2.safetensors", build_probe(meta.config), meta)
+    monkeypatch.setattr(proxy_bench, "DEMO_PROBES", tmp_path / "weights")
+    (tmp_path / "weights").mkdir()
+    written = proxy_bench.write_demo_probe("unet", source=source)
+    assert written == tmp_path / "weights" / "unet_t0.2.safetensors"
+    (probe, kept), (original, _) = load_probe(written), load_probe(source)
+    assert kept.config == meta.config and kept.feature_shape == meta.feature_shape
+    for (name, a), (_, b) in zip(probe.state_dict().items(), original.state_dict().items()):
+        assert torch.equal(a.float(), b.half().float()), name       # the source's weights, rounded to fp16

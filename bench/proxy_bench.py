@@ -484,6 +484,7 @@ def preview_validation(train_ds, t: float) -> float:
 
 
 DISTILLED = "distilled_probe"        # bench/distilled_probe.py's scorer, as a family's figures name it
+SCORER_LABELS = {**LEARNED_LABELS, DISTILLED: "distilled probe"}
 
 
 def validation_leads(row: dict, best_learned: str, distilled: dict | None = None, t: float = 0.2) -> dict:
@@ -528,9 +529,9 @@ def choose_demo_scorers(families: list[str], results_dir: Path) -> dict:
                  row[res.get("best_learned", "probe")]["val_within"],
                  validation_leads(row, res.get("best_learned", "probe"), res.get(DISTILLED), float(t02)),
                  res["demo_scorer"])
-        if res["demo_scorer"] == DISTILLED and not UNTRAINED:
-            res["demo_probe"] = str(write_demo_probe(family, source=ROOT / res[DISTILLED]["probe_files"][f"{t02:g}"])
-                                    .relative_to(ROOT))
+        if res["demo_scorer"] == DISTILLED and CACHE == DEFAULT_CACHE:     # the committed demo probe: the bench's own
+            written = write_demo_probe(family, source=ROOT / res[DISTILLED]["probe_files"][f"{float(t02):g}"])
+            res["demo_probe"] = str(written.relative_to(ROOT) if written.is_relative_to(ROOT) else written)
     saved["command"] = followed_by(saved, f"--choose-demo-scorer --families {' '.join(families)}")
     atomic_write_text(path, json.dumps(saved, indent=2, default=float) + "\n")
     return saved
@@ -1143,14 +1144,15 @@ def restore_keys(entry: dict) -> dict:
     return entry
 
 
-def merge_saved_families(results: dict, saved_path: Path) -> None:
+def merge_saved_families(results: dict, saved_path: Path) -> str | None:
     """Add the families of a saved run with the same setting that this run did not evaluate (``--families dit``
-    after ``--families unet``: one report for both), in the order of FAMILIES."""
+    after ``--families unet``: one report for both), in the order of FAMILIES. Returns the command behind the kept
+    families' figures (the saved run's), None when none was kept."""
     if not saved_path.exists():
-        return
+        return None
     saved = json.loads(saved_path.read_text())
     if json.loads(json.dumps(results["setting"])) != saved.get("setting"):
-        return
+        return None
     merged = {}
     for family in ("unet", "dit"):
         if family in results["families"]:
@@ -1162,7 +1164,11 @@ def merge_saved_families(results: dict, saved_path: Path) -> None:
                 continue
             merged[family] = entry
             log.info("%s: figures kept from the saved run (%s)", family, saved_path)
+    kept = [family for family in merged if family not in results["families"]]
     results["families"] = merged
+    if not kept:
+        return None
+    return f"{saved.get('command', 'an earlier run')} (the {' and '.join(kept)} figures, kept)"
 
 
 def plots(results: dict, setting: Setting) -> list[str]:
@@ -1363,7 +1369,8 @@ def write_report(results: dict, setting: Setting, command: str, images: list[str
                          + " | ".join(cell(row[name]) for name in LEARNED)
                          + f" | {cell(row['random'])} | {row['probe']['global']:.3f} | {row['x0_preview']['global']:.3f} |")
         lines += ["", real_levels_line()]
-        t02 = res["by_t"][min(res["by_t"], key=lambda c: abs(c - 0.2))]
+        t02k = min(res["by_t"], key=lambda c: abs(c - 0.2))
+        t02 = res["by_t"][t02k]
         lines += ["", "Fraction of the oracle gain captured by top-1 of N (t=0.2):", "",
                   "| scorer | N=2 | N=5 | N=10 | N=20 |", "| --- | --- | --- | --- | --- |"]
         for name in SCORERS:
@@ -1376,12 +1383,22 @@ def write_report(results: dict, setting: Setting, command: str, images: list[str
                       f"{'beats' if gap > 0 else 'does NOT beat'} the x0-preview scorer ({t02['x0_preview']['within']:.3f}) "
                       f"by {gap:+.3f}; the bar is >= 0.6 and >= x0-preview + 0.15: "
                       f"{'met' if t02[best]['within'] >= 0.6 and gap >= 0.15 else 'NOT met'}.", ""]
+        distilled = res.get(DISTILLED) or {}
+        held = (distilled.get("heldout") or {}).get(f"{t02k:g}")
+        if held:
+            d, gap = held[DISTILLED], held[DISTILLED]["within"] - held["x0_preview"]["within"]
+            lines[-1:-1] = [f"The distilled probe (the x0 latent and the prompt; no decode, no evaluator) ranks them at "
+                            f"{d['within']:.3f} [{d['low']:.3f}, {d['high']:.3f}], {gap:+.3f} over the x0 preview: the "
+                            f"bar is {'met' if d['within'] >= 0.6 and gap >= 0.15 else 'NOT met'}."]
         if "val_within" in t02["x0_preview"]:
             chosen = res.get("demo_scorer", best)
+            figures = (distilled.get("validation") or {}).get(f"{t02k:g}")
             lines += [f"Validation (training prompts only) of every scorer at t=0.2: x0 preview "
-                      f"{t02['x0_preview']['val_within']:.3f}, best learned {t02[best]['val_within']:.3f}; `make demo` "
-                      f"scores with the one validation favours: "
-                      f"{'the x0 preview' if chosen == 'x0_preview' else 'the ' + LEARNED_LABELS[chosen]}.", ""]
+                      f"{t02['x0_preview']['val_within']:.3f}, best learned {t02[best]['val_within']:.3f}"
+                      + (f"; on the distilled probe's own validation rows, the distilled probe {figures[DISTILLED]:.3f}, "
+                         f"the x0 preview {figures['x0_preview']:.3f}" if figures else "")
+                      + "; `make demo` scores with the scorer that leads the x0 preview most on validation: "
+                      f"{'the x0 preview' if chosen == 'x0_preview' else 'the ' + SCORER_LABELS[chosen]}.", ""]
         if res.get("learning_curve"):
             lines += [f"Learning curve of the {LEARNED_LABELS[best]} at t=0.2 (trained on the first n training "
                       "prompts; validation and held-out prompts unchanged):", "",
@@ -1696,9 +1713,11 @@ def main(argv=None) -> dict:
         results["families"][family] = res
     if args.collect_only:
         return results
-    merge_saved_families(results, RESULTS / "proxy_bench.json")
+    earlier = merge_saved_families(results, RESULTS / "proxy_bench.json")
     attach_bulk_curves(results, RESULTS)
     command = "bench/proxy_bench.py " + " ".join(argv if argv is not None else sys.argv[1:])
+    if earlier:         # the report names every command behind its figures
+        command = f"{earlier}; then {command}"
     results["command"] = command
     # the figures first: they took the time; the report is rewritten from them with --report-only
     atomic_write_text(RESULTS / "proxy_bench.json", json.dumps(results, indent=2, default=float) + "\n")

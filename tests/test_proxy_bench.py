@@ -202,7 +202,24 @@ def test_proxy_bench_quick_writes_a_report(pack, tmp_path, monkeypatch):
                                      "then bench/proxy_bench.py --ablation-only --families unet")
     report = (tmp_path / "results" / "REPORT.md").read_text()
     assert "--ablation-only --families unet`" in report and f"| {first} |" in report
-    assert "`make demo` scores with the one validation favours" in report
+    assert "`make demo` scores with the scorer that leads the x0 preview most on validation" in report
+    # a distilled probe that leads the preview on its own validation rows becomes the demo's scorer and demo probe
+    distilled_file = tmp_path / "cache" / "unet_x0_text_probe_t0.2.safetensors"       # stands in for its file
+    later["families"]["unet"]["distilled_probe"] = {
+        "validation": {"0.2": {"distilled_probe": 2.0, "x0_preview": 0.0}}, "probe_files": {"0.2": str(distilled_file)},
+        "heldout": {}, "train_rows": 10, "sets": ["main"]}
+    (tmp_path / "results" / "proxy_bench.json").write_text(json.dumps(later))
+    monkeypatch.setattr(proxy_bench, "DEFAULT_CACHE", tmp_path / "cache")
+    monkeypatch.setattr(proxy_bench, "DEMO_PROBES", tmp_path / "demo")
+    (tmp_path / "demo").mkdir()
+    proxy_bench.main([*common, "--choose-demo-scorer"])
+    chosen = json.loads((tmp_path / "results" / "proxy_bench.json").read_text())["families"]["unet"]
+    assert chosen["demo_scorer"] == "distilled_probe"
+    assert chosen["demo_probe"] == str(tmp_path / "demo" / "unet_t0.2.safetensors")
+    assert read_probe_metadata(tmp_path / "demo" / "unet_t0.2.safetensors").config == text_probe
+    report = (tmp_path / "results" / "REPORT.md").read_text()
+    assert "on the distilled probe's own validation rows, the distilled probe 2.000, the x0 preview 0.000" in report
+    assert "scores with the scorer that leads the x0 preview most on validation: the distilled probe." in report
     # the ceiling of early selection (bench/proxy_ceiling.py), measured in the same setting, joins the report
     import proxy_ceiling
     from helpers import ceiling_arrays
@@ -240,24 +257,25 @@ def test_a_run_of_one_family_keeps_the_other_family_of_a_saved_run_with_the_same
 
     setting = dict(proxy_bench.MEDIUM.__dict__)
     row = {scorer: {"oracle_gain": {"2": 0.5}} for scorer in proxy_bench.SCORERS}
-    saved = {"setting": json.loads(json.dumps(setting)),
+    saved = {"setting": json.loads(json.dumps(setting)), "command": "bench/proxy_bench.py --families dit",
              "families": {"dit": {"by_t": {"0.2": row}, "noise_levels": {"0.2": {"step": 4}}, "sampler": "s"}}}
     path = tmp_path / "proxy_bench.json"
     path.write_text(json.dumps(saved))
     results = {"setting": setting, "families": {"unet": {"by_t": {0.2: {"x": 2}}}}}
-    proxy_bench.merge_saved_families(results, path)
+    # the command behind the kept figures, for the report's list of commands
+    assert proxy_bench.merge_saved_families(results, path) == "bench/proxy_bench.py --families dit (the dit figures, kept)"
     assert list(results["families"]) == ["unet", "dit"]                 # report order, whatever ran last
     dit = results["families"]["dit"]
     assert list(dit["by_t"]) == [0.2] and dit["noise_levels"] == {0.2: {"step": 4}}
     assert dit["by_t"][0.2]["probe"]["oracle_gain"] == {2: 0.5}         # N is a number again
     assert results["families"]["unet"]["by_t"] == {0.2: {"x": 2}}       # this run's figures win
     other = {"setting": dict(setting, epochs=1), "families": {"unet": {"by_t": {}}}}
-    proxy_bench.merge_saved_families(other, path)                       # another setting: nothing is merged
+    assert proxy_bench.merge_saved_families(other, path) is None        # another setting: nothing is merged
     assert list(other["families"]) == ["unet"]
     del saved["families"]["dit"]["by_t"]["0.2"]["x0_text_probe"]        # figures from before a scorer existed
     path.write_text(json.dumps(saved))
     stale = {"setting": setting, "families": {"unet": {"by_t": {}}}}
-    proxy_bench.merge_saved_families(stale, path)
+    assert proxy_bench.merge_saved_families(stale, path) is None
     assert list(stale["families"]) == ["unet"]
 
 

@@ -144,18 +144,23 @@ bench-preview-reward: setup
 # A learned scorer without the decode (REPORT.md, bench/results/distilled_probe.md): a probe on the x0 latent and
 # the prompt, trained to predict the evaluator's factors on the decoded preview (every recorded x0 latent of the
 # main, bulk and early sets and its flips), with a ranker folded into its head; one probe file a checkpoint in
-# bench/cache/proxy_bench/probes/, judged on the held-out prompts and at equal compute. The early set (every
-# training-split prompt x 8 seeds run to t = 0.4 only: the teacher needs no finished image) is collected first in
-# two lanes (about 40 min, resumable); the distillation then takes about 60 min for the UNet. A variant (another
-# teacher, fewer sets) is recorded beside that run without touching its figures: bench/distilled_probe.py --aside
-# [--teacher later] [--probe fine|wide|keypoints] [--centred] [--text tokens] [--seed N] (the table of sets and
-# teachers in distilled_probe.md lists each such run's command).
+# bench/cache/proxy_bench/probes/, judged on the held-out prompts, at equal compute, and on the confirmation prompts
+# (32 held-out prompts no schedule's choice sees). The early set (every training-split prompt x 8 seeds run to
+# t = 0.4 only: the teacher needs no finished image) and the confirmation set are collected first in two lanes
+# (about 15 min, resumable); the distillation then takes about 15 min for the UNet on the main and early sets (more
+# with the bulk set), and the demo's scorer is chosen again (the distilled probe where it leads the x0 preview in
+# validation). Run bench-proxy first (its main and held-out sets). A variant (another teacher, fewer sets) is
+# recorded beside that run without touching its figures: bench/distilled_probe.py --aside [--teacher later]
+# [--probe fine|wide|keypoints] [--centred] [--text tokens] [--seed N] (the table of sets and teachers in
+# distilled_probe.md lists each such run's command).
 bench-distilled-probe: proxy-models
 	@set -e; $(STOP_LANES_ON_INTERRUPT); \
 	$(PY) bench/proxy_bench.py --families unet --collect-only early --lane 1/2 & lane1=$$!; \
-	$(PY) bench/proxy_bench.py --families unet --collect-only early --lane 2/2 & lane2=$$!; \
+	( $(PY) bench/proxy_bench.py --medium --families unet --collect-only confirm && \
+	  $(PY) bench/proxy_bench.py --families unet --collect-only early --lane 2/2 ) & lane2=$$!; \
 	wait $$lane1; wait $$lane2
 	$(PY) bench/distilled_probe.py --families unet --epochs 6
+	$(PY) bench/proxy_bench.py --choose-demo-scorer --families unet
 
 demo: proxy-models
 	$(PY) bench/demo.py

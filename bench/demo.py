@@ -208,8 +208,9 @@ def run_workflow(executor, args, probe_name: str, prompt: str, seed: int, patche
 
 def main(argv=None) -> dict:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--family", choices=["unet", "dit"], default="dit",
-                        help="dit (default; the faster one) or unet")
+    parser.add_argument("--family", choices=["unet", "dit"], default="unet",
+                        help="unet (default: its demo scorer is a learned probe, validation's choice) or dit (three "
+                             "times faster; its demo scorer is the x0 preview)")
     parser.add_argument("--out", type=Path, default=ROOT / "out" / "demo")
     parser.add_argument("--prompt", default=PROMPT)
     parser.add_argument("--candidates", type=int, default=8)

@@ -1200,10 +1200,10 @@ def cell(r: dict) -> str:
 def distilled_cells(res: dict, t: float) -> str:
     """The summary's distilled-probe cells at checkpoint t: its held-out figure [CI] and its lead over the x0 preview
     on the same rows ('- | -' where the family has no distilled probe)."""
-    row = ((res.get("distilled_probe") or {}).get("heldout") or {}).get(f"{t:g}")
+    row = ((res.get(DISTILLED) or {}).get("heldout") or {}).get(f"{t:g}")
     if not row:
         return "- | -"
-    return f"{cell(row['distilled_probe'])} | {row['distilled_probe']['within'] - row['x0_preview']['within']:+.3f}"
+    return f"{cell(row[DISTILLED])} | {row[DISTILLED]['within'] - row['x0_preview']['within']:+.3f}"
 
 
 def equal_compute_summary(results: dict) -> list:
@@ -1235,7 +1235,7 @@ def equal_compute_summary(results: dict) -> list:
         bo8 = eq["best_of_8"]["compute"]
         bulk_eq = (res.get("bulk_learning_curve") or {}).get("equal_compute") or {}
         bulk_rows = bulk_eq.get("curves", {})
-        distilled = res.get("distilled_probe") or {}
+        distilled = res.get(DISTILLED) or {}
         distilled_eq = distilled.get("equal_compute") or {}
         matches = {**eq["match_best_of_8"], **bulk_eq.get("match_best_of_8", {}),
                    **distilled_eq.get("match_best_of_8", {})}
@@ -1378,18 +1378,19 @@ def write_report(results: dict, setting: Setting, command: str, images: list[str
             lines.append(f"| {name} | " + " | ".join(f"{g[n]:.3f}" for n in (2, 5, 10, 20)) + " |")
         best = res.get("best_learned", "probe")
         gap = t02[best]["within"] - t02["x0_preview"]["within"]
-        lines += ["", f"At t=0.2 the best learned scorer by validation, the {LEARNED_LABELS[best]} "
-                      f"({t02[best]['within']:.3f} [{t02[best]['low']:.3f}, {t02[best]['high']:.3f}]), "
-                      f"{'beats' if gap > 0 else 'does NOT beat'} the x0-preview scorer ({t02['x0_preview']['within']:.3f}) "
-                      f"by {gap:+.3f}; the bar is >= 0.6 and >= x0-preview + 0.15: "
-                      f"{'met' if t02[best]['within'] >= 0.6 and gap >= 0.15 else 'NOT met'}.", ""]
+        bar = [f"At t=0.2 the best learned scorer by validation, the {LEARNED_LABELS[best]} "
+               f"({t02[best]['within']:.3f} [{t02[best]['low']:.3f}, {t02[best]['high']:.3f}]), "
+               f"{'beats' if gap > 0 else 'does NOT beat'} the x0-preview scorer ({t02['x0_preview']['within']:.3f}) "
+               f"by {gap:+.3f}; the bar is >= 0.6 and >= x0-preview + 0.15: "
+               f"{'met' if t02[best]['within'] >= 0.6 and gap >= 0.15 else 'NOT met'}."]
         distilled = res.get(DISTILLED) or {}
         held = (distilled.get("heldout") or {}).get(f"{t02k:g}")
         if held:
             d, gap = held[DISTILLED], held[DISTILLED]["within"] - held["x0_preview"]["within"]
-            lines[-1:-1] = [f"The distilled probe (the x0 latent and the prompt; no decode, no evaluator) ranks them at "
-                            f"{d['within']:.3f} [{d['low']:.3f}, {d['high']:.3f}], {gap:+.3f} over the x0 preview: the "
-                            f"bar is {'met' if d['within'] >= 0.6 and gap >= 0.15 else 'NOT met'}."]
+            bar.append(f"The distilled probe (the x0 latent and the prompt; no decode, no evaluator) ranks them at "
+                       f"{d['within']:.3f} [{d['low']:.3f}, {d['high']:.3f}], {gap:+.3f} over the x0 preview: the bar "
+                       f"is {'met' if d['within'] >= 0.6 and gap >= 0.15 else 'NOT met'}.")
+        lines += ["", *bar, ""]
         if "val_within" in t02["x0_preview"]:
             chosen = res.get("demo_scorer", best)
             figures = (distilled.get("validation") or {}).get(f"{t02k:g}")

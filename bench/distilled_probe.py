@@ -52,11 +52,12 @@ VIEWS = 4                              # the latent and its flips (probes.traini
 LATER_AT = 0.4                         # the later teacher reads the candidate's preview here (the early set's last)
 TEACHERS = {"now": "the preview at the row's own checkpoint",
             "later": "the preview at the row's own checkpoint and the same candidate's at t = 0.4"}
-# What the probe reads of the prompt (--text). The pooled embedding the pack stores from the proxy UNet's
-# conditioning is a mean over its token features, nearly blind to word order ("a yellow cross below a red cross" and
-# "a red cross below a yellow cross" lie 0.04 apart, two prompts typically 4.3): a probe reading it cannot tell which
-# object belongs where, so it cannot read the evaluator's relation factor. The token features, flattened in order,
-# are the conditioning's own context tensor (no extra model run).
+# What the probe reads of the prompt (--text). A pooled embedding that is a mean over the token features (the DiT's,
+# and the UNet's until its sets were collected again with proxy_world.models.TEXT_POOLING "tokens") is nearly blind
+# to word order ("a yellow cross below a red cross" and "a red cross below a yellow cross" lie 0.04 apart, two
+# prompts typically 4.3): a probe reading it cannot tell which object belongs where, so it cannot read the
+# evaluator's relation factor. The token features, flattened in order, are the conditioning's own context tensor (no
+# extra model run); the UNet's conditioning now carries them as its pooled output too (named_variant).
 PROMPT_TEXTS = {"pooled": "the pooled prompt embedding the dataset stores (what the pack reads from the conditioning; "
                           "the UNet's is its token features in order, the DiT's a projection of their mean)",
                 "tokens": "the prompt's token features flattened in order (the conditioning's context, word order kept)"}
@@ -550,7 +551,8 @@ def markdown(results: dict, command: str) -> str:
               "Each combination of training sets and teacher measured (the newest run last; the early set: candidates "
               "stopped at t = 0.4, no finished image; half early: half its prompts, in the sets collected before the "
               "UNet's pooled output carried word order, so that runs without 'tokens text' read the mean-pooled "
-              "embedding; the text: " + "; ".join(f"{k}, {v}" for k, v in PROMPT_TEXTS.items()) + "; the later teacher: " + TEACHERS["later"] + "; the probe shapes: "
+              "embedding; the text: " + "; ".join(f"{k}, {v}" for k, v in PROMPT_TEXTS.items())
+              + "; the later teacher: " + TEACHERS["later"] + "; the probe shapes: "
               + "; ".join(f"{k}, {v}" for k, v in PROBE_SHAPES.items() if k != "default") + "): training rows (of "
               "them without a finished score), the validation figure of the chosen epoch, held-out within-prompt "
               "Spearman at each checkpoint, and the fraction of best-of-8's compute at which the learned scorer "
